@@ -1,0 +1,240 @@
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use volley_load::profile::Profile;
+use volley_load::runtime::Driver;
+use volley_load::{dns, gen, sink};
+
+/// volley's load tool: a sink that behaves like real receivers, a campaign
+/// generator, a test DNS server and a bench. Everything listens on loopback only.
+#[derive(Parser)]
+#[command(name = "volley-load", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the ESMTP sink until interrupted; SIGUSR1 writes the summary, exit writes it too.
+    Sink {
+        /// Profile: accept-all, realistic, or a TOML file (see loadtest/profiles/).
+        #[arg(long, default_value = "accept-all")]
+        profile: String,
+        /// Serve every provider on this port instead of the profile's (0 = any free port).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Threads (one runtime each); defaults to the number of cores.
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, value_enum, default_value_t = Driver::Auto)]
+        driver: Driver,
+        /// Keep every accepted message as a .eml file in this directory.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+        /// PEM certificate chain for STARTTLS (default: a self-signed one made at start).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Where the JSON summary goes on SIGUSR1 and at exit.
+        #[arg(long, default_value = "sink-summary.json")]
+        summary: PathBuf,
+        /// Print live counters to stderr this often (0 = never).
+        #[arg(long, default_value_t = 1)]
+        stats_interval_s: u64,
+        /// Also serve the test DNS on this address, routing the profile's domains here.
+        #[arg(long)]
+        dns: Option<SocketAddr>,
+    },
+    /// Write a campaign directory (campaign.toml, message.eml, recipients.csv).
+    Gen {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 10_000)]
+        recipients: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Approximate body size in KiB.
+        #[arg(long, default_value_t = 10)]
+        body_kb: usize,
+        /// Named domains and percentages, e.g. gmail.com=30,yahoo.com=12; the rest goes to the tail.
+        #[arg(long)]
+        mix: Option<String>,
+        #[arg(long, default_value_t = 3000)]
+        tail_domains: u64,
+        #[arg(long, default_value = "gen")]
+        campaign_id: String,
+        /// Recipients the sink always defers (tempfail.N@), per thousand.
+        #[arg(long, default_value_t = 0)]
+        tempfail_per_mille: u32,
+        /// Recipients the sink always rejects (permfail.N@), per thousand.
+        #[arg(long, default_value_t = 0)]
+        permfail_per_mille: u32,
+        /// Also write this many ready-made pickup .eml files into DIR.
+        #[arg(long, value_names = ["DIR", "COUNT"], num_args = 2)]
+        pickup: Option<Vec<String>>,
+    },
+    /// Serve the test DNS for a profile's domains (and the edge-case domains) until interrupted.
+    Dns {
+        #[arg(long, default_value = "127.0.0.1:5353")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "accept-all")]
+        profile: String,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("volley-load: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Sink {
+            profile,
+            port,
+            threads,
+            driver,
+            keep,
+            tls_cert,
+            tls_key,
+            summary,
+            stats_interval_s,
+            dns,
+        } => {
+            let mut profile = Profile::load(&profile)?;
+            if let Some(p) = port {
+                profile.set_port(p);
+            }
+            let threads = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let sink = sink::Sink::start(sink::SinkOptions {
+                profile,
+                threads,
+                driver,
+                keep,
+                tls_files: tls_cert.zip(tls_key),
+            })?;
+            for (p, addrs) in sink.profile().providers.iter().zip(&sink.addrs) {
+                eprintln!(
+                    "sink: {} on {}",
+                    p.name,
+                    addrs
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            if let Some(addr) = dns {
+                let server =
+                    dns::start(addr, dns::Zone::from_profile(sink.profile(), &sink.addrs))?;
+                eprintln!("sink: test DNS on {}", server.addr);
+            }
+            serve_until_signal(&sink, &summary, stats_interval_s)
+        }
+        Cmd::Gen {
+            out,
+            recipients,
+            seed,
+            body_kb,
+            mix,
+            tail_domains,
+            campaign_id,
+            tempfail_per_mille,
+            permfail_per_mille,
+            pickup,
+        } => {
+            let mut opts = gen::GenOptions {
+                recipients,
+                seed,
+                body_bytes: body_kb * 1024,
+                tail_domains,
+                campaign_id,
+                tempfail_per_mille,
+                permfail_per_mille,
+                ..gen::GenOptions::default()
+            };
+            if let Some(m) = mix {
+                opts.mix = gen::parse_mix(&m)?;
+            }
+            let g = gen::write_campaign(&out, &opts)?;
+            eprintln!(
+                "gen: {} recipients over {} domains in {}",
+                g.recipients,
+                g.per_domain.len(),
+                out.display()
+            );
+            if let Some(p) = pickup {
+                let count: u64 = p[1]
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--pickup COUNT {:?} is not a number", p[1]))?;
+                gen::write_pickup(std::path::Path::new(&p[0]), &opts, count)?;
+                eprintln!("gen: {count} pickup files in {}", p[0]);
+            }
+            Ok(())
+        }
+        Cmd::Dns { listen, profile } => {
+            let profile = Profile::load(&profile)?;
+            let addrs: Vec<Vec<SocketAddr>> =
+                profile.providers.iter().map(|p| p.listen.clone()).collect();
+            let server = dns::start(listen, dns::Zone::from_profile(&profile, &addrs))?;
+            eprintln!("dns: serving on {} (UDP and TCP)", server.addr);
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    }
+}
+
+/// Prints live counters, writes the summary on SIGUSR1, and once more on SIGINT/SIGTERM before exiting.
+fn serve_until_signal(
+    sink: &sink::Sink,
+    path: &std::path::Path,
+    interval_s: u64,
+) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])?;
+    let write = |why: &str| -> anyhow::Result<()> {
+        let s = sink.summary();
+        std::fs::write(path, serde_json::to_vec_pretty(&s)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        eprintln!("sink: summary written to {} ({why})", path.display());
+        Ok(())
+    };
+    let mut last = 0u64;
+    loop {
+        for sig in signals.pending() {
+            if sig == SIGUSR1 {
+                write("SIGUSR1")?;
+            } else {
+                return write("exit");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(if interval_s == 0 {
+            200
+        } else {
+            1000.min(interval_s * 1000)
+        }));
+        if interval_s > 0 {
+            let s = sink.summary();
+            let c = &s.counts;
+            eprintln!(
+                "sink: {:>8.0}s accepted {} (+{}/s) tempfail {} permfail {} dup {} corrupt {} conns {}",
+                s.uptime_s,
+                c.rcpts_accepted,
+                c.rcpts_accepted - last,
+                c.rcpt_tempfail + c.data_tempfail + c.rate_421 + c.conn_cap_421 + c.greylisted,
+                c.rcpt_permfail + c.data_permfail,
+                c.duplicates,
+                c.corrupt,
+                c.connections
+            );
+            last = c.rcpts_accepted;
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! Choosing monoio's driver: io_uring where the kernel allows it, epoll where it does
+//! not (Docker's default seccomp profile blocks io_uring), or either on request so
+//! both paths can be tested.
+
+use std::future::Future;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Driver {
+    /// io_uring if it works here, else epoll.
+    #[default]
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+/// Runs `f` to completion on a monoio runtime with the chosen driver, on this thread.
+pub fn block_on<F: Future>(driver: Driver, f: F) -> std::io::Result<F::Output> {
+    use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
+    match driver {
+        Driver::Epoll => Ok(RuntimeBuilder::<LegacyDriver>::new()
+            .enable_timer()
+            .build()?
+            .block_on(f)),
+        Driver::IoUring => Ok(RuntimeBuilder::<IoUringDriver>::new()
+            .enable_timer()
+            .build()?
+            .block_on(f)),
+        Driver::Auto => match RuntimeBuilder::<IoUringDriver>::new()
+            .enable_timer()
+            .build()
+        {
+            Ok(mut rt) => Ok(rt.block_on(f)),
+            Err(_) => Ok(RuntimeBuilder::<LegacyDriver>::new()
+                .enable_timer()
+                .build()?
+                .block_on(f)),
+        },
+    }
+}
+
+/// Whether io_uring can be set up on this machine (what `Auto` will pick).
+pub fn io_uring_available() -> bool {
+    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        .build()
+        .is_ok()
+}
