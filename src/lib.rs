@@ -1,1 +1,17 @@
+//! volley: a bulk email sending engine. Campaigns are validated and spooled
+//! durably (ingest, spool), spread over thread-per-core shards (shard, engine), and
+//! delivered over pooled, pipelined SMTP connections (delivery, smtp) to the MX
+//! hosts DNS names (dns), with every outcome in the accounting log (log).
 
+pub mod campaign;
+pub mod config;
+pub mod delivery;
+pub mod demo;
+pub mod dns;
+pub mod engine;
+pub mod ingest;
+pub mod log;
+pub mod shard;
+pub mod smtp;
+pub mod spool;
+pub mod template;

@@ -1,1 +1,313 @@
-fn main() {}
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+use volley::campaign::Campaign;
+use volley::config::EngineConfig;
+use volley::ingest::{self, IngestError};
+use volley_load::runtime::Driver;
+
+/// volley: a bulk email sending engine. Validates campaigns, spools them durably,
+/// and delivers them over pipelined SMTP, thread-per-core.
+#[derive(Parser)]
+#[command(name = "volley", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Validate a campaign directory; lists every problem as file:line.
+    Check {
+        /// Directory with campaign.toml, message.eml and recipients.csv.
+        dir: PathBuf,
+    },
+    /// Queue a campaign durably and deliver it; prints a report at the end. Sending the
+    /// same campaign id again resumes what is left of it in the spool.
+    Send {
+        dir: PathBuf,
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Queue it as a new campaign instance even if this id is already in the spool.
+        #[arg(long)]
+        new: bool,
+        /// Stop after this long (e.g. "10m"), leaving what is not done in the spool.
+        #[arg(long)]
+        max_wait: Option<humantime::Duration>,
+        /// Write the report as JSON here too.
+        #[arg(long)]
+        report_json: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// The whole path on loopback: bundled sink + DNS, a generated campaign, the report.
+    Demo {
+        #[arg(long, default_value_t = 100_000)]
+        recipients: u64,
+        /// Sink profile: accept-all, realistic, or a TOML file.
+        #[arg(long, default_value = "accept-all")]
+        profile: String,
+        #[arg(long)]
+        shards: Option<usize>,
+        #[arg(long, default_value_t = 1)]
+        sink_threads: usize,
+        #[arg(long, value_enum, default_value_t = Driver::Auto)]
+        driver: Driver,
+        /// Keep the demo's campaign, spool and accounting log.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+#[derive(Args)]
+struct EngineArgs {
+    /// Spool directory (created if missing).
+    #[arg(long, default_value = "/var/spool/volley")]
+    spool: PathBuf,
+    /// Accounting log (JSON lines); default SPOOL/accounting.jsonl.
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// Shard threads; default the number of cores. A spool keeps the count it was created with.
+    #[arg(long)]
+    shards: Option<usize>,
+    #[arg(long, value_enum, default_value_t = Driver::Auto)]
+    driver: Driver,
+    /// Nameserver to ask (ADDR:PORT); default /etc/resolv.conf.
+    #[arg(long)]
+    dns: Option<std::net::SocketAddr>,
+    /// Port of the receiving MTAs.
+    #[arg(long, default_value_t = 25)]
+    smtp_port: u16,
+    /// Name to send in EHLO; default the host name.
+    #[arg(long)]
+    ehlo: Option<String>,
+    /// Connections per destination site over all shards.
+    #[arg(long)]
+    max_conns_per_site: Option<usize>,
+    #[arg(long)]
+    max_msgs_per_conn: Option<usize>,
+    /// Pipelined transactions in flight per connection (CHUNKING servers).
+    #[arg(long)]
+    window: Option<usize>,
+    /// Delays before each retry, e.g. "5m,10m,20m" (the last repeats).
+    #[arg(long)]
+    retry_schedule: Option<String>,
+}
+
+impl EngineArgs {
+    fn config(self) -> anyhow::Result<EngineConfig> {
+        let mut c = EngineConfig::new(self.spool);
+        if let Some(l) = self.log {
+            c.log_path = l;
+        }
+        if let Some(n) = self.shards {
+            anyhow::ensure!(n >= 1, "--shards must be at least 1");
+            c.shards = n;
+        }
+        c.driver = self.driver;
+        c.dns.server = self.dns;
+        c.smtp_port = self.smtp_port;
+        if let Some(e) = self.ehlo {
+            c.ehlo_name = e;
+        }
+        if let Some(n) = self.max_conns_per_site {
+            anyhow::ensure!(n >= 1, "--max-conns-per-site must be at least 1");
+            c.max_conns_per_site = n;
+        }
+        if let Some(n) = self.max_msgs_per_conn {
+            anyhow::ensure!(n >= 1, "--max-msgs-per-conn must be at least 1");
+            c.max_msgs_per_conn = n;
+        }
+        if let Some(n) = self.window {
+            anyhow::ensure!((1..=256).contains(&n), "--window must be 1..=256");
+            c.window = n;
+        }
+        if let Some(s) = self.retry_schedule {
+            c.retry_schedule = s
+                .split(',')
+                .map(|d| {
+                    humantime::parse_duration(d.trim())
+                        .map_err(|e| anyhow::anyhow!("--retry-schedule {d:?}: {e}"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            anyhow::ensure!(!c.retry_schedule.is_empty(), "--retry-schedule is empty");
+        }
+        Ok(c)
+    }
+}
+
+fn main() {
+    match run(Cli::parse()) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("volley: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.cmd {
+        Cmd::Check { dir } => check(&dir),
+        Cmd::Send {
+            dir,
+            engine,
+            new,
+            max_wait,
+            report_json,
+            quiet,
+        } => send(
+            &dir,
+            engine.config()?,
+            new,
+            max_wait.map(Into::into),
+            report_json,
+            quiet,
+        ),
+        Cmd::Demo {
+            recipients,
+            profile,
+            shards,
+            sink_threads,
+            driver,
+            keep,
+        } => {
+            volley::demo::run(volley::demo::DemoOptions {
+                recipients,
+                profile,
+                shards,
+                sink_threads,
+                driver,
+                keep,
+            })?;
+            Ok(0)
+        }
+    }
+}
+
+fn print_problems(dir: &std::path::Path, problems: &[volley::campaign::Problem]) {
+    for p in problems {
+        eprintln!("{}/{p}", dir.display());
+    }
+}
+
+fn check(dir: &std::path::Path) -> anyhow::Result<i32> {
+    let c = match Campaign::load(dir) {
+        Ok(c) => c,
+        Err(problems) => {
+            print_problems(dir, &problems);
+            eprintln!(
+                "volley: {} problem(s); nothing was checked past them",
+                problems.len()
+            );
+            return Ok(1);
+        }
+    };
+    let mut bad = 0u64;
+    let mut good = 0u64;
+    let rows = c
+        .recipients(
+            |_| {
+                good += 1;
+                Ok(())
+            },
+            |p| {
+                bad += 1;
+                if bad as usize <= volley::campaign::ERRORS_LISTED_MAX {
+                    eprintln!("{}/{p}", dir.display());
+                }
+            },
+        )
+        .map_err(|p| anyhow::anyhow!("{}/{p}", dir.display()))?;
+    if bad as usize > volley::campaign::ERRORS_LISTED_MAX {
+        eprintln!(
+            "... and {} more",
+            bad as usize - volley::campaign::ERRORS_LISTED_MAX
+        );
+    }
+    if bad > 0 || rows == 0 {
+        if rows == 0 {
+            eprintln!("{}/recipients.csv: no recipients", dir.display());
+        }
+        eprintln!(
+            "volley: campaign {} has {bad} bad row(s) of {rows}",
+            c.settings.id
+        );
+        return Ok(1);
+    }
+    println!("campaign {}: ok, {good} recipients", c.settings.id);
+    Ok(0)
+}
+
+fn send(
+    dir: &std::path::Path,
+    cfg: EngineConfig,
+    new: bool,
+    max_wait: Option<Duration>,
+    report_json: Option<PathBuf>,
+    quiet: bool,
+) -> anyhow::Result<i32> {
+    let campaign = match Campaign::load(dir) {
+        Ok(c) => c,
+        Err(problems) => {
+            print_problems(dir, &problems);
+            eprintln!("volley: campaign refused, nothing queued");
+            return Ok(1);
+        }
+    };
+    let mut cfg = cfg;
+    let lock = ingest::lock_spool(&cfg.spool_dir, cfg.shards)?;
+    cfg.shards = lock.shards;
+    let existing = ingest::load_instances(&cfg.spool_dir)?;
+    let resumed = existing
+        .values()
+        .find(|i| i.settings.id == campaign.settings.id)
+        .map(|i| i.no);
+    match resumed {
+        Some(no) if !new => eprintln!(
+            "volley: campaign {} is already in the spool (instance {no}); resuming what is left (--new queues it again)",
+            campaign.settings.id
+        ),
+        _ => match ingest::ingest(&campaign, &cfg.spool_dir, cfg.shards, cfg.segment_bytes) {
+            Ok(i) => println!(
+                "queued {} recipients of campaign {} (instance {}) in {:.2} s",
+                i.recipients,
+                campaign.settings.id,
+                i.instance,
+                i.elapsed.as_secs_f64()
+            ),
+            Err(IngestError::Problems(problems, total)) => {
+                print_problems(dir, &problems);
+                if total as usize > problems.len() {
+                    eprintln!("... and {} more", total as usize - problems.len());
+                }
+                eprintln!("volley: campaign refused ({total} bad row(s)), nothing queued");
+                return Ok(1);
+            }
+            Err(IngestError::Other(e)) => return Err(e.context("ingest failed, nothing queued")),
+        },
+    }
+    let instances = Arc::new(ingest::load_instances(&cfg.spool_dir)?);
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    if let Some(d) = max_wait {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(d);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
+    let report = volley::engine::run(cfg, instances, stop, !quiet)?;
+    report.print();
+    if let Some(p) = report_json {
+        std::fs::write(&p, serde_json::to_vec_pretty(&report)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    }
+    drop(lock);
+    Ok(if report.remaining > 0 { 75 } else { 0 })
+}

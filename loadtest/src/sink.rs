@@ -186,13 +186,23 @@ impl Sink {
         let mut addrs = Vec::new();
         let mut per_thread: Vec<Vec<(usize, std::net::TcpListener)>> =
             (0..opts.threads).map(|_| Vec::new()).collect();
+        // Port 0 means "any free port": the first one picked is then used for every
+        // address, so a client needs one port number for all providers.
+        let mut picked_port = None;
         for (pi, p) in opts.profile.providers.iter().enumerate() {
             let mut resolved = Vec::new();
             for a in &p.listen {
-                let first = bind_reuseport(*a).map_err(|e| {
+                let mut a = *a;
+                if a.port() == 0 {
+                    if let Some(port) = picked_port {
+                        a.set_port(port);
+                    }
+                }
+                let first = bind_reuseport(a).map_err(|e| {
                     anyhow::anyhow!("provider {}: cannot listen on {a}: {e}", p.name)
                 })?;
                 let actual = first.local_addr()?;
+                picked_port.get_or_insert(actual.port());
                 resolved.push(actual);
                 per_thread[0].push((pi, first));
                 for t in per_thread.iter_mut().skip(1) {
@@ -262,6 +272,11 @@ impl Sink {
                 })?;
         }
         Ok(Sink { shared, addrs })
+    }
+
+    /// The port every provider listens on (the first address's).
+    pub fn port(&self) -> u16 {
+        self.addrs[0][0].port()
     }
 
     /// The first address of a provider, by name.

@@ -1,0 +1,154 @@
+//! Starting and watching the shards: the resolver thread, one thread per shard, a
+//! progress bar, and the report when every recipient is done (or `stop` is set).
+
+use crate::config::EngineConfig;
+use crate::dns::Resolver;
+use crate::ingest::Instances;
+use crate::shard::{self, Progress};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Recipients the shards found queued when they started.
+    pub recipients: u64,
+    pub delivered: u64,
+    pub bounced: u64,
+    pub expired: u64,
+    /// Temporary failures seen (a recipient may have several).
+    pub deferrals: u64,
+    /// Recipients still queued when the run ended (stopped early).
+    pub remaining: u64,
+    pub elapsed_s: f64,
+    /// Delivered recipients per second of the run.
+    pub delivered_per_s: f64,
+    /// From queueing to delivery, milliseconds.
+    pub latency_ms_p50: u64,
+    pub latency_ms_p90: u64,
+    pub latency_ms_p99: u64,
+    pub latency_ms_max: u64,
+}
+
+impl Report {
+    pub fn print(&self) {
+        println!("recipients   {}", self.recipients);
+        println!("delivered    {}", self.delivered);
+        println!("bounced      {}", self.bounced);
+        println!("expired      {}", self.expired);
+        println!("still queued {}", self.remaining);
+        println!(
+            "deferrals    {} (temporary failures, retried)",
+            self.deferrals
+        );
+        println!(
+            "elapsed      {:.2} s, {:.0} delivered/s",
+            self.elapsed_s, self.delivered_per_s
+        );
+        println!(
+            "latency      queue→delivery p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
+            self.latency_ms_p50, self.latency_ms_p90, self.latency_ms_p99, self.latency_ms_max
+        );
+    }
+}
+
+/// Runs every shard until its recipients are all terminal or `stop` is set.
+pub fn run(
+    cfg: EngineConfig,
+    instances: Instances,
+    stop: Arc<AtomicBool>,
+    show_progress: bool,
+) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let cfg = Arc::new(cfg);
+    let resolver = Resolver::start(&cfg.dns)?;
+    let progress: Vec<Arc<Progress>> = (0..cfg.shards)
+        .map(|_| Arc::new(Progress::default()))
+        .collect();
+    let mut handles = Vec::new();
+    for (id, p) in progress.iter().enumerate() {
+        let (cfg, inst, res, p, stop) = (
+            cfg.clone(),
+            instances.clone(),
+            resolver.clone(),
+            p.clone(),
+            stop.clone(),
+        );
+        let h = std::thread::Builder::new()
+            .name(format!("shard-{id}"))
+            .spawn(move || {
+                let done = p.clone();
+                let r = shard::run(id, cfg, inst, res, p, stop.clone());
+                if r.is_err() {
+                    // One shard failing stops the rest: better a clean stop than a partial run.
+                    stop.store(true, Ordering::Relaxed);
+                }
+                done.done.store(true, Ordering::Relaxed);
+                r
+            })?;
+        handles.push(h);
+    }
+    let bar = show_progress.then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:40}] {pos}/{len} done, {per_sec}, eta {eta} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b
+    });
+    let sum = |f: fn(&Progress) -> u64| progress.iter().map(|p| f(p)).sum::<u64>();
+    while !progress.iter().all(|p| p.done.load(Ordering::Relaxed)) {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some(b) = &bar {
+            b.set_length(sum(|p| p.recovered.load(Ordering::Relaxed)));
+            let (d, bo, e) = (
+                sum(|p| p.delivered.load(Ordering::Relaxed)),
+                sum(|p| p.bounced.load(Ordering::Relaxed)),
+                sum(|p| p.expired.load(Ordering::Relaxed)),
+            );
+            b.set_position(d + bo + e);
+            b.set_message(format!(
+                "delivered {d} bounced {bo} expired {e} deferrals {}",
+                sum(|p| p.deferrals.load(Ordering::Relaxed))
+            ));
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let mut latency = Histogram::<u64>::new(3).expect("valid");
+    let mut remaining = 0;
+    let mut errors = Vec::new();
+    for (id, h) in handles.into_iter().enumerate() {
+        match h.join() {
+            Ok(Ok(r)) => {
+                latency.add(&r.latency_ms).expect("same bounds");
+                remaining += r.remaining;
+            }
+            Ok(Err(e)) => errors.push(format!("shard {id}: {e:#}")),
+            Err(_) => errors.push(format!("shard {id}: panicked")),
+        }
+    }
+    anyhow::ensure!(errors.is_empty(), "{}", errors.join("; "));
+    let elapsed = started.elapsed().as_secs_f64();
+    let delivered = sum(|p| p.delivered.load(Ordering::Relaxed));
+    Ok(Report {
+        recipients: sum(|p| p.recovered.load(Ordering::Relaxed)),
+        delivered,
+        bounced: sum(|p| p.bounced.load(Ordering::Relaxed)),
+        expired: sum(|p| p.expired.load(Ordering::Relaxed)),
+        deferrals: sum(|p| p.deferrals.load(Ordering::Relaxed)),
+        remaining,
+        elapsed_s: elapsed,
+        delivered_per_s: delivered as f64 / elapsed.max(1e-9),
+        latency_ms_p50: latency.value_at_quantile(0.5),
+        latency_ms_p90: latency.value_at_quantile(0.9),
+        latency_ms_p99: latency.value_at_quantile(0.99),
+        latency_ms_max: latency.max(),
+    })
+}

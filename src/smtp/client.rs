@@ -1,0 +1,735 @@
+//! The SMTP client session as a state machine: replies in, commands out, the
+//! current time passed in. The shard's IO loop writes what `take_output` returns,
+//! feeds what it reads to `receive`, and calls `handle_timeout` at `deadline`.
+//!
+//! Transactions are pipelined (RFC 2920) when the server offers PIPELINING: MAIL,
+//! every RCPT and DATA in one write; with CHUNKING (RFC 3030) the content goes in
+//! the same write as `BDAT <n> LAST`, so several transactions can be in flight on
+//! one connection with no round trip between them (the window).
+
+use super::reply::{Reply, ReplyParser};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// RFC 5321 §4.5.3.2 timeouts, and ours for the commands it does not name.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub greeting: Duration,
+    pub ehlo: Duration,
+    pub mail: Duration,
+    pub rcpt: Duration,
+    pub data: Duration,
+    pub data_end: Duration,
+    pub rset: Duration,
+    pub quit: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        let m = |n: u64| Duration::from_secs(n * 60);
+        Timeouts {
+            greeting: m(5),
+            ehlo: m(5),
+            mail: m(5),
+            rcpt: m(5),
+            data: m(2),
+            data_end: m(10),
+            rset: m(2),
+            quit: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub ehlo_name: String,
+    pub timeouts: Timeouts,
+    /// Transactions in flight on one connection when the server offers CHUNKING.
+    pub window: usize,
+}
+
+/// One message to one or more recipients.
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    /// The caller's handle, returned in the events.
+    pub id: u64,
+    pub from: String,
+    pub rcpts: Vec<String>,
+    /// The rendered message, CRLF line endings, ending in CRLF.
+    pub content: Vec<u8>,
+}
+
+/// Where in the transaction a recipient's final reply came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Connect,
+    Mail,
+    Rcpt,
+    Data,
+    /// Decided here without sending (e.g. over the server's SIZE).
+    Local,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The session is established; transactions can be submitted.
+    Ready,
+    /// A transaction is over; one reply per recipient, in order.
+    TxDone {
+        id: u64,
+        replies: Vec<(Stage, Reply)>,
+    },
+    /// The connection ended before this transaction's outcome was known.
+    TxAborted { id: u64, reason: String },
+    /// The connection is finished; `error` says why when it was not a clean QUIT.
+    Closed {
+        error: Option<String>,
+        greeting: Option<Reply>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Caps {
+    pub pipelining: bool,
+    pub chunking: bool,
+    pub eightbitmime: bool,
+    pub starttls: bool,
+    pub smtputf8: bool,
+    /// SIZE limit; 0 = none announced.
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Greeting,
+    Ehlo,
+    Helo,
+    Rset,
+    Mail(u64),
+    Rcpt(u64, usize),
+    /// 354 to DATA.
+    Data(u64),
+    /// The reply after the content (end of DATA or BDAT LAST).
+    DataEnd(u64),
+    Quit,
+}
+
+struct TxState {
+    tx: Transaction,
+    mail: Option<Reply>,
+    rcpt: Vec<Option<Reply>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Greeting,
+    Ehlo,
+    Ready,
+    Quitting,
+    Closed,
+}
+
+pub struct ClientSession {
+    cfg: ClientConfig,
+    phase: Phase,
+    caps: Caps,
+    parser: ReplyParser,
+    out: Vec<u8>,
+    /// Replies awaited, in the order the commands went out.
+    expect: VecDeque<Expect>,
+    /// Commands not yet written (without PIPELINING they go one at a time).
+    queued: VecDeque<(Vec<u8>, Expect)>,
+    txs: VecDeque<TxState>,
+    events: VecDeque<Event>,
+    deadline: Option<Instant>,
+    /// The last transaction may have left the server in a transaction: RSET first.
+    needs_rset: bool,
+    greeting: Option<Reply>,
+}
+
+impl ClientSession {
+    pub fn new(cfg: ClientConfig, now: Instant) -> Self {
+        let mut s = ClientSession {
+            cfg,
+            phase: Phase::Greeting,
+            caps: Caps::default(),
+            parser: ReplyParser::default(),
+            out: Vec::new(),
+            expect: VecDeque::new(),
+            queued: VecDeque::new(),
+            txs: VecDeque::new(),
+            events: VecDeque::new(),
+            deadline: None,
+            needs_rset: false,
+            greeting: None,
+        };
+        s.expect.push_back(Expect::Greeting);
+        s.arm(now);
+        s
+    }
+
+    pub fn caps(&self) -> Caps {
+        self.caps
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
+    /// Transactions submitted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.txs.len()
+    }
+
+    /// Whether `submit` would be taken now.
+    pub fn can_submit(&self) -> bool {
+        if self.phase != Phase::Ready {
+            return false;
+        }
+        let window = if self.caps.pipelining && self.caps.chunking {
+            self.cfg.window.max(1)
+        } else {
+            1
+        };
+        self.txs.len() < window
+    }
+
+    /// Nothing in flight and nothing to write: the connection is idle.
+    pub fn is_idle(&self) -> bool {
+        self.expect.is_empty() && self.queued.is_empty() && self.out.is_empty()
+    }
+
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Bytes to write now (empty when there is nothing).
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn submit(&mut self, tx: Transaction, now: Instant) {
+        assert!(self.can_submit(), "submit called when can_submit is false");
+        assert!(
+            !tx.rcpts.is_empty(),
+            "a transaction has at least one recipient"
+        );
+        let size = tx.content.len() as u64;
+        if self.caps.size > 0 && size > self.caps.size {
+            let r = Reply::new(
+                552,
+                Some("5.3.4"),
+                &format!(
+                    "message of {size} octets is over the server's SIZE limit of {}",
+                    self.caps.size
+                ),
+            );
+            self.events.push_back(Event::TxDone {
+                id: tx.id,
+                replies: tx.rcpts.iter().map(|_| (Stage::Local, r.clone())).collect(),
+            });
+            return;
+        }
+        let id = tx.id;
+        if self.needs_rset || !self.txs.is_empty() {
+            // A transaction still in flight may fail and leave the server mid-transaction.
+            self.queue(b"RSET\r\n".to_vec(), Expect::Rset);
+            self.needs_rset = false;
+        }
+        let mut mail = format!("MAIL FROM:<{}>", tx.from);
+        if self.caps.size > 0 {
+            mail.push_str(&format!(" SIZE={size}"));
+        }
+        if self.caps.eightbitmime && tx.content.iter().any(|&b| b >= 0x80) {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        mail.push_str("\r\n");
+        self.queue(mail.into_bytes(), Expect::Mail(id));
+        for (i, r) in tx.rcpts.iter().enumerate() {
+            self.queue(
+                format!("RCPT TO:<{r}>\r\n").into_bytes(),
+                Expect::Rcpt(id, i),
+            );
+        }
+        if self.caps.chunking {
+            let mut cmd = format!("BDAT {size} LAST\r\n").into_bytes();
+            cmd.extend_from_slice(&tx.content);
+            self.queue(cmd, Expect::DataEnd(id));
+        } else {
+            self.queue(b"DATA\r\n".to_vec(), Expect::Data(id));
+        }
+        let n = tx.rcpts.len();
+        self.txs.push_back(TxState {
+            tx,
+            mail: None,
+            rcpt: vec![None; n],
+        });
+        self.flush(now);
+    }
+
+    /// Ends the session politely.
+    pub fn quit(&mut self, now: Instant) {
+        if matches!(self.phase, Phase::Closed | Phase::Quitting) {
+            return;
+        }
+        self.phase = Phase::Quitting;
+        self.queue(b"QUIT\r\n".to_vec(), Expect::Quit);
+        self.flush(now);
+    }
+
+    /// The server closed the connection (read returned 0) or it broke.
+    pub fn connection_lost(&mut self, why: &str) {
+        if self.phase == Phase::Quitting && self.txs.is_empty() {
+            self.close(None);
+        } else {
+            self.close(Some(format!("connection lost: {why}")));
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(d) = self.deadline {
+            if now >= d {
+                let what = self
+                    .expect
+                    .front()
+                    .map_or("reply".to_string(), |e| format!("{e:?}"));
+                self.close(Some(format!("timeout waiting for the {what} reply")));
+            }
+        }
+    }
+
+    pub fn receive(&mut self, bytes: &[u8], now: Instant) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        self.parser.push(bytes);
+        while let Some(r) = self.parser.next() {
+            match r {
+                Ok(reply) => self.on_reply(reply, now),
+                Err(e) => {
+                    self.close(Some(format!("protocol error: {e}")));
+                    return;
+                }
+            }
+            if self.phase == Phase::Closed {
+                return;
+            }
+        }
+        self.flush(now);
+    }
+
+    fn queue(&mut self, bytes: Vec<u8>, e: Expect) {
+        self.queued.push_back((bytes, e));
+    }
+
+    /// Moves queued commands to the output as far as the rules allow.
+    fn flush(&mut self, now: Instant) {
+        let was_idle = self.expect.is_empty();
+        while let Some((_, e)) = self.queued.front() {
+            let waiting = !self.expect.is_empty();
+            // Without PIPELINING one command at a time; with it, nothing may follow
+            // DATA until its 354, and QUIT goes alone.
+            if waiting && (!self.caps.pipelining || matches!(e, Expect::Quit)) {
+                break;
+            }
+            if self.expect.iter().any(|x| matches!(x, Expect::Data(_))) {
+                break;
+            }
+            let (bytes, e) = self.queued.pop_front().expect("front exists");
+            self.out.extend_from_slice(&bytes);
+            self.expect.push_back(e);
+        }
+        if was_idle && !self.expect.is_empty() {
+            self.arm(now);
+        }
+        if self.expect.is_empty() {
+            self.deadline = None;
+        }
+    }
+
+    fn arm(&mut self, now: Instant) {
+        let t = &self.cfg.timeouts;
+        let d = match self.expect.front() {
+            Some(Expect::Greeting) => t.greeting,
+            Some(Expect::Ehlo | Expect::Helo) => t.ehlo,
+            Some(Expect::Rset) => t.rset,
+            Some(Expect::Mail(_)) => t.mail,
+            Some(Expect::Rcpt(..)) => t.rcpt,
+            Some(Expect::Data(_)) => t.data,
+            Some(Expect::DataEnd(_)) => t.data_end,
+            Some(Expect::Quit) => t.quit,
+            None => {
+                self.deadline = None;
+                return;
+            }
+        };
+        self.deadline = Some(now + d);
+    }
+
+    fn tx_mut(&mut self, id: u64) -> &mut TxState {
+        self.txs
+            .iter_mut()
+            .find(|t| t.tx.id == id)
+            .expect("reply for a transaction in flight")
+    }
+
+    fn on_reply(&mut self, reply: Reply, now: Instant) {
+        let Some(e) = self.expect.pop_front() else {
+            self.close(Some(format!(
+                "unexpected reply with nothing outstanding: {reply}"
+            )));
+            return;
+        };
+        self.arm(now);
+        // 421: the server is shutting the channel (RFC 5321 §3.8). Whatever it answered
+        // gets the 421; everything behind it is aborted.
+        let closing = reply.code == 421;
+        let closing_reason = closing.then(|| format!("server closing: {reply}"));
+        match e {
+            Expect::Greeting => {
+                if reply.code == 220 {
+                    self.greeting = Some(reply);
+                    self.phase = Phase::Ehlo;
+                    let cmd = format!("EHLO {}\r\n", self.cfg.ehlo_name).into_bytes();
+                    self.queue(cmd, Expect::Ehlo);
+                } else {
+                    let err = format!("greeting refused: {reply}");
+                    self.greeting = Some(reply);
+                    self.close(Some(err));
+                }
+            }
+            Expect::Ehlo => {
+                if reply.code == 250 {
+                    self.caps = parse_caps(&reply.text);
+                    self.ready();
+                } else if reply.is_permanent() {
+                    self.queue(
+                        format!("HELO {}\r\n", self.cfg.ehlo_name).into_bytes(),
+                        Expect::Helo,
+                    );
+                } else {
+                    self.close(Some(format!("EHLO refused: {reply}")));
+                }
+            }
+            Expect::Helo => {
+                if reply.code == 250 {
+                    self.caps = Caps::default();
+                    self.ready();
+                } else {
+                    self.close(Some(format!("HELO refused: {reply}")));
+                }
+            }
+            Expect::Rset => {}
+            Expect::Mail(id) => {
+                self.tx_mut(id).mail = Some(reply);
+                if closing {
+                    self.finish_tx_with(id, Stage::Mail);
+                }
+            }
+            Expect::Rcpt(id, i) => {
+                self.tx_mut(id).rcpt[i] = Some(reply);
+                if closing {
+                    self.finish_tx_with(id, Stage::Rcpt);
+                }
+            }
+            Expect::Data(id) => {
+                if reply.code == 354 {
+                    let t = self.tx_mut(id);
+                    let any = t.mail.as_ref().is_some_and(Reply::is_positive)
+                        && t.rcpt
+                            .iter()
+                            .any(|r| r.as_ref().is_some_and(Reply::is_positive));
+                    let mut body = Vec::new();
+                    if any {
+                        dot_stuff(&t.tx.content, &mut body);
+                    }
+                    // With no recipient accepted (a server that 354s anyway), send an empty message.
+                    body.extend_from_slice(b".\r\n");
+                    self.out.extend_from_slice(&body);
+                    self.expect.push_front(Expect::DataEnd(id));
+                    self.arm(now);
+                } else {
+                    self.finish_tx(id, &reply, Stage::Data);
+                    self.needs_rset = true;
+                }
+            }
+            Expect::DataEnd(id) => {
+                if !reply.is_positive() {
+                    self.needs_rset = true;
+                }
+                self.finish_tx(id, &reply, Stage::Data);
+            }
+            Expect::Quit => {
+                self.close(None);
+                return;
+            }
+        }
+        if let Some(why) = closing_reason {
+            self.close(Some(why));
+        }
+    }
+
+    fn ready(&mut self) {
+        self.phase = Phase::Ready;
+        self.events.push_back(Event::Ready);
+    }
+
+    /// The final reply for `id` is `data`: each recipient gets the first failure on
+    /// its path (MAIL, then its RCPT), else `data`.
+    fn finish_tx(&mut self, id: u64, data: &Reply, stage: Stage) {
+        let Some(pos) = self.txs.iter().position(|t| t.tx.id == id) else {
+            return;
+        };
+        let t = self.txs.remove(pos).expect("position valid");
+        let replies = t
+            .rcpt
+            .into_iter()
+            .map(|r| match (&t.mail, r) {
+                (Some(m), _) if !m.is_positive() => (Stage::Mail, m.clone()),
+                (_, Some(r)) if !r.is_positive() => (Stage::Rcpt, r),
+                _ => (stage, data.clone()),
+            })
+            .collect();
+        self.events.push_back(Event::TxDone { id, replies });
+        // Drop the remaining expectations of this transaction (after a refused DATA).
+        self.expect.retain(|e| !matches!(e, Expect::Mail(x) | Expect::Rcpt(x, _) | Expect::Data(x) | Expect::DataEnd(x) if *x == id));
+    }
+
+    /// A 421 arrived at `stage` of `id`: recipients without a reply yet get the 421.
+    fn finish_tx_with(&mut self, id: u64, stage: Stage) {
+        let t = self.tx_mut(id);
+        let r421 = match stage {
+            Stage::Mail => t.mail.clone(),
+            _ => t
+                .rcpt
+                .iter()
+                .rev()
+                .flatten()
+                .find(|r| r.code == 421)
+                .cloned(),
+        }
+        .expect("the 421 was just stored");
+        for r in t.rcpt.iter_mut() {
+            if r.is_none() {
+                *r = Some(r421.clone());
+            }
+        }
+        self.finish_tx(id, &r421, stage);
+    }
+
+    fn close(&mut self, error: Option<String>) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        let reason = error.clone().unwrap_or_else(|| "connection closed".into());
+        for t in std::mem::take(&mut self.txs) {
+            self.events.push_back(Event::TxAborted {
+                id: t.tx.id,
+                reason: reason.clone(),
+            });
+        }
+        self.phase = Phase::Closed;
+        self.expect.clear();
+        self.queued.clear();
+        self.deadline = None;
+        self.events.push_back(Event::Closed {
+            error,
+            greeting: self.greeting.take(),
+        });
+    }
+}
+
+fn parse_caps(ehlo_text: &str) -> Caps {
+    let mut c = Caps::default();
+    // The first line is the greeting name; keywords follow, one per line.
+    for line in ehlo_text.lines().skip(1) {
+        let mut words = line.split_ascii_whitespace();
+        let Some(kw) = words.next() else { continue };
+        match kw.to_ascii_uppercase().as_str() {
+            "PIPELINING" => c.pipelining = true,
+            "CHUNKING" => c.chunking = true,
+            "8BITMIME" => c.eightbitmime = true,
+            "STARTTLS" => c.starttls = true,
+            "SMTPUTF8" => c.smtputf8 = true,
+            "SIZE" => c.size = words.next().and_then(|n| n.parse().ok()).unwrap_or(0),
+            _ => {}
+        }
+    }
+    c
+}
+
+/// Copies `content` with every line that starts with "." doubled (RFC 5321 §4.5.2),
+/// making sure it ends in CRLF.
+pub fn dot_stuff(content: &[u8], out: &mut Vec<u8>) {
+    out.reserve(content.len() + 64);
+    let mut at_line_start = true;
+    let mut start = 0;
+    for (i, &c) in content.iter().enumerate() {
+        if at_line_start && c == b'.' {
+            out.extend_from_slice(&content[start..i]);
+            out.push(b'.');
+            start = i;
+        }
+        at_line_start = c == b'\n';
+    }
+    out.extend_from_slice(&content[start..]);
+    if !content.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ClientConfig {
+        ClientConfig {
+            ehlo_name: "me.test".into(),
+            timeouts: Timeouts::default(),
+            window: 4,
+        }
+    }
+
+    fn tx(id: u64, rcpts: &[&str]) -> Transaction {
+        Transaction {
+            id,
+            from: "b@s.test".into(),
+            rcpts: rcpts.iter().map(|s| s.to_string()).collect(),
+            content: b"Subject: x\r\n\r\n.dot\r\nbody\r\n".to_vec(),
+        }
+    }
+
+    fn out(s: &mut ClientSession) -> String {
+        String::from_utf8(s.take_output()).unwrap()
+    }
+
+    fn events(s: &mut ClientSession) -> Vec<Event> {
+        std::iter::from_fn(|| s.poll_event()).collect()
+    }
+
+    fn established(ehlo: &str) -> (ClientSession, Instant) {
+        let now = Instant::now();
+        let mut s = ClientSession::new(cfg(), now);
+        assert_eq!(out(&mut s), "");
+        s.receive(b"220 hi\r\n", now);
+        assert_eq!(out(&mut s), "EHLO me.test\r\n");
+        s.receive(ehlo.as_bytes(), now);
+        assert_eq!(events(&mut s), vec![Event::Ready]);
+        (s, now)
+    }
+
+    #[test]
+    fn pipelined_data_with_partial_rejection() {
+        let (mut s, now) = established("250-x\r\n250-PIPELINING\r\n250 SIZE 1000\r\n");
+        s.submit(tx(7, &["a@d.test", "b@d.test"]), now);
+        assert_eq!(
+            out(&mut s),
+            "MAIL FROM:<b@s.test> SIZE=26\r\nRCPT TO:<a@d.test>\r\nRCPT TO:<b@d.test>\r\nDATA\r\n"
+        );
+        s.receive(
+            b"250 ok\r\n250 ok\r\n550 5.1.1 no such user\r\n354 go\r\n",
+            now,
+        );
+        assert_eq!(out(&mut s), "Subject: x\r\n\r\n..dot\r\nbody\r\n.\r\n");
+        s.receive(b"250 2.0.0 queued\r\n", now);
+        let ev = events(&mut s);
+        let Event::TxDone { id: 7, replies } = &ev[0] else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(
+            replies[0],
+            (Stage::Data, Reply::new(250, Some("2.0.0"), "queued"))
+        );
+        assert_eq!(
+            replies[1],
+            (Stage::Rcpt, Reply::new(550, Some("5.1.1"), "no such user"))
+        );
+        assert!(s.is_idle());
+    }
+
+    #[test]
+    fn chunking_window_and_421_aborts_the_rest() {
+        let (mut s, now) = established("250-x\r\n250-PIPELINING\r\n250 CHUNKING\r\n");
+        s.submit(tx(1, &["a@d.test"]), now);
+        s.submit(tx(2, &["b@d.test"]), now);
+        s.submit(tx(3, &["c@d.test"]), now);
+        let o = out(&mut s);
+        assert!(o.starts_with("MAIL FROM:<b@s.test>\r\nRCPT TO:<a@d.test>\r\nBDAT 26 LAST\r\nSubject: x\r\n\r\n.dot\r\n"));
+        assert_eq!(
+            o.matches("RSET").count(),
+            2,
+            "RSET before each transaction behind one in flight"
+        );
+        s.receive(b"250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n", now);
+        s.receive(b"250 ok\r\n421 4.7.28 rate limited\r\n", now);
+        let ev = events(&mut s);
+        assert!(matches!(&ev[0], Event::TxDone { id: 1, replies } if replies[0].1.code == 250));
+        assert!(matches!(&ev[1], Event::TxDone { id: 2, replies } if replies[0].1.code == 421));
+        assert!(matches!(&ev[2], Event::TxAborted { id: 3, .. }));
+        assert!(matches!(&ev[3], Event::Closed { error: Some(_), .. }));
+    }
+
+    #[test]
+    fn no_pipelining_one_command_at_a_time_and_helo_fallback() {
+        let now = Instant::now();
+        let mut s = ClientSession::new(cfg(), now);
+        s.receive(b"220 old\r\n", now);
+        out(&mut s);
+        s.receive(b"502 what\r\n", now);
+        assert_eq!(out(&mut s), "HELO me.test\r\n");
+        s.receive(b"250 hi\r\n", now);
+        assert_eq!(events(&mut s), vec![Event::Ready]);
+        s.submit(tx(1, &["a@d.test"]), now);
+        assert_eq!(out(&mut s), "MAIL FROM:<b@s.test>\r\n");
+        s.receive(b"250 ok\r\n", now);
+        assert_eq!(out(&mut s), "RCPT TO:<a@d.test>\r\n");
+        s.receive(b"250 ok\r\n", now);
+        assert_eq!(out(&mut s), "DATA\r\n");
+        s.receive(b"451 4.3.0 later\r\n", now);
+        let ev = events(&mut s);
+        assert!(
+            matches!(&ev[0], Event::TxDone { id: 1, replies } if replies[0] == (Stage::Data, Reply::new(451, Some("4.3.0"), "later")))
+        );
+        s.submit(tx(2, &["a@d.test"]), now);
+        assert_eq!(out(&mut s), "RSET\r\n");
+    }
+
+    #[test]
+    fn timeouts_and_greeting_refusal() {
+        let now = Instant::now();
+        let mut s = ClientSession::new(cfg(), now);
+        let d = s.deadline().unwrap();
+        assert_eq!(d - now, Duration::from_secs(300));
+        s.handle_timeout(d);
+        assert!(matches!(
+            events(&mut s)[0],
+            Event::Closed { error: Some(_), .. }
+        ));
+        let mut s = ClientSession::new(cfg(), now);
+        s.receive(b"554 5.7.1 go away\r\n", now);
+        let ev = events(&mut s);
+        assert!(matches!(&ev[0], Event::Closed { greeting: Some(r), .. } if r.code == 554));
+    }
+
+    #[test]
+    fn size_limit_is_checked_before_sending() {
+        let (mut s, now) = established("250-x\r\n250 SIZE 10\r\n");
+        s.submit(tx(1, &["a@d.test"]), now);
+        assert_eq!(out(&mut s), "");
+        let ev = events(&mut s);
+        assert!(
+            matches!(&ev[0], Event::TxDone { replies, .. } if replies[0].0 == Stage::Local && replies[0].1.code == 552)
+        );
+    }
+
+    #[test]
+    fn dot_stuffing() {
+        let mut o = Vec::new();
+        dot_stuff(b".a\r\nb.\r\n.\r\n..c", &mut o);
+        assert_eq!(o, b"..a\r\nb.\r\n..\r\n...c\r\n");
+    }
+}

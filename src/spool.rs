@@ -1,0 +1,585 @@
+//! The per-shard spool: append-only segment files, preallocated and mapped with
+//! memmap2, holding length + crc32c framed records.
+//!
+//! Two record kinds: `Queue` (one recipient of a campaign instance, with its merge
+//! values) and `Done` (a terminal outcome for a Queue record, by its location).
+//! Recovery replays every segment in order, stops at the first torn record, and
+//! yields the Queue records that have no Done record. Segments are deleted oldest
+//! first once all their Queue records are done: a Done record always lives in the
+//! same or a later segment than its Queue record, so deleting in order never drops
+//! a Done record whose Queue record is still on disk.
+//!
+//! Durability: `sync` msyncs the range written since the last sync. Records written
+//! but not synced survive a process kill (they are in the page cache) but not a
+//! power loss.
+
+use memmap2::MmapMut;
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+const MAGIC: &[u8; 8] = b"VOLLEYSP";
+const VERSION: u32 = 1;
+const SEG_HEADER_BYTES: usize = 16;
+const FRAME_BYTES: usize = 8;
+/// Largest record payload: a recipient row is bounded well below this at ingest.
+pub const RECORD_MAX: usize = 256 * 1024;
+
+const KIND_QUEUE: u8 = 1;
+const KIND_DONE: u8 = 2;
+
+#[derive(Debug, Error)]
+pub enum SpoolError {
+    #[error("spool {path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("spool {path}: not a volley spool segment (bad magic or version); move it away or use another --spool")]
+    BadSegment { path: PathBuf },
+    #[error("spool {path}: record of {len} octets is over the {RECORD_MAX} limit")]
+    RecordTooLarge { path: PathBuf, len: usize },
+    #[error("spool {path}: disk full: cannot preallocate a {bytes}-octet segment; free space or move --spool")]
+    DiskFull { path: PathBuf, bytes: u64 },
+}
+
+fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> SpoolError + 'a {
+    move |source| SpoolError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+/// Where a Queue record lives: the recipient's identity inside the spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RecordRef {
+    pub seg: u32,
+    pub off: u32,
+}
+
+/// One recipient of a campaign instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueRecord {
+    pub instance: u32,
+    /// Line in recipients.csv, for the log and for error messages.
+    pub line: u32,
+    /// Merge values in recipients.csv column order.
+    pub values: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Terminal {
+    Delivered = 1,
+    Bounced = 2,
+    Expired = 3,
+    /// The campaign instance was never acknowledged (ingest did not finish).
+    Abandoned = 4,
+}
+
+impl QueueRecord {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.push(KIND_QUEUE);
+        out.extend_from_slice(&self.instance.to_le_bytes());
+        out.extend_from_slice(&self.line.to_le_bytes());
+        out.extend_from_slice(&(self.values.len() as u16).to_le_bytes());
+        for v in &self.values {
+            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            out.extend_from_slice(v);
+        }
+    }
+
+    pub fn decode(b: &[u8]) -> Option<QueueRecord> {
+        let mut r = Reader(b);
+        if r.u8()? != KIND_QUEUE {
+            return None;
+        }
+        let instance = r.u32()?;
+        let line = r.u32()?;
+        let n = r.u16()? as usize;
+        let mut values = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = r.u32()? as usize;
+            values.push(r.take(len)?.to_vec());
+        }
+        Some(QueueRecord {
+            instance,
+            line,
+            values,
+        })
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+}
+
+fn done_payload(r: RecordRef, t: Terminal) -> [u8; 10] {
+    let mut p = [0u8; 10];
+    p[0] = KIND_DONE;
+    p[1..5].copy_from_slice(&r.seg.to_le_bytes());
+    p[5..9].copy_from_slice(&r.off.to_le_bytes());
+    p[9] = t as u8;
+    p
+}
+
+struct Segment {
+    no: u32,
+    path: PathBuf,
+    map: MmapMut,
+    queued: u32,
+    done: u32,
+}
+
+/// One shard's spool directory.
+pub struct Spool {
+    dir: PathBuf,
+    segment_bytes: usize,
+    /// Oldest first; the last one is being written.
+    segs: VecDeque<Segment>,
+    /// Write position in the last segment.
+    write_off: usize,
+    /// Start of the range not yet synced in the last segment.
+    synced_off: usize,
+    /// Segments filled since the last sync (synced whole at the next sync).
+    unsynced_full: Vec<u32>,
+}
+
+/// What recovery found: the recipients still to deliver, in spool order.
+pub struct Recovered {
+    pub pending: Vec<(RecordRef, QueueRecord)>,
+    /// A torn or corrupt record ended a segment early (its location).
+    pub torn_at: Option<(u32, usize)>,
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool in `dir` and recovers it. `acked` says
+    /// whether a campaign instance was acknowledged; records of others are
+    /// abandoned (marked Done) so their segments can be deleted.
+    pub fn open(
+        dir: &Path,
+        segment_bytes: usize,
+        acked: &dyn Fn(u32) -> bool,
+    ) -> Result<(Spool, Recovered), SpoolError> {
+        std::fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
+        let mut nos: Vec<u32> = std::fs::read_dir(dir)
+            .map_err(io(dir, "list"))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let n = e.file_name().into_string().ok()?;
+                n.strip_prefix("seg-")?
+                    .strip_suffix(".vspool")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        nos.sort_unstable();
+        let mut spool = Spool {
+            dir: dir.to_path_buf(),
+            segment_bytes,
+            segs: VecDeque::new(),
+            write_off: SEG_HEADER_BYTES,
+            synced_off: SEG_HEADER_BYTES,
+            unsynced_full: Vec::new(),
+        };
+        let mut queue: Vec<(RecordRef, QueueRecord)> = Vec::new();
+        let mut done: std::collections::HashSet<RecordRef> = std::collections::HashSet::new();
+        let mut torn_at = None;
+        for (i, &no) in nos.iter().enumerate() {
+            let path = spool.seg_path(no);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(io(&path, "open segment"))?;
+            // SAFETY: the spool directory belongs to this process (the engine holds an
+            // exclusive flock on it) and segment files are never truncated while mapped.
+            let map = unsafe { MmapMut::map_mut(&file) }.map_err(io(&path, "map segment"))?;
+            if map.len() < SEG_HEADER_BYTES
+                || &map[..8] != MAGIC
+                || u32::from_le_bytes(map[8..12].try_into().unwrap()) != VERSION
+            {
+                return Err(SpoolError::BadSegment { path });
+            }
+            let mut off = SEG_HEADER_BYTES;
+            let last = i + 1 == nos.len();
+            loop {
+                match read_frame(&map, off) {
+                    Frame::End => break,
+                    Frame::Torn => {
+                        torn_at.get_or_insert((no, off));
+                        break;
+                    }
+                    Frame::Record(payload) => {
+                        let here = RecordRef {
+                            seg: no,
+                            off: off as u32,
+                        };
+                        match payload.first() {
+                            Some(&KIND_QUEUE) => match QueueRecord::decode(payload) {
+                                Some(q) => queue.push((here, q)),
+                                None => {
+                                    torn_at.get_or_insert((no, off));
+                                    break;
+                                }
+                            },
+                            Some(&KIND_DONE) if payload.len() == 10 => {
+                                let seg = u32::from_le_bytes(payload[1..5].try_into().unwrap());
+                                let roff = u32::from_le_bytes(payload[5..9].try_into().unwrap());
+                                done.insert(RecordRef { seg, off: roff });
+                            }
+                            _ => {
+                                torn_at.get_or_insert((no, off));
+                                break;
+                            }
+                        }
+                        off += FRAME_BYTES + payload.len();
+                    }
+                }
+            }
+            if last {
+                // Anything after the end of the valid records was never synced: zero it,
+                // so new records appended here can't be followed by stale ones.
+                let mut map = map;
+                map[off..].fill(0);
+                map.flush().map_err(io(&path, "msync"))?;
+                spool.write_off = off;
+                spool.synced_off = off;
+                spool.segs.push_back(Segment {
+                    no,
+                    path,
+                    map,
+                    queued: 0,
+                    done: 0,
+                });
+            } else {
+                spool.segs.push_back(Segment {
+                    no,
+                    path,
+                    map,
+                    queued: 0,
+                    done: 0,
+                });
+            }
+        }
+        let mut pending = Vec::new();
+        let mut abandoned = Vec::new();
+        for (r, q) in queue {
+            let seg = spool.seg_mut(r.seg).expect("segment just loaded");
+            seg.queued += 1;
+            if done.contains(&r) {
+                seg.done += 1;
+            } else if !acked(q.instance) {
+                abandoned.push(r);
+            } else {
+                pending.push((r, q));
+            }
+        }
+        if spool.segs.is_empty() {
+            spool.new_segment(1)?;
+        }
+        for r in abandoned {
+            spool.append_done(r, Terminal::Abandoned)?;
+        }
+        spool.sync()?;
+        spool.delete_finished()?;
+        Ok((spool, Recovered { pending, torn_at }))
+    }
+
+    fn seg_path(&self, no: u32) -> PathBuf {
+        self.dir.join(format!("seg-{no:08}.vspool"))
+    }
+
+    fn seg_mut(&mut self, no: u32) -> Option<&mut Segment> {
+        let first = self.segs.front()?.no;
+        self.segs
+            .get_mut(no.checked_sub(first)? as usize)
+            .filter(|s| s.no == no)
+    }
+
+    fn new_segment(&mut self, no: u32) -> Result<(), SpoolError> {
+        let path = self.seg_path(no);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io(&path, "create segment"))?;
+        preallocate(&file, self.segment_bytes as u64, &path)?;
+        // SAFETY: as in `open`: the file is ours alone and never truncated while mapped.
+        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(io(&path, "map segment"))?;
+        map[..8].copy_from_slice(MAGIC);
+        map[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        map[12..16].copy_from_slice(&no.to_le_bytes());
+        map.flush_range(0, SEG_HEADER_BYTES)
+            .map_err(io(&path, "msync"))?;
+        // The new file's directory entry must be durable too.
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir, "fsync directory"))?;
+        if let Some(prev) = self.segs.back() {
+            self.unsynced_full.push(prev.no);
+        }
+        self.segs.push_back(Segment {
+            no,
+            path,
+            map,
+            queued: 0,
+            done: 0,
+        });
+        self.write_off = SEG_HEADER_BYTES;
+        self.synced_off = SEG_HEADER_BYTES;
+        Ok(())
+    }
+
+    fn append(&mut self, payload: &[u8]) -> Result<RecordRef, SpoolError> {
+        if payload.len() > RECORD_MAX {
+            return Err(SpoolError::RecordTooLarge {
+                path: self.dir.clone(),
+                len: payload.len(),
+            });
+        }
+        let need = FRAME_BYTES + payload.len();
+        if self.write_off + need > self.segment_bytes {
+            let next = self.segs.back().map_or(1, |s| s.no + 1);
+            self.new_segment(next)?;
+        }
+        let off = self.write_off;
+        let seg = self.segs.back_mut().expect("a segment is always open");
+        let crc = crc32c::crc32c(payload);
+        // Payload first, then the frame: a kill between the two leaves a zero length,
+        // which recovery reads as the end, never as a record with a stale payload.
+        seg.map[off + FRAME_BYTES..off + need].copy_from_slice(payload);
+        seg.map[off + 4..off + 8].copy_from_slice(&crc.to_le_bytes());
+        seg.map[off..off + 4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        self.write_off += need;
+        Ok(RecordRef {
+            seg: seg.no,
+            off: off as u32,
+        })
+    }
+
+    pub fn append_queue(
+        &mut self,
+        q: &QueueRecord,
+        scratch: &mut Vec<u8>,
+    ) -> Result<RecordRef, SpoolError> {
+        scratch.clear();
+        q.encode(scratch);
+        let r = self.append(scratch)?;
+        self.segs.back_mut().expect("open").queued += 1;
+        Ok(r)
+    }
+
+    pub fn append_done(&mut self, r: RecordRef, t: Terminal) -> Result<(), SpoolError> {
+        self.append(&done_payload(r, t))?;
+        if let Some(seg) = self.seg_mut(r.seg) {
+            seg.done += 1;
+        }
+        Ok(())
+    }
+
+    /// Reads a Queue record back (from the mapping: no syscall).
+    pub fn read_queue(&self, r: RecordRef) -> Option<QueueRecord> {
+        let first = self.segs.front()?.no;
+        let seg = self.segs.get(r.seg.checked_sub(first)? as usize)?;
+        match read_frame(&seg.map, r.off as usize) {
+            Frame::Record(p) => QueueRecord::decode(p),
+            _ => None,
+        }
+    }
+
+    /// Makes everything appended so far durable.
+    pub fn sync(&mut self) -> Result<(), SpoolError> {
+        for no in std::mem::take(&mut self.unsynced_full) {
+            if let Some(seg) = self.seg_mut(no) {
+                seg.map.flush().map_err(io(&seg.path, "msync"))?;
+            }
+        }
+        if self.write_off > self.synced_off {
+            let seg = self.segs.back().expect("open");
+            seg.map
+                .flush_range(self.synced_off, self.write_off - self.synced_off)
+                .map_err(io(&seg.path, "msync"))?;
+            self.synced_off = self.write_off;
+        }
+        Ok(())
+    }
+
+    /// Deletes the oldest segments whose recipients are all done (never the open one).
+    pub fn delete_finished(&mut self) -> Result<usize, SpoolError> {
+        let mut n = 0;
+        while self.segs.len() > 1 {
+            let front = self.segs.front().expect("len > 1");
+            if front.done < front.queued {
+                break;
+            }
+            let seg = self.segs.pop_front().expect("len > 1");
+            self.unsynced_full.retain(|&x| x != seg.no);
+            std::fs::remove_file(&seg.path).map_err(io(&seg.path, "delete finished segment"))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segs.len()
+    }
+}
+
+enum Frame<'a> {
+    Record(&'a [u8]),
+    /// A zero length: nothing was written here.
+    End,
+    /// A length that does not fit or a crc that does not match.
+    Torn,
+}
+
+fn read_frame(map: &[u8], off: usize) -> Frame<'_> {
+    if off + FRAME_BYTES > map.len() {
+        return Frame::End;
+    }
+    let len = u32::from_le_bytes(map[off..off + 4].try_into().unwrap()) as usize;
+    if len == 0 {
+        return Frame::End;
+    }
+    if len > RECORD_MAX || off + FRAME_BYTES + len > map.len() {
+        return Frame::Torn;
+    }
+    let crc = u32::from_le_bytes(map[off + 4..off + 8].try_into().unwrap());
+    let payload = &map[off + FRAME_BYTES..off + FRAME_BYTES + len];
+    if crc32c::crc32c(payload) != crc {
+        return Frame::Torn;
+    }
+    Frame::Record(payload)
+}
+
+/// Allocates the blocks now: a sparse file would fault with SIGBUS on a full disk
+/// when the mapping is first written, instead of failing here with ENOSPC.
+fn preallocate(file: &File, bytes: u64, path: &Path) -> Result<(), SpoolError> {
+    // SAFETY: plain syscall on a valid, owned descriptor.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, bytes as libc::off_t) };
+    match rc {
+        0 => Ok(()),
+        libc::ENOSPC => {
+            let _ = std::fs::remove_file(path);
+            Err(SpoolError::DiskFull {
+                path: path.to_path_buf(),
+                bytes,
+            })
+        }
+        e => Err(SpoolError::Io {
+            path: path.to_path_buf(),
+            op: "preallocate",
+            source: std::io::Error::from_raw_os_error(e),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("volley-spool-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn rec(i: u32) -> QueueRecord {
+        QueueRecord {
+            instance: 1,
+            line: i + 2,
+            values: vec![format!("u{i}@x.test").into_bytes(), b"Ann".to_vec()],
+        }
+    }
+
+    #[test]
+    fn recovers_pending_and_deletes_finished_segments() {
+        let d = dir("recover");
+        let seg = 4096;
+        let mut scratch = Vec::new();
+        let refs: Vec<RecordRef> = {
+            let (mut s, r) = Spool::open(&d, seg, &|_| true).unwrap();
+            assert!(r.pending.is_empty());
+            let refs: Vec<_> = (0..200)
+                .map(|i| s.append_queue(&rec(i), &mut scratch).unwrap())
+                .collect();
+            s.sync().unwrap();
+            assert!(s.segment_count() > 3, "small segments roll over");
+            for r in &refs[..150] {
+                s.append_done(*r, Terminal::Delivered).unwrap();
+            }
+            s.sync().unwrap();
+            refs
+        };
+        let (mut s, r) = Spool::open(&d, seg, &|_| true).unwrap();
+        assert_eq!(r.pending.len(), 50);
+        assert_eq!(r.pending[0].0, refs[150]);
+        assert_eq!(r.pending[0].1, rec(150));
+        assert_eq!(s.read_queue(refs[199]), Some(rec(199)));
+        for (r, _) in &r.pending {
+            s.append_done(*r, Terminal::Bounced).unwrap();
+        }
+        s.delete_finished().unwrap();
+        assert_eq!(s.segment_count(), 1, "all but the open segment deleted");
+        drop(s);
+        let (_, r) = Spool::open(&d, seg, &|_| true).unwrap();
+        assert!(r.pending.is_empty());
+    }
+
+    #[test]
+    fn torn_record_ends_recovery_and_unacked_instances_are_abandoned() {
+        let d = dir("torn");
+        let mut scratch = Vec::new();
+        {
+            let (mut s, _) = Spool::open(&d, 1 << 20, &|_| true).unwrap();
+            for i in 0..10 {
+                s.append_queue(&rec(i), &mut scratch).unwrap();
+            }
+            let mut other = rec(99);
+            other.instance = 7;
+            s.append_queue(&other, &mut scratch).unwrap();
+            s.sync().unwrap();
+        }
+        // Flip a byte in the 6th record's payload.
+        let path = d.join("seg-00000001.vspool");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mut off = SEG_HEADER_BYTES;
+        for _ in 0..5 {
+            off +=
+                FRAME_BYTES + u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+        }
+        bytes[off + FRAME_BYTES + 3] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        let (_, r) = Spool::open(&d, 1 << 20, &|i| i == 1).unwrap();
+        assert_eq!(r.pending.len(), 5);
+        assert_eq!(r.torn_at, Some((1, off)));
+        // Records after the tear are gone for good, and instance 7 was never acked.
+        let (_, r) = Spool::open(&d, 1 << 20, &|_| true).unwrap();
+        assert_eq!(r.pending.len(), 5);
+        assert_eq!(r.torn_at, None);
+    }
+}
