@@ -528,7 +528,7 @@ mod tests {
                 .map(|i| s.append_queue(&rec(i), &mut scratch).unwrap())
                 .collect();
             s.sync().unwrap();
-            assert!(s.segment_count() > 3, "small segments roll over");
+            assert!(s.segment_count() >= 2, "small segments roll over");
             for r in &refs[..150] {
                 s.append_done(*r, Terminal::Delivered).unwrap();
             }
