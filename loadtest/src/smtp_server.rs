@@ -111,6 +111,9 @@ pub struct ServerSession<'c> {
     bdat_used: bool,
     /// The state to return to once an over-long command line has been skipped.
     skip_state: State,
+    /// The previous DATA line ended in CRLF: only then can "." CRLF end the data
+    /// (a "." after a bare LF is the SMTP smuggling pattern).
+    data_after_crlf: bool,
 }
 
 impl<'c> ServerSession<'c> {
@@ -127,6 +130,7 @@ impl<'c> ServerSession<'c> {
             content_error: None,
             bdat_used: false,
             skip_state: State::Fresh,
+            data_after_crlf: true,
         }
     }
 
@@ -346,6 +350,7 @@ impl<'c> ServerSession<'c> {
                     }
                     v => self.apply(v, out),
                 }
+                self.data_after_crlf = true;
             }
             "BDAT" => self.bdat(arg, out, b),
             "RSET" => {
@@ -481,10 +486,11 @@ impl<'c> ServerSession<'c> {
             // Bare LF: never an end of data (smuggling guard), and refused at the end.
             self.content_error
                 .get_or_insert("550 5.6.11 Bare LF in message content; lines must end in CRLF");
-        } else if &rest[..line_len] == b".\r\n" {
+        } else if self.data_after_crlf && &rest[..line_len] == b".\r\n" {
             self.finish_message(out, b);
             return Some(line_len);
         }
+        self.data_after_crlf = crlf;
         if line_len > TEXT_LINE_MAX {
             self.content_error
                 .get_or_insert("500 5.5.6 Line too long (over 1000 octets)");
