@@ -1,0 +1,126 @@
+//! What the engine tests share: the bundled sink and test DNS started in-process on
+//! loopback, campaign directories written on the fly, the accounting log read back.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use volley::config::EngineConfig;
+use volley::engine::Report;
+use volley::{campaign::Campaign, ingest};
+use volley_load::dns::{self, DnsServer, Zone};
+use volley_load::profile::Profile;
+use volley_load::sink::{Sink, SinkOptions};
+
+pub struct Env {
+    pub sink: Sink,
+    pub dns: DnsServer,
+    pub dir: PathBuf,
+}
+
+/// A sink (the accept-all profile's providers, with `behaviour` for all of them) and
+/// the test DNS routing to it.
+pub fn env(name: &str, behaviour: &str) -> Env {
+    let mut profile = Profile::load("accept-all").unwrap();
+    if !behaviour.is_empty() {
+        let b: toml::Value = toml::from_str(behaviour).unwrap();
+        let b: volley_load::profile::Behaviour = b.try_into().unwrap();
+        for p in &mut profile.providers {
+            p.behaviour = b.clone();
+        }
+    }
+    profile.set_port(0);
+    let sink = Sink::start(SinkOptions {
+        profile,
+        threads: 1,
+        driver: Default::default(),
+        keep: None,
+        tls_files: None,
+    })
+    .unwrap();
+    let dns = dns::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Zone::from_profile(sink.profile(), &sink.addrs),
+    )
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("volley-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    Env { sink, dns, dir }
+}
+
+impl Env {
+    pub fn config(&self) -> EngineConfig {
+        let mut c = EngineConfig::new(self.dir.join("spool"));
+        c.shards = 2;
+        c.dns.server = Some(self.dns.addr);
+        c.dns.timeout = std::time::Duration::from_millis(300);
+        c.dns.attempts = 1;
+        c.smtp_port = self.sink.port();
+        c.ehlo_name = "test.volley.test".into();
+        c.connect_timeout = std::time::Duration::from_secs(2);
+        c
+    }
+
+    /// Ingests and sends `campaign` to the end with `cfg`.
+    pub fn send(&self, campaign: &Path, cfg: EngineConfig) -> Report {
+        let c = Campaign::load(campaign).unwrap_or_else(|p| panic!("{p:?}"));
+        let lock = ingest::lock_spool(&cfg.spool_dir, cfg.shards).unwrap();
+        ingest::ingest(&c, &cfg.spool_dir, cfg.shards, cfg.segment_bytes).unwrap();
+        let instances = Arc::new(ingest::load_instances(&cfg.spool_dir).unwrap());
+        let r =
+            volley::engine::run(cfg, instances, Arc::new(AtomicBool::new(false)), false).unwrap();
+        drop(lock);
+        r
+    }
+}
+
+/// A small campaign: `rows` are recipients.csv lines after the header `email,name`.
+pub fn campaign(dir: &Path, id: &str, extra_settings: &str, rows: &[String]) -> PathBuf {
+    let d = dir.join(format!("campaign-{id}"));
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(
+        d.join("campaign.toml"),
+        format!("id = \"{id}\"\nsender = \"bounces@news.test\"\nfrom_domain = \"news.test\"\n{extra_settings}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("message.eml"),
+        "From: News <news@news.test>\nTo: {{name}} <{{email}}>\nSubject: Hello {{name}}\nMessage-ID: <{{email}}.id@news.test>\n\nHi {{name}},\n.a dot line\nbye\n",
+    )
+    .unwrap();
+    let mut csv = String::from("email,name\n");
+    for r in rows {
+        csv.push_str(r);
+        csv.push('\n');
+    }
+    std::fs::write(d.join("recipients.csv"), csv).unwrap();
+    d
+}
+
+/// The accounting log as JSON values.
+pub fn log_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}")))
+        .collect()
+}
+
+/// Terminal records per recipient.
+pub fn terminal_by_rcpt(lines: &[serde_json::Value]) -> HashMap<String, Vec<serde_json::Value>> {
+    let mut m: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
+    for l in lines {
+        if matches!(
+            l["type"].as_str(),
+            Some("Delivery" | "Bounce" | "Expiration")
+        ) {
+            m.entry(l["rcpt"].as_str().unwrap().to_string())
+                .or_default()
+                .push(l.clone());
+        }
+    }
+    m
+}

@@ -1,0 +1,179 @@
+//! The engine end to end against the bundled sink and test DNS on loopback.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+use volley_load::gen;
+use volley_load::runtime::Driver;
+
+fn generated(env: &Env, n: u64) -> std::path::PathBuf {
+    let d = env.dir.join("gen");
+    gen::write_campaign(
+        &d,
+        &gen::GenOptions {
+            recipients: n,
+            campaign_id: "gen".into(),
+            body_bytes: 4096,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    d
+}
+
+fn delivers_everything_once(driver: Driver, name: &str) {
+    let env = env(name, "");
+    let dir = generated(&env, 600);
+    let mut cfg = env.config();
+    cfg.driver = driver;
+    let log = cfg.log_path.clone();
+    let spool = cfg.spool_dir.clone();
+    let r = env.send(&dir, cfg);
+    assert_eq!(
+        (r.recipients, r.delivered, r.bounced, r.remaining),
+        (600, 600, 0, 0)
+    );
+    let s = env.sink.summary();
+    assert_eq!(s.counts.rcpts_accepted, 600);
+    assert_eq!(
+        (s.counts.corrupt, s.counts.duplicates, s.counts.no_integrity),
+        (0, 0, 0),
+        "rendering checked by the sink"
+    );
+    let lines = log_lines(&log);
+    let t = terminal_by_rcpt(&lines);
+    assert_eq!(t.len(), 600);
+    for (rcpt, recs) in &t {
+        assert_eq!(recs.len(), 1, "{rcpt}");
+        let r = &recs[0];
+        assert_eq!(r["type"], "Delivery");
+        assert_eq!(r["code"], 250);
+        assert_eq!(r["campaign"], "gen");
+        assert!(r["mx"].as_str().unwrap().ends_with(".sink.test"));
+        assert!(r["ip"].as_str().unwrap().starts_with("127.0.0.1"));
+    }
+    // Google's domains went to Google's address, the tail to the tail's.
+    let gmail = lines.iter().find(|l| l["domain"] == "gmail.com").unwrap();
+    assert_eq!(gmail["mx"], "gmail-smtp-in.l.google.sink.test");
+    // Many messages per connection: far fewer connections than messages.
+    assert!(
+        s.counts.connections < 150,
+        "{} connections for 600 messages",
+        s.counts.connections
+    );
+    // Every segment but the open one is deleted once done.
+    for shard in 0..2 {
+        let segs = std::fs::read_dir(spool.join(format!("shard-{shard}")))
+            .unwrap()
+            .count();
+        assert_eq!(segs, 1, "shard {shard}");
+    }
+}
+
+#[test]
+fn delivers_everything_once_io_uring_or_auto() {
+    delivers_everything_once(Driver::Auto, "auto");
+}
+
+#[test]
+fn delivers_everything_once_epoll() {
+    delivers_everything_once(Driver::Epoll, "epoll");
+}
+
+#[test]
+fn dns_edge_cases_bounces_and_expiry() {
+    let env = env("edges", "");
+    let rows: Vec<String> = [
+        "a@null-mx.edge.test",
+        "b@nxdomain.edge.test",
+        "c@fallback.edge.test",
+        "d@no-mx.edge.test",
+        "permfail.1@gmail.com",
+        "tempfail.1@gmail.com",
+        "e@servfail.edge.test",
+        "f@yahoo.com",
+    ]
+    .iter()
+    .map(|a| format!("{a},Ann"))
+    .collect();
+    let c = campaign(&env.dir, "edges", "expire_after = \"3s\"", &rows);
+    let mut cfg = env.config();
+    cfg.retry_schedule = vec![Duration::from_millis(700)];
+    let log = cfg.log_path.clone();
+    let r = env.send(&c, cfg);
+    assert_eq!(
+        (r.delivered, r.bounced, r.expired, r.remaining),
+        (3, 3, 2, 0),
+        "{r:?}"
+    );
+    let t = terminal_by_rcpt(&log_lines(&log));
+    let one = |rcpt: &str| {
+        let recs = &t[rcpt];
+        assert_eq!(recs.len(), 1, "{rcpt}: {recs:?}");
+        recs[0].clone()
+    };
+    let r = one("a@null-mx.edge.test");
+    assert_eq!(
+        (
+            r["type"].as_str(),
+            r["enhanced"].as_str(),
+            r["stage"].as_str()
+        ),
+        (Some("Bounce"), Some("5.1.10"), Some("dns"))
+    );
+    let r = one("b@nxdomain.edge.test");
+    assert_eq!(
+        (r["type"].as_str(), r["enhanced"].as_str()),
+        (Some("Bounce"), Some("5.1.2"))
+    );
+    let r = one("c@fallback.edge.test");
+    assert_eq!(
+        (r["type"].as_str(), r["mx"].as_str()),
+        (Some("Delivery"), Some("mx.tail.sink.test")),
+        "second MX after the dead first"
+    );
+    assert_eq!(one("d@no-mx.edge.test")["type"], "Delivery", "implicit MX");
+    assert_eq!(one("f@yahoo.com")["type"], "Delivery");
+    let r = one("permfail.1@gmail.com");
+    assert_eq!(
+        (r["type"].as_str(), r["code"].as_u64(), r["stage"].as_str()),
+        (Some("Bounce"), Some(550), Some("rcpt"))
+    );
+    assert_eq!(one("tempfail.1@gmail.com")["type"], "Expiration");
+    assert_eq!(one("e@servfail.edge.test")["type"], "Expiration");
+    let deferrals = log_lines(&log)
+        .iter()
+        .filter(|l| l["type"] == "TransientFailure" && l["rcpt"] == "tempfail.1@gmail.com")
+        .count();
+    assert!(deferrals >= 2, "retried before expiring: {deferrals}");
+}
+
+#[test]
+fn mid_transaction_disconnects_and_421s_lose_nothing() {
+    let env = env(
+        "faults",
+        "disconnect_in_data = 0.05\ndata_tempfail = 0.05\ndata_tempfail_replies = [\"421 4.7.28 rate limited\"]\nrcpt_permfail = 0.02",
+    );
+    let dir = generated(&env, 400);
+    let mut cfg = env.config();
+    cfg.retry_schedule = vec![Duration::from_millis(200)];
+    let log = cfg.log_path.clone();
+    let r = env.send(&dir, cfg);
+    assert_eq!(r.remaining, 0);
+    assert_eq!(r.delivered + r.bounced + r.expired, 400, "{r:?}");
+    let t = terminal_by_rcpt(&log_lines(&log));
+    assert_eq!(t.len(), 400);
+    assert!(
+        t.values().all(|v| v.len() == 1),
+        "one terminal outcome each"
+    );
+    let s = env.sink.summary();
+    assert_eq!(s.counts.duplicates, 0);
+    assert_eq!(s.counts.rcpts_accepted, r.delivered);
+    assert!(
+        s.counts.disconnects_in_data > 0 && s.counts.data_tempfail > 0,
+        "the faults happened: {:?}",
+        s.counts
+    );
+}
