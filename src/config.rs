@@ -67,7 +67,7 @@ impl EngineConfig {
             timeouts: Timeouts::default(),
             segment_bytes: 64 * 1024 * 1024,
             commit_interval: Duration::from_millis(10),
-            commit_batch_max: 1024,
+            commit_batch_max: 256,
             sync_interval: Duration::from_millis(100),
             requeues_max: 3,
         }
