@@ -345,7 +345,7 @@ fn load_header(dir: &Path, problems: &mut Vec<Problem>) -> Option<Vec<String>> {
     };
     let mut rdr = csv::ReaderBuilder::new().has_headers(true).from_reader(f);
     match rdr.headers() {
-        Ok(h) if !h.is_empty() && !(h.len() == 1 && h[0].is_empty()) => {
+        Ok(h) if !(h.is_empty() || h.len() == 1 && h[0].is_empty()) => {
             let cols: Vec<String> = h.iter().map(|c| c.trim().to_string()).collect();
             for (i, c) in cols.iter().enumerate() {
                 if cols[..i].iter().any(|p| p.eq_ignore_ascii_case(c)) {

@@ -29,7 +29,7 @@ enum Cmd {
     Send {
         dir: PathBuf,
         #[command(flatten)]
-        engine: EngineArgs,
+        engine: Box<EngineArgs>,
         /// Queue it as a new campaign instance even if this id is already in the spool.
         #[arg(long)]
         new: bool,

@@ -426,8 +426,8 @@ fn starttls_with_rustls() {
     let conn = rustls::ClientConnection::new(Arc::new(cfg), "sink.volley.test".try_into().unwrap())
         .unwrap();
     let mut tls = rustls::StreamOwned::new(conn, c.w);
-    let mut read_reply = |tls: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
-                          cmd: &str| {
+    let read_reply = |tls: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+                      cmd: &str| {
         tls.write_all(cmd.as_bytes()).unwrap();
         let mut out = String::new();
         let mut b = [0u8; 4096];

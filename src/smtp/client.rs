@@ -307,7 +307,7 @@ impl ClientSession {
             return;
         }
         self.parser.push(bytes);
-        while let Some(r) = self.parser.next() {
+        while let Some(r) = self.parser.next_reply() {
             match r {
                 Ok(reply) => self.on_reply(reply, now),
                 Err(e) => {

@@ -78,7 +78,7 @@ impl ReplyParser {
     }
 
     /// The next complete reply, if buffered.
-    pub fn next(&mut self) -> Option<Result<Reply, ReplyError>> {
+    pub fn next_reply(&mut self) -> Option<Result<Reply, ReplyError>> {
         let mut consumed = 0;
         let result = loop {
             let rest = &self.buf[consumed..];
@@ -178,11 +178,11 @@ mod tests {
             let mut p = ReplyParser::default();
             p.push(&raw[..split]);
             let mut got = Vec::new();
-            while let Some(r) = p.next() {
+            while let Some(r) = p.next_reply() {
                 got.push(r.unwrap());
             }
             p.push(&raw[split..]);
-            while let Some(r) = p.next() {
+            while let Some(r) = p.next_reply() {
                 got.push(r.unwrap());
             }
             assert_eq!(got.len(), 2, "split at {split}");
@@ -197,16 +197,22 @@ mod tests {
     fn garbage_and_limits() {
         let mut p = ReplyParser::default();
         p.push(b"HTTP/1.1 400 Bad Request\r\n");
-        assert!(matches!(p.next(), Some(Err(ReplyError::Malformed(_)))));
+        assert!(matches!(
+            p.next_reply(),
+            Some(Err(ReplyError::Malformed(_)))
+        ));
         let mut p = ReplyParser::default();
         p.push(b"250-a\r\n251 b\r\n");
-        assert!(matches!(p.next(), Some(Err(ReplyError::Malformed(_)))));
+        assert!(matches!(
+            p.next_reply(),
+            Some(Err(ReplyError::Malformed(_)))
+        ));
         let mut p = ReplyParser::default();
         p.push(&vec![b'2'; REPLY_LINE_MAX + 10]);
-        assert_eq!(p.next(), Some(Err(ReplyError::LineTooLong)));
+        assert_eq!(p.next_reply(), Some(Err(ReplyError::LineTooLong)));
         let mut p = ReplyParser::default();
         p.push(b"550 4.1.1 class mismatch is not an enhanced code\r\n");
-        let r = p.next().unwrap().unwrap();
+        let r = p.next_reply().unwrap().unwrap();
         assert_eq!(r.enhanced, None);
     }
 }
