@@ -6,8 +6,15 @@ mod common;
 use std::process::Command;
 
 fn volley(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_volley")).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_volley"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn tmp(name: &str) -> std::path::PathBuf {
@@ -20,26 +27,65 @@ fn tmp(name: &str) -> std::path::PathBuf {
 #[test]
 fn check_lists_every_problem_with_file_and_line() {
     let d = tmp("bad");
-    let rows: Vec<String> = vec!["ok@a.test,Ann".into(), "not-an-address,Bob".into(), "x@b.test".into(), "y@c.test,\"Multi\nLine\"".into()];
+    let rows: Vec<String> = vec![
+        "ok@a.test,Ann".into(),
+        "not-an-address,Bob".into(),
+        "x@b.test".into(),
+        "y@c.test,\"Multi\nLine\"".into(),
+    ];
     let c = common::campaign(&d, "bad", "", &rows);
-    std::fs::write(c.join("message.eml"), "From: a@news.test\nSubject: {{nope}}\n\nHi {{name}}\n").unwrap();
+    std::fs::write(
+        c.join("message.eml"),
+        "From: a@news.test\nSubject: {{nope}}\n\nHi {{name}}\n",
+    )
+    .unwrap();
     let (code, _, err) = volley(&["check", c.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.contains("message.eml:2: unknown merge field {{nope}}; recipients.csv has columns: email, name"), "{err}");
-    std::fs::write(c.join("message.eml"), "From: a@news.test\nSubject: hi\n\nHi {{name}}\n").unwrap();
+    assert!(
+        err.contains(
+            "message.eml:2: unknown merge field {{nope}}; recipients.csv has columns: email, name"
+        ),
+        "{err}"
+    );
+    std::fs::write(
+        c.join("message.eml"),
+        "From: a@news.test\nSubject: hi\n\nHi {{name}}\n",
+    )
+    .unwrap();
     let (code, _, err) = volley(&["check", c.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.contains("recipients.csv:3: invalid address \"not-an-address\": missing @"), "{err}");
-    assert!(err.contains("recipients.csv:4: 1 fields, the header has 2"), "{err}");
-    assert!(err.contains("recipients.csv:5: field name contains a line break"), "{err}");
+    assert!(
+        err.contains("recipients.csv:3: invalid address \"not-an-address\": missing @"),
+        "{err}"
+    );
+    assert!(
+        err.contains("recipients.csv:4: 1 fields, the header has 2"),
+        "{err}"
+    );
+    assert!(
+        err.contains("recipients.csv:5: field name contains a line break"),
+        "{err}"
+    );
     assert!(err.contains("3 bad row(s) of 4"), "{err}");
 
     // send refuses the same campaign and queues nothing.
     let spool = d.join("spool");
-    let (code, _, err) = volley(&["send", c.to_str().unwrap(), "--spool", spool.to_str().unwrap(), "--quiet"]);
+    let (code, _, err) = volley(&[
+        "send",
+        c.to_str().unwrap(),
+        "--spool",
+        spool.to_str().unwrap(),
+        "--quiet",
+    ]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("nothing queued"), "{err}");
-    let acked = std::fs::read_dir(spool.join("campaigns")).map(|it| it.flatten().filter(|e| e.path().join("queued").exists()).count()).unwrap_or(0);
+    let acked = std::fs::read_dir(spool.join("campaigns"))
+        .map(|it| {
+            it.flatten()
+                .filter(|e| e.path().join("queued").exists())
+                .count()
+        })
+        .unwrap_or(0);
     assert_eq!(acked, 0);
 }
 
@@ -48,17 +94,39 @@ fn missing_files_and_bad_settings() {
     let d = tmp("missing");
     let (code, _, err) = volley(&["check", d.to_str().unwrap()]);
     assert_eq!(code, 1);
-    for f in ["campaign.toml: cannot read", "recipients.csv: cannot open", "message.eml: cannot read"] {
+    for f in [
+        "campaign.toml: cannot read",
+        "recipients.csv: cannot open",
+        "message.eml: cannot read",
+    ] {
         assert!(err.contains(f), "{f} not in {err}");
     }
-    let c = common::campaign(&d, "s", "expire_after = \"soon\"\nmax_rcpt_per_msg = 0", &["a@b.test,A".into()]);
+    let c = common::campaign(
+        &d,
+        "s",
+        "expire_after = \"soon\"\nmax_rcpt_per_msg = 0",
+        &["a@b.test,A".into()],
+    );
     let (code, _, err) = volley(&["check", c.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.contains("campaign.toml:4: expire_after \"soon\""), "{err}");
-    assert!(err.contains("campaign.toml:5: max_rcpt_per_msg must be 1..=1000"), "{err}");
-    std::fs::write(c.join("campaign.toml"), "id = \"x\"\nsender = \"b@news.test\"\nfrom_domain = \"news.test\"\ncolour = \"red\"\n").unwrap();
+    assert!(
+        err.contains("campaign.toml:4: expire_after \"soon\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("campaign.toml:5: max_rcpt_per_msg must be 1..=1000"),
+        "{err}"
+    );
+    std::fs::write(
+        c.join("campaign.toml"),
+        "id = \"x\"\nsender = \"b@news.test\"\nfrom_domain = \"news.test\"\ncolour = \"red\"\n",
+    )
+    .unwrap();
     let (_, _, err) = volley(&["check", c.to_str().unwrap()]);
-    assert!(err.contains("campaign.toml:4: unknown field `colour`"), "{err}");
+    assert!(
+        err.contains("campaign.toml:4: unknown field `colour`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -67,8 +135,20 @@ fn an_unreadable_spool_is_a_clear_error() {
     let c = common::campaign(&d, "ok", "", &["a@b.test,A".into()]);
     let spool = d.join("spool");
     std::fs::create_dir_all(spool.join("shard-0")).unwrap();
-    std::fs::write(spool.join("shard-0").join("seg-00000001.vspool"), b"garbage, not a segment").unwrap();
-    let (code, _, err) = volley(&["send", c.to_str().unwrap(), "--spool", spool.to_str().unwrap(), "--quiet", "--shards", "1"]);
+    std::fs::write(
+        spool.join("shard-0").join("seg-00000001.vspool"),
+        b"garbage, not a segment",
+    )
+    .unwrap();
+    let (code, _, err) = volley(&[
+        "send",
+        c.to_str().unwrap(),
+        "--spool",
+        spool.to_str().unwrap(),
+        "--quiet",
+        "--shards",
+        "1",
+    ]);
     assert_eq!(code, 1);
     assert!(err.contains("not a volley spool segment"), "{err}");
     assert!(err.contains("nothing queued"), "{err}");

@@ -2,6 +2,7 @@
 //! receivers, a campaign generator, a test DNS server and the bench; each usable as
 //! a library so the engine's tests and `volley demo` start them in-process.
 
+pub mod bench;
 pub mod dns;
 pub mod gen;
 pub mod integrity;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 use volley_load::profile::Profile;
 use volley_load::runtime::Driver;
-use volley_load::{dns, gen, sink};
+use volley_load::{bench, dns, gen, sink};
 
 /// volley's load tool: a sink that behaves like real receivers, a campaign
 /// generator, a test DNS server and a bench. Everything listens on loopback only.
@@ -75,6 +75,29 @@ enum Cmd {
         /// Also write this many ready-made pickup .eml files into DIR.
         #[arg(long, value_names = ["DIR", "COUNT"], num_args = 2)]
         pickup: Option<Vec<String>>,
+    },
+    /// Run a scenario end to end against volley, smtp-source and Postfix; prints and writes JSON + Markdown.
+    Bench {
+        /// smoke (2,000 messages), accept-all (100,000), realistic (100,000, volley only),
+        /// or sink (volley-load sink against Postfix's smtp-sink, both driven by smtp-source).
+        #[arg(long, default_value = "smoke")]
+        scenario: String,
+        /// Override the scenario's message count.
+        #[arg(long)]
+        recipients: Option<u64>,
+        /// Systems to run, comma-separated (default: the scenario's).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        systems: Option<Vec<bench::System>>,
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// The volley binary (default: next to this one, built if missing).
+        #[arg(long)]
+        volley: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        sink_threads: usize,
+        /// volley's shard count (default: cores).
+        #[arg(long)]
+        shards: Option<usize>,
     },
     /// Serve the test DNS for a profile's domains (and the edge-case domains) until interrupted.
     Dns {
@@ -176,6 +199,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 gen::write_pickup(std::path::Path::new(&p[0]), &opts, count)?;
                 eprintln!("gen: {count} pickup files in {}", p[0]);
             }
+            Ok(())
+        }
+        Cmd::Bench {
+            scenario,
+            recipients,
+            systems,
+            out,
+            volley,
+            sink_threads,
+            shards,
+        } => {
+            if scenario == "sink" {
+                let md =
+                    bench::sink_comparison(recipients.unwrap_or(200_000), 10_000, sink_threads)?;
+                println!("{md}");
+                std::fs::create_dir_all(&out)?;
+                std::fs::write(out.join("sink.md"), md)?;
+                return Ok(());
+            }
+            bench::run(&bench::BenchOptions {
+                scenario,
+                recipients,
+                systems,
+                out,
+                volley,
+                sink_threads,
+                shards,
+            })?;
             Ok(())
         }
         Cmd::Dns { listen, profile } => {
