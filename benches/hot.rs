@@ -1,0 +1,108 @@
+//! Criterion benches for the per-message hot paths: reply parsing, spool append,
+//! template rendering, and the client session's transaction round.
+
+use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use std::time::Instant;
+use volley::smtp::client::{ClientConfig, ClientSession, Timeouts, Transaction};
+use volley::smtp::reply::ReplyParser;
+use volley::spool::{QueueRecord, Spool};
+use volley::template::Template;
+
+fn reply_parsing(c: &mut Criterion) {
+    let mut g = c.benchmark_group("reply");
+    let single = b"250 2.0.0 Ok: queued as 4Xk2Lq0bQnz9vBC\r\n";
+    let multi = b"421-4.7.28 Gmail has detected an unusual rate of unsolicited mail originating\r\n421-4.7.28 from your IP address. To protect our users from spam, mail sent from\r\n421 4.7.28 your IP address has been rate limited. https://support.google.com/mail\r\n";
+    for (name, bytes) in [("single_line", &single[..]), ("gmail_421_multiline", &multi[..])] {
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(name, |b| {
+            let mut p = ReplyParser::default();
+            b.iter(|| {
+                p.push(black_box(bytes));
+                black_box(p.next_reply().unwrap().unwrap());
+            })
+        });
+    }
+    g.finish();
+}
+
+fn spool_append(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join(format!("volley-bench-spool-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (mut spool, _) = Spool::open(&dir, 256 << 20, &|_| true).unwrap();
+    let rec = QueueRecord {
+        instance: 1,
+        line: 42,
+        values: vec![b"user123456@gmail.com".to_vec(), b"Ann".to_vec(), b"123456".to_vec(), b"crc32c=0badf00d len=10240".to_vec()],
+    };
+    let mut scratch = Vec::new();
+    let mut g = c.benchmark_group("spool");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("append_queue_record", |b| {
+        b.iter(|| black_box(spool.append_queue(black_box(&rec), &mut scratch).unwrap()));
+    });
+    g.bench_function("append_1000_then_msync", |b| {
+        b.iter_batched(
+            || (),
+            |_| {
+                for _ in 0..1000 {
+                    spool.append_queue(&rec, &mut scratch).unwrap();
+                }
+                spool.sync().unwrap();
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    g.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn template_render(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join(format!("volley-bench-tpl-{}", std::process::id()));
+    volley_load::gen::write_campaign(&dir, &volley_load::gen::GenOptions { recipients: 1, ..Default::default() }).unwrap();
+    let text = std::fs::read(dir.join("message.eml")).unwrap();
+    let cols: Vec<String> = volley_load::gen::COLUMNS.iter().map(|s| s.to_string()).collect();
+    let t = Template::parse(&text, &cols).unwrap();
+    let values = ["user1@gmail.com", "Ann", "1", "crc32c=0badf00d len=10240"];
+    let mut out = Vec::with_capacity(16 * 1024);
+    let mut g = c.benchmark_group("template");
+    g.throughput(Throughput::Bytes(text.len() as u64));
+    g.bench_function("render_10k_message", |b| {
+        b.iter(|| {
+            out.clear();
+            t.render(black_box(&values), &mut out);
+            black_box(out.len())
+        })
+    });
+    g.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn client_transaction(c: &mut Criterion) {
+    let now = Instant::now();
+    let cfg = ClientConfig { ehlo_name: "bench.test".into(), timeouts: Timeouts::default(), window: 8 };
+    let content = vec![b'x'; 10 * 1024];
+    let mut g = c.benchmark_group("client");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("bdat_transaction_round", |b| {
+        let mut s = ClientSession::new(cfg.clone(), now);
+        s.receive(b"220 hi\r\n", now);
+        s.take_output();
+        s.receive(b"250-x\r\n250-PIPELINING\r\n250 CHUNKING\r\n", now);
+        while s.poll_event().is_some() {}
+        let mut id = 0;
+        b.iter(|| {
+            id += 1;
+            s.submit(
+                Transaction { id, from: "b@s.test".into(), rcpts: vec!["a@gmail.com".into()], content: content.clone() },
+                now,
+            );
+            black_box(s.take_output());
+            s.receive(b"250 ok\r\n250 ok\r\n250 ok\r\n", now);
+            black_box(s.poll_event());
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, reply_parsing, spool_append, template_render, client_transaction);
+criterion_main!(benches);
