@@ -12,7 +12,10 @@ fn reply_parsing(c: &mut Criterion) {
     let mut g = c.benchmark_group("reply");
     let single = b"250 2.0.0 Ok: queued as 4Xk2Lq0bQnz9vBC\r\n";
     let multi = b"421-4.7.28 Gmail has detected an unusual rate of unsolicited mail originating\r\n421-4.7.28 from your IP address. To protect our users from spam, mail sent from\r\n421 4.7.28 your IP address has been rate limited. https://support.google.com/mail\r\n";
-    for (name, bytes) in [("single_line", &single[..]), ("gmail_421_multiline", &multi[..])] {
+    for (name, bytes) in [
+        ("single_line", &single[..]),
+        ("gmail_421_multiline", &multi[..]),
+    ] {
         g.throughput(Throughput::Elements(1));
         g.bench_function(name, |b| {
             let mut p = ReplyParser::default();
@@ -32,7 +35,12 @@ fn spool_append(c: &mut Criterion) {
     let rec = QueueRecord {
         instance: 1,
         line: 42,
-        values: vec![b"user123456@gmail.com".to_vec(), b"Ann".to_vec(), b"123456".to_vec(), b"crc32c=0badf00d len=10240".to_vec()],
+        values: vec![
+            b"user123456@gmail.com".to_vec(),
+            b"Ann".to_vec(),
+            b"123456".to_vec(),
+            b"crc32c=0badf00d len=10240".to_vec(),
+        ],
     };
     let mut scratch = Vec::new();
     let mut g = c.benchmark_group("spool");
@@ -58,9 +66,19 @@ fn spool_append(c: &mut Criterion) {
 
 fn template_render(c: &mut Criterion) {
     let dir = std::env::temp_dir().join(format!("volley-bench-tpl-{}", std::process::id()));
-    volley_load::gen::write_campaign(&dir, &volley_load::gen::GenOptions { recipients: 1, ..Default::default() }).unwrap();
+    volley_load::gen::write_campaign(
+        &dir,
+        &volley_load::gen::GenOptions {
+            recipients: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let text = std::fs::read(dir.join("message.eml")).unwrap();
-    let cols: Vec<String> = volley_load::gen::COLUMNS.iter().map(|s| s.to_string()).collect();
+    let cols: Vec<String> = volley_load::gen::COLUMNS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let t = Template::parse(&text, &cols).unwrap();
     let values = ["user1@gmail.com", "Ann", "1", "crc32c=0badf00d len=10240"];
     let mut out = Vec::with_capacity(16 * 1024);
@@ -79,7 +97,11 @@ fn template_render(c: &mut Criterion) {
 
 fn client_transaction(c: &mut Criterion) {
     let now = Instant::now();
-    let cfg = ClientConfig { ehlo_name: "bench.test".into(), timeouts: Timeouts::default(), window: 8 };
+    let cfg = ClientConfig {
+        ehlo_name: "bench.test".into(),
+        timeouts: Timeouts::default(),
+        window: 8,
+    };
     let content = vec![b'x'; 10 * 1024];
     let mut g = c.benchmark_group("client");
     g.throughput(Throughput::Elements(1));
@@ -93,7 +115,12 @@ fn client_transaction(c: &mut Criterion) {
         b.iter(|| {
             id += 1;
             s.submit(
-                Transaction { id, from: "b@s.test".into(), rcpts: vec!["a@gmail.com".into()], content: content.clone() },
+                Transaction {
+                    id,
+                    from: "b@s.test".into(),
+                    rcpts: vec!["a@gmail.com".into()],
+                    content: content.clone(),
+                },
                 now,
             );
             black_box(s.take_output());
@@ -104,5 +131,11 @@ fn client_transaction(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, reply_parsing, spool_append, template_render, client_transaction);
+criterion_group!(
+    benches,
+    reply_parsing,
+    spool_append,
+    template_render,
+    client_transaction
+);
 criterion_main!(benches);

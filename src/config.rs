@@ -42,6 +42,8 @@ pub struct EngineConfig {
     /// Times a recipient may be put back in the queue because its connection broke
     /// before a reply (not counted as attempts); past it, a break counts as a deferral.
     pub requeues_max: u32,
+    /// An operator's classification rules, tried before the shipped ones.
+    pub bounce_rules: Option<PathBuf>,
 }
 
 impl EngineConfig {
@@ -70,6 +72,7 @@ impl EngineConfig {
             commit_batch_max: 256,
             sync_interval: Duration::from_millis(100),
             requeues_max: 3,
+            bounce_rules: None,
         }
     }
 

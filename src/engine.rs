@@ -64,6 +64,7 @@ pub fn run(
     let started = Instant::now();
     let cfg = Arc::new(cfg);
     let resolver = Resolver::start(&cfg.dns)?;
+    let classifier = Arc::new(crate::classify::load(cfg.bounce_rules.as_deref())?);
     let progress: Vec<Arc<Progress>> = (0..cfg.shards)
         .map(|_| Arc::new(Progress::default()))
         .collect();
@@ -76,11 +77,12 @@ pub fn run(
             p.clone(),
             stop.clone(),
         );
+        let classifier = classifier.clone();
         let h = std::thread::Builder::new()
             .name(format!("shard-{id}"))
             .spawn(move || {
                 let done = p.clone();
-                let r = shard::run(id, cfg, inst, res, p, stop.clone());
+                let r = shard::run(id, cfg, inst, classifier, res, p, stop.clone());
                 if r.is_err() {
                     // One shard failing stops the rest: better a clean stop than a partial run.
                     stop.store(true, Ordering::Relaxed);

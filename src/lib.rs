@@ -4,6 +4,7 @@
 //! hosts DNS names (dns), with every outcome in the accounting log (log).
 
 pub mod campaign;
+pub mod classify;
 pub mod config;
 pub mod delivery;
 pub mod demo;

@@ -39,6 +39,9 @@ pub struct Record<'a> {
     pub code: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enhanced: Option<&'a str>,
+    /// The reply's class (classify/rules.toml) for anything but a delivery.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<&'static str>,
     pub reply: &'a str,
     /// Where the reply came from: connect, mail, rcpt, data, local, dns.
     pub stage: &'static str,

@@ -43,6 +43,13 @@ enum Cmd {
         #[arg(long)]
         quiet: bool,
     },
+    /// Classify SMTP replies, one per line on stdin, as the engine does: one JSON object
+    /// per line out ({"reply","code","enhanced","retry","class","rule"}).
+    Classify {
+        /// Your rules (TOML, same format as src/classify/rules.toml), tried before the shipped ones.
+        #[arg(long)]
+        bounce_rules: Option<PathBuf>,
+    },
     /// The whole path on loopback: bundled sink + DNS, a generated campaign, the report.
     Demo {
         #[arg(long, default_value_t = 100_000)]
@@ -95,6 +102,9 @@ struct EngineArgs {
     /// Delays before each retry, e.g. "5m,10m,20m" (the last repeats).
     #[arg(long)]
     retry_schedule: Option<String>,
+    /// Your reply classification rules, tried before the shipped ones (see `volley classify`).
+    #[arg(long)]
+    bounce_rules: Option<PathBuf>,
 }
 
 impl EngineArgs {
@@ -124,6 +134,11 @@ impl EngineArgs {
         if let Some(n) = self.window {
             anyhow::ensure!((1..=256).contains(&n), "--window must be 1..=256");
             c.window = n;
+        }
+        if let Some(p) = self.bounce_rules {
+            // Checked now, so a bad rule stops `send` before anything is queued.
+            volley::classify::load(Some(&p))?;
+            c.bounce_rules = Some(p);
         }
         if let Some(s) = self.retry_schedule {
             c.retry_schedule = s
@@ -167,6 +182,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             report_json,
             quiet,
         ),
+        Cmd::Classify { bounce_rules } => classify(bounce_rules.as_deref()),
         Cmd::Demo {
             recipients,
             profile,
@@ -186,6 +202,41 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+fn classify(rules: Option<&std::path::Path>) -> anyhow::Result<i32> {
+    use std::io::{BufRead, Write};
+    let c = volley::classify::load(rules)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            continue;
+        }
+        let mut p = volley::smtp::reply::ReplyParser::default();
+        p.push(format!("{line}\r\n").as_bytes());
+        let v = match p.next_reply() {
+            Some(Ok(r)) if r.is_positive() => serde_json::json!({
+                "reply": line, "code": r.code, "enhanced": r.enhanced, "retry": false, "class": null, "rule": null
+            }),
+            Some(Ok(r)) => {
+                let (v, rule) = c.classify_named(&r);
+                serde_json::json!({
+                    "reply": line, "code": r.code, "enhanced": r.enhanced, "retry": v.retry, "class": v.class, "rule": rule
+                })
+            }
+            Some(Err(e)) => serde_json::json!({ "reply": line, "error": e.to_string() }),
+            None => {
+                serde_json::json!({ "reply": line, "error": "a multi-line reply must be given on one line" })
+            }
+        };
+        serde_json::to_writer(&mut out, &v)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(0)
 }
 
 fn print_problems(dir: &std::path::Path, problems: &[volley::campaign::Problem]) {

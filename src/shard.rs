@@ -6,6 +6,7 @@
 //! → a queue per site (MX host set) → up to N pipelined connections per site →
 //! replies → outcomes → group commit (accounting log first, then spool Done records).
 
+use crate::classify::Classifier;
 use crate::config::EngineConfig;
 use crate::delivery;
 use crate::dns::{Resolver, Route};
@@ -86,6 +87,7 @@ pub struct Shard {
     pub id: usize,
     pub cfg: Arc<EngineConfig>,
     pub instances: Instances,
+    classifier: Arc<Classifier>,
     resolver: Resolver,
     pub spool: RefCell<Spool>,
     log: RefCell<LogWriter>,
@@ -108,6 +110,7 @@ pub fn run(
     id: usize,
     cfg: Arc<EngineConfig>,
     instances: Instances,
+    classifier: Arc<Classifier>,
     resolver: Resolver,
     progress: Arc<Progress>,
     stop: Arc<AtomicBool>,
@@ -124,6 +127,7 @@ pub fn run(
     let shard = Rc::new(Shard {
         id,
         instances,
+        classifier,
         resolver,
         spool: RefCell::new(spool),
         log: RefCell::new(log),
@@ -382,16 +386,22 @@ impl Shard {
             .unwrap_or_default()
             .as_millis() as u64;
         job.attempts += 1;
-        let (kind, terminal) =
-            if permanent == Some(true) || (permanent.is_none() && reply.is_permanent()) {
-                (Kind::Bounce, Some(Terminal::Bounced))
-            } else if permanent.is_none() && reply.is_positive() {
-                (Kind::Delivery, Some(Terminal::Delivered))
-            } else if now_sys >= inst.expire_at {
-                (Kind::Expiration, Some(Terminal::Expired))
-            } else {
-                (Kind::TransientFailure, None)
-            };
+        let class = (!reply.is_positive()).then(|| self.classifier.classify(reply));
+        // DNS answers decide for themselves; replies go by their classification.
+        let retry = match (permanent, class) {
+            (Some(p), _) => !p,
+            (None, Some(v)) => v.retry,
+            (None, None) => false,
+        };
+        let (kind, terminal) = if class.is_none() && permanent.is_none() {
+            (Kind::Delivery, Some(Terminal::Delivered))
+        } else if !retry {
+            (Kind::Bounce, Some(Terminal::Bounced))
+        } else if now_sys >= inst.expire_at {
+            (Kind::Expiration, Some(Terminal::Expired))
+        } else {
+            (Kind::TransientFailure, None)
+        };
         let rec = self.spool.borrow().read_queue(job.rref);
         let rcpt_bytes = rec
             .as_ref()
@@ -410,6 +420,7 @@ impl Shard {
             ip: ip.map(|a| a.to_string()),
             code: reply.code,
             enhanced: reply.enhanced.as_deref(),
+            class: class.map(|v| v.class.name()),
             reply: &text,
             stage,
             attempt: job.attempts,

@@ -153,3 +153,60 @@ fn an_unreadable_spool_is_a_clear_error() {
     assert!(err.contains("not a volley spool segment"), "{err}");
     assert!(err.contains("nothing queued"), "{err}");
 }
+
+#[test]
+fn classify_reads_replies_and_writes_json_lines() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let d = tmp("classify");
+    let rules = d.join("mine.toml");
+    std::fs::write(&rules, "[[rule]]\nname = \"acme\"\nmatch = 'acme overloaded'\nclass = \"throttled\"\nretry = true\n").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_volley"))
+        .args(["classify", "--bounce-rules", rules.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred\n554 5.7.1 acme overloaded\n550 5.1.1 no such user\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(
+        (lines[0]["code"].as_u64(), lines[0]["enhanced"].as_str()),
+        (Some(421), Some("4.7.0"))
+    );
+    assert_eq!(
+        (lines[0]["class"].as_str(), lines[0]["retry"].as_bool()),
+        (Some("throttled"), Some(true))
+    );
+    assert_eq!(
+        (
+            lines[1]["class"].as_str(),
+            lines[1]["retry"].as_bool(),
+            lines[1]["rule"].as_str()
+        ),
+        (Some("throttled"), Some(true), Some("acme"))
+    );
+    assert_eq!(
+        (lines[2]["class"].as_str(), lines[2]["retry"].as_bool()),
+        (Some("invalid_recipient"), Some(false))
+    );
+
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"broken\"\nmatch = '(['\nclass = \"policy\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = volley(&["classify", "--bounce-rules", rules.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("rule 1 (\"broken\"): bad regex"), "{err}");
+}

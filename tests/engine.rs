@@ -140,6 +140,8 @@ fn dns_edge_cases_bounces_and_expiry() {
         (r["type"].as_str(), r["code"].as_u64(), r["stage"].as_str()),
         (Some("Bounce"), Some(550), Some("rcpt"))
     );
+    assert_eq!(r["class"], "invalid_recipient");
+    assert_eq!(one("a@null-mx.edge.test")["class"], "invalid_recipient");
     assert_eq!(one("tempfail.1@gmail.com")["type"], "Expiration");
     assert_eq!(one("e@servfail.edge.test")["type"], "Expiration");
     let deferrals = log_lines(&log)

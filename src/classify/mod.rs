@@ -1,0 +1,301 @@
+//! Reading replies the way a postmaster would: a pure function from an SMTP reply to
+//! whether to retry and a class. Rules are data (rules.toml, plus an operator's file
+//! tried first), checked when loaded; what no rule matches is classified by its
+//! enhanced status code (RFC 3463), then by its basic code.
+
+use crate::smtp::reply::Reply;
+use regex::RegexSet;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+pub const SHIPPED_RULES: &str = include_str!("rules.toml");
+/// Rules per file; a longer file is almost certainly a mistake.
+pub const RULES_MAX: usize = 10_000;
+
+/// The shipped rules, after an operator's file when one is given.
+pub fn load(operator: Option<&std::path::Path>) -> anyhow::Result<Classifier> {
+    match operator {
+        None => Ok(Classifier::shipped()),
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("--bounce-rules {}: {e}", p.display()))?;
+            let origin = p.display().to_string();
+            Classifier::load(&[
+                (origin.as_str(), text.as_str()),
+                ("built-in rules", SHIPPED_RULES),
+            ])
+            .map_err(anyhow::Error::msg)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    InvalidRecipient,
+    MailboxFull,
+    MailboxDisabled,
+    Throttled,
+    Blocked,
+    AuthFailed,
+    Content,
+    Policy,
+    TransientOther,
+    PermanentOther,
+}
+
+impl Class {
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::InvalidRecipient => "invalid_recipient",
+            Class::MailboxFull => "mailbox_full",
+            Class::MailboxDisabled => "mailbox_disabled",
+            Class::Throttled => "throttled",
+            Class::Blocked => "blocked",
+            Class::AuthFailed => "auth_failed",
+            Class::Content => "content",
+            Class::Policy => "policy",
+            Class::TransientOther => "transient_other",
+            Class::PermanentOther => "permanent_other",
+        }
+    }
+}
+
+impl fmt::Display for Class {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    pub retry: bool,
+    pub class: Class,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    #[serde(default)]
+    rule: Vec<RuleSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleSpec {
+    name: String,
+    #[serde(rename = "match")]
+    pattern: String,
+    class: Class,
+    retry: Option<bool>,
+}
+
+struct Rule {
+    name: String,
+    class: Class,
+    retry: Option<bool>,
+}
+
+/// The compiled rules, in order.
+pub struct Classifier {
+    set: RegexSet,
+    rules: Vec<Rule>,
+}
+
+impl Classifier {
+    /// The shipped rules only.
+    pub fn shipped() -> Classifier {
+        Classifier::load(&[("built-in rules", SHIPPED_RULES)])
+            .expect("the shipped rules are tested")
+    }
+
+    /// Rules from several files, earlier files first; each error names the file and rule.
+    pub fn load(files: &[(&str, &str)]) -> Result<Classifier, String> {
+        let mut patterns = Vec::new();
+        let mut rules = Vec::new();
+        for (origin, text) in files {
+            let f: RuleFile = toml::from_str(text).map_err(|e| format!("{origin}: {e}"))?;
+            if f.rule.len() > RULES_MAX {
+                return Err(format!(
+                    "{origin}: {} rules, over the {RULES_MAX} limit",
+                    f.rule.len()
+                ));
+            }
+            for (i, r) in f.rule.into_iter().enumerate() {
+                if let Err(e) = regex::Regex::new(&r.pattern) {
+                    return Err(format!(
+                        "{origin}: rule {} ({:?}): bad regex: {e}",
+                        i + 1,
+                        r.name
+                    ));
+                }
+                patterns.push(r.pattern);
+                rules.push(Rule {
+                    name: r.name,
+                    class: r.class,
+                    retry: r.retry,
+                });
+            }
+        }
+        let set = RegexSet::new(&patterns).map_err(|e| format!("rules: {e}"))?;
+        Ok(Classifier { set, rules })
+    }
+
+    /// The line rules match against: "CODE ENHANCED TEXT", lines joined with spaces.
+    pub fn subject(reply: &Reply) -> String {
+        let text = reply.text.replace('\n', " ");
+        match &reply.enhanced {
+            Some(e) => format!("{} {e} {text}", reply.code),
+            None => format!("{} {text}", reply.code),
+        }
+    }
+
+    /// Classifies a non-2xx reply (a 2xx is not a failure and gets no class).
+    pub fn classify(&self, reply: &Reply) -> Verdict {
+        self.classify_named(reply).0
+    }
+
+    /// As `classify`, with the name of the rule that decided (None: by code).
+    pub fn classify_named(&self, reply: &Reply) -> (Verdict, Option<&str>) {
+        let by_code = !reply.is_permanent();
+        if let Some(i) = self.set.matches(&Self::subject(reply)).iter().next() {
+            let r = &self.rules[i];
+            return (
+                Verdict {
+                    retry: r.retry.unwrap_or(by_code),
+                    class: r.class,
+                },
+                Some(&r.name),
+            );
+        }
+        (
+            Verdict {
+                retry: by_code,
+                class: by_enhanced(reply).unwrap_or(if by_code {
+                    Class::TransientOther
+                } else {
+                    Class::PermanentOther
+                }),
+            },
+            None,
+        )
+    }
+}
+
+/// RFC 3463 subjects and details, for replies no rule names.
+fn by_enhanced(reply: &Reply) -> Option<Class> {
+    let e = reply.enhanced.as_deref()?;
+    let mut parts = e.split('.').skip(1);
+    let subject: u16 = parts.next()?.parse().ok()?;
+    let detail: u16 = parts.next()?.parse().ok()?;
+    let transient = reply.is_transient();
+    Some(match (subject, detail) {
+        // Addressing: bad mailbox, bad system, bad syntax, moved, null MX.
+        (1, 1 | 2 | 3 | 6 | 10) => Class::InvalidRecipient,
+        (2, 1) => Class::MailboxDisabled,
+        (2, 2) => Class::MailboxFull,
+        (2, 3) | (3, 4) | (6, _) => Class::Content,
+        (7, 1) => Class::Policy,
+        (7, 7 | 8) => Class::AuthFailed,
+        (7, _) => Class::Policy,
+        _ if transient => Class::TransientOther,
+        _ => Class::PermanentOther,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str) -> Reply {
+        let mut p = crate::smtp::reply::ReplyParser::default();
+        p.push(format!("{line}\r\n").as_bytes());
+        p.next_reply().unwrap().unwrap()
+    }
+
+    #[test]
+    fn providers_real_replies() {
+        let c = Classifier::shipped();
+        let cases = [
+            ("421 4.7.28 Gmail has detected an unusual rate of unsolicited mail originating from your IP address.", Class::Throttled, true),
+            ("550 5.1.1 The email account that you tried to reach does not exist.", Class::InvalidRecipient, false),
+            ("452 4.2.2 The email account that you tried to reach is over quota.", Class::MailboxFull, true),
+            ("550 5.7.26 Unauthenticated email from example.com is not accepted due to domain's DMARC policy.", Class::AuthFailed, false),
+            ("421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints", Class::Throttled, true),
+            ("554 5.7.9 Message not accepted for policy reasons. See https://senders.yahooinc.com/error-codes", Class::Policy, false),
+            ("553 5.7.1 [BL21] Connections will not be accepted from 192.0.2.1, because the ip is in Spamhaus's list", Class::Blocked, false),
+            ("451 4.7.500 Server busy. Please try again later from [192.0.2.1]. (S77719)", Class::Throttled, true),
+            ("550 5.7.1 Unfortunately, messages from [192.0.2.1] weren't sent. Please contact your Internet service provider since part of their network is on our block list (S3150).", Class::Blocked, false),
+            ("550 5.4.1 Recipient address rejected: Access denied. AS(201806281)", Class::InvalidRecipient, false),
+            ("421 4.7.0 [CS01] Message rejected due to local policy.", Class::Policy, true),
+            ("421 4.7.0 Too many connections, try again later (mxgmx116)", Class::Throttled, true),
+            ("421 mwinf5c10 ME Service refuse. Veuillez essayer plus tard. OFR_999 [999]", Class::Throttled, true),
+            ("554 5.7.1 resimta-po-01v.sys.comcast.net comcast 192.0.2.1 found on one or more DNSBLs, see BL000010", Class::Blocked, false),
+            ("550 Envelope blocked - User Entry - https://community.mimecast.com", Class::Blocked, false),
+            ("554 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using Barracuda Reputation", Class::Blocked, false),
+            ("552 5.2.2 Mailbox full", Class::MailboxFull, true),
+            ("451 4.7.1 Greylisted, try again in 300 seconds", Class::TransientOther, true),
+            ("550 5.2.1 The email account that you tried to reach is disabled.", Class::MailboxDisabled, false),
+        ];
+        for (line, class, retry) in cases {
+            let v = c.classify(&parse(line));
+            assert_eq!((v.class, v.retry), (class, retry), "{line}");
+        }
+    }
+
+    #[test]
+    fn enhanced_then_basic_code_when_no_rule_matches() {
+        let c = Classifier::shipped();
+        assert_eq!(
+            c.classify(&parse("550 5.1.2 host unknown")).class,
+            Class::InvalidRecipient
+        );
+        assert_eq!(
+            c.classify(&parse("554 5.3.4 message too big")).class,
+            Class::Content
+        );
+        assert_eq!(
+            c.classify(&parse("451 4.4.1 no answer from host")),
+            Verdict {
+                retry: true,
+                class: Class::TransientOther
+            }
+        );
+        assert_eq!(
+            c.classify(&parse("554 go away")),
+            Verdict {
+                retry: false,
+                class: Class::PermanentOther
+            }
+        );
+        assert_eq!(
+            c.classify(&parse("450 not now")),
+            Verdict {
+                retry: true,
+                class: Class::TransientOther
+            }
+        );
+    }
+
+    #[test]
+    fn operator_rules_come_first_and_bad_rules_are_named() {
+        let mine = "[[rule]]\nname = \"acme-soft\"\nmatch = '^554 .*acme busy'\nclass = \"throttled\"\nretry = true\n";
+        let c = Classifier::load(&[("mine.toml", mine), ("built-in", SHIPPED_RULES)]).unwrap();
+        let (v, name) = c.classify_named(&parse("554 5.7.1 acme busy, policy"));
+        assert_eq!(
+            (v.class, v.retry, name),
+            (Class::Throttled, true, Some("acme-soft"))
+        );
+        let bad = "[[rule]]\nname = \"broken\"\nmatch = '(unclosed'\nclass = \"policy\"\n";
+        let e = Classifier::load(&[("bad.toml", bad)]).err().unwrap();
+        assert!(
+            e.starts_with("bad.toml: rule 1 (\"broken\"): bad regex"),
+            "{e}"
+        );
+        let bad = "[[rule]]\nname = \"x\"\nmatch = 'x'\nclass = \"nope\"\n";
+        assert!(Classifier::load(&[("bad.toml", bad)])
+            .err()
+            .unwrap()
+            .contains("unknown variant"));
+    }
+}
