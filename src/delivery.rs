@@ -232,7 +232,12 @@ fn build_tx(shard: &Shard, jobs: &[Job]) -> Transaction {
     inst.template.render(&first.values, &mut content);
     let rcpts = jobs
         .iter()
-        .map(|j| String::from_utf8_lossy(&read(j).values[inst.email_col]).into_owned())
+        .map(|j| {
+            let v = spool
+                .queue_value(j.rref, inst.email_col)
+                .expect("a recovered record reads back");
+            String::from_utf8_lossy(v).into_owned()
+        })
         .collect();
     Transaction {
         id: shard.next_tx_id(),

@@ -150,21 +150,28 @@ pub fn run(
         .recovered
         .store(recovered.pending.len() as u64, Ordering::Relaxed);
     let jobs: Vec<Job> = {
+        let spool = shard.spool.borrow();
         let mut interned: HashMap<Vec<u8>, Rc<str>> = HashMap::new();
         recovered
             .pending
             .into_iter()
-            .map(|(rref, q)| {
-                let inst = &shard.instances[&q.instance];
-                let email = &q.values[inst.email_col];
+            .map(|(rref, instance)| {
+                let inst = &shard.instances[&instance];
+                let email = spool
+                    .queue_value(rref, inst.email_col)
+                    .expect("recovery checked the record");
                 let at = email.iter().rposition(|&c| c == b'@').map_or(0, |i| i + 1);
-                let domain = interned
-                    .entry(email[at..].to_vec())
-                    .or_insert_with(|| Rc::from(String::from_utf8_lossy(&email[at..]).as_ref()))
-                    .clone();
+                let domain = match interned.get(&email[at..]) {
+                    Some(d) => d.clone(),
+                    None => {
+                        let d: Rc<str> = Rc::from(String::from_utf8_lossy(&email[at..]).as_ref());
+                        interned.insert(email[at..].to_vec(), d.clone());
+                        d
+                    }
+                };
                 Job {
                     rref,
-                    instance: q.instance,
+                    instance,
                     domain,
                     attempts: 0,
                     requeues: 0,
@@ -402,12 +409,14 @@ impl Shard {
         } else {
             (Kind::TransientFailure, None)
         };
-        let rec = self.spool.borrow().read_queue(job.rref);
-        let rcpt_bytes = rec
-            .as_ref()
-            .map(|r| r.values[inst.email_col].clone())
-            .unwrap_or_default();
-        let rcpt = String::from_utf8_lossy(&rcpt_bytes);
+        let spool = self.spool.borrow();
+        let rcpt = String::from_utf8_lossy(
+            spool
+                .queue_value(job.rref, inst.email_col)
+                .unwrap_or_default(),
+        )
+        .into_owned();
+        drop(spool);
         let text = reply.text.replace('\n', " ");
         self.log.borrow_mut().push(&log::Record {
             kind,

@@ -114,6 +114,37 @@ impl QueueRecord {
     }
 }
 
+/// A Queue record read in place: its instance and the i-th merge value, no allocation.
+fn queue_instance(payload: &[u8]) -> Option<u32> {
+    let mut r = Reader(payload);
+    if r.u8()? != KIND_QUEUE {
+        return None;
+    }
+    let instance = r.u32()?;
+    r.u32()?;
+    let n = r.u16()?;
+    for _ in 0..n {
+        let len = r.u32()? as usize;
+        r.take(len)?;
+    }
+    r.0.is_empty().then_some(instance)
+}
+
+fn queue_value(payload: &[u8], i: usize) -> Option<&[u8]> {
+    let mut r = Reader(payload);
+    r.take(9)?;
+    let n = r.u16()? as usize;
+    if i >= n {
+        return None;
+    }
+    for _ in 0..i {
+        let len = r.u32()? as usize;
+        r.take(len)?;
+    }
+    let len = r.u32()? as usize;
+    r.take(len)
+}
+
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -169,7 +200,8 @@ pub struct Spool {
 
 /// What recovery found: the recipients still to deliver, in spool order.
 pub struct Recovered {
-    pub pending: Vec<(RecordRef, QueueRecord)>,
+    /// Each with its campaign instance; read the values with `queue_value`/`read_queue`.
+    pub pending: Vec<(RecordRef, u32)>,
     /// A torn or corrupt record ended a segment early (its location).
     pub torn_at: Option<(u32, usize)>,
 }
@@ -204,7 +236,8 @@ impl Spool {
             synced_off: SEG_HEADER_BYTES,
             unsynced_full: Vec::new(),
         };
-        let mut queue: Vec<(RecordRef, QueueRecord)> = Vec::new();
+        // Locations only: a million recipients must not mean a million decoded records.
+        let mut queue: Vec<(RecordRef, u32)> = Vec::new();
         let mut done: std::collections::HashSet<RecordRef> = std::collections::HashSet::new();
         let mut torn_at = None;
         for (i, &no) in nos.iter().enumerate() {
@@ -238,8 +271,8 @@ impl Spool {
                             off: off as u32,
                         };
                         match payload.first() {
-                            Some(&KIND_QUEUE) => match QueueRecord::decode(payload) {
-                                Some(q) => queue.push((here, q)),
+                            Some(&KIND_QUEUE) => match queue_instance(payload) {
+                                Some(instance) => queue.push((here, instance)),
                                 None => {
                                     torn_at.get_or_insert((no, off));
                                     break;
@@ -285,15 +318,15 @@ impl Spool {
         }
         let mut pending = Vec::new();
         let mut abandoned = Vec::new();
-        for (r, q) in queue {
+        for (r, instance) in queue {
             let seg = spool.seg_mut(r.seg).expect("segment just loaded");
             seg.queued += 1;
             if done.contains(&r) {
                 seg.done += 1;
-            } else if !acked(q.instance) {
+            } else if !acked(instance) {
                 abandoned.push(r);
             } else {
-                pending.push((r, q));
+                pending.push((r, instance));
             }
         }
         if spool.segs.is_empty() {
@@ -400,14 +433,23 @@ impl Spool {
         Ok(())
     }
 
-    /// Reads a Queue record back (from the mapping: no syscall).
-    pub fn read_queue(&self, r: RecordRef) -> Option<QueueRecord> {
+    fn payload(&self, r: RecordRef) -> Option<&[u8]> {
         let first = self.segs.front()?.no;
         let seg = self.segs.get(r.seg.checked_sub(first)? as usize)?;
         match read_frame(&seg.map, r.off as usize) {
-            Frame::Record(p) => QueueRecord::decode(p),
+            Frame::Record(p) => Some(p),
             _ => None,
         }
+    }
+
+    /// Reads a Queue record back (from the mapping: no syscall).
+    pub fn read_queue(&self, r: RecordRef) -> Option<QueueRecord> {
+        QueueRecord::decode(self.payload(r)?)
+    }
+
+    /// The i-th merge value of a Queue record, in place.
+    pub fn queue_value(&self, r: RecordRef, i: usize) -> Option<&[u8]> {
+        queue_value(self.payload(r)?, i)
     }
 
     /// Makes everything appended so far durable.
@@ -561,7 +603,10 @@ mod tests {
         let (mut s, r) = Spool::open(&d, seg, &|_| true).unwrap();
         assert_eq!(r.pending.len(), 50);
         assert_eq!(r.pending[0].0, refs[150]);
-        assert_eq!(r.pending[0].1, rec(150));
+        assert_eq!(r.pending[0].1, 1);
+        assert_eq!(s.read_queue(r.pending[0].0), Some(rec(150)));
+        assert_eq!(s.queue_value(r.pending[0].0, 1), Some(&b"Ann"[..]));
+        assert_eq!(s.queue_value(r.pending[0].0, 2), None);
         assert_eq!(s.read_queue(refs[199]), Some(rec(199)));
         for (r, _) in &r.pending {
             s.append_done(*r, Terminal::Bounced).unwrap();

@@ -198,6 +198,16 @@ impl Sink {
                         a.set_port(port);
                     }
                 }
+                // SO_REUSEPORT would silently share the port with another process (an old
+                // sink still running): probe with a plain bind first.
+                if a.port() != 0 {
+                    if let Err(e) = std::net::TcpListener::bind(a) {
+                        anyhow::bail!(
+                            "provider {}: cannot listen on {a}: {e} (another sink still running?)",
+                            p.name
+                        );
+                    }
+                }
                 let first = bind_reuseport(a).map_err(|e| {
                     anyhow::anyhow!("provider {}: cannot listen on {a}: {e}", p.name)
                 })?;
