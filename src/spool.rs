@@ -292,29 +292,21 @@ impl Spool {
                     }
                 }
             }
+            let mut map = map;
             if last {
                 // Anything after the end of the valid records was never acknowledged: zero
                 // it, so records appended here can't be followed by stale ones.
-                let mut map = map;
                 zero_tail(&file, &mut map, off, &path)?;
                 spool.write_off = off;
                 spool.synced_off = off;
-                spool.segs.push_back(Segment {
-                    no,
-                    path,
-                    map,
-                    queued: 0,
-                    done: 0,
-                });
-            } else {
-                spool.segs.push_back(Segment {
-                    no,
-                    path,
-                    map,
-                    queued: 0,
-                    done: 0,
-                });
             }
+            spool.segs.push_back(Segment {
+                no,
+                path,
+                map,
+                queued: 0,
+                done: 0,
+            });
         }
         let mut pending = Vec::new();
         let mut abandoned = Vec::new();

@@ -395,6 +395,22 @@ fn run_volley(
     Ok(result("volley", n, &s, secs, usage, note))
 }
 
+/// smtp-source with 50 sessions, one message per session (-d), `n` messages of `body_bytes`.
+fn smtp_source(bin: &Path, n: u64, body_bytes: usize, rcpt: &str, addr: &str) -> Command {
+    let mut c = Command::new(bin);
+    c.args([
+        "-s",
+        "50",
+        "-d",
+        "-l",
+        &body_bytes.to_string(),
+        "-m",
+        &n.to_string(),
+    ])
+    .args(["-f", "bench@news.volley.test", "-t", rcpt, addr]);
+    c
+}
+
 fn smtp_source_path() -> anyhow::Result<PathBuf> {
     for p in ["/usr/sbin/smtp-source", "/usr/bin/smtp-source"] {
         if Path::new(p).exists() {
@@ -438,18 +454,7 @@ fn run_smtp_source(
         .ok_or_else(|| anyhow::anyhow!("profile has no google provider"))?;
     t.sink.reset_latency_origin();
     let started = Instant::now();
-    let child = Command::new(&bin)
-        .args([
-            "-s",
-            "50",
-            "-d",
-            "-l",
-            &body_bytes.to_string(),
-            "-m",
-            &n.to_string(),
-        ])
-        .args(["-f", "bench@news.volley.test", "-t", "rcpt@gmail.com"])
-        .arg(addr.to_string())
+    let child = smtp_source(&bin, n, body_bytes, "rcpt@gmail.com", &addr.to_string())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()?;
@@ -654,17 +659,7 @@ pub fn sink_comparison(n: u64, body_bytes: usize, threads: usize) -> anyhow::Res
     let source = smtp_source_path()?;
     let blast = |addr: &str| -> anyhow::Result<f64> {
         let t = Instant::now();
-        let st = Command::new(&source)
-            .args([
-                "-s",
-                "50",
-                "-d",
-                "-l",
-                &body_bytes.to_string(),
-                "-m",
-                &n.to_string(),
-            ])
-            .args(["-f", "bench@news.volley.test", "-t", "rcpt@gmail.com", addr])
+        let st = smtp_source(&source, n, body_bytes, "rcpt@gmail.com", addr)
             .stdout(Stdio::null())
             .status()?;
         anyhow::ensure!(st.success(), "smtp-source against {addr} failed");
