@@ -179,3 +179,21 @@ fn mid_transaction_disconnects_and_421s_lose_nothing() {
         s.counts
     );
 }
+
+#[test]
+fn recipients_of_one_domain_share_a_transaction_up_to_the_limit() {
+    let env = env("multi", "");
+    let rows: Vec<String> = (0..10)
+        .map(|i| format!("u{i}@gmail.com,Ann"))
+        .chain(std::iter::once("x@yahoo.com,Bob".into()))
+        .collect();
+    let c = campaign(&env.dir, "multi", "max_rcpt_per_msg = 4", &rows);
+    let mut cfg = env.config();
+    cfg.shards = 1;
+    let r = env.send(&c, cfg);
+    assert_eq!(r.delivered, 11);
+    let s = env.sink.summary();
+    assert_eq!(s.counts.rcpts_accepted, 11);
+    // 10 gmail recipients in transactions of at most 4 (4+4+2), yahoo alone.
+    assert_eq!(s.counts.messages_accepted, 4, "{:?}", s.counts);
+}
