@@ -35,7 +35,7 @@ fn serve(s: TcpStream, fault: Fault) {
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut w = s.try_clone().unwrap();
     let mut r = BufReader::new(s);
-    let mut say = |w: &mut TcpStream, text: &str| {
+    let say = |w: &mut TcpStream, text: &str| {
         if fault == Fault::Split {
             for b in text.as_bytes() {
                 let _ = w.write_all(&[*b]);
