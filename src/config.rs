@@ -2,6 +2,7 @@
 //! limit (README, "Limits").
 
 use crate::dns::DnsConfig;
+use crate::retry::RetryPolicy;
 use crate::smtp::client::Timeouts;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,8 +26,8 @@ pub struct EngineConfig {
     pub max_msgs_per_conn: usize,
     /// Transactions in flight per connection when the server offers CHUNKING.
     pub window: usize,
-    /// Delay before retry n (the last one repeats) after a temporary failure.
-    pub retry_schedule: Vec<Duration>,
+    /// Delays before retries after a temporary failure, per reply class.
+    pub retry: RetryPolicy,
     /// An idle connection waits this long for more work before QUIT.
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
@@ -60,10 +61,7 @@ impl EngineConfig {
             max_conns_per_site: 32,
             max_msgs_per_conn: 1000,
             window: 8,
-            retry_schedule: [5, 10, 20, 40, 60, 120, 240]
-                .iter()
-                .map(|m| Duration::from_secs(m * 60))
-                .collect(),
+            retry: RetryPolicy::default(),
             idle_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(30),
             timeouts: Timeouts::default(),

@@ -99,9 +99,12 @@ struct EngineArgs {
     /// Pipelined transactions in flight per connection (CHUNKING servers).
     #[arg(long)]
     window: Option<usize>,
-    /// Delays before each retry, e.g. "5m,10m,20m" (the last repeats).
+    /// One retry schedule for every reply class, e.g. "5m,10m,20m" (the last delay repeats).
     #[arg(long)]
     retry_schedule: Option<String>,
+    /// A schedule for one class, e.g. "throttled=1m,2m,4m" (repeatable; applied after --retry-schedule).
+    #[arg(long)]
+    retry_schedule_for: Vec<String>,
     /// Your reply classification rules, tried before the shipped ones (see `volley classify`).
     #[arg(long)]
     bounce_rules: Option<PathBuf>,
@@ -141,14 +144,12 @@ impl EngineArgs {
             c.bounce_rules = Some(p);
         }
         if let Some(s) = self.retry_schedule {
-            c.retry_schedule = s
-                .split(',')
-                .map(|d| {
-                    humantime::parse_duration(d.trim())
-                        .map_err(|e| anyhow::anyhow!("--retry-schedule {d:?}: {e}"))
-                })
-                .collect::<anyhow::Result<_>>()?;
-            anyhow::ensure!(!c.retry_schedule.is_empty(), "--retry-schedule is empty");
+            c.retry = volley::retry::RetryPolicy::uniform(volley::retry::parse_schedule(&s)?);
+        }
+        for s in self.retry_schedule_for {
+            let (class, sched) = volley::retry::parse_class_schedule(&s)?;
+            c.retry.per_class.retain(|(k, _)| *k != class);
+            c.retry.per_class.push((class, sched));
         }
         Ok(c)
     }

@@ -6,7 +6,7 @@
 //! → a queue per site (MX host set) → up to N pipelined connections per site →
 //! replies → outcomes → group commit (accounting log first, then spool Done records).
 
-use crate::classify::Classifier;
+use crate::classify::{Class, Classifier};
 use crate::config::EngineConfig;
 use crate::delivery;
 use crate::dns::{Resolver, Route};
@@ -455,7 +455,8 @@ impl Shard {
             }
             None => {
                 b[3] += 1;
-                self.schedule_retry(job.clone(), inst.expire_at);
+                let class = class.map_or(Class::TransientOther, |v| v.class);
+                self.schedule_retry(job.clone(), inst.expire_at, class, reply);
             }
         }
         drop(b);
@@ -468,17 +469,12 @@ impl Shard {
         }
     }
 
-    fn schedule_retry(&self, mut job: Job, expire_at: SystemTime) {
-        let sched = &self.cfg.retry_schedule;
-        let base = sched[(job.attempts as usize)
-            .saturating_sub(1)
-            .min(sched.len() - 1)];
-        // ±10% jitter, so a burst of deferrals does not come back as a burst.
-        let jitter = base.mul_f64(0.9 + fastrand::f64() * 0.2);
+    fn schedule_retry(&self, mut job: Job, expire_at: SystemTime, class: Class, reply: &Reply) {
+        let delay = crate::retry::jitter(self.cfg.retry.delay(class, job.attempts, reply));
         let until_expiry = expire_at
             .duration_since(SystemTime::now())
             .unwrap_or_default();
-        let at = Instant::now() + jitter.min(until_expiry);
+        let at = Instant::now() + delay.min(until_expiry);
         job.requeues = 0;
         let seq = self.retry_seq.get();
         self.retry_seq.set(seq + 1);

@@ -99,7 +99,7 @@ fn dns_edge_cases_bounces_and_expiry() {
     .collect();
     let c = campaign(&env.dir, "edges", "expire_after = \"3s\"", &rows);
     let mut cfg = env.config();
-    cfg.retry_schedule = vec![Duration::from_millis(700)];
+    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(700)]);
     let log = cfg.log_path.clone();
     let r = env.send(&c, cfg);
     assert_eq!(
@@ -159,7 +159,7 @@ fn mid_transaction_disconnects_and_421s_lose_nothing() {
     );
     let dir = generated(&env, 400);
     let mut cfg = env.config();
-    cfg.retry_schedule = vec![Duration::from_millis(200)];
+    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(200)]);
     let log = cfg.log_path.clone();
     let r = env.send(&dir, cfg);
     assert_eq!(r.remaining, 0);
@@ -196,4 +196,30 @@ fn recipients_of_one_domain_share_a_transaction_up_to_the_limit() {
     assert_eq!(s.counts.rcpts_accepted, 11);
     // 10 gmail recipients in transactions of at most 4 (4+4+2), yahoo alone.
     assert_eq!(s.counts.messages_accepted, 4, "{:?}", s.counts);
+}
+
+#[test]
+fn greylisting_is_retried_after_the_named_delay() {
+    let env = env("grey", "greylist_s = 1");
+    let rows: Vec<String> = ["a@gmail.com", "b@yahoo.com", "c@shop1.tail.test"]
+        .iter()
+        .map(|a| format!("{a},Ann"))
+        .collect();
+    let c = campaign(&env.dir, "grey", "", &rows);
+    let cfg = env.config();
+    let log = cfg.log_path.clone();
+    let t = std::time::Instant::now();
+    let r = env.send(&c, cfg);
+    assert_eq!(r.delivered, 3);
+    // The default schedule's first retry is 5 minutes; the greylist said 1 second.
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    let lines = log_lines(&log);
+    let deferred: Vec<_> = lines
+        .iter()
+        .filter(|l| l["type"] == "TransientFailure")
+        .collect();
+    assert_eq!(deferred.len(), 3, "{lines:?}");
+    assert!(deferred
+        .iter()
+        .all(|l| l["class"] == "transient_other" && l["code"] == 451));
 }

@@ -138,7 +138,7 @@ fn run_fault(name: &str, ip: &str, fault: Fault) -> Vec<serde_json::Value> {
         rset: t,
         quit: t,
     };
-    cfg.retry_schedule = vec![Duration::from_millis(300)];
+    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(300)]);
     cfg.idle_timeout = Duration::from_millis(200);
     cfg.requeues_max = 1;
     let log = cfg.log_path.clone();
@@ -226,7 +226,7 @@ fn dns_that_never_answers() {
         &["a@timeout.edge.test,Ann".into()],
     );
     let mut cfg = env.config();
-    cfg.retry_schedule = vec![Duration::from_millis(300)];
+    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(300)]);
     let log = cfg.log_path.clone();
     let r = env.send(&c, cfg);
     assert_eq!((r.expired, r.remaining), (1, 0));
