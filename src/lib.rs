@@ -12,6 +12,7 @@ pub mod dns;
 pub mod engine;
 pub mod ingest;
 pub mod log;
+pub mod report;
 pub mod retry;
 pub mod shard;
 pub mod smtp;

@@ -50,6 +50,20 @@ enum Cmd {
         #[arg(long)]
         bounce_rules: Option<PathBuf>,
     },
+    /// What happened to a campaign, from the accounting log: outcomes by class and by domain.
+    Report {
+        /// Campaign id (campaign.toml's id).
+        campaign: String,
+        /// The accounting log.
+        #[arg(long, default_value = "/var/spool/volley/accounting.jsonl")]
+        log: PathBuf,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// Domains listed in the table.
+        #[arg(long, default_value_t = 20)]
+        domains: usize,
+    },
     /// The whole path on loopback: bundled sink + DNS, a generated campaign, the report.
     Demo {
         #[arg(long, default_value_t = 100_000)]
@@ -183,6 +197,27 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             report_json,
             quiet,
         ),
+        Cmd::Report {
+            campaign,
+            log,
+            json,
+            domains,
+        } => {
+            let r = volley::report::report(&log, &campaign)?;
+            if r.recipients_final + r.recipients_pending == 0 {
+                eprintln!(
+                    "volley: campaign {campaign} has no records in {}",
+                    log.display()
+                );
+                return Ok(1);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                r.print(domains);
+            }
+            Ok(0)
+        }
         Cmd::Classify { bounce_rules } => classify(bounce_rules.as_deref()),
         Cmd::Demo {
             recipients,

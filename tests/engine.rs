@@ -144,6 +144,18 @@ fn dns_edge_cases_bounces_and_expiry() {
     assert_eq!(one("a@null-mx.edge.test")["class"], "invalid_recipient");
     assert_eq!(one("tempfail.1@gmail.com")["type"], "Expiration");
     assert_eq!(one("e@servfail.edge.test")["type"], "Expiration");
+    let rep = volley::report::report(&log, "edges").unwrap();
+    assert_eq!(
+        (rep.totals.delivered, rep.totals.bounced, rep.totals.expired),
+        (3, 3, 2)
+    );
+    assert_eq!(
+        rep.by_class["invalid_recipient"].bounced, 3,
+        "{:?}",
+        rep.by_class
+    );
+    assert_eq!(rep.by_domain["gmail.com"].bounced, 1);
+    assert_eq!((rep.recipients_final, rep.recipients_pending), (8, 0));
     let deferrals = log_lines(&log)
         .iter()
         .filter(|l| l["type"] == "TransientFailure" && l["rcpt"] == "tempfail.1@gmail.com")
