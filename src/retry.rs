@@ -2,9 +2,9 @@
 //! throttled receiver is retried sooner and oftener than a full mailbox), the
 //! greylisting delay when the receiver names one, and jitter on top.
 
-use crate::classify::Class;
+use crate::classify::{Class, Verdict};
 use crate::smtp::reply::Reply;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// A greylisting receiver that names no delay is retried after this long.
 pub const GREYLIST_DEFAULT: Duration = Duration::from_secs(300);
@@ -89,6 +89,43 @@ pub fn greylist_delay(reply: &Reply) -> Option<Duration> {
             })
             .min(GREYLIST_MAX),
     )
+}
+
+/// What happens to a recipient after a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Delivered,
+    Bounced,
+    Expired,
+    /// Try again after this long (before jitter, and never past the expiry).
+    Retry(Duration),
+}
+
+/// The one place the engine (and the simulation test) decide an outcome: `verdict` is
+/// the reply's classification (None for a 2xx); `dns_permanent` overrides it for DNS
+/// answers; `attempts` counts this one.
+pub fn decide(
+    reply: &Reply,
+    verdict: Option<Verdict>,
+    dns_permanent: Option<bool>,
+    policy: &RetryPolicy,
+    attempts: u32,
+    now: SystemTime,
+    expire_at: SystemTime,
+) -> Decision {
+    let retry = match (dns_permanent, verdict) {
+        (Some(p), _) => !p,
+        (None, Some(v)) => v.retry,
+        (None, None) => return Decision::Delivered,
+    };
+    if !retry {
+        Decision::Bounced
+    } else if now >= expire_at {
+        Decision::Expired
+    } else {
+        let class = verdict.map_or(Class::TransientOther, |v| v.class);
+        Decision::Retry(policy.delay(class, attempts, reply))
+    }
 }
 
 /// ±10% so a burst of deferrals does not come back as a burst.

@@ -6,12 +6,13 @@
 //! → a queue per site (MX host set) → up to N pipelined connections per site →
 //! replies → outcomes → group commit (accounting log first, then spool Done records).
 
-use crate::classify::{Class, Classifier};
+use crate::classify::Classifier;
 use crate::config::EngineConfig;
 use crate::delivery;
 use crate::dns::{Resolver, Route};
 use crate::ingest::{shard_dir, Instances};
 use crate::log::{self, Kind, LogWriter};
+use crate::retry::{self, Decision};
 use crate::smtp::client::Stage;
 use crate::smtp::reply::Reply;
 use crate::spool::{RecordRef, Spool, Terminal};
@@ -394,20 +395,20 @@ impl Shard {
             .as_millis() as u64;
         job.attempts += 1;
         let class = (!reply.is_positive()).then(|| self.classifier.classify(reply));
-        // DNS answers decide for themselves; replies go by their classification.
-        let retry = match (permanent, class) {
-            (Some(p), _) => !p,
-            (None, Some(v)) => v.retry,
-            (None, None) => false,
-        };
-        let (kind, terminal) = if class.is_none() && permanent.is_none() {
-            (Kind::Delivery, Some(Terminal::Delivered))
-        } else if !retry {
-            (Kind::Bounce, Some(Terminal::Bounced))
-        } else if now_sys >= inst.expire_at {
-            (Kind::Expiration, Some(Terminal::Expired))
-        } else {
-            (Kind::TransientFailure, None)
+        let decision = retry::decide(
+            reply,
+            class,
+            permanent,
+            &self.cfg.retry,
+            job.attempts,
+            now_sys,
+            inst.expire_at,
+        );
+        let (kind, terminal) = match decision {
+            Decision::Delivered => (Kind::Delivery, Some(Terminal::Delivered)),
+            Decision::Bounced => (Kind::Bounce, Some(Terminal::Bounced)),
+            Decision::Expired => (Kind::Expiration, Some(Terminal::Expired)),
+            Decision::Retry(_) => (Kind::TransientFailure, None),
         };
         let spool = self.spool.borrow();
         let rcpt = String::from_utf8_lossy(
@@ -455,8 +456,10 @@ impl Shard {
             }
             None => {
                 b[3] += 1;
-                let class = class.map_or(Class::TransientOther, |v| v.class);
-                self.schedule_retry(job.clone(), inst.expire_at, class, reply);
+                let Decision::Retry(after) = decision else {
+                    unreachable!("only a retry is not terminal")
+                };
+                self.schedule_retry(job.clone(), inst.expire_at, after);
             }
         }
         drop(b);
@@ -469,8 +472,8 @@ impl Shard {
         }
     }
 
-    fn schedule_retry(&self, mut job: Job, expire_at: SystemTime, class: Class, reply: &Reply) {
-        let delay = crate::retry::jitter(self.cfg.retry.delay(class, job.attempts, reply));
+    fn schedule_retry(&self, mut job: Job, expire_at: SystemTime, after: Duration) {
+        let delay = retry::jitter(after);
         let until_expiry = expire_at
             .duration_since(SystemTime::now())
             .unwrap_or_default();

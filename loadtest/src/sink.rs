@@ -227,6 +227,8 @@ impl Sink {
                 hostname: opts.profile.sink.hostname.clone(),
                 size_max: opts.profile.sink.size_max,
                 offer_starttls: tls.is_some(),
+                offer_pipelining: true,
+                offer_chunking: true,
             },
             started: now,
             latency_origin: Mutex::new(now),

@@ -93,6 +93,9 @@ pub struct ServerConfig {
     pub hostname: String,
     pub size_max: usize,
     pub offer_starttls: bool,
+    /// Offer PIPELINING and CHUNKING (off: an old-fashioned receiver).
+    pub offer_pipelining: bool,
+    pub offer_chunking: bool,
 }
 
 pub struct ServerSession<'c> {
@@ -257,13 +260,18 @@ impl<'c> ServerSession<'c> {
                 if self.esmtp {
                     let mut r = String::new();
                     let _ = write!(r, "250-{} greets {}\r\n", self.cfg.hostname, arg);
-                    r.push_str("250-PIPELINING\r\n");
+                    if self.cfg.offer_pipelining {
+                        r.push_str("250-PIPELINING\r\n");
+                    }
                     let _ = write!(r, "250-SIZE {}\r\n", self.cfg.size_max);
                     r.push_str("250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n");
                     if self.cfg.offer_starttls && !self.tls_active {
                         r.push_str("250-STARTTLS\r\n");
                     }
-                    r.push_str("250 CHUNKING\r\n");
+                    if self.cfg.offer_chunking {
+                        r.push_str("250-CHUNKING\r\n");
+                    }
+                    r.push_str("250 HELP\r\n");
                     out.write.extend_from_slice(r.as_bytes());
                 } else {
                     reply(out, &format!("250 {}", self.cfg.hostname));
