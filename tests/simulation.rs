@@ -122,10 +122,6 @@ impl Sim {
         self.base + self.now
     }
 
-    fn sys(&self) -> SystemTime {
-        self.sys_base + self.now
-    }
-
     fn outcome(&mut self, i: usize, reply: &volley::smtp::reply::Reply) {
         let seed = self.seed;
         let r = &mut self.rcpts[i];
