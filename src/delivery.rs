@@ -98,6 +98,7 @@ async fn session(
     let mut established = false;
     let mut sent = 0usize;
     let mut idle_since: Option<Instant> = None;
+    let mut write_error: Option<String> = None;
     let mut buf = Vec::with_capacity(READ_BUF_BYTES);
     loop {
         // Fill the window from the site's queue.
@@ -128,11 +129,11 @@ async fn session(
             idle_since = None;
         }
         let out = s.take_output();
-        if !out.is_empty() {
+        if !out.is_empty() && write_error.is_none() {
             let (res, _) = stream.write_all(out).await;
-            if let Err(e) = res {
-                s.connection_lost(&format!("write: {e}"));
-            }
+            // The server may have closed after replying (a 421): read those replies
+            // before calling the connection lost, or accepted messages look aborted.
+            write_error = res.err().map(|e| format!("write: {e}"));
         }
         if !s.is_closed() {
             let now = Instant::now();
@@ -143,7 +144,7 @@ async fn session(
             match monoio::time::timeout(wait, stream.read(buf)).await {
                 Ok((Ok(0), b)) => {
                     buf = b;
-                    s.connection_lost("closed by the server");
+                    s.connection_lost(write_error.as_deref().unwrap_or("closed by the server"));
                 }
                 Ok((Ok(_), b)) => {
                     buf = b;

@@ -66,6 +66,12 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     cfg.dns.server = Some(dns.addr);
     cfg.smtp_port = sink.port();
     cfg.ehlo_name = "demo.volley.test".into();
+    // A demo should end in seconds: short retries instead of the per-class schedules.
+    cfg.retry = crate::retry::RetryPolicy::uniform(vec![
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(2),
+        std::time::Duration::from_secs(4),
+    ]);
     let campaign = Campaign::load(&campaign_dir)
         .map_err(|p| anyhow::anyhow!("generated campaign is invalid: {p:?}"))?;
     let lock = ingest::lock_spool(&cfg.spool_dir, cfg.shards)?;

@@ -19,6 +19,8 @@ enum Fault {
     GarbageAt(&'static str),
     /// Behave, but write every reply one byte at a time, with multi-line replies.
     Split,
+    /// Refuse at greeting with a 421.
+    Greet421,
 }
 
 /// A scripted receiver on `ip`:`port`, one thread per connection, bounded by the test's life.
@@ -49,6 +51,10 @@ fn serve(s: TcpStream, fault: Fault) {
     if fault == Fault::NoGreeting {
         let mut sink = Vec::new();
         let _ = r.read_to_end(&mut sink);
+        return;
+    }
+    if fault == Fault::Greet421 {
+        say(&mut w, "421 4.7.0 Too busy, try another MX\r\n");
         return;
     }
     say(&mut w, "220-scripted.test ESMTP\r\n220 at your service\r\n");
@@ -237,4 +243,33 @@ fn dns_that_never_answers() {
             .any(|l| l["type"] == "TransientFailure" && l["stage"] == "dns"),
         "{lines:?}"
     );
+}
+
+#[test]
+fn a_421_at_greeting_moves_on_to_the_next_mx() {
+    let env = env("greet421", "");
+    scripted("127.0.0.48", env.sink.port(), Fault::Greet421);
+    {
+        let mut z = env.dns.zone.write().unwrap();
+        z.set_mx(
+            "busy.fault.test",
+            vec![
+                (10, "mx1.busy.fault.test".into()),
+                (20, "mx.tail.sink.test".into()),
+            ],
+        );
+        z.set_a("mx1.busy.fault.test", "127.0.0.48".parse().unwrap());
+    }
+    let c = campaign(&env.dir, "greet421", "", &["a@busy.fault.test,Ann".into()]);
+    let cfg = env.config();
+    let log = cfg.log_path.clone();
+    let r = env.send(&c, cfg);
+    assert_eq!(r.delivered, 1);
+    let lines = log_lines(&log);
+    assert_eq!(
+        lines.len(),
+        1,
+        "no deferral: the second MX took it at once: {lines:?}"
+    );
+    assert_eq!(lines[0]["mx"], "mx.tail.sink.test");
 }

@@ -116,11 +116,8 @@ pub fn start(addr: SocketAddr, zone: Zone) -> anyhow::Result<DnsServer> {
         addr.ip().is_loopback(),
         "the test DNS serves loopback only, not {addr}"
     );
-    let udp = std::net::UdpSocket::bind(addr)
-        .map_err(|e| anyhow::anyhow!("dns: cannot bind UDP {addr}: {e}"))?;
+    let (udp, tcp) = bind_pair(addr)?;
     let addr = udp.local_addr()?;
-    let tcp = std::net::TcpListener::bind(addr)
-        .map_err(|e| anyhow::anyhow!("dns: cannot bind TCP {addr}: {e}"))?;
     udp.set_nonblocking(true)?;
     tcp.set_nonblocking(true)?;
     let zone = Arc::new(RwLock::new(zone));
@@ -145,6 +142,26 @@ pub fn start(addr: SocketAddr, zone: Zone) -> anyhow::Result<DnsServer> {
             });
         })?;
     Ok(DnsServer { addr, zone })
+}
+
+/// UDP and TCP on the same port. With port 0 the UDP port picked may be taken for
+/// TCP: try again with another, a bounded number of times.
+fn bind_pair(addr: SocketAddr) -> anyhow::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    const TRIES: usize = 20;
+    for _ in 0..TRIES {
+        let udp = std::net::UdpSocket::bind(addr)
+            .map_err(|e| anyhow::anyhow!("dns: cannot bind UDP {addr}: {e}"))?;
+        let bound = udp.local_addr()?;
+        match std::net::TcpListener::bind(bound) {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if addr.port() != 0 => anyhow::bail!("dns: cannot bind TCP {bound}: {e}"),
+            Err(_) => continue,
+        }
+    }
+    anyhow::bail!(
+        "dns: no port free for both UDP and TCP on {} after {TRIES} tries",
+        addr.ip()
+    )
 }
 
 struct Handler {

@@ -98,6 +98,9 @@ enum Cmd {
         /// volley's shard count (default: cores).
         #[arg(long)]
         shards: Option<usize>,
+        /// Sink profile for the scenario's non-accept-all runs (a name or a TOML file).
+        #[arg(long)]
+        profile: Option<String>,
     },
     /// Serve the test DNS for a profile's domains (and the edge-case domains) until interrupted.
     Dns {
@@ -209,6 +212,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             volley,
             sink_threads,
             shards,
+            profile,
         } => {
             if scenario == "sink" {
                 let md =
@@ -226,6 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 volley,
                 sink_threads,
                 shards,
+                profile,
             })?;
             Ok(())
         }

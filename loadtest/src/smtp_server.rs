@@ -529,7 +529,7 @@ impl<'c> ServerSession<'c> {
                 self.state = State::Closed;
             }
             Verdict::Disconnect => {
-                out.write.clear();
+                // Replies to earlier pipelined commands were sent before the "crash".
                 out.close = true;
                 self.state = State::Closed;
             }
