@@ -101,6 +101,7 @@ fn client_transaction(c: &mut Criterion) {
         ehlo_name: "bench.test".into(),
         timeouts: Timeouts::default(),
         window: 8,
+        tls: volley::smtp::client::TlsMode::Disabled,
     };
     let content = vec![b'x'; 10 * 1024];
     let mut g = c.benchmark_group("client");

@@ -4,6 +4,7 @@
 use crate::dns::DnsConfig;
 use crate::retry::RetryPolicy;
 use crate::smtp::client::Timeouts;
+use crate::smtp::client::TlsMode;
 use std::path::PathBuf;
 use std::time::Duration;
 use volley_load::runtime::Driver;
@@ -45,6 +46,10 @@ pub struct EngineConfig {
     pub requeues_max: u32,
     /// An operator's classification rules, tried before the shipped ones.
     pub bounce_rules: Option<PathBuf>,
+    /// STARTTLS outbound.
+    pub tls: TlsMode,
+    /// Verify MX certificates (against webpki-roots, for the MX host name).
+    pub tls_verify: bool,
 }
 
 impl EngineConfig {
@@ -71,6 +76,8 @@ impl EngineConfig {
             sync_interval: Duration::from_millis(100),
             requeues_max: 3,
             bounce_rules: None,
+            tls: TlsMode::Opportunistic,
+            tls_verify: false,
         }
     }
 

@@ -1,14 +1,16 @@
 //! The IO glue for one outbound connection: connect to the site's hosts in order,
 //! then feed the sans-IO client session with the site's queued work, writing what
 //! it says to write and reading what the server says, until the queue is drained,
-//! the connection has carried its maximum, or the server goes away.
+//! the connection has carried its maximum, or the server goes away. After STARTTLS
+//! the same loop runs the bytes through rustls (itself sans-IO) on the way.
 
-use crate::shard::{stage_name, Job, Shard, Site};
-use crate::smtp::client::{ClientConfig, ClientSession, Event, Transaction};
+use crate::shard::{stage_name, Job, Shard, Site, Via};
+use crate::smtp::client::{ClientConfig, ClientSession, Event, TlsMode, Transaction};
 use crate::smtp::reply::Reply;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -17,6 +19,20 @@ use std::time::{Duration, Instant};
 const READ_BUF_BYTES: usize = 16 * 1024;
 /// How often an idle connection looks for new work in its site's queue.
 const IDLE_POLL: Duration = Duration::from_millis(10);
+
+/// Why a session never got to carry mail; the reply the site's queue is deferred with.
+struct Failure {
+    reply: Reply,
+    /// A TLS handshake failed under opportunistic TLS: the same host may take it in clear.
+    retry_in_clear: bool,
+}
+
+fn failure(code: u16, enhanced: &str, why: String) -> Failure {
+    Failure {
+        reply: Reply::new(code, Some(enhanced), &why),
+        retry_in_clear: false,
+    }
+}
 
 /// A connection task for `site`; the shard spawned it and counted it in `site.conns`.
 pub async fn connection(shard: Rc<Shard>, site: Rc<Site>) {
@@ -30,70 +46,192 @@ pub async fn connection(shard: Rc<Shard>, site: Rc<Site>) {
                 .map(move |ip| (h.name.as_str(), SocketAddr::new(*ip, port)))
         })
         .collect();
-    let mut last_error = String::from("no address to connect to");
+    let mut last = failure(451, "4.4.1", "no address to connect to".into());
     let mut delivered_any = false;
-    for (host, addr) in targets {
-        let stream = match monoio::time::timeout(
-            shard.cfg.connect_timeout,
-            TcpStream::connect(addr),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                last_error = format!("connect to {host} [{addr}]: {e}");
-                continue;
+    'targets: for (host, addr) in targets {
+        let mut tls = shard.cfg.tls;
+        // At most twice per address: once as configured, once in clear after a failed
+        // opportunistic handshake.
+        for _ in 0..2 {
+            let stream =
+                match monoio::time::timeout(shard.cfg.connect_timeout, TcpStream::connect(addr))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        last = failure(451, "4.4.1", format!("connect to {host} [{addr}]: {e}"));
+                        continue 'targets;
+                    }
+                    Err(_) => {
+                        last = failure(
+                            451,
+                            "4.4.1",
+                            format!(
+                                "connect to {host} [{addr}]: timed out after {:?}",
+                                shard.cfg.connect_timeout
+                            ),
+                        );
+                        continue 'targets;
+                    }
+                };
+            let _ = stream.set_nodelay(true);
+            match session(&shard, &site, stream, host, addr, tls).await {
+                Ok(()) => {
+                    delivered_any = true;
+                    break 'targets;
+                }
+                Err(f) => {
+                    let again = f.retry_in_clear;
+                    last = f;
+                    if !again {
+                        // Refused at greeting or EHLO, or TLS policy: the next host may do (RFC 5321 §5.1).
+                        continue 'targets;
+                    }
+                    tls = TlsMode::Disabled;
+                }
             }
-            Err(_) => {
-                last_error = format!(
-                    "connect to {host} [{addr}]: timed out after {:?}",
-                    shard.cfg.connect_timeout
-                );
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        match session(&shard, &site, stream, host, addr).await {
-            Ok(()) => {
-                delivered_any = true;
-                break;
-            }
-            // Refused at greeting or EHLO: the next host may take it (RFC 5321 §5.1).
-            Err(why) => last_error = why,
         }
     }
     site.conns.set(site.conns.get() - 1);
     if !delivered_any && site.conns.get() == 0 {
         // Every host failed: the whole destination waits, not message by message.
         let jobs: Vec<Job> = site.queue.borrow_mut().drain(..).collect();
-        let reply = Reply::new(
-            451,
-            Some("4.4.1"),
-            &format!("no MX host of this site took a connection; last: {last_error}"),
+        let text = format!(
+            "no MX host of this site took the mail; last: {}",
+            last.reply.text
         );
+        let reply = Reply { text, ..last.reply };
         for job in jobs {
-            shard.outcome(job, &reply, "connect", None, None, None);
+            shard.outcome(job, &reply, "connect", None, None);
         }
     }
     shard.ensure_connections(&site);
 }
 
+/// The bytes on the wire: in clear, or through a rustls client connection.
+enum Link {
+    Plain,
+    Tls(Box<rustls::ClientConnection>),
+}
+
+impl Link {
+    async fn send(&mut self, stream: &mut TcpStream, plain: Vec<u8>) -> std::io::Result<()> {
+        let wire = match self {
+            Link::Plain => plain,
+            Link::Tls(c) => {
+                c.writer().write_all(&plain)?;
+                let mut wire = Vec::with_capacity(plain.len() + 64);
+                while c.wants_write() {
+                    c.write_tls(&mut wire)?;
+                }
+                wire
+            }
+        };
+        if wire.is_empty() {
+            return Ok(());
+        }
+        stream.write_all(wire).await.0.map(|_| ())
+    }
+
+    /// Bytes read from the wire → plaintext for the session (possibly none yet).
+    /// Also writes what TLS itself needs to send (alerts, key updates).
+    async fn open(&mut self, stream: &mut TcpStream, wire: &[u8]) -> std::io::Result<Vec<u8>> {
+        let Link::Tls(c) = self else {
+            return Ok(wire.to_vec());
+        };
+        let mut rd = wire;
+        while !rd.is_empty() {
+            c.read_tls(&mut rd)?;
+            c.process_new_packets()
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        }
+        let mut plain = Vec::new();
+        match c.reader().read_to_end(&mut plain) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        self.send(stream, Vec::new()).await?;
+        Ok(plain)
+    }
+}
+
+/// Runs the TLS handshake on `stream` within `timeout`.
+async fn handshake(
+    stream: &mut TcpStream,
+    mut conn: rustls::ClientConnection,
+    timeout: Duration,
+) -> Result<Link, String> {
+    let deadline = Instant::now() + timeout;
+    let mut buf = Vec::with_capacity(READ_BUF_BYTES);
+    while conn.is_handshaking() {
+        let mut wire = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut wire).map_err(|e| e.to_string())?;
+        }
+        if !wire.is_empty() {
+            stream.write_all(wire).await.0.map_err(|e| e.to_string())?;
+        }
+        if !conn.is_handshaking() {
+            break;
+        }
+        buf.clear();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (res, b) = monoio::time::timeout(left, stream.read(buf))
+            .await
+            .map_err(|_| "TLS handshake timed out".to_string())?;
+        buf = b;
+        match res {
+            Ok(0) => return Err("connection closed during the TLS handshake".into()),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        let mut rd = &buf[..];
+        while !rd.is_empty() {
+            conn.read_tls(&mut rd).map_err(|e| e.to_string())?;
+            if let Err(e) = conn.process_new_packets() {
+                // Tell the server why, as TLS expects, then give up.
+                let mut alert = Vec::new();
+                let _ = conn.write_tls(&mut alert);
+                let _ = stream.write_all(alert).await;
+                return Err(e.to_string());
+            }
+        }
+    }
+    Ok(Link::Tls(Box::new(conn)))
+}
+
+fn tls_summary(link: &Link) -> Option<String> {
+    let Link::Tls(c) = link else { return None };
+    let version = c
+        .protocol_version()
+        .map_or("?".into(), |v| format!("{v:?}"));
+    let cipher = c
+        .negotiated_cipher_suite()
+        .map_or("?".into(), |s| format!("{:?}", s.suite()));
+    Some(format!("{version} {cipher}"))
+}
+
 /// Runs one SMTP session. Ok when it was established (whatever happened to the
-/// messages); Err with the reason when it never got past greeting/EHLO.
+/// messages); Err with the reason when it never got past greeting, EHLO or TLS.
 async fn session(
     shard: &Rc<Shard>,
     site: &Rc<Site>,
     mut stream: TcpStream,
     host: &str,
     addr: SocketAddr,
-) -> Result<(), String> {
+    tls: TlsMode,
+) -> Result<(), Failure> {
     let cfg = &shard.cfg;
     let client_cfg = ClientConfig {
         ehlo_name: cfg.ehlo_name.clone(),
         timeouts: cfg.timeouts,
         window: cfg.window,
+        tls,
     };
     let mut s = ClientSession::new(client_cfg, Instant::now());
+    let mut link = Link::Plain;
+    let mut tls_info: Option<String> = None;
     let mut inflight: HashMap<u64, (Vec<Job>, Instant)> = HashMap::new();
     let mut established = false;
     let mut sent = 0usize;
@@ -130,10 +268,13 @@ async fn session(
         }
         let out = s.take_output();
         if !out.is_empty() && write_error.is_none() {
-            let (res, _) = stream.write_all(out).await;
             // The server may have closed after replying (a 421): read those replies
             // before calling the connection lost, or accepted messages look aborted.
-            write_error = res.err().map(|e| format!("write: {e}"));
+            write_error = link
+                .send(&mut stream, out)
+                .await
+                .err()
+                .map(|e| format!("write: {e}"));
         }
         if !s.is_closed() {
             let now = Instant::now();
@@ -148,7 +289,10 @@ async fn session(
                 }
                 Ok((Ok(_), b)) => {
                     buf = b;
-                    s.receive(&buf, Instant::now());
+                    match link.open(&mut stream, &buf).await {
+                        Ok(plain) => s.receive(&plain, Instant::now()),
+                        Err(e) => s.connection_lost(&format!("TLS: {e}")),
+                    }
                 }
                 Ok((Err(e), b)) => {
                     buf = b;
@@ -161,8 +305,42 @@ async fn session(
             }
         }
         while let Some(ev) = s.poll_event() {
+            let via = Via {
+                mx: host,
+                ip: addr,
+                tls: tls_info.as_deref(),
+            };
             match ev {
                 Event::Ready => established = true,
+                Event::StartTls => {
+                    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                        .unwrap_or_else(|_| {
+                            rustls::pki_types::ServerName::IpAddress(addr.ip().into())
+                        });
+                    let conn =
+                        rustls::ClientConnection::new(shard.tls_config(), name).map_err(|e| {
+                            failure(451, "4.7.5", format!("{host} [{addr}]: TLS setup: {e}"))
+                        })?;
+                    let mut conn = conn;
+                    // The session's own window bounds what is written; rustls must not
+                    // refuse a pipelined batch over its default 64 KiB.
+                    conn.set_buffer_limit(None);
+                    match handshake(&mut stream, conn, cfg.timeouts.ehlo).await {
+                        Ok(l) => {
+                            link = l;
+                            tls_info = tls_summary(&link);
+                            s.tls_established(Instant::now());
+                        }
+                        Err(e) => {
+                            let why = format!("{host} [{addr}]: TLS handshake failed: {e}");
+                            // Required TLS is a policy failure; opportunistic TLS tries again in clear.
+                            return Err(Failure {
+                                reply: Reply::new(451, Some("4.7.5"), &why),
+                                retry_in_clear: tls == TlsMode::Opportunistic,
+                            });
+                        }
+                    }
+                }
                 Event::TxDone { id, replies } => {
                     let (jobs, started) = inflight
                         .remove(&id)
@@ -173,8 +351,7 @@ async fn session(
                             &mut job,
                             &reply,
                             stage_name(stage),
-                            Some(host),
-                            Some(addr),
+                            Some(&via),
                             None,
                             tx_ms,
                         );
@@ -184,15 +361,18 @@ async fn session(
                     let (jobs, _) = inflight
                         .remove(&id)
                         .expect("events name transactions in flight");
-                    shard.requeue(site, jobs, &reason, Some(host), Some(addr));
+                    shard.requeue(site, jobs, &reason, Some(&via));
                 }
-                Event::Closed { error, greeting } => {
+                Event::Closed {
+                    error, tls_refused, ..
+                } => {
+                    if tls_refused {
+                        let why = error.unwrap_or_default();
+                        return Err(failure(451, "4.7.4", format!("{host} [{addr}]: {why}")));
+                    }
                     if !established {
-                        let why = match (error, greeting) {
-                            (Some(e), _) => format!("{host} [{addr}]: {e}"),
-                            (None, _) => format!("{host} [{addr}]: closed before EHLO"),
-                        };
-                        return Err(why);
+                        let why = error.unwrap_or_else(|| "closed before EHLO".into());
+                        return Err(failure(451, "4.4.2", format!("{host} [{addr}]: {why}")));
                     }
                     return Ok(());
                 }
@@ -223,12 +403,9 @@ fn build_tx(shard: &Shard, jobs: &[Job]) -> Transaction {
     let inst = &shard.instances[&jobs[0].instance];
     let spool = shard.spool.borrow();
     // Recovery read every one of these records; the mapping cannot have changed since.
-    let read = |j: &Job| {
-        spool
-            .read_queue(j.rref)
-            .expect("a recovered record reads back")
-    };
-    let first = read(&jobs[0]);
+    let first = spool
+        .read_queue(jobs[0].rref)
+        .expect("a recovered record reads back");
     let mut content = Vec::new();
     inst.template.render(&first.values, &mut content);
     let rcpts = jobs

@@ -43,6 +43,9 @@ pub struct Record<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub class: Option<&'static str>,
     pub reply: &'a str,
+    /// TLS version and cipher suite, when the session used STARTTLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<&'a str>,
     /// Where the reply came from: connect, mail, rcpt, data, local, dns.
     pub stage: &'static str,
     pub attempt: u32,

@@ -122,6 +122,12 @@ struct EngineArgs {
     /// Your reply classification rules, tried before the shipped ones (see `volley classify`).
     #[arg(long)]
     bounce_rules: Option<PathBuf>,
+    /// STARTTLS: opportunistic (when offered), required (never in clear), disabled.
+    #[arg(long, value_enum, default_value_t = volley::smtp::client::TlsMode::Opportunistic)]
+    tls: volley::smtp::client::TlsMode,
+    /// Verify MX certificates against the Mozilla roots (webpki-roots) and the MX name.
+    #[arg(long)]
+    tls_verify: bool,
 }
 
 impl EngineArgs {
@@ -135,6 +141,8 @@ impl EngineArgs {
             c.shards = n;
         }
         c.driver = self.driver;
+        c.tls = self.tls;
+        c.tls_verify = self.tls_verify;
         c.dns.server = self.dns;
         c.smtp_port = self.smtp_port;
         if let Some(e) = self.ehlo {

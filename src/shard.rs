@@ -57,6 +57,14 @@ pub struct Job {
     pub requeues: u32,
 }
 
+/// The connection a reply came over, for the log.
+pub struct Via<'a> {
+    pub mx: &'a str,
+    pub ip: SocketAddr,
+    /// TLS version and cipher, when STARTTLS was used.
+    pub tls: Option<&'a str>,
+}
+
 /// A destination: the MX host set that one or more domains route to.
 pub struct Site {
     pub key: String,
@@ -89,6 +97,7 @@ pub struct Shard {
     pub cfg: Arc<EngineConfig>,
     pub instances: Instances,
     classifier: Arc<Classifier>,
+    tls: Arc<rustls::ClientConfig>,
     resolver: Resolver,
     pub spool: RefCell<Spool>,
     log: RefCell<LogWriter>,
@@ -129,6 +138,7 @@ pub fn run(
         id,
         instances,
         classifier,
+        tls: crate::tls::client_config(cfg.tls_verify),
         resolver,
         spool: RefCell::new(spool),
         log: RefCell::new(log),
@@ -222,7 +232,7 @@ impl Shard {
             }) if *until > now => {
                 let (reply, permanent) = (reply.clone(), *permanent);
                 drop(domains);
-                self.outcome(job, &reply, "dns", None, None, Some(permanent));
+                self.outcome(job, &reply, "dns", None, Some(permanent));
             }
             _ => {
                 let domain = job.domain.clone();
@@ -313,7 +323,7 @@ impl Shard {
             }
             Err((reply, permanent)) => {
                 for job in waiting {
-                    self.outcome(job, &reply, "dns", None, None, Some(permanent));
+                    self.outcome(job, &reply, "dns", None, Some(permanent));
                 }
             }
         }
@@ -342,20 +352,13 @@ impl Shard {
 
     /// Puts jobs whose connection broke before a reply back at the front of their
     /// queue, or defers them once they have been requeued too often.
-    pub fn requeue(
-        self: &Rc<Self>,
-        site: &Rc<Site>,
-        jobs: Vec<Job>,
-        why: &str,
-        mx: Option<&str>,
-        ip: Option<SocketAddr>,
-    ) {
+    pub fn requeue(self: &Rc<Self>, site: &Rc<Site>, jobs: Vec<Job>, why: &str, via: Option<&Via>) {
         let reply = Reply::new(451, Some("4.4.2"), why);
         for mut job in jobs.into_iter().rev() {
             job.requeues += 1;
             if job.requeues > self.cfg.requeues_max {
                 job.requeues = 0;
-                self.outcome(job, &reply, "connect", mx, ip, None);
+                self.outcome(job, &reply, "connect", via, None);
             } else {
                 site.queue.borrow_mut().push_front(job);
             }
@@ -369,21 +372,18 @@ impl Shard {
         mut job: Job,
         reply: &Reply,
         stage: &'static str,
-        mx: Option<&str>,
-        ip: Option<SocketAddr>,
+        via: Option<&Via>,
         permanent: Option<bool>,
     ) {
-        self.outcome_timed(&mut job, reply, stage, mx, ip, permanent, None);
+        self.outcome_timed(&mut job, reply, stage, via, permanent, None);
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn outcome_timed(
         &self,
         job: &mut Job,
         reply: &Reply,
         stage: &'static str,
-        mx: Option<&str>,
-        ip: Option<SocketAddr>,
+        via: Option<&Via>,
         permanent: Option<bool>,
         tx_ms: Option<u64>,
     ) {
@@ -426,8 +426,9 @@ impl Shard {
             rcpt: &rcpt,
             sender: &inst.settings.sender,
             domain: &job.domain,
-            mx,
-            ip: ip.map(|a| a.to_string()),
+            mx: via.map(|v| v.mx),
+            ip: via.map(|v| v.ip.to_string()),
+            tls: via.and_then(|v| v.tls),
             code: reply.code,
             enhanced: reply.enhanced.as_deref(),
             class: class.map(|v| v.class.name()),
@@ -509,6 +510,11 @@ impl Shard {
         Ok(())
     }
 
+    /// This shard's TLS client settings (shared, so sessions resume per host).
+    pub fn tls_config(&self) -> Arc<rustls::ClientConfig> {
+        self.tls.clone()
+    }
+
     pub fn stop_requested(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
@@ -556,7 +562,7 @@ async fn retry_loop(sh: Rc<Shard>) {
                     "message expired in the queue before it could be delivered",
                 );
                 job.attempts = job.attempts.saturating_sub(1);
-                sh.outcome(job, &r, "local", None, None, None);
+                sh.outcome(job, &r, "local", None, None);
             } else {
                 sh.clone().enqueue(job);
             }

@@ -163,6 +163,7 @@ impl Sim {
             ehlo_name: "sim.test".into(),
             timeouts: Timeouts::default(),
             window: self.window,
+            tls: volley::smtp::client::TlsMode::Disabled,
         };
         let mut client = ClientSession::new(cfg, self.t());
         let mut server = ServerSession::new(scfg);
@@ -198,6 +199,7 @@ impl Sim {
             while let Some(ev) = client.poll_event() {
                 match ev {
                     Event::Ready => {}
+                    Event::StartTls => unreachable!("TLS is disabled in the simulation"),
                     Event::TxDone { id, replies } => {
                         let i = inflight.remove(&id).expect("known transaction");
                         assert_eq!(replies.len(), 1);

@@ -40,12 +40,25 @@ impl Default for Timeouts {
     }
 }
 
+/// Whether to use STARTTLS (RFC 3207).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TlsMode {
+    /// Never, even when offered.
+    Disabled,
+    /// When offered; in clear otherwise.
+    #[default]
+    Opportunistic,
+    /// Never send in clear: a server without STARTTLS is a failure.
+    Required,
+}
+
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     pub ehlo_name: String,
     pub timeouts: Timeouts,
     /// Transactions in flight on one connection when the server offers CHUNKING.
     pub window: usize,
+    pub tls: TlsMode,
 }
 
 /// One message to one or more recipients.
@@ -74,6 +87,8 @@ pub enum Stage {
 pub enum Event {
     /// The session is established; transactions can be submitted.
     Ready,
+    /// The server said 220 to STARTTLS: do the TLS handshake, then call `tls_established`.
+    StartTls,
     /// A transaction is over; one reply per recipient, in order.
     TxDone {
         id: u64,
@@ -85,6 +100,8 @@ pub enum Event {
     Closed {
         error: Option<String>,
         greeting: Option<Reply>,
+        /// Closed because TLS was required and could not be had.
+        tls_refused: bool,
     },
 }
 
@@ -104,6 +121,7 @@ enum Expect {
     Greeting,
     Ehlo,
     Helo,
+    StartTls,
     Rset,
     Mail(u64),
     Rcpt(u64, usize),
@@ -124,6 +142,8 @@ struct TxState {
 enum Phase {
     Greeting,
     Ehlo,
+    /// Waiting for the IO layer's TLS handshake.
+    Handshake,
     Ready,
     Quitting,
     Closed,
@@ -145,6 +165,8 @@ pub struct ClientSession {
     /// The last transaction may have left the server in a transaction: RSET first.
     needs_rset: bool,
     greeting: Option<Reply>,
+    tls_active: bool,
+    tls_refused: bool,
 }
 
 impl ClientSession {
@@ -162,6 +184,8 @@ impl ClientSession {
             deadline: None,
             needs_rset: false,
             greeting: None,
+            tls_active: false,
+            tls_refused: false,
         };
         s.expect.push_back(Expect::Greeting);
         s.arm(now);
@@ -170,6 +194,28 @@ impl ClientSession {
 
     pub fn caps(&self) -> Caps {
         self.caps
+    }
+
+    /// The IO layer finished the TLS handshake: say EHLO again and forget what the
+    /// server offered in clear (RFC 3207 §4.2).
+    pub fn tls_established(&mut self, now: Instant) {
+        assert_eq!(
+            self.phase,
+            Phase::Handshake,
+            "tls_established only after Event::StartTls"
+        );
+        self.tls_active = true;
+        self.caps = Caps::default();
+        self.phase = Phase::Ehlo;
+        self.queue(
+            format!("EHLO {}\r\n", self.cfg.ehlo_name).into_bytes(),
+            Expect::Ehlo,
+        );
+        self.flush(now);
+    }
+
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
     }
 
     pub fn is_closed(&self) -> bool {
@@ -355,7 +401,7 @@ impl ClientSession {
         let t = &self.cfg.timeouts;
         let d = match self.expect.front() {
             Some(Expect::Greeting) => t.greeting,
-            Some(Expect::Ehlo | Expect::Helo) => t.ehlo,
+            Some(Expect::Ehlo | Expect::Helo | Expect::StartTls) => t.ehlo,
             Some(Expect::Rset) => t.rset,
             Some(Expect::Mail(_)) => t.mail,
             Some(Expect::Rcpt(..)) => t.rcpt,
@@ -405,7 +451,16 @@ impl ClientSession {
             Expect::Ehlo => {
                 if reply.code == 250 {
                     self.caps = parse_caps(&reply.text);
-                    self.ready();
+                    if !self.tls_active && self.cfg.tls != TlsMode::Disabled && self.caps.starttls {
+                        self.queue(b"STARTTLS\r\n".to_vec(), Expect::StartTls);
+                    } else if !self.tls_active && self.cfg.tls == TlsMode::Required {
+                        self.tls_refused = true;
+                        self.close(Some(
+                            "TLS is required and the server does not offer STARTTLS".into(),
+                        ));
+                    } else {
+                        self.ready();
+                    }
                 } else if reply.is_permanent() {
                     self.queue(
                         format!("HELO {}\r\n", self.cfg.ehlo_name).into_bytes(),
@@ -415,7 +470,29 @@ impl ClientSession {
                     self.close(Some(format!("EHLO refused: {reply}")));
                 }
             }
+            Expect::StartTls => {
+                if reply.code == 220 {
+                    self.phase = Phase::Handshake;
+                    // RFC 3207: anything the server sent after the 220 predates TLS; drop it.
+                    self.parser = ReplyParser::default();
+                    self.events.push_back(Event::StartTls);
+                } else if self.cfg.tls == TlsMode::Required {
+                    self.tls_refused = true;
+                    self.close(Some(format!(
+                        "TLS is required and STARTTLS was refused: {reply}"
+                    )));
+                } else {
+                    self.ready();
+                }
+            }
             Expect::Helo => {
+                if reply.code == 250 && self.cfg.tls == TlsMode::Required {
+                    self.tls_refused = true;
+                    self.close(Some(
+                        "TLS is required and the server speaks only HELO".into(),
+                    ));
+                    return;
+                }
                 if reply.code == 250 {
                     self.caps = Caps::default();
                     self.ready();
@@ -539,6 +616,7 @@ impl ClientSession {
         self.events.push_back(Event::Closed {
             error,
             greeting: self.greeting.take(),
+            tls_refused: self.tls_refused,
         });
     }
 }
@@ -591,6 +669,7 @@ mod tests {
             ehlo_name: "me.test".into(),
             timeouts: Timeouts::default(),
             window: 4,
+            tls: TlsMode::Opportunistic,
         }
     }
 
@@ -724,6 +803,44 @@ mod tests {
         assert!(
             matches!(&ev[0], Event::TxDone { replies, .. } if replies[0].0 == Stage::Local && replies[0].1.code == 552)
         );
+    }
+
+    #[test]
+    fn starttls_then_ehlo_again_and_required_refuses_clear() {
+        let (mut s, now) = (ClientSession::new(cfg(), Instant::now()), Instant::now());
+        s.receive(b"220 hi\r\n", now);
+        out(&mut s);
+        s.receive(b"250-x\r\n250-STARTTLS\r\n250 PIPELINING\r\n", now);
+        assert_eq!(out(&mut s), "STARTTLS\r\n");
+        s.receive(
+            b"220 go ahead\r\n250 injected before the handshake\r\n",
+            now,
+        );
+        assert_eq!(events(&mut s), vec![Event::StartTls]);
+        s.tls_established(now);
+        assert_eq!(out(&mut s), "EHLO me.test\r\n");
+        s.receive(b"250-x\r\n250 PIPELINING\r\n", now);
+        assert_eq!(events(&mut s), vec![Event::Ready]);
+        assert!(s.tls_active());
+
+        let mut c = cfg();
+        c.tls = TlsMode::Required;
+        let mut s = ClientSession::new(c, now);
+        s.receive(b"220 hi\r\n", now);
+        assert_eq!(out(&mut s), "EHLO me.test\r\n");
+        s.receive(b"250 x\r\n", now);
+        let ev = events(&mut s);
+        assert!(
+            matches!(
+                &ev[0],
+                Event::Closed {
+                    tls_refused: true,
+                    ..
+                }
+            ),
+            "{ev:?}"
+        );
+        assert_eq!(out(&mut s), "", "nothing sent in clear");
     }
 
     #[test]

@@ -23,7 +23,13 @@ pub struct Env {
 /// A sink (the accept-all profile's providers, with `behaviour` for all of them) and
 /// the test DNS routing to it.
 pub fn env(name: &str, behaviour: &str) -> Env {
+    env_with(name, behaviour, true)
+}
+
+/// As `env`, choosing whether the sink offers STARTTLS.
+pub fn env_with(name: &str, behaviour: &str, starttls: bool) -> Env {
     let mut profile = Profile::load("accept-all").unwrap();
+    profile.sink.starttls = starttls;
     if !behaviour.is_empty() {
         let b: toml::Value = toml::from_str(behaviour).unwrap();
         let b: volley_load::profile::Behaviour = b.try_into().unwrap();

@@ -1,0 +1,84 @@
+//! STARTTLS outbound against the bundled sink (self-signed certificate).
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+use volley::smtp::client::TlsMode;
+
+fn run(
+    name: &str,
+    starttls: bool,
+    mode: TlsMode,
+    verify: bool,
+) -> (volley::engine::Report, Vec<serde_json::Value>, u64) {
+    let env = env_with(name, "", starttls);
+    let c = campaign(
+        &env.dir,
+        name,
+        "expire_after = \"2s\"",
+        &["a@gmail.com,Ann".into(), "b@shop3.tail.test,Bob".into()],
+    );
+    let mut cfg = env.config();
+    cfg.tls = mode;
+    cfg.tls_verify = verify;
+    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(500)]);
+    let log = cfg.log_path.clone();
+    let r = env.send(&c, cfg);
+    (r, log_lines(&log), env.sink.summary().counts.rcpts_accepted)
+}
+
+#[test]
+fn opportunistic_uses_tls_and_logs_it() {
+    let (r, lines, accepted) = run("tls-opp", true, TlsMode::Opportunistic, false);
+    assert_eq!((r.delivered, accepted), (2, 2));
+    for l in &lines {
+        assert!(l["tls"].as_str().unwrap().starts_with("TLSv1_"), "{l}");
+    }
+}
+
+#[test]
+fn opportunistic_without_starttls_sends_in_clear() {
+    let (r, lines, _) = run("tls-clear", false, TlsMode::Opportunistic, false);
+    assert_eq!(r.delivered, 2);
+    assert!(lines.iter().all(|l| l.get("tls").is_none()));
+}
+
+#[test]
+fn required_without_starttls_is_deferred_as_policy_never_sent_in_clear() {
+    let (r, lines, accepted) = run("tls-req", false, TlsMode::Required, false);
+    assert_eq!((r.delivered, r.expired, accepted), (0, 2, 0));
+    let d: Vec<_> = lines
+        .iter()
+        .filter(|l| l["type"] == "TransientFailure")
+        .collect();
+    assert!(!d.is_empty());
+    for l in d {
+        assert_eq!(l["class"], "policy", "{l}");
+        assert!(
+            l["reply"]
+                .as_str()
+                .unwrap()
+                .contains("does not offer STARTTLS"),
+            "{l}"
+        );
+    }
+}
+
+#[test]
+fn required_and_verified_fails_on_a_self_signed_certificate() {
+    let (r, lines, accepted) = run("tls-verify", true, TlsMode::Required, true);
+    assert_eq!((r.delivered, accepted), (0, 0));
+    let l = lines
+        .iter()
+        .find(|l| l["type"] == "TransientFailure")
+        .expect("a deferral");
+    assert_eq!(l["class"], "policy", "{l}");
+    assert!(
+        l["reply"]
+            .as_str()
+            .unwrap()
+            .contains("TLS handshake failed"),
+        "{l}"
+    );
+}
