@@ -81,10 +81,6 @@ impl LogWriter {
         self.buf.push(b'\n');
     }
 
-    pub fn pending_bytes(&self) -> usize {
-        self.buf.len()
-    }
-
     /// Writes the batch in one call.
     pub fn flush(&mut self) -> std::io::Result<()> {
         if self.buf.is_empty() {

@@ -150,14 +150,6 @@ impl Template {
             }
         }
     }
-
-    /// The fields the template uses (column indexes), for reporting unused columns.
-    pub fn fields_used(&self) -> impl Iterator<Item = usize> + '_ {
-        self.parts.iter().filter_map(|p| match p {
-            Part::Field(i) => Some(*i),
-            Part::Literal(_) => None,
-        })
-    }
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {

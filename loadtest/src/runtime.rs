@@ -37,10 +37,3 @@ pub fn block_on<F: Future>(driver: Driver, f: F) -> std::io::Result<F::Output> {
         },
     }
 }
-
-/// Whether io_uring can be set up on this machine (what `Auto` will pick).
-pub fn io_uring_available() -> bool {
-    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-        .build()
-        .is_ok()
-}
