@@ -286,6 +286,17 @@ fn wait_for(
     }
 }
 
+/// Waits for the sink to see `n` final recipients from the child `pid`, then reaps
+/// the child for its CPU time and peak RSS.
+fn watch(sink: &Sink, n: u64, started: Instant, pid: u32) -> (Summary, f64, Option<Usage>) {
+    let mut usage = None;
+    let (s, secs) = wait_for(sink, n, started, || {
+        usage = reap(pid, false);
+        usage.is_some()
+    });
+    (s, secs, usage.or_else(|| reap(pid, true)))
+}
+
 struct Usage {
     cpu_s: f64,
     max_rss_mb: f64,
@@ -417,13 +428,7 @@ fn run_volley(
     let child = cmd
         .spawn()
         .map_err(|e| anyhow::anyhow!("{}: {e}", bin.display()))?;
-    let pid = child.id();
-    let mut usage = None;
-    let (s, secs) = wait_for(&t.sink, n, started, || {
-        usage = reap(pid, false);
-        usage.is_some()
-    });
-    let usage = usage.or_else(|| reap(pid, true));
+    let (s, secs, usage) = watch(&t.sink, n, started, child.id());
     let note = if profile == "accept-all" {
         String::new()
     } else {
@@ -511,13 +516,7 @@ fn run_smtp_source(
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()?;
-    let pid = child.id();
-    let mut usage = None;
-    let (s, secs) = wait_for(&t.sink, n, started, || {
-        usage = reap(pid, false);
-        usage.is_some()
-    });
-    let usage = usage.or_else(|| reap(pid, true));
+    let (s, secs, usage) = watch(&t.sink, n, started, child.id());
     Ok(result(
         "smtp-source",
         profile,
