@@ -33,6 +33,10 @@ pub struct Settings {
     pub max_rcpt_per_msg: u32,
     #[serde(default)]
     pub tags: Vec<String>,
+    /// The source address pool (`[pool.NAME]` in the shaping rules) to send from;
+    /// none: the host's default address and EHLO name.
+    #[serde(default)]
+    pub pool: Option<String>,
 }
 
 fn default_expire_after() -> String {

@@ -3,8 +3,8 @@
 
 use crate::dns::DnsConfig;
 use crate::retry::RetryPolicy;
+use crate::shaping::rules::{Problem, Rule, Rules};
 use crate::smtp::client::Timeouts;
-use crate::smtp::client::TlsMode;
 use std::path::PathBuf;
 use std::time::Duration;
 use volley_load::runtime::Driver;
@@ -20,17 +20,15 @@ pub struct EngineConfig {
     /// Port of the receiving MTAs (25; the bundled sink uses another for tests).
     pub smtp_port: u16,
     pub ehlo_name: String,
-    /// Connections per destination site (MX set), over all shards. Each shard holds
-    /// its share, at least one. More work waits in the site's queue.
-    pub max_conns_per_site: usize,
-    /// Messages per connection before it is closed and a new one opened.
-    pub max_msgs_per_conn: usize,
+    /// The operator's shaping rules (`--shaping`), merged over the shipped ones.
+    pub shaping_file: Option<PathBuf>,
+    /// Command-line values for the rules' `[default]` section, merged last
+    /// (`--max-conns-per-site`, `--tls`, ...). Limits per destination live there.
+    pub defaults: Rule,
     /// Transactions in flight per connection when the server offers CHUNKING.
     pub window: usize,
     /// Delays before retries after a temporary failure, per reply class.
     pub retry: RetryPolicy,
-    /// An idle connection waits this long for more work before QUIT.
-    pub idle_timeout: Duration,
     pub connect_timeout: Duration,
     pub timeouts: Timeouts,
     /// Size of a spool segment file (preallocated).
@@ -46,10 +44,6 @@ pub struct EngineConfig {
     pub requeues_max: u32,
     /// An operator's classification rules, tried before the shipped ones.
     pub bounce_rules: Option<PathBuf>,
-    /// STARTTLS outbound.
-    pub tls: TlsMode,
-    /// Verify MX certificates (against webpki-roots, for the MX host name).
-    pub tls_verify: bool,
 }
 
 impl EngineConfig {
@@ -63,11 +57,10 @@ impl EngineConfig {
             dns: DnsConfig::default(),
             smtp_port: 25,
             ehlo_name: hostname(),
-            max_conns_per_site: 32,
-            max_msgs_per_conn: 1000,
+            shaping_file: None,
+            defaults: Rule::default(),
             window: 8,
             retry: RetryPolicy::default(),
-            idle_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(30),
             timeouts: Timeouts::default(),
             segment_bytes: 64 * 1024 * 1024,
@@ -76,21 +69,19 @@ impl EngineConfig {
             sync_interval: Duration::from_millis(100),
             requeues_max: 3,
             bounce_rules: None,
-            tls: TlsMode::Opportunistic,
-            tls_verify: false,
         }
     }
 
-    /// This shard's share of a per-site connection limit.
-    pub fn conns_per_site_per_shard(&self) -> usize {
-        (self.max_conns_per_site / self.shards.max(1)).max(1)
+    /// The shaping rules this configuration runs with.
+    pub fn rules(&self) -> Result<Rules, Vec<Problem>> {
+        Rules::load(self.shaping_file.as_deref(), &self.defaults)
     }
 
     /// Messages that may be accepted by receivers but not yet recorded as done when
-    /// the process dies: what a crash can duplicate.
-    pub fn in_flight_bound(&self, sites: usize) -> usize {
-        sites * self.conns_per_site_per_shard() * self.shards * self.window
-            + self.commit_batch_max * self.shards
+    /// the process dies (what a crash can duplicate), with `conns_per_site`
+    /// connections to each of `sites` (each shard holds at least one).
+    pub fn in_flight_bound(&self, sites: usize, conns_per_site: usize) -> usize {
+        sites * conns_per_site.max(self.shards) * self.window + self.commit_batch_max * self.shards
     }
 }
 

@@ -4,6 +4,8 @@
 //! the connection has carried its maximum, or the server goes away. After STARTTLS
 //! the same loop runs the bytes through rustls (itself sans-IO) on the way.
 
+use crate::classify::Class;
+use crate::shaping;
 use crate::shard::{stage_name, Job, Shard, Site, Via};
 use crate::smtp::client::{ClientConfig, ClientSession, Event, TlsMode, Transaction};
 use crate::smtp::reply::Reply;
@@ -11,7 +13,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -34,8 +36,9 @@ fn failure(code: u16, enhanced: &str, why: String) -> Failure {
     }
 }
 
-/// A connection task for `site`; the shard spawned it and counted it in `site.conns`.
-pub async fn connection(shard: Rc<Shard>, site: Rc<Site>) {
+/// A connection task for `site` from pool source `source` (None: the host's default
+/// address); the shard spawned it and counted it in the site's limiters.
+pub async fn connection(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>) {
     let port = shard.cfg.smtp_port;
     let targets: Vec<(&str, SocketAddr)> = site
         .hosts
@@ -48,40 +51,48 @@ pub async fn connection(shard: Rc<Shard>, site: Rc<Site>) {
         .collect();
     let mut last = failure(451, "4.4.1", "no address to connect to".into());
     let mut delivered_any = false;
+    let from = source.map(|i| &site.sources[i].addr);
     'targets: for (host, addr) in targets {
-        let mut tls = shard.cfg.tls;
+        let mut tls = site.tls();
         // At most twice per address: once as configured, once in clear after a failed
         // opportunistic handshake.
         for _ in 0..2 {
-            let stream =
-                match monoio::time::timeout(shard.cfg.connect_timeout, TcpStream::connect(addr))
-                    .await
-                {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        last = failure(451, "4.4.1", format!("connect to {host} [{addr}]: {e}"));
-                        continue 'targets;
-                    }
-                    Err(_) => {
-                        last = failure(
-                            451,
-                            "4.4.1",
-                            format!(
-                                "connect to {host} [{addr}]: timed out after {:?}",
-                                shard.cfg.connect_timeout
-                            ),
-                        );
-                        continue 'targets;
-                    }
-                };
+            let stream = match monoio::time::timeout(
+                shard.cfg.connect_timeout,
+                connect(addr, from.map(|f| f.ip)),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    last = failure(451, "4.4.1", format!("connect to {host} [{addr}]: {e}"));
+                    continue 'targets;
+                }
+                Err(_) => {
+                    last = failure(
+                        451,
+                        "4.4.1",
+                        format!(
+                            "connect to {host} [{addr}]: timed out after {:?}",
+                            shard.cfg.connect_timeout
+                        ),
+                    );
+                    continue 'targets;
+                }
+            };
             let _ = stream.set_nodelay(true);
-            match session(&shard, &site, stream, host, addr, tls).await {
+            match session(&shard, &site, source, stream, host, addr, tls).await {
                 Ok(()) => {
                     delivered_any = true;
                     break 'targets;
                 }
                 Err(f) => {
                     let again = f.retry_in_clear;
+                    if f.reply.code != 0 && !f.reply.is_positive() {
+                        // "421 too many connections" at the greeting is news for shaping too.
+                        let class = shard.classify(&f.reply);
+                        shard.react(&site, source, class, &f.reply);
+                    }
                     last = f;
                     if !again {
                         // Refused at greeting or EHLO, or TLS policy: the next host may do (RFC 5321 §5.1).
@@ -92,7 +103,7 @@ pub async fn connection(shard: Rc<Shard>, site: Rc<Site>) {
             }
         }
     }
-    site.conns.set(site.conns.get() - 1);
+    shard.connection_closed(&site, source);
     if !delivered_any && site.conns.get() == 0 {
         // Every host failed: the whole destination waits, not message by message.
         let jobs: Vec<Job> = site.queue.borrow_mut().drain(..).collect();
@@ -106,6 +117,48 @@ pub async fn connection(shard: Rc<Shard>, site: Rc<Site>) {
         }
     }
     shard.ensure_connections(&site);
+}
+
+/// Connects to `addr`, from `source` when given. Binding first with
+/// IP_BIND_ADDRESS_NO_PORT leaves the port choice to connect(), so one source address
+/// can hold a connection per (destination, port) pair, not one per local port.
+async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(src) = source else {
+        return TcpStream::connect_addr(addr).await;
+    };
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket and a c_int option value of the size given.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    sock.bind(&SocketAddr::new(src, 0).into())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("bind source address {src}: {e}")))?;
+    sock.set_nonblocking(true)?;
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(sock.into())?;
+    stream.writable(false).await?;
+    // SAFETY: the descriptor stays open for as long as `stream`, which outlives `fd`.
+    let fd =
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&stream)) };
+    if let Some(e) = socket2::SockRef::from(&fd).take_error()? {
+        return Err(e);
+    }
+    Ok(stream)
 }
 
 /// The bytes on the wire: in clear, or through a rustls client connection.
@@ -217,14 +270,18 @@ fn tls_summary(link: &Link) -> Option<String> {
 async fn session(
     shard: &Rc<Shard>,
     site: &Rc<Site>,
+    source: Option<usize>,
     mut stream: TcpStream,
     host: &str,
     addr: SocketAddr,
     tls: TlsMode,
 ) -> Result<(), Failure> {
     let cfg = &shard.cfg;
+    let ehlo_name = source
+        .and_then(|i| site.sources[i].addr.ehlo.clone())
+        .unwrap_or_else(|| cfg.ehlo_name.clone());
     let client_cfg = ClientConfig {
-        ehlo_name: cfg.ehlo_name.clone(),
+        ehlo_name,
         timeouts: cfg.timeouts,
         window: cfg.window,
         tls,
@@ -238,11 +295,26 @@ async fn session(
     let mut idle_since: Option<Instant> = None;
     let mut write_error: Option<String> = None;
     let mut buf = Vec::with_capacity(READ_BUF_BYTES);
+    let (max_msgs, idle_timeout) = (site.max_msgs_per_conn(), site.idle_timeout());
+    let chain = site.chain(source);
     loop {
-        // Fill the window from the site's queue.
-        while established && s.can_submit() && sent < cfg.max_msgs_per_conn {
-            let Some(jobs) = pop_batch(shard, site) else {
+        // Fill the window from the site's queue, as fast as its limiters allow.
+        let mut paced: Option<Instant> = None;
+        while established && s.can_submit() && sent < max_msgs {
+            if site.queue.borrow().is_empty() {
                 break;
+            }
+            if let Some(at) = shaping::admit(&chain, Instant::now()) {
+                paced = Some(at);
+                break;
+            }
+            let jobs = match shard.next_batch(site) {
+                Ok(Some(jobs)) => jobs,
+                Ok(None) => break,
+                Err(at) => {
+                    paced = Some(at);
+                    break;
+                }
             };
             let tx = build_tx(shard, &jobs);
             inflight.insert(tx.id, (jobs, Instant::now()));
@@ -252,11 +324,20 @@ async fn session(
         if established && s.is_idle() && s.in_flight() == 0 {
             let queue_empty = site.queue.borrow().is_empty();
             let since = *idle_since.get_or_insert_with(Instant::now);
-            if sent >= cfg.max_msgs_per_conn
+            let idle_for = since.elapsed();
+            if sent >= max_msgs
                 || shard.stop_requested()
-                || (queue_empty && since.elapsed() >= cfg.idle_timeout)
+                // Over the connection cap after a back-off: this one gives way.
+                || chain.iter().any(|l| l.over_cap())
+                || ((queue_empty || paced.is_some()) && idle_for >= idle_timeout)
             {
                 s.quit(Instant::now());
+            } else if let Some(at) = paced {
+                let wait = at
+                    .saturating_duration_since(Instant::now())
+                    .min(idle_timeout - idle_for);
+                monoio::time::sleep(wait.max(Duration::from_millis(1))).await;
+                continue;
             } else if queue_empty {
                 monoio::time::sleep(IDLE_POLL).await;
                 continue;
@@ -278,9 +359,15 @@ async fn session(
         }
         if !s.is_closed() {
             let now = Instant::now();
-            let wait = s.deadline().map_or(Duration::from_secs(60), |d| {
-                d.saturating_duration_since(now)
-            });
+            // Wake for the session's deadline, or sooner when pacing allows the next message.
+            let wait = s
+                .deadline()
+                .into_iter()
+                .chain(paced)
+                .min()
+                .map_or(Duration::from_secs(60), |d| {
+                    d.saturating_duration_since(now)
+                });
             buf.clear();
             match monoio::time::timeout(wait, stream.read(buf)).await {
                 Ok((Ok(0), b)) => {
@@ -318,9 +405,10 @@ async fn session(
                             rustls::pki_types::ServerName::IpAddress(addr.ip().into())
                         });
                     let conn =
-                        rustls::ClientConnection::new(shard.tls_config(), name).map_err(|e| {
-                            failure(451, "4.7.5", format!("{host} [{addr}]: TLS setup: {e}"))
-                        })?;
+                        rustls::ClientConnection::new(shard.tls_config(site.tls_verify()), name)
+                            .map_err(|e| {
+                                failure(451, "4.7.5", format!("{host} [{addr}]: TLS setup: {e}"))
+                            })?;
                     let mut conn = conn;
                     // The session's own window bounds what is written; rustls must not
                     // refuse a pipelined batch over its default 64 KiB.
@@ -347,7 +435,7 @@ async fn session(
                         .expect("events name transactions in flight");
                     let tx_ms = Some(started.elapsed().as_millis() as u64);
                     for (mut job, (stage, reply)) in jobs.into_iter().zip(replies) {
-                        shard.outcome_timed(
+                        let class = shard.outcome_timed(
                             &mut job,
                             &reply,
                             stage_name(stage),
@@ -355,6 +443,9 @@ async fn session(
                             None,
                             tx_ms,
                         );
+                        if let Some(c @ (Class::Throttled | Class::Blocked)) = class {
+                            shard.react(site, source, c, &reply);
+                        }
                     }
                 }
                 Event::TxAborted { id, reason } => {
@@ -379,23 +470,6 @@ async fn session(
             }
         }
     }
-}
-
-/// Up to `max_rcpt_per_msg` jobs of the same domain and campaign from the front.
-fn pop_batch(shard: &Shard, site: &Site) -> Option<Vec<Job>> {
-    let mut q = site.queue.borrow_mut();
-    let first = q.pop_front()?;
-    let max = shard.instances[&first.instance].settings.max_rcpt_per_msg as usize;
-    let mut jobs = vec![first];
-    while jobs.len() < max {
-        match q.front() {
-            Some(j) if j.domain == jobs[0].domain && j.instance == jobs[0].instance => {
-                jobs.push(q.pop_front().expect("front"))
-            }
-            _ => break,
-        }
-    }
-    Some(jobs)
 }
 
 /// Renders the message for the first job's merge values, addressed to every job.

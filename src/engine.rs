@@ -2,8 +2,10 @@
 //! progress bar, and the report when every recipient is done (or `stop` is set).
 
 use crate::config::EngineConfig;
+use crate::control::{self, Command, Status};
 use crate::dns::Resolver;
 use crate::ingest::Instances;
+use crate::shaping::rules::Rules;
 use crate::shard::{self, Progress};
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -54,6 +56,25 @@ impl Report {
     }
 }
 
+/// The shaping rules for this run; every pool a campaign names must exist.
+fn load_rules(cfg: &EngineConfig, instances: &Instances) -> anyhow::Result<Rules> {
+    let rules = cfg.rules().map_err(|problems| {
+        let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+        anyhow::anyhow!("shaping rules:\n{}", list.join("\n"))
+    })?;
+    for inst in instances.values() {
+        if let Some(pool) = &inst.settings.pool {
+            anyhow::ensure!(
+                rules.pools.contains_key(pool),
+                "campaign {} sends from pool `{pool}`, which no shaping file defines; \
+                 add [pool.{pool}] to the --shaping file or remove `pool` from the campaign",
+                inst.settings.id
+            );
+        }
+    }
+    Ok(rules)
+}
+
 /// Runs every shard until its recipients are all terminal or `stop` is set.
 pub fn run(
     cfg: EngineConfig,
@@ -62,27 +83,42 @@ pub fn run(
     show_progress: bool,
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
+    let rules = Arc::new(load_rules(&cfg, &instances)?);
     let cfg = Arc::new(cfg);
     let resolver = Resolver::start(&cfg.dns)?;
     let classifier = Arc::new(crate::classify::load(cfg.bounce_rules.as_deref())?);
+    let status = Arc::new(Status::default());
+    *status.per_shard.lock().expect("status lock") = vec![Vec::new(); cfg.shards];
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..cfg.shards)
+        .map(|_| crossbeam_channel::unbounded::<Command>())
+        .unzip();
+    let admin_stop = Arc::new(AtomicBool::new(false));
+    let admin = control::serve(
+        control::socket_path(&cfg.spool_dir),
+        senders,
+        status.clone(),
+        admin_stop.clone(),
+    )?;
     let progress: Vec<Arc<Progress>> = (0..cfg.shards)
         .map(|_| Arc::new(Progress::default()))
         .collect();
     let mut handles = Vec::new();
-    for (id, p) in progress.iter().enumerate() {
-        let (cfg, inst, res, p, stop) = (
-            cfg.clone(),
-            instances.clone(),
-            resolver.clone(),
-            p.clone(),
-            stop.clone(),
-        );
-        let classifier = classifier.clone();
+    for ((id, p), control) in progress.iter().enumerate().zip(receivers) {
+        let (cfg, inst, stop) = (cfg.clone(), instances.clone(), stop.clone());
+        let links = shard::Links {
+            classifier: classifier.clone(),
+            rules: rules.clone(),
+            resolver: resolver.clone(),
+            progress: p.clone(),
+            control,
+            status: status.clone(),
+            stop: stop.clone(),
+        };
+        let done = p.clone();
         let h = std::thread::Builder::new()
             .name(format!("shard-{id}"))
             .spawn(move || {
-                let done = p.clone();
-                let r = shard::run(id, cfg, inst, classifier, res, p, stop.clone());
+                let r = shard::run(id, cfg, inst, links);
                 if r.is_err() {
                     // One shard failing stops the rest: better a clean stop than a partial run.
                     stop.store(true, Ordering::Relaxed);
@@ -114,15 +150,20 @@ pub fn run(
                 sum(|p| p.expired.load(Ordering::Relaxed)),
             );
             b.set_position(d + bo + e);
+            let shaping = status.lines();
             b.set_message(format!(
-                "delivered {d} bounced {bo} expired {e} deferrals {}",
-                sum(|p| p.deferrals.load(Ordering::Relaxed))
+                "delivered {d} bounced {bo} expired {e} deferrals {}{}{}",
+                sum(|p| p.deferrals.load(Ordering::Relaxed)),
+                if shaping.is_empty() { "" } else { "\n" },
+                shaping.join("\n")
             ));
         }
     }
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
+    admin_stop.store(true, Ordering::Relaxed);
+    let _ = admin.join();
     let mut latency = Histogram::<u64>::new(3).expect("valid");
     let mut remaining = 0;
     let mut errors = Vec::new();

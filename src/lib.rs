@@ -6,6 +6,7 @@
 pub mod campaign;
 pub mod classify;
 pub mod config;
+pub mod control;
 pub mod delivery;
 pub mod demo;
 pub mod dns;
@@ -14,6 +15,7 @@ pub mod ingest;
 pub mod log;
 pub mod report;
 pub mod retry;
+pub mod shaping;
 pub mod shard;
 pub mod smtp;
 pub mod spool;

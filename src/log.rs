@@ -1,5 +1,6 @@
 //! The accounting log: one JSON line per event, in the record types KumoMTA
-//! operators know (Reception, Delivery, TransientFailure, Bounce, Expiration).
+//! operators know (Reception, Delivery, TransientFailure, Bounce, Expiration), plus
+//! Shaping records for changes to a destination's limits.
 //!
 //! Every shard appends to the same file opened with O_APPEND, one write per batch
 //! of whole lines, so lines never interleave. A shard writes its batch before it
@@ -57,6 +58,25 @@ pub struct Record<'a> {
     pub shard: usize,
 }
 
+/// A shaping change (back-off, recovery, suspension, operator control) for one key
+/// on one shard: `{"type": "Shaping", "event": "throttled", "key": "provider:google", ...}`.
+#[derive(Debug, Serialize)]
+pub struct ShapingRecord<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub time: String,
+    /// throttled, ramped, recovered, suspended, resumed, paused, unpaused, rate.
+    pub event: &'static str,
+    pub key: &'a str,
+    /// This shard's message rate after the change (absent: unlimited).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_per_s: Option<f64>,
+    /// This shard's connection cap after the change.
+    pub connections: usize,
+    pub reason: &'a str,
+    pub shard: usize,
+}
+
 pub struct LogWriter {
     path: PathBuf,
     file: File,
@@ -76,7 +96,7 @@ impl LogWriter {
         })
     }
 
-    pub fn push(&mut self, r: &Record<'_>) {
+    pub fn push(&mut self, r: &impl Serialize) {
         serde_json::to_writer(&mut self.buf, r).expect("serialising to memory does not fail");
         self.buf.push(b'\n');
     }

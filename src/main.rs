@@ -6,6 +6,7 @@ use std::time::Duration;
 use volley::campaign::Campaign;
 use volley::config::EngineConfig;
 use volley::ingest::{self, IngestError};
+use volley::shaping::rules::{parse_per, Rule, Rules, Set};
 use volley_load::runtime::Driver;
 
 /// volley: a bulk email sending engine. Validates campaigns, spools them durably,
@@ -64,6 +65,20 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         domains: usize,
     },
+    /// Traffic shaping rules: check a file, or show the merged rule for a domain.
+    Shaping {
+        #[command(subcommand)]
+        cmd: ShapingCmd,
+    },
+    /// Control a running `volley send` over its admin socket (SPOOL/admin.sock):
+    /// takes effect within a second, without a restart.
+    Queue {
+        /// The spool of the running `volley send`.
+        #[arg(long, default_value = "/var/spool/volley")]
+        spool: PathBuf,
+        #[command(subcommand)]
+        cmd: QueueCmd,
+    },
     /// The whole path on loopback: bundled sink + DNS, a generated campaign, the report.
     Demo {
         #[arg(long, default_value_t = 100_000)]
@@ -81,6 +96,42 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ShapingCmd {
+    /// Validate a rules file; names each bad key or value with its line.
+    Check { file: PathBuf },
+    /// The effective rule for DOMAIN after every layer is merged, with where each
+    /// value came from. The provider is found from the domain's MX hosts.
+    Show {
+        domain: String,
+        /// Your rules file, as given to `send --shaping`.
+        #[arg(long)]
+        shaping: Option<PathBuf>,
+        /// MX host names to match providers by, instead of looking them up.
+        #[arg(long)]
+        mx: Vec<String>,
+        /// Nameserver for the MX lookup (ADDR:PORT); default /etc/resolv.conf.
+        #[arg(long)]
+        dns: Option<std::net::SocketAddr>,
+        /// A source address, to show its limits towards this destination too.
+        #[arg(long)]
+        source: Option<std::net::IpAddr>,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCmd {
+    /// Stop sending to TARGET: a domain (gmail.com), provider:NAME, site:MX,
+    /// campaign:ID or source:IP. Queued mail waits; nothing is deferred.
+    Pause { target: String },
+    /// Undo a pause.
+    Resume { target: String },
+    /// Set TARGET's total rate ("100/s", "3000/min"), or "unlimited" to lift it.
+    Rate { target: String, rate: String },
+    /// Destinations not at their configured limits: back-offs, suspensions, pauses.
+    Status,
 }
 
 #[derive(Args)]
@@ -105,11 +156,20 @@ struct EngineArgs {
     /// Name to send in EHLO; default the host name.
     #[arg(long)]
     ehlo: Option<String>,
-    /// Connections per destination site over all shards.
+    /// Traffic shaping rules (TOML), merged over the shipped defaults and tuning/
+    /// provider profiles; see `volley shaping check` and `volley shaping show`.
     #[arg(long)]
-    max_conns_per_site: Option<usize>,
+    shaping: Option<PathBuf>,
+    /// Connections per destination over all shards (the rules' [default] max_connections).
     #[arg(long)]
-    max_msgs_per_conn: Option<usize>,
+    max_conns_per_site: Option<u32>,
+    /// Messages per connection (the rules' [default] max_msgs_per_conn).
+    #[arg(long)]
+    max_msgs_per_conn: Option<u32>,
+    /// Messages per second per destination over all shards, e.g. "100/s", "3000/min"
+    /// (the rules' [default] max_msg_rate).
+    #[arg(long)]
+    max_msg_rate: Option<String>,
     /// Pipelined transactions in flight per connection (CHUNKING servers).
     #[arg(long)]
     window: Option<usize>,
@@ -122,9 +182,10 @@ struct EngineArgs {
     /// Your reply classification rules, tried before the shipped ones (see `volley classify`).
     #[arg(long)]
     bounce_rules: Option<PathBuf>,
-    /// STARTTLS: opportunistic (when offered), required (never in clear), disabled.
-    #[arg(long, value_enum, default_value_t = volley::smtp::client::TlsMode::Opportunistic)]
-    tls: volley::smtp::client::TlsMode,
+    /// STARTTLS: opportunistic (when offered), required (never in clear), disabled
+    /// (the rules' [default] tls; provider and domain rules may differ).
+    #[arg(long, value_enum)]
+    tls: Option<volley::smtp::client::TlsMode>,
     /// Verify MX certificates against the Mozilla roots (webpki-roots) and the MX name.
     #[arg(long)]
     tls_verify: bool,
@@ -141,8 +202,9 @@ impl EngineArgs {
             c.shards = n;
         }
         c.driver = self.driver;
-        c.tls = self.tls;
-        c.tls_verify = self.tls_verify;
+        let d = &mut c.defaults;
+        d.tls = self.tls.map(Set::cli);
+        d.tls_verify = self.tls_verify.then(|| Set::cli(true));
         c.dns.server = self.dns;
         c.smtp_port = self.smtp_port;
         if let Some(e) = self.ehlo {
@@ -150,11 +212,23 @@ impl EngineArgs {
         }
         if let Some(n) = self.max_conns_per_site {
             anyhow::ensure!(n >= 1, "--max-conns-per-site must be at least 1");
-            c.max_conns_per_site = n;
+            c.defaults.max_connections = Some(Set::cli(n));
         }
         if let Some(n) = self.max_msgs_per_conn {
             anyhow::ensure!(n >= 1, "--max-msgs-per-conn must be at least 1");
-            c.max_msgs_per_conn = n;
+            c.defaults.max_msgs_per_conn = Some(Set::cli(n));
+        }
+        if let Some(r) = self.max_msg_rate {
+            let r = parse_per(&r).map_err(|e| anyhow::anyhow!("--max-msg-rate: {e}"))?;
+            c.defaults.max_msg_rate = Some(Set::cli(r));
+        }
+        c.shaping_file = self.shaping;
+        // Checked now, so bad rules stop `send` before anything is queued.
+        if let Err(problems) = c.rules() {
+            for p in &problems {
+                eprintln!("{p}");
+            }
+            anyhow::bail!("{} problem(s) in the shaping rules", problems.len());
         }
         if let Some(n) = self.window {
             anyhow::ensure!((1..=256).contains(&n), "--window must be 1..=256");
@@ -227,6 +301,19 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Cmd::Classify { bounce_rules } => classify(bounce_rules.as_deref()),
+        Cmd::Shaping { cmd } => shaping(cmd),
+        Cmd::Queue { spool, cmd } => {
+            let line = match cmd {
+                QueueCmd::Pause { target } => format!("pause {target}"),
+                QueueCmd::Resume { target } => format!("resume {target}"),
+                QueueCmd::Rate { target, rate } => format!("rate {target} {rate}"),
+                QueueCmd::Status => "status".into(),
+            };
+            // Checked here too, so a typo is named before anything is sent.
+            volley::control::parse(&line).map_err(|e| anyhow::anyhow!(e))?;
+            println!("{}", volley::control::request(&spool, &line)?);
+            Ok(0)
+        }
         Cmd::Demo {
             recipients,
             profile,
@@ -244,6 +331,67 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 keep,
             })?;
             Ok(0)
+        }
+    }
+}
+
+fn shaping(cmd: ShapingCmd) -> anyhow::Result<i32> {
+    match cmd {
+        ShapingCmd::Check { file } => match volley::shaping::rules::check_file(&file) {
+            Ok(()) => {
+                println!("{}: ok", file.display());
+                Ok(0)
+            }
+            Err(problems) => {
+                for p in &problems {
+                    eprintln!("{p}");
+                }
+                eprintln!("volley: {} problem(s)", problems.len());
+                Ok(1)
+            }
+        },
+        ShapingCmd::Show {
+            domain,
+            shaping,
+            mx,
+            dns,
+            source,
+        } => {
+            let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+            let rules = match Rules::load(shaping.as_deref(), &Rule::default()) {
+                Ok(r) => r,
+                Err(problems) => {
+                    for p in &problems {
+                        eprintln!("{p}");
+                    }
+                    return Ok(1);
+                }
+            };
+            let mx = if mx.is_empty() {
+                lookup_mx(&domain, dns)?
+            } else {
+                mx
+            };
+            print!("{}", volley::shaping::show(&rules, &domain, &mx, source));
+            Ok(0)
+        }
+    }
+}
+
+/// The MX host names of `domain`, in the order volley would try them.
+fn lookup_mx(domain: &str, server: Option<std::net::SocketAddr>) -> anyhow::Result<Vec<String>> {
+    let cfg = volley::dns::DnsConfig {
+        server,
+        ..Default::default()
+    };
+    let resolver = volley::dns::Resolver::start(&cfg)?;
+    let answer =
+        volley_load::runtime::block_on(Driver::Auto, async move { resolver.lookup(domain).await })?;
+    match answer.route {
+        volley::dns::Route::Hosts(h) => Ok(h.into_iter().map(|h| h.name).collect()),
+        volley::dns::Route::NullMx => anyhow::bail!("{domain} has a null MX: it takes no mail"),
+        volley::dns::Route::NoSuchDomain(why) | volley::dns::Route::TempFail(why) => {
+            anyhow::bail!("MX lookup for {domain}: {why}; give the hosts with --mx")
         }
     }
 }

@@ -6,20 +6,26 @@
 //! → a queue per site (MX host set) → up to N pipelined connections per site →
 //! replies → outcomes → group commit (accounting log first, then spool Done records).
 
-use crate::classify::Classifier;
+use crate::classify::{Class, Classifier};
 use crate::config::EngineConfig;
+use crate::control::{Action, Command, Status, Target};
 use crate::delivery;
+use crate::dns::MxHost;
 use crate::dns::{Resolver, Route};
 use crate::ingest::{shard_dir, Instances};
 use crate::log::{self, Kind, LogWriter};
 use crate::retry::{self, Decision};
+use crate::shaping::rules::{BlockScope, PoolSource, Rule, Rules, Set};
+use crate::shaping::{self, Change, Gate, Limiter};
 use crate::smtp::client::Stage;
+use crate::smtp::client::TlsMode;
 use crate::smtp::reply::Reply;
 use crate::spool::{RecordRef, Spool, Terminal};
+use crossbeam_channel::Receiver;
 use hdrhistogram::Histogram;
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -65,18 +71,72 @@ pub struct Via<'a> {
     pub tls: Option<&'a str>,
 }
 
-/// A destination: the MX host set that one or more domains route to.
+/// A destination: the MX host set that one or more domains route to, sent to from
+/// one source pool (and, for a domain with its own shaping rule, that domain alone).
 pub struct Site {
     pub key: String,
-    pub hosts: Vec<crate::dns::MxHost>,
+    pub hosts: Rc<[MxHost]>,
     pub queue: RefCell<VecDeque<Job>>,
     pub conns: Cell<usize>,
+    /// Session settings: default, then provider, then domain rule.
+    pub rule: Rule,
+    /// Destination limiters (provider or MX set, then the domain's own): every
+    /// message and connection passes each.
+    pub limits: Vec<Rc<Limiter>>,
+    /// The pool's source addresses, each with its limiter towards this destination;
+    /// empty: the host's default address.
+    pub sources: Vec<Source>,
+}
+
+pub struct Source {
+    pub addr: PoolSource,
+    pub limit: Rc<Limiter>,
+}
+
+impl Site {
+    pub fn max_msgs_per_conn(&self) -> usize {
+        self.rule
+            .max_msgs_per_conn
+            .as_ref()
+            .map_or(1000, |v| v.value as usize)
+    }
+    pub fn max_rcpt_per_msg(&self) -> usize {
+        self.rule
+            .max_rcpt_per_msg
+            .as_ref()
+            .map_or(100, |v| v.value as usize)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        self.rule
+            .idle_timeout
+            .as_ref()
+            .map_or(Duration::from_secs(5), |v| v.value)
+    }
+    pub fn tls(&self) -> TlsMode {
+        self.rule
+            .tls
+            .as_ref()
+            .map_or(TlsMode::Opportunistic, |v| v.value)
+    }
+    pub fn tls_verify(&self) -> bool {
+        self.rule.tls_verify.as_ref().is_some_and(|v| v.value)
+    }
+    /// Limiters a message sent from `source` passes.
+    pub fn chain(&self, source: Option<usize>) -> Vec<&Limiter> {
+        let mut c: Vec<&Limiter> = self.limits.iter().map(|l| &**l).collect();
+        if let Some(i) = source {
+            c.push(&self.sources[i].limit);
+        }
+        c
+    }
 }
 
 enum DomainState {
     Resolving(Vec<Job>),
     Routed {
-        site: Rc<Site>,
+        hosts: Rc<[MxHost]>,
+        /// The domain's site per source pool.
+        sites: Vec<(Option<String>, Rc<Site>)>,
         until: Instant,
     },
     /// Permanent (null MX, no such domain) or temporary DNS failure, until the TTL ends.
@@ -98,12 +158,24 @@ pub struct Shard {
     pub instances: Instances,
     classifier: Arc<Classifier>,
     tls: Arc<rustls::ClientConfig>,
+    tls_verified: Arc<rustls::ClientConfig>,
     resolver: Resolver,
     pub spool: RefCell<Spool>,
     log: RefCell<LogWriter>,
     domains: RefCell<HashMap<Rc<str>, DomainState>>,
     sites: RefCell<HashMap<String, Rc<Site>>>,
     pending: RefCell<Vec<Pending>>,
+    rules: Arc<Rules>,
+    limiters: RefCell<HashMap<String, Rc<Limiter>>>,
+    /// Operator overrides by target key, applied to limiters made later too.
+    overrides: RefCell<HashMap<String, Override>>,
+    /// Operator rates for a domain or campaign (`rate campaign:x 10/s`).
+    job_limits: RefCell<HashMap<String, Rc<Limiter>>>,
+    /// Paused domains and campaigns (`domain:x`, `campaign:x`), and the jobs they hold.
+    paused: RefCell<HashSet<String>>,
+    held: RefCell<Vec<Job>>,
+    control: Receiver<Command>,
+    status: Arc<Status>,
     retries: RefCell<BinaryHeap<Reverse<(Instant, u64)>>>,
     retry_jobs: RefCell<HashMap<u64, Job>>,
     retry_seq: Cell<u64>,
@@ -115,16 +187,41 @@ pub struct Shard {
     stop: Arc<AtomicBool>,
 }
 
+/// What a shard shares with the engine besides its configuration.
+pub struct Links {
+    pub classifier: Arc<Classifier>,
+    pub rules: Arc<Rules>,
+    pub resolver: Resolver,
+    pub progress: Arc<Progress>,
+    pub control: Receiver<Command>,
+    pub status: Arc<Status>,
+    pub stop: Arc<AtomicBool>,
+}
+
+/// An operator's pause or rate for a limiter key (or key prefix).
+#[derive(Debug, Clone, Default)]
+struct Override {
+    paused: bool,
+    /// This shard's share of the operator's rate; Some(None): unlimited.
+    rate: Option<Option<f64>>,
+}
+
 /// Runs shard `id` to the end: every recovered recipient terminal, or `stop` set.
 pub fn run(
     id: usize,
     cfg: Arc<EngineConfig>,
     instances: Instances,
-    classifier: Arc<Classifier>,
-    resolver: Resolver,
-    progress: Arc<Progress>,
-    stop: Arc<AtomicBool>,
+    links: Links,
 ) -> anyhow::Result<ShardReport> {
+    let Links {
+        classifier,
+        rules,
+        resolver,
+        progress,
+        control,
+        status,
+        stop,
+    } = links;
     let (spool, recovered) =
         Spool::open(&shard_dir(&cfg.spool_dir, id), cfg.segment_bytes, &|i| {
             instances.contains_key(&i)
@@ -138,13 +235,22 @@ pub fn run(
         id,
         instances,
         classifier,
-        tls: crate::tls::client_config(cfg.tls_verify),
+        tls: crate::tls::client_config(false),
+        tls_verified: crate::tls::client_config(true),
         resolver,
         spool: RefCell::new(spool),
         log: RefCell::new(log),
         domains: RefCell::new(HashMap::new()),
         sites: RefCell::new(HashMap::new()),
         pending: RefCell::new(Vec::new()),
+        rules,
+        limiters: RefCell::new(HashMap::new()),
+        overrides: RefCell::new(HashMap::new()),
+        job_limits: RefCell::new(HashMap::new()),
+        paused: RefCell::new(HashSet::new()),
+        held: RefCell::new(Vec::new()),
+        control,
+        status,
         retries: RefCell::new(BinaryHeap::new()),
         retry_jobs: RefCell::new(HashMap::new()),
         retry_seq: Cell::new(0),
@@ -193,7 +299,7 @@ pub fn run(
     let sh = shard.clone();
     volley_load::runtime::block_on(driver, async move {
         let committer = monoio::spawn(commit_loop(sh.clone()));
-        let retrier = monoio::spawn(retry_loop(sh.clone()));
+        let retrier = monoio::spawn(tick_loop(sh.clone()));
         for job in jobs {
             sh.clone().enqueue(job);
         }
@@ -219,8 +325,20 @@ impl Shard {
         let mut domains = self.domains.borrow_mut();
         match domains.get_mut(&job.domain) {
             Some(DomainState::Resolving(waiting)) => waiting.push(job),
-            Some(DomainState::Routed { site, until }) if *until > now => {
-                let site = site.clone();
+            Some(DomainState::Routed {
+                hosts,
+                sites,
+                until,
+            }) if *until > now => {
+                let pool = &self.instances[&job.instance].settings.pool;
+                let site = match sites.iter().find(|(p, _)| p == pool) {
+                    Some((_, site)) => site.clone(),
+                    None => {
+                        let site = self.site_for(&job.domain, pool.as_deref(), hosts.clone());
+                        sites.push((pool.clone(), site.clone()));
+                        site
+                    }
+                };
                 drop(domains);
                 site.queue.borrow_mut().push_back(job);
                 self.ensure_connections(&site);
@@ -250,33 +368,14 @@ impl Shard {
             (Reply::new(code, Some(enhanced), why), permanent)
         };
         let (state, route) = match answer.route {
-            Route::Hosts(hosts) => {
-                let key = hosts
-                    .iter()
-                    .map(|h| h.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(",");
-                let site = self
-                    .sites
-                    .borrow_mut()
-                    .entry(key.clone())
-                    .or_insert_with(|| {
-                        Rc::new(Site {
-                            key,
-                            hosts,
-                            queue: RefCell::new(VecDeque::new()),
-                            conns: Cell::new(0),
-                        })
-                    })
-                    .clone();
-                (
-                    DomainState::Routed {
-                        site: site.clone(),
-                        until,
-                    },
-                    Ok(site),
-                )
-            }
+            Route::Hosts(hosts) => (
+                DomainState::Routed {
+                    hosts: hosts.into(),
+                    sites: Vec::new(),
+                    until,
+                },
+                Ok(()),
+            ),
             Route::NullMx => {
                 let why = format!("{domain} accepts no mail (null MX, RFC 7505)");
                 let f = failed(556, "5.1.10", &why, true);
@@ -317,9 +416,10 @@ impl Shard {
             _ => Vec::new(),
         };
         match route {
-            Ok(site) => {
-                site.queue.borrow_mut().extend(waiting);
-                self.ensure_connections(&site);
+            Ok(()) => {
+                for job in waiting {
+                    self.clone().enqueue(job);
+                }
             }
             Err((reply, permanent)) => {
                 for job in waiting {
@@ -329,18 +429,328 @@ impl Shard {
         }
     }
 
+    /// The site for `domain` routed to `hosts`, sent from `pool`: shared by every
+    /// domain on the same MX hosts unless the domain has its own rule.
+    fn site_for(&self, domain: &str, pool: Option<&str>, hosts: Rc<[MxHost]>) -> Rc<Site> {
+        let mx = hosts
+            .iter()
+            .map(|h| h.name.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let own = self.rules.domains.get(domain);
+        let key = format!(
+            "{}|{}|{mx}",
+            pool.unwrap_or(""),
+            if own.is_some() { domain } else { "" }
+        );
+        if let Some(site) = self.sites.borrow().get(&key) {
+            return site.clone();
+        }
+        let rules = self.rules.clone();
+        let provider = rules.provider_for(hosts.iter().map(|h| h.name.as_str()));
+        let dest = match provider {
+            Some(p) => format!("provider:{}", p.name),
+            None => format!("site:{mx}"),
+        };
+        let dest_rule = rules.default.merged(provider.map(|p| &p.rule));
+        let mut limits = vec![self.limiter(&dest, &dest_rule)];
+        if let Some(r) = own.filter(|r| {
+            r.max_msg_rate.is_some()
+                || r.max_connections.is_some()
+                || r.connect_rate.is_some()
+                || r.warmup.is_some()
+        }) {
+            limits.push(self.limiter(&format!("domain:{domain}"), r));
+        }
+        let sources = pool
+            .and_then(|p| rules.pools.get(p))
+            .into_iter()
+            .flatten()
+            .map(|src| {
+                let rule = rules
+                    .source_rule(src.ip, provider.map(|p| p.name.as_str()))
+                    .unwrap_or_default();
+                Source {
+                    addr: src.clone(),
+                    limit: self.limiter(&format!("source:{}>{dest}", src.ip), &rule),
+                }
+            })
+            .collect();
+        let site = Rc::new(Site {
+            key: key.clone(),
+            hosts,
+            queue: RefCell::new(VecDeque::new()),
+            conns: Cell::new(0),
+            rule: rules.effective(domain, provider),
+            limits,
+            sources,
+        });
+        self.sites.borrow_mut().insert(key, site.clone());
+        site
+    }
+
+    /// This shard's limiter for `key`, made from `rule` on first use.
+    fn limiter(&self, key: &str, rule: &Rule) -> Rc<Limiter> {
+        if let Some(l) = self.limiters.borrow().get(key) {
+            return l.clone();
+        }
+        let now = Instant::now();
+        let l = Rc::new(Limiter::new(
+            key.to_string(),
+            rule,
+            self.cfg.shards,
+            self.id,
+            now,
+        ));
+        for (target, o) in self.overrides.borrow().iter() {
+            if key == target
+                || key
+                    .strip_prefix(target.as_str())
+                    .is_some_and(|r| r.starts_with('>'))
+            {
+                l.set_paused(o.paused);
+                if let Some(rate) = o.rate {
+                    l.set_rate(rate, now);
+                }
+            }
+        }
+        self.limiters
+            .borrow_mut()
+            .insert(key.to_string(), l.clone());
+        l
+    }
+
     /// Opens connections for a site while it has more queued work than its open
-    /// connections are taking, up to this shard's share of the limit.
+    /// connections are taking, as far as its limiters allow (the tick tries again).
     pub fn ensure_connections(self: &Rc<Self>, site: &Rc<Site>) {
-        let max = self.cfg.conns_per_site_per_shard();
         loop {
             let conns = site.conns.get();
             let queued = site.queue.borrow().len();
-            if queued == 0 || conns >= max || (conns > 0 && queued <= conns * self.cfg.window) {
+            if queued == 0 || (conns > 0 && queued <= conns * self.cfg.window) {
                 return;
             }
+            let now = Instant::now();
+            if site
+                .limits
+                .iter()
+                .any(|l| l.connect_gate(now) != Gate::Open)
+            {
+                return;
+            }
+            let source = if site.sources.is_empty() {
+                None
+            } else {
+                match pick_source(&site.sources, now) {
+                    Some(i) => Some(i),
+                    None => return,
+                }
+            };
+            for l in site.chain(source) {
+                l.connected(now);
+            }
             site.conns.set(conns + 1);
-            monoio::spawn(delivery::connection(self.clone(), site.clone()));
+            monoio::spawn(delivery::connection(self.clone(), site.clone(), source));
+        }
+    }
+
+    /// A connection from `source` to `site` ended.
+    pub fn connection_closed(&self, site: &Site, source: Option<usize>) {
+        for l in site.chain(source) {
+            l.disconnected();
+        }
+        site.conns.set(site.conns.get() - 1);
+    }
+
+    /// Backs off or suspends on a `throttled` or `blocked` reply. A throttle is the
+    /// receiver's view of the sending IP: with a pool it applies to that source
+    /// towards this destination, else to the destination.
+    pub fn react(&self, site: &Site, source: Option<usize>, class: Class, reply: &Reply) {
+        let dest = &site.limits[0];
+        let src = source.map(|i| &site.sources[i].limit);
+        let now = Instant::now();
+        let text = reply.to_string();
+        let change = match class {
+            Class::Throttled => src.unwrap_or(dest).on_throttled(now, &text),
+            Class::Blocked => {
+                let scope = site.rule.block_scope.as_ref().map(|s| s.value);
+                let l = match (scope, src) {
+                    (Some(BlockScope::Source), Some(src)) => src,
+                    _ => dest,
+                };
+                l.on_blocked(now, &text)
+            }
+            _ => None,
+        };
+        if let Some(c) = change {
+            self.log_change(&c);
+        }
+    }
+
+    fn log_change(&self, c: &Change) {
+        self.log.borrow_mut().push(&log::ShapingRecord {
+            kind: "Shaping",
+            time: log::now_rfc3339(),
+            event: c.event,
+            key: &c.key,
+            rate_per_s: c.rate,
+            connections: c.conns,
+            reason: &c.reason,
+            shard: self.id,
+        });
+    }
+
+    /// The next batch for a connection to `site`: up to the site's and the campaign's
+    /// recipients per message, of one domain and campaign, not held by a pause.
+    /// Err(when) if an operator's rate for the domain or campaign holds it back.
+    pub fn next_batch(&self, site: &Site) -> Result<Option<Vec<Job>>, Instant> {
+        let mut q = site.queue.borrow_mut();
+        let now = Instant::now();
+        loop {
+            let Some(first) = q.front() else {
+                return Ok(None);
+            };
+            let campaign = &self.instances[&first.instance].settings.id;
+            let paused = self.paused.borrow();
+            if !paused.is_empty()
+                && (paused.contains(&format!("domain:{}", first.domain))
+                    || paused.contains(&format!("campaign:{campaign}")))
+            {
+                self.held.borrow_mut().push(q.pop_front().expect("front"));
+                continue;
+            }
+            let limits = self.job_limits.borrow();
+            if !limits.is_empty() {
+                let chain: Vec<&Limiter> = [
+                    limits.get(&format!("domain:{}", first.domain)),
+                    limits.get(&format!("campaign:{campaign}")),
+                ]
+                .into_iter()
+                .flatten()
+                .map(|l| &**l)
+                .collect();
+                if let Some(at) = shaping::admit(&chain, now) {
+                    return Err(at);
+                }
+            }
+            break;
+        }
+        let first = q.pop_front().expect("checked");
+        let max = (self.instances[&first.instance].settings.max_rcpt_per_msg as usize)
+            .min(site.max_rcpt_per_msg());
+        let mut jobs = vec![first];
+        while jobs.len() < max {
+            match q.front() {
+                Some(j) if j.domain == jobs[0].domain && j.instance == jobs[0].instance => {
+                    jobs.push(q.pop_front().expect("front"))
+                }
+                _ => break,
+            }
+        }
+        Ok(Some(jobs))
+    }
+
+    /// Applies an operator's command (control.rs) on this shard.
+    fn apply(self: &Rc<Self>, cmd: Command) {
+        let now = Instant::now();
+        let key = cmd.target.key();
+        match &cmd.target {
+            Target::Domain(_) | Target::Campaign(_) => match &cmd.action {
+                Action::Pause => {
+                    self.paused.borrow_mut().insert(key);
+                }
+                Action::Resume => {
+                    self.paused.borrow_mut().remove(&key);
+                    let held = std::mem::take(&mut *self.held.borrow_mut());
+                    for job in held {
+                        self.clone().enqueue(job);
+                    }
+                }
+                Action::Rate(rate) => {
+                    let mut limits = self.job_limits.borrow_mut();
+                    match rate {
+                        None => {
+                            limits.remove(&key);
+                        }
+                        Some(r) => {
+                            let rule = Rule {
+                                max_msg_rate: Some(Set::cli(r.clone())),
+                                ..Rule::default()
+                            };
+                            let l = Limiter::new(key.clone(), &rule, self.cfg.shards, self.id, now);
+                            limits.insert(key, Rc::new(l));
+                        }
+                    }
+                }
+            },
+            Target::Destination(_) | Target::Source(_) => {
+                let mut overrides = self.overrides.borrow_mut();
+                let o = overrides.entry(key).or_default();
+                match &cmd.action {
+                    Action::Pause => o.paused = true,
+                    Action::Resume => o.paused = false,
+                    Action::Rate(r) => {
+                        o.rate =
+                            Some(r.as_ref().map(|r| {
+                                shaping::share(r.per_sec(), self.cfg.shards, self.id, false)
+                            }))
+                    }
+                }
+                let o = o.clone();
+                drop(overrides);
+                let matching: Vec<Rc<Limiter>> = self
+                    .limiters
+                    .borrow()
+                    .values()
+                    .filter(|l| cmd.target.matches(&l.key))
+                    .cloned()
+                    .collect();
+                for l in matching {
+                    let c = match cmd.action {
+                        Action::Rate(_) => l.set_rate(o.rate.flatten(), now),
+                        _ => l.set_paused(o.paused),
+                    };
+                    self.log_change(&c);
+                }
+            }
+        }
+    }
+
+    /// Once per tick: operator commands, limiter recoveries, connections for sites
+    /// their limiters held back, and the live status.
+    fn shaping_tick(self: &Rc<Self>, publish: bool) {
+        while let Ok(cmd) = self.control.try_recv() {
+            self.apply(cmd);
+        }
+        let now = Instant::now();
+        let limiters: Vec<Rc<Limiter>> = self.limiters.borrow().values().cloned().collect();
+        for l in &limiters {
+            if let Some(c) = l.tick(now) {
+                self.log_change(&c);
+            }
+        }
+        let sites: Vec<Rc<Site>> = self
+            .sites
+            .borrow()
+            .values()
+            .filter(|s| !s.queue.borrow().is_empty())
+            .cloned()
+            .collect();
+        for site in &sites {
+            self.ensure_connections(site);
+        }
+        if publish {
+            let mut lines: Vec<String> = limiters.iter().filter_map(|l| l.status(now)).collect();
+            for p in self.paused.borrow().iter() {
+                lines.push(format!("{p} paused"));
+            }
+            if !self.held.borrow().is_empty() {
+                lines.push(format!(
+                    "{} recipients held by pauses",
+                    self.held.borrow().len()
+                ));
+            }
+            lines.sort();
+            self.status.per_shard.lock().expect("status lock")[self.id] = lines;
         }
     }
 
@@ -378,6 +788,11 @@ impl Shard {
         self.outcome_timed(&mut job, reply, stage, via, permanent, None);
     }
 
+    /// The class of a reply that is not a success.
+    pub fn classify(&self, reply: &Reply) -> Class {
+        self.classifier.classify(reply).class
+    }
+
     pub fn outcome_timed(
         &self,
         job: &mut Job,
@@ -386,7 +801,7 @@ impl Shard {
         via: Option<&Via>,
         permanent: Option<bool>,
         tx_ms: Option<u64>,
-    ) {
+    ) -> Option<Class> {
         let inst = &self.instances[&job.instance];
         let now_sys = SystemTime::now();
         let queued_ms = now_sys
@@ -471,6 +886,7 @@ impl Shard {
                 self.stop.store(true, Ordering::Relaxed);
             }
         }
+        class.map(|v| v.class)
     }
 
     fn schedule_retry(&self, mut job: Job, expire_at: SystemTime, after: Duration) {
@@ -511,8 +927,12 @@ impl Shard {
     }
 
     /// This shard's TLS client settings (shared, so sessions resume per host).
-    pub fn tls_config(&self) -> Arc<rustls::ClientConfig> {
-        self.tls.clone()
+    pub fn tls_config(&self, verify: bool) -> Arc<rustls::ClientConfig> {
+        if verify {
+            self.tls_verified.clone()
+        } else {
+            self.tls.clone()
+        }
     }
 
     pub fn stop_requested(&self) -> bool {
@@ -537,10 +957,15 @@ async fn commit_loop(sh: Rc<Shard>) -> anyhow::Result<()> {
     }
 }
 
-async fn retry_loop(sh: Rc<Shard>) {
+/// Every 100 ms: due retries, then shaping (commands take effect within a tick).
+/// The live status is published once a second.
+async fn tick_loop(sh: Rc<Shard>) {
     const TICK: Duration = Duration::from_millis(100);
+    let mut ticks = 0u64;
     while !sh.finished() {
         monoio::time::sleep(TICK).await;
+        ticks += 1;
+        sh.shaping_tick(ticks % 10 == 0);
         let now = Instant::now();
         loop {
             let due = {
@@ -568,6 +993,28 @@ async fn retry_loop(sh: Rc<Shard>) {
             }
         }
     }
+}
+
+/// Weighted random choice among the sources that may open a connection now.
+fn pick_source(sources: &[Source], now: Instant) -> Option<usize> {
+    let open: Vec<(usize, u32)> = sources
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.limit.connect_gate(now) == Gate::Open)
+        .map(|(i, s)| (i, s.addr.weight))
+        .collect();
+    let total: u32 = open.iter().map(|(_, w)| w).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut r = fastrand::u32(0..total);
+    for (i, w) in open {
+        if r < w {
+            return Some(i);
+        }
+        r -= w;
+    }
+    None
 }
 
 /// Stage names for the log.

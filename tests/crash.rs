@@ -29,7 +29,7 @@ fn sigkill_during_delivery_loses_nothing() {
     .unwrap();
     // Few connections and a small window: slow enough that the kills land mid-run.
     let mut cfg = env.config();
-    cfg.max_conns_per_site = 4;
+    let conns = 4;
     cfg.window = 2;
     let spool = cfg.spool_dir.clone();
     let log = cfg.log_path.clone();
@@ -46,7 +46,7 @@ fn sigkill_during_delivery_loses_nothing() {
             .args(["--ehlo", "crash.volley.test", "--retry-schedule", "1s"])
             .args([
                 "--max-conns-per-site",
-                &cfg.max_conns_per_site.to_string(),
+                &conns.to_string(),
                 "--window",
                 &cfg.window.to_string(),
             ])
@@ -103,7 +103,7 @@ fn sigkill_during_delivery_loses_nothing() {
     let duplicated_in_log = t.values().filter(|v| v.len() > 1).count() as u64;
     // What can be in flight at a kill: the windows of every open connection plus the
     // outcomes not yet committed (sites = the generated campaign's MX hosts).
-    let bound = (cfg.in_flight_bound(6) * kills) as u64;
+    let bound = (cfg.in_flight_bound(6, conns) * kills) as u64;
     assert!(
         s.counts.duplicates <= bound,
         "sink saw {} duplicates, bound {bound}",

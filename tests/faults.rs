@@ -8,6 +8,7 @@ use common::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, TcpListener, TcpStream};
 use std::time::Duration;
+use volley::shaping::rules::Set;
 use volley::smtp::client::Timeouts;
 
 #[derive(Clone, Copy, PartialEq)]
@@ -145,7 +146,7 @@ fn run_fault(name: &str, ip: &str, fault: Fault) -> Vec<serde_json::Value> {
         quit: t,
     };
     cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(300)]);
-    cfg.idle_timeout = Duration::from_millis(200);
+    cfg.defaults.idle_timeout = Some(Set::cli(Duration::from_millis(200)));
     cfg.requeues_max = 1;
     let log = cfg.log_path.clone();
     let started = std::time::Instant::now();

@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use std::time::Duration;
+use volley::shaping::rules::Set;
 use volley::smtp::client::TlsMode;
 
 fn run(
@@ -20,8 +21,8 @@ fn run(
         &["a@gmail.com,Ann".into(), "b@shop3.tail.test,Bob".into()],
     );
     let mut cfg = env.config();
-    cfg.tls = mode;
-    cfg.tls_verify = verify;
+    cfg.defaults.tls = Some(Set::cli(mode));
+    cfg.defaults.tls_verify = Some(Set::cli(verify));
     cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(500)]);
     let log = cfg.log_path.clone();
     let r = env.send(&c, cfg);

@@ -1,0 +1,631 @@
+//! Traffic shaping at run time: one `Limiter` per limited key per shard, holding this
+//! shard's share of the configured limit (DESIGN.md §2), so what the receiver sees
+//! over all shards is what was configured.
+//!
+//! A key is a destination (`provider:NAME`, or `site:MX,MX` when no provider matches),
+//! a domain with its own rule (`domain:NAME`), or one source address towards one
+//! destination (`source:IP>provider:NAME`). A message must pass every limiter of its
+//! chain; a connection counts against each of them.
+
+pub mod rules;
+
+use rules::{Per, Rule};
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant, SystemTime};
+
+/// After a back-off, throttle replies this soon after it are answers to messages
+/// already in flight when it happened, not news: they do not back off again.
+const BACKOFF_HOLD: Duration = Duration::from_secs(2);
+/// Each recovery step after a quiet period raises the rate by this factor.
+const RECOVER_STEP: f64 = 1.25;
+/// The window over which the sending rate is measured, for backing off an
+/// unconfigured destination from the rate it was actually sent at.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// A backed-off rate is never set below this many messages per second per shard.
+const MIN_RATE: f64 = 0.01;
+
+/// Generic cell rate algorithm: one theoretical arrival time per key, so the cost is
+/// O(1) per message and pacing is smooth (at most `tolerance` of burst).
+#[derive(Debug, Clone)]
+pub struct Gcra {
+    interval: Duration,
+    tolerance: Duration,
+    tat: Instant,
+}
+
+impl Gcra {
+    /// `per_sec` events per second; bursts of at most a few milliseconds' worth
+    /// (timers are not finer than that), never a whole second's.
+    pub fn new(per_sec: f64, now: Instant) -> Gcra {
+        Gcra {
+            interval: Duration::from_secs_f64(1.0 / per_sec.max(MIN_RATE)),
+            tolerance: Duration::from_millis(5),
+            tat: now,
+        }
+    }
+
+    /// None when an event may happen now, else when it may.
+    pub fn wait(&self, now: Instant) -> Option<Instant> {
+        let allowed_at = self.tat.checked_sub(self.tolerance).unwrap_or(self.tat);
+        (allowed_at > now).then_some(allowed_at)
+    }
+
+    pub fn take(&mut self, now: Instant) {
+        self.tat = self.tat.max(now) + self.interval;
+    }
+
+    pub fn per_sec(&self) -> f64 {
+        1.0 / self.interval.as_secs_f64()
+    }
+}
+
+/// Whether a connection may be opened now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    Open,
+    /// Not before this instant (rate, suspension, pause).
+    At(Instant),
+    /// At the connection cap: when one closes.
+    Full,
+}
+
+/// Something that changed a limiter, for the accounting log and the live status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub event: &'static str,
+    pub key: String,
+    /// This shard's rate after the change, messages per second (None: unlimited).
+    pub rate: Option<f64>,
+    pub conns: usize,
+    pub reason: String,
+}
+
+/// The reactions a rule configures, resolved.
+#[derive(Debug, Clone)]
+struct Reactions {
+    throttle_threshold: Per,
+    throttle_factor: f64,
+    throttle_recover: Duration,
+    block_threshold: Per,
+    block_suspend: Duration,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Configured share (None: unlimited); a control command may replace it.
+    rate: Option<f64>,
+    conns_cap: usize,
+    /// After a throttle: the reduced rate (None: the rate was never measured nor
+    /// limited) and connection cap, until recovered.
+    backoff: Option<(Option<f64>, usize)>,
+    msg: Option<Gcra>,
+    connect: Option<Gcra>,
+    conns: usize,
+    throttles: VecDeque<Instant>,
+    blocks: VecDeque<Instant>,
+    backed_off_at: Option<Instant>,
+    last_throttle: Option<Instant>,
+    suspended_until: Option<Instant>,
+    paused: bool,
+    win_start: Instant,
+    win_count: u32,
+    observed: f64,
+    warm: Option<(rules::Warmup, i64, u32)>,
+}
+
+pub struct Limiter {
+    pub key: String,
+    reactions: Reactions,
+    state: RefCell<State>,
+}
+
+/// This shard's share of a limit `total` over `shards`: spread exactly, at least `min`.
+pub fn share(total: f64, shards: usize, id: usize, integral: bool) -> f64 {
+    let n = shards.max(1) as f64;
+    if !integral {
+        return total / n;
+    }
+    let base = (total / n).floor();
+    let extra = if (id as f64) < total - base * n {
+        1.0
+    } else {
+        0.0
+    };
+    (base + extra).max(1.0)
+}
+
+impl Limiter {
+    /// A limiter for `key` holding shard `id`'s share of `rule` over `shards`.
+    pub fn new(key: String, rule: &Rule, shards: usize, id: usize, now: Instant) -> Limiter {
+        let rate = rule
+            .max_msg_rate
+            .as_ref()
+            .map(|r| share(r.value.per_sec(), shards, id, false));
+        let conns_cap = rule.max_connections.as_ref().map_or(usize::MAX, |c| {
+            share(c.value as f64, shards, id, true) as usize
+        });
+        let per = |s: &str| rules::parse_per(s).expect("a valid constant");
+        let reactions = Reactions {
+            throttle_threshold: rule
+                .throttle_threshold
+                .as_ref()
+                .map_or_else(|| per("1/1min"), |s| s.value.clone()),
+            throttle_factor: rule.throttle_factor.as_ref().map_or(0.5, |s| s.value),
+            throttle_recover: rule
+                .throttle_recover
+                .as_ref()
+                .map_or(Duration::from_secs(60), |s| s.value),
+            block_threshold: rule
+                .block_threshold
+                .as_ref()
+                .map_or_else(|| per("3/10min"), |s| s.value.clone()),
+            block_suspend: rule
+                .block_suspend
+                .as_ref()
+                .map_or(Duration::from_secs(1800), |s| s.value),
+        };
+        let connect = rule
+            .connect_rate
+            .as_ref()
+            .map(|r| Gcra::new(share(r.value.per_sec(), shards, id, false), now));
+        Limiter {
+            key,
+            reactions,
+            state: RefCell::new(State {
+                rate,
+                conns_cap,
+                backoff: None,
+                msg: rate.map(|r| Gcra::new(r, now)),
+                connect,
+                conns: 0,
+                throttles: VecDeque::new(),
+                blocks: VecDeque::new(),
+                backed_off_at: None,
+                last_throttle: None,
+                suspended_until: None,
+                paused: false,
+                win_start: now,
+                win_count: 0,
+                observed: 0.0,
+                warm: rule.warmup.as_ref().map(|w| {
+                    let cap = share(w.value.per_day[0] as f64, shards, id, true) as u32;
+                    (w.value.clone(), i64::MIN, cap)
+                }),
+            }),
+        }
+    }
+
+    /// Current connection cap (after any back-off).
+    fn cap(s: &State) -> usize {
+        s.backoff.map_or(s.conns_cap, |(_, c)| c.min(s.conns_cap))
+    }
+
+    fn blocked_until(s: &State, now: Instant) -> Option<Instant> {
+        if s.paused {
+            return Some(now + Duration::from_millis(100));
+        }
+        s.suspended_until.filter(|u| *u > now)
+    }
+
+    pub fn connect_gate(&self, now: Instant) -> Gate {
+        let s = self.state.borrow();
+        if let Some(u) = Self::blocked_until(&s, now) {
+            return Gate::At(u);
+        }
+        if s.conns >= Self::cap(&s) {
+            return Gate::Full;
+        }
+        match s.connect.as_ref().and_then(|g| g.wait(now)) {
+            Some(at) => Gate::At(at),
+            None => Gate::Open,
+        }
+    }
+
+    pub fn connected(&self, now: Instant) {
+        let mut s = self.state.borrow_mut();
+        s.conns += 1;
+        if let Some(g) = s.connect.as_mut() {
+            g.take(now);
+        }
+    }
+
+    pub fn disconnected(&self) {
+        let mut s = self.state.borrow_mut();
+        s.conns = s.conns.saturating_sub(1);
+    }
+
+    /// Whether a connection over the current cap (after a back-off) should close.
+    pub fn over_cap(&self) -> bool {
+        let s = self.state.borrow();
+        s.conns > Self::cap(&s)
+    }
+
+    /// None when one message may be sent now; else when to ask again.
+    pub fn msg_wait(&self, now: Instant) -> Option<Instant> {
+        let mut s = self.state.borrow_mut();
+        if let Some(u) = Self::blocked_until(&s, now) {
+            return Some(u);
+        }
+        if let Some((w, day, left)) = s.warm.as_mut() {
+            let today = today();
+            if *day != today {
+                *day = today;
+                *left = w.cap_on(today).unwrap_or(u32::MAX);
+            }
+            if *left == 0 {
+                return Some(now + Duration::from_secs(60));
+            }
+        }
+        s.msg.as_ref().and_then(|g| g.wait(now))
+    }
+
+    pub fn take_msg(&self, now: Instant) {
+        let mut s = self.state.borrow_mut();
+        if let Some(g) = s.msg.as_mut() {
+            g.take(now);
+        }
+        if let Some((_, _, left)) = s.warm.as_mut() {
+            *left = left.saturating_sub(1);
+        }
+        if now.duration_since(s.win_start) >= RATE_WINDOW {
+            let secs = now.duration_since(s.win_start).as_secs_f64();
+            s.observed = s.win_count as f64 / secs;
+            s.win_start = now;
+            s.win_count = 0;
+        }
+        s.win_count += 1;
+    }
+
+    /// Messages per second over the last full window, or the current one once it
+    /// has run long enough to mean something.
+    fn measured(s: &State, now: Instant) -> Option<f64> {
+        let current = now.duration_since(s.win_start).as_secs_f64();
+        if s.observed > 0.0 {
+            Some(s.observed)
+        } else if current >= 0.1 && s.win_count > 0 {
+            Some(s.win_count as f64 / current)
+        } else {
+            None
+        }
+    }
+
+    fn change(&self, s: &State, event: &'static str, reason: String) -> Change {
+        Change {
+            event,
+            key: self.key.clone(),
+            rate: s.msg.as_ref().map(Gcra::per_sec),
+            conns: Self::cap(s).min(1 << 20),
+            reason,
+        }
+    }
+
+    /// A `throttled` reply for this key: past the threshold, cut the rate and the
+    /// connection cap by the configured factor.
+    pub fn on_throttled(&self, now: Instant, reply: &str) -> Option<Change> {
+        let r = &self.reactions;
+        let mut s = self.state.borrow_mut();
+        s.last_throttle = Some(now);
+        if s.backed_off_at
+            .is_some_and(|t| now.duration_since(t) < BACKOFF_HOLD)
+        {
+            return None;
+        }
+        if !past_threshold(&mut s.throttles, &r.throttle_threshold, now) {
+            return None;
+        }
+        s.throttles.clear();
+        // Back off from the rate actually sent at when it is known: a limit the
+        // sender was not reaching says nothing about what the receiver takes.
+        let limit = s.msg.as_ref().map(Gcra::per_sec);
+        let sending = match (Self::measured(&s, now), limit) {
+            (Some(m), Some(l)) => Some(m.min(l)),
+            (m, l) => m.or(l),
+        };
+        let rate = sending.map(|v| (v * r.throttle_factor).max(MIN_RATE));
+        let conns =
+            ((s.conns.min(Self::cap(&s)) as f64 * r.throttle_factor).floor() as usize).max(1);
+        s.backoff = Some((rate, conns));
+        if let Some(rate) = rate {
+            s.msg = Some(Gcra::new(rate, now));
+        }
+        s.backed_off_at = Some(now);
+        Some(self.change(&s, "throttled", reply.to_string()))
+    }
+
+    /// A `blocked` reply: past the threshold, suspend this key for the configured time.
+    pub fn on_blocked(&self, now: Instant, reply: &str) -> Option<Change> {
+        let r = &self.reactions;
+        let mut s = self.state.borrow_mut();
+        if !past_threshold(&mut s.blocks, &r.block_threshold, now) {
+            return None;
+        }
+        s.blocks.clear();
+        s.suspended_until = Some(now + r.block_suspend);
+        Some(self.change(
+            &s,
+            "suspended",
+            format!(
+                "for {}: {reply}",
+                humantime::format_duration(r.block_suspend)
+            ),
+        ))
+    }
+
+    /// Time passing: a suspension ends; after a quiet period a back-off steps back up.
+    pub fn tick(&self, now: Instant) -> Option<Change> {
+        let mut s = self.state.borrow_mut();
+        if s.suspended_until.is_some_and(|u| u <= now) {
+            s.suspended_until = None;
+            return Some(self.change(&s, "resumed", "suspension over".into()));
+        }
+        let (rate, conns) = s.backoff?;
+        let quiet = self.reactions.throttle_recover;
+        let since = s.last_throttle.max(s.backed_off_at).unwrap_or(now);
+        if now.duration_since(since) < quiet {
+            return None;
+        }
+        s.backed_off_at = Some(now);
+        let configured = s.rate;
+        let up = rate.map(|r| r * RECOVER_STEP);
+        let conns = (conns + 1).max((conns as f64 * RECOVER_STEP) as usize);
+        let rate_back = match (up, configured) {
+            (None, _) => true,
+            (Some(u), Some(c)) => u >= c,
+            (Some(_), None) => false,
+        };
+        if rate_back && conns >= s.conns_cap {
+            s.backoff = None;
+            s.msg = configured.map(|c| Gcra::new(c, now));
+            return Some(self.change(&s, "recovered", "back to the configured limits".into()));
+        }
+        // An unconfigured destination stays paced at the rate that last worked,
+        // raised a step at a time: a throttle reply is the only news of its limit.
+        let up = match (up, configured) {
+            (Some(u), Some(c)) => Some(u.min(c)),
+            (u, _) => u,
+        };
+        s.backoff = Some((up, conns.min(s.conns_cap)));
+        if let Some(up) = up {
+            s.msg = Some(Gcra::new(up, now));
+        }
+        Some(self.change(
+            &s,
+            "ramped",
+            format!("quiet for {}", humantime::format_duration(quiet)),
+        ))
+    }
+
+    pub fn set_paused(&self, paused: bool) -> Change {
+        let mut s = self.state.borrow_mut();
+        s.paused = paused;
+        let ev = if paused { "paused" } else { "unpaused" };
+        self.change(&s, ev, "operator".into())
+    }
+
+    /// Replaces the configured rate share (operator control); clears a back-off.
+    pub fn set_rate(&self, per_sec: Option<f64>, now: Instant) -> Change {
+        let mut s = self.state.borrow_mut();
+        s.rate = per_sec;
+        s.backoff = None;
+        s.msg = per_sec.map(|r| Gcra::new(r, now));
+        self.change(&s, "rate", "operator".into())
+    }
+
+    /// One line for the live status.
+    pub fn status(&self, now: Instant) -> Option<String> {
+        let s = self.state.borrow();
+        let mut parts = Vec::new();
+        if s.paused {
+            parts.push("paused".to_string());
+        }
+        if let Some(u) = s.suspended_until.filter(|u| *u > now) {
+            parts.push(format!("suspended {}s", u.duration_since(now).as_secs()));
+        }
+        if let Some((r, c)) = s.backoff {
+            let rate = r.map_or("unmeasured rate".into(), |r| format!("{r:.1}/s"));
+            parts.push(format!("backed off to {rate}, {c} conns"));
+        }
+        (!parts.is_empty()).then(|| format!("{} {}", self.key, parts.join(", ")))
+    }
+}
+
+/// `volley shaping show`: the merged rule for `domain` routed to `mx`, each value with
+/// the layer and line it came from.
+pub fn show(
+    rules: &rules::Rules,
+    domain: &str,
+    mx: &[String],
+    source: Option<std::net::IpAddr>,
+) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let provider = rules.provider_for(mx.iter().map(String::as_str));
+    let _ = writeln!(out, "domain    {domain}");
+    let _ = writeln!(out, "mx        {}", mx.join(", "));
+    let (key, how) = match provider {
+        Some(p) => (
+            format!("provider:{}", p.name),
+            format!("MX suffix {}", p.suffixes.join(" | ")),
+        ),
+        None => (
+            format!("site:{}", mx.join(",")),
+            "no provider's MX suffix matches".into(),
+        ),
+    };
+    let _ = writeln!(out, "budget    {key} ({how})");
+    let _ = writeln!(out, "layers    {}", rules.layers.join(" < "));
+    let _ = writeln!(out, "\neffective rule (limits are totals over all shards):");
+    let rule = rules.effective(domain, provider);
+    for (k, v, from) in rule.entries() {
+        let _ = writeln!(out, "  {k:<20} {v:<28} {from}");
+    }
+    if rules.domains.contains_key(domain) {
+        let _ = writeln!(
+            out,
+            "\n{domain} has its own rule: its limits apply on top of {key}'s, not instead."
+        );
+    }
+    if let Some(ip) = source {
+        let _ = writeln!(out, "\nsource {ip} towards {key}:");
+        match rules.source_rule(ip, provider.map(|p| p.name.as_str())) {
+            Some(r) if !r.is_empty() => {
+                for (k, v, from) in r.entries() {
+                    let _ = writeln!(out, "  {k:<20} {v:<28} {from}");
+                }
+            }
+            _ => {
+                let _ = writeln!(out, "  no limits of its own");
+            }
+        }
+    }
+    out
+}
+
+/// Counts an event; true when the threshold's count is reached within its window.
+fn past_threshold(events: &mut VecDeque<Instant>, t: &Per, now: Instant) -> bool {
+    while events
+        .front()
+        .is_some_and(|e| now.duration_since(*e) > t.window)
+    {
+        events.pop_front();
+    }
+    events.push_back(now);
+    events.len() as f64 >= t.count
+}
+
+fn today() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| (d.as_secs() / 86_400) as i64)
+}
+
+/// Whether every limiter of `chain` lets a message go now; if so, counts it in each.
+pub fn admit(chain: &[&Limiter], now: Instant) -> Option<Instant> {
+    let wait = chain.iter().filter_map(|l| l.msg_wait(now)).max();
+    if wait.is_none() {
+        for l in chain {
+            l.take_msg(now);
+        }
+    }
+    wait
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rules::Set;
+
+    fn rule(rate: &str, conns: u32) -> Rule {
+        Rule {
+            max_msg_rate: Some(Set::cli(rules::parse_per(rate).unwrap())),
+            max_connections: Some(Set::cli(conns)),
+            throttle_threshold: Some(Set::cli(rules::parse_per("2/1min").unwrap())),
+            throttle_recover: Some(Set::cli(Duration::from_secs(10))),
+            ..Rule::default()
+        }
+    }
+
+    #[test]
+    fn shares_add_up_to_the_limit() {
+        let total: f64 = (0..3).map(|i| share(10.0, 3, i, true)).sum();
+        assert_eq!(total, 10.0);
+        assert_eq!(share(1.0, 4, 3, true), 1.0, "at least one each");
+        assert_eq!(share(100.0, 4, 0, false), 25.0);
+    }
+
+    #[test]
+    fn gcra_paces_evenly_without_a_start_of_second_burst() {
+        let t0 = Instant::now();
+        let mut g = Gcra::new(100.0, t0);
+        let mut now = t0;
+        let mut sent = 0;
+        // Simulate a sender asking every 100 µs for one second.
+        while now < t0 + Duration::from_secs(1) {
+            if g.wait(now).is_none() {
+                g.take(now);
+                sent += 1;
+            }
+            now += Duration::from_micros(100);
+        }
+        assert!((100..=102).contains(&sent), "{sent}");
+        // In the first 100 ms: about 10, not a second's worth.
+        let mut g = Gcra::new(100.0, t0);
+        let mut first = 0;
+        let mut now = t0;
+        while now < t0 + Duration::from_millis(100) {
+            if g.wait(now).is_none() {
+                g.take(now);
+                first += 1;
+            }
+            now += Duration::from_micros(100);
+        }
+        assert!((10..=12).contains(&first), "{first}");
+    }
+
+    #[test]
+    fn throttle_halves_then_recovers_after_quiet() {
+        let t0 = Instant::now();
+        let l = Limiter::new("provider:x".into(), &rule("100/s", 8), 1, 0, t0);
+        for _ in 0..8 {
+            l.connected(t0);
+        }
+        assert!(l.on_throttled(t0, "421").is_none(), "below the threshold");
+        let c = l
+            .on_throttled(t0, "421")
+            .expect("second one crosses 2/1min");
+        assert_eq!((c.event, c.conns), ("throttled", 4));
+        assert!((c.rate.unwrap() - 50.0).abs() < 0.01, "{c:?}");
+        assert!(l.over_cap(), "8 open, cap now 4");
+        // Replies to messages already in flight do not halve again.
+        assert!(l.on_throttled(t0 + Duration::from_secs(1), "421").is_none());
+        assert!(l.on_throttled(t0 + Duration::from_secs(1), "421").is_none());
+        assert!(
+            l.tick(t0 + Duration::from_secs(5)).is_none(),
+            "not quiet long enough"
+        );
+        let mut now = t0 + Duration::from_secs(11);
+        let mut steps = 0;
+        loop {
+            let c = l.tick(now).expect("a step per quiet period");
+            steps += 1;
+            if c.event == "recovered" {
+                assert!((c.rate.unwrap() - 100.0).abs() < 0.01);
+                break;
+            }
+            assert_eq!(c.event, "ramped");
+            now += Duration::from_secs(11);
+            assert!(steps < 10);
+        }
+    }
+
+    #[test]
+    fn blocked_suspends_for_the_configured_time() {
+        let t0 = Instant::now();
+        let mut r = rule("100/s", 4);
+        r.block_threshold = Some(Set::cli(rules::parse_per("1/1min").unwrap()));
+        r.block_suspend = Some(Set::cli(Duration::from_secs(30)));
+        let l = Limiter::new("provider:x".into(), &r, 1, 0, t0);
+        assert_eq!(l.on_blocked(t0, "554 blocked").unwrap().event, "suspended");
+        assert_eq!(l.connect_gate(t0), Gate::At(t0 + Duration::from_secs(30)));
+        assert!(l.msg_wait(t0).is_some());
+        assert_eq!(
+            l.tick(t0 + Duration::from_secs(31)).unwrap().event,
+            "resumed"
+        );
+        assert_eq!(l.connect_gate(t0 + Duration::from_secs(31)), Gate::Open);
+    }
+
+    #[test]
+    fn a_chain_admits_only_when_every_limiter_does() {
+        let t0 = Instant::now();
+        let fast = Limiter::new("a".into(), &rule("1000/s", 4), 1, 0, t0);
+        let slow = Limiter::new("b".into(), &rule("1/s", 4), 1, 0, t0);
+        assert!(admit(&[&fast, &slow], t0).is_none());
+        let at = admit(&[&fast, &slow], t0).expect("the slow one holds it");
+        assert!(at > t0 + Duration::from_millis(900));
+        slow.set_paused(true);
+        assert!(admit(&[&fast], t0 + Duration::from_secs(5)).is_none());
+        assert!(admit(&[&slow], t0 + Duration::from_secs(5)).is_some());
+    }
+}
