@@ -9,7 +9,7 @@ use crate::shaping;
 use crate::shard::{stage_name, Job, Shard, Site, Via};
 use crate::smtp::client::{ClientConfig, ClientSession, Event, TlsMode, Transaction};
 use crate::smtp::reply::Reply;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller};
 use monoio::net::TcpStream;
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -209,6 +209,29 @@ impl Link {
     }
 }
 
+/// Reads what arrives within `wait`; None when nothing did. Waking for pacing makes
+/// this time out often, so the read is cancelled and then awaited, never dropped:
+/// under io_uring a dropped read may already have taken bytes off the socket.
+async fn read_within(
+    stream: &mut TcpStream,
+    buf: Vec<u8>,
+    wait: Duration,
+) -> (Option<std::io::Result<usize>>, Vec<u8>) {
+    let canceller = Canceller::new();
+    let mut read = std::pin::pin!(stream.cancelable_read(buf, canceller.handle()));
+    let (res, buf) = match monoio::time::timeout(wait, read.as_mut()).await {
+        Ok(done) => return (Some(done.0), done.1),
+        Err(_) => {
+            canceller.cancel();
+            read.await
+        }
+    };
+    match res {
+        Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => (None, buf),
+        other => (Some(other), buf),
+    }
+}
+
 /// Runs the TLS handshake on `stream` within `timeout`.
 async fn handshake(
     stream: &mut TcpStream,
@@ -369,26 +392,18 @@ async fn session(
                     d.saturating_duration_since(now)
                 });
             buf.clear();
-            match monoio::time::timeout(wait, stream.read(buf)).await {
-                Ok((Ok(0), b)) => {
-                    buf = b;
+            let (res, b) = read_within(&mut stream, buf, wait).await;
+            buf = b;
+            match res {
+                Some(Ok(0)) => {
                     s.connection_lost(write_error.as_deref().unwrap_or("closed by the server"));
                 }
-                Ok((Ok(_), b)) => {
-                    buf = b;
-                    match link.open(&mut stream, &buf).await {
-                        Ok(plain) => s.receive(&plain, Instant::now()),
-                        Err(e) => s.connection_lost(&format!("TLS: {e}")),
-                    }
-                }
-                Ok((Err(e), b)) => {
-                    buf = b;
-                    s.connection_lost(&format!("read: {e}"));
-                }
-                Err(_) => {
-                    buf = Vec::with_capacity(READ_BUF_BYTES);
-                    s.handle_timeout(Instant::now());
-                }
+                Some(Ok(_)) => match link.open(&mut stream, &buf).await {
+                    Ok(plain) => s.receive(&plain, Instant::now()),
+                    Err(e) => s.connection_lost(&format!("TLS: {e}")),
+                },
+                Some(Err(e)) => s.connection_lost(&format!("read: {e}")),
+                None => s.handle_timeout(Instant::now()),
             }
         }
         while let Some(ev) = s.poll_event() {

@@ -68,6 +68,8 @@ fn scenario(name: &str) -> anyhow::Result<Scenario> {
             runs: all,
         },
         // The realistic profile's first pass against the accept-all rate, in one run.
+        // Shaping accuracy has its own runner (shaping_bench.rs).
+        "shaping" => unreachable!("run() sends it to shaping_bench"),
         "realistic" => Scenario {
             recipients: 100_000,
             body_bytes: kb10,
@@ -77,7 +79,9 @@ fn scenario(name: &str) -> anyhow::Result<Scenario> {
             ],
         },
         other => {
-            anyhow::bail!("unknown scenario {other:?}: use smoke, accept-all, realistic or sink")
+            anyhow::bail!(
+                "unknown scenario {other:?}: use smoke, accept-all, realistic, shaping or sink"
+            )
         }
     })
 }
@@ -110,9 +114,22 @@ pub struct Report {
     pub results: Vec<Result>,
     /// volley's rate over each other system's, measured in this run.
     pub ratios: Vec<(String, f64)>,
+    /// Measurements against a target (the shaping scenario's accuracy figures).
+    pub checks: Vec<Check>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub what: String,
+    pub measured: String,
+    pub target: String,
+    pub pass: bool,
 }
 
 pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
+    if opts.scenario == "shaping" {
+        return crate::shaping_bench::run(opts);
+    }
     let sc = scenario(&opts.scenario)?;
     let n = opts.recipients.unwrap_or(sc.recipients);
     let mut runs: Vec<(System, &str)> = match &opts.systems {
@@ -149,7 +166,16 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
             name(sys)
         );
         let r = match sys {
-            System::Volley => run_volley(opts, profile, n, &campaign, &work),
+            System::Volley => run_volley(
+                opts,
+                profile,
+                Profile::load(profile)?,
+                n,
+                &campaign,
+                &work,
+                &[],
+            )
+            .map(|(r, _)| r),
             System::SmtpSource => run_smtp_source(opts, profile, n, sc.body_bytes),
             System::Postfix => run_postfix(opts, profile, n, sc.body_bytes, &work),
         };
@@ -187,7 +213,13 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
         scenario: opts.scenario.clone(),
         results,
         ratios,
+        checks: Vec::new(),
     };
+    write_report(opts, report)
+}
+
+/// Prints the report and writes it as JSON and Markdown under `--out`.
+pub(crate) fn write_report(opts: &BenchOptions, report: Report) -> anyhow::Result<Report> {
     let md = markdown(&report);
     println!("{md}");
     std::fs::write(
@@ -234,6 +266,18 @@ pub fn markdown(r: &Report) -> String {
     for (what, v) in &r.ratios {
         s.push_str(&format!("\n{what}: {v:.2}x"));
     }
+    if !r.checks.is_empty() {
+        s.push_str("\n\n| check | measured | target | pass |\n|---|---|---|---|\n");
+        for c in &r.checks {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                c.what,
+                c.measured,
+                c.target,
+                if c.pass { "yes" } else { "NO" }
+            ));
+        }
+    }
     s.push('\n');
     s
 }
@@ -244,7 +288,10 @@ struct Target {
 }
 
 fn target(opts: &BenchOptions, profile: &str) -> anyhow::Result<Target> {
-    let mut p = Profile::load(profile)?;
+    target_with(opts, Profile::load(profile)?)
+}
+
+fn target_with(opts: &BenchOptions, mut p: Profile) -> anyhow::Result<Target> {
     p.set_port(0);
     let sink = Sink::start(SinkOptions {
         profile: p,
@@ -384,15 +431,19 @@ fn volley_binary(opts: &BenchOptions) -> anyhow::Result<PathBuf> {
     Ok(sibling)
 }
 
-fn run_volley(
+/// volley sends `campaign` to a sink running `p` (named `profile` in the results),
+/// with `extra` arguments to `volley send`; the result and the sink's summary.
+pub(crate) fn run_volley(
     opts: &BenchOptions,
     profile: &str,
+    p: Profile,
     n: u64,
     campaign: &Path,
     work: &Path,
-) -> anyhow::Result<Result> {
+    extra: &[&str],
+) -> anyhow::Result<(Result, Summary)> {
     let bin = volley_binary(opts)?;
-    let t = target(opts, profile)?;
+    let t = target_with(opts, p)?;
     let spool = work.join("volley-spool");
     let _ = std::fs::remove_dir_all(&spool);
     let mut cmd = Command::new(&bin);
@@ -417,6 +468,7 @@ fn run_volley(
         "--max-wait",
         "15m",
     ])
+    .args(extra)
     .stdout(Stdio::null())
     .stderr(Stdio::inherit());
     if let Some(s) = opts.shards {
@@ -437,7 +489,7 @@ fn run_volley(
     let mut r = result("volley", profile, n, &s, secs, usage, note);
     r.first_pass_msgs_per_s =
         first_pass(&spool.join("accounting.jsonl"), started_sys).map(|d| n as f64 / d);
-    Ok(r)
+    Ok((r, s))
 }
 
 /// Seconds from `start` to the last first-attempt record in volley's accounting log:

@@ -8,5 +8,6 @@ pub mod gen;
 pub mod integrity;
 pub mod profile;
 pub mod runtime;
+pub mod shaping_bench;
 pub mod sink;
 pub mod smtp_server;

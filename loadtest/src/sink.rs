@@ -108,6 +108,19 @@ pub struct Summary {
 pub struct ProviderSummary {
     pub rcpts_accepted: u64,
     pub connections_max_concurrent: u32,
+    /// Second by second since the sink started: what a shaping test measures.
+    pub per_second: Vec<Second>,
+}
+
+/// One provider's second.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Second {
+    /// Messages accepted (end of DATA / last BDAT), whatever their recipient count.
+    pub messages: u64,
+    /// Most connections open at once seen during the second.
+    pub conns_max: u32,
+    /// 421 replies for going over the per-IP rate or connection cap.
+    pub throttled: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -143,8 +156,23 @@ struct ShardStats {
 struct ProviderState {
     conns_now: AtomicU32,
     conns_max: AtomicU32,
+    timeline: Mutex<Vec<Second>>,
     /// Per client IP: open connections, and a token bucket for the message rate.
     per_ip: Mutex<HashMap<IpAddr, IpState>>,
+}
+
+impl ProviderState {
+    /// Updates this second's entry in the timeline.
+    fn second(&self, started: Instant, f: impl FnOnce(&mut Second)) {
+        let i = (started.elapsed().as_secs() as usize).min(PER_SECOND_MAX - 1);
+        let mut t = self.timeline.lock().unwrap();
+        if t.len() <= i {
+            t.resize(i + 1, Second::default());
+        }
+        let s = &mut t[i];
+        s.conns_max = s.conns_max.max(self.conns_now.load(Ordering::Relaxed));
+        f(s);
+    }
 }
 
 struct IpState {
@@ -252,6 +280,7 @@ impl Sink {
                 .map(|_| ProviderState {
                     conns_now: AtomicU32::new(0),
                     conns_max: AtomicU32::new(0),
+                    timeline: Mutex::new(Vec::new()),
                     per_ip: Mutex::new(HashMap::new()),
                 })
                 .collect(),
@@ -350,10 +379,9 @@ impl Sink {
             latency.add(&s.latency).expect("same bounds");
         }
         for (i, p) in sh.profile.providers.iter().enumerate() {
-            per_provider
-                .entry(p.name.clone())
-                .or_default()
-                .connections_max_concurrent = sh.providers[i].conns_max.load(Ordering::Relaxed);
+            let e = per_provider.entry(p.name.clone()).or_default();
+            e.connections_max_concurrent = sh.providers[i].conns_max.load(Ordering::Relaxed);
+            e.per_second = sh.providers[i].timeline.lock().unwrap().clone();
         }
         let rcpts_terminal = per_domain.values().map(|d| d.accepted + d.permfail).sum();
         Summary {
@@ -452,6 +480,7 @@ async fn connection(
     let p = &sh.profile.providers[provider];
     let now = ps.conns_now.fetch_add(1, Ordering::Relaxed) + 1;
     ps.conns_max.fetch_max(now, Ordering::Relaxed);
+    ps.second(sh.started, |_| {});
     let per_ip_conns = {
         let mut m = ps.per_ip.lock().unwrap();
         let s = m.entry(ip).or_insert(IpState {
@@ -479,6 +508,7 @@ async fn connection(
     let cap = p.behaviour.max_conns_per_ip;
     if cap > 0 && per_ip_conns > cap {
         sh.shards[shard].lock().unwrap().counts.conn_cap_421 += 1;
+        ps.second(sh.started, |s| s.throttled += 1);
         let _ = stream
             .write_all(format!("{}\r\n", p.behaviour.conn_cap_reply).into_bytes())
             .await;
@@ -616,6 +646,7 @@ impl Behaviour for Conn<'_> {
     fn mail_from(&mut self, _from: &str) -> Verdict {
         if !self.rate_ok() {
             self.stats().counts.rate_421 += 1;
+            self.sh.providers[self.provider].second(self.sh.started, |s| s.throttled += 1);
             return Verdict::ReplyAndClose(self.p.behaviour.rate_reply.clone());
         }
         Verdict::Accept
@@ -717,6 +748,7 @@ impl Behaviour for Conn<'_> {
         } else {
             fresh.resize(msg.rcpts.len(), true);
         }
+        self.sh.providers[self.provider].second(self.sh.started, |s| s.messages += 1);
         let now = Instant::now();
         let since_origin = now
             .duration_since(*self.sh.latency_origin.lock().unwrap())

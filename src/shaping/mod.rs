@@ -17,8 +17,12 @@ use std::time::{Duration, Instant, SystemTime};
 /// After a back-off, throttle replies this soon after it are answers to messages
 /// already in flight when it happened, not news: they do not back off again.
 const BACKOFF_HOLD: Duration = Duration::from_secs(2);
-/// Each recovery step after a quiet period raises the rate by this factor.
+/// Each recovery step after a quiet period raises the rate by this factor, up to
+/// `NEAR_CEILING` of the rate the last throttle came at; past that, by `PROBE_STEP`:
+/// quick back to what worked, careful near what did not.
 const RECOVER_STEP: f64 = 1.25;
+const NEAR_CEILING: f64 = 0.9;
+const PROBE_STEP: f64 = 1.05;
 /// The window over which the sending rate is measured, for backing off an
 /// unconfigured destination from the rate it was actually sent at.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
@@ -99,6 +103,8 @@ struct State {
     /// After a throttle: the reduced rate (None: the rate was never measured nor
     /// limited) and connection cap, until recovered.
     backoff: Option<(Option<f64>, usize)>,
+    /// The rate the last throttle came at.
+    ceiling: Option<f64>,
     msg: Option<Gcra>,
     connect: Option<Gcra>,
     conns: usize,
@@ -176,6 +182,7 @@ impl Limiter {
                 rate,
                 conns_cap,
                 backoff: None,
+                ceiling: None,
                 msg: rate.map(|r| Gcra::new(r, now)),
                 connect,
                 conns: 0,
@@ -201,11 +208,14 @@ impl Limiter {
         s.backoff.map_or(s.conns_cap, |(_, c)| c.min(s.conns_cap))
     }
 
+    /// A pause or suspension holding this key. Only `tick` ends a suspension, so
+    /// its end is always logged (at most a tick late).
     fn blocked_until(s: &State, now: Instant) -> Option<Instant> {
         if s.paused {
             return Some(now + Duration::from_millis(100));
         }
-        s.suspended_until.filter(|u| *u > now)
+        s.suspended_until
+            .map(|u| u.max(now + Duration::from_millis(10)))
     }
 
     pub fn connect_gate(&self, now: Instant) -> Gate {
@@ -277,13 +287,13 @@ impl Limiter {
         s.win_count += 1;
     }
 
-    /// Messages per second over the last full window, or the current one once it
-    /// has run long enough to mean something.
+    /// Messages per second over the last full window, or the current one so far
+    /// (at least 50 ms of it, so a first burst does not read as infinite).
     fn measured(s: &State, now: Instant) -> Option<f64> {
-        let current = now.duration_since(s.win_start).as_secs_f64();
+        let current = now.duration_since(s.win_start).as_secs_f64().max(0.05);
         if s.observed > 0.0 {
             Some(s.observed)
-        } else if current >= 0.1 && s.win_count > 0 {
+        } else if s.win_count > 0 {
             Some(s.win_count as f64 / current)
         } else {
             None
@@ -323,6 +333,7 @@ impl Limiter {
             (m, l) => m.or(l),
         };
         let rate = sending.map(|v| (v * r.throttle_factor).max(MIN_RATE));
+        s.ceiling = sending;
         let conns =
             ((s.conns.min(Self::cap(&s)) as f64 * r.throttle_factor).floor() as usize).max(1);
         s.backoff = Some((rate, conns));
@@ -367,7 +378,10 @@ impl Limiter {
         }
         s.backed_off_at = Some(now);
         let configured = s.rate;
-        let up = rate.map(|r| r * RECOVER_STEP);
+        let up = rate.map(|r| match s.ceiling.map(|c| c * NEAR_CEILING) {
+            Some(near) if r < near => (r * RECOVER_STEP).min(near),
+            _ => r * PROBE_STEP,
+        });
         let conns = (conns + 1).max((conns as f64 * RECOVER_STEP) as usize);
         let rate_back = match (up, configured) {
             (None, _) => true,

@@ -1,0 +1,312 @@
+//! Traffic shaping against the bundled sink over loopback: rate and connection caps
+//! as the receiver sees them, back-off on throttle replies, suspension on block
+//! replies, source pools, and pause/resume over the admin socket. Rates are only
+//! ever checked as upper bounds (a slow machine cannot make volley send faster).
+
+mod common;
+
+use common::*;
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use volley::{campaign::Campaign, ingest};
+
+fn rows(n: usize, domain: &str) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("user{i}@{domain},User {i}"))
+        .collect()
+}
+
+fn shaping_file(env: &Env, text: &str) -> std::path::PathBuf {
+    let p = env.dir.join("shaping.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn shaping_records(lines: &[serde_json::Value]) -> Vec<&serde_json::Value> {
+    lines.iter().filter(|l| l["type"] == "Shaping").collect()
+}
+
+#[test]
+fn rate_and_connection_caps_hold_at_the_receiver() {
+    let env = env("shaping-caps", "");
+    let c = campaign(&env.dir, "caps", "", &rows(300, "gmail.com"));
+    let mut cfg = env.config();
+    cfg.shaping_file = Some(shaping_file(
+        &env,
+        "[provider.google-sink]\nmx_suffixes = [\"google.sink.test\"]\nmax_msg_rate = \"100/s\"\nmax_connections = 3\n",
+    ));
+    let started = Instant::now();
+    let r = env.send(&c, cfg);
+    assert_eq!(r.delivered, 300);
+    // 300 messages at 100/s cannot take much less than 3 s.
+    assert!(
+        started.elapsed() >= Duration::from_millis(2800),
+        "{:?}",
+        started.elapsed()
+    );
+    let s = env.sink.summary();
+    let g = &s.per_provider["google"];
+    assert!(
+        g.connections_max_concurrent <= 3,
+        "{}",
+        g.connections_max_concurrent
+    );
+    let busiest = g.per_second.iter().map(|s| s.messages).max().unwrap();
+    // Each shard may run a few milliseconds ahead of its 50/s: never a second's burst.
+    assert!(
+        busiest <= 105,
+        "a second with {busiest} messages; {:?}",
+        g.per_second
+    );
+}
+
+#[test]
+fn a_throttle_reply_backs_off_and_every_message_still_arrives() {
+    let env = env(
+        "shaping-throttle",
+        "rate_per_s_per_ip = 200.0\nrate_reply = \"421 4.7.28 Gmail has detected an unusual rate of mail originating from your IP address and has rate limited it.\"",
+    );
+    let c = campaign(&env.dir, "throttle", "", &rows(800, "gmail.com"));
+    let mut cfg = env.config();
+    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(200)]);
+    cfg.shaping_file = Some(shaping_file(
+        &env,
+        "[provider.google-sink]\nmx_suffixes = [\"google.sink.test\"]\nthrottle_recover = \"1s\"\n",
+    ));
+    let log = cfg.log_path.clone();
+    let r = env.send(&c, cfg);
+    assert_eq!(r.delivered, 800);
+    let lines = log_lines(&log);
+    let t = terminal_by_rcpt(&lines);
+    assert_eq!(t.len(), 800);
+    assert!(t.values().all(|v| v.len() == 1));
+    let throttled: Vec<_> = shaping_records(&lines)
+        .into_iter()
+        .filter(|l| l["event"] == "throttled")
+        .collect();
+    assert!(!throttled.is_empty(), "no back-off logged");
+    assert_eq!(throttled[0]["key"], "provider:google-sink");
+    assert!(throttled[0]["reason"].as_str().unwrap().contains("4.7.28"));
+    assert!(throttled[0]["rate_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(env.sink.summary().counts.duplicates, 0);
+}
+
+#[test]
+fn block_replies_suspend_the_destination_for_the_configured_time() {
+    let env = env(
+        "shaping-block",
+        "rcpt_permfail = 1.0\nrcpt_permfail_replies = [\"550 5.7.1 Service unavailable; Client host [127.0.0.1] blocked using Spamhaus\"]",
+    );
+    let c = campaign(&env.dir, "block", "", &rows(6, "outlook.com"));
+    let mut cfg = env.config();
+    cfg.window = 1;
+    cfg.shards = 1;
+    cfg.shaping_file = Some(shaping_file(
+        &env,
+        "[default]\nmax_connections = 1\nblock_threshold = \"2/1min\"\nblock_suspend = \"2s\"\n",
+    ));
+    let log = cfg.log_path.clone();
+    let r = env.send(&c, cfg);
+    assert_eq!(r.bounced, 6);
+    let lines = log_lines(&log);
+    let time =
+        |l: &serde_json::Value| humantime::parse_rfc3339(l["time"].as_str().unwrap()).unwrap();
+    let events: Vec<_> = shaping_records(&lines);
+    let suspended = events
+        .iter()
+        .find(|l| l["event"] == "suspended")
+        .expect("a suspension");
+    assert!(events.iter().any(|l| l["event"] == "resumed"), "{lines:#?}");
+    assert!(suspended["key"].as_str().unwrap().starts_with("site:"));
+    let at = time(suspended);
+    // With one connection and one transaction in flight, at most one reply can
+    // arrive during the suspension; the rest wait it out.
+    let during = lines
+        .iter()
+        .filter(|l| l["type"] == "Bounce")
+        .filter(|l| {
+            let t = time(l);
+            t > at && t < at + Duration::from_millis(1900)
+        })
+        .count();
+    assert!(during <= 1, "{during} bounces during the suspension");
+    for b in lines.iter().filter(|l| l["type"] == "Bounce") {
+        assert_eq!(b["class"], "blocked");
+    }
+}
+
+#[test]
+fn a_pool_sends_from_its_source_addresses_only() {
+    let env = env("shaping-pool", "");
+    let c = campaign(
+        &env.dir,
+        "pool",
+        "pool = \"warm\"",
+        &[
+            rows(60, "gmail.com"),
+            rows(60, "yahoo.com"),
+            rows(60, "outlook.com"),
+        ]
+        .concat(),
+    );
+    let mut cfg = env.config();
+    cfg.shaping_file = Some(shaping_file(
+        &env,
+        "[pool.warm]\nsources = [{ ip = \"127.0.0.2\", ehlo = \"a.volley.test\" }, { ip = \"127.0.0.3\", ehlo = \"b.volley.test\", weight = 3 }]\n",
+    ));
+    let r = env.send(&c, cfg);
+    assert_eq!(r.delivered, 180);
+    let ips = env.sink.summary().connections_per_client_ip;
+    let used: Vec<&str> = ips.keys().map(String::as_str).collect();
+    assert!(
+        used.iter()
+            .all(|ip| *ip == "127.0.0.2" || *ip == "127.0.0.3"),
+        "{used:?}"
+    );
+    assert!(!used.is_empty());
+}
+
+#[test]
+fn a_campaign_naming_an_unknown_pool_is_refused() {
+    let env = env("shaping-nopool", "");
+    let c = campaign(&env.dir, "nopool", "pool = \"cold\"", &rows(1, "gmail.com"));
+    let cfg = env.config();
+    let campaign = Campaign::load(&c).unwrap();
+    let lock = ingest::lock_spool(&cfg.spool_dir, cfg.shards).unwrap();
+    ingest::ingest(&campaign, &cfg.spool_dir, cfg.shards, cfg.segment_bytes).unwrap();
+    let instances = Arc::new(ingest::load_instances(&cfg.spool_dir).unwrap());
+    let e = volley::engine::run(cfg, instances, Arc::new(AtomicBool::new(false)), false)
+        .expect_err("refused");
+    drop(lock);
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("pool `cold`") && msg.contains("[pool.cold]"),
+        "{msg}"
+    );
+}
+
+/// Messages the sink has accepted for `provider` so far.
+fn accepted(env: &Env, provider: &str) -> u64 {
+    env.sink.summary().per_provider[provider].rcpts_accepted
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn pause_and_resume_take_effect_within_a_second_over_the_admin_socket() {
+    let env = env("shaping-control", "");
+    let c = campaign(&env.dir, "control", "", &rows(400, "gmail.com"));
+    let mut cfg = env.config();
+    cfg.shaping_file = Some(shaping_file(
+        &env,
+        "[provider.google-sink]\nmx_suffixes = [\"google.sink.test\"]\nmax_msg_rate = \"100/s\"\n",
+    ));
+    let spool = cfg.spool_dir.clone();
+    let campaign = Campaign::load(&c).unwrap();
+    let lock = ingest::lock_spool(&cfg.spool_dir, cfg.shards).unwrap();
+    ingest::ingest(&campaign, &cfg.spool_dir, cfg.shards, cfg.segment_bytes).unwrap();
+    let instances = Arc::new(ingest::load_instances(&cfg.spool_dir).unwrap());
+    let engine = std::thread::spawn(move || {
+        volley::engine::run(cfg, instances, Arc::new(AtomicBool::new(false)), false).unwrap()
+    });
+    wait_until("the first deliveries", || accepted(&env, "google") >= 20);
+
+    for (pause, resume) in [
+        ("pause gmail.com", "resume gmail.com"),
+        ("pause provider:google-sink", "resume provider:google-sink"),
+        ("pause campaign:control", "resume campaign:control"),
+    ] {
+        let answer = volley::control::request(&spool, pause).unwrap();
+        assert!(answer.starts_with("ok"), "{answer}");
+        std::thread::sleep(Duration::from_secs(1));
+        let held = accepted(&env, "google");
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(
+            accepted(&env, "google"),
+            held,
+            "still sending after `{pause}`"
+        );
+        let status = volley::control::request(&spool, "status").unwrap();
+        assert!(status.contains("paused"), "{status}");
+        volley::control::request(&spool, resume).unwrap();
+        wait_until("sending to resume", || accepted(&env, "google") > held);
+    }
+    let answer = volley::control::request(&spool, "rate provider:google-sink 400/s").unwrap();
+    assert!(answer.starts_with("ok"), "{answer}");
+    let e = volley::control::request(&spool, "pause nothing").unwrap_err();
+    assert!(e.to_string().contains("not a target"), "{e}");
+    let r = engine.join().unwrap();
+    drop(lock);
+    assert_eq!(r.delivered, 400);
+    assert_eq!(env.sink.summary().counts.duplicates, 0);
+}
+
+fn volley(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_volley"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn shaping_check_names_each_bad_value_with_its_line() {
+    let dir = std::env::temp_dir().join(format!("volley-shaping-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[provider.big]\nmx_suffixes = [\"big.example\"]\nmax_msg_rate = \"lots\"\n\n[domain.\"a.example\"]\nmax_connections = 0\n[pool.p]\nsources = [{ ip = \"not-an-ip\" }]\n",
+    )
+    .unwrap();
+    let (code, _, err) = volley(&["shaping", "check", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    let b = bad.display();
+    assert!(err.contains(&format!("{b}:3: max_msg_rate")), "{err}");
+    assert!(err.contains(&format!("{b}:6: max_connections")), "{err}");
+    assert!(err.contains(&format!("{b}:8: ip")), "{err}");
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "[domain.\"a.example\"]\nmax_msg_rate = \"10/s\"\n").unwrap();
+    let (code, out, _) = volley(&["shaping", "check", good.to_str().unwrap()]);
+    assert_eq!((code, out.trim().ends_with("ok")), (0, true));
+
+    let (code, out, err) = volley(&[
+        "shaping",
+        "show",
+        "Example.COM",
+        "--shaping",
+        good.to_str().unwrap(),
+        "--mx",
+        "alt1.aspmx.l.google.com",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("provider:google"), "{out}");
+    assert!(out.contains("max_connections"), "{out}");
+    assert!(out.contains("tuning/providers.toml:"), "{out}");
+    let (_, out, _) = volley(&[
+        "shaping",
+        "show",
+        "a.example",
+        "--shaping",
+        good.to_str().unwrap(),
+        "--mx",
+        "mx.a.example",
+    ]);
+    assert!(out.contains("site:mx.a.example"), "{out}");
+    assert!(out.contains(&format!("{}:2", good.display())), "{out}");
+    let (code, _, err) = volley(&["queue", "--spool", dir.to_str().unwrap(), "status"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is `volley send --spool"), "{err}");
+}
