@@ -1,5 +1,6 @@
 //! Criterion benches for the per-message hot paths: reply parsing, spool append,
-//! template rendering, and the client session's transaction round.
+//! template rendering, the client session's transaction round, and the shaping
+//! admission every message passes.
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::time::Instant;
@@ -132,11 +133,35 @@ fn client_transaction(c: &mut Criterion) {
     g.finish();
 }
 
+/// One message through a destination's and a source's limiter, as the delivery loop
+/// does: unlimited (the shipped defaults) and with rates set (GCRA on both).
+fn shaping_admit(c: &mut Criterion) {
+    use volley::shaping::rules::{parse_per, Rule, Set};
+    use volley::shaping::{admit, Limiter};
+    let mut g = c.benchmark_group("shaping");
+    g.throughput(Throughput::Elements(1));
+    let now = Instant::now();
+    let open = Rule::default();
+    let limited = Rule {
+        max_msg_rate: Some(Set::cli(parse_per("1000000000/s").unwrap())),
+        ..Rule::default()
+    };
+    for (name, rule) in [("admit_unlimited", &open), ("admit_two_gcra", &limited)] {
+        let dest = Limiter::new("provider:x".into(), rule, 1, 0, now);
+        let src = Limiter::new("source:a>provider:x".into(), rule, 1, 0, now);
+        g.bench_function(name, |b| {
+            b.iter(|| black_box(admit(&[&dest, &src], Instant::now())))
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     reply_parsing,
     spool_append,
     template_render,
-    client_transaction
+    client_transaction,
+    shaping_admit
 );
 criterion_main!(benches);

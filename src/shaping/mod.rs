@@ -18,11 +18,14 @@ use std::time::{Duration, Instant, SystemTime};
 /// already in flight when it happened, not news: they do not back off again.
 const BACKOFF_HOLD: Duration = Duration::from_secs(2);
 /// Each recovery step after a quiet period raises the rate by this factor, up to
-/// `NEAR_CEILING` of the rate the last throttle came at; past that, by `PROBE_STEP`:
-/// quick back to what worked, careful near what did not.
+/// `NEAR_CEILING` of the rate the last throttle came at. Past that the rate holds,
+/// and rises by `PROBE_STEP` only after `PROBE_QUIET` quiet periods: quick back to
+/// what worked, slow towards what did not (a receiver's burst allowance hides an
+/// overshoot for tens of seconds, so a fast probe overshoots long before a 421).
 const RECOVER_STEP: f64 = 1.25;
 const NEAR_CEILING: f64 = 0.9;
-const PROBE_STEP: f64 = 1.05;
+const PROBE_STEP: f64 = 1.025;
+const PROBE_QUIET: u32 = 5;
 /// The window over which the sending rate is measured, for backing off an
 /// unconfigured destination from the rate it was actually sent at.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
@@ -372,14 +375,17 @@ impl Limiter {
         }
         let (rate, conns) = s.backoff?;
         let quiet = self.reactions.throttle_recover;
+        let near = s.ceiling.map(|c| c * NEAR_CEILING);
+        let probing = matches!((rate, near), (Some(r), Some(n)) if r >= n * 0.999);
+        let wait = if probing { quiet * PROBE_QUIET } else { quiet };
         let since = s.last_throttle.max(s.backed_off_at).unwrap_or(now);
-        if now.duration_since(since) < quiet {
+        if now.duration_since(since) < wait {
             return None;
         }
         s.backed_off_at = Some(now);
         let configured = s.rate;
-        let up = rate.map(|r| match s.ceiling.map(|c| c * NEAR_CEILING) {
-            Some(near) if r < near => (r * RECOVER_STEP).min(near),
+        let up = rate.map(|r| match near {
+            Some(near) if !probing => (r * RECOVER_STEP).min(near),
             _ => r * PROBE_STEP,
         });
         let conns = (conns + 1).max((conns as f64 * RECOVER_STEP) as usize);
@@ -598,19 +604,23 @@ mod tests {
             l.tick(t0 + Duration::from_secs(5)).is_none(),
             "not quiet long enough"
         );
-        let mut now = t0 + Duration::from_secs(11);
-        let mut steps = 0;
-        loop {
-            let c = l.tick(now).expect("a step per quiet period");
-            steps += 1;
-            if c.event == "recovered" {
-                assert!((c.rate.unwrap() - 100.0).abs() < 0.01);
-                break;
-            }
-            assert_eq!(c.event, "ramped");
+        // Quickly back to 90% of where the throttle came (three 10 s steps), then
+        // up in small steps five quiet periods apart.
+        let mut rates = Vec::new();
+        let mut now = t0;
+        for _ in 0..60 {
             now += Duration::from_secs(11);
-            assert!(steps < 10);
+            if let Some(c) = l.tick(now) {
+                rates.push((now.duration_since(t0).as_secs(), c.rate.unwrap().round()));
+                if c.event == "recovered" {
+                    break;
+                }
+                assert_eq!(c.event, "ramped");
+            }
         }
+        assert_eq!(&rates[..3], &[(11, 63.0), (22, 78.0), (33, 90.0)]);
+        assert_eq!(rates[3].0, 33 + 55, "{rates:?}");
+        assert_eq!(rates.last().unwrap().1, 100.0, "{rates:?}");
     }
 
     #[test]
