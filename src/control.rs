@@ -53,6 +53,8 @@ pub enum Action {
     Resume,
     /// A new total rate; None lifts the operator's rate (the rules' applies again).
     Rate(Option<Per>),
+    /// Between shards, not from the socket: another shard backed this key off.
+    PeerThrottled(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -95,7 +95,7 @@ pub fn run(
     let admin_stop = Arc::new(AtomicBool::new(false));
     let admin = control::serve(
         control::socket_path(&cfg.spool_dir),
-        senders,
+        senders.clone(),
         status.clone(),
         admin_stop.clone(),
     )?;
@@ -111,6 +111,7 @@ pub fn run(
             resolver: resolver.clone(),
             progress: p.clone(),
             control,
+            peers: senders.clone(),
             status: status.clone(),
             stop: stop.clone(),
         };

@@ -21,3 +21,4 @@ pub mod smtp;
 pub mod spool;
 pub mod template;
 pub mod tls;
+pub mod wheel;

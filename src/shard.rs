@@ -21,11 +21,11 @@ use crate::smtp::client::Stage;
 use crate::smtp::client::TlsMode;
 use crate::smtp::reply::Reply;
 use crate::spool::{RecordRef, Spool, Terminal};
-use crossbeam_channel::Receiver;
+use crate::wheel::Wheel;
+use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use std::cell::{Cell, RefCell};
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -175,10 +175,11 @@ pub struct Shard {
     paused: RefCell<HashSet<String>>,
     held: RefCell<Vec<Job>>,
     control: Receiver<Command>,
+    /// Every shard's command channel, for back-offs all shards share.
+    peers: Vec<Sender<Command>>,
     status: Arc<Status>,
-    retries: RefCell<BinaryHeap<Reverse<(Instant, u64)>>>,
-    retry_jobs: RefCell<HashMap<u64, Job>>,
-    retry_seq: Cell<u64>,
+    /// Deferred recipients until their retry time (or expiry).
+    retries: RefCell<Wheel<Job>>,
     remaining: Cell<u64>,
     tx_seq: Cell<u64>,
     progress: Arc<Progress>,
@@ -194,6 +195,7 @@ pub struct Links {
     pub resolver: Resolver,
     pub progress: Arc<Progress>,
     pub control: Receiver<Command>,
+    pub peers: Vec<Sender<Command>>,
     pub status: Arc<Status>,
     pub stop: Arc<AtomicBool>,
 }
@@ -219,6 +221,7 @@ pub fn run(
         resolver,
         progress,
         control,
+        peers,
         status,
         stop,
     } = links;
@@ -250,10 +253,9 @@ pub fn run(
         paused: RefCell::new(HashSet::new()),
         held: RefCell::new(Vec::new()),
         control,
+        peers,
         status,
-        retries: RefCell::new(BinaryHeap::new()),
-        retry_jobs: RefCell::new(HashMap::new()),
-        retry_seq: Cell::new(0),
+        retries: RefCell::new(Wheel::new(TICK, Instant::now())),
         remaining: Cell::new(recovered.pending.len() as u64),
         tx_seq: Cell::new(0),
         progress,
@@ -570,7 +572,17 @@ impl Shard {
         let now = Instant::now();
         let text = reply.to_string();
         let change = match class {
-            Class::Throttled => src.unwrap_or(dest).on_throttled(now, &text),
+            Class::Throttled => {
+                let l = src.unwrap_or(dest);
+                let c = l.on_throttled(now, &text, false);
+                if c.is_some() {
+                    self.tell_peers(Command {
+                        action: Action::PeerThrottled(format!("shard {}: {text}", self.id)),
+                        target: Target::Destination(l.key.clone()),
+                    });
+                }
+                c
+            }
             Class::Blocked => {
                 let scope = site.rule.block_scope.as_ref().map(|s| s.value);
                 let l = match (scope, src) {
@@ -583,6 +595,14 @@ impl Shard {
         };
         if let Some(c) = change {
             self.log_change(&c);
+        }
+    }
+
+    fn tell_peers(&self, cmd: Command) {
+        for (i, p) in self.peers.iter().enumerate() {
+            if i != self.id {
+                let _ = p.send(cmd.clone());
+            }
         }
     }
 
@@ -649,10 +669,18 @@ impl Shard {
         Ok(Some(jobs))
     }
 
-    /// Applies an operator's command (control.rs) on this shard.
+    /// Applies an operator's command (control.rs), or another shard's back-off, on
+    /// this shard.
     fn apply(self: &Rc<Self>, cmd: Command) {
         let now = Instant::now();
         let key = cmd.target.key();
+        if let Action::PeerThrottled(reason) = &cmd.action {
+            let l = self.limiters.borrow().get(&key).cloned();
+            if let Some(c) = l.and_then(|l| l.on_throttled(now, reason, true)) {
+                self.log_change(&c);
+            }
+            return;
+        }
         match &cmd.target {
             Target::Domain(_) | Target::Campaign(_) => match &cmd.action {
                 Action::Pause => {
@@ -681,6 +709,7 @@ impl Shard {
                         }
                     }
                 }
+                Action::PeerThrottled(_) => unreachable!("handled above"),
             },
             Target::Destination(_) | Target::Source(_) => {
                 let mut overrides = self.overrides.borrow_mut();
@@ -694,6 +723,7 @@ impl Shard {
                                 shaping::share(r.per_sec(), self.cfg.shards, self.id, false)
                             }))
                     }
+                    Action::PeerThrottled(_) => unreachable!("handled above"),
                 }
                 let o = o.clone();
                 drop(overrides);
@@ -896,10 +926,7 @@ impl Shard {
             .unwrap_or_default();
         let at = Instant::now() + delay.min(until_expiry);
         job.requeues = 0;
-        let seq = self.retry_seq.get();
-        self.retry_seq.set(seq + 1);
-        self.retry_jobs.borrow_mut().insert(seq, job);
-        self.retries.borrow_mut().push(Reverse((at, seq)));
+        self.retries.borrow_mut().insert(at, job);
     }
 
     /// Writes outcomes: log lines first, then Done records (see log.rs for why).
@@ -957,28 +984,19 @@ async fn commit_loop(sh: Rc<Shard>) -> anyhow::Result<()> {
     }
 }
 
+/// The shard's clock for retries and shaping.
+const TICK: Duration = Duration::from_millis(100);
+
 /// Every 100 ms: due retries, then shaping (commands take effect within a tick).
 /// The live status is published once a second.
 async fn tick_loop(sh: Rc<Shard>) {
-    const TICK: Duration = Duration::from_millis(100);
     let mut ticks = 0u64;
     while !sh.finished() {
         monoio::time::sleep(TICK).await;
         ticks += 1;
         sh.shaping_tick(ticks % 10 == 0);
-        let now = Instant::now();
-        loop {
-            let due = {
-                let mut heap = sh.retries.borrow_mut();
-                match heap.peek() {
-                    Some(Reverse((at, _))) if *at <= now => heap.pop().map(|Reverse((_, seq))| seq),
-                    _ => None,
-                }
-            };
-            let Some(seq) = due else { break };
-            let Some(mut job) = sh.retry_jobs.borrow_mut().remove(&seq) else {
-                continue;
-            };
+        let due = sh.retries.borrow_mut().advance(Instant::now());
+        for mut job in due {
             let inst = &sh.instances[&job.instance];
             if SystemTime::now() >= inst.expire_at {
                 let r = Reply::new(

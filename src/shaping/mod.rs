@@ -18,7 +18,8 @@ use std::time::{Duration, Instant, SystemTime};
 /// already in flight when it happened, not news: they do not back off again.
 const BACKOFF_HOLD: Duration = Duration::from_secs(2);
 /// Each recovery step after a quiet period raises the rate by this factor, up to
-/// `NEAR_CEILING` of the rate the last throttle came at. Past that the rate holds,
+/// `NEAR_CEILING` of the ceiling: the last rate that ran a whole quiet period without
+/// a throttle, or the rate the throttle came at if lower. Past that the rate holds,
 /// and rises by `PROBE_STEP` only after `PROBE_QUIET` quiet periods: quick back to
 /// what worked, slow towards what did not (a receiver's burst allowance hides an
 /// overshoot for tens of seconds, so a fast probe overshoots long before a 421).
@@ -106,8 +107,10 @@ struct State {
     /// After a throttle: the reduced rate (None: the rate was never measured nor
     /// limited) and connection cap, until recovered.
     backoff: Option<(Option<f64>, usize)>,
-    /// The rate the last throttle came at.
+    /// See `NEAR_CEILING`.
     ceiling: Option<f64>,
+    /// The last rate that ran a quiet period through without a throttle.
+    good: Option<f64>,
     msg: Option<Gcra>,
     connect: Option<Gcra>,
     conns: usize,
@@ -186,6 +189,7 @@ impl Limiter {
                 conns_cap,
                 backoff: None,
                 ceiling: None,
+                good: None,
                 msg: rate.map(|r| Gcra::new(r, now)),
                 connect,
                 conns: 0,
@@ -315,7 +319,11 @@ impl Limiter {
 
     /// A `throttled` reply for this key: past the threshold, cut the rate and the
     /// connection cap by the configured factor.
-    pub fn on_throttled(&self, now: Instant, reply: &str) -> Option<Change> {
+    ///
+    /// `peer`: another shard backed off this key. The receiver's limit is usually
+    /// per sending IP, shared by every shard, so the shards back off together and
+    /// keep equal shares; the threshold was counted where the replies came.
+    pub fn on_throttled(&self, now: Instant, reply: &str, peer: bool) -> Option<Change> {
         let r = &self.reactions;
         let mut s = self.state.borrow_mut();
         s.last_throttle = Some(now);
@@ -324,7 +332,7 @@ impl Limiter {
         {
             return None;
         }
-        if !past_threshold(&mut s.throttles, &r.throttle_threshold, now) {
+        if !peer && !past_threshold(&mut s.throttles, &r.throttle_threshold, now) {
             return None;
         }
         s.throttles.clear();
@@ -336,7 +344,11 @@ impl Limiter {
             (m, l) => m.or(l),
         };
         let rate = sending.map(|v| (v * r.throttle_factor).max(MIN_RATE));
-        s.ceiling = sending;
+        s.good = s.good.filter(|g| sending.is_some_and(|v| *g < v));
+        s.ceiling = match (sending, s.good) {
+            (Some(v), Some(g)) => Some(v.min(g)),
+            (v, _) => v,
+        };
         let conns =
             ((s.conns.min(Self::cap(&s)) as f64 * r.throttle_factor).floor() as usize).max(1);
         s.backoff = Some((rate, conns));
@@ -383,6 +395,7 @@ impl Limiter {
             return None;
         }
         s.backed_off_at = Some(now);
+        s.good = rate.or(s.good);
         let configured = s.rate;
         let up = rate.map(|r| match near {
             Some(near) if !probing => (r * RECOVER_STEP).min(near),
@@ -590,16 +603,23 @@ mod tests {
         for _ in 0..8 {
             l.connected(t0);
         }
-        assert!(l.on_throttled(t0, "421").is_none(), "below the threshold");
+        assert!(
+            l.on_throttled(t0, "421", false).is_none(),
+            "below the threshold"
+        );
         let c = l
-            .on_throttled(t0, "421")
+            .on_throttled(t0, "421", false)
             .expect("second one crosses 2/1min");
         assert_eq!((c.event, c.conns), ("throttled", 4));
         assert!((c.rate.unwrap() - 50.0).abs() < 0.01, "{c:?}");
         assert!(l.over_cap(), "8 open, cap now 4");
         // Replies to messages already in flight do not halve again.
-        assert!(l.on_throttled(t0 + Duration::from_secs(1), "421").is_none());
-        assert!(l.on_throttled(t0 + Duration::from_secs(1), "421").is_none());
+        assert!(l
+            .on_throttled(t0 + Duration::from_secs(1), "421", false)
+            .is_none());
+        assert!(l
+            .on_throttled(t0 + Duration::from_secs(1), "421", false)
+            .is_none());
         assert!(
             l.tick(t0 + Duration::from_secs(5)).is_none(),
             "not quiet long enough"
