@@ -33,6 +33,9 @@ pub struct Settings {
     pub max_rcpt_per_msg: u32,
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Send an RFC 3464 DSN to `sender` for each bounced or expired recipient.
+    #[serde(default)]
+    pub dsn: bool,
     /// The source address pool (`[pool.NAME]` in the shaping rules) to send from;
     /// none: the host's default address and EHLO name.
     #[serde(default)]
@@ -294,7 +297,12 @@ fn load_settings(dir: &Path, problems: &mut Vec<Problem>) -> Option<Settings> {
             ),
         });
     }
-    if let Err(why) = normalise_address(&s.sender) {
+    // "<>" is the null reverse-path (RFC 5321 §4.5.5): notifications, never bounced to.
+    let sender = match s.sender.as_str() {
+        "<>" => Ok(String::new()),
+        other => normalise_address(other),
+    };
+    if let Err(why) = sender {
         problems.push(Problem {
             file,
             line: line_of("sender"),

@@ -508,7 +508,10 @@ fn build_tx(shard: &Shard, jobs: &[Job]) -> Transaction {
         .collect();
     Transaction {
         id: shard.next_tx_id(),
-        from: inst.settings.sender.clone(),
+        from: match inst.settings.sender.as_str() {
+            "<>" => String::new(),
+            s => s.to_string(),
+        },
         rcpts,
         content,
     }

@@ -10,6 +10,7 @@ pub mod control;
 pub mod delivery;
 pub mod demo;
 pub mod dns;
+pub mod dsn;
 pub mod engine;
 pub mod ingest;
 pub mod log;

@@ -545,8 +545,28 @@ fn send(
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
         });
     }
-    let report = volley::engine::run(cfg, instances, stop, !quiet)?;
+    let mut report = volley::engine::run(cfg.clone(), instances.clone(), stop.clone(), !quiet)?;
     report.print();
+    let dsns = volley::dsn::queue(
+        &cfg.spool_dir,
+        &cfg.log_path,
+        &instances,
+        cfg.shards,
+        cfg.segment_bytes,
+        &cfg.ehlo_name,
+    )?;
+    if dsns > 0 {
+        println!("queued {dsns} delivery status notification(s) to the return path");
+        if !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let instances = Arc::new(ingest::load_instances(&cfg.spool_dir)?);
+            let r = volley::engine::run(cfg, instances, stop, !quiet)?;
+            println!(
+                "notifications: delivered {}, bounced {}, still queued {}",
+                r.delivered, r.bounced, r.remaining
+            );
+            report.remaining += r.remaining;
+        }
+    }
     if let Some(p) = report_json {
         std::fs::write(&p, serde_json::to_vec_pretty(&report)?)
             .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;

@@ -69,7 +69,7 @@ fn scenario(name: &str) -> anyhow::Result<Scenario> {
         },
         // The realistic profile's first pass against the accept-all rate, in one run.
         // Shaping accuracy has its own runner (shaping_bench.rs).
-        "shaping" => unreachable!("run() sends it to shaping_bench"),
+        s if s.starts_with("shaping") => unreachable!("run() sends it to shaping_bench"),
         "realistic" => Scenario {
             recipients: 100_000,
             body_bytes: kb10,
@@ -127,7 +127,7 @@ pub struct Check {
 }
 
 pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
-    if opts.scenario == "shaping" {
+    if opts.scenario.starts_with("shaping") {
         return crate::shaping_bench::run(opts);
     }
     let sc = scenario(&opts.scenario)?;

@@ -28,6 +28,11 @@ pub fn env(name: &str, behaviour: &str) -> Env {
 
 /// As `env`, choosing whether the sink offers STARTTLS.
 pub fn env_with(name: &str, behaviour: &str, starttls: bool) -> Env {
+    env_full(name, behaviour, starttls, None)
+}
+
+/// As `env_with`; the sink keeps every message it accepts in `keep` as a .eml file.
+pub fn env_full(name: &str, behaviour: &str, starttls: bool, keep: Option<PathBuf>) -> Env {
     let mut profile = Profile::load("accept-all").unwrap();
     profile.sink.starttls = starttls;
     if !behaviour.is_empty() {
@@ -42,7 +47,7 @@ pub fn env_with(name: &str, behaviour: &str, starttls: bool) -> Env {
         profile,
         threads: 1,
         driver: Default::default(),
-        keep: None,
+        keep,
         tls_files: None,
     })
     .unwrap();

@@ -1,0 +1,127 @@
+//! RFC 3464 DSNs: a campaign with `dsn = true` gets one multipart/report per bounced
+//! recipient at its return path, from the null sender, through the normal spool and
+//! delivery; a campaign without it gets none; a second pass over the log makes none twice.
+
+mod common;
+
+use common::*;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use volley::ingest;
+
+#[test]
+fn bounces_come_back_to_the_return_path_as_dsns() {
+    let keep = std::env::temp_dir().join(format!("volley-dsn-keep-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&keep);
+    std::fs::create_dir_all(&keep).unwrap();
+    let env = env_full("dsn", "", true, Some(keep.clone()));
+    // The return path is on a tail domain, which the test DNS routes to the sink.
+    let with = campaign(
+        &env.dir,
+        "with-dsn",
+        "dsn = true\nsender = \"bounces@shop7.tail.test\"",
+        &[
+            "ok1@gmail.com,Ann".into(),
+            "permfail1@gmail.com,Bob".into(),
+            "permfail2@yahoo.com,Cy".into(),
+        ],
+    );
+    let without = campaign(&env.dir, "no-dsn", "", &["permfail3@gmail.com,Di".into()]);
+    // `campaign()` writes its own sender line first; a second `sender` would be a
+    // duplicate key, so the first one is dropped here.
+    let toml = with.join("campaign.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(
+        &toml,
+        text.replacen("sender = \"bounces@news.test\"\n", "", 1),
+    )
+    .unwrap();
+
+    let cfg = env.config();
+    let (spool, log) = (cfg.spool_dir.clone(), cfg.log_path.clone());
+    let lock = ingest::lock_spool(&spool, cfg.shards).unwrap();
+    for c in [&with, &without] {
+        let c = volley::campaign::Campaign::load(c).unwrap();
+        ingest::ingest(&c, &spool, cfg.shards, cfg.segment_bytes).unwrap();
+    }
+    let run = |cfg| {
+        let instances = Arc::new(ingest::load_instances(&spool).unwrap());
+        let r = volley::engine::run(
+            cfg,
+            instances.clone(),
+            Arc::new(AtomicBool::new(false)),
+            false,
+        )
+        .unwrap();
+        (r, instances)
+    };
+    let (r, instances) = run(env.config());
+    assert_eq!((r.delivered, r.bounced), (1, 3));
+    let queued = volley::dsn::queue(
+        &spool,
+        &log,
+        &instances,
+        2,
+        cfg.segment_bytes,
+        "mta.volley.test",
+    )
+    .unwrap();
+    assert_eq!(queued, 2, "one per bounce of the campaign that asked");
+    let (r, instances) = run(env.config());
+    assert_eq!(r.delivered, 2);
+    // Read again: nothing new in the log, nothing queued twice.
+    let again = volley::dsn::queue(
+        &spool,
+        &log,
+        &instances,
+        2,
+        cfg.segment_bytes,
+        "mta.volley.test",
+    )
+    .unwrap();
+    assert_eq!(again, 0);
+    drop(lock);
+
+    let lines = log_lines(&log);
+    let dsn_deliveries: Vec<_> = lines
+        .iter()
+        .filter(|l| l["type"] == "Delivery" && l["campaign"].as_str().unwrap().starts_with("dsn-"))
+        .collect();
+    assert_eq!(dsn_deliveries.len(), 2);
+    for d in &dsn_deliveries {
+        assert_eq!(d["rcpt"], "bounces@shop7.tail.test");
+        assert_eq!(d["sender"], "<>");
+    }
+    let mut reports: Vec<String> = std::fs::read_dir(&keep)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .filter(|m| m.contains("multipart/report"))
+        .collect();
+    reports.sort();
+    assert_eq!(reports.len(), 2);
+    let all = reports.join("\n");
+    for rcpt in ["permfail1@gmail.com", "permfail2@yahoo.com"] {
+        assert!(
+            all.contains(&format!("Final-Recipient: rfc822; {rcpt}")),
+            "{all}"
+        );
+    }
+    assert!(
+        !all.contains("permfail3@gmail.com"),
+        "no DSN for the campaign without dsn"
+    );
+    let one = &reports[0];
+    for part in [
+        "Content-Type: multipart/report; report-type=delivery-status; boundary=\"volley-dsn\"",
+        "Content-Type: message/delivery-status",
+        "Reporting-MTA: dns; mta.volley.test",
+        "Action: failed",
+        "Status: 5.",
+        "Diagnostic-Code: smtp; 5",
+        "Auto-Submitted: auto-replied",
+        "X-Volley-Campaign: with-dsn",
+    ] {
+        assert!(one.contains(part), "{part:?} missing in\n{one}");
+    }
+    let _ = std::fs::remove_dir_all(&keep);
+}
