@@ -332,12 +332,17 @@ impl Shard {
                 sites,
                 until,
             }) if *until > now => {
-                let pool = &self.instances[&job.instance].settings.pool;
-                let site = match sites.iter().find(|(p, _)| p == pool) {
+                let pool = self.instances[&job.instance]
+                    .settings
+                    .pool
+                    .as_ref()
+                    .or(self.rules.default_pool.as_ref());
+                let site = match sites.iter().find(|(p, _)| p.as_ref() == pool) {
                     Some((_, site)) => site.clone(),
                     None => {
-                        let site = self.site_for(&job.domain, pool.as_deref(), hosts.clone());
-                        sites.push((pool.clone(), site.clone()));
+                        let site =
+                            self.site_for(&job.domain, pool.map(String::as_str), hosts.clone());
+                        sites.push((pool.cloned(), site.clone()));
                         site
                     }
                 };

@@ -40,6 +40,8 @@ pub struct BenchOptions {
     pub shards: Option<usize>,
     /// Replaces the scenario's non-accept-all profile (a name or a TOML file).
     pub profile: Option<String>,
+    /// `volley send --shaping` for the runs on the non-accept-all profile.
+    pub shaping: Option<PathBuf>,
 }
 
 struct Scenario {
@@ -166,16 +168,16 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
             name(sys)
         );
         let r = match sys {
-            System::Volley => run_volley(
-                opts,
-                profile,
-                Profile::load(profile)?,
-                n,
-                &campaign,
-                &work,
-                &[],
-            )
-            .map(|(r, _)| r),
+            System::Volley => {
+                let shaping: Vec<&str> = match &opts.shaping {
+                    Some(f) if profile != "accept-all" => {
+                        vec!["--shaping", f.to_str().expect("utf-8 path")]
+                    }
+                    _ => vec![],
+                };
+                let p = Profile::load(profile)?;
+                run_volley(opts, profile, p, n, &campaign, &work, &shaping).map(|(r, _)| r)
+            }
             System::SmtpSource => run_smtp_source(opts, profile, n, sc.body_bytes),
             System::Postfix => run_postfix(opts, profile, n, sc.body_bytes, &work),
         };

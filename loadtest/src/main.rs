@@ -102,6 +102,10 @@ enum Cmd {
         /// Sink profile for the scenario's non-accept-all runs (a name or a TOML file).
         #[arg(long)]
         profile: Option<String>,
+        /// Shaping rules for volley's runs on the non-accept-all profile
+        /// (`volley send --shaping`), e.g. source pools for per-IP limits.
+        #[arg(long)]
+        shaping: Option<PathBuf>,
     },
     /// Serve the test DNS for a profile's domains (and the edge-case domains) until interrupted.
     Dns {
@@ -214,6 +218,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             sink_threads,
             shards,
             profile,
+            shaping,
         } => {
             if scenario == "sink" {
                 let md =
@@ -232,6 +237,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sink_threads,
                 shards,
                 profile,
+                shaping,
             })?;
             Ok(())
         }

@@ -267,6 +267,8 @@ pub struct Rules {
     pub domains: HashMap<String, Rule>,
     pub sources: HashMap<IpAddr, SourceRules>,
     pub pools: HashMap<String, Vec<PoolSource>>,
+    /// The pool of campaigns that name none (`default_pool = "NAME"` at the top).
+    pub default_pool: Option<String>,
     /// The layers in merge order, for `shaping show`.
     pub layers: Vec<String>,
 }
@@ -334,6 +336,7 @@ struct FileSpec {
     source: BTreeMap<String, SectionSpec>,
     #[serde(default)]
     pool: BTreeMap<String, PoolSpec>,
+    default_pool: Option<Spanned<String>>,
 }
 
 /// One file, parsed and checked on its own.
@@ -343,6 +346,7 @@ struct Layer {
     domains: Vec<(String, Rule)>,
     sources: Vec<(IpAddr, SourceRules)>,
     pools: Vec<(String, Vec<PoolSource>)>,
+    default_pool: Option<(String, String)>,
 }
 
 struct Ctx<'a> {
@@ -653,6 +657,10 @@ fn parse_layer(name: &str, text: &str) -> Result<Layer, Vec<Problem>> {
         }
         pools.push((pname.clone(), list));
     }
+    let default_pool = spec
+        .default_pool
+        .as_ref()
+        .map(|p| (p.get_ref().clone(), cx.at(p.span())));
     if cx.problems.is_empty() {
         Ok(Layer {
             default,
@@ -660,6 +668,7 @@ fn parse_layer(name: &str, text: &str) -> Result<Layer, Vec<Problem>> {
             domains,
             sources,
             pools,
+            default_pool,
         })
     } else {
         Err(cx.problems)
@@ -729,6 +738,17 @@ impl Rules {
         }
         for (name, list) in layer.pools {
             self.pools.insert(name, list);
+        }
+        if let Some((pool, at)) = layer.default_pool {
+            if !self.pools.contains_key(&pool) {
+                return Err(vec![Problem {
+                    at,
+                    msg: format!(
+                        "default_pool: no [pool.{pool}] is defined in this or an earlier layer"
+                    ),
+                }]);
+            }
+            self.default_pool = Some(pool);
         }
         self.layers.push(name.to_string());
         Ok(())
@@ -814,6 +834,20 @@ mod tests {
             .unwrap();
         assert!(errs[0].at == "r.toml:3", "{errs:?}");
         assert!(errs[0].msg.contains("max_conections"), "{errs:?}");
+    }
+
+    #[test]
+    fn a_default_pool_must_be_defined() {
+        let mut r = Rules::default();
+        let e = r.add("a.toml", "default_pool = \"warm\"\n").unwrap_err();
+        assert_eq!(e[0].at, "a.toml:1");
+        assert!(e[0].msg.contains("[pool.warm]"), "{e:?}");
+        r.add(
+            "b.toml",
+            "default_pool = \"warm\"\n[pool.warm]\nsources = [{ ip = \"127.0.0.2\" }]\n",
+        )
+        .unwrap();
+        assert_eq!(r.default_pool.as_deref(), Some("warm"));
     }
 
     #[test]
