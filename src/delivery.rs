@@ -4,7 +4,6 @@
 //! the connection has carried its maximum, or the server goes away. After STARTTLS
 //! the same loop runs the bytes through rustls (itself sans-IO) on the way.
 
-use crate::classify::Class;
 use crate::shaping;
 use crate::shard::{stage_name, Job, Shard, Site, Via};
 use crate::smtp::client::{ClientConfig, ClientSession, Event, TlsMode, Transaction};
@@ -91,7 +90,7 @@ pub async fn connection(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>)
                     if f.reply.code != 0 && !f.reply.is_positive() {
                         // "421 too many connections" at the greeting is news for shaping too.
                         let class = shard.classify(&f.reply);
-                        shard.react(&site, source, class, &f.reply);
+                        shard.react(&site, source, Some(class), &f.reply);
                     }
                     last = f;
                     if !again {
@@ -458,9 +457,7 @@ async fn session(
                             None,
                             tx_ms,
                         );
-                        if let Some(c @ (Class::Throttled | Class::Blocked)) = class {
-                            shard.react(site, source, c, &reply);
-                        }
+                        shard.react(site, source, class, &reply);
                     }
                 }
                 Event::TxAborted { id, reason } => {

@@ -571,10 +571,16 @@ impl Shard {
     /// Backs off or suspends on a `throttled` or `blocked` reply. A throttle is the
     /// receiver's view of the sending IP: with a pool it applies to that source
     /// towards this destination, else to the destination.
-    pub fn react(&self, site: &Site, source: Option<usize>, class: Class, reply: &Reply) {
+    /// Every reply (`class` None for a success) counts towards a share threshold.
+    pub fn react(&self, site: &Site, source: Option<usize>, class: Option<Class>, reply: &Reply) {
         let dest = &site.limits[0];
         let src = source.map(|i| &site.sources[i].limit);
         let now = Instant::now();
+        src.unwrap_or(dest)
+            .observe(now, class == Some(Class::Throttled));
+        let Some(class @ (Class::Throttled | Class::Blocked)) = class else {
+            return;
+        };
         let text = reply.to_string();
         let change = match class {
             Class::Throttled => {

@@ -43,7 +43,6 @@ const THRESHOLD: f64 = 2000.0;
 const BACKOFF_RULES: &str = r#"
 [provider.google-sink]
 mx_suffixes = ["google.sink.test"]
-throttle_threshold = "1/1min"
 throttle_factor = 0.5
 throttle_recover = "5s"
 "#;

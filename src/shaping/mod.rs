@@ -9,7 +9,7 @@
 
 pub mod rules;
 
-use rules::{Per, Rule};
+use rules::{Per, Rule, Threshold, SHARE_MIN_REPLIES, SHARE_WINDOW_S};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime};
@@ -92,7 +92,7 @@ pub struct Change {
 /// The reactions a rule configures, resolved.
 #[derive(Debug, Clone)]
 struct Reactions {
-    throttle_threshold: Per,
+    throttle_threshold: Threshold,
     throttle_factor: f64,
     throttle_recover: Duration,
     block_threshold: Per,
@@ -115,6 +115,9 @@ struct State {
     connect: Option<Gcra>,
     conns: usize,
     throttles: VecDeque<Instant>,
+    /// (replies, throttle replies) per second over the last `SHARE_WINDOW_S`.
+    replies: [(u32, u32); SHARE_WINDOW_S],
+    replies_second: u64,
     blocks: VecDeque<Instant>,
     backed_off_at: Option<Instant>,
     last_throttle: Option<Instant>,
@@ -162,7 +165,7 @@ impl Limiter {
             throttle_threshold: rule
                 .throttle_threshold
                 .as_ref()
-                .map_or_else(|| per("1/1min"), |s| s.value.clone()),
+                .map_or(Threshold::Share(0.05), |s| s.value.clone()),
             throttle_factor: rule.throttle_factor.as_ref().map_or(0.5, |s| s.value),
             throttle_recover: rule
                 .throttle_recover
@@ -194,6 +197,8 @@ impl Limiter {
                 connect,
                 conns: 0,
                 throttles: VecDeque::new(),
+                replies: [(0, 0); SHARE_WINDOW_S],
+                replies_second: 0,
                 blocks: VecDeque::new(),
                 backed_off_at: None,
                 last_throttle: None,
@@ -317,6 +322,23 @@ impl Limiter {
         }
     }
 
+    /// Counts one reply for a share threshold (`"5%"`); call before `on_throttled`.
+    pub fn observe(&self, now: Instant, throttled: bool) {
+        let mut s = self.state.borrow_mut();
+        let second = since_origin_s(now);
+        let stale = second
+            .saturating_sub(s.replies_second)
+            .min(SHARE_WINDOW_S as u64);
+        for i in 1..=stale {
+            let idx = ((s.replies_second + i) as usize) % SHARE_WINDOW_S;
+            s.replies[idx] = (0, 0);
+        }
+        s.replies_second = second;
+        let b = &mut s.replies[(second as usize) % SHARE_WINDOW_S];
+        b.0 += 1;
+        b.1 += u32::from(throttled);
+    }
+
     /// A `throttled` reply for this key: past the threshold, cut the rate and the
     /// connection cap by the configured factor.
     ///
@@ -332,7 +354,17 @@ impl Limiter {
         {
             return None;
         }
-        if !peer && !past_threshold(&mut s.throttles, &r.throttle_threshold, now) {
+        let past = match &r.throttle_threshold {
+            Threshold::Count(t) => past_threshold(&mut s.throttles, t, now),
+            Threshold::Share(share) => {
+                let (total, throttled) = s
+                    .replies
+                    .iter()
+                    .fold((0, 0), |(a, b), (t, x)| (a + t, b + x));
+                total >= SHARE_MIN_REPLIES && throttled as f64 >= share * total as f64
+            }
+        };
+        if !peer && !past {
             return None;
         }
         s.throttles.clear();
@@ -527,6 +559,13 @@ fn past_threshold(events: &mut VecDeque<Instant>, t: &Per, now: Instant) -> bool
     events.len() as f64 >= t.count
 }
 
+/// Whole seconds on a process-wide monotonic clock.
+fn since_origin_s(now: Instant) -> u64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    now.saturating_duration_since(*ORIGIN.get_or_init(Instant::now))
+        .as_secs()
+}
+
 fn today() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -553,7 +592,9 @@ mod tests {
         Rule {
             max_msg_rate: Some(Set::cli(rules::parse_per(rate).unwrap())),
             max_connections: Some(Set::cli(conns)),
-            throttle_threshold: Some(Set::cli(rules::parse_per("2/1min").unwrap())),
+            throttle_threshold: Some(Set::cli(Threshold::Count(
+                rules::parse_per("2/1min").unwrap(),
+            ))),
             throttle_recover: Some(Set::cli(Duration::from_secs(10))),
             ..Rule::default()
         }

@@ -85,6 +85,39 @@ pub fn parse_per(s: &str) -> Result<Per, String> {
     Ok(Per { count, window })
 }
 
+/// When throttle replies trigger a back-off.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Threshold {
+    /// This many within the window: `"3/10min"`.
+    Count(Per),
+    /// This share of the replies over the last `SHARE_WINDOW_S` seconds, once at least
+    /// `SHARE_MIN_REPLIES` came: `"5%"`. At bulk rates a receiver's occasional
+    /// throttle-worded reply is noise; a limit being hit is most replies.
+    Share(f64),
+}
+
+pub const SHARE_WINDOW_S: usize = 10;
+pub const SHARE_MIN_REPLIES: u32 = 20;
+
+impl fmt::Display for Threshold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Threshold::Count(p) => write!(f, "{p}"),
+            Threshold::Share(s) => write!(f, "{}% of replies", s * 100.0),
+        }
+    }
+}
+
+pub fn parse_threshold(s: &str) -> Result<Threshold, String> {
+    match s.trim().strip_suffix('%') {
+        Some(p) => match p.trim().parse::<f64>() {
+            Ok(v) if v > 0.0 && v <= 100.0 => Ok(Threshold::Share(v / 100.0)),
+            _ => Err(format!("`{s}`: a share is 0% < P <= 100%, e.g. \"5%\"")),
+        },
+        None => parse_per(s).map(Threshold::Count),
+    }
+}
+
 /// What a `blocked` reaction suspends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockScope {
@@ -121,7 +154,7 @@ macro_rules! rule_fields {
         $m!(idle_timeout, Duration);
         $m!(tls, TlsMode);
         $m!(tls_verify, bool);
-        $m!(throttle_threshold, Per);
+        $m!(throttle_threshold, Threshold);
         $m!(throttle_factor, f64);
         $m!(throttle_recover, Duration);
         $m!(block_threshold, Per);
@@ -142,7 +175,7 @@ pub struct Rule {
     pub idle_timeout: Option<Set<Duration>>,
     pub tls: Option<Set<TlsMode>>,
     pub tls_verify: Option<Set<bool>>,
-    pub throttle_threshold: Option<Set<Per>>,
+    pub throttle_threshold: Option<Set<Threshold>>,
     pub throttle_factor: Option<Set<f64>>,
     pub throttle_recover: Option<Set<Duration>>,
     pub block_threshold: Option<Set<Per>>,
@@ -212,6 +245,11 @@ impl ShowValue for bool {
 impl ShowValue for Per {
     fn show(&self) -> String {
         format!("{self} ({:.3}/s)", self.per_sec())
+    }
+}
+impl ShowValue for Threshold {
+    fn show(&self) -> String {
+        self.to_string()
     }
 }
 impl ShowValue for Duration {
@@ -471,7 +509,9 @@ impl Ctx<'_> {
                 )),
             }),
             tls_verify: self.conv("tls_verify", &s.tls_verify, |b| Ok(*b)),
-            throttle_threshold: self.conv("throttle_threshold", &s.throttle_threshold, per),
+            throttle_threshold: self.conv("throttle_threshold", &s.throttle_threshold, |t| {
+                parse_threshold(t)
+            }),
             throttle_factor: self.conv("throttle_factor", &s.throttle_factor, |f| {
                 if *f > 0.0 && *f < 1.0 {
                     Ok(*f)
