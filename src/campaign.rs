@@ -33,6 +33,15 @@ pub struct Settings {
     pub max_rcpt_per_msg: u32,
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Sign with the From domain's DKIM key (`--dkim-dir`); false sends unsigned.
+    #[serde(default = "default_dkim")]
+    pub dkim: bool,
+    /// Which of the From domain's keys to sign with, when it has several.
+    #[serde(default)]
+    pub dkim_selector: Option<String>,
+    /// Header fields to sign, instead of `dkim::DEFAULT_HEADERS`.
+    #[serde(default)]
+    pub dkim_headers: Option<Vec<String>>,
     /// Send an RFC 3464 DSN to `sender` for each bounced or expired recipient.
     #[serde(default)]
     pub dsn: bool,
@@ -44,6 +53,9 @@ pub struct Settings {
 
 fn default_expire_after() -> String {
     "2d".into()
+}
+fn default_dkim() -> bool {
+    true
 }
 fn default_rcpt_per_msg() -> u32 {
     1

@@ -20,6 +20,8 @@ pub struct EngineConfig {
     /// Port of the receiving MTAs (25; the bundled sink uses another for tests).
     pub smtp_port: u16,
     pub ehlo_name: String,
+    /// DKIM keys: DIR/DOMAIN/SELECTOR.pem (see dkim.rs).
+    pub dkim_dir: PathBuf,
     /// The operator's shaping rules (`--shaping`), merged over the shipped ones.
     pub shaping_file: Option<PathBuf>,
     /// Command-line values for the rules' `[default]` section, merged last
@@ -57,6 +59,7 @@ impl EngineConfig {
             dns: DnsConfig::default(),
             smtp_port: 25,
             ehlo_name: hostname(),
+            dkim_dir: PathBuf::from(crate::dkim::DEFAULT_DIR),
             shaping_file: None,
             defaults: Rule::default(),
             window: 8,

@@ -338,7 +338,17 @@ async fn session(
                     break;
                 }
             };
-            let tx = build_tx(shard, &jobs);
+            let tx = match build_tx(shard, &jobs) {
+                Ok(tx) => tx,
+                Err(why) => {
+                    // Not sent unsigned behind the operator's back: a local failure.
+                    let r = Reply::new(554, Some("5.7.0"), &why);
+                    for job in jobs {
+                        shard.outcome(job, &r, "local", None, Some(true));
+                    }
+                    continue;
+                }
+            };
             inflight.insert(tx.id, (jobs, Instant::now()));
             s.submit(tx, Instant::now());
             sent += 1;
@@ -484,8 +494,9 @@ async fn session(
     }
 }
 
-/// Renders the message for the first job's merge values, addressed to every job.
-fn build_tx(shard: &Shard, jobs: &[Job]) -> Transaction {
+/// Renders the message for the first job's merge values, addressed to every job,
+/// DKIM-signed when its campaign signs.
+fn build_tx(shard: &Shard, jobs: &[Job]) -> Result<Transaction, String> {
     let inst = &shard.instances[&jobs[0].instance];
     let spool = shard.spool.borrow();
     // Recovery read every one of these records; the mapping cannot have changed since.
@@ -493,7 +504,18 @@ fn build_tx(shard: &Shard, jobs: &[Job]) -> Transaction {
         .read_queue(jobs[0].rref)
         .expect("a recovered record reads back");
     let mut content = Vec::new();
-    inst.template.render(&first.values, &mut content);
+    if let Some(signer) = shard.signer(jobs[0].instance) {
+        let mut body = Vec::new();
+        inst.template.render(&first.values, &mut body);
+        let header = signer
+            .sign(&body)
+            .map_err(|e| format!("DKIM signing failed: {e}"))?;
+        content.reserve(header.len() + body.len());
+        content.extend_from_slice(header.as_bytes());
+        content.extend_from_slice(&body);
+    } else {
+        inst.template.render(&first.values, &mut content);
+    }
     let rcpts = jobs
         .iter()
         .map(|j| {
@@ -503,7 +525,7 @@ fn build_tx(shard: &Shard, jobs: &[Job]) -> Transaction {
             String::from_utf8_lossy(v).into_owned()
         })
         .collect();
-    Transaction {
+    Ok(Transaction {
         id: shard.next_tx_id(),
         from: match inst.settings.sender.as_str() {
             "<>" => String::new(),
@@ -511,5 +533,5 @@ fn build_tx(shard: &Shard, jobs: &[Job]) -> Transaction {
         },
         rcpts,
         content,
-    }
+    })
 }

@@ -173,7 +173,8 @@ pub fn queue(
             &cdir.join("campaign.toml"),
             format!(
                 "# Delivery status notifications made by volley; sent from the null sender.\n\
-                 id = \"{id}\"\nsender = \"<>\"\nfrom_domain = \"{mta}\"\nexpire_after = \"5d\"\n"
+                 id = \"{id}\"\nsender = \"<>\"\nfrom_domain = \"{mta}\"\nexpire_after = \"5d\"\n\
+                 # This host's own notices: no DKIM key is expected for its name.\ndkim = false\n"
             )
             .as_bytes(),
         )?;

@@ -84,6 +84,8 @@ pub fn run(
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
     let rules = Arc::new(load_rules(&cfg, &instances)?);
+    let dkim =
+        Arc::new(crate::dkim::keys_for(&cfg.dkim_dir, &instances).map_err(|e| anyhow::anyhow!(e))?);
     let cfg = Arc::new(cfg);
     let resolver = Resolver::start(&cfg.dns)?;
     let classifier = Arc::new(crate::classify::load(cfg.bounce_rules.as_deref())?);
@@ -112,6 +114,7 @@ pub fn run(
             progress: p.clone(),
             control,
             peers: senders.clone(),
+            dkim: dkim.clone(),
             status: status.clone(),
             stop: stop.clone(),
         };

@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod delivery;
 pub mod demo;
+pub mod dkim;
 pub mod dns;
 pub mod dsn;
 pub mod engine;

@@ -20,10 +20,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Validate a campaign directory; lists every problem as file:line.
+    /// Validate a campaign directory; lists every problem as file:line. Also checks
+    /// that its From domain has a DKIM key (unless the campaign sets dkim = false).
     Check {
         /// Directory with campaign.toml, message.eml and recipients.csv.
         dir: PathBuf,
+        /// DKIM keys: DIR/DOMAIN/SELECTOR.pem.
+        #[arg(long, default_value = volley::dkim::DEFAULT_DIR)]
+        dkim_dir: PathBuf,
+    },
+    /// DKIM keys and signatures.
+    Dkim {
+        #[command(subcommand)]
+        cmd: DkimCmd,
     },
     /// Queue a campaign durably and deliver it; prints a report at the end. Sending the
     /// same campaign id again resumes what is left of it in the spool.
@@ -99,6 +108,33 @@ enum Cmd {
 }
 
 #[derive(Subcommand)]
+enum DkimCmd {
+    /// Make a key: writes OUT/DOMAIN/SELECTOR.pem (the private key, mode 0600) and
+    /// OUT/DOMAIN/SELECTOR.txt, and prints the DNS TXT record to publish.
+    Keygen {
+        #[arg(long = "type", value_enum, default_value_t = volley::dkim::KeyType::Rsa)]
+        kind: volley::dkim::KeyType,
+        #[arg(long)]
+        domain: String,
+        #[arg(long)]
+        selector: String,
+        /// The key directory (`send --dkim-dir`).
+        #[arg(long, default_value = volley::dkim::DEFAULT_DIR)]
+        out: PathBuf,
+    },
+    /// Sign one message from stdin to stdout exactly as the engine does (relaxed/relaxed,
+    /// the default header list); LF line ends are made CRLF first.
+    Sign {
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        domain: String,
+        #[arg(long)]
+        selector: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum ShapingCmd {
     /// Validate a rules file; names each bad key or value with its line.
     Check { file: PathBuf },
@@ -156,6 +192,9 @@ struct EngineArgs {
     /// Name to send in EHLO; default the host name.
     #[arg(long)]
     ehlo: Option<String>,
+    /// DKIM keys: DIR/DOMAIN/SELECTOR.pem (`volley dkim keygen`).
+    #[arg(long, default_value = volley::dkim::DEFAULT_DIR)]
+    dkim_dir: PathBuf,
     /// Traffic shaping rules (TOML), merged over the shipped defaults and tuning/
     /// provider profiles; see `volley shaping check` and `volley shaping show`.
     #[arg(long)]
@@ -223,6 +262,7 @@ impl EngineArgs {
             c.defaults.max_msg_rate = Some(Set::cli(r));
         }
         c.shaping_file = self.shaping;
+        c.dkim_dir = self.dkim_dir;
         // Checked now, so bad rules stop `send` before anything is queued.
         if let Err(problems) = c.rules() {
             for p in &problems {
@@ -263,7 +303,8 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.cmd {
-        Cmd::Check { dir } => check(&dir),
+        Cmd::Check { dir, dkim_dir } => check(&dir, &dkim_dir),
+        Cmd::Dkim { cmd } => dkim(cmd),
         Cmd::Send {
             dir,
             engine,
@@ -437,7 +478,7 @@ fn print_problems(dir: &std::path::Path, problems: &[volley::campaign::Problem])
     }
 }
 
-fn check(dir: &std::path::Path) -> anyhow::Result<i32> {
+fn check(dir: &std::path::Path, dkim_dir: &std::path::Path) -> anyhow::Result<i32> {
     let c = match Campaign::load(dir) {
         Ok(c) => c,
         Err(problems) => {
@@ -446,6 +487,13 @@ fn check(dir: &std::path::Path) -> anyhow::Result<i32> {
                 "volley: {} problem(s); nothing was checked past them",
                 problems.len()
             );
+            return Ok(1);
+        }
+    };
+    let signing = match volley::dkim::key_for(dkim_dir, &c.settings) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("{}/campaign.toml: {e}", dir.display());
             return Ok(1);
         }
     };
@@ -481,8 +529,88 @@ fn check(dir: &std::path::Path) -> anyhow::Result<i32> {
         );
         return Ok(1);
     }
-    println!("campaign {}: ok, {good} recipients", c.settings.id);
+    match signing {
+        Some(k) => println!(
+            "campaign {}: ok, {good} recipients, DKIM d={} s={} ({})",
+            c.settings.id,
+            k.domain,
+            k.selector,
+            k.path.display()
+        ),
+        None => println!(
+            "campaign {}: ok, {good} recipients, not DKIM-signed (dkim = false)",
+            c.settings.id
+        ),
+    }
     Ok(0)
+}
+
+fn dkim(cmd: DkimCmd) -> anyhow::Result<i32> {
+    use std::io::{Read, Write};
+    match cmd {
+        DkimCmd::Keygen {
+            kind,
+            domain,
+            selector,
+            out,
+        } => {
+            let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+            anyhow::ensure!(
+                !selector.is_empty()
+                    && selector
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'),
+                "--selector {selector:?}: use letters, digits, '-' and '_'"
+            );
+            let path = volley::dkim::key_path(&out, &domain, &selector);
+            anyhow::ensure!(
+                !path.exists(),
+                "{} exists; a new key needs a new selector (publish it, then switch)",
+                path.display()
+            );
+            let key = volley::dkim::generate(kind).map_err(|e| anyhow::anyhow!(e))?;
+            let dir = path.parent().expect("a file in a directory");
+            std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                f.write_all(key.pem.as_bytes())?;
+                f.sync_all()?;
+            }
+            let zone = volley::dkim::zone_line(&domain, &selector, &key.txt);
+            std::fs::write(path.with_extension("txt"), format!("{zone}\n"))?;
+            eprintln!("wrote {}; publish:", path.display());
+            println!("{zone}");
+            Ok(0)
+        }
+        DkimCmd::Sign {
+            key,
+            domain,
+            selector,
+        } => {
+            let signer = volley::dkim::Signer::load(
+                &key,
+                &domain.to_ascii_lowercase(),
+                &selector,
+                volley::dkim::DEFAULT_HEADERS,
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
+            let mut raw = Vec::new();
+            std::io::stdin().read_to_end(&mut raw)?;
+            let msg = volley::dkim::crlf(&raw);
+            let header = signer.sign(&msg).map_err(|e| anyhow::anyhow!(e))?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(header.as_bytes())?;
+            out.write_all(&msg)?;
+            out.flush()?;
+            Ok(0)
+        }
+    }
 }
 
 fn send(

@@ -10,6 +10,7 @@ use crate::classify::{Class, Classifier};
 use crate::config::EngineConfig;
 use crate::control::{Action, Command, Status, Target};
 use crate::delivery;
+use crate::dkim::Signer;
 use crate::dns::MxHost;
 use crate::dns::{Resolver, Route};
 use crate::ingest::{shard_dir, Instances};
@@ -177,6 +178,7 @@ pub struct Shard {
     control: Receiver<Command>,
     /// Every shard's command channel, for back-offs all shards share.
     peers: Vec<Sender<Command>>,
+    signers: HashMap<u32, Signer>,
     status: Arc<Status>,
     /// Deferred recipients until their retry time (or expiry).
     retries: RefCell<Wheel<Job>>,
@@ -196,6 +198,8 @@ pub struct Links {
     pub progress: Arc<Progress>,
     pub control: Receiver<Command>,
     pub peers: Vec<Sender<Command>>,
+    /// The DKIM key each signing campaign instance uses.
+    pub dkim: Arc<HashMap<u32, crate::dkim::KeyRef>>,
     pub status: Arc<Status>,
     pub stop: Arc<AtomicBool>,
 }
@@ -222,9 +226,16 @@ pub fn run(
         progress,
         control,
         peers,
+        dkim,
         status,
         stop,
     } = links;
+    // Parsed once per shard, not per message.
+    let signers = dkim
+        .iter()
+        .map(|(inst, k)| Ok((*inst, k.load()?)))
+        .collect::<Result<HashMap<u32, Signer>, String>>()
+        .map_err(|e| anyhow::anyhow!("shard {id}: {e}"))?;
     let (spool, recovered) =
         Spool::open(&shard_dir(&cfg.spool_dir, id), cfg.segment_bytes, &|i| {
             instances.contains_key(&i)
@@ -254,6 +265,7 @@ pub fn run(
         held: RefCell::new(Vec::new()),
         control,
         peers,
+        signers,
         status,
         retries: RefCell::new(Wheel::new(TICK, Instant::now())),
         remaining: Cell::new(recovered.pending.len() as u64),
@@ -962,6 +974,11 @@ impl Shard {
         p.deferrals.fetch_add(b[3], Ordering::Relaxed);
         *b = [0; 4];
         Ok(())
+    }
+
+    /// The DKIM signer for campaign instance `instance`, if it signs.
+    pub fn signer(&self, instance: u32) -> Option<&Signer> {
+        self.signers.get(&instance)
     }
 
     /// This shard's TLS client settings (shared, so sessions resume per host).

@@ -72,6 +72,10 @@ enum Cmd {
         /// Recipients the sink always rejects (permfail.N@), per thousand.
         #[arg(long, default_value_t = 0)]
         permfail_per_mille: u32,
+        /// Sign with volley's DKIM key for news.volley.test and this selector
+        /// (`volley dkim keygen --domain news.volley.test`); default unsigned.
+        #[arg(long)]
+        dkim_selector: Option<String>,
         /// Also write this many ready-made pickup .eml files into DIR.
         #[arg(long, value_names = ["DIR", "COUNT"], num_args = 2)]
         pickup: Option<Vec<String>>,
@@ -178,6 +182,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             campaign_id,
             tempfail_per_mille,
             permfail_per_mille,
+            dkim_selector,
             pickup,
         } => {
             let mut opts = gen::GenOptions {
@@ -188,6 +193,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 campaign_id,
                 tempfail_per_mille,
                 permfail_per_mille,
+                dkim_selector,
                 ..gen::GenOptions::default()
             };
             if let Some(m) = mix {

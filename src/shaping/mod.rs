@@ -361,7 +361,7 @@ impl Limiter {
                     .replies
                     .iter()
                     .fold((0, 0), |(a, b), (t, x)| (a + t, b + x));
-                total >= SHARE_MIN_REPLIES && throttled as f64 >= share * total as f64
+                total >= SHARE_MIN_REPLIES && wilson_lower(throttled, total) >= *share
             }
         };
         if !peer && !past {
@@ -559,6 +559,17 @@ fn past_threshold(events: &mut VecDeque<Instant>, t: &Per, now: Instant) -> bool
     events.len() as f64 >= t.count
 }
 
+/// The lower bound of the 95% Wilson interval for a share `x` of `n`: "at least this
+/// share, beyond reasonable doubt". Three throttles in twenty replies is noise at a 15%
+/// threshold; three hundred in two thousand is not.
+fn wilson_lower(x: u32, n: u32) -> f64 {
+    const Z: f64 = 1.96;
+    let (x, n) = (x as f64, n as f64);
+    let p = x / n;
+    let z2 = Z * Z;
+    (p + z2 / (2.0 * n) - Z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt()) / (1.0 + z2 / n)
+}
+
 /// Whole seconds on a process-wide monotonic clock.
 fn since_origin_s(now: Instant) -> u64 {
     static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -598,6 +609,14 @@ mod tests {
             throttle_recover: Some(Set::cli(Duration::from_secs(10))),
             ..Rule::default()
         }
+    }
+
+    #[test]
+    fn a_share_threshold_ignores_small_samples_and_noise() {
+        assert!(wilson_lower(3, 20) < 0.15, "3 of 20 is not proof of 15%");
+        assert!(wilson_lower(50, 1000) < 0.06, "5% noise stays under 6%");
+        assert!(wilson_lower(9, 10) > 0.5, "a limit being hit shows at once");
+        assert!(wilson_lower(300, 1000) > 0.25);
     }
 
     #[test]

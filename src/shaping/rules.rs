@@ -90,14 +90,15 @@ pub fn parse_per(s: &str) -> Result<Per, String> {
 pub enum Threshold {
     /// This many within the window: `"3/10min"`.
     Count(Per),
-    /// This share of the replies over the last `SHARE_WINDOW_S` seconds, once at least
-    /// `SHARE_MIN_REPLIES` came: `"5%"`. At bulk rates a receiver's occasional
-    /// throttle-worded reply is noise; a limit being hit is most replies.
+    /// This share of the replies over the last `SHARE_WINDOW_S` seconds, beyond
+    /// statistical doubt (the 95% lower bound; at least `SHARE_MIN_REPLIES`): `"5%"`.
+    /// At bulk rates a receiver's occasional throttle-worded reply is noise; a limit
+    /// being hit is most replies.
     Share(f64),
 }
 
 pub const SHARE_WINDOW_S: usize = 10;
-pub const SHARE_MIN_REPLIES: u32 = 20;
+pub const SHARE_MIN_REPLIES: u32 = 10;
 
 impl fmt::Display for Threshold {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

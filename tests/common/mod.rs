@@ -94,7 +94,11 @@ pub fn campaign(dir: &Path, id: &str, extra_settings: &str, rows: &[String]) -> 
     std::fs::create_dir_all(&d).unwrap();
     std::fs::write(
         d.join("campaign.toml"),
-        format!("id = \"{id}\"\nsender = \"bounces@news.test\"\nfrom_domain = \"news.test\"\n{extra_settings}\n"),
+        format!(
+            "id = \"{id}\"\nsender = \"bounces@news.test\"\nfrom_domain = \"news.test\"\n{}{extra_settings}\n",
+            // Unsigned unless the test is about signing.
+            if extra_settings.contains("dkim") { "" } else { "dkim = false\n" }
+        ),
     )
     .unwrap();
     std::fs::write(
