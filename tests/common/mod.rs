@@ -95,8 +95,8 @@ pub fn campaign(dir: &Path, id: &str, extra_settings: &str, rows: &[String]) -> 
     std::fs::write(
         d.join("campaign.toml"),
         format!(
-            "id = \"{id}\"\nsender = \"bounces@news.test\"\nfrom_domain = \"news.test\"\n{}{extra_settings}\n",
-            // Unsigned unless the test is about signing.
+            "id = \"{id}\"\nsender = \"bounces@news.test\"\nfrom_domain = \"news.test\"\n{extra_settings}\n{}",
+            // Unsigned unless the test is about signing (last, so tests' line numbers hold).
             if extra_settings.contains("dkim") { "" } else { "dkim = false\n" }
         ),
     )
