@@ -71,7 +71,9 @@ fn scenario(name: &str) -> anyhow::Result<Scenario> {
         },
         // The realistic profile's first pass against the accept-all rate, in one run.
         // Shaping accuracy has its own runner (shaping_bench.rs).
-        s if s.starts_with("shaping") => unreachable!("run() sends it to shaping_bench"),
+        s if s.starts_with("shaping") || s == "dkim" => {
+            unreachable!("run() sends it to its own module")
+        }
         "realistic" => Scenario {
             recipients: 100_000,
             body_bytes: kb10,
@@ -82,7 +84,7 @@ fn scenario(name: &str) -> anyhow::Result<Scenario> {
         },
         other => {
             anyhow::bail!(
-                "unknown scenario {other:?}: use smoke, accept-all, realistic, shaping or sink"
+                "unknown scenario {other:?}: use smoke, accept-all, realistic, shaping, dkim or sink"
             )
         }
     })
@@ -131,6 +133,9 @@ pub struct Check {
 pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
     if opts.scenario.starts_with("shaping") {
         return crate::shaping_bench::run(opts);
+    }
+    if opts.scenario == "dkim" {
+        return crate::dkim_bench::run(opts);
     }
     let sc = scenario(&opts.scenario)?;
     let n = opts.recipients.unwrap_or(sc.recipients);
@@ -404,7 +409,7 @@ fn result(
     }
 }
 
-fn volley_binary(opts: &BenchOptions) -> anyhow::Result<PathBuf> {
+pub(crate) fn volley_binary(opts: &BenchOptions) -> anyhow::Result<PathBuf> {
     if let Some(p) = &opts.volley {
         return Ok(p.clone());
     }

@@ -3,6 +3,7 @@
 //! a library so the engine's tests and `volley demo` start them in-process.
 
 pub mod bench;
+pub mod dkim_bench;
 pub mod dns;
 pub mod gen;
 pub mod integrity;

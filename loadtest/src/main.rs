@@ -84,6 +84,7 @@ enum Cmd {
     Bench {
         /// smoke (2,000 messages), accept-all (100,000), realistic (100,000, volley only),
         /// shaping (volley's rate/connection caps and 421 back-off as the sink sees them),
+        /// dkim (TLS and DKIM signing against the plain rate),
         /// or sink (volley-load sink against Postfix's smtp-sink, both driven by smtp-source).
         #[arg(long, default_value = "smoke")]
         scenario: String,
