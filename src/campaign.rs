@@ -42,6 +42,14 @@ pub struct Settings {
     /// Header fields to sign, instead of `dkim::DEFAULT_HEADERS`.
     #[serde(default)]
     pub dkim_headers: Option<Vec<String>>,
+    /// One-click unsubscribe (RFC 8058): an https URL, merge fields allowed
+    /// (`https://news.example/u/{{email}}`). Adds List-Unsubscribe and
+    /// List-Unsubscribe-Post when the template has none.
+    #[serde(default)]
+    pub list_unsubscribe_url: Option<String>,
+    /// An address for List-Unsubscribe's mailto: target.
+    #[serde(default)]
+    pub list_unsubscribe_mailto: Option<String>,
     /// Send an RFC 3464 DSN to `sender` for each bounced or expired recipient.
     #[serde(default)]
     pub dsn: bool,
@@ -95,6 +103,11 @@ pub struct Campaign {
     pub columns: Vec<String>,
     /// Index of the `email` column.
     pub email_col: usize,
+    /// What the bulk-sender rules added or warn about (compliance.rs).
+    pub added_headers: Vec<&'static str>,
+    pub add_date: bool,
+    pub add_message_id: bool,
+    pub warnings: Vec<String>,
 }
 
 /// A valid recipient row.
@@ -138,14 +151,35 @@ impl Campaign {
                 ),
             });
         }
-        let template = match Template::parse(&template_text, &columns) {
+        if let Some(u) = &settings.list_unsubscribe_url {
+            if !u.starts_with("https://") {
+                problems.push(Problem {
+                    file: "campaign.toml",
+                    line: None,
+                    msg: format!("list_unsubscribe_url {u:?}: one-click unsubscribe needs an https:// URL (RFC 8058)"),
+                });
+            }
+        }
+        if let Some(m) = &settings.list_unsubscribe_mailto {
+            if normalise_address(m).is_err() {
+                problems.push(Problem {
+                    file: "campaign.toml",
+                    line: None,
+                    msg: format!("list_unsubscribe_mailto {m:?}: give an address, e.g. unsubscribe@news.example"),
+                });
+            }
+        }
+        let done = crate::compliance::complete(&template_text, &settings);
+        // Added fields come first: the template's line numbers move by their count.
+        let shift = done.added.len();
+        let template = match Template::parse(&done.text, &columns) {
             Ok(t) => Some(t),
             Err(errs) => {
                 problems.extend(errs.into_iter().map(|e| {
                     let (line, msg) = split_line(&e.to_string());
                     Problem {
                         file: "message.eml",
-                        line,
+                        line: line.map(|l| l.saturating_sub(shift).max(1)),
                         msg,
                     }
                 }));
@@ -160,6 +194,10 @@ impl Campaign {
                 template,
                 columns,
                 email_col,
+                added_headers: done.added,
+                add_date: done.add_date,
+                add_message_id: done.add_message_id,
+                warnings: done.warnings,
             }),
             _ => Err(problems),
         }

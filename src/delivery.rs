@@ -504,8 +504,19 @@ fn build_tx(shard: &Shard, jobs: &[Job]) -> Result<Transaction, String> {
         .read_queue(jobs[0].rref)
         .expect("a recovered record reads back");
     let mut content = Vec::new();
+    let mut body = Vec::new();
+    if inst.add_date || inst.add_message_id {
+        let r = jobs[0].rref;
+        let id = format!("{}.{}.{}", inst.no, r.seg, r.off);
+        let h = crate::compliance::per_message_headers(
+            inst.add_date,
+            inst.add_message_id,
+            &id,
+            &inst.settings.from_domain,
+        );
+        body.extend_from_slice(h.as_bytes());
+    }
     if let Some(signer) = shard.signer(jobs[0].instance) {
-        let mut body = Vec::new();
         inst.template.render(&first.values, &mut body);
         let header = signer
             .sign(&body)
@@ -514,7 +525,8 @@ fn build_tx(shard: &Shard, jobs: &[Job]) -> Result<Transaction, String> {
         content.extend_from_slice(header.as_bytes());
         content.extend_from_slice(&body);
     } else {
-        inst.template.render(&first.values, &mut content);
+        inst.template.render(&first.values, &mut body);
+        content = body;
     }
     let rcpts = jobs
         .iter()

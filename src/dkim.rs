@@ -275,6 +275,33 @@ pub fn generate(kind: KeyType) -> Result<NewKey, String> {
     }
 }
 
+/// The DNS TXT value publishing the public half of the private key at `path`.
+pub fn public_txt(path: &Path) -> Result<String, String> {
+    use rsa::pkcs1::DecodeRsaPrivateKey;
+    use rsa::pkcs8::{DecodePrivateKey, EncodePublicKey};
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let der = PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| format!("{}: not a PEM private key ({e})", path.display()))?;
+    let rsa = match &der {
+        PrivateKeyDer::Pkcs8(p8) => {
+            if let Ok(k) = Ed25519Key::from_pkcs8_maybe_unchecked_der(p8.secret_pkcs8_der()) {
+                return Ok(format!("v=DKIM1; k=ed25519; p={}", base64(&k.public_key())));
+            }
+            rsa::RsaPrivateKey::from_pkcs8_der(p8.secret_pkcs8_der()).map_err(|e| e.to_string())
+        }
+        PrivateKeyDer::Pkcs1(p1) => {
+            rsa::RsaPrivateKey::from_pkcs1_der(p1.secret_pkcs1_der()).map_err(|e| e.to_string())
+        }
+        _ => Err("not an RSA or Ed25519 key".to_string()),
+    }
+    .map_err(|e| format!("{}: {e}", path.display()))?;
+    let public = rsa
+        .to_public_key()
+        .to_public_key_der()
+        .map_err(|e| e.to_string())?;
+    Ok(format!("v=DKIM1; k=rsa; p={}", base64(public.as_bytes())))
+}
+
 /// `raw` with every bare LF made CRLF (messages on the wire, and as signed).
 pub fn crlf(raw: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(raw.len() + raw.len() / 40);

@@ -36,6 +36,9 @@ pub struct Instance {
     pub recipients: u64,
     pub queued_at: SystemTime,
     pub expire_at: SystemTime,
+    /// Date / Message-ID to add per message (the template has none).
+    pub add_date: bool,
+    pub add_message_id: bool,
 }
 
 pub type Instances = Arc<BTreeMap<u32, Instance>>;
@@ -140,6 +143,8 @@ pub fn load_instances(spool: &Path) -> anyhow::Result<BTreeMap<u32, Instance>> {
             Instance {
                 no,
                 email_col: campaign.email_col,
+                add_date: campaign.add_date,
+                add_message_id: campaign.add_message_id,
                 template: campaign.template,
                 settings: campaign.settings,
                 recipients: marker.recipients,

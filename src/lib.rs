@@ -5,6 +5,7 @@
 
 pub mod campaign;
 pub mod classify;
+pub mod compliance;
 pub mod config;
 pub mod control;
 pub mod delivery;

@@ -29,6 +29,19 @@ enum Cmd {
         #[arg(long, default_value = volley::dkim::DEFAULT_DIR)]
         dkim_dir: PathBuf,
     },
+    /// The DNS records a campaign's domains must publish, in zone-file form: SPF for
+    /// the envelope sender's domain, the DKIM key, DMARC for the From domain.
+    DnsRecords {
+        dir: PathBuf,
+        #[arg(long, default_value = volley::dkim::DEFAULT_DIR)]
+        dkim_dir: PathBuf,
+        /// Sending addresses for SPF (repeatable); default the campaign's pool in
+        /// --shaping, else a placeholder to fill in.
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+        #[arg(long)]
+        shaping: Option<PathBuf>,
+    },
     /// DKIM keys and signatures.
     Dkim {
         #[command(subcommand)]
@@ -305,6 +318,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.cmd {
         Cmd::Check { dir, dkim_dir } => check(&dir, &dkim_dir),
         Cmd::Dkim { cmd } => dkim(cmd),
+        Cmd::DnsRecords {
+            dir,
+            dkim_dir,
+            ip,
+            shaping,
+        } => dns_records(&dir, &dkim_dir, ip, shaping.as_deref()),
         Cmd::Send {
             dir,
             engine,
@@ -529,6 +548,7 @@ fn check(dir: &std::path::Path, dkim_dir: &std::path::Path) -> anyhow::Result<i3
         );
         return Ok(1);
     }
+    report_compliance(dir, &c);
     match signing {
         Some(k) => println!(
             "campaign {}: ok, {good} recipients, DKIM d={} s={} ({})",
@@ -543,6 +563,106 @@ fn check(dir: &std::path::Path, dkim_dir: &std::path::Path) -> anyhow::Result<i3
         ),
     }
     Ok(0)
+}
+
+fn dns_records(
+    dir: &std::path::Path,
+    dkim_dir: &std::path::Path,
+    mut ips: Vec<std::net::IpAddr>,
+    shaping: Option<&std::path::Path>,
+) -> anyhow::Result<i32> {
+    let c = match Campaign::load(dir) {
+        Ok(c) => c,
+        Err(problems) => {
+            print_problems(dir, &problems);
+            return Ok(1);
+        }
+    };
+    let s = &c.settings;
+    if ips.is_empty() {
+        let rules = Rules::load(shaping, &Rule::default()).map_err(|p| {
+            anyhow::anyhow!(
+                "{}",
+                p.iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        })?;
+        let pool = s.pool.as_ref().or(rules.default_pool.as_ref());
+        ips = pool
+            .and_then(|p| rules.pools.get(p))
+            .map(|list| list.iter().map(|x| x.ip).collect())
+            .unwrap_or_default();
+    }
+    let from = s.from_domain.to_ascii_lowercase();
+    println!("; DNS records for campaign {} (From domain {from})", s.id);
+    match s.sender.rsplit_once('@') {
+        Some((_, sd)) => {
+            let mech: Vec<String> = if ips.is_empty() {
+                vec!["ip4:SENDING.IP.ADDRESS".into()]
+            } else {
+                ips.iter()
+                    .map(|ip| match ip {
+                        std::net::IpAddr::V4(v) => format!("ip4:{v}"),
+                        std::net::IpAddr::V6(v) => format!("ip6:{v}"),
+                    })
+                    .collect()
+            };
+            println!("; SPF: the envelope sender's domain authorises the sending addresses");
+            if ips.is_empty() {
+                println!("; (no --ip and no pool: replace the placeholder, or merge with your existing SPF)");
+            }
+            println!(
+                "{}. 3600 IN TXT \"v=spf1 {} ~all\"",
+                sd.to_ascii_lowercase(),
+                mech.join(" ")
+            );
+        }
+        None => println!("; SPF: the null sender needs none"),
+    }
+    match volley::dkim::key_for(dkim_dir, s) {
+        Ok(Some(k)) => {
+            let txt = volley::dkim::public_txt(&k.path).map_err(|e| anyhow::anyhow!(e))?;
+            println!("; DKIM: the public half of {}", k.path.display());
+            println!("{}", volley::dkim::zone_line(&k.domain, &k.selector, &txt));
+        }
+        Ok(None) => println!("; DKIM: the campaign is not signed (dkim = false)"),
+        Err(e) => println!("; DKIM: {e}"),
+    }
+    println!("; DMARC: start at p=none with reports, then quarantine/reject once aligned");
+    println!(
+        "_dmarc.{from}. 3600 IN TXT \"v=DMARC1; p=none; rua=mailto:dmarc-reports@{from}; adkim=r; aspf=r\""
+    );
+    for w in &c.warnings {
+        println!("; warning: {w}");
+    }
+    Ok(0)
+}
+
+/// What the bulk-sender rules added to the campaign, and what they warn about.
+fn report_compliance(dir: &std::path::Path, c: &Campaign) {
+    if !c.added_headers.is_empty() {
+        println!(
+            "campaign {}: adds {} (from campaign.toml)",
+            c.settings.id,
+            c.added_headers.join(", ")
+        );
+    }
+    let per_message: Vec<&str> = [(c.add_date, "Date"), (c.add_message_id, "Message-ID")]
+        .into_iter()
+        .filter_map(|(on, h)| on.then_some(h))
+        .collect();
+    if !per_message.is_empty() {
+        println!(
+            "campaign {}: adds {} to each message (the template has none)",
+            c.settings.id,
+            per_message.join(" and ")
+        );
+    }
+    for w in &c.warnings {
+        eprintln!("{}: warning: {w}", dir.display());
+    }
 }
 
 fn dkim(cmd: DkimCmd) -> anyhow::Result<i32> {
@@ -629,6 +749,12 @@ fn send(
             return Ok(1);
         }
     };
+    report_compliance(dir, &campaign);
+    if let Err(e) = volley::dkim::key_for(&cfg.dkim_dir, &campaign.settings) {
+        eprintln!("{}/campaign.toml: {e}", dir.display());
+        eprintln!("volley: campaign refused, nothing queued");
+        return Ok(1);
+    }
     let mut cfg = cfg;
     let lock = ingest::lock_spool(&cfg.spool_dir, cfg.shards)?;
     cfg.shards = lock.shards;

@@ -334,3 +334,99 @@ fn keygen_check_and_sign_on_the_command_line() {
     assert_eq!(code, 1);
     assert!(err.contains("/nonexistent.pem"), "{err}");
 }
+
+#[test]
+fn bulk_sender_headers_are_added_signed_and_the_dns_records_printed() {
+    let keep = std::env::temp_dir().join(format!("volley-compliance-keep-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&keep);
+    std::fs::create_dir_all(&keep).unwrap();
+    let env = env_full("compliance", "", true, Some(keep.clone()));
+    let keys = env.dir.join("dkim");
+    let txt = publish(&env, &keys, "s1", KeyType::Ed25519);
+    let c = campaign(
+        &env.dir,
+        "bulk",
+        "dkim = true\nlist_unsubscribe_url = \"https://news.test/u?e={{email}}\"\nlist_unsubscribe_mailto = \"unsub@news.test\"",
+        &["ann@gmail.com,Ann".into()],
+    );
+    // A template without Date and Message-ID: both are added per message.
+    std::fs::write(
+        c.join("message.eml"),
+        "From: News <news@news.test>\nTo: {{name}} <{{email}}>\nSubject: Hello {{name}}\n\nHi {{name}}\n",
+    )
+    .unwrap();
+    let dir = keys.to_str().unwrap();
+    let (code, out, err) = volley(&["check", c.to_str().unwrap(), "--dkim-dir", dir], None);
+    assert_eq!(code, 0, "{err}");
+    let out = String::from_utf8(out).unwrap();
+    assert!(
+        out.contains("adds List-Unsubscribe, List-Unsubscribe-Post"),
+        "{out}"
+    );
+    assert!(
+        out.contains("adds Date and Message-ID to each message"),
+        "{out}"
+    );
+
+    let mut cfg = env.config();
+    cfg.dkim_dir = keys.clone();
+    let r = env.send(&c, cfg);
+    assert_eq!(r.delivered, 1);
+    let messages = kept(&keep);
+    let text = String::from_utf8_lossy(&messages[0].1).into_owned();
+    for h in [
+        "List-Unsubscribe: <mailto:unsub@news.test>, <https://news.test/u?e=ann@gmail.com>\r\n",
+        "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
+        "\r\nDate: ",
+        "\r\nMessage-ID: <",
+    ] {
+        assert!(text.contains(h), "{h:?} missing in\n{text}");
+    }
+    // Both unsubscribe fields are covered by the signature (RFC 8058 §4).
+    let h = text.split("h=").nth(1).unwrap().split(';').next().unwrap();
+    let signed: Vec<String> = h
+        .split(':')
+        .map(|x| x.trim().to_ascii_lowercase())
+        .collect();
+    for f in [
+        "list-unsubscribe",
+        "list-unsubscribe-post",
+        "date",
+        "message-id",
+    ] {
+        assert!(signed.iter().any(|x| x == f), "{f} not in h={h}");
+    }
+    assert_eq!(
+        verify_with_mail_auth(&env, &messages),
+        vec![DkimResult::Pass]
+    );
+
+    let (code, out, err) = volley(
+        &[
+            "dns-records",
+            c.to_str().unwrap(),
+            "--dkim-dir",
+            dir,
+            "--ip",
+            "192.0.2.7",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let out = String::from_utf8(out).unwrap();
+    assert!(
+        out.contains("news.test. 3600 IN TXT \"v=spf1 ip4:192.0.2.7 ~all\""),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "s1._domainkey.news.test. 3600 IN TXT ( \"{txt}\" )"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("_dmarc.news.test. 3600 IN TXT \"v=DMARC1; p=none;"),
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(&keep);
+}
