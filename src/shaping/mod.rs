@@ -126,7 +126,10 @@ struct State {
     win_start: Instant,
     win_count: u32,
     observed: f64,
+    /// The warm-up schedule, the day counted, and this shard's messages left today.
     warm: Option<(rules::Warmup, i64, u32)>,
+    /// (shards, this shard's id): each day's cap is shared like every limit.
+    shard_of: (usize, usize),
 }
 
 pub struct Limiter {
@@ -207,10 +210,8 @@ impl Limiter {
                 win_start: now,
                 win_count: 0,
                 observed: 0.0,
-                warm: rule.warmup.as_ref().map(|w| {
-                    let cap = share(w.value.per_day[0] as f64, shards, id, true) as u32;
-                    (w.value.clone(), i64::MIN, cap)
-                }),
+                warm: rule.warmup.as_ref().map(|w| (w.value.clone(), i64::MIN, 0)),
+                shard_of: (shards, id),
             }),
         }
     }
@@ -269,11 +270,14 @@ impl Limiter {
         if let Some(u) = Self::blocked_until(&s, now) {
             return Some(u);
         }
+        let (shards, id) = s.shard_of;
         if let Some((w, day, left)) = s.warm.as_mut() {
             let today = today();
             if *day != today {
                 *day = today;
-                *left = w.cap_on(today).unwrap_or(u32::MAX);
+                *left = w
+                    .cap_on(today)
+                    .map_or(u32::MAX, |cap| share(cap as f64, shards, id, true) as u32);
             }
             if *left == 0 {
                 return Some(now + Duration::from_secs(60));
@@ -718,6 +722,42 @@ mod tests {
             "resumed"
         );
         assert_eq!(l.connect_gate(t0 + Duration::from_secs(31)), Gate::Open);
+    }
+
+    #[test]
+    fn warmup_caps_a_day_per_shard_share() {
+        let t0 = Instant::now();
+        let r = Rule {
+            warmup: Some(Set::cli(rules::Warmup {
+                start_day: today(),
+                per_day: vec![10, 1000],
+            })),
+            ..Rule::default()
+        };
+        // Two shards: this one may send half of day 1's 10.
+        let l = Limiter::new("source:a>provider:x".into(), &r, 2, 0, t0);
+        let mut sent = 0;
+        while admit(&[&l], t0).is_none() {
+            sent += 1;
+            assert!(sent <= 5, "past the day's share");
+        }
+        assert_eq!(sent, 5);
+    }
+
+    #[test]
+    fn connect_rate_and_connection_cap_gate_new_connections() {
+        let t0 = Instant::now();
+        let mut r = rule("1000/s", 2);
+        r.connect_rate = Some(Set::cli(rules::parse_per("1/s").unwrap()));
+        let l = Limiter::new("provider:x".into(), &r, 1, 0, t0);
+        assert_eq!(l.connect_gate(t0), Gate::Open);
+        l.connected(t0);
+        assert!(matches!(l.connect_gate(t0), Gate::At(at) if at > t0 + Duration::from_millis(900)));
+        let t1 = t0 + Duration::from_secs(1);
+        l.connected(t1);
+        assert_eq!(l.connect_gate(t1 + Duration::from_secs(5)), Gate::Full);
+        l.disconnected();
+        assert_eq!(l.connect_gate(t1 + Duration::from_secs(5)), Gate::Open);
     }
 
     #[test]
