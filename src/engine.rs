@@ -95,12 +95,16 @@ pub fn run(
         .map(|_| crossbeam_channel::unbounded::<Command>())
         .unzip();
     let admin_stop = Arc::new(AtomicBool::new(false));
+    // Without the socket (a spool path over the 108-octet limit, a read-only spool)
+    // the run goes on: control is a convenience, delivery is the job.
     let admin = control::serve(
         control::socket_path(&cfg.spool_dir),
         senders.clone(),
         status.clone(),
         admin_stop.clone(),
-    )?;
+    )
+    .map_err(|e| eprintln!("volley: {e}; `volley queue` will not reach this run"))
+    .ok();
     let progress: Vec<Arc<Progress>> = (0..cfg.shards)
         .map(|_| Arc::new(Progress::default()))
         .collect();
@@ -167,7 +171,9 @@ pub fn run(
         b.finish_and_clear();
     }
     admin_stop.store(true, Ordering::Relaxed);
-    let _ = admin.join();
+    if let Some(a) = admin {
+        let _ = a.join();
+    }
     let mut latency = Histogram::<u64>::new(3).expect("valid");
     let mut remaining = 0;
     let mut errors = Vec::new();
