@@ -519,7 +519,7 @@ fn build_tx(shard: &Shard, jobs: &[Job]) -> Result<Transaction, String> {
     if let Some(signer) = shard.signer(jobs[0].instance) {
         inst.template.render(&first.values, &mut body);
         let header = signer
-            .sign(&body)
+            .sign(&body, !inst.template.body_varies())
             .map_err(|e| format!("DKIM signing failed: {e}"))?;
         content.reserve(header.len() + body.len());
         content.extend_from_slice(header.as_bytes());

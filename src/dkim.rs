@@ -6,12 +6,14 @@
 //! `volley dkim keygen` writes them there. Each shard parses the keys it needs once
 //! at start; signing is per rendered message, on the shard.
 
-use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
-use mail_auth::common::headers::HeaderWriter;
+use mail_auth::common::crypto::{Algorithm, Ed25519Key, HashOutput, RsaKey, Sha256, SigningKey};
+use mail_auth::common::headers::{HeaderWriter, Writable};
 use mail_auth::dkim::{DkimSigner, Done};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::PrivateKeyDer;
+use std::cell::{Cell, RefCell};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 /// Signed by default: what a receiver shows or acts on, and the one-click
 /// unsubscribe pair (RFC 8058 requires they be signed). From is listed twice
@@ -138,14 +140,56 @@ pub fn key_for(dir: &Path, s: &crate::campaign::Settings) -> Result<Option<KeyRe
     Ok(Some(k))
 }
 
+/// A key that can hand back the last body hash instead of computing it again, when
+/// the caller knows the body is the one it signed last (a template without merge
+/// fields in its body): the body hash is computed once per distinct body.
+struct BodyHashCache<K> {
+    key: K,
+    reuse: Rc<Cell<bool>>,
+    last: RefCell<Option<HashOutput>>,
+}
+
+impl<K: SigningKey> SigningKey for BodyHashCache<K> {
+    type Hasher = K::Hasher;
+
+    fn sign(&self, input: impl Writable) -> mail_auth::Result<Vec<u8>> {
+        self.key.sign(input)
+    }
+
+    /// mail-auth calls this for the canonical body only.
+    fn hash(&self, data: impl Writable) -> HashOutput {
+        if self.reuse.get() {
+            if let Some(h) = self.last.borrow().as_ref() {
+                return h.clone();
+            }
+        }
+        let h = self.key.hash(data);
+        *self.last.borrow_mut() = Some(h.clone());
+        h
+    }
+
+    fn algorithm(&self) -> Algorithm {
+        self.key.algorithm()
+    }
+}
+
+fn cached<K>(key: K, reuse: &Rc<Cell<bool>>) -> BodyHashCache<K> {
+    BodyHashCache {
+        key,
+        reuse: reuse.clone(),
+        last: RefCell::new(None),
+    }
+}
+
 enum Inner {
-    Rsa(DkimSigner<RsaKey<Sha256>, Done>),
-    Ed25519(DkimSigner<Ed25519Key, Done>),
+    Rsa(DkimSigner<BodyHashCache<RsaKey<Sha256>>, Done>),
+    Ed25519(DkimSigner<BodyHashCache<Ed25519Key>, Done>),
 }
 
 /// A parsed key for one domain and selector, ready to sign.
 pub struct Signer {
     inner: Inner,
+    reuse: Rc<Cell<bool>>,
     pub algorithm: &'static str,
 }
 
@@ -165,31 +209,34 @@ impl Signer {
             )
         })?;
         let headers: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+        let reuse = Rc::new(Cell::new(false));
+        let rsa = |der: PrivateKeyDer<'static>| {
+            RsaKey::<Sha256>::from_key_der(der)
+                .map_err(|e| format!("{}: not an RSA or Ed25519 key: {e}", path.display()))
+        };
         let inner = match &der {
             PrivateKeyDer::Pkcs8(p8) => {
                 match Ed25519Key::from_pkcs8_maybe_unchecked_der(p8.secret_pkcs8_der()) {
                     Ok(k) => Inner::Ed25519(
-                        DkimSigner::from_key(k)
+                        DkimSigner::from_key(cached(k, &reuse))
                             .domain(domain)
                             .selector(selector)
                             .headers(headers),
                     ),
-                    Err(_) => Inner::Rsa(rsa_signer(
-                        der.clone_key(),
-                        domain,
-                        selector,
-                        headers,
-                        path,
-                    )?),
+                    Err(_) => Inner::Rsa(
+                        DkimSigner::from_key(cached(rsa(der.clone_key())?, &reuse))
+                            .domain(domain)
+                            .selector(selector)
+                            .headers(headers),
+                    ),
                 }
             }
-            PrivateKeyDer::Pkcs1(_) => Inner::Rsa(rsa_signer(
-                der.clone_key(),
-                domain,
-                selector,
-                headers,
-                path,
-            )?),
+            PrivateKeyDer::Pkcs1(_) => Inner::Rsa(
+                DkimSigner::from_key(cached(rsa(der.clone_key())?, &reuse))
+                    .domain(domain)
+                    .selector(selector)
+                    .headers(headers),
+            ),
             _ => {
                 return Err(format!(
                     "{}: an EC (SEC1) key; DKIM takes RSA or Ed25519",
@@ -201,33 +248,24 @@ impl Signer {
             Inner::Rsa(_) => "rsa-sha256",
             Inner::Ed25519(_) => "ed25519-sha256",
         };
-        Ok(Signer { inner, algorithm })
+        Ok(Signer {
+            inner,
+            reuse,
+            algorithm,
+        })
     }
 
     /// The DKIM-Signature header field (with its CRLF) for `message`, which must use
-    /// CRLF line ends; put it in front of the message.
-    pub fn sign(&self, message: &[u8]) -> Result<String, String> {
+    /// CRLF line ends; put it in front of the message. `same_body`: the body is the
+    /// one this signer signed last, so its hash is reused.
+    pub fn sign(&self, message: &[u8], same_body: bool) -> Result<String, String> {
+        self.reuse.set(same_body);
         let sig = match &self.inner {
             Inner::Rsa(s) => s.sign(message),
             Inner::Ed25519(s) => s.sign(message),
         };
         sig.map(|s| s.to_header()).map_err(|e| e.to_string())
     }
-}
-
-fn rsa_signer(
-    der: PrivateKeyDer<'static>,
-    domain: &str,
-    selector: &str,
-    headers: Vec<String>,
-    path: &Path,
-) -> Result<DkimSigner<RsaKey<Sha256>, Done>, String> {
-    let key = RsaKey::<Sha256>::from_key_der(der)
-        .map_err(|e| format!("{}: not an RSA or Ed25519 key: {e}", path.display()))?;
-    Ok(DkimSigner::from_key(key)
-        .domain(domain)
-        .selector(selector)
-        .headers(headers))
 }
 
 /// Key types `volley dkim keygen` makes.
@@ -346,6 +384,41 @@ fn base64(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bh(header: &str) -> String {
+        header
+            .split("bh=")
+            .nth(1)
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn a_body_hash_is_reused_only_when_asked() {
+        let dir = std::env::temp_dir().join(format!("volley-dkim-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("k.pem");
+        std::fs::write(&path, generate(KeyType::Ed25519).unwrap().pem).unwrap();
+        let s = Signer::load(&path, "news.test", "s1", DEFAULT_HEADERS).unwrap();
+        let a = s
+            .sign(b"From: a@news.test\r\nTo: x@y.test\r\n\r\nsame\r\n", false)
+            .unwrap();
+        let b = s
+            .sign(b"From: a@news.test\r\nTo: z@y.test\r\n\r\nsame\r\n", true)
+            .unwrap();
+        assert_eq!(bh(&a), bh(&b));
+        let c = s
+            .sign(b"From: a@news.test\r\n\r\nother\r\n", false)
+            .unwrap();
+        assert_ne!(bh(&a), bh(&c));
+        // Reusing after `c` hands back `c`'s hash: the caller's promise is the contract.
+        let d = s.sign(b"From: a@news.test\r\n\r\nsame\r\n", true).unwrap();
+        assert_eq!(bh(&c), bh(&d));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn long_records_are_split_for_dns() {

@@ -723,7 +723,7 @@ fn dkim(cmd: DkimCmd) -> anyhow::Result<i32> {
             let mut raw = Vec::new();
             std::io::stdin().read_to_end(&mut raw)?;
             let msg = volley::dkim::crlf(&raw);
-            let header = signer.sign(&msg).map_err(|e| anyhow::anyhow!(e))?;
+            let header = signer.sign(&msg, false).map_err(|e| anyhow::anyhow!(e))?;
             let mut out = std::io::stdout().lock();
             out.write_all(header.as_bytes())?;
             out.write_all(&msg)?;

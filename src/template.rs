@@ -20,6 +20,9 @@ pub struct Template {
     parts: Vec<Part>,
     /// Octets of literal text, to size the render buffer.
     literal_len: usize,
+    /// A merge field in the body: each recipient's body differs (else they are all
+    /// the same, and a DKIM body hash can be computed once).
+    body_varies: bool,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -52,6 +55,7 @@ impl Template {
         let mut parts = Vec::new();
         let mut lit = Vec::with_capacity(text.len() + text.len() / 40);
         let mut in_header = true;
+        let mut body_varies = false;
         let mut saw_body = false;
         let mut saw_from = false;
         let lines: Vec<&[u8]> = text.split(|&c| c == b'\n').collect();
@@ -107,6 +111,7 @@ impl Template {
                             parts.push(Part::Literal(std::mem::take(&mut lit)));
                         }
                         parts.push(Part::Field(i));
+                        body_varies |= !in_header;
                     }
                     None => errors.push(TemplateError::UnknownField {
                         line: line_no,
@@ -137,7 +142,16 @@ impl Template {
                 Part::Field(_) => 0,
             })
             .sum();
-        Ok(Template { parts, literal_len })
+        Ok(Template {
+            parts,
+            literal_len,
+            body_varies,
+        })
+    }
+
+    /// Whether recipients' bodies differ (a merge field after the header).
+    pub fn body_varies(&self) -> bool {
+        self.body_varies
     }
 
     /// Appends the message for one recipient to `out` (CRLF line endings, ending in CRLF).

@@ -347,12 +347,17 @@ fn bulk_sender_headers_are_added_signed_and_the_dns_records_printed() {
         &env.dir,
         "bulk",
         "dkim = true\nlist_unsubscribe_url = \"https://news.test/u?e={{email}}\"\nlist_unsubscribe_mailto = \"unsub@news.test\"",
-        &["ann@gmail.com,Ann".into()],
+        &[
+            "ann@gmail.com,Ann".into(),
+            "bob@gmail.com,Bob".into(),
+            "cy@gmail.com,Cy".into(),
+        ],
     );
-    // A template without Date and Message-ID: both are added per message.
+    // A template without Date and Message-ID (both are added per message), and with
+    // no merge field in its body: the body hash is computed once and reused.
     std::fs::write(
         c.join("message.eml"),
-        "From: News <news@news.test>\nTo: {{name}} <{{email}}>\nSubject: Hello {{name}}\n\nHi {{name}}\n",
+        "From: News <news@news.test>\nTo: {{name}} <{{email}}>\nSubject: Hello {{name}}\n\nHi there\n",
     )
     .unwrap();
     let dir = keys.to_str().unwrap();
@@ -371,9 +376,13 @@ fn bulk_sender_headers_are_added_signed_and_the_dns_records_printed() {
     let mut cfg = env.config();
     cfg.dkim_dir = keys.clone();
     let r = env.send(&c, cfg);
-    assert_eq!(r.delivered, 1);
+    assert_eq!(r.delivered, 3);
     let messages = kept(&keep);
-    let text = String::from_utf8_lossy(&messages[0].1).into_owned();
+    let text = messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.1).into_owned())
+        .find(|t| t.contains("ann@gmail.com"))
+        .unwrap();
     for h in [
         "List-Unsubscribe: <mailto:unsub@news.test>, <https://news.test/u?e=ann@gmail.com>\r\n",
         "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
@@ -398,7 +407,7 @@ fn bulk_sender_headers_are_added_signed_and_the_dns_records_printed() {
     }
     assert_eq!(
         verify_with_mail_auth(&env, &messages),
-        vec![DkimResult::Pass]
+        vec![DkimResult::Pass; 3]
     );
 
     let (code, out, err) = volley(
