@@ -50,6 +50,10 @@ pub struct Settings {
     /// An address for List-Unsubscribe's mailto: target.
     #[serde(default)]
     pub list_unsubscribe_mailto: Option<String>,
+    /// This campaign's own rate cap over all shards ("100/s", "5000/h"), on top of
+    /// the shaping rules'.
+    #[serde(default)]
+    pub max_msg_rate: Option<String>,
     /// Send an RFC 3464 DSN to `sender` for each bounced or expired recipient.
     #[serde(default)]
     pub dsn: bool,
@@ -157,6 +161,15 @@ impl Campaign {
                     file: "campaign.toml",
                     line: None,
                     msg: format!("list_unsubscribe_url {u:?}: one-click unsubscribe needs an https:// URL (RFC 8058)"),
+                });
+            }
+        }
+        if let Some(r) = &settings.max_msg_rate {
+            if let Err(e) = crate::shaping::rules::parse_per(r) {
+                problems.push(Problem {
+                    file: "campaign.toml",
+                    line: None,
+                    msg: format!("max_msg_rate: {e}"),
                 });
             }
         }

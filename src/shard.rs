@@ -244,6 +244,7 @@ pub fn run(
         eprintln!("volley: shard {id}: spool ends with a torn record at segment {seg} offset {off}; recovered what came before");
     }
     let log = LogWriter::open(&cfg.log_path)?;
+    let job_limits = campaign_limits(&instances, &cfg, id);
     let driver = cfg.driver;
     let shard = Rc::new(Shard {
         id,
@@ -260,7 +261,7 @@ pub fn run(
         rules,
         limiters: RefCell::new(HashMap::new()),
         overrides: RefCell::new(HashMap::new()),
-        job_limits: RefCell::new(HashMap::new()),
+        job_limits: RefCell::new(job_limits),
         paused: RefCell::new(HashSet::new()),
         held: RefCell::new(Vec::new()),
         control,
@@ -1039,6 +1040,29 @@ async fn tick_loop(sh: Rc<Shard>) {
             }
         }
     }
+}
+
+/// Each campaign's own `max_msg_rate`, as this shard's share, keyed as the admin
+/// socket's `rate campaign:ID` would set it.
+fn campaign_limits(
+    instances: &Instances,
+    cfg: &EngineConfig,
+    id: usize,
+) -> HashMap<String, Rc<Limiter>> {
+    let now = Instant::now();
+    instances
+        .values()
+        .filter_map(|inst| {
+            let per = shaping::rules::parse_per(inst.settings.max_msg_rate.as_ref()?).ok()?;
+            let key = format!("campaign:{}", inst.settings.id);
+            let rule = Rule {
+                max_msg_rate: Some(Set::cli(per)),
+                ..Rule::default()
+            };
+            let l = Limiter::new(key.clone(), &rule, cfg.shards, id, now);
+            Some((key, Rc::new(l)))
+        })
+        .collect()
 }
 
 /// Weighted random choice among the sources that may open a connection now.

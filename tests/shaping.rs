@@ -310,3 +310,30 @@ fn shaping_check_names_each_bad_value_with_its_line() {
     assert_eq!(code, 1);
     assert!(err.contains("is `volley send --spool"), "{err}");
 }
+
+#[test]
+fn a_campaign_rate_cap_holds_across_its_domains() {
+    let env = env("shaping-campaign-rate", "");
+    let c = campaign(
+        &env.dir,
+        "capped",
+        "max_msg_rate = \"50/s\"",
+        &[rows(60, "gmail.com"), rows(60, "yahoo.com")].concat(),
+    );
+    let started = Instant::now();
+    let r = env.send(&c, env.config());
+    assert_eq!(r.delivered, 120);
+    // 120 messages at 50/s over every domain together: not much under 2.4 s.
+    assert!(
+        started.elapsed() >= Duration::from_millis(2200),
+        "{:?}",
+        started.elapsed()
+    );
+    let s = env.sink.summary();
+    let busiest = s.accepted_per_second.iter().max().unwrap();
+    assert!(
+        *busiest <= 53,
+        "a second with {busiest}: {:?}",
+        s.accepted_per_second
+    );
+}
