@@ -71,8 +71,9 @@ pub struct ShapingRecord<'a> {
     /// This shard's message rate after the change (absent: unlimited).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_per_s: Option<f64>,
-    /// This shard's connection cap after the change.
-    pub connections: usize,
+    /// This shard's connection cap after the change (absent: unlimited).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<usize>,
     pub reason: &'a str,
     pub shard: usize,
 }

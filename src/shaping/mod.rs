@@ -85,7 +85,8 @@ pub struct Change {
     pub key: String,
     /// This shard's rate after the change, messages per second (None: unlimited).
     pub rate: Option<f64>,
-    pub conns: usize,
+    /// This shard's connection cap after the change (None: unlimited).
+    pub conns: Option<usize>,
     pub reason: String,
 }
 
@@ -321,7 +322,7 @@ impl Limiter {
             event,
             key: self.key.clone(),
             rate: s.msg.as_ref().map(Gcra::per_sec),
-            conns: Self::cap(s).min(1 << 20),
+            conns: Some(Self::cap(s)).filter(|c| *c != usize::MAX),
             reason,
         }
     }
@@ -674,7 +675,7 @@ mod tests {
         let c = l
             .on_throttled(t0, "421", false)
             .expect("second one crosses 2/1min");
-        assert_eq!((c.event, c.conns), ("throttled", 4));
+        assert_eq!((c.event, c.conns), ("throttled", Some(4)));
         assert!((c.rate.unwrap() - 50.0).abs() < 0.01, "{c:?}");
         assert!(l.over_cap(), "8 open, cap now 4");
         // Replies to messages already in flight do not halve again.
