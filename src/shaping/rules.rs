@@ -98,7 +98,7 @@ pub enum Threshold {
 }
 
 pub const SHARE_WINDOW_S: usize = 10;
-pub const SHARE_MIN_REPLIES: u32 = 10;
+pub const SHARE_MIN_REPLIES: u32 = 50;
 
 impl fmt::Display for Threshold {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
