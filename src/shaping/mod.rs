@@ -169,7 +169,7 @@ impl Limiter {
             throttle_threshold: rule
                 .throttle_threshold
                 .as_ref()
-                .map_or(Threshold::Share(0.05), |s| s.value.clone()),
+                .map_or(Threshold::Share(0.01), |s| s.value.clone()),
             throttle_factor: rule.throttle_factor.as_ref().map_or(0.5, |s| s.value),
             throttle_recover: rule
                 .throttle_recover
@@ -327,7 +327,7 @@ impl Limiter {
         }
     }
 
-    /// Counts one reply for a share threshold (`"5%"`); call before `on_throttled`.
+    /// Counts one reply for a share threshold (`"1%"`); call before `on_throttled`.
     pub fn observe(&self, now: Instant, throttled: bool) {
         let mut s = self.state.borrow_mut();
         let second = since_origin_s(now);
