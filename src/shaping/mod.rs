@@ -139,7 +139,8 @@ pub struct Limiter {
     state: RefCell<State>,
 }
 
-/// This shard's share of a limit `total` over `shards`: spread exactly, at least `min`.
+/// This shard's share of a limit `total` over `shards`: rates split evenly; integral
+/// limits (connections, daily caps) spread so the shares add up, at least 1 each.
 pub fn share(total: f64, shards: usize, id: usize, integral: bool) -> f64 {
     let n = shards.max(1) as f64;
     if !integral {

@@ -436,7 +436,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn rule(&mut self, section: &str, s: &SectionSpec) -> Rule {
+    fn rule(&mut self, s: &SectionSpec) -> Rule {
         let positive = |n: &u32| {
             if *n == 0 {
                 Err("must be at least 1".to_string())
@@ -493,7 +493,6 @@ impl Ctx<'_> {
             }
             (None, None) => None,
         };
-        let _ = section;
         Rule {
             max_connections: self.conv("max_connections", &s.max_connections, positive),
             max_msg_rate: self.conv("max_msg_rate", &s.max_msg_rate, per),
@@ -541,8 +540,7 @@ impl Ctx<'_> {
                 "only a [provider.NAME] section matches MX hosts".into(),
             );
         }
-        if let (Some(p), false) = (&s.provider, source_section) {
-            let _ = p;
+        if s.provider.is_some() && !source_section {
             self.problems.push(Problem {
                 at: self.name.to_string(),
                 msg: "a `provider` table is only allowed under [source.\"IP\"]".into(),
@@ -603,7 +601,7 @@ fn parse_layer(name: &str, text: &str) -> Result<Layer, Vec<Problem>> {
     let default = match &spec.default {
         Some(s) => {
             cx.only_in(s, false, false);
-            cx.rule("default", s)
+            cx.rule(s)
         }
         None => Rule::default(),
     };
@@ -629,7 +627,7 @@ fn parse_layer(name: &str, text: &str) -> Result<Layer, Vec<Problem>> {
                 );
             }
         }
-        let rule = cx.rule(pname, s);
+        let rule = cx.rule(s);
         providers.push(Provider {
             name: pname.clone(),
             suffixes,
@@ -639,17 +637,17 @@ fn parse_layer(name: &str, text: &str) -> Result<Layer, Vec<Problem>> {
     let mut domains = Vec::new();
     for (d, s) in &spec.domain {
         cx.only_in(s, false, false);
-        let rule = cx.rule(d, s);
+        let rule = cx.rule(s);
         domains.push((d.trim_end_matches('.').to_ascii_lowercase(), rule));
     }
     let mut sources = Vec::new();
     for (ip, s) in &spec.source {
         cx.only_in(s, false, true);
-        let rule = cx.rule(ip, s);
+        let rule = cx.rule(s);
         let mut per = HashMap::new();
         for (pname, ps) in s.provider.iter().flatten() {
             cx.only_in(ps, false, false);
-            per.insert(pname.clone(), cx.rule(pname, ps));
+            per.insert(pname.clone(), cx.rule(ps));
         }
         match ip.parse::<IpAddr>() {
             Ok(addr) => sources.push((
