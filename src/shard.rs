@@ -487,9 +487,7 @@ impl Shard {
             .into_iter()
             .flatten()
             .map(|src| {
-                let rule = rules
-                    .source_rule(src.ip, provider.map(|p| p.name.as_str()))
-                    .unwrap_or_default();
+                let rule = rules.source_rule(src.ip, provider);
                 Source {
                     addr: src.clone(),
                     limit: self.limiter(&format!("source:{}>{dest}", src.ip), &rule),

@@ -539,15 +539,8 @@ pub fn show(
     }
     if let Some(ip) = source {
         let _ = writeln!(out, "\nsource {ip} towards {key}:");
-        match rules.source_rule(ip, provider.map(|p| p.name.as_str())) {
-            Some(r) if !r.is_empty() => {
-                for (k, v, from) in r.entries() {
-                    let _ = writeln!(out, "  {k:<20} {v:<28} {from}");
-                }
-            }
-            _ => {
-                let _ = writeln!(out, "  no limits of its own");
-            }
+        for (k, v, from) in rules.source_rule(ip, provider).entries() {
+            let _ = writeln!(out, "  {k:<20} {v:<28} {from}");
         }
     }
     out

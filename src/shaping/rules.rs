@@ -822,10 +822,28 @@ impl Rules {
             .merged(self.domains.get(domain))
     }
 
-    /// The limits for one source address towards one provider (or an unnamed site).
-    pub fn source_rule(&self, ip: IpAddr, provider: Option<&str>) -> Option<Rule> {
-        let s = self.sources.get(&ip)?;
-        Some(s.rule.merged(provider.and_then(|p| s.providers.get(p))))
+    /// The rule one source address runs with towards one provider (or an unnamed
+    /// site): its own limits, and the destination's reactions to throttle and block
+    /// replies unless its own sections set them (the receiver throttles per sending IP,
+    /// so the source is where a back-off lands).
+    pub fn source_rule(&self, ip: IpAddr, provider: Option<&Provider>) -> Rule {
+        let dest = self.default.merged(provider.map(|p| &p.rule));
+        let mut rule = Rule {
+            throttle_threshold: dest.throttle_threshold,
+            throttle_factor: dest.throttle_factor,
+            throttle_recover: dest.throttle_recover,
+            block_threshold: dest.block_threshold,
+            block_suspend: dest.block_suspend,
+            block_scope: dest.block_scope,
+            ..Rule::default()
+        };
+        if let Some(s) = self.sources.get(&ip) {
+            rule.merge(&s.rule);
+            if let Some(own) = provider.and_then(|p| s.providers.get(&p.name)) {
+                rule.merge(own);
+            }
+        }
+        rule
     }
 }
 
@@ -912,5 +930,28 @@ mod tests {
             .from
             .starts_with("tuning/providers.toml:"));
         assert!(r.provider_for(["mx.example.org"]).is_none());
+    }
+
+    #[test]
+    fn a_source_reacts_as_its_destination_unless_it_says_otherwise() {
+        let mut r = Rules::load(None, &Rule::default()).unwrap();
+        r.add(
+            "ops.toml",
+            "[default]\nthrottle_threshold = \"15%\"\n\
+             [source.\"127.0.0.2\"]\nmax_msg_rate = \"5/s\"\n\
+             [source.\"127.0.0.2\".provider.x]\nthrottle_threshold = \"2/1min\"\n\
+             [provider.x]\nmx_suffixes = [\"x.test\"]\n",
+        )
+        .unwrap();
+        let ip = "127.0.0.2".parse().unwrap();
+        let other = r.source_rule("127.0.0.3".parse().unwrap(), None);
+        let t = other.throttle_threshold.unwrap();
+        assert_eq!((t.value, &*t.from), (Threshold::Share(0.15), "ops.toml:2"));
+        assert!(other.max_msg_rate.is_none() && other.block_threshold.is_some());
+        let own = r.source_rule(ip, None);
+        assert_eq!(own.max_msg_rate.unwrap().value.per_sec(), 5.0);
+        let x = r.provider_for(["mx.x.test"]);
+        let t = r.source_rule(ip, x).throttle_threshold.unwrap();
+        assert_eq!(&*t.from, "ops.toml:6");
     }
 }
