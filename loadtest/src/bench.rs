@@ -42,6 +42,8 @@ pub struct BenchOptions {
     pub profile: Option<String>,
     /// `volley send --shaping` for the runs on the non-accept-all profile.
     pub shaping: Option<PathBuf>,
+    /// Times the scenario's runs are repeated, alternating; ratios are medians.
+    pub rounds: usize,
 }
 
 struct Scenario {
@@ -166,11 +168,18 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
             ..GenOptions::default()
         },
     )?;
-    let mut results = Vec::new();
-    for (sys, profile) in runs {
+    let rounds = opts.rounds.max(1);
+    // (round, result): ratios are taken within a round, then their median.
+    let mut results: Vec<(usize, Result)> = Vec::new();
+    for (round, &(sys, profile)) in (0..rounds).flat_map(|i| runs.iter().map(move |r| (i, r))) {
         eprintln!(
-            "bench: {} sending {n} messages ({profile} profile)",
-            name(sys)
+            "bench: {} sending {n} messages ({profile} profile){}",
+            name(sys),
+            if rounds > 1 {
+                format!(", round {} of {rounds}", round + 1)
+            } else {
+                String::new()
+            }
         );
         let r = match sys {
             System::Volley => {
@@ -187,42 +196,84 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
             System::Postfix => run_postfix(opts, profile, n, sc.body_bytes, &work),
         };
         match r {
-            Ok(r) => {
+            Ok(mut r) => {
                 eprintln!("bench: {} ({profile}) {:.0} msgs/s", r.system, r.msgs_per_s);
-                results.push(r);
+                if rounds > 1 {
+                    r.note = format!("round {}; {}", round + 1, r.note)
+                        .trim_end_matches("; ")
+                        .to_string();
+                }
+                results.push((round, r));
             }
             Err(e) => eprintln!("bench: {} skipped: {e:#}", name(sys)),
         }
     }
     let _ = std::fs::remove_dir_all(&work);
-    let mut ratios = Vec::new();
-    let base = results
-        .iter()
-        .find(|r| r.system == "volley" && r.profile == "accept-all")
-        .map(|r| r.msgs_per_s);
-    if let Some(v) = base {
-        for r in results.iter().filter(|r| r.system != "volley") {
-            ratios.push((format!("volley / {}", r.system), v / r.msgs_per_s));
+    let report = Report {
+        scenario: opts.scenario.clone(),
+        ratios: ratios(&results, rounds),
+        results: results.into_iter().map(|(_, r)| r).collect(),
+        checks: Vec::new(),
+    };
+    write_report(opts, report)
+}
+
+/// volley's accept-all rate over each other system's, and volley's first pass on
+/// another profile over its accept-all rate: taken within each round, then the
+/// median over the rounds (with every round's value in the name when there are more).
+fn ratios(results: &[(usize, Result)], rounds: usize) -> Vec<(String, f64)> {
+    let mut per: Vec<(String, Vec<f64>)> = Vec::new();
+    for round in 0..rounds {
+        let these: Vec<&Result> = results
+            .iter()
+            .filter(|(i, _)| *i == round)
+            .map(|(_, r)| r)
+            .collect();
+        let Some(base) = these
+            .iter()
+            .find(|r| r.system == "volley" && r.profile == "accept-all")
+            .map(|r| r.msgs_per_s)
+        else {
+            continue;
+        };
+        let mut add = |name: String, v: f64| match per.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, vs)) => vs.push(v),
+            None => per.push((name, vec![v])),
+        };
+        for r in these.iter().filter(|r| r.system != "volley") {
+            add(format!("volley / {}", r.system), base / r.msgs_per_s);
         }
-        for r in results
+        for r in these
             .iter()
             .filter(|r| r.system == "volley" && r.profile != "accept-all")
         {
             if let Some(fp) = r.first_pass_msgs_per_s {
-                ratios.push((
+                add(
                     format!("volley first pass ({}) / volley (accept-all)", r.profile),
-                    fp / v,
-                ));
+                    fp / base,
+                );
             }
         }
     }
-    let report = Report {
-        scenario: opts.scenario.clone(),
-        results,
-        ratios,
-        checks: Vec::new(),
-    };
-    write_report(opts, report)
+    per.into_iter()
+        .map(|(name, mut vs)| {
+            vs.sort_by(f64::total_cmp);
+            let median = vs[vs.len() / 2];
+            if vs.len() == 1 {
+                (name, median)
+            } else {
+                let each: Vec<String> = vs.iter().map(|v| format!("{v:.2}")).collect();
+                (
+                    format!(
+                        "{name}, median of {} rounds ({})",
+                        vs.len(),
+                        each.join(", ")
+                    ),
+                    median,
+                )
+            }
+        })
+        .collect()
 }
 
 /// Prints the report and writes it as JSON and Markdown under `--out`.
@@ -881,4 +932,56 @@ impl<F: FnMut()> Drop for Guard<F> {
 
 fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
     Guard(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn volley(profile: &str, rate: f64, first_pass: Option<f64>) -> Result {
+        Result {
+            system: "volley".into(),
+            profile: profile.into(),
+            recipients: 100,
+            terminal: 100,
+            seconds: 1.0,
+            msgs_per_s: rate,
+            first_pass_msgs_per_s: first_pass,
+            cpu_s_per_1000: None,
+            peak_rss_mb: None,
+            latency_ms_p50: 0,
+            latency_ms_p90: 0,
+            latency_ms_p99: 0,
+            latency_ms_max: 0,
+            duplicates: 0,
+            corrupt: 0,
+            note: String::new(),
+        }
+    }
+
+    #[test]
+    fn ratios_are_taken_within_a_round_then_their_median() {
+        // Round 2's accept-all run was slow: pairing it with round 1's realistic run
+        // would give 1.5; within rounds the ratios are 0.5, 0.9 and 0.6.
+        let results = vec![
+            (0, volley("accept-all", 30.0, None)),
+            (0, volley("realistic", 5.0, Some(15.0))),
+            (1, volley("accept-all", 10.0, None)),
+            (1, volley("realistic", 5.0, Some(9.0))),
+            (2, volley("accept-all", 20.0, None)),
+            (2, volley("realistic", 5.0, Some(12.0))),
+        ];
+        let r = ratios(&results, 3);
+        assert_eq!(r.len(), 1);
+        assert!((r[0].1 - 0.6).abs() < 1e-9, "{r:?}");
+        assert!(
+            r[0].0.ends_with("median of 3 rounds (0.50, 0.60, 0.90)"),
+            "{r:?}"
+        );
+        let one = ratios(&results[..2], 1);
+        assert_eq!(
+            one[0].0,
+            "volley first pass (realistic) / volley (accept-all)"
+        );
+    }
 }

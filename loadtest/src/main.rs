@@ -111,6 +111,10 @@ enum Cmd {
         /// (`volley send --shaping`), e.g. source pools for per-IP limits.
         #[arg(long)]
         shaping: Option<PathBuf>,
+        /// Repeat the scenario's runs this many times, alternating, and report the
+        /// median ratio (smoke, accept-all and realistic; the machine is noisy).
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
     },
     /// Serve the test DNS for a profile's domains (and the edge-case domains) until interrupted.
     Dns {
@@ -226,6 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             shards,
             profile,
             shaping,
+            rounds,
         } => {
             if scenario == "sink" {
                 let md =
@@ -245,6 +250,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 shards,
                 profile,
                 shaping,
+                rounds,
             })?;
             Ok(())
         }
