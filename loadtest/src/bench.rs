@@ -395,11 +395,34 @@ fn wait_for(
 /// the child for its CPU time and peak RSS.
 fn watch(sink: &Sink, n: u64, started: Instant, pid: u32) -> (Summary, f64, Option<Usage>) {
     let mut usage = None;
+    let mut hwm = None;
     let (s, secs) = wait_for(sink, n, started, || {
+        hwm = peak_rss_mb(pid).or(hwm);
         usage = reap(pid, false);
         usage.is_some()
     });
-    (s, secs, usage.or_else(|| reap(pid, true)))
+    let mut usage = usage.or_else(|| reap(pid, true));
+    // wait4's ru_maxrss keeps the high-water mark from before exec, when the child
+    // was a copy of this process (whose RSS grows with each run's sink state), so
+    // the child's own VmHWM is the figure; wait4's only if the child never showed one.
+    if let (Some(u), Some(h)) = (usage.as_mut(), hwm) {
+        u.max_rss_mb = h;
+    }
+    (s, secs, usage)
+}
+
+/// A running process's peak resident set (VmHWM, which exec resets), in MB.
+fn peak_rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
 }
 
 struct Usage {
