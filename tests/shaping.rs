@@ -1,6 +1,6 @@
 //! Traffic shaping against the bundled sink over loopback: rate and connection caps
 //! as the receiver sees them, back-off on throttle replies, suspension on block
-//! replies, source pools, and pause/resume over the admin socket. Rates are only
+//! replies, source pools, and pause/resume/rate over the admin socket. Rates are only
 //! ever checked as upper bounds (a slow machine cannot make volley send faster).
 
 mod common;
@@ -239,6 +239,22 @@ fn pause_and_resume_take_effect_within_a_second_over_the_admin_socket() {
         volley::control::request(&spool, resume).unwrap();
         wait_until("sending to resume", || accepted(&env, "google") > held);
     }
+    // A lower rate at run time: from 100/s to 20/s within a second.
+    let answer = volley::control::request(&spool, "rate provider:google-sink 20/s").unwrap();
+    assert!(answer.starts_with("ok"), "{answer}");
+    std::thread::sleep(Duration::from_secs(1));
+    let before = accepted(&env, "google");
+    std::thread::sleep(Duration::from_secs(2));
+    let sent = accepted(&env, "google") - before;
+    assert!(
+        before < 400 && sent <= 45,
+        "{sent} messages in 2 s after `rate provider:google-sink 20/s` (100/s before)"
+    );
+    let status = volley::control::request(&spool, "status").unwrap();
+    assert!(
+        status.contains("provider:google-sink rate 10.0/s set by operator"),
+        "{status}"
+    );
     let answer = volley::control::request(&spool, "rate provider:google-sink 400/s").unwrap();
     assert!(answer.starts_with("ok"), "{answer}");
     let e = volley::control::request(&spool, "pause nothing").unwrap_err();

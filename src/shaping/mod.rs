@@ -104,6 +104,8 @@ struct Reactions {
 struct State {
     /// Configured share (None: unlimited); a control command may replace it.
     rate: Option<f64>,
+    /// `rate` was set by the operator at run time (shown in the status).
+    operator_rate: bool,
     conns_cap: usize,
     /// After a throttle: the reduced rate (None: the rate was never measured nor
     /// limited) and connection cap, until recovered.
@@ -194,6 +196,7 @@ impl Limiter {
             reactions,
             state: RefCell::new(State {
                 rate,
+                operator_rate: false,
                 conns_cap,
                 backoff: None,
                 ceiling: None,
@@ -478,6 +481,7 @@ impl Limiter {
     pub fn set_rate(&self, per_sec: Option<f64>, now: Instant) -> Change {
         let mut s = self.state.borrow_mut();
         s.rate = per_sec;
+        s.operator_rate = true;
         s.backoff = None;
         s.msg = per_sec.map(|r| Gcra::new(r, now));
         self.change(&s, "rate", "operator".into())
@@ -492,6 +496,12 @@ impl Limiter {
         }
         if let Some(u) = s.suspended_until.filter(|u| *u > now) {
             parts.push(format!("suspended {}s", u.duration_since(now).as_secs()));
+        }
+        if s.operator_rate {
+            parts.push(match s.rate {
+                Some(r) => format!("rate {r:.1}/s set by operator"),
+                None => "unlimited, set by operator".into(),
+            });
         }
         if let Some((r, c)) = s.backoff {
             let rate = r.map_or("unmeasured rate".into(), |r| format!("{r:.1}/s"));
