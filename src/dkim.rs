@@ -6,8 +6,10 @@
 //! `volley dkim keygen` writes them there. Each shard parses the keys it needs once
 //! at start; signing is per rendered message, on the shard.
 
-use mail_auth::common::crypto::{Algorithm, Ed25519Key, HashOutput, RsaKey, Sha256, SigningKey};
-use mail_auth::common::headers::{HeaderWriter, Writable};
+use mail_auth::common::crypto::{
+    Algorithm, Ed25519Key, HashContext, HashImpl, HashOutput, RsaKey, Sha256, SigningKey,
+};
+use mail_auth::common::headers::{HeaderWriter, Writable, Writer};
 use mail_auth::dkim::{DkimSigner, Done};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::PrivateKeyDer;
@@ -140,13 +142,13 @@ pub fn key_for(dir: &Path, s: &crate::campaign::Settings) -> Result<Option<KeyRe
     Ok(Some(k))
 }
 
-/// A key that can hand back the last body hash instead of computing it again, when
-/// the caller knows the body is the one it signed last (a template without merge
-/// fields in its body): the body hash is computed once per distinct body.
+/// A key that hands back a body hash computed before mail-auth asks for it: the last
+/// one, when the caller knows the body is the one it signed last (a template without
+/// merge fields in its body), or one `relaxed_body_hash` made without canonicalising.
 struct BodyHashCache<K> {
     key: K,
     reuse: Rc<Cell<bool>>,
-    last: RefCell<Option<HashOutput>>,
+    last: Rc<RefCell<Option<HashOutput>>>,
 }
 
 impl<K: SigningKey> SigningKey for BodyHashCache<K> {
@@ -173,11 +175,62 @@ impl<K: SigningKey> SigningKey for BodyHashCache<K> {
     }
 }
 
-fn cached<K>(key: K, reuse: &Rc<Cell<bool>>) -> BodyHashCache<K> {
+/// The relaxed body hash (RFC 6376 §3.4.4) of a message whose body is already in
+/// relaxed form but for trailing empty lines, hashed as it lies: what a rendered
+/// campaign message almost always is. None for anything else (a tab, two spaces
+/// running, a space before a line end, a bare CR or LF anywhere, a header line
+/// without a colon), which mail-auth then canonicalises: where it and this would
+/// find the body at different offsets, or canonicalise differently, this says None.
+fn relaxed_body_hash(message: &[u8]) -> Option<HashOutput> {
+    use memchr::{memchr, memchr_iter, memmem};
+    let crlfs = memchr_iter(b'\n', message)
+        .filter(|&i| i > 0 && message[i - 1] == b'\r')
+        .count();
+    if crlfs != memchr_iter(b'\n', message).count() || crlfs != memchr_iter(b'\r', message).count()
+    {
+        return None;
+    }
+    let split = memmem::find(message, b"\r\n\r\n")?;
+    let mut line_start = 0;
+    for line in message[..split + 2].split_inclusive(|&b| b == b'\n') {
+        let continuation = line_start > 0 && matches!(line[0], b' ' | b'\t');
+        if !continuation && memchr(b':', line).is_none() {
+            return None;
+        }
+        line_start += line.len();
+    }
+    let body = &message[split + 4..];
+    if memchr(b'\t', body).is_some()
+        || memmem::find(body, b"  ").is_some()
+        || memmem::find(body, b" \r\n").is_some()
+    {
+        return None;
+    }
+    let mut end = body.len();
+    while body[..end].ends_with(b"\r\n") {
+        end -= 2;
+    }
+    let text = &body[..end];
+    if text.ends_with(b" ") {
+        return None;
+    }
+    let mut h = <Sha256 as HashImpl>::hasher();
+    if !text.is_empty() {
+        h.write(text);
+        h.write(b"\r\n");
+    }
+    Some(h.complete())
+}
+
+fn cached<K>(
+    key: K,
+    reuse: &Rc<Cell<bool>>,
+    last: &Rc<RefCell<Option<HashOutput>>>,
+) -> BodyHashCache<K> {
     BodyHashCache {
         key,
         reuse: reuse.clone(),
-        last: RefCell::new(None),
+        last: last.clone(),
     }
 }
 
@@ -190,6 +243,7 @@ enum Inner {
 pub struct Signer {
     inner: Inner,
     reuse: Rc<Cell<bool>>,
+    last: Rc<RefCell<Option<HashOutput>>>,
     pub algorithm: &'static str,
 }
 
@@ -210,6 +264,7 @@ impl Signer {
         })?;
         let headers: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
         let reuse = Rc::new(Cell::new(false));
+        let last = Rc::new(RefCell::new(None));
         let rsa = |der: PrivateKeyDer<'static>| {
             RsaKey::<Sha256>::from_key_der(der)
                 .map_err(|e| format!("{}: not an RSA or Ed25519 key: {e}", path.display()))
@@ -218,13 +273,13 @@ impl Signer {
             PrivateKeyDer::Pkcs8(p8) => {
                 match Ed25519Key::from_pkcs8_maybe_unchecked_der(p8.secret_pkcs8_der()) {
                     Ok(k) => Inner::Ed25519(
-                        DkimSigner::from_key(cached(k, &reuse))
+                        DkimSigner::from_key(cached(k, &reuse, &last))
                             .domain(domain)
                             .selector(selector)
                             .headers(headers),
                     ),
                     Err(_) => Inner::Rsa(
-                        DkimSigner::from_key(cached(rsa(der.clone_key())?, &reuse))
+                        DkimSigner::from_key(cached(rsa(der.clone_key())?, &reuse, &last))
                             .domain(domain)
                             .selector(selector)
                             .headers(headers),
@@ -232,7 +287,7 @@ impl Signer {
                 }
             }
             PrivateKeyDer::Pkcs1(_) => Inner::Rsa(
-                DkimSigner::from_key(cached(rsa(der.clone_key())?, &reuse))
+                DkimSigner::from_key(cached(rsa(der.clone_key())?, &reuse, &last))
                     .domain(domain)
                     .selector(selector)
                     .headers(headers),
@@ -251,6 +306,7 @@ impl Signer {
         Ok(Signer {
             inner,
             reuse,
+            last,
             algorithm,
         })
     }
@@ -259,7 +315,19 @@ impl Signer {
     /// CRLF line ends; put it in front of the message. `same_body`: the body is the
     /// one this signer signed last, so its hash is reused.
     pub fn sign(&self, message: &[u8], same_body: bool) -> Result<String, String> {
-        self.reuse.set(same_body);
+        let known = same_body && self.last.borrow().is_some();
+        if !known {
+            if let Some(h) = relaxed_body_hash(message) {
+                *self.last.borrow_mut() = Some(h);
+                self.reuse.set(true);
+                return self.sign_inner(message);
+            }
+        }
+        self.reuse.set(known);
+        self.sign_inner(message)
+    }
+
+    fn sign_inner(&self, message: &[u8]) -> Result<String, String> {
         let sig = match &self.inner {
             Inner::Rsa(s) => s.sign(message),
             Inner::Ed25519(s) => s.sign(message),
@@ -417,6 +485,92 @@ mod tests {
         // Reusing after `c` hands back `c`'s hash: the caller's promise is the contract.
         let d = s.sign(b"From: a@news.test\r\n\r\nsame\r\n", true).unwrap();
         assert_eq!(bh(&c), bh(&d));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// RFC 6376 §3.4.4 read literally, for CRLF bodies: the reference the fast path
+    /// and mail-auth must both agree with.
+    fn reference_relaxed(body: &str) -> Vec<u8> {
+        let mut lines: Vec<String> = body
+            .strip_suffix("\r\n")
+            .unwrap_or(body)
+            .split("\r\n")
+            .map(|l| {
+                // Runs of WSP become one SP, then WSP at the end of the line goes.
+                let mut out = String::new();
+                for c in l.chars() {
+                    let wsp = c == ' ' || c == '\t';
+                    if !(wsp && out.ends_with(' ')) {
+                        out.push(if wsp { ' ' } else { c });
+                    }
+                }
+                out.trim_end_matches(' ').to_string()
+            })
+            .collect();
+        while lines.last().is_some_and(|l| l.is_empty()) {
+            lines.pop();
+        }
+        lines
+            .iter()
+            .flat_map(|l| [l.as_str(), "\r\n"])
+            .collect::<String>()
+            .into_bytes()
+    }
+
+    #[test]
+    fn the_body_hash_fast_path_agrees_with_the_rfc_and_declines_what_it_cannot_hash() {
+        use base64::Engine;
+        let dir = std::env::temp_dir().join(format!("volley-dkim-fast-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("k.pem");
+        std::fs::write(&path, generate(KeyType::Ed25519).unwrap().pem).unwrap();
+        let s = Signer::load(&path, "news.test", "s1", DEFAULT_HEADERS).unwrap();
+        let head = "From: a@news.test\r\nSubject: a long\r\n folded subject\r\n\r\n";
+        let fast = [
+            "Hello Ann,\r\n\r\nA line.\r\n",
+            "trailing empty lines\r\n\r\n\r\n\r\n",
+            "no final line end",
+            "",
+            "\r\n\r\n",
+            " a leading space stays one\r\n",
+            "..dot-led line\r\n.\r\n",
+        ];
+        let slow = [
+            "a\ttab\r\n",
+            "two  spaces\r\n",
+            "a trailing space \r\nnext\r\n",
+            "trailing space at the end ",
+            "  \r\n\r\nx\r\n",
+        ];
+        for (body, expect_fast) in fast
+            .iter()
+            .map(|b| (b, true))
+            .chain(slow.iter().map(|b| (b, false)))
+        {
+            let msg = format!("{head}{body}");
+            assert_eq!(
+                relaxed_body_hash(msg.as_bytes()).is_some(),
+                expect_fast,
+                "{body:?}"
+            );
+            let want = ring::digest::digest(&ring::digest::SHA256, &reference_relaxed(body));
+            let want = base64::engine::general_purpose::STANDARD.encode(want.as_ref());
+            let header = s.sign(msg.as_bytes(), false).unwrap();
+            assert_eq!(
+                bh(&header).replace([' ', '\t', '\r', '\n'], ""),
+                want,
+                "{body:?}"
+            );
+        }
+        // Bare line ends, and a header line without a colon, go to mail-auth.
+        for msg in [
+            "From: a@news.test\r\n\r\nbare\nLF\r\n",
+            "From: a@news.test\nTo: b@x.test\r\n\r\nbody\r\n",
+            "From: a@news.test\r\nnot a header\r\n\r\nbody\r\n",
+            "From: a@news.test\r\nno body",
+        ] {
+            assert!(relaxed_body_hash(msg.as_bytes()).is_none(), "{msg:?}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
