@@ -218,6 +218,13 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
     write_report(opts, report)
 }
 
+/// The middle value (the upper middle of an even count).
+pub(crate) fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// volley's accept-all rate over each other system's, and volley's first pass on
 /// another profile over its accept-all rate: taken within each round, then the
 /// median over the rounds (with every round's value in the name when there are more).
@@ -257,8 +264,8 @@ fn ratios(results: &[(usize, Result)], rounds: usize) -> Vec<(String, f64)> {
     }
     per.into_iter()
         .map(|(name, mut vs)| {
+            let median = median(&vs);
             vs.sort_by(f64::total_cmp);
-            let median = vs[vs.len() / 2];
             if vs.len() == 1 {
                 (name, median)
             } else {

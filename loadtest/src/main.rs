@@ -112,7 +112,7 @@ enum Cmd {
         #[arg(long)]
         shaping: Option<PathBuf>,
         /// Repeat the scenario's runs this many times, alternating, and report the
-        /// median ratio (smoke, accept-all and realistic; the machine is noisy).
+        /// median ratio (smoke, accept-all, realistic and dkim; the machine is noisy).
         #[arg(long, default_value_t = 1)]
         rounds: usize,
     },
