@@ -183,21 +183,25 @@ impl<K: SigningKey> SigningKey for BodyHashCache<K> {
 /// find the body at different offsets, or canonicalise differently, this says None.
 fn relaxed_body_hash(message: &[u8]) -> Option<HashOutput> {
     use memchr::{memchr, memchr_iter, memmem};
-    let crlfs = memchr_iter(b'\n', message)
-        .filter(|&i| i > 0 && message[i - 1] == b'\r')
-        .count();
-    if crlfs != memchr_iter(b'\n', message).count() || crlfs != memchr_iter(b'\r', message).count()
-    {
+    let mut lfs = 0;
+    for i in memchr_iter(b'\n', message) {
+        if i == 0 || message[i - 1] != b'\r' {
+            return None;
+        }
+        lfs += 1;
+    }
+    if memchr_iter(b'\r', message).count() != lfs {
         return None;
     }
     let split = memmem::find(message, b"\r\n\r\n")?;
-    let mut line_start = 0;
-    for line in message[..split + 2].split_inclusive(|&b| b == b'\n') {
-        let continuation = line_start > 0 && matches!(line[0], b' ' | b'\t');
+    for (i, line) in message[..split + 2]
+        .split_inclusive(|&b| b == b'\n')
+        .enumerate()
+    {
+        let continuation = i > 0 && matches!(line[0], b' ' | b'\t');
         if !continuation && memchr(b':', line).is_none() {
             return None;
         }
-        line_start += line.len();
     }
     let body = &message[split + 4..];
     if memchr(b'\t', body).is_some()
