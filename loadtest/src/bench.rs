@@ -283,6 +283,24 @@ fn ratios(results: &[(usize, Result)], rounds: usize) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// A report of runs judged by checks rather than ratios (the shaping and dkim runners),
+/// printed and written like `write_report`.
+pub(crate) fn write_checks(
+    opts: &BenchOptions,
+    results: Vec<Result>,
+    checks: Vec<Check>,
+) -> anyhow::Result<Report> {
+    write_report(
+        opts,
+        Report {
+            scenario: opts.scenario.clone(),
+            results,
+            ratios: Vec::new(),
+            checks,
+        },
+    )
+}
+
 /// Prints the report and writes it as JSON and Markdown under `--out`.
 pub(crate) fn write_report(opts: &BenchOptions, report: Report) -> anyhow::Result<Report> {
     let md = markdown(&report);

@@ -10,7 +10,7 @@
 //! Keys come from `volley dkim keygen`; the raw RSA rate is ring's (what mail-auth
 //! signs with) on this thread, for two seconds.
 
-use crate::bench::{median, run_volley, volley_binary, write_report, BenchOptions, Check, Report};
+use crate::bench::{median, run_volley, volley_binary, write_checks, BenchOptions, Check, Report};
 use crate::gen::{self, GenOptions};
 use crate::profile::Profile;
 use std::process::Command;
@@ -141,15 +141,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
         },
     ];
     let _ = std::fs::remove_dir_all(&work);
-    write_report(
-        opts,
-        Report {
-            scenario: opts.scenario.clone(),
-            results,
-            ratios: Vec::new(),
-            checks,
-        },
-    )
+    write_checks(opts, results, checks)
 }
 
 /// RSA-2048 PKCS#1 SHA-256 signatures per second on this thread (ring).

@@ -11,7 +11,7 @@
 //!
 //! `--scenario shaping` runs all three; shaping-caps, shaping-backoff, shaping-cost one.
 
-use crate::bench::{run_volley, write_report, BenchOptions, Check, Report};
+use crate::bench::{run_volley, write_checks, BenchOptions, Check, Report};
 use crate::gen::{self, GenOptions};
 use crate::profile::Profile;
 use crate::sink::Second;
@@ -230,15 +230,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
         }
     }
     let _ = std::fs::remove_dir_all(&work);
-    write_report(
-        opts,
-        Report {
-            scenario: opts.scenario.clone(),
-            results,
-            ratios: Vec::new(),
-            checks,
-        },
-    )
+    write_checks(opts, results, checks)
 }
 
 fn median(v: &mut [f64]) -> Option<f64> {
