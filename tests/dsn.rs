@@ -55,30 +55,25 @@ fn bounces_come_back_to_the_return_path_as_dsns() {
         .unwrap();
         (r, instances)
     };
+    let queue_dsns = |instances| {
+        volley::dsn::queue(
+            &spool,
+            &log,
+            instances,
+            2,
+            cfg.segment_bytes,
+            "mta.volley.test",
+        )
+        .unwrap()
+    };
     let (r, instances) = run(env.config());
     assert_eq!((r.delivered, r.bounced), (1, 3));
-    let queued = volley::dsn::queue(
-        &spool,
-        &log,
-        &instances,
-        2,
-        cfg.segment_bytes,
-        "mta.volley.test",
-    )
-    .unwrap();
+    let queued = queue_dsns(&instances);
     assert_eq!(queued, 2, "one per bounce of the campaign that asked");
     let (r, instances) = run(env.config());
     assert_eq!(r.delivered, 2);
     // Read again: nothing new in the log, nothing queued twice.
-    let again = volley::dsn::queue(
-        &spool,
-        &log,
-        &instances,
-        2,
-        cfg.segment_bytes,
-        "mta.volley.test",
-    )
-    .unwrap();
+    let again = queue_dsns(&instances);
     assert_eq!(again, 0);
     drop(lock);
 
