@@ -468,13 +468,19 @@ mod tests {
             .to_string()
     }
 
-    #[test]
-    fn a_body_hash_is_reused_only_when_asked() {
-        let dir = std::env::temp_dir().join(format!("volley-dkim-unit-{}", std::process::id()));
+    /// A signer with a new Ed25519 key for news.test, and the directory to remove.
+    fn ed25519_signer(tag: &str) -> (Signer, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("volley-dkim-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("k.pem");
         std::fs::write(&path, generate(KeyType::Ed25519).unwrap().pem).unwrap();
         let s = Signer::load(&path, "news.test", "s1", DEFAULT_HEADERS).unwrap();
+        (s, dir)
+    }
+
+    #[test]
+    fn a_body_hash_is_reused_only_when_asked() {
+        let (s, dir) = ed25519_signer("unit");
         let a = s
             .sign(b"From: a@news.test\r\nTo: x@y.test\r\n\r\nsame\r\n", false)
             .unwrap();
@@ -524,11 +530,7 @@ mod tests {
     #[test]
     fn the_body_hash_fast_path_agrees_with_the_rfc_and_declines_what_it_cannot_hash() {
         use base64::Engine;
-        let dir = std::env::temp_dir().join(format!("volley-dkim-fast-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("k.pem");
-        std::fs::write(&path, generate(KeyType::Ed25519).unwrap().pem).unwrap();
-        let s = Signer::load(&path, "news.test", "s1", DEFAULT_HEADERS).unwrap();
+        let (s, dir) = ed25519_signer("fast");
         let head = "From: a@news.test\r\nSubject: a long\r\n folded subject\r\n\r\n";
         let fast = [
             "Hello Ann,\r\n\r\nA line.\r\n",
