@@ -115,10 +115,7 @@ for f in sys.argv[2:]:
 
 #[test]
 fn rsa_and_ed25519_signatures_verify_at_the_receiver() {
-    let keep = std::env::temp_dir().join(format!("volley-dkim-keep-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&keep);
-    std::fs::create_dir_all(&keep).unwrap();
-    let env = env_full("dkim", "", true, Some(keep.clone()));
+    let (env, keep) = env_keeping("dkim");
     let keys = env.dir.join("dkim");
     let rsa = publish(&env, &keys, "r2048", KeyType::Rsa);
     let ed = publish(&env, &keys, "ed1", KeyType::Ed25519);
@@ -337,10 +334,7 @@ fn keygen_check_and_sign_on_the_command_line() {
 
 #[test]
 fn bulk_sender_headers_are_added_signed_and_the_dns_records_printed() {
-    let keep = std::env::temp_dir().join(format!("volley-compliance-keep-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&keep);
-    std::fs::create_dir_all(&keep).unwrap();
-    let env = env_full("compliance", "", true, Some(keep.clone()));
+    let (env, keep) = env_keeping("compliance");
     let keys = env.dir.join("dkim");
     let txt = publish(&env, &keys, "s1", KeyType::Ed25519);
     let c = campaign(

@@ -11,10 +11,7 @@ use volley::ingest;
 
 #[test]
 fn bounces_come_back_to_the_return_path_as_dsns() {
-    let keep = std::env::temp_dir().join(format!("volley-dsn-keep-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&keep);
-    std::fs::create_dir_all(&keep).unwrap();
-    let env = env_full("dsn", "", true, Some(keep.clone()));
+    let (env, keep) = env_keeping("dsn");
     // The return path is on a tail domain, which the test DNS routes to the sink.
     let with = campaign(
         &env.dir,

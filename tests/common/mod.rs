@@ -31,6 +31,15 @@ pub fn env_with(name: &str, behaviour: &str, starttls: bool) -> Env {
     env_full(name, behaviour, starttls, None)
 }
 
+/// As `env` (STARTTLS offered), with the sink keeping every message it accepts as a
+/// .eml file in the returned directory, made empty first.
+pub fn env_keeping(name: &str) -> (Env, PathBuf) {
+    let keep = std::env::temp_dir().join(format!("volley-{name}-keep-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&keep);
+    std::fs::create_dir_all(&keep).unwrap();
+    (env_full(name, "", true, Some(keep.clone())), keep)
+}
+
 /// As `env_with`; the sink keeps every message it accepts in `keep` as a .eml file.
 pub fn env_full(name: &str, behaviour: &str, starttls: bool, keep: Option<PathBuf>) -> Env {
     let mut profile = Profile::load("accept-all").unwrap();
