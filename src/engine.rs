@@ -84,6 +84,7 @@ pub fn run(
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
     let rules = Arc::new(load_rules(&cfg, &instances)?);
+    let warmup = Arc::new(crate::shaping::warmup::Ledger::load(&cfg.spool_dir)?);
     let dkim =
         Arc::new(crate::dkim::keys_for(&cfg.dkim_dir, &instances).map_err(|e| anyhow::anyhow!(e))?);
     let cfg = Arc::new(cfg);
@@ -114,6 +115,7 @@ pub fn run(
         let links = shard::Links {
             classifier: classifier.clone(),
             rules: rules.clone(),
+            warmup: warmup.clone(),
             resolver: resolver.clone(),
             progress: p.clone(),
             control,
@@ -148,8 +150,21 @@ pub fn run(
         b
     });
     let sum = |f: fn(&Progress) -> u64| progress.iter().map(|p| f(p)).sum::<u64>();
+    let save_warmup = || {
+        if let Err(e) = warmup.save() {
+            eprintln!(
+                "volley: {}: {e}; today's warm-up counts may be lost",
+                cfg.spool_dir.join("warmup.tsv").display()
+            );
+        }
+    };
+    let mut ticks = 0u32;
     while !progress.iter().all(|p| p.done.load(Ordering::Relaxed)) {
         std::thread::sleep(Duration::from_millis(100));
+        ticks += 1;
+        if ticks % 10 == 0 {
+            save_warmup();
+        }
         if let Some(b) = &bar {
             b.set_length(sum(|p| p.recovered.load(Ordering::Relaxed)));
             let (d, bo, e) = (
@@ -187,6 +202,7 @@ pub fn run(
             Err(_) => errors.push(format!("shard {id}: panicked")),
         }
     }
+    save_warmup();
     anyhow::ensure!(errors.is_empty(), "{}", errors.join("; "));
     let elapsed = started.elapsed().as_secs_f64();
     let delivered = sum(|p| p.delivered.load(Ordering::Relaxed));

@@ -167,6 +167,7 @@ pub struct Shard {
     sites: RefCell<HashMap<String, Rc<Site>>>,
     pending: RefCell<Vec<Pending>>,
     rules: Arc<Rules>,
+    warmup: Arc<shaping::warmup::Ledger>,
     limiters: RefCell<HashMap<String, Rc<Limiter>>>,
     /// Operator overrides by target key, applied to limiters made later too.
     overrides: RefCell<HashMap<String, Override>>,
@@ -194,6 +195,8 @@ pub struct Shard {
 pub struct Links {
     pub classifier: Arc<Classifier>,
     pub rules: Arc<Rules>,
+    /// Warm-up sends today, over every run of the day.
+    pub warmup: Arc<shaping::warmup::Ledger>,
     pub resolver: Resolver,
     pub progress: Arc<Progress>,
     pub control: Receiver<Command>,
@@ -222,6 +225,7 @@ pub fn run(
     let Links {
         classifier,
         rules,
+        warmup,
         resolver,
         progress,
         control,
@@ -259,6 +263,7 @@ pub fn run(
         sites: RefCell::new(HashMap::new()),
         pending: RefCell::new(Vec::new()),
         rules,
+        warmup,
         limiters: RefCell::new(HashMap::new()),
         overrides: RefCell::new(HashMap::new()),
         job_limits: RefCell::new(job_limits),
@@ -513,13 +518,10 @@ impl Shard {
             return l.clone();
         }
         let now = Instant::now();
-        let l = Rc::new(Limiter::new(
-            key.to_string(),
-            rule,
-            self.cfg.shards,
-            self.id,
-            now,
-        ));
+        let l = Rc::new(
+            Limiter::new(key.to_string(), rule, self.cfg.shards, self.id, now)
+                .with_ledger(&self.warmup),
+        );
         for (target, o) in self.overrides.borrow().iter() {
             if key == target
                 || key

@@ -353,3 +353,58 @@ fn a_campaign_rate_cap_holds_across_its_domains() {
         s.accepted_per_second
     );
 }
+
+#[test]
+fn a_warm_up_cap_holds_over_the_day_across_runs() {
+    let env = env("shaping-warmup", "");
+    let today = humantime::format_rfc3339(std::time::SystemTime::now()).to_string();
+    let mut cfg = env.config();
+    // One shard: the day's 30 are not split, so each run's count is exact.
+    cfg.shards = 1;
+    cfg.shaping_file = Some(shaping_file(
+        &env,
+        &format!(
+            "[pool.new]\nsources = [{{ ip = \"127.0.0.2\" }}]\n\n[source.\"127.0.0.2\"]\nwarmup_start = \"{}\"\nwarmup = [30]\n",
+            &today[..10]
+        ),
+    ));
+    let first = campaign(&env.dir, "day1a", "pool = \"new\"", &rows(20, "gmail.com"));
+    assert_eq!(env.send(&first, cfg.clone()).delivered, 20);
+
+    // A second run the same day may send only the 10 left of the 30.
+    let second = campaign(
+        &env.dir,
+        "day1b",
+        "pool = \"new\"",
+        &rows(20, "googlemail.com"),
+    );
+    let lock = ingest::lock_spool(&cfg.spool_dir, cfg.shards).unwrap();
+    ingest::ingest(
+        &Campaign::load(&second).unwrap(),
+        &cfg.spool_dir,
+        cfg.shards,
+        cfg.segment_bytes,
+    )
+    .unwrap();
+    let instances = Arc::new(ingest::load_instances(&cfg.spool_dir).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let engine = {
+        let (cfg, stop) = (cfg.clone(), stop.clone());
+        std::thread::spawn(move || volley::engine::run(cfg, instances, stop, false).unwrap())
+    };
+    wait_until("the 10 left of the day's cap", || {
+        accepted(&env, "google") >= 30
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let r = engine.join().unwrap();
+    drop(lock);
+    assert_eq!((r.delivered, r.remaining), (10, 10));
+    assert_eq!(accepted(&env, "google"), 30);
+    let ledger = std::fs::read_to_string(cfg.spool_dir.join("warmup.tsv")).unwrap();
+    assert!(
+        ledger.contains(&format!("{}\tsource:127.0.0.2>", &today[..10]))
+            && ledger.trim_end().ends_with("\t30"),
+        "{ledger}"
+    );
+}

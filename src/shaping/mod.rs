@@ -8,10 +8,12 @@
 //! chain; a connection counts against each of them.
 
 pub mod rules;
+pub mod warmup;
 
 use rules::{Per, Rule, Threshold, SHARE_MIN_REPLIES, SHARE_WINDOW_S};
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 /// After a back-off, throttle replies this soon after it are answers to messages
@@ -129,16 +131,28 @@ struct State {
     win_start: Instant,
     win_count: u32,
     observed: f64,
-    /// The warm-up schedule, the day counted, and this shard's messages left today.
-    warm: Option<(rules::Warmup, i64, u32)>,
+    warm: Option<Warm>,
     /// (shards, this shard's id): each day's cap is shared like every limit.
     shard_of: (usize, usize),
+}
+
+/// A warm-up schedule's count for this shard.
+#[derive(Debug)]
+struct Warm {
+    schedule: rules::Warmup,
+    /// The day `left` counts for (i64::MIN before the first message).
+    day: i64,
+    /// This shard's messages left on `day`: its share of the day's cap less what
+    /// earlier runs sent that day.
+    left: u32,
 }
 
 pub struct Limiter {
     pub key: String,
     reactions: Reactions,
     state: RefCell<State>,
+    /// Where a warm-up limiter counts what it sends, across runs.
+    ledger: Option<Arc<warmup::Ledger>>,
 }
 
 /// This shard's share of a limit `total` over `shards`: rates split evenly; integral
@@ -155,6 +169,13 @@ pub fn share(total: f64, shards: usize, id: usize, integral: bool) -> f64 {
         0.0
     };
     (base + extra).max(1.0)
+}
+
+/// Shard `id`'s whole share of `total` items over `shards`, the shares adding up to
+/// `total` exactly (a day's warm-up cap must not grow by one per shard).
+fn exact_share(total: u64, shards: usize, id: usize) -> u64 {
+    let n = shards.max(1) as u64;
+    total / n + u64::from((id as u64) < total % n)
 }
 
 impl Limiter {
@@ -215,10 +236,24 @@ impl Limiter {
                 win_start: now,
                 win_count: 0,
                 observed: 0.0,
-                warm: rule.warmup.as_ref().map(|w| (w.value.clone(), i64::MIN, 0)),
+                warm: rule.warmup.as_ref().map(|w| Warm {
+                    schedule: w.value.clone(),
+                    day: i64::MIN,
+                    left: 0,
+                }),
                 shard_of: (shards, id),
             }),
+            ledger: None,
         }
+    }
+
+    /// Counts a warm-up limiter's messages in `ledger`, and takes off its daily share
+    /// what earlier runs sent today.
+    pub fn with_ledger(mut self, ledger: &Arc<warmup::Ledger>) -> Limiter {
+        if self.state.get_mut().warm.is_some() {
+            self.ledger = Some(ledger.clone());
+        }
+        self
     }
 
     /// Current connection cap (after any back-off).
@@ -276,15 +311,19 @@ impl Limiter {
             return Some(u);
         }
         let (shards, id) = s.shard_of;
-        if let Some((w, day, left)) = s.warm.as_mut() {
+        if let Some(w) = s.warm.as_mut() {
             let today = today();
-            if *day != today {
-                *day = today;
-                *left = w
-                    .cap_on(today)
-                    .map_or(u32::MAX, |cap| share(cap as f64, shards, id, true) as u32);
+            if w.day != today {
+                w.day = today;
+                let before = self
+                    .ledger
+                    .as_ref()
+                    .map_or(0, |l| l.sent_before(&self.key, today));
+                w.left = w.schedule.cap_on(today).map_or(u32::MAX, |cap| {
+                    exact_share((cap as u64).saturating_sub(before), shards, id) as u32
+                });
             }
-            if *left == 0 {
+            if w.left == 0 {
                 return Some(now + Duration::from_secs(60));
             }
         }
@@ -296,8 +335,11 @@ impl Limiter {
         if let Some(g) = s.msg.as_mut() {
             g.take(now);
         }
-        if let Some((_, _, left)) = s.warm.as_mut() {
-            *left = left.saturating_sub(1);
+        if let Some(w) = s.warm.as_mut() {
+            w.left = w.left.saturating_sub(1);
+            if let Some(l) = &self.ledger {
+                l.add(&self.key, w.day);
+            }
         }
         if now.duration_since(s.win_start) >= RATE_WINDOW {
             let secs = now.duration_since(s.win_start).as_secs_f64();
