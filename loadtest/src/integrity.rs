@@ -23,7 +23,12 @@ impl Digest {
         let body = &body[..end];
         let mut crc = 0u32;
         let mut len = 0usize;
-        for line in body.split(|&c| c == b'\n') {
+        let mut start = 0;
+        // memchr, not a byte-at-a-time split: the sink checks every message it accepts.
+        let ends = memchr::memchr_iter(b'\n', body).chain(std::iter::once(body.len()));
+        for end in ends {
+            let line = &body[start..end];
+            start = end + 1;
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             if len > 0 {
                 crc = crc32c::crc32c_append(crc, b"\n");
@@ -107,7 +112,7 @@ pub fn split_header(content: &[u8]) -> (&[u8], &[u8]) {
         if rest.starts_with(b"\n") {
             return (&content[..i], &content[i + 1..]);
         }
-        match rest.iter().position(|&c| c == b'\n') {
+        match memchr::memchr(b'\n', rest) {
             Some(n) => i += n + 1,
             None => break,
         }
