@@ -20,6 +20,16 @@ pub struct Env {
     pub dir: PathBuf,
 }
 
+/// The work directory (spools of 64 MiB segments among it) goes with the test; a
+/// failed test keeps it to look at.
+impl Drop for Env {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 /// A sink (the accept-all profile's providers, with `behaviour` for all of them) and
 /// the test DNS routing to it.
 pub fn env(name: &str, behaviour: &str) -> Env {
