@@ -22,6 +22,8 @@ pub struct Report {
     pub expired: u64,
     /// Temporary failures seen (a recipient may have several).
     pub deferrals: u64,
+    /// Recipients sent again after a lost connection cut their transaction off.
+    pub requeued: u64,
     /// Recipients still queued when the run ended (stopped early).
     pub remaining: u64,
     pub elapsed_s: f64,
@@ -44,6 +46,10 @@ impl Report {
         println!(
             "deferrals    {} (temporary failures, retried)",
             self.deferrals
+        );
+        println!(
+            "requeued     {} (cut off by a lost connection before a reply, sent again)",
+            self.requeued
         );
         println!(
             "elapsed      {:.2} s, {:.0} delivered/s",
@@ -212,6 +218,7 @@ pub fn run(
         bounced: sum(|p| p.bounced.load(Ordering::Relaxed)),
         expired: sum(|p| p.expired.load(Ordering::Relaxed)),
         deferrals: sum(|p| p.deferrals.load(Ordering::Relaxed)),
+        requeued: sum(|p| p.requeued.load(Ordering::Relaxed)),
         remaining,
         elapsed_s: elapsed,
         delivered_per_s: delivered as f64 / elapsed.max(1e-9),

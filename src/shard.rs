@@ -41,6 +41,9 @@ pub struct Progress {
     pub expired: AtomicU64,
     /// Temporary failures (events, not recipients).
     pub deferrals: AtomicU64,
+    /// Recipients whose transaction a lost connection cut off before any reply,
+    /// queued again without counting an attempt.
+    pub requeued: AtomicU64,
     /// Recipients this shard recovered from its spool.
     pub recovered: AtomicU64,
     pub done: AtomicBool,
@@ -819,6 +822,7 @@ impl Shard {
     pub fn requeue(self: &Rc<Self>, site: &Rc<Site>, jobs: Vec<Job>, why: &str, via: Option<&Via>) {
         let reply = Reply::new(451, Some("4.4.2"), why);
         for mut job in jobs.into_iter().rev() {
+            self.progress.requeued.fetch_add(1, Ordering::Relaxed);
             job.requeues += 1;
             if job.requeues > self.cfg.requeues_max {
                 job.requeues = 0;

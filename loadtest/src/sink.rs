@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Read buffer per connection.
-const READ_BUF_BYTES: usize = 64 * 1024;
+const READ_BUF_BYTES: usize = 16 * 1024;
 /// Per-second counters kept (a day); later seconds are folded into the last one.
 const PER_SECOND_MAX: usize = 86_400;
 

@@ -219,7 +219,14 @@ impl<'c> ServerSession<'c> {
                 },
             }
         }
-        self.input.drain(..pos);
+        if pos == self.input.len() {
+            // Hand the buffer back to the allocator rather than keep it per connection:
+            // with hundreds of connections, per-connection buffers are cold in cache and
+            // the next connection's read reuses this one while it is warm.
+            self.input = Vec::new();
+        } else {
+            self.input.drain(..pos);
+        }
         if out.start_tls {
             // Bytes pipelined after STARTTLS are an injection attempt (CVE-2011-0411).
             self.input.clear();
@@ -230,7 +237,8 @@ impl<'c> ServerSession<'c> {
     fn reset_transaction(&mut self) {
         self.from.clear();
         self.rcpts.clear();
-        self.content.clear();
+        // Released, not cleared: see `feed`.
+        self.content = Vec::new();
         self.content_error = None;
         self.bdat_used = false;
         if !matches!(self.state, State::Fresh | State::Closed) {
