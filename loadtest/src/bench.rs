@@ -103,6 +103,9 @@ pub struct Result {
     pub msgs_per_s: f64,
     /// volley only: recipients over the time until each had its first attempt's answer.
     pub first_pass_msgs_per_s: Option<f64>,
+    /// volley only: when each destination's first pass was half and wholly done.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub first_pass_by_mx: Vec<MxPass>,
     pub cpu_s_per_1000: Option<f64>,
     pub peak_rss_mb: Option<f64>,
     pub latency_ms_p50: u64,
@@ -112,6 +115,17 @@ pub struct Result {
     pub duplicates: u64,
     pub corrupt: u64,
     pub note: String,
+}
+
+/// One destination's first pass, in seconds from the start of `volley send`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MxPass {
+    pub mx: String,
+    pub recipients: u64,
+    /// The first attempt's answer for the first recipient, half of them, and the last.
+    pub first_s: f64,
+    pub half_s: f64,
+    pub done_s: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -346,6 +360,18 @@ pub fn markdown(r: &Report) -> String {
             x.note
         ));
     }
+    for x in r.results.iter().filter(|x| !x.first_pass_by_mx.is_empty()) {
+        s.push_str(&format!(
+            "\nvolley first pass ({}) by destination, seconds from start: first answer / half / all\n",
+            x.profile
+        ));
+        for m in &x.first_pass_by_mx {
+            s.push_str(&format!(
+                "- {}: {} recipients, {:.2} / {:.2} / {:.2}\n",
+                m.mx, m.recipients, m.first_s, m.half_s, m.done_s
+            ));
+        }
+    }
     for (what, v) in &r.ratios {
         s.push_str(&format!("\n{what}: {v:.2}x"));
     }
@@ -496,6 +522,7 @@ fn result(
         seconds: secs,
         msgs_per_s: s.rcpts_terminal as f64 / secs.max(1e-9),
         first_pass_msgs_per_s: None,
+        first_pass_by_mx: Vec::new(),
         cpu_s_per_1000: usage.as_ref().map(|u| u.cpu_s * 1000.0 / n.max(1) as f64),
         peak_rss_mb: usage.as_ref().map(|u| u.max_rss_mb),
         latency_ms_p50: s.latency_ms.p50,
@@ -593,22 +620,51 @@ pub(crate) fn run_volley(
         "msgs/s includes retries (schedule 1s)".to_string()
     };
     let mut r = result("volley", profile, n, &s, secs, usage, note);
-    r.first_pass_msgs_per_s =
-        first_pass(&spool.join("accounting.jsonl"), started_sys).map(|d| n as f64 / d);
+    let by_mx = first_pass(&spool.join("accounting.jsonl"), started_sys);
+    r.first_pass_msgs_per_s = by_mx
+        .iter()
+        .map(|m| m.done_s)
+        .max_by(f64::total_cmp)
+        .map(|d| n as f64 / d);
+    r.first_pass_by_mx = by_mx;
     Ok((r, s))
 }
 
-/// Seconds from `start` to the last first-attempt record in volley's accounting log:
-/// how long the first pass over every recipient took.
-fn first_pass(log: &Path, start: std::time::SystemTime) -> Option<f64> {
-    let text = std::fs::read_to_string(log).ok()?;
-    let last = text
+/// Each destination's first pass from volley's accounting log: when the first
+/// attempts' answers came, in seconds from `start`. The whole first pass ends with
+/// the slowest destination's; where it ends says which receiver held the run up.
+fn first_pass(log: &Path, start: std::time::SystemTime) -> Vec<MxPass> {
+    let Ok(text) = std::fs::read_to_string(log) else {
+        return Vec::new();
+    };
+    let mut per: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for v in text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["attempt"] == 1)
-        .filter_map(|v| humantime::parse_rfc3339(v["time"].as_str()?).ok())
-        .max()?;
-    Some(last.duration_since(start).ok()?.as_secs_f64())
+    {
+        let Some(t) = v["time"]
+            .as_str()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+        else {
+            continue;
+        };
+        let secs = t.duration_since(start).map_or(0.0, |d| d.as_secs_f64());
+        let mx = v["mx"].as_str().unwrap_or("(no MX)").to_string();
+        per.entry(mx).or_default().push(secs);
+    }
+    per.into_iter()
+        .map(|(mx, mut ts)| {
+            ts.sort_by(f64::total_cmp);
+            MxPass {
+                mx,
+                recipients: ts.len() as u64,
+                first_s: ts[0],
+                half_s: ts[ts.len() / 2],
+                done_s: ts[ts.len() - 1],
+            }
+        })
+        .collect()
 }
 
 /// smtp-source with 50 sessions, one message per session (-d), `n` messages of `body_bytes`.
@@ -995,6 +1051,7 @@ mod tests {
             seconds: 1.0,
             msgs_per_s: rate,
             first_pass_msgs_per_s: first_pass,
+            first_pass_by_mx: Vec::new(),
             cpu_s_per_1000: None,
             peak_rss_mb: None,
             latency_ms_p50: 0,
