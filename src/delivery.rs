@@ -319,9 +319,12 @@ async fn session(
     let mut buf = Vec::with_capacity(READ_BUF_BYTES);
     let (max_msgs, idle_timeout) = (site.max_msgs_per_conn(), site.idle_timeout());
     let chain = site.chain(source);
+    // Transactions this connection lost to the server closing it (see pipeline.rs).
+    let mut cut_off = 0;
     loop {
         // Fill the window from the site's queue, as fast as its limiters allow.
         let mut paced: Option<Instant> = None;
+        s.set_window(site.window.get());
         while established && s.can_submit() && sent < max_msgs {
             if site.queue.borrow().is_empty() {
                 break;
@@ -458,6 +461,7 @@ async fn session(
                         .remove(&id)
                         .expect("events name transactions in flight");
                     let tx_ms = Some(started.elapsed().as_millis() as u64);
+                    site.window.answered();
                     for (mut job, (stage, reply)) in jobs.into_iter().zip(replies) {
                         let class = shard.outcome_timed(
                             &mut job,
@@ -474,11 +478,13 @@ async fn session(
                     let (jobs, _) = inflight
                         .remove(&id)
                         .expect("events name transactions in flight");
+                    cut_off += 1;
                     shard.requeue(site, jobs, &reason, Some(&via));
                 }
                 Event::Closed {
                     error, tls_refused, ..
                 } => {
+                    site.window.cut_off(cut_off);
                     if tls_refused {
                         let why = error.unwrap_or_default();
                         return Err(failure(451, "4.7.4", format!("{host} [{addr}]: {why}")));

@@ -16,6 +16,7 @@ pub mod dsn;
 pub mod engine;
 pub mod ingest;
 pub mod log;
+pub mod pipeline;
 pub mod report;
 pub mod retry;
 pub mod shaping;

@@ -15,6 +15,7 @@ use crate::dns::MxHost;
 use crate::dns::{Resolver, Route};
 use crate::ingest::{shard_dir, Instances};
 use crate::log::{self, Kind, LogWriter};
+use crate::pipeline::Window;
 use crate::retry::{self, Decision};
 use crate::shaping::rules::{BlockScope, PoolSource, Rule, Rules, Set};
 use crate::shaping::{self, Change, Gate, Limiter};
@@ -90,6 +91,8 @@ pub struct Site {
     /// The pool's source addresses, each with its limiter towards this destination;
     /// empty: the host's default address.
     pub sources: Vec<Source>,
+    /// Transactions pipelined per connection; shrinks when the receiver cuts them off.
+    pub window: Window,
 }
 
 pub struct Source {
@@ -510,6 +513,7 @@ impl Shard {
             rule: rules.effective(domain, provider),
             limits,
             sources,
+            window: Window::new(self.cfg.window),
         });
         self.sites.borrow_mut().insert(key, site.clone());
         site

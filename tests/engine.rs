@@ -235,3 +235,44 @@ fn greylisting_is_retried_after_the_named_delay() {
         .iter()
         .all(|l| l["class"] == "transient_other" && l["code"] == 451));
 }
+
+#[test]
+fn a_receiver_that_closes_connections_gets_fewer_transactions_pipelined() {
+    let env = env(
+        "window",
+        "data_tempfail = 0.05\ndata_tempfail_replies = [\"421 4.7.28 rate limited, closing\"]\n\
+         latency_ms = { data_end = [1, 3] }",
+    );
+    let dir = generated(&env, 3000);
+    let mut cfg = env.config();
+    cfg.shards = 1;
+    cfg.window = 8;
+    // Few connections, so each has a full window pipelined when the 421 comes.
+    cfg.defaults.max_connections = Some(volley::shaping::rules::Set::cli(2));
+    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(200)]);
+    let log = cfg.log_path.clone();
+    let r = env.send(&dir, cfg);
+    assert_eq!(r.delivered, 3000, "{r:?}");
+    let s = env.sink.summary();
+    assert_eq!(s.counts.duplicates, 0);
+    let t = terminal_by_rcpt(&log_lines(&log));
+    assert!(
+        t.values().all(|v| v.len() == 1),
+        "one terminal outcome each"
+    );
+    // Each closing 421 cuts off what was pipelined behind it. With the window held
+    // at 8 that was 4.4 transactions each (683 for 156); halving it on every
+    // cut-off keeps it near 2, and the loss under one each.
+    let closes = s.counts.data_tempfail;
+    assert!(
+        closes > 50,
+        "the receiver closed connections: {:?}",
+        s.counts
+    );
+    eprintln!("closing 421s {closes}, requeued {}", r.requeued);
+    assert!(
+        r.requeued <= 2 * closes,
+        "{} transactions cut off by {closes} closing 421s",
+        r.requeued
+    );
+}

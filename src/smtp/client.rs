@@ -227,6 +227,12 @@ impl ClientSession {
         self.txs.len()
     }
 
+    /// Transactions in flight from now on (CHUNKING servers); ones already in
+    /// flight over it finish first.
+    pub fn set_window(&mut self, n: usize) {
+        self.cfg.window = n;
+    }
+
     /// Whether `submit` would be taken now.
     pub fn can_submit(&self) -> bool {
         if self.phase != Phase::Ready {
