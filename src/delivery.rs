@@ -18,8 +18,6 @@ use std::time::{Duration, Instant};
 
 /// Read buffer per connection: replies are small, even pipelined.
 const READ_BUF_BYTES: usize = 16 * 1024;
-/// How often an idle connection looks for new work in its site's queue.
-const IDLE_POLL: Duration = Duration::from_millis(10);
 
 /// Why a session never got to carry mail; the reply the site's queue is deferred with.
 struct Failure {
@@ -374,7 +372,7 @@ async fn session(
                 monoio::time::sleep(wait.max(Duration::from_millis(1))).await;
                 continue;
             } else if queue_empty {
-                monoio::time::sleep(IDLE_POLL).await;
+                let _ = monoio::time::timeout(idle_timeout - idle_for, site.idle.wait()).await;
                 continue;
             } else {
                 continue;

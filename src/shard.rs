@@ -28,10 +28,12 @@ use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Counters the `send` progress bar reads; updated per commit batch.
@@ -93,6 +95,59 @@ pub struct Site {
     pub sources: Vec<Source>,
     /// Transactions pipelined per connection; shrinks when the receiver cuts them off.
     pub window: Window,
+    /// Connections with nothing to send wait here until the queue has work again.
+    pub idle: Idle,
+}
+
+/// Where a site's idle connections wait for work. They used to poll the queue every
+/// 10 ms: with hundreds of connections that was tens of thousands of wakeups a second
+/// while a destination's queue stood empty (waiting on retries, or done).
+#[derive(Default)]
+pub struct Idle {
+    waiting: RefCell<Vec<Waker>>,
+    /// Counts wake-ups, so a waiter knows whether one happened since it began.
+    wakes: Cell<u64>,
+}
+
+impl Idle {
+    /// Wakes every waiting connection (called when the queue stops being empty, and
+    /// on a stop request so they can quit).
+    pub fn wake_all(&self) {
+        self.wakes.set(self.wakes.get() + 1);
+        for w in self.waiting.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Resolves at the next `wake_all`.
+    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
+        let seen = self.wakes.get();
+        std::future::poll_fn(move |cx| {
+            if self.wakes.get() != seen {
+                return Poll::Ready(());
+            }
+            let mut waiting = self.waiting.borrow_mut();
+            if !waiting.iter().any(|w| w.will_wake(cx.waker())) {
+                waiting.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+    }
+
+    /// Puts `job` on `queue`, waking the idle connections if it was empty.
+    fn push(&self, queue: &RefCell<VecDeque<Job>>, job: Job, front: bool) {
+        let mut q = queue.borrow_mut();
+        let was_empty = q.is_empty();
+        if front {
+            q.push_front(job);
+        } else {
+            q.push_back(job);
+        }
+        drop(q);
+        if was_empty {
+            self.wake_all();
+        }
+    }
 }
 
 pub struct Source {
@@ -371,7 +426,7 @@ impl Shard {
                     }
                 };
                 drop(domains);
-                site.queue.borrow_mut().push_back(job);
+                site.idle.push(&site.queue, job, false);
                 self.ensure_connections(&site);
             }
             Some(DomainState::Failed {
@@ -514,6 +569,7 @@ impl Shard {
             limits,
             sources,
             window: Window::new(self.cfg.window),
+            idle: Idle::default(),
         });
         self.sites.borrow_mut().insert(key, site.clone());
         site
@@ -832,7 +888,7 @@ impl Shard {
                 job.requeues = 0;
                 self.outcome(job, &reply, "connect", via, None);
             } else {
-                site.queue.borrow_mut().push_front(job);
+                site.idle.push(&site.queue, job, true);
             }
         }
     }
@@ -1031,6 +1087,11 @@ async fn tick_loop(sh: Rc<Shard>) {
     while !sh.finished() {
         monoio::time::sleep(TICK).await;
         ticks += 1;
+        if sh.stop_requested() {
+            for site in sh.sites.borrow().values() {
+                site.idle.wake_all();
+            }
+        }
         sh.shaping_tick(ticks % 10 == 0);
         let due = sh.retries.borrow_mut().advance(Instant::now());
         for mut job in due {
@@ -1103,5 +1164,50 @@ pub fn stage_name(s: Stage) -> &'static str {
         Stage::Rcpt => "rcpt",
         Stage::Data => "data",
         Stage::Local => "local",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::RecordRef;
+    use volley_load::runtime::Driver;
+
+    fn job() -> Job {
+        Job {
+            rref: RecordRef { seg: 0, off: 0 },
+            instance: 0,
+            domain: Rc::from("example.test"),
+            attempts: 0,
+            requeues: 0,
+        }
+    }
+
+    #[test]
+    fn an_idle_connection_waits_until_work_arrives_and_no_longer() {
+        volley_load::runtime::block_on(Driver::Auto, async {
+            let idle = Rc::new(Idle::default());
+            let queue = Rc::new(RefCell::new(VecDeque::new()));
+            let quiet = monoio::time::timeout(Duration::from_millis(50), idle.wait()).await;
+            assert!(quiet.is_err(), "nothing queued: still waiting");
+            let waiter = {
+                let (idle, queue) = (idle.clone(), queue.clone());
+                monoio::spawn(async move {
+                    idle.wait().await;
+                    queue.borrow().len()
+                })
+            };
+            monoio::time::sleep(Duration::from_millis(20)).await;
+            idle.push(&queue, job(), false);
+            let seen = monoio::time::timeout(Duration::from_secs(1), waiter).await;
+            assert_eq!(seen, Ok(1), "woken by the first job, and it is there");
+            // More work on a queue that is not empty wakes nobody: whoever is
+            // taking from it is not idle.
+            let again = idle.wait();
+            idle.push(&queue, job(), true);
+            let still = monoio::time::timeout(Duration::from_millis(50), again).await;
+            assert!(still.is_err());
+        })
+        .unwrap();
     }
 }
