@@ -37,6 +37,17 @@ impl Window {
         self.now.get()
     }
 
+    /// For `queue status`: a line while the window is below the configured one.
+    pub fn status(&self, destination: &str) -> Option<String> {
+        (self.now.get() < self.max).then(|| {
+            format!(
+                "{destination} pipelining window {} of {} (the receiver closed connections with transactions in flight)",
+                self.now.get(),
+                self.max
+            )
+        })
+    }
+
     /// A connection ended with `lost` transactions cut off before their answer.
     pub fn cut_off(&self, lost: usize) {
         if lost == 0 {
@@ -68,8 +79,13 @@ mod tests {
         assert_eq!(w.get(), 8);
         w.cut_off(0);
         assert_eq!(w.get(), 8, "a clean close changes nothing");
+        assert_eq!(w.status("site:mx"), None);
         w.cut_off(5);
         assert_eq!(w.get(), 4);
+        assert_eq!(
+            w.status("site:mx").as_deref(),
+            Some("site:mx pipelining window 4 of 8 (the receiver closed connections with transactions in flight)")
+        );
         w.cut_off(3);
         w.cut_off(1);
         assert_eq!(w.get(), 2, "never below 2");

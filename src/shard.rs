@@ -857,6 +857,9 @@ impl Shard {
         }
         if publish {
             let mut lines: Vec<String> = limiters.iter().filter_map(|l| l.status(now)).collect();
+            for site in self.sites.borrow().values() {
+                lines.extend(site.window.status(&site.key));
+            }
             for p in self.paused.borrow().iter() {
                 lines.push(format!("{p} paused"));
             }

@@ -408,3 +408,37 @@ fn a_warm_up_cap_holds_over_the_day_across_runs() {
         "{ledger}"
     );
 }
+
+#[test]
+fn queue_status_shows_a_window_cut_down_by_closing_receivers() {
+    let env = env(
+        "shaping-window",
+        "data_tempfail = 0.2\ndata_tempfail_replies = [\"421 4.7.0 closing\"]\nlatency_ms = { data_end = [10, 20] }",
+    );
+    let c = campaign(&env.dir, "window", "", &rows(600, "gmail.com"));
+    let mut cfg = env.config();
+    cfg.shards = 1;
+    cfg.window = 8;
+    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(200)]);
+    cfg.defaults.max_connections = Some(volley::shaping::rules::Set::cli(2));
+    let spool = cfg.spool_dir.clone();
+    let campaign = Campaign::load(&c).unwrap();
+    let lock = ingest::lock_spool(&cfg.spool_dir, cfg.shards).unwrap();
+    ingest::ingest(&campaign, &cfg.spool_dir, cfg.shards, cfg.segment_bytes).unwrap();
+    let instances = Arc::new(ingest::load_instances(&cfg.spool_dir).unwrap());
+    let engine = std::thread::spawn(move || {
+        volley::engine::run(cfg, instances, Arc::new(AtomicBool::new(false)), false).unwrap()
+    });
+    let mut status = String::new();
+    wait_until("a shrunk window in queue status", || {
+        status = volley::control::request(&spool, "status").unwrap_or_default();
+        status.contains("pipelining window")
+    });
+    assert!(
+        status.contains(" of 8 (the receiver closed connections"),
+        "{status}"
+    );
+    let r = engine.join().unwrap();
+    drop(lock);
+    assert_eq!(r.delivered, 600, "{r:?}");
+}
