@@ -187,6 +187,25 @@ fn a_campaign_naming_an_unknown_pool_is_refused() {
     );
 }
 
+/// Ingests the campaign in `dir` and runs the send on a thread, so the test can talk
+/// to it over the admin socket; the spool lock goes with the send.
+fn send_in_background(
+    dir: &std::path::Path,
+    cfg: volley::config::EngineConfig,
+) -> (
+    std::thread::JoinHandle<volley::engine::Report>,
+    volley::ingest::SpoolLock,
+) {
+    let campaign = Campaign::load(dir).unwrap();
+    let lock = ingest::lock_spool(&cfg.spool_dir, cfg.shards).unwrap();
+    ingest::ingest(&campaign, &cfg.spool_dir, cfg.shards, cfg.segment_bytes).unwrap();
+    let instances = Arc::new(ingest::load_instances(&cfg.spool_dir).unwrap());
+    let engine = std::thread::spawn(move || {
+        volley::engine::run(cfg, instances, Arc::new(AtomicBool::new(false)), false).unwrap()
+    });
+    (engine, lock)
+}
+
 /// Messages the sink has accepted for `provider` so far.
 fn accepted(env: &Env, provider: &str) -> u64 {
     env.sink.summary().per_provider[provider].rcpts_accepted
@@ -210,13 +229,7 @@ fn pause_and_resume_take_effect_within_a_second_over_the_admin_socket() {
         "[provider.google-sink]\nmx_suffixes = [\"google.sink.test\"]\nmax_msg_rate = \"100/s\"\n",
     ));
     let spool = cfg.spool_dir.clone();
-    let campaign = Campaign::load(&c).unwrap();
-    let lock = ingest::lock_spool(&cfg.spool_dir, cfg.shards).unwrap();
-    ingest::ingest(&campaign, &cfg.spool_dir, cfg.shards, cfg.segment_bytes).unwrap();
-    let instances = Arc::new(ingest::load_instances(&cfg.spool_dir).unwrap());
-    let engine = std::thread::spawn(move || {
-        volley::engine::run(cfg, instances, Arc::new(AtomicBool::new(false)), false).unwrap()
-    });
+    let (engine, lock) = send_in_background(&c, cfg);
     wait_until("the first deliveries", || accepted(&env, "google") >= 20);
 
     for (pause, resume) in [
@@ -422,13 +435,7 @@ fn queue_status_shows_a_window_cut_down_by_closing_receivers() {
     cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(200)]);
     cfg.defaults.max_connections = Some(volley::shaping::rules::Set::cli(2));
     let spool = cfg.spool_dir.clone();
-    let campaign = Campaign::load(&c).unwrap();
-    let lock = ingest::lock_spool(&cfg.spool_dir, cfg.shards).unwrap();
-    ingest::ingest(&campaign, &cfg.spool_dir, cfg.shards, cfg.segment_bytes).unwrap();
-    let instances = Arc::new(ingest::load_instances(&cfg.spool_dir).unwrap());
-    let engine = std::thread::spawn(move || {
-        volley::engine::run(cfg, instances, Arc::new(AtomicBool::new(false)), false).unwrap()
-    });
+    let (engine, lock) = send_in_background(&c, cfg);
     let mut status = String::new();
     wait_until("a shrunk window in queue status", || {
         status = volley::control::request(&spool, "status").unwrap_or_default();
