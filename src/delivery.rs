@@ -282,7 +282,13 @@ fn tls_summary(link: &Link) -> Option<String> {
     let cipher = c
         .negotiated_cipher_suite()
         .map_or("?".into(), |s| format!("{:?}", s.suite()));
-    Some(format!("{version} {cipher}"))
+    // A resumed session skipped the certificate and its signature: worth knowing
+    // when a receiver's handshakes are slow or its certificate changes.
+    let resumed = match c.handshake_kind() {
+        Some(rustls::HandshakeKind::Resumed) => " resumed",
+        _ => "",
+    };
+    Some(format!("{version} {cipher}{resumed}"))
 }
 
 /// Runs one SMTP session. Ok when it was established (whatever happened to the

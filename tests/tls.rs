@@ -83,3 +83,28 @@ fn required_and_verified_fails_on_a_self_signed_certificate() {
         "{l}"
     );
 }
+
+#[test]
+fn a_reconnection_resumes_the_tls_session() {
+    let env = env("tls-resume", "");
+    let rows: Vec<String> = (0..6).map(|i| format!("u{i}@gmail.com,Ann")).collect();
+    let c = campaign(&env.dir, "tls-resume", "", &rows);
+    let mut cfg = env.config();
+    cfg.shards = 1;
+    // One message per connection, one connection at a time: six handshakes in a row.
+    cfg.defaults.max_msgs_per_conn = Some(Set::cli(1));
+    cfg.defaults.max_connections = Some(Set::cli(1));
+    let log = cfg.log_path.clone();
+    let r = env.send(&c, cfg);
+    assert_eq!(r.delivered, 6);
+    let tls: Vec<String> = log_lines(&log)
+        .iter()
+        .map(|l| l["tls"].as_str().unwrap().to_string())
+        .collect();
+    let resumed = tls.iter().filter(|t| t.ends_with(" resumed")).count();
+    assert!(
+        !tls[0].ends_with(" resumed"),
+        "the first is a full handshake: {tls:?}"
+    );
+    assert!(resumed >= 4, "later connections resume: {tls:?}");
+}
