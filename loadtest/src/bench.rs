@@ -426,9 +426,8 @@ fn wait_for(
 ) -> (Summary, f64) {
     let mut exited_at: Option<Instant> = None;
     loop {
-        let s = sink.summary();
-        if s.rcpts_terminal >= n {
-            return (s, started.elapsed().as_secs_f64());
+        if sink.rcpts_terminal() >= n {
+            return (sink.summary(), started.elapsed().as_secs_f64());
         }
         if exited_at.is_none() && child_done() {
             exited_at = Some(Instant::now());
@@ -436,7 +435,7 @@ fn wait_for(
         if exited_at.is_some_and(|t| t.elapsed() > Duration::from_secs(2))
             || started.elapsed() > RUN_TIMEOUT
         {
-            return (s, started.elapsed().as_secs_f64());
+            return (sink.summary(), started.elapsed().as_secs_f64());
         }
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -344,6 +344,23 @@ impl Sink {
         }
     }
 
+    /// Recipients at a final state so far (accepted, or refused permanently): what a
+    /// bench polls for, without building the whole summary (which copies every
+    /// domain's counts while holding the locks the connections need).
+    pub fn rcpts_terminal(&self) -> u64 {
+        self.shared
+            .shards
+            .iter()
+            .map(|s| {
+                let s = s.lock().unwrap();
+                s.per_domain
+                    .values()
+                    .map(|d| d.accepted + d.permfail)
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
     pub fn summary(&self) -> Summary {
         let sh = &self.shared;
         let mut counts = Counts::default();
