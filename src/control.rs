@@ -51,7 +51,8 @@ impl Target {
 pub enum Action {
     Pause,
     Resume,
-    /// A new total rate; None lifts the operator's rate (the rules' applies again).
+    /// A new total rate; None is `unlimited`: no rate at all, whatever the rules or
+    /// the campaign set, until the run ends or another `rate` replaces it.
     Rate(Option<Per>),
     /// Between shards, not from the socket: another shard backed this key off.
     PeerThrottled(String),

@@ -781,20 +781,15 @@ impl Shard {
                     }
                 }
                 Action::Rate(rate) => {
-                    let mut limits = self.job_limits.borrow_mut();
-                    match rate {
-                        None => {
-                            limits.remove(&key);
-                        }
-                        Some(r) => {
-                            let rule = Rule {
-                                max_msg_rate: Some(Set::cli(r.clone())),
-                                ..Rule::default()
-                            };
-                            let l = Limiter::new(key.clone(), &rule, self.cfg.shards, self.id, now);
-                            limits.insert(key, Rc::new(l));
-                        }
-                    }
+                    // As for a destination: the operator's rate (or "unlimited")
+                    // replaces the campaign's own, is logged, and shows in the status.
+                    let l =
+                        Limiter::new(key.clone(), &Rule::default(), self.cfg.shards, self.id, now);
+                    let share = rate
+                        .as_ref()
+                        .map(|r| shaping::share(r.per_sec(), self.cfg.shards, self.id, false));
+                    self.log_change(&l.set_rate(share, now));
+                    self.job_limits.borrow_mut().insert(key, Rc::new(l));
                 }
                 Action::PeerThrottled(_) => unreachable!("handled above"),
             },
@@ -857,6 +852,12 @@ impl Shard {
         }
         if publish {
             let mut lines: Vec<String> = limiters.iter().filter_map(|l| l.status(now)).collect();
+            lines.extend(
+                self.job_limits
+                    .borrow()
+                    .values()
+                    .filter_map(|l| l.status(now)),
+            );
             for site in self.sites.borrow().values() {
                 lines.extend(site.window.status(&site.key));
             }

@@ -222,7 +222,7 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 #[test]
 fn pause_and_resume_take_effect_within_a_second_over_the_admin_socket() {
     let env = env("shaping-control", "");
-    let c = campaign(&env.dir, "control", "", &rows(400, "gmail.com"));
+    let c = campaign(&env.dir, "control", "", &rows(800, "gmail.com"));
     let mut cfg = env.config();
     cfg.shaping_file = Some(shaping_file(
         &env,
@@ -268,13 +268,38 @@ fn pause_and_resume_take_effect_within_a_second_over_the_admin_socket() {
         status.contains("provider:google-sink rate 10.0/s set by operator"),
         "{status}"
     );
-    let answer = volley::control::request(&spool, "rate provider:google-sink 400/s").unwrap();
+    // The same for a campaign, with the provider's rate lifted.
+    let answer = volley::control::request(&spool, "rate provider:google-sink unlimited").unwrap();
+    assert!(answer.starts_with("ok"), "{answer}");
+    let answer = volley::control::request(&spool, "rate campaign:control 20/s").unwrap();
+    assert!(answer.starts_with("ok"), "{answer}");
+    std::thread::sleep(Duration::from_secs(1));
+    let before = accepted(&env, "google");
+    std::thread::sleep(Duration::from_secs(2));
+    let sent = accepted(&env, "google") - before;
+    assert!(
+        before < 800 && sent <= 45,
+        "{sent} messages in 2 s after `rate campaign:control 20/s`"
+    );
+    let status = volley::control::request(&spool, "status").unwrap();
+    assert!(
+        status.contains("campaign:control rate 10.0/s set by operator")
+            && status.contains("provider:google-sink unlimited, set by operator"),
+        "{status}"
+    );
+    let answer = volley::control::request(&spool, "rate campaign:control unlimited").unwrap();
     assert!(answer.starts_with("ok"), "{answer}");
     let e = volley::control::request(&spool, "pause nothing").unwrap_err();
     assert!(e.to_string().contains("not a target"), "{e}");
     let r = engine.join().unwrap();
     drop(lock);
-    assert_eq!(r.delivered, 400);
+    let log = std::fs::read_to_string(spool.join("accounting.jsonl")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(r#""event":"rate","key":"campaign:control""#)),
+        "no Shaping record for the campaign's rate"
+    );
+    assert_eq!(r.delivered, 800);
     assert_eq!(env.sink.summary().counts.duplicates, 0);
 }
 
