@@ -22,7 +22,7 @@ use crate::shaping::{self, Change, Gate, Limiter};
 use crate::smtp::client::Stage;
 use crate::smtp::client::TlsMode;
 use crate::smtp::reply::Reply;
-use crate::spool::{RecordRef, Spool, Terminal};
+use crate::spool::{Deferral, RecordRef, Spool, Terminal};
 use crate::wheel::Wheel;
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
@@ -209,9 +209,10 @@ enum DomainState {
     },
 }
 
-struct Pending {
-    rref: RecordRef,
-    terminal: Terminal,
+/// An outcome waiting for the next commit to reach the spool.
+enum Pending {
+    Done(RecordRef, Terminal),
+    Deferred(RecordRef, Deferral),
 }
 
 pub struct Shard {
@@ -347,16 +348,17 @@ pub fn run(
         .progress
         .recovered
         .store(recovered.pending.len() as u64, Ordering::Relaxed);
-    let jobs: Vec<Job> = {
+    // Each with when its retry is due (ms since the epoch) if it was deferred.
+    let jobs: Vec<(Job, Option<u64>)> = {
         let spool = shard.spool.borrow();
         let mut interned: HashMap<Vec<u8>, Rc<str>> = HashMap::new();
         recovered
             .pending
             .into_iter()
-            .map(|(rref, instance)| {
-                let inst = &shard.instances[&instance];
+            .map(|p| {
+                let inst = &shard.instances[&p.instance];
                 let email = spool
-                    .queue_value(rref, inst.email_col)
+                    .queue_value(p.rref, inst.email_col)
                     .expect("recovery checked the record");
                 let at = email.iter().rposition(|&c| c == b'@').map_or(0, |i| i + 1);
                 let domain = match interned.get(&email[at..]) {
@@ -367,13 +369,14 @@ pub fn run(
                         d
                     }
                 };
-                Job {
-                    rref,
-                    instance,
+                let job = Job {
+                    rref: p.rref,
+                    instance: p.instance,
                     domain,
-                    attempts: 0,
+                    attempts: p.deferral.map_or(0, |d| d.attempts),
                     requeues: 0,
-                }
+                };
+                (job, p.deferral.map(|d| d.due_unix_ms))
             })
             .collect()
     };
@@ -381,8 +384,16 @@ pub fn run(
     volley_load::runtime::block_on(driver, async move {
         let committer = monoio::spawn(commit_loop(sh.clone()));
         let retrier = monoio::spawn(tick_loop(sh.clone()));
-        for job in jobs {
-            sh.clone().enqueue(job);
+        // A recipient deferred before the restart waits out its retry time.
+        let (now, now_ms) = (Instant::now(), unix_ms(SystemTime::now()));
+        for (job, due_ms) in jobs {
+            match due_ms.filter(|&d| d > now_ms) {
+                Some(d) => {
+                    let at = now + Duration::from_millis(d - now_ms);
+                    sh.retries.borrow_mut().insert(at, job);
+                }
+                None => sh.clone().enqueue(job),
+            }
         }
         committer.await?;
         retrier.await;
@@ -987,10 +998,7 @@ impl Shard {
                     Terminal::Bounced => b[1] += 1,
                     _ => b[2] += 1,
                 }
-                self.pending.borrow_mut().push(Pending {
-                    rref: job.rref,
-                    terminal: t,
-                });
+                self.pending.borrow_mut().push(Pending::Done(job.rref, t));
             }
             None => {
                 b[3] += 1;
@@ -1016,9 +1024,16 @@ impl Shard {
         let until_expiry = expire_at
             .duration_since(SystemTime::now())
             .unwrap_or_default();
-        let at = Instant::now() + delay.min(until_expiry);
+        let wait = delay.min(until_expiry);
+        self.pending.borrow_mut().push(Pending::Deferred(
+            job.rref,
+            Deferral {
+                attempts: job.attempts,
+                due_unix_ms: unix_ms(SystemTime::now() + wait),
+            },
+        ));
         job.requeues = 0;
-        self.retries.borrow_mut().insert(at, job);
+        self.retries.borrow_mut().insert(Instant::now() + wait, job);
     }
 
     /// Writes outcomes: log lines first, then Done records (see log.rs for why).
@@ -1026,15 +1041,21 @@ impl Shard {
         let pending = std::mem::take(&mut *self.pending.borrow_mut());
         self.log.borrow_mut().flush()?;
         let mut spool = self.spool.borrow_mut();
+        let mut done = 0;
         for p in &pending {
-            spool.append_done(p.rref, p.terminal)?;
+            match *p {
+                Pending::Done(r, t) => {
+                    spool.append_done(r, t)?;
+                    done += 1;
+                }
+                Pending::Deferred(r, d) => spool.append_defer(r, d)?,
+            }
         }
         if sync {
             spool.sync()?;
             spool.delete_finished()?;
         }
-        self.remaining
-            .set(self.remaining.get() - pending.len() as u64);
+        self.remaining.set(self.remaining.get() - done);
         let mut b = self.batch.borrow_mut();
         let p = &self.progress;
         p.delivered.fetch_add(b[0], Ordering::Relaxed);
@@ -1136,6 +1157,11 @@ fn campaign_limits(
             Some((key, Rc::new(l)))
         })
         .collect()
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Weighted random choice among the sources that may open a connection now.

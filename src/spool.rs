@@ -1,13 +1,14 @@
 //! The per-shard spool: append-only segment files, preallocated and mapped with
 //! memmap2, holding length + crc32c framed records.
 //!
-//! Two record kinds: `Queue` (one recipient of a campaign instance, with its merge
-//! values) and `Done` (a terminal outcome for a Queue record, by its location).
+//! Three record kinds: `Queue` (one recipient of a campaign instance, with its merge
+//! values), `Done` (a terminal outcome for a Queue record, by its location) and
+//! `Defer` (a temporary failure: the attempts so far and when the next is due).
 //! Recovery replays every segment in order, stops at the first torn record, and
-//! yields the Queue records that have no Done record. Segments are deleted oldest
+//! yields the Queue records that have no Done record, each with its last Defer. Segments are deleted oldest
 //! first once all their Queue records are done: a Done record always lives in the
 //! same or a later segment than its Queue record, so deleting in order never drops
-//! a Done record whose Queue record is still on disk.
+//! a Done (or Defer) record whose Queue record is still on disk.
 //!
 //! Durability: `sync` msyncs the range written since the last sync. Records written
 //! but not synced survive a process kill (they are in the page cache) but not a
@@ -21,7 +22,9 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 const MAGIC: &[u8; 8] = b"VOLLEYSP";
-const VERSION: u32 = 1;
+/// Version 2 added Defer records. Version 1 segments are still read; appends never
+/// go to one, so a version-1 binary refuses a spool it would misread.
+const VERSION: u32 = 2;
 const SEG_HEADER_BYTES: usize = 16;
 const FRAME_BYTES: usize = 8;
 /// Largest record payload: a recipient row is bounded well below this at ingest.
@@ -29,6 +32,7 @@ pub const RECORD_MAX: usize = 256 * 1024;
 
 const KIND_QUEUE: u8 = 1;
 const KIND_DONE: u8 = 2;
+const KIND_DEFER: u8 = 3;
 
 #[derive(Debug, Error)]
 pub enum SpoolError {
@@ -167,6 +171,17 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Kind, record location, attempts, due time.
+const DEFER_BYTES: usize = 21;
+
+/// The Queue record a Done or Defer record names.
+fn record_ref(payload: &[u8]) -> RecordRef {
+    RecordRef {
+        seg: u32::from_le_bytes(payload[1..5].try_into().unwrap()),
+        off: u32::from_le_bytes(payload[5..9].try_into().unwrap()),
+    }
+}
+
 fn done_payload(r: RecordRef, t: Terminal) -> [u8; 10] {
     let mut p = [0u8; 10];
     p[0] = KIND_DONE;
@@ -198,10 +213,28 @@ pub struct Spool {
     unsynced_full: Vec<u32>,
 }
 
+/// A recipient's last temporary failure, kept so a restart neither retries it early
+/// nor starts its retry schedule over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deferral {
+    pub attempts: u32,
+    /// When the next attempt is due, in milliseconds since the Unix epoch.
+    pub due_unix_ms: u64,
+}
+
+/// A recipient recovery found still to deliver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingRecord {
+    pub rref: RecordRef,
+    pub instance: u32,
+    /// None: never attempted (or only cut off before a reply).
+    pub deferral: Option<Deferral>,
+}
+
 /// What recovery found: the recipients still to deliver, in spool order.
 pub struct Recovered {
-    /// Each with its campaign instance; read the values with `queue_value`/`read_queue`.
-    pub pending: Vec<(RecordRef, u32)>,
+    /// Read the values with `queue_value`/`read_queue`.
+    pub pending: Vec<PendingRecord>,
     /// A torn or corrupt record ended a segment early (its location).
     pub torn_at: Option<(u32, usize)>,
 }
@@ -239,7 +272,10 @@ impl Spool {
         // Locations only: a million recipients must not mean a million decoded records.
         let mut queue: Vec<(RecordRef, u32)> = Vec::new();
         let mut done: std::collections::HashSet<RecordRef> = std::collections::HashSet::new();
+        let mut deferred: std::collections::HashMap<RecordRef, Deferral> =
+            std::collections::HashMap::new();
         let mut torn_at = None;
+        let mut last_version = VERSION;
         for (i, &no) in nos.iter().enumerate() {
             let path = spool.seg_path(no);
             let file = OpenOptions::new()
@@ -250,11 +286,11 @@ impl Spool {
             // SAFETY: the spool directory belongs to this process (the engine holds an
             // exclusive flock on it) and segment files are never truncated while mapped.
             let map = unsafe { MmapMut::map_mut(&file) }.map_err(io(&path, "map segment"))?;
-            if map.len() < SEG_HEADER_BYTES
-                || &map[..8] != MAGIC
-                || u32::from_le_bytes(map[8..12].try_into().unwrap()) != VERSION
-            {
-                return Err(SpoolError::BadSegment { path });
+            let version = (map.len() >= SEG_HEADER_BYTES && &map[..8] == MAGIC)
+                .then(|| u32::from_le_bytes(map[8..12].try_into().unwrap()));
+            match version {
+                Some(v @ 1..=VERSION) => last_version = v,
+                _ => return Err(SpoolError::BadSegment { path }),
             }
             let mut off = SEG_HEADER_BYTES;
             let last = i + 1 == nos.len();
@@ -279,9 +315,18 @@ impl Spool {
                                 }
                             },
                             Some(&KIND_DONE) if payload.len() == 10 => {
-                                let seg = u32::from_le_bytes(payload[1..5].try_into().unwrap());
-                                let roff = u32::from_le_bytes(payload[5..9].try_into().unwrap());
-                                done.insert(RecordRef { seg, off: roff });
+                                done.insert(record_ref(payload));
+                            }
+                            Some(&KIND_DEFER) if payload.len() == DEFER_BYTES => {
+                                let attempts = payload[9..13].try_into().unwrap();
+                                let due = payload[13..21].try_into().unwrap();
+                                deferred.insert(
+                                    record_ref(payload),
+                                    Deferral {
+                                        attempts: u32::from_le_bytes(attempts),
+                                        due_unix_ms: u64::from_le_bytes(due),
+                                    },
+                                );
                             }
                             _ => {
                                 torn_at.get_or_insert((no, off));
@@ -318,11 +363,20 @@ impl Spool {
             } else if !acked(instance) {
                 abandoned.push(r);
             } else {
-                pending.push((r, instance));
+                pending.push(PendingRecord {
+                    rref: r,
+                    instance,
+                    deferral: deferred.get(&r).copied(),
+                });
             }
         }
-        if spool.segs.is_empty() {
-            spool.new_segment(1)?;
+        match spool.segs.back() {
+            None => spool.new_segment(1)?,
+            Some(last) if last_version < VERSION => {
+                let next = last.no + 1;
+                spool.new_segment(next)?;
+            }
+            Some(_) => {}
         }
         for r in abandoned {
             spool.append_done(r, Terminal::Abandoned)?;
@@ -415,6 +469,17 @@ impl Spool {
         let r = self.append(scratch)?;
         self.segs.back_mut().expect("open").queued += 1;
         Ok(r)
+    }
+
+    /// Records a temporary failure of `r` (of several, recovery takes the last).
+    pub fn append_defer(&mut self, r: RecordRef, d: Deferral) -> Result<(), SpoolError> {
+        let mut p = [0u8; DEFER_BYTES];
+        p[0] = KIND_DEFER;
+        p[1..5].copy_from_slice(&r.seg.to_le_bytes());
+        p[5..9].copy_from_slice(&r.off.to_le_bytes());
+        p[9..13].copy_from_slice(&d.attempts.to_le_bytes());
+        p[13..21].copy_from_slice(&d.due_unix_ms.to_le_bytes());
+        self.append(&p).map(|_| ())
     }
 
     pub fn append_done(&mut self, r: RecordRef, t: Terminal) -> Result<(), SpoolError> {
@@ -594,14 +659,15 @@ mod tests {
         };
         let (mut s, r) = Spool::open(&d, seg, &|_| true).unwrap();
         assert_eq!(r.pending.len(), 50);
-        assert_eq!(r.pending[0].0, refs[150]);
-        assert_eq!(r.pending[0].1, 1);
-        assert_eq!(s.read_queue(r.pending[0].0), Some(rec(150)));
-        assert_eq!(s.queue_value(r.pending[0].0, 1), Some(&b"Ann"[..]));
-        assert_eq!(s.queue_value(r.pending[0].0, 2), None);
+        let first = r.pending[0].rref;
+        assert_eq!(first, refs[150]);
+        assert_eq!(r.pending[0].instance, 1);
+        assert_eq!(s.read_queue(first), Some(rec(150)));
+        assert_eq!(s.queue_value(first, 1), Some(&b"Ann"[..]));
+        assert_eq!(s.queue_value(first, 2), None);
         assert_eq!(s.read_queue(refs[199]), Some(rec(199)));
-        for (r, _) in &r.pending {
-            s.append_done(*r, Terminal::Bounced).unwrap();
+        for p in &r.pending {
+            s.append_done(p.rref, Terminal::Bounced).unwrap();
         }
         s.delete_finished().unwrap();
         assert_eq!(s.segment_count(), 1, "all but the open segment deleted");
@@ -641,5 +707,78 @@ mod tests {
         let (_, r) = Spool::open(&d, 1 << 20, &|_| true).unwrap();
         assert_eq!(r.pending.len(), 5);
         assert_eq!(r.torn_at, None);
+    }
+
+    #[test]
+    fn deferrals_come_back_with_their_recipient_and_the_last_one_counts() {
+        let d = dir("defer");
+        let mut scratch = Vec::new();
+        let at = |attempts, due_unix_ms| Deferral {
+            attempts,
+            due_unix_ms,
+        };
+        let refs: Vec<RecordRef> = {
+            let (mut s, _) = Spool::open(&d, 1 << 20, &|_| true).unwrap();
+            let refs: Vec<_> = (0..3)
+                .map(|i| s.append_queue(&rec(i), &mut scratch).unwrap())
+                .collect();
+            s.append_defer(refs[0], at(1, 1_000)).unwrap();
+            s.append_defer(refs[1], at(1, 2_000)).unwrap();
+            s.append_defer(refs[0], at(2, 5_000)).unwrap();
+            s.append_done(refs[1], Terminal::Delivered).unwrap();
+            s.sync().unwrap();
+            refs
+        };
+        let (_, r) = Spool::open(&d, 1 << 20, &|_| true).unwrap();
+        let pending = |rref, deferral| PendingRecord {
+            rref,
+            instance: 1,
+            deferral,
+        };
+        assert_eq!(
+            r.pending,
+            vec![pending(refs[0], Some(at(2, 5_000))), pending(refs[2], None)]
+        );
+    }
+
+    #[test]
+    fn a_version_1_segment_is_read_but_never_appended_to() {
+        let d = dir("v1");
+        let mut scratch = Vec::new();
+        {
+            let (mut s, _) = Spool::open(&d, 1 << 20, &|_| true).unwrap();
+            s.append_queue(&rec(0), &mut scratch).unwrap();
+            s.sync().unwrap();
+        }
+        let path = d.join("seg-00000001.vspool");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let (mut s, r) = Spool::open(&d, 1 << 20, &|_| true).unwrap();
+        assert_eq!(r.pending.len(), 1);
+        assert_eq!(
+            s.segment_count(),
+            2,
+            "appends go to a new version-2 segment"
+        );
+        let deferral = Deferral {
+            attempts: 1,
+            due_unix_ms: 9,
+        };
+        s.append_defer(r.pending[0].rref, deferral).unwrap();
+        s.sync().unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "the old segment is untouched"
+        );
+        let (_, r) = Spool::open(&d, 1 << 20, &|_| true).unwrap();
+        assert_eq!(r.pending[0].deferral, Some(deferral));
+        bytes[8..12].copy_from_slice(&9u32.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            Spool::open(&d, 1 << 20, &|_| true),
+            Err(SpoolError::BadSegment { .. })
+        ));
     }
 }

@@ -164,6 +164,52 @@ fn dns_edge_cases_bounces_and_expiry() {
 }
 
 #[test]
+fn a_deferral_keeps_its_retry_time_and_attempt_count_across_a_restart() {
+    let env = env("restart", "");
+    let rows = [
+        "tempfail.1@gmail.com,Ann".to_string(),
+        "u1@gmail.com,Bob".into(),
+    ];
+    let c = campaign(&env.dir, "restart", "expire_after = \"7s\"", &rows);
+    let cfg = || {
+        let mut cfg = env.config();
+        cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_secs(4)]);
+        cfg
+    };
+    let log = cfg().log_path;
+    // Stopped a second in, with the deferral due about 4 s after the first attempt.
+    let r = env.send_for(Some(&c), cfg(), Some(Duration::from_secs(1)));
+    assert_eq!((r.delivered, r.remaining), (1, 1), "{r:?}");
+    // The next run must wait it out, then count on from attempt 1.
+    let r = env.send_for(None, cfg(), None);
+    assert_eq!((r.expired, r.remaining), (1, 0), "{r:?}");
+    let attempts: Vec<(u64, f64)> = log_lines(&log)
+        .iter()
+        .filter(|l| l["type"] == "TransientFailure" && l["rcpt"] == "tempfail.1@gmail.com")
+        .map(|l| {
+            let t = log_time(l["time"].as_str().unwrap());
+            (l["attempt"].as_u64().unwrap(), t)
+        })
+        .collect();
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!((attempts[0].0, attempts[1].0), (1, 2), "{attempts:?}");
+    let gap = attempts[1].1 - attempts[0].1;
+    assert!(
+        gap >= 3.5,
+        "retried {gap:.1} s after the first attempt, not after the 4 s (±10%) it was given"
+    );
+    assert_eq!(env.sink.summary().counts.rcpt_tempfail, 2);
+}
+
+/// The log's RFC 3339 time stamp, in seconds since the epoch.
+fn log_time(t: &str) -> f64 {
+    let t = humantime::parse_rfc3339(t).unwrap();
+    t.duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[test]
 fn mid_transaction_disconnects_and_421s_lose_nothing() {
     let env = env(
         "faults",

@@ -96,12 +96,32 @@ impl Env {
 
     /// Ingests and sends `campaign` to the end with `cfg`.
     pub fn send(&self, campaign: &Path, cfg: EngineConfig) -> Report {
-        let c = Campaign::load(campaign).unwrap_or_else(|p| panic!("{p:?}"));
+        self.send_for(Some(campaign), cfg, None)
+    }
+
+    /// Ingests `campaign` (unless None: what is in the spool goes on) and sends with
+    /// `cfg`, to the end or until `stop_after`, as `send --max-wait` does.
+    pub fn send_for(
+        &self,
+        campaign: Option<&Path>,
+        cfg: EngineConfig,
+        stop_after: Option<std::time::Duration>,
+    ) -> Report {
         let lock = ingest::lock_spool(&cfg.spool_dir, cfg.shards).unwrap();
-        ingest::ingest(&c, &cfg.spool_dir, cfg.shards, cfg.segment_bytes).unwrap();
+        if let Some(campaign) = campaign {
+            let c = Campaign::load(campaign).unwrap_or_else(|p| panic!("{p:?}"));
+            ingest::ingest(&c, &cfg.spool_dir, cfg.shards, cfg.segment_bytes).unwrap();
+        }
         let instances = Arc::new(ingest::load_instances(&cfg.spool_dir).unwrap());
-        let r =
-            volley::engine::run(cfg, instances, Arc::new(AtomicBool::new(false)), false).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        if let Some(d) = stop_after {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(d);
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+        }
+        let r = volley::engine::run(cfg, instances, stop, false).unwrap();
         drop(lock);
         r
     }
