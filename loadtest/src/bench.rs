@@ -11,7 +11,7 @@
 
 use crate::dns::{self, Zone};
 use crate::gen::{self, GenOptions};
-use crate::profile::Profile;
+use crate::profile::{Part, Profile};
 use crate::runtime::Driver;
 use crate::sink::{Sink, SinkOptions, Summary};
 use serde::Serialize;
@@ -42,6 +42,8 @@ pub struct BenchOptions {
     pub profile: Option<String>,
     /// `volley send --shaping` for the runs on the non-accept-all profile.
     pub shaping: Option<PathBuf>,
+    /// Parts of the non-accept-all profile switched off, to see what each costs.
+    pub without: Vec<Part>,
     /// Times the scenario's runs are repeated, alternating; ratios are medians.
     pub rounds: usize,
 }
@@ -203,8 +205,20 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
                     }
                     _ => vec![],
                 };
-                let p = Profile::load(profile)?;
-                run_volley(opts, profile, p, n, &campaign, &work, &shaping).map(|(r, _)| r)
+                let mut p = Profile::load(profile)?;
+                let mut label = profile.to_string();
+                if profile != "accept-all" && !opts.without.is_empty() {
+                    let parts: Vec<String> = opts
+                        .without
+                        .iter()
+                        .map(|w| {
+                            p.without(*w);
+                            format!("{w:?}").to_lowercase()
+                        })
+                        .collect();
+                    label = format!("{profile} without {}", parts.join(" and "));
+                }
+                run_volley(opts, &label, p, n, &campaign, &work, &shaping).map(|(r, _)| r)
             }
             System::SmtpSource => run_smtp_source(opts, profile, n, sc.body_bytes),
             System::Postfix => run_postfix(opts, profile, n, sc.body_bytes, &work),

@@ -2,7 +2,7 @@ use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use volley_load::profile::Profile;
+use volley_load::profile::{Part, Profile};
 use volley_load::runtime::Driver;
 use volley_load::{bench, dns, gen, sink};
 
@@ -22,6 +22,9 @@ enum Cmd {
         /// Profile: accept-all, realistic, or a TOML file (see loadtest/profiles/).
         #[arg(long, default_value = "accept-all")]
         profile: String,
+        /// Switch a part of the profile off (repeatable).
+        #[arg(long, value_enum)]
+        without: Vec<Part>,
         /// Serve every provider on this port instead of the profile's (0 = any free port).
         #[arg(long)]
         port: Option<u16>,
@@ -111,6 +114,10 @@ enum Cmd {
         /// (`volley send --shaping`), e.g. source pools for per-IP limits.
         #[arg(long)]
         shaping: Option<PathBuf>,
+        /// Switch a part of the non-accept-all profile off (repeatable): what is
+        /// left shows what that part costs.
+        #[arg(long, value_enum)]
+        without: Vec<Part>,
         /// Repeat the scenario's runs this many times, alternating, and report the
         /// median ratio (smoke, accept-all, realistic and dkim; the machine is noisy).
         #[arg(long, default_value_t = 1)]
@@ -136,6 +143,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Sink {
             profile,
+            without,
             port,
             threads,
             driver,
@@ -147,6 +155,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dns,
         } => {
             let mut profile = Profile::load(&profile)?;
+            for w in without {
+                profile.without(w);
+            }
             if let Some(p) = port {
                 profile.set_port(p);
             }
@@ -230,6 +241,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             shards,
             profile,
             shaping,
+            without,
             rounds,
         } => {
             if scenario == "sink" {
@@ -250,6 +262,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 shards,
                 profile,
                 shaping,
+                without,
                 rounds,
             })?;
             Ok(())

@@ -114,6 +114,33 @@ impl Default for Behaviour {
     }
 }
 
+/// A part of a profile that can be switched off (`--without`), to see what it costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// Every reply latency (the greeting's too).
+    Latency,
+    /// Every failure, throttle, connection cap and greylisting; latency stays.
+    Failures,
+}
+
+impl Profile {
+    pub fn without(&mut self, part: Part) {
+        for p in &mut self.providers {
+            let b = &mut p.behaviour;
+            *b = match part {
+                Part::Latency => Behaviour {
+                    latency_ms: Latency::default(),
+                    ..b.clone()
+                },
+                Part::Failures => Behaviour {
+                    latency_ms: b.latency_ms,
+                    ..Behaviour::default()
+                },
+            };
+        }
+    }
+}
+
 /// Reply latency per command: uniform between the two bounds, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -243,5 +270,42 @@ impl Profile {
                 a.set_port(port);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_switches_off_one_part_and_keeps_the_other() {
+        let full = Profile::load("realistic").unwrap();
+        let mut no_latency = full.clone();
+        no_latency.without(Part::Latency);
+        let mut no_failures = full.clone();
+        no_failures.without(Part::Failures);
+        for ((f, l), x) in full
+            .providers
+            .iter()
+            .zip(&no_latency.providers)
+            .zip(&no_failures.providers)
+        {
+            let (f, l, x) = (&f.behaviour, &l.behaviour, &x.behaviour);
+            assert_eq!(
+                l.latency_ms.data_end,
+                [0, 0],
+                "{}",
+                f.latency_ms.data_end[1]
+            );
+            assert_eq!(l.rcpt_tempfail, f.rcpt_tempfail);
+            assert_eq!(l.max_conns_per_ip, f.max_conns_per_ip);
+            assert_eq!(x.latency_ms.data_end, f.latency_ms.data_end);
+            assert_eq!(
+                (x.rcpt_tempfail, x.data_tempfail, x.rate_per_s_per_ip),
+                (0.0, 0.0, 0.0)
+            );
+            assert_eq!(x.max_conns_per_ip, 0);
+        }
+        assert!(full.providers[0].behaviour.latency_ms.data_end[1] > 0);
     }
 }
