@@ -44,6 +44,8 @@ pub struct BenchOptions {
     pub shaping: Option<PathBuf>,
     /// Parts of the non-accept-all profile switched off, to see what each costs.
     pub without: Vec<Part>,
+    /// Give the accept-all runs `shaping` too: both runs under one configuration.
+    pub shaping_accept_all: bool,
     /// Times the scenario's runs are repeated, alternating; ratios are medians.
     pub rounds: usize,
 }
@@ -200,7 +202,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
         let r = match sys {
             System::Volley => {
                 let shaping: Vec<&str> = match &opts.shaping {
-                    Some(f) if profile != "accept-all" => {
+                    Some(f) if profile != "accept-all" || opts.shaping_accept_all => {
                         vec!["--shaping", f.to_str().expect("utf-8 path")]
                     }
                     _ => vec![],
@@ -218,7 +220,12 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
                         .collect();
                     label = format!("{profile} without {}", parts.join(" and "));
                 }
-                run_volley(opts, &label, p, n, &campaign, &work, &shaping).map(|(r, _)| r)
+                run_volley(opts, &label, p, n, &campaign, &work, &shaping).map(|(mut r, _)| {
+                    if profile == "accept-all" && !shaping.is_empty() {
+                        r.note = "with the same --shaping".into();
+                    }
+                    r
+                })
             }
             System::SmtpSource => run_smtp_source(opts, profile, n, sc.body_bytes),
             System::Postfix => run_postfix(opts, profile, n, sc.body_bytes, &work),

@@ -118,6 +118,9 @@ enum Cmd {
         /// left shows what that part costs.
         #[arg(long, value_enum)]
         without: Vec<Part>,
+        /// Give the accept-all runs the same --shaping: both under one configuration.
+        #[arg(long, requires = "shaping")]
+        shaping_accept_all: bool,
         /// Repeat the scenario's runs this many times, alternating, and report the
         /// median ratio (smoke, accept-all, realistic and dkim; the machine is noisy).
         #[arg(long, default_value_t = 1)]
@@ -242,6 +245,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             profile,
             shaping,
             without,
+            shaping_accept_all,
             rounds,
         } => {
             if scenario == "sink" {
@@ -263,6 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 profile,
                 shaping,
                 without,
+                shaping_accept_all,
                 rounds,
             })?;
             Ok(())
