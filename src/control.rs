@@ -121,8 +121,8 @@ pub fn socket_path(spool: &Path) -> PathBuf {
     spool.join("admin.sock")
 }
 
-/// The live shaping status every shard publishes, one line per key that is not
-/// running at its configured limits.
+/// The live status every shard publishes: its queue, and one line per key that is
+/// not running at its configured limits.
 #[derive(Default)]
 pub struct Status {
     pub per_shard: Mutex<Vec<Vec<String>>>,

@@ -881,6 +881,18 @@ impl Shard {
                     self.held.borrow().len()
                 ));
             }
+            let ready: usize = self
+                .sites
+                .borrow()
+                .values()
+                .map(|s| s.queue.borrow().len())
+                .sum();
+            let waiting = self.retries.borrow().len();
+            if ready + waiting > 0 {
+                lines.push(format!(
+                    "queue: {ready} recipients ready to send, {waiting} waiting to retry"
+                ));
+            }
             lines.sort();
             self.status.per_shard.lock().expect("status lock")[self.id] = lines;
         }

@@ -180,8 +180,24 @@ fn a_deferral_keeps_its_retry_time_and_attempt_count_across_a_restart() {
     // Stopped a second in, with the deferral due about 4 s after the first attempt.
     let r = env.send_for(Some(&c), cfg(), Some(Duration::from_secs(1)));
     assert_eq!((r.delivered, r.remaining), (1, 1), "{r:?}");
-    // The next run must wait it out, then count on from attempt 1.
+    // The next run must wait it out, then count on from attempt 1; its status says so.
+    let spool = cfg().spool_dir;
+    let status = std::thread::spawn(move || {
+        let waiting = |s: &str| s.contains("0 recipients ready to send, 1 waiting to retry");
+        let mut last = String::new();
+        for _ in 0..60 {
+            std::thread::sleep(Duration::from_millis(50));
+            match volley::control::request(&spool, "status") {
+                Ok(s) if waiting(&s) => return s,
+                Ok(s) => last = s,
+                Err(e) => last = e.to_string(),
+            }
+        }
+        last
+    });
     let r = env.send_for(None, cfg(), None);
+    let status = status.join().unwrap();
+    assert!(status.contains("1 waiting to retry"), "{status}");
     assert_eq!((r.expired, r.remaining), (1, 0), "{r:?}");
     let attempts: Vec<(u64, f64)> = log_lines(&log)
         .iter()
