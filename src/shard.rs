@@ -392,7 +392,7 @@ pub fn run(
                     let at = now + Duration::from_millis(d - now_ms);
                     sh.retries.borrow_mut().insert(at, job);
                 }
-                None => sh.clone().enqueue(job),
+                None => sh.enqueue_unless_expired(job),
             }
         }
         committer.await?;
@@ -407,6 +407,23 @@ pub fn run(
 }
 
 impl Shard {
+    /// Queues `job` for delivery, or, past its campaign's maximum age, expires it
+    /// without another attempt (after a retry wait, or a restart after a long stop).
+    fn enqueue_unless_expired(self: &Rc<Self>, mut job: Job) {
+        if SystemTime::now() < self.instances[&job.instance].expire_at {
+            self.clone().enqueue(job);
+            return;
+        }
+        let r = Reply::new(
+            451,
+            Some("4.4.7"),
+            "message expired in the queue before it could be delivered",
+        );
+        // Expiring is not an attempt; `outcome` counts one.
+        job.attempts = job.attempts.saturating_sub(1);
+        self.outcome(job, &r, "local", None, None);
+    }
+
     fn finished(&self) -> bool {
         self.remaining.get() == 0 || self.stop.load(Ordering::Relaxed)
     }
@@ -1131,19 +1148,8 @@ async fn tick_loop(sh: Rc<Shard>) {
         }
         sh.shaping_tick(ticks % 10 == 0);
         let due = sh.retries.borrow_mut().advance(Instant::now());
-        for mut job in due {
-            let inst = &sh.instances[&job.instance];
-            if SystemTime::now() >= inst.expire_at {
-                let r = Reply::new(
-                    451,
-                    Some("4.4.7"),
-                    "message expired in the queue before it could be delivered",
-                );
-                job.attempts = job.attempts.saturating_sub(1);
-                sh.outcome(job, &r, "local", None, None);
-            } else {
-                sh.clone().enqueue(job);
-            }
+        for job in due {
+            sh.enqueue_unless_expired(job);
         }
     }
 }

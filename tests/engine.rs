@@ -217,6 +217,42 @@ fn a_deferral_keeps_its_retry_time_and_attempt_count_across_a_restart() {
     assert_eq!(env.sink.summary().counts.rcpt_tempfail, 2);
 }
 
+#[test]
+fn a_recipient_past_its_maximum_age_at_restart_expires_without_another_attempt() {
+    let env = env("restart-expired", "");
+    let rows = ["tempfail.1@gmail.com,Ann".to_string()];
+    let c = campaign(&env.dir, "late", "expire_after = \"2s\"", &rows);
+    let cfg = || {
+        let mut cfg = env.config();
+        cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_secs(30)]);
+        cfg
+    };
+    let r = env.send_for(Some(&c), cfg(), Some(Duration::from_secs(1)));
+    assert_eq!(
+        (r.remaining, env.sink.summary().counts.rcpt_tempfail),
+        (1, 1)
+    );
+    // Down past the 2 s maximum age: the restart expires it and sends nothing.
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = env.send_for(None, cfg(), None);
+    assert_eq!((r.expired, r.remaining), (1, 0), "{r:?}");
+    assert_eq!(
+        env.sink.summary().counts.rcpt_tempfail,
+        1,
+        "attempted after expiry"
+    );
+    let log = log_lines(&cfg().log_path);
+    let last = log
+        .iter()
+        .rfind(|l| l["rcpt"] == "tempfail.1@gmail.com")
+        .unwrap();
+    assert_eq!(
+        (last["type"].as_str(), last["stage"].as_str()),
+        (Some("Expiration"), Some("local")),
+        "{last}"
+    );
+}
+
 /// The log's RFC 3339 time stamp, in seconds since the epoch.
 fn log_time(t: &str) -> f64 {
     let t = humantime::parse_rfc3339(t).unwrap();
