@@ -42,7 +42,14 @@ impl Report {
         println!("delivered    {}", self.delivered);
         println!("bounced      {}", self.bounced);
         println!("expired      {}", self.expired);
-        println!("still queued {}", self.remaining);
+        if self.remaining > 0 {
+            println!(
+                "still queued {} (kept in the spool with their retry times; send the campaign again to go on)",
+                self.remaining
+            );
+        } else {
+            println!("still queued 0");
+        }
         println!(
             "deferrals    {} (temporary failures, retried)",
             self.deferrals

@@ -1,5 +1,5 @@
-//! The command line on bad input: every problem named with file:line, a non-zero
-//! exit, and nothing queued.
+//! The command line: on bad input every problem named with file:line, a non-zero
+//! exit, and nothing queued; a send stopped early says what is left and resumes.
 
 mod common;
 
@@ -209,4 +209,47 @@ fn classify_reads_replies_and_writes_json_lines() {
     let (code, _, err) = volley(&["classify", "--bounce-rules", rules.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(err.contains("rule 1 (\"broken\"): bad regex"), "{err}");
+}
+
+#[test]
+fn a_send_stopped_early_exits_75_and_sending_again_goes_on() {
+    let env = common::env("cli-resume", "");
+    let c = common::campaign(
+        &env.dir,
+        "resume",
+        "expire_after = \"3s\"",
+        &["tempfail.1@gmail.com,Ann".into(), "u1@gmail.com,Bob".into()],
+    );
+    let spool = env.dir.join("spool");
+    let (dns, port) = (env.dns.addr.to_string(), env.sink.port().to_string());
+    let send = || {
+        volley(&[
+            "send",
+            c.to_str().unwrap(),
+            "--quiet",
+            "--spool",
+            spool.to_str().unwrap(),
+            "--dns",
+            &dns,
+            "--smtp-port",
+            &port,
+            "--retry-schedule",
+            "30s",
+            "--max-wait",
+            "1s",
+        ])
+    };
+    let (code, out, err) = send();
+    assert_eq!(code, 75, "{out}{err}");
+    assert!(
+        out.contains("still queued 1 (kept in the spool with their retry times"),
+        "{out}"
+    );
+    // The deferral waits for its retry time, which the 3 s maximum age cuts short.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let (code, out, err) = send();
+    assert!(err.contains("resuming what is left"), "{err}");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("expired      1"), "{out}");
+    assert_eq!(env.sink.summary().counts.rcpt_tempfail, 1);
 }
