@@ -5,10 +5,10 @@
 //! values), `Done` (a terminal outcome for a Queue record, by its location) and
 //! `Defer` (a temporary failure: the attempts so far and when the next is due).
 //! Recovery replays every segment in order, stops at the first torn record, and
-//! yields the Queue records that have no Done record, each with its last Defer. Segments are deleted oldest
-//! first once all their Queue records are done: a Done record always lives in the
-//! same or a later segment than its Queue record, so deleting in order never drops
-//! a Done (or Defer) record whose Queue record is still on disk.
+//! yields the Queue records that have no Done record, each with its last Defer.
+//! Segments are deleted oldest first once all their Queue records are done: a Done
+//! or Defer record always lives in the same or a later segment than its Queue
+//! record, so deleting in order never drops one whose Queue record is still on disk.
 //!
 //! Durability: `sync` msyncs the range written since the last sync. Records written
 //! but not synced survive a process kill (they are in the page cache) but not a
