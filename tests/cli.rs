@@ -217,7 +217,7 @@ fn a_send_stopped_early_exits_75_and_sending_again_goes_on() {
     let c = common::campaign(
         &env.dir,
         "resume",
-        "expire_after = \"3s\"",
+        "expire_after = \"4s\"",
         &["tempfail.1@gmail.com,Ann".into(), "u1@gmail.com,Bob".into()],
     );
     let spool = env.dir.join("spool");
@@ -236,7 +236,7 @@ fn a_send_stopped_early_exits_75_and_sending_again_goes_on() {
             "--retry-schedule",
             "30s",
             "--max-wait",
-            "1s",
+            "2s",
         ])
     };
     let (code, out, err) = send();
@@ -245,7 +245,7 @@ fn a_send_stopped_early_exits_75_and_sending_again_goes_on() {
         out.contains("still queued 1 (kept in the spool with their retry times"),
         "{out}"
     );
-    // The deferral waits for its retry time, which the 3 s maximum age cuts short.
+    // The deferral waits for its retry time, which the 4 s maximum age cuts short.
     std::thread::sleep(std::time::Duration::from_secs(3));
     let (code, out, err) = send();
     assert!(err.contains("resuming what is left"), "{err}");
