@@ -87,6 +87,13 @@ pub struct DomainCounts {
     pub permfail: u64,
 }
 
+impl DomainCounts {
+    /// Recipients at a final state: accepted, or refused permanently.
+    pub fn terminal(&self) -> u64 {
+        self.accepted + self.permfail
+    }
+}
+
 /// Everything the sink has seen; what `summary` returns and the JSON it writes.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -355,7 +362,7 @@ impl Sink {
                 let s = s.lock().unwrap();
                 s.per_domain
                     .values()
-                    .map(|d| d.accepted + d.permfail)
+                    .map(DomainCounts::terminal)
                     .sum::<u64>()
             })
             .sum()
@@ -400,7 +407,7 @@ impl Sink {
             e.connections_max_concurrent = sh.providers[i].conns_max.load(Ordering::Relaxed);
             e.per_second = sh.providers[i].timeline.lock().unwrap().clone();
         }
-        let rcpts_terminal = per_domain.values().map(|d| d.accepted + d.permfail).sum();
+        let rcpts_terminal = per_domain.values().map(DomainCounts::terminal).sum();
         Summary {
             uptime_s: sh.started.elapsed().as_secs_f64(),
             counts,
