@@ -169,6 +169,15 @@ pub struct ClientSession {
     tls_refused: bool,
 }
 
+/// The octets of `RCPT TO:<>` and its line end around an address.
+const RCPT_FRAME: usize = "RCPT TO:<>\r\n".len();
+
+fn push_rcpt(out: &mut Vec<u8>, rcpt: &str) {
+    out.extend_from_slice(b"RCPT TO:<");
+    out.extend_from_slice(rcpt.as_bytes());
+    out.extend_from_slice(b">\r\n");
+}
+
 impl ClientSession {
     pub fn new(cfg: ClientConfig, now: Instant) -> Self {
         let mut s = ClientSession {
@@ -302,50 +311,45 @@ impl ClientSession {
             mail.push_str(" BODY=8BITMIME");
         }
         mail.push_str("\r\n");
-        let rcpts: Vec<String> = tx
-            .rcpts
-            .iter()
-            .map(|r| format!("RCPT TO:<{r}>\r\n"))
-            .collect();
-        let last = if self.caps.chunking {
-            // The content is not needed once it is in the BDAT command.
+        // With CHUNKING the content goes with BDAT and is not needed after; with DATA
+        // it waits in the transaction for the 354.
+        let (last_cmd, content, last) = if self.caps.chunking {
             let content = std::mem::take(&mut tx.content);
-            let bdat = format!("BDAT {size} LAST\r\n");
-            (bdat, Some(content), Expect::DataEnd(id))
+            (
+                format!("BDAT {size} LAST\r\n"),
+                content,
+                Expect::DataEnd(id),
+            )
         } else {
-            ("DATA\r\n".to_string(), None, Expect::Data(id))
+            ("DATA\r\n".to_string(), Vec::new(), Expect::Data(id))
         };
         if self.caps.pipelining {
             // One buffer for the whole batch, built once at its final size: the
             // commands go out together anyway, and the content is copied only here.
-            let len = mail.len()
-                + rcpts.iter().map(String::len).sum::<usize>()
-                + last.0.len()
-                + last.1.as_ref().map_or(0, Vec::len);
-            let mut batch = Vec::with_capacity(len);
+            let rcpt_bytes: usize = tx.rcpts.iter().map(|r| r.len() + RCPT_FRAME).sum();
+            let mut batch =
+                Vec::with_capacity(mail.len() + rcpt_bytes + last_cmd.len() + content.len());
             batch.extend_from_slice(mail.as_bytes());
-            for r in &rcpts {
-                batch.extend_from_slice(r.as_bytes());
+            for r in &tx.rcpts {
+                push_rcpt(&mut batch, r);
             }
-            batch.extend_from_slice(last.0.as_bytes());
-            if let Some(c) = &last.1 {
-                batch.extend_from_slice(c);
-            }
+            batch.extend_from_slice(last_cmd.as_bytes());
+            batch.extend_from_slice(&content);
             self.queue(batch, Expect::Mail(id));
-            for i in 0..rcpts.len() {
+            for i in 0..tx.rcpts.len() {
                 self.queue(Vec::new(), Expect::Rcpt(id, i));
             }
-            self.queue(Vec::new(), last.2);
+            self.queue(Vec::new(), last);
         } else {
             self.queue(mail.into_bytes(), Expect::Mail(id));
-            for (i, r) in rcpts.into_iter().enumerate() {
-                self.queue(r.into_bytes(), Expect::Rcpt(id, i));
+            for (i, r) in tx.rcpts.iter().enumerate() {
+                let mut cmd = Vec::with_capacity(r.len() + RCPT_FRAME);
+                push_rcpt(&mut cmd, r);
+                self.queue(cmd, Expect::Rcpt(id, i));
             }
-            let mut cmd = last.0.into_bytes();
-            if let Some(c) = last.1 {
-                cmd.extend_from_slice(&c);
-            }
-            self.queue(cmd, last.2);
+            let mut cmd = last_cmd.into_bytes();
+            cmd.extend_from_slice(&content);
+            self.queue(cmd, last);
         }
         let n = tx.rcpts.len();
         self.txs.push_back(TxState {
