@@ -67,7 +67,10 @@ enum Cmd {
         quiet: bool,
     },
     /// Classify SMTP replies, one per line on stdin, as the engine does: one JSON object
-    /// per line out ({"reply","code","enhanced","retry","class","rule"}).
+    /// per line out ({"reply","code","enhanced","retry","class","rule"}). A line may be a
+    /// multi-line reply joined with spaces ("550-5.1.1 ... 550 5.1.1 ...") or a reply as a
+    /// log or DSN shows it ("Diagnostic-Code: smtp; 550 ...", Postfix "host X said: 550
+    /// ...", Exim "SMTP error from remote mail server after ...: 550 ...").
     Classify {
         /// Your rules (TOML, same format as src/classify/rules.toml), tried before the shipped ones.
         #[arg(long)]
@@ -467,22 +470,18 @@ fn classify(rules: Option<&std::path::Path>) -> anyhow::Result<i32> {
         if line.is_empty() {
             continue;
         }
-        let mut p = volley::smtp::reply::ReplyParser::default();
-        p.push(format!("{line}\r\n").as_bytes());
-        let v = match p.next_reply() {
-            Some(Ok(r)) if r.is_positive() => serde_json::json!({
+        // As found in logs and DSNs: wrappers dropped, a joined multi-line reply read whole.
+        let v = match volley::classify::parse_logged(line) {
+            Ok(r) if r.is_positive() => serde_json::json!({
                 "reply": line, "code": r.code, "enhanced": r.enhanced, "retry": false, "class": null, "rule": null
             }),
-            Some(Ok(r)) => {
+            Ok(r) => {
                 let (v, rule) = c.classify_named(&r);
                 serde_json::json!({
                     "reply": line, "code": r.code, "enhanced": r.enhanced, "retry": v.retry, "class": v.class, "rule": rule
                 })
             }
-            Some(Err(e)) => serde_json::json!({ "reply": line, "error": e.to_string() }),
-            None => {
-                serde_json::json!({ "reply": line, "error": "a multi-line reply must be given on one line" })
-            }
+            Err(e) => serde_json::json!({ "reply": line, "error": e.to_string() }),
         };
         serde_json::to_writer(&mut out, &v)?;
         out.write_all(b"\n")?;

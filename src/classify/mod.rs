@@ -5,6 +5,9 @@
 
 use crate::smtp::reply::Reply;
 use regex::RegexSet;
+
+mod input;
+pub use input::{parse_logged, InputError};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
