@@ -6,6 +6,8 @@
 use crate::smtp::reply::Reply;
 use regex::RegexSet;
 
+#[cfg(test)]
+mod accuracy;
 mod input;
 pub use input::{parse_logged, InputError};
 use serde::{Deserialize, Serialize};
@@ -193,13 +195,23 @@ fn by_enhanced(reply: &Reply) -> Option<Class> {
     let detail: u16 = parts.next()?.parse().ok()?;
     let transient = reply.is_transient();
     Some(match (subject, detail) {
-        // Addressing: bad mailbox, bad system, bad syntax, moved, null MX.
-        (1, 1 | 2 | 3 | 6 | 10) => Class::InvalidRecipient,
+        // Addressing: bad mailbox, bad system, bad syntax, ambiguous, moved, null MX.
+        (1, 1..=4 | 6 | 10) => Class::InvalidRecipient,
+        // The sender's address (X.1.7 syntax, X.1.8 system): the receiver refuses the
+        // sender, not the recipient.
+        (1, 7 | 8) => Class::Policy,
         (2, 1) => Class::MailboxDisabled,
         (2, 2) => Class::MailboxFull,
         (2, 3) | (3, 4) | (6, _) => Class::Content,
+        // Unable to route: the recipient's domain cannot be reached as addressed.
+        (4, 4) => Class::InvalidRecipient,
         (7, 1) => Class::Policy,
-        (7, 7 | 8) => Class::AuthFailed,
+        // RFC 4954 (X.7.8), RFC 7372 (X.7.20..X.7.27: DKIM, SPF, reverse DNS, several
+        // checks), and Microsoft's X.7.509/515 for DMARC.
+        (7, 7 | 8 | 20..=27 | 509 | 515) => Class::AuthFailed,
+        // X.7.13 user account disabled; X.7.17/18 mailbox or domain owner changed (RRVS).
+        (7, 13) => Class::MailboxDisabled,
+        (7, 17 | 18) => Class::InvalidRecipient,
         (7, _) => Class::Policy,
         _ if transient => Class::TransientOther,
         _ => Class::PermanentOther,
@@ -236,7 +248,7 @@ mod tests {
             ("554 5.7.1 resimta-po-01v.sys.comcast.net comcast 192.0.2.1 found on one or more DNSBLs, see BL000010", Class::Blocked, false),
             ("550 Envelope blocked - User Entry - https://community.mimecast.com", Class::Blocked, false),
             ("554 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using Barracuda Reputation", Class::Blocked, false),
-            ("552 5.2.2 Mailbox full", Class::MailboxFull, true),
+            ("552 5.2.2 Mailbox full", Class::MailboxFull, false),
             ("451 4.7.1 Greylisted, try again in 300 seconds", Class::TransientOther, true),
             ("550 5.2.1 The email account that you tried to reach is disabled.", Class::MailboxDisabled, false),
         ];
@@ -278,6 +290,42 @@ mod tests {
                 class: Class::TransientOther
             }
         );
+    }
+
+    /// RFC 5321 §4.2.1: a 5yz reply is not repeated, a 4yz one may be. The shipped rules
+    /// leave retry to the code; an operator's file may opt in.
+    #[test]
+    fn shipped_rules_never_override_the_codes_retry() {
+        let f: RuleFile = toml::from_str(SHIPPED_RULES).unwrap();
+        for r in &f.rule {
+            assert_eq!(r.retry, None, "shipped rule {} sets retry", r.name);
+        }
+        let c = Classifier::shipped();
+        for line in [
+            "552 5.2.2 Mailbox full",
+            "550 5.2.2 <a@b>... Mailbox Full",
+            "552 over quota",
+        ] {
+            assert!(!c.classify(&parse(line)).retry, "{line}");
+        }
+        for line in [
+            "452 4.2.2 over quota",
+            "421 4.7.0 [TS03] permanently deferred",
+        ] {
+            assert!(c.classify(&parse(line)).retry, "{line}");
+        }
+    }
+
+    #[test]
+    fn replies_that_blame_the_sending_host_are_about_the_sender() {
+        let c = Classifier::shipped();
+        for line in [
+            "504 5.5.2 <localhost>: Helo command rejected: need fully-qualified hostname",
+            "450 4.7.1 Client host rejected: cannot find your reverse hostname, [192.0.2.1]",
+            "550 5.7.25 The IP address sending this message does not have a PTR record setup",
+        ] {
+            assert_eq!(c.classify(&parse(line)).class, Class::AuthFailed, "{line}");
+        }
     }
 
     #[test]
