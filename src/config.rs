@@ -46,6 +46,9 @@ pub struct EngineConfig {
     pub requeues_max: u32,
     /// An operator's classification rules, tried before the shipped ones.
     pub bounce_rules: Option<PathBuf>,
+    /// When a shard is done (or stopped), how long its connections get to finish
+    /// what is in flight and QUIT before they are dropped.
+    pub shutdown_grace: Duration,
 }
 
 impl EngineConfig {
@@ -72,6 +75,7 @@ impl EngineConfig {
             sync_interval: Duration::from_millis(100),
             requeues_max: 3,
             bounce_rules: None,
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 

@@ -6,7 +6,7 @@
 
 use crate::shaping;
 use crate::shard::{stage_name, Job, Shard, Site, Via};
-use crate::smtp::client::{ClientConfig, ClientSession, Event, TlsMode, Transaction};
+use crate::smtp::client::{ClientConfig, ClientSession, Event, Stage, TlsMode, Transaction};
 use crate::smtp::reply::Reply;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller};
 use monoio::net::TcpStream;
@@ -156,6 +156,20 @@ async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<Tc
         return Err(e);
     }
     Ok(stream)
+}
+
+/// Whether the receiver wrote to (or closed) a connection we were not reading: a
+/// non-blocking peek, one syscall per reuse after an idle spell, never per message.
+fn peer_spoke(stream: &TcpStream) -> bool {
+    // SAFETY: the descriptor stays open for as long as `stream`, which outlives `fd`.
+    let fd =
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(stream)) };
+    let mut byte = [std::mem::MaybeUninit::uninit()];
+    // Ok(0) is EOF, Ok(1) a reply waiting; WouldBlock is silence. Another error
+    // (a reset) shows on the next read as well.
+    socket2::SockRef::from(&fd)
+        .recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        .is_ok()
 }
 
 /// The bytes on the wire: in clear, or through a rustls client connection.
@@ -326,10 +340,20 @@ async fn session(
     // Transactions this connection lost to the server closing it (see pipeline.rs).
     let mut cut_off = 0;
     loop {
-        // Fill the window from the site's queue, as fast as its limiters allow.
+        // A connection that sat idle may have been closed by the receiver (a 421 or
+        // EOF we were not reading): look before reusing it, and read that instead.
+        let idle = established && s.is_idle() && s.in_flight() == 0;
+        let peer_spoke = idle && idle_since.is_some() && peer_spoke(&stream);
+        // Fill the window from the site's queue, as fast as its limiters allow; not
+        // once the shard is stopping (what is in flight finishes, then QUIT).
         let mut paced: Option<Instant> = None;
         s.set_window(site.window.get());
-        while established && s.can_submit() && sent < max_msgs {
+        while established
+            && !peer_spoke
+            && !shard.stop_requested()
+            && s.can_submit()
+            && sent < max_msgs
+        {
             if site.queue.borrow().is_empty() {
                 break;
             }
@@ -360,7 +384,9 @@ async fn session(
             s.submit(tx, Instant::now());
             sent += 1;
         }
-        if established && s.is_idle() && s.in_flight() == 0 {
+        if peer_spoke {
+            // Fall through to the read below.
+        } else if established && s.is_idle() && s.in_flight() == 0 {
             let queue_empty = site.queue.borrow().is_empty();
             let since = *idle_since.get_or_insert_with(Instant::now);
             let idle_for = since.elapsed();
@@ -466,7 +492,19 @@ async fn session(
                         .expect("events name transactions in flight");
                     let tx_ms = Some(started.elapsed().as_millis() as u64);
                     site.window.answered();
+                    // RFC 5321 §4.5.3.1.10: a receiver out of recipients for this
+                    // transaction says 452 to the rest; they go in the next one, at
+                    // once, and the site learns how many it takes.
+                    let accepted = replies
+                        .iter()
+                        .filter(|(st, _)| matches!(st, Stage::Data))
+                        .count();
+                    let mut over_limit = Vec::new();
                     for (mut job, (stage, reply)) in jobs.into_iter().zip(replies) {
+                        if accepted > 0 && stage == Stage::Rcpt && reply.is_too_many_recipients() {
+                            over_limit.push(job);
+                            continue;
+                        }
                         let class = shard.outcome_timed(
                             &mut job,
                             &reply,
@@ -477,6 +515,10 @@ async fn session(
                         );
                         shard.react(site, source, class, &reply);
                     }
+                    if !over_limit.is_empty() {
+                        site.learn_rcpt_limit(accepted);
+                        shard.send_again(site, over_limit);
+                    }
                 }
                 Event::TxAborted { id, reason } => {
                     let (jobs, _) = inflight
@@ -486,9 +528,19 @@ async fn session(
                     shard.requeue(site, jobs, &reason, Some(&via));
                 }
                 Event::Closed {
-                    error, tls_refused, ..
+                    error,
+                    tls_refused,
+                    idle_close,
+                    ..
                 } => {
-                    site.window.cut_off(cut_off);
+                    if let Some(r) = idle_close {
+                        // Not a verdict on a message, but a receiver that closes
+                        // idle connections with "too many connections" is throttling.
+                        let class = shard.classify(&r);
+                        shard.react(site, source, Some(class), &r);
+                    } else {
+                        site.window.cut_off(cut_off);
+                    }
                     if tls_refused {
                         let why = error.unwrap_or_default();
                         return Err(failure(451, "4.7.4", format!("{host} [{addr}]: {why}")));
@@ -529,7 +581,7 @@ fn build_tx(shard: &Shard, jobs: &[Job]) -> Result<Transaction, String> {
     if let Some(signer) = shard.signer(jobs[0].instance) {
         inst.template.render(&first.values, &mut body);
         let header = signer
-            .sign(&body, !inst.template.body_varies())
+            .sign(&mut body, !inst.template.body_varies())
             .map_err(|e| format!("DKIM signing failed: {e}"))?;
         content.reserve(header.len() + body.len());
         content.extend_from_slice(header.as_bytes());

@@ -98,6 +98,7 @@ pub fn run(
     let started = Instant::now();
     let rules = Arc::new(load_rules(&cfg, &instances)?);
     let warmup = Arc::new(crate::shaping::warmup::Ledger::load(&cfg.spool_dir)?);
+    let leases = Arc::new(crate::shaping::Leases::default());
     let dkim =
         Arc::new(crate::dkim::keys_for(&cfg.dkim_dir, &instances).map_err(|e| anyhow::anyhow!(e))?);
     let cfg = Arc::new(cfg);
@@ -129,6 +130,7 @@ pub fn run(
             classifier: classifier.clone(),
             rules: rules.clone(),
             warmup: warmup.clone(),
+            leases: leases.clone(),
             resolver: resolver.clone(),
             progress: p.clone(),
             control,

@@ -97,6 +97,9 @@ pub struct Site {
     pub window: Window,
     /// Connections with nothing to send wait here until the queue has work again.
     pub idle: Idle,
+    /// Recipients per transaction the receiver took before answering 452 4.5.3
+    /// (usize::MAX until it does): the rest of the site's transactions stay under it.
+    rcpt_limit: Cell<usize>,
 }
 
 /// Where a site's idle connections wait for work. They used to poll the queue every
@@ -162,11 +165,19 @@ impl Site {
             .as_ref()
             .map_or(1000, |v| v.value as usize)
     }
+    /// Recipients per transaction: the rule's, or fewer once the receiver said so.
     pub fn max_rcpt_per_msg(&self) -> usize {
         self.rule
             .max_rcpt_per_msg
             .as_ref()
             .map_or(100, |v| v.value as usize)
+            .min(self.rcpt_limit.get())
+    }
+    /// The receiver took only `accepted` (≥ 1) recipients of a transaction before
+    /// saying "too many recipients" (RFC 5321 §4.5.3.1.10).
+    pub fn learn_rcpt_limit(&self, accepted: usize) {
+        assert!(accepted >= 1, "a limit is learned from what was accepted");
+        self.rcpt_limit.set(self.rcpt_limit.get().min(accepted));
     }
     pub fn idle_timeout(&self) -> Duration {
         self.rule
@@ -230,6 +241,7 @@ pub struct Shard {
     pending: RefCell<Vec<Pending>>,
     rules: Arc<Rules>,
     warmup: Arc<shaping::warmup::Ledger>,
+    leases: Arc<shaping::Leases>,
     limiters: RefCell<HashMap<String, Rc<Limiter>>>,
     /// Operator overrides by target key, applied to limiters made later too.
     overrides: RefCell<HashMap<String, Override>>,
@@ -251,6 +263,9 @@ pub struct Shard {
     batch: RefCell<[u64; 4]>,
     latency: RefCell<Histogram<u64>>,
     stop: Arc<AtomicBool>,
+    /// Every recipient is terminal or `stop` was set: connections finish what is in
+    /// flight, QUIT and close (RFC 5321 §4.1.1.10), within `shutdown_grace`.
+    closing: Cell<bool>,
 }
 
 /// What a shard shares with the engine besides its configuration.
@@ -259,6 +274,8 @@ pub struct Links {
     pub rules: Arc<Rules>,
     /// Warm-up sends today, over every run of the day.
     pub warmup: Arc<shaping::warmup::Ledger>,
+    /// Connection caps smaller than the shard count, held over all shards.
+    pub leases: Arc<shaping::Leases>,
     pub resolver: Resolver,
     pub progress: Arc<Progress>,
     pub control: Receiver<Command>,
@@ -288,6 +305,7 @@ pub fn run(
         classifier,
         rules,
         warmup,
+        leases,
         resolver,
         progress,
         control,
@@ -326,6 +344,7 @@ pub fn run(
         pending: RefCell::new(Vec::new()),
         rules,
         warmup,
+        leases,
         limiters: RefCell::new(HashMap::new()),
         overrides: RefCell::new(HashMap::new()),
         job_limits: RefCell::new(job_limits),
@@ -342,6 +361,7 @@ pub fn run(
         batch: RefCell::new([0; 4]),
         latency: RefCell::new(Histogram::new(3).expect("valid")),
         stop,
+        closing: Cell::new(false),
         cfg,
     });
     shard
@@ -397,6 +417,9 @@ pub fn run(
         }
         committer.await?;
         retrier.await;
+        sh.close_connections().await;
+        // Outcomes of what was in flight when the shard began to close.
+        sh.commit(true)?;
         anyhow::Ok(())
     })??;
     let latency = shard.latency.borrow().clone();
@@ -598,6 +621,7 @@ impl Shard {
             sources,
             window: Window::new(self.cfg.window),
             idle: Idle::default(),
+            rcpt_limit: Cell::new(usize::MAX),
         });
         self.sites.borrow_mut().insert(key, site.clone());
         site
@@ -611,7 +635,8 @@ impl Shard {
         let now = Instant::now();
         let l = Rc::new(
             Limiter::new(key.to_string(), rule, self.cfg.shards, self.id, now)
-                .with_ledger(&self.warmup),
+                .with_ledger(&self.warmup)
+                .with_leases(rule, &self.leases),
         );
         for (target, o) in self.overrides.borrow().iter() {
             if key == target
@@ -634,6 +659,9 @@ impl Shard {
     /// Opens connections for a site while it has more queued work than its open
     /// connections are taking, as far as its limiters allow (the tick tries again).
     pub fn ensure_connections(self: &Rc<Self>, site: &Rc<Site>) {
+        if self.stop_requested() {
+            return;
+        }
         loop {
             let conns = site.conns.get();
             let queued = site.queue.borrow().len();
@@ -656,8 +684,13 @@ impl Shard {
                     None => return,
                 }
             };
-            for l in site.chain(source) {
-                l.connected(now);
+            let chain = site.chain(source);
+            if let Some(full) = chain.iter().position(|l| !l.connected(now)) {
+                // Another shard took the last lease of a cap held over all shards.
+                for l in &chain[..full] {
+                    l.disconnected();
+                }
+                return;
             }
             site.conns.set(conns + 1);
             monoio::spawn(delivery::connection(self.clone(), site.clone(), source));
@@ -888,6 +921,13 @@ impl Shard {
             );
             for site in self.sites.borrow().values() {
                 lines.extend(site.window.status(&site.key));
+                if site.rcpt_limit.get() != usize::MAX {
+                    lines.push(format!(
+                        "{} takes at most {} recipients per transaction (its 452 4.5.3)",
+                        site.key,
+                        site.rcpt_limit.get()
+                    ));
+                }
             }
             for p in self.paused.borrow().iter() {
                 lines.push(format!("{p} paused"));
@@ -934,6 +974,15 @@ impl Shard {
             } else {
                 site.idle.push(&site.queue, job, true);
             }
+        }
+    }
+
+    /// Puts jobs the receiver had no room for in their transaction back at the front
+    /// of the queue, with no attempt counted: each round delivers at least one more
+    /// recipient (the caller checks), so this cannot loop.
+    pub fn send_again(&self, site: &Site, jobs: Vec<Job>) {
+        for job in jobs.into_iter().rev() {
+            site.idle.push(&site.queue, job, true);
         }
     }
 
@@ -1109,8 +1158,24 @@ impl Shard {
         }
     }
 
+    /// Whether connections should stop taking work and QUIT: the run was stopped,
+    /// or this shard has nothing left to send.
     pub fn stop_requested(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
+        self.closing.get() || self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Has every connection finish what it has in flight, QUIT and close, waiting
+    /// at most `shutdown_grace`; those still open then are dropped with the runtime.
+    async fn close_connections(&self) {
+        self.closing.set(true);
+        let sites: Vec<Rc<Site>> = self.sites.borrow().values().cloned().collect();
+        for site in &sites {
+            site.idle.wake_all();
+        }
+        let deadline = Instant::now() + self.cfg.shutdown_grace;
+        while sites.iter().any(|s| s.conns.get() > 0) && Instant::now() < deadline {
+            monoio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
 

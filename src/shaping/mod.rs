@@ -153,6 +153,55 @@ pub struct Limiter {
     state: RefCell<State>,
     /// Where a warm-up limiter counts what it sends, across runs.
     ledger: Option<Arc<warmup::Ledger>>,
+    /// A connection cap smaller than the shard count, held over all shards.
+    lease: Option<Arc<Lease>>,
+}
+
+/// Connections to one key open over every shard, for a cap smaller than the shard
+/// count: a share per shard would round up to one each (a receiver that allows one
+/// connection per client would see one per shard). A shard takes a lease to open a
+/// connection and gives it back at close, so the cap passes between shards. One
+/// atomic per connection opened or closed, never per message.
+#[derive(Debug)]
+pub struct Lease {
+    cap: usize,
+    open: std::sync::atomic::AtomicUsize,
+}
+
+/// The leases of one run, by limiter key; every shard's limiter for a key shares one.
+#[derive(Debug, Default)]
+pub struct Leases(std::sync::Mutex<std::collections::HashMap<String, Arc<Lease>>>);
+
+impl Leases {
+    fn get(&self, key: &str, cap: usize) -> Arc<Lease> {
+        let mut m = self.0.lock().expect("leases lock");
+        m.entry(key.to_string())
+            .or_insert_with(|| {
+                Arc::new(Lease {
+                    cap,
+                    open: Default::default(),
+                })
+            })
+            .clone()
+    }
+}
+
+impl Lease {
+    /// Takes one of the cap's connections; false when all are taken.
+    fn take(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.cap).then_some(n + 1)
+            })
+            .is_ok()
+    }
+    fn give_back(&self) {
+        self.open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+    fn full(&self) -> bool {
+        self.open.load(std::sync::atomic::Ordering::Acquire) >= self.cap
+    }
 }
 
 /// This shard's share of a limit `total` over `shards`: rates split evenly; integral
@@ -244,7 +293,22 @@ impl Limiter {
                 shard_of: (shards, id),
             }),
             ledger: None,
+            lease: None,
         }
+    }
+
+    /// Holds `rule`'s connection cap over all shards through `leases` when it is
+    /// smaller than the shard count (see `Lease`); otherwise each shard keeps its share.
+    pub fn with_leases(mut self, rule: &Rule, leases: &Leases) -> Limiter {
+        let s = self.state.get_mut();
+        let shards = s.shard_of.0;
+        if let Some(total) = rule.max_connections.as_ref().map(|c| c.value as usize) {
+            if total < shards {
+                s.conns_cap = total;
+                self.lease = Some(leases.get(&self.key, total));
+            }
+        }
+        self
     }
 
     /// Counts a warm-up limiter's messages in `ledger`, and takes off its daily share
@@ -276,7 +340,7 @@ impl Limiter {
         if let Some(u) = Self::blocked_until(&s, now) {
             return Gate::At(u);
         }
-        if s.conns >= Self::cap(&s) {
+        if s.conns >= Self::cap(&s) || self.lease.as_ref().is_some_and(|l| l.full()) {
             return Gate::Full;
         }
         match s.connect.as_ref().and_then(|g| g.wait(now)) {
@@ -285,16 +349,28 @@ impl Limiter {
         }
     }
 
-    pub fn connected(&self, now: Instant) {
+    /// Counts a connection opened after `connect_gate` said Open. False (and nothing
+    /// counted) when another shard took the last lease in between.
+    #[must_use]
+    pub fn connected(&self, now: Instant) -> bool {
+        if self.lease.as_ref().is_some_and(|l| !l.take()) {
+            return false;
+        }
         let mut s = self.state.borrow_mut();
         s.conns += 1;
         if let Some(g) = s.connect.as_mut() {
             g.take(now);
         }
+        true
     }
 
     pub fn disconnected(&self) {
         let mut s = self.state.borrow_mut();
+        if s.conns > 0 {
+            if let Some(l) = &self.lease {
+                l.give_back();
+            }
+        }
         s.conns = s.conns.saturating_sub(1);
     }
 
@@ -712,7 +788,7 @@ mod tests {
         let t0 = Instant::now();
         let l = Limiter::new("provider:x".into(), &rule("100/s", 8), 1, 0, t0);
         for _ in 0..8 {
-            l.connected(t0);
+            assert!(l.connected(t0));
         }
         assert!(
             l.on_throttled(t0, "421", false).is_none(),
@@ -792,16 +868,41 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_cap_below_the_shard_count_passes_between_shards() {
+        let t0 = Instant::now();
+        let r = rule("1000/s", 1);
+        let leases = Leases::default();
+        let a = Limiter::new("site:mx".into(), &r, 2, 0, t0).with_leases(&r, &leases);
+        let b = Limiter::new("site:mx".into(), &r, 2, 1, t0).with_leases(&r, &leases);
+        assert!(a.connected(t0));
+        assert_eq!(
+            b.connect_gate(t0),
+            Gate::Full,
+            "one connection over both shards"
+        );
+        assert!(!b.connected(t0), "the lease is taken even past the gate");
+        a.disconnected();
+        assert_eq!(b.connect_gate(t0), Gate::Open);
+        assert!(b.connected(t0));
+        assert_eq!(a.connect_gate(t0), Gate::Full);
+        // A cap of at least the shard count is split into shares, with no lease.
+        let r4 = rule("1000/s", 4);
+        let c = Limiter::new("site:other".into(), &r4, 2, 0, t0).with_leases(&r4, &leases);
+        assert!(c.connected(t0) && c.connected(t0));
+        assert_eq!(c.connect_gate(t0), Gate::Full, "its share is 2 of 4");
+    }
+
+    #[test]
     fn connect_rate_and_connection_cap_gate_new_connections() {
         let t0 = Instant::now();
         let mut r = rule("1000/s", 2);
         r.connect_rate = Some(Set::cli(rules::parse_per("1/s").unwrap()));
         let l = Limiter::new("provider:x".into(), &r, 1, 0, t0);
         assert_eq!(l.connect_gate(t0), Gate::Open);
-        l.connected(t0);
+        assert!(l.connected(t0));
         assert!(matches!(l.connect_gate(t0), Gate::At(at) if at > t0 + Duration::from_millis(900)));
         let t1 = t0 + Duration::from_secs(1);
-        l.connected(t1);
+        assert!(l.connected(t1));
         assert_eq!(l.connect_gate(t1 + Duration::from_secs(5)), Gate::Full);
         l.disconnected();
         assert_eq!(l.connect_gate(t1 + Duration::from_secs(5)), Gate::Open);

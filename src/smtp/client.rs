@@ -102,6 +102,10 @@ pub enum Event {
         greeting: Option<Reply>,
         /// Closed because TLS was required and could not be had.
         tls_refused: bool,
+        /// The 421 with which the receiver closed a connection that sat idle (read
+        /// before or as the first reply after its reuse): it judged no message, but
+        /// shaping still hears of it.
+        idle_close: Option<Reply>,
     },
 }
 
@@ -167,7 +171,19 @@ pub struct ClientSession {
     greeting: Option<Reply>,
     tls_active: bool,
     tls_refused: bool,
+    /// Transactions finished on this connection.
+    finished_txs: u64,
+    /// When the last reply arrived (or the session began).
+    last_reply_at: Instant,
+    /// The transaction that reused this connection after it sat idle: a 421 as its
+    /// first reply is the receiver's idle close, not a verdict on the message.
+    reused_by: Option<u64>,
+    idle_close: Option<Reply>,
 }
+
+/// A connection that waited this long since its last reply counts as reused by
+/// the next transaction, even before it carried one (pacing can hold the first).
+pub const IDLE_REUSE_MIN: Duration = Duration::from_secs(1);
 
 /// The octets of `RCPT TO:<>` and its line end around an address.
 const RCPT_FRAME: usize = "RCPT TO:<>\r\n".len();
@@ -195,6 +211,10 @@ impl ClientSession {
             greeting: None,
             tls_active: false,
             tls_refused: false,
+            finished_txs: 0,
+            last_reply_at: now,
+            reused_by: None,
+            idle_close: None,
         };
         s.expect.push_back(Expect::Greeting);
         s.arm(now);
@@ -280,15 +300,10 @@ impl ClientSession {
             "a transaction has at least one recipient"
         );
         let size = tx.content.len() as u64;
-        if self.caps.size > 0 && size > self.caps.size {
-            let r = Reply::new(
-                552,
-                Some("5.3.4"),
-                &format!(
-                    "message of {size} octets is over the server's SIZE limit of {}",
-                    self.caps.size
-                ),
-            );
+        // is_ascii goes a word at a time; a byte loop here was 8% of the CPU.
+        let eight_bit = !tx.content.is_ascii();
+        let utf8_addrs = !tx.from.is_ascii() || tx.rcpts.iter().any(|r| !r.is_ascii());
+        if let Some(r) = self.refusal(&tx, size, eight_bit, utf8_addrs) {
             self.events.push_back(Event::TxDone {
                 id: tx.id,
                 replies: tx.rcpts.iter().map(|_| (Stage::Local, r.clone())).collect(),
@@ -296,6 +311,12 @@ impl ClientSession {
             return;
         }
         let id = tx.id;
+        if self.is_idle()
+            && self.txs.is_empty()
+            && (self.finished_txs > 0 || now.duration_since(self.last_reply_at) >= IDLE_REUSE_MIN)
+        {
+            self.reused_by = Some(id);
+        }
         if self.needs_rset || !self.txs.is_empty() {
             // A transaction still in flight may fail and leave the server mid-transaction.
             self.queue(b"RSET\r\n".to_vec(), Expect::Rset);
@@ -306,9 +327,13 @@ impl ClientSession {
         if self.caps.size > 0 {
             mail.push_str(&format!(" SIZE={size}"));
         }
-        // is_ascii goes a word at a time; a byte loop here was 8% of the CPU.
-        if self.caps.eightbitmime && !tx.content.is_ascii() {
+        if eight_bit {
+            // refusal() made sure the server offers 8BITMIME (RFC 6152 §3).
             mail.push_str(" BODY=8BITMIME");
+        }
+        if self.caps.smtputf8 && (utf8_addrs || !header_section(&tx.content).is_ascii()) {
+            // RFC 6531 §3.4: UTF-8 addresses or header fields (RFC 6532).
+            mail.push_str(" SMTPUTF8");
         }
         mail.push_str("\r\n");
         // With CHUNKING the content goes with BDAT and is not needed after; with DATA
@@ -358,6 +383,52 @@ impl ClientSession {
             rcpt: vec![None; n],
         });
         self.flush(now);
+    }
+
+    /// Why `tx` cannot go to this server as it is, decided before anything is sent:
+    /// over its SIZE (RFC 1870), 8-bit content to a server without 8BITMIME (RFC 6152
+    /// §3: the caller converts to 7 bit before signing; what reaches here could not
+    /// be), or a UTF-8 address to a server without SMTPUTF8 (RFC 6531 §3.2).
+    fn refusal(
+        &self,
+        tx: &Transaction,
+        size: u64,
+        eight_bit: bool,
+        utf8_addrs: bool,
+    ) -> Option<Reply> {
+        if self.caps.size > 0 && size > self.caps.size {
+            return Some(Reply::new(
+                552,
+                Some("5.3.4"),
+                &format!(
+                    "message of {size} octets is over the server's SIZE limit of {}",
+                    self.caps.size
+                ),
+            ));
+        }
+        if eight_bit && !self.caps.eightbitmime {
+            return Some(Reply::new(
+                554,
+                Some("5.6.3"),
+                "the message has 8-bit content that could not be converted to 7 bit, and the \
+                 receiver does not offer 8BITMIME (RFC 6152); not sent",
+            ));
+        }
+        if utf8_addrs && !self.caps.smtputf8 {
+            let addr = std::iter::once(&tx.from)
+                .chain(&tx.rcpts)
+                .find(|a| !a.is_ascii())
+                .expect("one is not ASCII");
+            return Some(Reply::new(
+                553,
+                Some("5.6.7"),
+                &format!(
+                    "the address {addr} is not ASCII and the receiver does not offer SMTPUTF8 \
+                     (RFC 6531); not sent"
+                ),
+            ));
+        }
+        None
     }
 
     /// Ends the session politely.
@@ -418,7 +489,10 @@ impl ClientSession {
     /// Moves queued commands to the output as far as the rules allow.
     fn flush(&mut self, now: Instant) {
         let was_idle = self.expect.is_empty();
-        while let Some((_, e)) = self.queued.front() {
+        while let Some(&(_, e)) = self.queued.front() {
+            if self.expect.is_empty() && self.skip_doomed(e) {
+                continue;
+            }
             let waiting = !self.expect.is_empty();
             // Without PIPELINING one command at a time; with it, nothing may follow
             // DATA until its 354, and QUIT goes alone.
@@ -442,6 +516,42 @@ impl ClientSession {
         if self.expect.is_empty() {
             self.deadline = None;
         }
+    }
+
+    /// Without PIPELINING each command waits for the reply before it, so a command
+    /// whose transaction is already lost is not sent: no RCPT after a refused MAIL,
+    /// no DATA or BDAT after every RCPT was refused (RFC 5321 §3.3: DATA would only
+    /// earn a 503). Drops `e` from the queue and finishes its transaction if so.
+    fn skip_doomed(&mut self, e: Expect) -> bool {
+        let (Expect::Rcpt(id, _) | Expect::Data(id) | Expect::DataEnd(id)) = e else {
+            return false;
+        };
+        let Some(t) = self.txs.iter().find(|t| t.tx.id == id) else {
+            return false;
+        };
+        let mail_refused = t.mail.as_ref().filter(|m| !m.is_positive()).cloned();
+        let last_cmd = !matches!(e, Expect::Rcpt(..));
+        let every_rcpt_refused = last_cmd
+            && t.rcpt
+                .iter()
+                .all(|r| r.as_ref().is_some_and(|r| !r.is_positive()));
+        let verdict = match (mail_refused, every_rcpt_refused) {
+            (Some(m), _) => m,
+            (None, true) => t
+                .rcpt
+                .last()
+                .cloned()
+                .flatten()
+                .expect("every RCPT answered"),
+            (None, false) => return false,
+        };
+        self.queued.pop_front();
+        if last_cmd {
+            // The server is left mid-transaction (or refused MAIL): RSET before the next.
+            self.needs_rset = true;
+            self.finish_tx(id, &verdict, Stage::Rcpt);
+        }
+        true
     }
 
     fn arm(&mut self, now: Instant) {
@@ -471,16 +581,29 @@ impl ClientSession {
     }
 
     fn on_reply(&mut self, reply: Reply, now: Instant) {
+        self.last_reply_at = now;
+        let reused_by = self.reused_by.take();
         let Some(e) = self.expect.pop_front() else {
-            self.close(Some(format!(
-                "unexpected reply with nothing outstanding: {reply}"
-            )));
+            if reply.code == 421 {
+                // RFC 5321 §3.8: a receiver may close an idle connection with a 421.
+                self.close_idle(reply);
+            } else {
+                self.close(Some(format!(
+                    "unexpected reply with nothing outstanding: {reply}"
+                )));
+            }
             return;
         };
         self.arm(now);
         // 421: the server is shutting the channel (RFC 5321 §3.8). Whatever it answered
-        // gets the 421; everything behind it is aborted.
+        // gets the 421; everything behind it is aborted. As the first reply after the
+        // connection sat idle, it is the receiver's idle timeout, older than the
+        // command: every transaction goes again on a new connection, no attempt counted.
         let closing = reply.code == 421;
+        if closing && reused_by.is_some() && matches!(e, Expect::Mail(_) | Expect::Rset) {
+            self.close_idle(reply);
+            return;
+        }
         let closing_reason = closing.then(|| format!("server closing: {reply}"));
         match e {
             Expect::Greeting => {
@@ -597,6 +720,15 @@ impl ClientSession {
         }
     }
 
+    /// The receiver closed the connection while it sat idle (its 421 read before the
+    /// connection was reused, or as the first reply after): nothing it answered was a
+    /// verdict, so every transaction in flight is aborted, to go again elsewhere.
+    fn close_idle(&mut self, reply: Reply) {
+        let why = format!("the receiver closed the idle connection: {reply}");
+        self.idle_close = Some(reply);
+        self.close(Some(why));
+    }
+
     fn ready(&mut self) {
         self.phase = Phase::Ready;
         self.events.push_back(Event::Ready);
@@ -609,6 +741,7 @@ impl ClientSession {
             return;
         };
         let t = self.txs.remove(pos).expect("position valid");
+        self.finished_txs += 1;
         let replies = t
             .rcpt
             .into_iter()
@@ -664,8 +797,14 @@ impl ClientSession {
             error,
             greeting: self.greeting.take(),
             tls_refused: self.tls_refused,
+            idle_close: self.idle_close.take(),
         });
     }
+}
+
+/// The header section of a rendered message: up to the first empty line.
+fn header_section(content: &[u8]) -> &[u8] {
+    memchr::memmem::find(content, b"\r\n\r\n").map_or(content, |end| &content[..end])
 }
 
 fn parse_caps(ehlo_text: &str) -> Caps {

@@ -35,6 +35,18 @@ impl Reply {
     pub fn is_permanent(&self) -> bool {
         self.code >= 500
     }
+
+    /// The receiver's limit on recipients per transaction, not a verdict on this
+    /// recipient: 452 (or the older 552, RFC 5321 §4.5.3.1.10) with X.5.3 (RFC 3463
+    /// "too many recipients") or saying so. The recipient goes in another transaction.
+    pub fn is_too_many_recipients(&self) -> bool {
+        matches!(self.code, 452 | 552)
+            && (self.enhanced.as_deref().is_some_and(|e| &e[1..] == ".5.3")
+                || self
+                    .text
+                    .to_ascii_lowercase()
+                    .contains("too many recipients"))
+    }
 }
 
 impl fmt::Display for Reply {
@@ -190,6 +202,24 @@ mod tests {
             assert_eq!(got[0].enhanced.as_deref(), Some("4.7.28"));
             assert_eq!(got[0].text, "Gmail has detected\nan unusual rate\nof mail.");
             assert_eq!(got[1], Reply::new(250, None, "ok"));
+        }
+    }
+
+    #[test]
+    fn too_many_recipients_in_its_spellings() {
+        for (line, yes) in [
+            ("452 4.5.3 Too many recipients", true),
+            ("452 4.5.3 Error: too many recipients", true),
+            ("552 5.5.3 Too many recipients", true),
+            ("452 Too many recipients received this session", true),
+            ("452 4.2.2 Mailbox full", false),
+            ("451 4.5.3 odd", false),
+            ("550 5.1.1 no such user", false),
+        ] {
+            let mut p = ReplyParser::default();
+            p.push(format!("{line}\r\n").as_bytes());
+            let r = p.next_reply().unwrap().unwrap();
+            assert_eq!(r.is_too_many_recipients(), yes, "{line}");
         }
     }
 
