@@ -4,7 +4,8 @@
 //! on disk, by the `queued` marker. Records of an instance without the marker are
 //! abandoned at the next start: nothing is ever half-queued.
 
-use crate::campaign::{Campaign, Problem, Settings, ERRORS_LISTED_MAX};
+use crate::campaign::{BadRow, Campaign, Problem, Settings, ERRORS_LISTED_MAX};
+use crate::log::{self, Kind, LogWriter};
 use crate::spool::{QueueRecord, Spool};
 use crate::template::Template;
 use serde::{Deserialize, Serialize};
@@ -19,12 +20,51 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 #[derive(Debug, Serialize, Deserialize)]
 struct SpoolMeta {
     shards: usize,
+    /// Random, made with the spool: part of every Message-ID volley adds, so two
+    /// spools (two hosts, or one host's spool made anew) never repeat one (RFC 5322
+    /// §3.6.4). Spools made before it get one when next opened.
+    #[serde(default)]
+    message_id_token: Option<String>,
+}
+
+/// A new spool's Message-ID token: 64 random bits in base 36.
+fn new_message_id_token() -> String {
+    let mut n = fastrand::u64(..);
+    let mut s = String::new();
+    while n > 0 {
+        let d = (n % 36) as u8;
+        s.push(char::from(if d < 10 { b'0' + d } else { b'a' + d - 10 }));
+        n /= 36;
+    }
+    s
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Marker {
     recipients: u64,
     queued_at_unix_ms: u64,
+    /// Bad rows skipped (`--skip-bad-rows`) and logged as local bounces.
+    #[serde(default)]
+    skipped: u64,
+}
+
+/// Longest reply text of a skipped row's local bounce record: the row's line and
+/// why, cut here (a bad address can be a whole 64 KiB row).
+pub const SKIPPED_REPLY_OCTETS_MAX: usize = 512;
+
+/// Skipped rows' records written to the instance's skipped.jsonl in one go.
+const SKIPPED_BATCH_ROWS: u64 = 1024;
+
+/// How to queue a campaign.
+#[derive(Debug, Default, Clone)]
+pub struct IngestOptions {
+    /// Queue the good rows and log each bad one as a local bounce (type Bounce, stage
+    /// `local`) instead of refusing the whole campaign. A CSV syntax error still
+    /// refuses it: the rows after it cannot be trusted.
+    pub skip_bad_rows: bool,
+    /// The accounting log the skipped rows' bounces are appended to (needed with
+    /// `skip_bad_rows`).
+    pub log: Option<PathBuf>,
 }
 
 /// An acknowledged campaign instance, as the shards need it.
@@ -39,6 +79,22 @@ pub struct Instance {
     /// Date / Message-ID to add per message (the template has none).
     pub add_date: bool,
     pub add_message_id: bool,
+    /// The left part of this instance's Message-IDs, before the recipient's shard
+    /// and spool location: the spool's random token, the instance number and when
+    /// it was queued (see `message_id`).
+    pub message_id_prefix: String,
+}
+
+impl Instance {
+    /// The Message-ID volley adds for the recipient at `rref` on `shard` (without
+    /// angle brackets): unique over shards, instances and spools (RFC 5322 §3.6.4),
+    /// and the same for every attempt, before and after a restart.
+    pub fn message_id(&self, shard: usize, rref: crate::spool::RecordRef) -> String {
+        format!(
+            "{}.{shard}.{}.{}@{}",
+            self.message_id_prefix, rref.seg, rref.off, self.settings.from_domain
+        )
+    }
 }
 
 pub type Instances = Arc<BTreeMap<u32, Instance>>;
@@ -64,8 +120,12 @@ pub fn lock_spool(dir: &Path, shards: usize) -> anyhow::Result<SpoolLock> {
     let meta_path = dir.join("spool.toml");
     let shards = match std::fs::read_to_string(&meta_path) {
         Ok(t) => {
-            let m: SpoolMeta =
+            let mut m: SpoolMeta =
                 toml::from_str(&t).map_err(|e| anyhow::anyhow!("{}: {e}", meta_path.display()))?;
+            if m.message_id_token.is_none() {
+                m.message_id_token = Some(new_message_id_token());
+                write_durably(&meta_path, toml::to_string(&m)?.as_bytes())?;
+            }
             if m.shards != shards {
                 eprintln!(
                     "volley: spool {} was created with {} shards; using {}",
@@ -77,10 +137,11 @@ pub fn lock_spool(dir: &Path, shards: usize) -> anyhow::Result<SpoolLock> {
             m.shards
         }
         Err(_) => {
-            write_durably(
-                &meta_path,
-                toml::to_string(&SpoolMeta { shards })?.as_bytes(),
-            )?;
+            let m = SpoolMeta {
+                shards,
+                message_id_token: Some(new_message_id_token()),
+            };
+            write_durably(&meta_path, toml::to_string(&m)?.as_bytes())?;
             shards
         }
     };
@@ -111,6 +172,15 @@ fn campaigns_dir(spool: &Path) -> PathBuf {
 /// Every acknowledged instance in the spool.
 pub fn load_instances(spool: &Path) -> anyhow::Result<BTreeMap<u32, Instance>> {
     let mut out = BTreeMap::new();
+    let meta_path = spool.join("spool.toml");
+    // lock_spool wrote it, with a token; a spool it never saw has no instances.
+    let token = std::fs::read_to_string(&meta_path)
+        .ok()
+        .map(|t| toml::from_str::<SpoolMeta>(&t))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", meta_path.display()))?
+        .and_then(|m| m.message_id_token)
+        .unwrap_or_default();
     let dir = campaigns_dir(spool);
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return Ok(out);
@@ -150,6 +220,7 @@ pub fn load_instances(spool: &Path) -> anyhow::Result<BTreeMap<u32, Instance>> {
                 recipients: marker.recipients,
                 queued_at,
                 expire_at,
+                message_id_prefix: format!("{}.{no}.{token}", marker.queued_at_unix_ms),
             },
         );
     }
@@ -158,7 +229,14 @@ pub fn load_instances(spool: &Path) -> anyhow::Result<BTreeMap<u32, Instance>> {
 
 pub struct Ingested {
     pub instance: u32,
+    /// Recipients queued.
     pub recipients: u64,
+    /// Bad rows skipped and logged as local bounces (`skip_bad_rows`).
+    pub skipped: u64,
+    /// Skipped rows' problems, at most ERRORS_LISTED_MAX.
+    pub skipped_listed: Vec<Problem>,
+    /// Per template line: rows that make long lines or raw non-ASCII headers.
+    pub warnings: Vec<Problem>,
     pub elapsed: Duration,
 }
 
@@ -169,6 +247,26 @@ pub fn ingest(
     spool: &Path,
     shards: usize,
     segment_bytes: usize,
+) -> Result<Ingested, IngestError> {
+    ingest_with(
+        campaign,
+        spool,
+        shards,
+        segment_bytes,
+        &IngestOptions::default(),
+    )
+}
+
+/// As [`ingest`], with `opts`: with `skip_bad_rows`, the bad rows' local bounces
+/// are written to the instance's `skipped.jsonl` as they come, and appended to the
+/// accounting log (and synced) just before the `queued` marker: a crash in between
+/// logs them twice when the campaign is sent again, never loses them.
+pub fn ingest_with(
+    campaign: &Campaign,
+    spool: &Path,
+    shards: usize,
+    segment_bytes: usize,
+    opts: &IngestOptions,
 ) -> Result<Ingested, IngestError> {
     let started = std::time::Instant::now();
     let existing = load_instances(spool).map_err(IngestError::Other)?;
@@ -199,11 +297,27 @@ pub fn ingest(
         .map_err(|e| IngestError::Other(e.into()))?;
         spools.push(sp);
     }
+    let skip_log = match (opts.skip_bad_rows, &opts.log) {
+        (true, Some(_)) => Some(
+            LogWriter::open(&idir.join("skipped.jsonl"))
+                .map_err(|e| IngestError::Other(e.into()))?,
+        ),
+        (true, None) => {
+            return Err(IngestError::Other(anyhow::anyhow!(
+                "skipping bad rows needs an accounting log to record them in"
+            )))
+        }
+        (false, _) => None,
+    };
+    let skip_log = std::cell::RefCell::new(skip_log);
     let mut problems = Vec::new();
+    let mut skipped_listed = Vec::new();
     let bad_rows = std::cell::Cell::new(0u64);
+    let skipped = std::cell::Cell::new(0u64);
+    let log_failed = std::cell::RefCell::new(None);
     let mut scratch = Vec::with_capacity(1024);
     let mut count = 0u64;
-    let rows = campaign
+    let streamed = campaign
         .recipients(
             |row| {
                 if bad_rows.get() > 0 {
@@ -221,10 +335,29 @@ pub fn ingest(
                 count += 1;
                 Ok(())
             },
-            |p| {
-                bad_rows.set(bad_rows.get() + 1);
-                if problems.len() < ERRORS_LISTED_MAX {
-                    problems.push(p);
+            |b| {
+                let mut log = skip_log.borrow_mut();
+                match log.as_mut() {
+                    Some(log) if b.error.skippable() => {
+                        skipped.set(skipped.get() + 1);
+                        let mut r = log_skipped(log, campaign, shards, &b);
+                        // Bounded memory for a list of mostly bad rows.
+                        if r.is_ok() && skipped.get() % SKIPPED_BATCH_ROWS == 0 {
+                            r = log.flush();
+                        }
+                        if let Err(e) = r {
+                            log_failed.borrow_mut().get_or_insert(e);
+                        }
+                        if skipped_listed.len() < ERRORS_LISTED_MAX {
+                            skipped_listed.push(b.problem());
+                        }
+                    }
+                    _ => {
+                        bad_rows.set(bad_rows.get() + 1);
+                        if problems.len() < ERRORS_LISTED_MAX {
+                            problems.push(b.problem());
+                        }
+                    }
                 }
             },
         )
@@ -232,12 +365,20 @@ pub fn ingest(
     if bad_rows.get() > 0 {
         return Err(IngestError::Problems(problems, bad_rows.get()));
     }
-    if rows == 0 {
+    if let Some(e) = log_failed.into_inner() {
+        return Err(IngestError::Other(e.into()));
+    }
+    if count == 0 {
+        let msg = if skipped.get() > 0 {
+            format!("no good rows: all {} were skipped", skipped.get())
+        } else {
+            "no recipients".into()
+        };
         return Err(IngestError::Problems(
             vec![Problem {
                 file: "recipients.csv",
                 line: None,
-                msg: "no recipients".into(),
+                msg,
             }],
             1,
         ));
@@ -249,23 +390,95 @@ pub fn ingest(
         .duration_since(UNIX_EPOCH)
         .expect("after 1970")
         .as_millis() as u64;
+    if let (Some(mut skip), Some(log)) = (skip_log.into_inner(), &opts.log) {
+        skip.flush().map_err(|e| IngestError::Other(e.into()))?;
+        append_synced(&idir.join("skipped.jsonl"), log).map_err(IngestError::Other)?;
+    }
     let marker = serde_json::to_vec(&Marker {
         recipients: count,
         queued_at_unix_ms,
+        skipped: skipped.get(),
     })
     .expect("serialises");
     write_durably(&idir.join("queued"), &marker).map_err(IngestError::Other)?;
     Ok(Ingested {
         instance: no,
         recipients: count,
+        skipped: skipped.get(),
+        skipped_listed,
+        warnings: streamed.warnings,
         elapsed: started.elapsed(),
     })
 }
 
-#[derive(Debug)]
+/// One skipped row as a local bounce record (the accounting log's own type).
+fn log_skipped(
+    log: &mut LogWriter,
+    campaign: &Campaign,
+    shards: usize,
+    b: &BadRow,
+) -> std::io::Result<()> {
+    let mut reply = b.problem().to_string();
+    if reply.len() > SKIPPED_REPLY_OCTETS_MAX {
+        let mut end = SKIPPED_REPLY_OCTETS_MAX;
+        while !reply.is_char_boundary(end) {
+            end -= 1;
+        }
+        reply.truncate(end);
+    }
+    let domain = b
+        .rcpt
+        .rsplit_once('@')
+        .map_or(String::new(), |(_, d)| d.to_ascii_lowercase());
+    log.push(&log::Record {
+        kind: Kind::Bounce,
+        time: log::now_rfc3339(),
+        campaign: &campaign.settings.id,
+        rcpt: &b.rcpt,
+        sender: &campaign.settings.sender,
+        domain: &domain,
+        mx: None,
+        ip: None,
+        code: b.error.code(),
+        enhanced: Some(b.error.enhanced()),
+        class: Some(b.error.class().name()),
+        reply: &reply,
+        tls: None,
+        stage: "local",
+        attempt: 0,
+        queued_ms: 0,
+        tx_ms: None,
+        shard: shard_of(&b.rcpt, shards),
+    });
+    Ok(())
+}
+
+/// Appends `from` to the accounting log `log` in one write and syncs it.
+fn append_synced(from: &Path, log: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    let bytes = std::fs::read(from).map_err(|e| anyhow::anyhow!("{}: {e}", from.display()))?;
+    let ctx = |e: std::io::Error| anyhow::anyhow!("accounting log {}: {e}", log.display());
+    if let Some(dir) = log.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(ctx)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(ctx)?;
+    f.write_all(&bytes).map_err(ctx)?;
+    f.sync_data().map_err(ctx)?;
+    Ok(())
+}
+
+/// Why a campaign was not queued.
+#[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     /// Bad rows: the listed problems and the total count.
+    #[error("{1} bad row(s)")]
     Problems(Vec<Problem>, u64),
+    /// The spool or the log could not be written.
+    #[error(transparent)]
     Other(anyhow::Error),
 }
 

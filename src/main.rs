@@ -28,6 +28,15 @@ enum Cmd {
         /// DKIM keys: DIR/DOMAIN/SELECTOR.pem.
         #[arg(long, default_value = volley::dkim::DEFAULT_DIR)]
         dkim_dir: PathBuf,
+        /// The EHLO name `send --ehlo` would be given: checked to be a fully qualified
+        /// domain name or an address literal. Without it, check says when the host
+        /// name (send's default) is not one.
+        #[arg(long)]
+        ehlo: Option<String>,
+        /// List the bad rows `send --skip-bad-rows` would skip, and exit 0 when the
+        /// rows are all that is wrong.
+        #[arg(long)]
+        skip_bad_rows: bool,
     },
     /// The DNS records a campaign's domains must publish, in zone-file form: SPF for
     /// the envelope sender's domain, the DKIM key, DMARC for the From domain.
@@ -65,6 +74,12 @@ enum Cmd {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Queue the good rows and log each bad one as a local bounce (type Bounce,
+        /// stage local, class invalid_recipient 5.1.3 for an address, content 5.6.0
+        /// for a row that would make an invalid message) instead of refusing the
+        /// whole campaign. A CSV syntax error still refuses it.
+        #[arg(long)]
+        skip_bad_rows: bool,
     },
     /// Classify SMTP replies, one per line on stdin, as the engine does: one JSON object
     /// per line out ({"reply","code","enhanced","retry","class","rule"}). A line may be a
@@ -205,7 +220,9 @@ struct EngineArgs {
     /// Port of the receiving MTAs.
     #[arg(long, default_value_t = 25)]
     smtp_port: u16,
-    /// Name to send in EHLO; default the host name.
+    /// Name to send in EHLO: a fully qualified domain name (the sending address's
+    /// reverse-DNS name) or an address literal like [192.0.2.1] (RFC 5321 §4.1.1.1);
+    /// default the host name (localhost.localdomain, with a warning, when it has no dot).
     #[arg(long)]
     ehlo: Option<String>,
     /// DKIM keys: DIR/DOMAIN/SELECTOR.pem (`volley dkim keygen`).
@@ -262,7 +279,7 @@ impl EngineArgs {
         d.tls_verify = self.tls_verify.then(|| Set::cli(true));
         c.dns.server = self.dns;
         c.smtp_port = self.smtp_port;
-        if let Some(e) = self.ehlo {
+        if let Some(e) = ehlo_name(self.ehlo.as_deref())? {
             c.ehlo_name = e;
         }
         if let Some(n) = self.max_conns_per_site {
@@ -280,11 +297,14 @@ impl EngineArgs {
         c.shaping_file = self.shaping;
         c.dkim_dir = self.dkim_dir;
         // Checked now, so bad rules stop `send` before anything is queued.
-        if let Err(problems) = c.rules() {
-            for p in &problems {
-                eprintln!("{p}");
+        match c.rules() {
+            Ok(rules) => check_pool_ehlo(&rules)?,
+            Err(problems) => {
+                for p in &problems {
+                    eprintln!("{p}");
+                }
+                anyhow::bail!("{} problem(s) in the shaping rules", problems.len());
             }
-            anyhow::bail!("{} problem(s) in the shaping rules", problems.len());
         }
         if let Some(n) = self.window {
             anyhow::ensure!((1..=256).contains(&n), "--window must be 1..=256");
@@ -319,7 +339,12 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.cmd {
-        Cmd::Check { dir, dkim_dir } => check(&dir, &dkim_dir),
+        Cmd::Check {
+            dir,
+            dkim_dir,
+            ehlo,
+            skip_bad_rows,
+        } => check(&dir, &dkim_dir, ehlo.as_deref(), skip_bad_rows),
         Cmd::Dkim { cmd } => dkim(cmd),
         Cmd::DnsRecords {
             dir,
@@ -334,6 +359,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             max_wait,
             report_json,
             quiet,
+            skip_bad_rows,
         } => send(
             &dir,
             engine.config()?,
@@ -341,6 +367,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             max_wait.map(Into::into),
             report_json,
             quiet,
+            skip_bad_rows,
         ),
         Cmd::Report {
             campaign,
@@ -496,7 +523,74 @@ fn print_problems(dir: &std::path::Path, problems: &[volley::campaign::Problem])
     }
 }
 
-fn check(dir: &std::path::Path, dkim_dir: &std::path::Path) -> anyhow::Result<i32> {
+/// The host name, as the kernel has it ("" when it cannot be read).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The EHLO name `--ehlo` gives, checked (RFC 5321 §4.1.1.1: an FQDN or an address
+/// literal); None without it: the engine's default, the host name, which is checked
+/// too, with a warning when it has no dot (the default is then localhost.localdomain).
+fn ehlo_name(given: Option<&str>) -> anyhow::Result<Option<String>> {
+    if let Some(e) = given {
+        let name =
+            volley::campaign::check_ehlo_name(e).map_err(|err| anyhow::anyhow!("--ehlo {err}"))?;
+        return Ok(Some(name));
+    }
+    let host = host_name();
+    match volley::campaign::default_ehlo_warning(&host) {
+        Some(w) => eprintln!("volley: warning: {w}"),
+        None => {
+            volley::campaign::check_ehlo_name(&host).map_err(|err| {
+                anyhow::anyhow!("no --ehlo given, and the host name is not an EHLO name: {err}")
+            })?;
+        }
+    }
+    Ok(None)
+}
+
+/// Every pool's per-source EHLO names are held to `--ehlo`'s rule.
+fn check_pool_ehlo(rules: &Rules) -> anyhow::Result<()> {
+    for (name, sources) in &rules.pools {
+        for s in sources {
+            let Some(e) = &s.ehlo else { continue };
+            match volley::campaign::check_ehlo_name(e) {
+                Ok(n) if n == *e => {}
+                Ok(_) => anyhow::bail!(
+                    "shaping rules: [pool.{name}] source {}: ehlo {e:?} ends in a dot; drop it",
+                    s.ip
+                ),
+                Err(err) => {
+                    anyhow::bail!("shaping rules: [pool.{name}] source {}: ehlo {err}", s.ip)
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Warnings with their file and line, under the campaign directory.
+fn print_warnings(dir: &std::path::Path, warnings: &[volley::campaign::Problem]) {
+    for w in warnings {
+        eprintln!("{}/{}", dir.display(), w.as_warning());
+    }
+}
+
+fn check(
+    dir: &std::path::Path,
+    dkim_dir: &std::path::Path,
+    ehlo: Option<&str>,
+    skip_bad_rows: bool,
+) -> anyhow::Result<i32> {
+    let ehlo_ok = match ehlo_name(ehlo) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("volley: {e:#}");
+            false
+        }
+    };
     let c = match Campaign::load(dir) {
         Ok(c) => c,
         Err(problems) => {
@@ -515,39 +609,55 @@ fn check(dir: &std::path::Path, dkim_dir: &std::path::Path) -> anyhow::Result<i3
             return Ok(1);
         }
     };
-    let mut bad = 0u64;
-    let mut good = 0u64;
-    let rows = c
+    let (mut bad, mut skipped, mut good) = (0u64, 0u64, 0u64);
+    let streamed = c
         .recipients(
             |_| {
                 good += 1;
                 Ok(())
             },
-            |p| {
-                bad += 1;
-                if bad as usize <= volley::campaign::ERRORS_LISTED_MAX {
-                    eprintln!("{}/{p}", dir.display());
+            |b| {
+                if skip_bad_rows && b.error.skippable() {
+                    skipped += 1;
+                } else {
+                    bad += 1;
+                }
+                if (bad + skipped) as usize <= volley::campaign::ERRORS_LISTED_MAX {
+                    eprintln!("{}/{}", dir.display(), b.problem());
                 }
             },
         )
         .map_err(|p| anyhow::anyhow!("{}/{p}", dir.display()))?;
-    if bad as usize > volley::campaign::ERRORS_LISTED_MAX {
+    let rows = streamed.rows;
+    if (bad + skipped) as usize > volley::campaign::ERRORS_LISTED_MAX {
         eprintln!(
             "... and {} more",
-            bad as usize - volley::campaign::ERRORS_LISTED_MAX
+            (bad + skipped) as usize - volley::campaign::ERRORS_LISTED_MAX
         );
     }
-    if bad > 0 || rows == 0 {
+    print_warnings(dir, &c.template_warnings);
+    print_warnings(dir, &streamed.warnings);
+    if bad > 0 || good == 0 {
         if rows == 0 {
             eprintln!("{}/recipients.csv: no recipients", dir.display());
         }
         eprintln!(
-            "volley: campaign {} has {bad} bad row(s) of {rows}",
-            c.settings.id
+            "volley: campaign {} has {} bad row(s) of {rows}",
+            c.settings.id,
+            bad + skipped
         );
         return Ok(1);
     }
+    if !ehlo_ok {
+        return Ok(1);
+    }
     report_compliance(dir, &c);
+    if skipped > 0 {
+        println!(
+            "campaign {}: {skipped} bad row(s) would be skipped (--skip-bad-rows), each logged as a local bounce",
+            c.settings.id
+        );
+    }
     match signing {
         Some(k) => println!(
             "campaign {}: ok, {good} recipients, DKIM d={} s={} ({})",
@@ -739,6 +849,7 @@ fn send(
     max_wait: Option<Duration>,
     report_json: Option<PathBuf>,
     quiet: bool,
+    skip_bad_rows: bool,
 ) -> anyhow::Result<i32> {
     let campaign = match Campaign::load(dir) {
         Ok(c) => c,
@@ -749,6 +860,7 @@ fn send(
         }
     };
     report_compliance(dir, &campaign);
+    print_warnings(dir, &campaign.template_warnings);
     if let Err(e) = volley::dkim::key_for(&cfg.dkim_dir, &campaign.settings) {
         eprintln!("{}/campaign.toml: {e}", dir.display());
         eprintln!("volley: campaign refused, nothing queued");
@@ -758,6 +870,7 @@ fn send(
     let lock = ingest::lock_spool(&cfg.spool_dir, cfg.shards)?;
     cfg.shards = lock.shards;
     let existing = ingest::load_instances(&cfg.spool_dir)?;
+    let mut skipped = 0u64;
     let resumed = existing
         .values()
         .find(|i| i.settings.id == campaign.settings.id)
@@ -767,20 +880,46 @@ fn send(
             "volley: campaign {} is already in the spool (instance {no}); resuming what is left (--new queues it again)",
             campaign.settings.id
         ),
-        _ => match ingest::ingest(&campaign, &cfg.spool_dir, cfg.shards, cfg.segment_bytes) {
-            Ok(i) => println!(
-                "queued {} recipients of campaign {} (instance {}) in {:.2} s",
-                i.recipients,
-                campaign.settings.id,
-                i.instance,
-                i.elapsed.as_secs_f64()
-            ),
+        _ => match ingest::ingest_with(
+            &campaign,
+            &cfg.spool_dir,
+            cfg.shards,
+            cfg.segment_bytes,
+            &ingest::IngestOptions {
+                skip_bad_rows,
+                log: Some(cfg.log_path.clone()),
+            },
+        ) {
+            Ok(i) => {
+                for p in &i.skipped_listed {
+                    eprintln!("{}/{p} (skipped)", dir.display());
+                }
+                if i.skipped as usize > i.skipped_listed.len() {
+                    eprintln!("... and {} more", i.skipped as usize - i.skipped_listed.len());
+                }
+                print_warnings(dir, &i.warnings);
+                println!(
+                    "queued {} recipients of campaign {} (instance {}) in {:.2} s",
+                    i.recipients,
+                    campaign.settings.id,
+                    i.instance,
+                    i.elapsed.as_secs_f64()
+                );
+                if i.skipped > 0 {
+                    println!(
+                        "skipped {} bad row(s), logged as local bounces in {}",
+                        i.skipped,
+                        cfg.log_path.display()
+                    );
+                }
+                skipped = i.skipped;
+            }
             Err(IngestError::Problems(problems, total)) => {
                 print_problems(dir, &problems);
                 if total as usize > problems.len() {
                     eprintln!("... and {} more", total as usize - problems.len());
                 }
-                eprintln!("volley: campaign refused ({total} bad row(s)), nothing queued");
+                eprintln!("volley: campaign refused ({total} bad row(s)), nothing queued{}", if skip_bad_rows { "" } else { "; --skip-bad-rows queues the good rows and logs each bad one as a bounce" });
                 return Ok(1);
             }
             Err(IngestError::Other(e)) => return Err(e.context("ingest failed, nothing queued")),
@@ -800,6 +939,9 @@ fn send(
     }
     let mut report = volley::engine::run(cfg.clone(), instances.clone(), stop.clone(), !quiet)?;
     report.print();
+    if skipped > 0 {
+        println!("skipped      {skipped} (bad rows of recipients.csv, not queued; logged as local bounces)");
+    }
     let dsns = volley::dsn::queue(
         &cfg.spool_dir,
         &cfg.log_path,
@@ -821,7 +963,9 @@ fn send(
         }
     }
     if let Some(p) = report_json {
-        std::fs::write(&p, serde_json::to_vec_pretty(&report)?)
+        let mut json = serde_json::to_value(&report)?;
+        json["skipped"] = skipped.into();
+        std::fs::write(&p, serde_json::to_vec_pretty(&json)?)
             .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
     }
     drop(lock);
