@@ -38,9 +38,10 @@ pub struct Settings {
     /// Sign with the From domain's DKIM key (`--dkim-dir`); false sends unsigned.
     #[serde(default = "default_dkim")]
     pub dkim: bool,
-    /// Which of the From domain's keys to sign with, when it has several.
+    /// Which of the From domain's keys sign: a selector or a list of them, one
+    /// signature each; none: every key in the domain's directory.
     #[serde(default)]
-    pub dkim_selector: Option<String>,
+    pub dkim_selector: Option<crate::dkim::Selectors>,
     /// Header fields to sign, instead of `dkim::DEFAULT_HEADERS`.
     #[serde(default)]
     pub dkim_headers: Option<Vec<String>>,

@@ -154,14 +154,18 @@ enum DkimCmd {
         out: PathBuf,
     },
     /// Sign one message from stdin to stdout exactly as the engine does (relaxed/relaxed,
-    /// the default header list); LF line ends are made CRLF first.
+    /// the default header list); lone CR and LF are made CRLF first. Give --key and
+    /// --selector once per signature (RSA and Ed25519 both, as receivers that do not
+    /// know Ed25519 ignore that one): `--key r.pem --selector r --key e.pem --selector e`.
     Sign {
-        #[arg(long)]
-        key: PathBuf,
+        /// A private key (PEM); repeat for more signatures, in the order of --selector.
+        #[arg(long, required = true)]
+        key: Vec<PathBuf>,
         #[arg(long)]
         domain: String,
-        #[arg(long)]
-        selector: String,
+        /// The selector of each --key, in the same order.
+        #[arg(long, required = true)]
+        selector: Vec<String>,
     },
 }
 
@@ -660,11 +664,14 @@ fn check(
     }
     match signing {
         Some(k) => println!(
-            "campaign {}: ok, {good} recipients, DKIM d={} s={} ({})",
+            "campaign {}: ok, {good} recipients, DKIM d={} {}",
             c.settings.id,
             k.domain,
-            k.selector,
-            k.path.display()
+            k.keys
+                .iter()
+                .map(|f| format!("s={} ({})", f.selector, f.path.display()))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         None => println!(
             "campaign {}: ok, {good} recipients, not DKIM-signed (dkim = false)",
@@ -732,9 +739,11 @@ fn dns_records(
     }
     match volley::dkim::key_for(dkim_dir, s) {
         Ok(Some(k)) => {
-            let txt = volley::dkim::public_txt(&k.path).map_err(|e| anyhow::anyhow!(e))?;
-            println!("; DKIM: the public half of {}", k.path.display());
-            println!("{}", volley::dkim::zone_line(&k.domain, &k.selector, &txt));
+            for f in &k.keys {
+                let txt = volley::dkim::public_txt(&f.path).map_err(|e| anyhow::anyhow!(e))?;
+                println!("; DKIM: the public half of {}", f.path.display());
+                println!("{}", volley::dkim::zone_line(&k.domain, &f.selector, &txt));
+            }
         }
         Ok(None) => println!("; DKIM: the campaign is not signed (dkim = false)"),
         Err(e) => println!("; DKIM: {e}"),
@@ -822,17 +831,23 @@ fn dkim(cmd: DkimCmd) -> anyhow::Result<i32> {
             domain,
             selector,
         } => {
-            let signer = volley::dkim::Signer::load(
-                &key,
-                &domain.to_ascii_lowercase(),
-                &selector,
-                volley::dkim::DEFAULT_HEADERS,
-            )
-            .map_err(|e| anyhow::anyhow!(e))?;
-            let mut raw = Vec::new();
-            std::io::stdin().read_to_end(&mut raw)?;
-            let msg = volley::dkim::crlf(&raw);
-            let header = signer.sign(&msg, false).map_err(|e| anyhow::anyhow!(e))?;
+            anyhow::ensure!(
+                key.len() == selector.len(),
+                "{} --key and {} --selector: give one --selector for each --key, in the same order",
+                key.len(),
+                selector.len()
+            );
+            let keys: Vec<volley::dkim::KeyFile> = key
+                .into_iter()
+                .zip(selector)
+                .map(|(path, selector)| volley::dkim::KeyFile { selector, path })
+                .collect();
+            let signer = volley::dkim::Signer::load(&domain, &keys, volley::dkim::DEFAULT_HEADERS)?;
+            let mut msg = Vec::new();
+            std::io::stdin().read_to_end(&mut msg)?;
+            let header = signer
+                .sign(&mut msg, false)
+                .map_err(|e| anyhow::anyhow!("stdin: {e}; nothing signed"))?;
             let mut out = std::io::stdout().lock();
             out.write_all(header.as_bytes())?;
             out.write_all(&msg)?;

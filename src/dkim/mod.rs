@@ -1,21 +1,24 @@
-//! DKIM signing (RFC 6376; Ed25519 per RFC 8463) with mail-auth: relaxed/relaxed,
-//! RSA-SHA256 or Ed25519-SHA256, one key per From domain and selector.
+//! DKIM signing (RFC 6376; Ed25519 per RFC 8463): relaxed/relaxed, RSA-SHA256 or
+//! Ed25519-SHA256, one signature per selector of the From domain (RFC 8463 §4:
+//! sign with both an RSA and an Ed25519 key, as receivers that do not know Ed25519
+//! ignore that signature).
 //!
-//! Keys live in a directory (`--dkim-dir`, default /etc/volley/dkim) as
-//! `DOMAIN/SELECTOR.pem` (PKCS#8 for either type, or PKCS#1 "RSA PRIVATE KEY").
-//! `volley dkim keygen` writes them there. Each shard parses the keys it needs once
-//! at start; signing is per rendered message, on the shard.
+//! Canonicalisation is volley's own (`canon`); mail-auth makes the DKIM-Signature
+//! field and the signature over it. Keys live in a directory (`--dkim-dir`, default
+//! /etc/volley/dkim) as `DOMAIN/SELECTOR.pem` (PKCS#8 for either type, or PKCS#1
+//! "RSA PRIVATE KEY"). `volley dkim keygen` writes them there. Each shard parses
+//! the keys it needs once at start; signing is per rendered message, on the shard.
 
-use mail_auth::common::crypto::{
-    Algorithm, Ed25519Key, HashContext, HashImpl, HashOutput, RsaKey, Sha256, SigningKey,
-};
+pub mod canon;
+
+use mail_auth::common::crypto::{Ed25519Key, HashContext, HashImpl, RsaKey, Sha256, SigningKey};
 use mail_auth::common::headers::{HeaderWriter, Writable, Writer};
-use mail_auth::dkim::{DkimSigner, Done};
+use mail_auth::dkim::{Canonicalization, Signature};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::PrivateKeyDer;
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use thiserror::Error;
 
 /// Signed by default: what a receiver shows or acts on, and the one-click
 /// unsubscribe pair (RFC 8058 requires they be signed). From is listed twice
@@ -36,7 +39,107 @@ pub const DEFAULT_HEADERS: &[&str] = &[
     "Content-Transfer-Encoding",
 ];
 
+/// Where keys are looked for when `--dkim-dir` is not given.
 pub const DEFAULT_DIR: &str = "/etc/volley/dkim";
+
+/// Most signatures on one message: a selector list longer than this is a mistake
+/// (two, RSA and Ed25519, is the practice; a key rotation may add a third).
+pub const SIGNATURES_MAX: usize = 4;
+
+/// Why a campaign's keys cannot be used. Each says what to do.
+#[derive(Debug, Error)]
+pub enum KeyError {
+    #[error("no DKIM key {} for {domain} selector {selector}; make one with `volley dkim keygen --domain {domain} --selector {selector} --out {}`, or set dkim = false", path.display(), dir.display())]
+    Missing {
+        path: PathBuf,
+        dir: PathBuf,
+        domain: String,
+        selector: String,
+    },
+    #[error("no DKIM key for {domain} in {}; make one with `volley dkim keygen --domain {domain} --selector SELECTOR --out {}`, or set dkim = false in campaign.toml", domain_dir.display(), dir.display())]
+    NoKeys {
+        domain_dir: PathBuf,
+        dir: PathBuf,
+        domain: String,
+    },
+    #[error("{domain} has {count} DKIM keys in {} ({selectors}), more than the {SIGNATURES_MAX} signatures a message gets; choose with dkim_selector in campaign.toml", domain_dir.display())]
+    TooMany {
+        domain: String,
+        domain_dir: PathBuf,
+        count: usize,
+        selectors: String,
+    },
+    #[error("dkim_selector is an empty list; name one selector or more, or leave it out to sign with every key of the domain")]
+    NoSelector,
+    #[error("dkim_selector names {0:?} twice; each selector signs once")]
+    DuplicateSelector(String),
+    #[error("dkim_selector lists {0} selectors; at most {SIGNATURES_MAX} signatures per message")]
+    TooManySelectors(usize),
+    #[error("dkim_headers does not list From; RFC 6376 §5.4 requires From be signed: add it")]
+    FromNotSigned,
+    #[error("dkim_headers lists {0}; a signature cannot cover DKIM-Signature fields (each selector's would cover the other's): remove it")]
+    SignsSignature(String),
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not a PEM private key ({reason}); expected PKCS#8 \"PRIVATE KEY\" or PKCS#1 \"RSA PRIVATE KEY\"", path.display())]
+    NotPem { path: PathBuf, reason: String },
+    #[error("{}: not an RSA or Ed25519 key: {reason}", path.display())]
+    NotAKey { path: PathBuf, reason: String },
+    #[error("{}: an EC (SEC1) key; DKIM takes RSA or Ed25519", path.display())]
+    Ec { path: PathBuf },
+    #[error("campaign {campaign}: {source}")]
+    Campaign {
+        campaign: String,
+        source: Box<KeyError>,
+    },
+}
+
+/// For callers that gather start-up problems as text (the shard) and use `?`.
+impl From<KeyError> for String {
+    fn from(e: KeyError) -> String {
+        e.to_string()
+    }
+}
+
+/// Why one message was not signed (the engine bounces it locally, never sends it
+/// unsigned).
+#[derive(Debug, Error)]
+pub enum SignError {
+    #[error("{0}")]
+    Header(#[from] canon::HeaderError),
+    #[error("the message has no From: field; DKIM must sign one (RFC 6376 §5.4)")]
+    NoFrom,
+    #[error("selector {selector}: {reason}")]
+    Crypto { selector: String, reason: String },
+}
+
+/// `dkim_selector` in campaign.toml: one selector or a list, each signing.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Selectors {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Selectors {
+    /// The selectors, in the order given.
+    pub fn as_slice(&self) -> &[String] {
+        match self {
+            Selectors::One(s) => std::slice::from_ref(s),
+            Selectors::Many(v) => v,
+        }
+    }
+}
+
+/// One key file of a domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyFile {
+    pub selector: String,
+    pub path: PathBuf,
+}
 
 /// Where a domain's key for `selector` is (or would be).
 pub fn key_path(dir: &Path, domain: &str, selector: &str) -> PathBuf {
@@ -44,299 +147,382 @@ pub fn key_path(dir: &Path, domain: &str, selector: &str) -> PathBuf {
         .join(format!("{selector}.pem"))
 }
 
-/// The key file for `domain`: `selector`'s if given, else the domain's only key.
-/// Errors say what is missing and what to do.
-pub fn find_key(
+/// The key files for `domain` under `dir`: those of `selectors` when given (each
+/// must exist), else every `*.pem` of the domain's directory, sorted by selector.
+/// Signing with all of them is the point: an operator with `s2026-rsa.pem` and
+/// `s2026-ed.pem` wants both signatures (RFC 8463 §4).
+pub fn find_keys(
     dir: &Path,
     domain: &str,
-    selector: Option<&str>,
-) -> Result<(String, PathBuf), String> {
-    if let Some(s) = selector {
-        let p = key_path(dir, domain, s);
-        return if p.is_file() {
-            Ok((s.to_string(), p))
-        } else {
-            Err(format!(
-                "no DKIM key {} for {domain} selector {s}; make one with `volley dkim keygen --domain {domain} --selector {s} --out {}`, or set dkim = false",
-                p.display(),
-                dir.display()
-            ))
-        };
+    selectors: Option<&[String]>,
+) -> Result<Vec<KeyFile>, KeyError> {
+    if let Some(list) = selectors {
+        if list.is_empty() {
+            return Err(KeyError::NoSelector);
+        }
+        if list.len() > SIGNATURES_MAX {
+            return Err(KeyError::TooManySelectors(list.len()));
+        }
+        let mut out: Vec<KeyFile> = Vec::with_capacity(list.len());
+        for s in list {
+            if out.iter().any(|k| k.selector == *s) {
+                return Err(KeyError::DuplicateSelector(s.clone()));
+            }
+            let path = key_path(dir, domain, s);
+            if !path.is_file() {
+                return Err(KeyError::Missing {
+                    path,
+                    dir: dir.to_path_buf(),
+                    domain: domain.to_ascii_lowercase(),
+                    selector: s.clone(),
+                });
+            }
+            out.push(KeyFile {
+                selector: s.clone(),
+                path,
+            });
+        }
+        return Ok(out);
     }
-    let ddir = dir.join(domain.to_ascii_lowercase());
-    let mut keys: Vec<(String, PathBuf)> = std::fs::read_dir(&ddir)
+    let domain_dir = dir.join(domain.to_ascii_lowercase());
+    let mut keys: Vec<KeyFile> = std::fs::read_dir(&domain_dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
                 .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "pem"))
-                .filter_map(|p| Some((p.file_stem()?.to_str()?.to_string(), p)))
+                .filter(|p| p.extension().is_some_and(|x| x == "pem") && p.is_file())
+                .filter_map(|p| {
+                    Some(KeyFile {
+                        selector: p.file_stem()?.to_str()?.to_string(),
+                        path: p,
+                    })
+                })
                 .collect()
         })
         .unwrap_or_default();
-    keys.sort();
+    keys.sort_by(|a, b| a.selector.cmp(&b.selector));
     match keys.len() {
-        1 => Ok(keys.remove(0)),
-        0 => Err(format!(
-            "no DKIM key for {domain} in {}; make one with `volley dkim keygen --domain {domain} --selector SELECTOR --out {}`, or set dkim = false in campaign.toml",
-            ddir.display(),
-            dir.display()
-        )),
-        _ => Err(format!(
-            "{domain} has {} DKIM keys in {} ({}); choose one with dkim_selector in campaign.toml",
-            keys.len(),
-            ddir.display(),
-            keys.iter().map(|k| k.0.as_str()).collect::<Vec<_>>().join(", ")
-        )),
+        0 => Err(KeyError::NoKeys {
+            domain_dir,
+            dir: dir.to_path_buf(),
+            domain: domain.to_ascii_lowercase(),
+        }),
+        n if n > SIGNATURES_MAX => Err(KeyError::TooMany {
+            domain: domain.to_ascii_lowercase(),
+            domain_dir,
+            count: n,
+            selectors: keys
+                .iter()
+                .map(|k| k.selector.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+        _ => Ok(keys),
     }
 }
 
-/// Where a campaign instance's key is, resolved when the engine starts.
+/// The keys a campaign instance signs with, resolved when the engine starts.
 #[derive(Debug, Clone)]
 pub struct KeyRef {
+    /// d=, lower case.
     pub domain: String,
-    pub selector: String,
-    pub path: PathBuf,
+    /// One signature each, in this order (the last one's field ends up on top).
+    pub keys: Vec<KeyFile>,
+    /// h=: the header fields to sign, a name listed twice over-signs it.
     pub headers: Vec<String>,
 }
 
 impl KeyRef {
-    pub fn load(&self) -> Result<Signer, String> {
-        let headers: Vec<&str> = self.headers.iter().map(String::as_str).collect();
-        Signer::load(&self.path, &self.domain, &self.selector, &headers)
+    /// Parses every key.
+    pub fn load(&self) -> Result<Signer, KeyError> {
+        Signer::load(&self.domain, &self.keys, &self.headers)
     }
 }
 
-/// The key of every signing campaign instance, each checked to parse; the first
+/// The keys of every signing campaign instance, each checked to parse; the first
 /// problem names the campaign and what to do.
 pub fn keys_for(
     dir: &Path,
     instances: &crate::ingest::Instances,
-) -> Result<std::collections::HashMap<u32, KeyRef>, String> {
+) -> Result<std::collections::HashMap<u32, KeyRef>, KeyError> {
     let mut out = std::collections::HashMap::new();
     for (no, inst) in instances.iter() {
-        let s = &inst.settings;
-        if let Some(k) = key_for(dir, s)? {
+        if let Some(k) = key_for(dir, &inst.settings)? {
             out.insert(*no, k);
         }
     }
     Ok(out)
 }
 
-/// The key for one campaign's settings (None: it does not sign), checked to parse.
-pub fn key_for(dir: &Path, s: &crate::campaign::Settings) -> Result<Option<KeyRef>, String> {
+/// The keys for one campaign's settings (None: it does not sign), checked to parse.
+pub fn key_for(dir: &Path, s: &crate::campaign::Settings) -> Result<Option<KeyRef>, KeyError> {
     if !s.dkim {
         return Ok(None);
     }
-    let (selector, path) = find_key(dir, &s.from_domain, s.dkim_selector.as_deref())
-        .map_err(|e| format!("campaign {}: {e}", s.id))?;
+    let in_campaign = |e: KeyError| KeyError::Campaign {
+        campaign: s.id.clone(),
+        source: Box::new(e),
+    };
+    let keys = find_keys(
+        dir,
+        &s.from_domain,
+        s.dkim_selector.as_ref().map(Selectors::as_slice),
+    )
+    .map_err(in_campaign)?;
     let k = KeyRef {
         domain: s.from_domain.to_ascii_lowercase(),
-        selector,
-        path,
+        keys,
         headers: s
             .dkim_headers
             .clone()
             .unwrap_or_else(|| DEFAULT_HEADERS.iter().map(|h| h.to_string()).collect()),
     };
-    k.load().map_err(|e| format!("campaign {}: {e}", s.id))?;
+    k.load().map_err(in_campaign)?;
     Ok(Some(k))
 }
 
-/// A key that hands back a body hash computed before mail-auth asks for it: the last
-/// one, when the caller knows the body is the one it signed last (a template without
-/// merge fields in its body), or one `relaxed_body_hash` made without canonicalising.
-struct BodyHashCache<K> {
-    key: K,
-    reuse: Rc<Cell<bool>>,
-    last: Rc<RefCell<Option<HashOutput>>>,
+/// A parsed private key.
+enum Key {
+    Rsa(RsaKey<Sha256>),
+    Ed25519(Ed25519Key),
 }
 
-impl<K: SigningKey> SigningKey for BodyHashCache<K> {
-    type Hasher = K::Hasher;
-
-    fn sign(&self, input: impl Writable) -> mail_auth::Result<Vec<u8>> {
-        self.key.sign(input)
-    }
-
-    /// mail-auth calls this for the canonical body only.
-    fn hash(&self, data: impl Writable) -> HashOutput {
-        if self.reuse.get() {
-            if let Some(h) = self.last.borrow().as_ref() {
-                return h.clone();
+impl Key {
+    fn read(path: &Path) -> Result<Key, KeyError> {
+        let pem = std::fs::read(path).map_err(|source| KeyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| KeyError::NotPem {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let rsa = |der: PrivateKeyDer<'static>| {
+            RsaKey::<Sha256>::from_key_der(der)
+                .map(Key::Rsa)
+                .map_err(|e| KeyError::NotAKey {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })
+        };
+        match &der {
+            PrivateKeyDer::Pkcs8(p8) => {
+                match Ed25519Key::from_pkcs8_maybe_unchecked_der(p8.secret_pkcs8_der()) {
+                    Ok(k) => Ok(Key::Ed25519(k)),
+                    Err(_) => rsa(der.clone_key()),
+                }
             }
-        }
-        let h = self.key.hash(data);
-        *self.last.borrow_mut() = Some(h.clone());
-        h
-    }
-
-    fn algorithm(&self) -> Algorithm {
-        self.key.algorithm()
-    }
-}
-
-/// The relaxed body hash (RFC 6376 §3.4.4) of a message whose body is already in
-/// relaxed form but for trailing empty lines, hashed as it lies: what a rendered
-/// campaign message almost always is. None for anything else (a tab, two spaces
-/// running, a space before a line end, a bare CR or LF anywhere, a header line
-/// without a colon), which mail-auth then canonicalises: where it and this would
-/// find the body at different offsets, or canonicalise differently, this says None.
-fn relaxed_body_hash(message: &[u8]) -> Option<HashOutput> {
-    use memchr::{memchr, memchr_iter, memmem};
-    let mut lfs = 0;
-    for i in memchr_iter(b'\n', message) {
-        if i == 0 || message[i - 1] != b'\r' {
-            return None;
-        }
-        lfs += 1;
-    }
-    if memchr_iter(b'\r', message).count() != lfs {
-        return None;
-    }
-    let split = memmem::find(message, b"\r\n\r\n")?;
-    for (i, line) in message[..split + 2]
-        .split_inclusive(|&b| b == b'\n')
-        .enumerate()
-    {
-        let continuation = i > 0 && matches!(line[0], b' ' | b'\t');
-        if !continuation && memchr(b':', line).is_none() {
-            return None;
+            PrivateKeyDer::Pkcs1(_) => rsa(der.clone_key()),
+            _ => Err(KeyError::Ec {
+                path: path.to_path_buf(),
+            }),
         }
     }
-    let body = &message[split + 4..];
-    if memchr(b'\t', body).is_some()
-        || memmem::find(body, b"  ").is_some()
-        || memmem::find(body, b" \r\n").is_some()
-    {
-        return None;
-    }
-    let mut end = body.len();
-    while body[..end].ends_with(b"\r\n") {
-        end -= 2;
-    }
-    let text = &body[..end];
-    if text.ends_with(b" ") {
-        return None;
-    }
-    let mut h = <Sha256 as HashImpl>::hasher();
-    if !text.is_empty() {
-        h.write(text);
-        h.write(b"\r\n");
-    }
-    Some(h.complete())
-}
 
-fn cached<K>(
-    key: K,
-    reuse: &Rc<Cell<bool>>,
-    last: &Rc<RefCell<Option<HashOutput>>>,
-) -> BodyHashCache<K> {
-    BodyHashCache {
-        key,
-        reuse: reuse.clone(),
-        last: last.clone(),
+    fn algorithm_name(&self) -> &'static str {
+        match self {
+            Key::Rsa(_) => "rsa-sha256",
+            Key::Ed25519(_) => "ed25519-sha256",
+        }
+    }
+
+    fn sign(&self, data: SignedData<'_>) -> mail_auth::Result<Vec<u8>> {
+        match self {
+            Key::Rsa(k) => k.sign(data),
+            Key::Ed25519(k) => k.sign(data),
+        }
+    }
+
+    fn algorithm(&self) -> mail_auth::common::crypto::Algorithm {
+        match self {
+            Key::Rsa(k) => k.algorithm(),
+            Key::Ed25519(k) => k.algorithm(),
+        }
     }
 }
 
-enum Inner {
-    Rsa(DkimSigner<BodyHashCache<RsaKey<Sha256>>, Done>),
-    Ed25519(DkimSigner<BodyHashCache<Ed25519Key>, Done>),
+/// What a signature signs (RFC 6376 §3.7): the canonical header fields in h= order,
+/// then the signature's own field, canonical, with b= empty and no final CRLF.
+struct SignedData<'a> {
+    headers: &'a [u8],
+    signature: &'a Signature,
 }
 
-/// A parsed key for one domain and selector, ready to sign.
+impl Writable for SignedData<'_> {
+    fn write(self, writer: &mut impl Writer) {
+        writer.write(self.headers);
+        // mail-auth writes the field in its relaxed form when not `as_header`.
+        self.signature.write(writer, false);
+    }
+}
+
+struct SelectorKey {
+    selector: String,
+    key: Key,
+}
+
+/// Buffers reused from message to message.
+#[derive(Default)]
+struct Scratch {
+    fields: Vec<canon::Field>,
+    headers: Vec<u8>,
+}
+
+/// A domain's parsed keys, ready to sign: one DKIM-Signature per key.
 pub struct Signer {
-    inner: Inner,
-    reuse: Rc<Cell<bool>>,
-    last: Rc<RefCell<Option<HashOutput>>>,
-    pub algorithm: &'static str,
+    domain: String,
+    headers: Vec<String>,
+    keys: Vec<SelectorKey>,
+    scratch: RefCell<Scratch>,
+    /// The last body hash, for `same_body`.
+    last_bh: RefCell<Option<Vec<u8>>>,
 }
 
 impl Signer {
-    /// Reads and parses the PEM key at `path`.
-    pub fn load(
-        path: &Path,
+    /// Reads and parses every key; `headers` is h= (From must be in it).
+    pub fn load<S: AsRef<str>>(
         domain: &str,
-        selector: &str,
-        headers: &[&str],
-    ) -> Result<Signer, String> {
-        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
-            format!(
-                "{}: not a PEM private key ({e}); expected PKCS#8 \"PRIVATE KEY\" or PKCS#1 \"RSA PRIVATE KEY\"",
-                path.display()
-            )
-        })?;
-        let headers: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
-        let reuse = Rc::new(Cell::new(false));
-        let last = Rc::new(RefCell::new(None));
-        let rsa = |der: PrivateKeyDer<'static>| {
-            RsaKey::<Sha256>::from_key_der(der)
-                .map_err(|e| format!("{}: not an RSA or Ed25519 key: {e}", path.display()))
-        };
-        let inner = match &der {
-            PrivateKeyDer::Pkcs8(p8) => {
-                match Ed25519Key::from_pkcs8_maybe_unchecked_der(p8.secret_pkcs8_der()) {
-                    Ok(k) => Inner::Ed25519(
-                        DkimSigner::from_key(cached(k, &reuse, &last))
-                            .domain(domain)
-                            .selector(selector)
-                            .headers(headers),
-                    ),
-                    Err(_) => Inner::Rsa(
-                        DkimSigner::from_key(cached(rsa(der.clone_key())?, &reuse, &last))
-                            .domain(domain)
-                            .selector(selector)
-                            .headers(headers),
-                    ),
-                }
-            }
-            PrivateKeyDer::Pkcs1(_) => Inner::Rsa(
-                DkimSigner::from_key(cached(rsa(der.clone_key())?, &reuse, &last))
-                    .domain(domain)
-                    .selector(selector)
-                    .headers(headers),
-            ),
-            _ => {
-                return Err(format!(
-                    "{}: an EC (SEC1) key; DKIM takes RSA or Ed25519",
-                    path.display()
-                ))
-            }
-        };
-        let algorithm = match inner {
-            Inner::Rsa(_) => "rsa-sha256",
-            Inner::Ed25519(_) => "ed25519-sha256",
-        };
+        keys: &[KeyFile],
+        headers: &[S],
+    ) -> Result<Signer, KeyError> {
+        assert!(!keys.is_empty(), "a signer has a key");
+        let headers: Vec<String> = headers.iter().map(|h| h.as_ref().to_string()).collect();
+        if !headers.iter().any(|h| h.eq_ignore_ascii_case("From")) {
+            return Err(KeyError::FromNotSigned);
+        }
+        if let Some(h) = headers
+            .iter()
+            .find(|h| h.eq_ignore_ascii_case("DKIM-Signature"))
+        {
+            return Err(KeyError::SignsSignature(h.clone()));
+        }
+        let keys = keys
+            .iter()
+            .map(|k| {
+                Ok(SelectorKey {
+                    selector: k.selector.clone(),
+                    key: Key::read(&k.path)?,
+                })
+            })
+            .collect::<Result<Vec<_>, KeyError>>()?;
         Ok(Signer {
-            inner,
-            reuse,
-            last,
-            algorithm,
+            domain: domain.to_ascii_lowercase(),
+            headers,
+            keys,
+            scratch: RefCell::new(Scratch::default()),
+            last_bh: RefCell::new(None),
         })
     }
 
-    /// The DKIM-Signature header field (with its CRLF) for `message`, which must use
-    /// CRLF line ends; put it in front of the message. `same_body`: the body is the
-    /// one this signer signed last, so its hash is reused.
-    pub fn sign(&self, message: &[u8], same_body: bool) -> Result<String, String> {
-        let known = same_body && self.last.borrow().is_some();
-        if !known {
-            if let Some(h) = relaxed_body_hash(message) {
-                *self.last.borrow_mut() = Some(h);
-                self.reuse.set(true);
-                return self.sign_inner(message);
-            }
-        }
-        self.reuse.set(known);
-        self.sign_inner(message)
+    /// The algorithm of each key, in signing order ("rsa-sha256", "ed25519-sha256").
+    pub fn algorithms(&self) -> Vec<&'static str> {
+        self.keys.iter().map(|k| k.key.algorithm_name()).collect()
     }
 
-    fn sign_inner(&self, message: &[u8]) -> Result<String, String> {
-        let sig = match &self.inner {
-            Inner::Rsa(s) => s.sign(message),
-            Inner::Ed25519(s) => s.sign(message),
+    /// Signs `message` once per key and returns the DKIM-Signature fields (each
+    /// with its CRLF, the last key's first) to put in front of it.
+    ///
+    /// `message` is first made what goes on the wire (`canon::wire_form`: lone CR
+    /// and LF made CRLF, a final CRLF added), so the hash is of the octets sent.
+    /// `same_body`: the body is the one this signer signed last, so its hash is
+    /// reused (a template without merge fields in its body). The body hash is
+    /// computed once for all keys. Errors: a header line that is not a field, no
+    /// From field, or the key's signing failing.
+    pub fn sign(&self, message: &mut Vec<u8>, same_body: bool) -> Result<String, SignError> {
+        canon::wire_form(message);
+        let mut scratch = self.scratch.borrow_mut();
+        let Scratch { fields, headers } = &mut *scratch;
+        let body_at = canon::parse_header(message, fields)?;
+        let mut last = self.last_bh.borrow_mut();
+        let bh = match (&*last, same_body) {
+            (Some(bh), true) => bh.clone(),
+            _ => {
+                let mut hasher = <Sha256 as HashImpl>::hasher();
+                canon::relaxed_body(&message[body_at..], &mut |piece| hasher.write(piece));
+                let bh = hasher.complete().as_ref().to_vec();
+                *last = Some(bh.clone());
+                bh
+            }
         };
-        sig.map(|s| s.to_header()).map_err(|e| e.to_string())
+        let h = self.signed_fields(message, fields, headers)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut out = String::new();
+        for k in &self.keys {
+            let mut sig = Signature {
+                v: 1,
+                a: k.key.algorithm(),
+                d: self.domain.clone(),
+                s: k.selector.clone(),
+                bh: bh.clone(),
+                h: h.clone(),
+                t: now,
+                ch: Canonicalization::Relaxed,
+                cb: Canonicalization::Relaxed,
+                ..Signature::default()
+            };
+            sig.b = k
+                .key
+                .sign(SignedData {
+                    headers,
+                    signature: &sig,
+                })
+                .map_err(|e| SignError::Crypto {
+                    selector: k.selector.clone(),
+                    reason: e.to_string(),
+                })?;
+            // Added later, so on top (RFC 6376 §5.6 prepends).
+            out.insert_str(0, &sig.to_header());
+        }
+        Ok(out)
+    }
+
+    /// Writes the canonical fields to sign into `out` and returns h=. Each name of
+    /// the configured list is signed as often as the message has it (at least once:
+    /// an absent field is signed as absent, RFC 6376 §5.4), once more for every
+    /// extra time the list names it (over-signing), instances taken from the bottom
+    /// up (§5.4.2).
+    fn signed_fields(
+        &self,
+        message: &[u8],
+        fields: &[canon::Field],
+        out: &mut Vec<u8>,
+    ) -> Result<Vec<String>, SignError> {
+        out.clear();
+        let name_of = |f: &canon::Field| &message[f.name.0..f.name.1];
+        if !fields
+            .iter()
+            .any(|f| name_of(f).eq_ignore_ascii_case(b"From"))
+        {
+            return Err(SignError::NoFrom);
+        }
+        let mut h = Vec::with_capacity(self.headers.len() + 2);
+        for (i, name) in self.headers.iter().enumerate() {
+            if self.headers[..i]
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(name))
+            {
+                continue; // counted with its first mention
+            }
+            let listed = self
+                .headers
+                .iter()
+                .filter(|n| n.eq_ignore_ascii_case(name))
+                .count();
+            let mut present = 0;
+            for f in fields
+                .iter()
+                .rev()
+                .filter(|f| name_of(f).eq_ignore_ascii_case(name.as_bytes()))
+            {
+                canon::relaxed_field(name_of(f), &message[f.value.0..f.value.1], out);
+                present += 1;
+            }
+            for _ in 0..present.max(1) + listed - 1 {
+                h.push(name.clone());
+            }
+        }
+        Ok(h)
     }
 }
 
@@ -412,18 +598,6 @@ pub fn public_txt(path: &Path) -> Result<String, String> {
     Ok(format!("v=DKIM1; k=rsa; p={}", base64(public.as_bytes())))
 }
 
-/// `raw` with every bare LF made CRLF (messages on the wire, and as signed).
-pub fn crlf(raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(raw.len() + raw.len() / 40);
-    for (i, &b) in raw.iter().enumerate() {
-        if b == b'\n' && (i == 0 || raw[i - 1] != b'\r') {
-            out.push(b'\r');
-        }
-        out.push(b);
-    }
-    out
-}
-
 /// The TXT record in zone-file form, split into strings of at most 255 octets.
 pub fn zone_line(domain: &str, selector: &str, txt: &str) -> String {
     let parts: Vec<String> = txt
@@ -457,127 +631,187 @@ fn base64(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    fn bh(header: &str) -> String {
-        header
-            .split("bh=")
-            .nth(1)
-            .unwrap()
+    /// The unfolded value of `tag` in the first DKIM-Signature field of `fields`.
+    fn tag(fields: &str, tag: &str) -> String {
+        let first = fields.split("\r\nDKIM-Signature:").next().unwrap();
+        first
+            .replace(['\r', '\n', '\t', ' '], "")
             .split(';')
-            .next()
+            .find_map(|t| t.strip_prefix(&format!("{tag}=")).map(str::to_string))
             .unwrap()
-            .to_string()
     }
 
-    /// A signer with a new Ed25519 key for news.test, and the directory to remove.
-    fn ed25519_signer(tag: &str) -> (Signer, PathBuf) {
-        let dir = std::env::temp_dir().join(format!("volley-dkim-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("k.pem");
-        std::fs::write(&path, generate(KeyType::Ed25519).unwrap().pem).unwrap();
-        let s = Signer::load(&path, "news.test", "s1", DEFAULT_HEADERS).unwrap();
-        (s, dir)
+    /// A signer with new keys of `kinds` for news.test, selectors k0, k1...; and
+    /// the directory to remove.
+    fn signer(name: &str, kinds: &[KeyType], headers: &[&str]) -> (Signer, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("volley-dkim-{name}-{}", std::process::id()));
+        let mut keys = Vec::new();
+        for (i, kind) in kinds.iter().enumerate() {
+            let path = key_path(&dir, "news.test", &format!("k{i}"));
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, generate(*kind).unwrap().pem).unwrap();
+            keys.push(KeyFile {
+                selector: format!("k{i}"),
+                path,
+            });
+        }
+        (Signer::load("News.Test", &keys, headers).unwrap(), dir)
+    }
+
+    fn sign(s: &Signer, msg: &str, same_body: bool) -> String {
+        s.sign(&mut msg.as_bytes().to_vec(), same_body).unwrap()
     }
 
     #[test]
     fn a_body_hash_is_reused_only_when_asked() {
-        let (s, dir) = ed25519_signer("unit");
-        let a = s
-            .sign(b"From: a@news.test\r\nTo: x@y.test\r\n\r\nsame\r\n", false)
-            .unwrap();
-        let b = s
-            .sign(b"From: a@news.test\r\nTo: z@y.test\r\n\r\nsame\r\n", true)
-            .unwrap();
-        assert_eq!(bh(&a), bh(&b));
-        let c = s
-            .sign(b"From: a@news.test\r\n\r\nother\r\n", false)
-            .unwrap();
-        assert_ne!(bh(&a), bh(&c));
+        let (s, dir) = signer("reuse", &[KeyType::Ed25519], DEFAULT_HEADERS);
+        let a = sign(
+            &s,
+            "From: a@news.test\r\nTo: x@y.test\r\n\r\nsame\r\n",
+            false,
+        );
+        let b = sign(
+            &s,
+            "From: a@news.test\r\nTo: z@y.test\r\n\r\nsame\r\n",
+            true,
+        );
+        assert_eq!(tag(&a, "bh"), tag(&b, "bh"));
+        let c = sign(&s, "From: a@news.test\r\n\r\nother\r\n", false);
+        assert_ne!(tag(&a, "bh"), tag(&c, "bh"));
         // Reusing after `c` hands back `c`'s hash: the caller's promise is the contract.
-        let d = s.sign(b"From: a@news.test\r\n\r\nsame\r\n", true).unwrap();
-        assert_eq!(bh(&c), bh(&d));
+        let d = sign(&s, "From: a@news.test\r\n\r\nsame\r\n", true);
+        assert_eq!(tag(&c, "bh"), tag(&d, "bh"));
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    /// RFC 6376 §3.4.4 read literally, for CRLF bodies: the reference the fast path
-    /// and mail-auth must both agree with.
-    fn reference_relaxed(body: &str) -> Vec<u8> {
-        let mut lines: Vec<String> = body
-            .strip_suffix("\r\n")
-            .unwrap_or(body)
-            .split("\r\n")
-            .map(|l| {
-                // Runs of WSP become one SP, then WSP at the end of the line goes.
-                let mut out = String::new();
-                for c in l.chars() {
-                    let wsp = c == ' ' || c == '\t';
-                    if !(wsp && out.ends_with(' ')) {
-                        out.push(if wsp { ' ' } else { c });
-                    }
-                }
-                out.trim_end_matches(' ').to_string()
-            })
-            .collect();
-        while lines.last().is_some_and(|l| l.is_empty()) {
-            lines.pop();
-        }
-        lines
-            .iter()
-            .flat_map(|l| [l.as_str(), "\r\n"])
-            .collect::<String>()
-            .into_bytes()
     }
 
     #[test]
-    fn the_body_hash_fast_path_agrees_with_the_rfc_and_declines_what_it_cannot_hash() {
+    fn the_issues_body_is_hashed_as_the_rfc_says() {
         use base64::Engine;
-        let (s, dir) = ed25519_signer("fast");
-        let head = "From: a@news.test\r\nSubject: a long\r\n folded subject\r\n\r\n";
-        let fast = [
-            "Hello Ann,\r\n\r\nA line.\r\n",
-            "trailing empty lines\r\n\r\n\r\n\r\n",
-            "no final line end",
-            "",
-            "\r\n\r\n",
-            " a leading space stays one\r\n",
-            "..dot-led line\r\n.\r\n",
-        ];
-        let slow = [
-            "a\ttab\r\n",
-            "two  spaces\r\n",
-            "a trailing space \r\nnext\r\n",
-            "trailing space at the end ",
-            "  \r\n\r\nx\r\n",
-        ];
-        for (body, expect_fast) in fast
-            .iter()
-            .map(|b| (b, true))
-            .chain(slow.iter().map(|b| (b, false)))
-        {
-            let msg = format!("{head}{body}");
-            assert_eq!(
-                relaxed_body_hash(msg.as_bytes()).is_some(),
-                expect_fast,
-                "{body:?}"
-            );
-            let want = ring::digest::digest(&ring::digest::SHA256, &reference_relaxed(body));
-            let want = base64::engine::general_purpose::STANDARD.encode(want.as_ref());
-            let header = s.sign(msg.as_bytes(), false).unwrap();
-            assert_eq!(
-                bh(&header).replace([' ', '\t', '\r', '\n'], ""),
-                want,
-                "{body:?}"
-            );
-        }
-        // Bare line ends, and a header line without a colon, go to mail-auth.
-        for msg in [
-            "From: a@news.test\r\n\r\nbare\nLF\r\n",
-            "From: a@news.test\nTo: b@x.test\r\n\r\nbody\r\n",
-            "From: a@news.test\r\nnot a header\r\n\r\nbody\r\n",
-            "From: a@news.test\r\nno body",
-        ] {
-            assert!(relaxed_body_hash(msg.as_bytes()).is_none(), "{msg:?}");
-        }
+        let (s, dir) = signer("issue13", &[KeyType::Ed25519], DEFAULT_HEADERS);
+        let mut msg = b"From: a@news.test\n\nHello!\n  \n\n\n".to_vec();
+        let fields = s.sign(&mut msg, false).unwrap();
+        let want = ring::digest::digest(&ring::digest::SHA256, b"Hello!\r\n");
+        let want = base64::engine::general_purpose::STANDARD.encode(want.as_ref());
+        assert_eq!(tag(&fields, "bh"), want);
+        // And the message was made what goes on the wire.
+        assert_eq!(msg, b"From: a@news.test\r\n\r\nHello!\r\n  \r\n\r\n\r\n");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn each_key_signs_once_with_the_last_on_top_and_one_body_hash() {
+        let (s, dir) = signer("dual", &[KeyType::Rsa, KeyType::Ed25519], DEFAULT_HEADERS);
+        assert_eq!(s.algorithms(), ["rsa-sha256", "ed25519-sha256"]);
+        let f = sign(&s, "From: a@news.test\r\n\r\nHi\r\n", false);
+        let starts: Vec<usize> = f.match_indices("DKIM-Signature:").map(|m| m.0).collect();
+        assert_eq!(starts.len(), 2, "{f}");
+        let (top, below) = f.split_at(starts[1]);
+        assert!(
+            top.contains("a=ed25519-sha256") && top.contains("s=k1;"),
+            "{top}"
+        );
+        assert!(
+            below.contains("a=rsa-sha256") && below.contains("s=k0;"),
+            "{below}"
+        );
+        assert!(top.contains("d=news.test;"));
+        assert_eq!(tag(top, "bh"), tag(below, "bh"));
+        // Neither signs DKIM-Signature, and l= is never used.
+        assert!(!tag(top, "h").to_ascii_lowercase().contains("dkim"));
+        assert!(!f.contains(" l="));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn h_lists_every_instance_absent_fields_and_over_signed_ones() {
+        let (s, dir) = signer("h", &[KeyType::Ed25519], &["From", "From", "To", "Cc"]);
+        let f = sign(
+            &s,
+            "To: a@x.test\r\nFrom: n@news.test\r\nTO: b@x.test\r\n\r\n",
+            false,
+        );
+        // From once and over-signed, both To fields, Cc signed as absent.
+        assert_eq!(tag(&f, "h"), "From:From:To:To:Cc");
+        let mut scratch = Vec::new();
+        let msg = b"To: a@x.test\r\nFrom: n@news.test\r\nTO: b@x.test\r\n\r\n";
+        let mut fields = Vec::new();
+        canon::parse_header(msg, &mut fields).unwrap();
+        s.signed_fields(msg, &fields, &mut scratch).unwrap();
+        // Bottom-up: the lower To first (RFC 6376 §5.4.2).
+        assert_eq!(
+            String::from_utf8(scratch).unwrap(),
+            "from:n@news.test\r\nto:b@x.test\r\nto:a@x.test\r\n"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn messages_and_lists_that_cannot_be_signed_say_why() {
+        let (s, dir) = signer("refuse", &[KeyType::Ed25519], DEFAULT_HEADERS);
+        let e = s
+            .sign(&mut b"To: a@x.test\r\n\r\nbody\r\n".to_vec(), false)
+            .unwrap_err();
+        assert!(matches!(e, SignError::NoFrom), "{e}");
+        let e = s
+            .sign(&mut b"From: a@news.test\r\nbroken\r\n\r\n".to_vec(), false)
+            .unwrap_err();
+        assert!(e.to_string().contains("header line 2"), "{e}");
+        let keys = [KeyFile {
+            selector: "k0".into(),
+            path: key_path(&dir, "news.test", "k0"),
+        }];
+        let e = Signer::load("news.test", &keys, &["To"]).err().unwrap();
+        assert!(matches!(e, KeyError::FromNotSigned), "{e}");
+        let e = Signer::load("news.test", &keys, &["From", "dkim-signature"])
+            .err()
+            .unwrap();
+        assert!(matches!(e, KeyError::SignsSignature(_)), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn without_a_selector_every_key_of_the_domain_signs() {
+        let dir = std::env::temp_dir().join(format!("volley-dkim-find-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let e = find_keys(&dir, "news.test", None).unwrap_err();
+        assert!(e.to_string().contains("volley dkim keygen"), "{e}");
+        for s in ["s2026-rsa", "s2026-ed"] {
+            let p = key_path(&dir, "news.test", s);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, "").unwrap();
+        }
+        let sel = |k: Vec<KeyFile>| k.into_iter().map(|k| k.selector).collect::<Vec<_>>();
+        assert_eq!(
+            sel(find_keys(&dir, "News.Test", None).unwrap()),
+            ["s2026-ed", "s2026-rsa"]
+        );
+        let one = vec!["s2026-rsa".to_string()];
+        assert_eq!(sel(find_keys(&dir, "news.test", Some(&one)).unwrap()), one);
+        let twice = vec!["s2026-rsa".to_string(), "s2026-rsa".to_string()];
+        assert!(matches!(
+            find_keys(&dir, "news.test", Some(&twice)),
+            Err(KeyError::DuplicateSelector(_))
+        ));
+        assert!(matches!(
+            find_keys(&dir, "news.test", Some(&[])),
+            Err(KeyError::NoSelector)
+        ));
+        let missing = vec!["old".to_string()];
+        let e = find_keys(&dir, "news.test", Some(&missing)).unwrap_err();
+        assert!(e.to_string().contains("--selector old"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn dkim_selector_is_a_string_or_a_list() {
+        #[derive(serde::Deserialize)]
+        struct T {
+            dkim_selector: Selectors,
+        }
+        let one: T = toml::from_str("dkim_selector = \"s1\"").unwrap();
+        assert_eq!(one.dkim_selector.as_slice(), ["s1"]);
+        let two: T = toml::from_str("dkim_selector = [\"r\", \"e\"]").unwrap();
+        assert_eq!(two.dkim_selector.as_slice(), ["r", "e"]);
     }
 
     #[test]
