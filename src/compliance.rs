@@ -125,8 +125,9 @@ fn alignment(sender: &str, from_domain: &str) -> Option<String> {
     })
 }
 
-/// "Date: ...\r\nMessage-ID: <...>\r\n" for the fields a template lacks.
-pub fn per_message_headers(add_date: bool, add_message_id: bool, id: &str, domain: &str) -> String {
+/// "Date: ...\r\nMessage-ID: <...>\r\n" for the fields a template lacks:
+/// `message_id` (`left@domain`, no brackets) when it lacks one.
+pub fn per_message_headers(add_date: bool, message_id: Option<String>) -> String {
     let mut h = String::new();
     if add_date {
         h.push_str(&format!(
@@ -134,8 +135,8 @@ pub fn per_message_headers(add_date: bool, add_message_id: bool, id: &str, domai
             crate::dsn::rfc5322_date(std::time::SystemTime::now())
         ));
     }
-    if add_message_id {
-        h.push_str(&format!("Message-ID: <{id}@{domain}>\r\n"));
+    if let Some(id) = message_id {
+        h.push_str(&format!("Message-ID: <{id}>\r\n"));
     }
     h
 }

@@ -55,6 +55,23 @@ Last-Attempt-Date: {{last_attempt}}
 --volley-dsn--
 ";
 
+/// Longest receiver reply a DSN quotes: its `Diagnostic-Code:` line must stay under
+/// RFC 5322's 998 octets, or the DSN campaign itself would be refused at ingest.
+pub const DSN_REPLY_OCTETS_MAX: usize = 900;
+
+/// `reply` cut to DSN_REPLY_OCTETS_MAX octets at a character boundary, marked "...".
+fn cut_reply(mut reply: String) -> String {
+    if reply.len() > DSN_REPLY_OCTETS_MAX {
+        let mut cut = DSN_REPLY_OCTETS_MAX - 3;
+        while !reply.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reply.truncate(cut);
+        reply.push_str("...");
+    }
+    reply
+}
+
 /// Queues DSNs for the new Bounce and Expiration records of campaigns with `dsn = true`
 /// in `log`; returns how many. `mta` names this host in them.
 pub fn queue(
@@ -132,10 +149,14 @@ pub fn queue(
         }
         let code = v["code"].as_u64().unwrap_or(0);
         let (status, explanation) = if kind == "Expiration" {
-            (
-                "5.4.7".to_string(),
-                "It could not be delivered before the campaign's expire_after passed.",
-            )
+            let why = if s("last_attempt").is_empty() {
+                "It could not be delivered before the campaign's expire_after passed; no \
+                 attempt could be made."
+            } else {
+                "It could not be delivered before the campaign's expire_after passed; the \
+                 receiving server's last answer is below."
+            };
+            ("5.4.7".to_string(), why)
         } else {
             let enhanced = s("enhanced");
             let status = if enhanced.starts_with('5') {
@@ -145,19 +166,23 @@ pub fn queue(
             };
             (status, "It was refused permanently.")
         };
-        let last = humantime::parse_rfc3339(&s("time")).unwrap_or_else(|_| SystemTime::now());
-        let arrival = last - Duration::from_millis(v["queued_ms"].as_u64().unwrap_or(0));
+        let time = humantime::parse_rfc3339(&s("time")).unwrap_or_else(|_| SystemTime::now());
+        let arrival = time - Duration::from_millis(v["queued_ms"].as_u64().unwrap_or(0));
+        // An Expiration names its last real attempt (RFC 3464 §2.3.6); a bounce is one.
+        let last = humantime::parse_rfc3339(&s("last_attempt")).unwrap_or(time);
         n += 1;
         csv.write_record([
             sender.as_str(),
             &s("rcpt"),
             &campaign,
             &status,
-            &[code.to_string(), s("enhanced"), s("reply")]
-                .into_iter()
-                .filter(|p| !p.is_empty())
-                .collect::<Vec<_>>()
-                .join(" "),
+            &cut_reply(
+                [code.to_string(), s("enhanced"), s("reply")]
+                    .into_iter()
+                    .filter(|p| !p.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
             explanation,
             &rfc5322_date(arrival),
             &rfc5322_date(last),

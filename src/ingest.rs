@@ -449,6 +449,7 @@ fn log_skipped(
         queued_ms: 0,
         tx_ms: None,
         shard: shard_of(&b.rcpt, shards),
+        last_attempt: None,
     });
     Ok(())
 }

@@ -56,6 +56,10 @@ pub struct Record<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tx_ms: Option<u64>,
     pub shard: usize,
+    /// An Expiration's last real attempt (RFC 3339), whose reply, class and stage the
+    /// record carries; absent when no attempt was ever made (then 451 4.4.7, local).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_attempt: Option<String>,
 }
 
 /// A shaping change (back-off, recovery, suspension, operator control) for one key
@@ -119,5 +123,10 @@ impl LogWriter {
 }
 
 pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+    rfc3339(SystemTime::now())
+}
+
+/// `t` as RFC 3339 UTC with milliseconds, the log's time format.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
 }

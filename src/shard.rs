@@ -22,7 +22,7 @@ use crate::shaping::{self, Change, Gate, Limiter};
 use crate::smtp::client::Stage;
 use crate::smtp::client::TlsMode;
 use crate::smtp::reply::Reply;
-use crate::spool::{Deferral, RecordRef, Spool, Terminal};
+use crate::spool::{Deferral, LastReply, RecordRef, Spool, Terminal};
 use crate::wheel::Wheel;
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
@@ -34,7 +34,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Counters the `send` progress bar reads; updated per commit batch.
 #[derive(Default)]
@@ -68,6 +68,8 @@ pub struct Job {
     pub attempts: u32,
     /// Connection breaks before a reply; see `EngineConfig::requeues_max`.
     pub requeues: u32,
+    /// The reply of its last attempt, for the Expiration record and its DSN.
+    pub last: Option<Rc<LastReply>>,
 }
 
 /// The connection a reply came over, for the log.
@@ -389,14 +391,19 @@ pub fn run(
                         d
                     }
                 };
+                let (attempts, due, last) = match p.deferral {
+                    Some(d) => (d.attempts, Some(d.due_unix_ms), d.last.map(Rc::new)),
+                    None => (0, None, None),
+                };
                 let job = Job {
                     rref: p.rref,
                     instance: p.instance,
                     domain,
-                    attempts: p.deferral.map_or(0, |d| d.attempts),
+                    attempts,
                     requeues: 0,
+                    last,
                 };
-                (job, p.deferral.map(|d| d.due_unix_ms))
+                (job, due)
             })
             .collect()
     };
@@ -437,14 +444,32 @@ impl Shard {
             self.clone().enqueue(job);
             return;
         }
-        let r = Reply::new(
-            451,
-            Some("4.4.7"),
-            "message expired in the queue before it could be delivered",
-        );
-        // Expiring is not an attempt; `outcome` counts one.
+        // The Expiration reports what the receiver last said, where and when (RFC
+        // 3464 §2.3.6), not words of ours; ours only when there was no attempt.
+        let (reply, stage, at) = match job.last.take() {
+            Some(l) => (
+                Reply::new(l.code, l.enhanced.as_deref(), &l.text),
+                stage_named(&l.stage),
+                Some(UNIX_EPOCH + Duration::from_millis(l.at_unix_ms)),
+            ),
+            None => (
+                Reply::new(
+                    451,
+                    Some("4.4.7"),
+                    "message expired in the queue before any attempt could be made",
+                ),
+                "local",
+                None,
+            ),
+        };
+        // Expiring is not an attempt; recording an outcome counts one.
         job.attempts = job.attempts.saturating_sub(1);
-        self.outcome(job, &r, "local", None, None);
+        let how = Attempt {
+            stage,
+            last_attempt: at,
+            ..Attempt::default()
+        };
+        self.record(&mut job, &reply, how);
     }
 
     fn finished(&self) -> bool {
@@ -514,7 +539,8 @@ impl Shard {
                 Ok(()),
             ),
             Route::NullMx => {
-                let why = format!("{domain} accepts no mail (null MX, RFC 7505)");
+                let why = crate::explain::dns(&domain, &crate::explain::DnsProblem::NullMx);
+                let why = why.to_string();
                 let f = failed(556, "5.1.10", &why, true);
                 (
                     DomainState::Failed {
@@ -996,7 +1022,13 @@ impl Shard {
         via: Option<&Via>,
         permanent: Option<bool>,
     ) {
-        self.outcome_timed(&mut job, reply, stage, via, permanent, None);
+        let how = Attempt {
+            stage,
+            via,
+            permanent,
+            ..Attempt::default()
+        };
+        self.record(&mut job, reply, how);
     }
 
     /// The class of a reply that is not a success.
@@ -1004,15 +1036,16 @@ impl Shard {
         self.classifier.classify(reply).class
     }
 
-    pub fn outcome_timed(
-        &self,
-        job: &mut Job,
-        reply: &Reply,
-        stage: &'static str,
-        via: Option<&Via>,
-        permanent: Option<bool>,
-        tx_ms: Option<u64>,
-    ) -> Option<Class> {
+    /// Records `reply` for `job`, as `how` came about: the log line, then a Done or
+    /// Defer record at the next commit, or a retry. The reply's class, if not a success.
+    pub fn record(&self, job: &mut Job, reply: &Reply, how: Attempt) -> Option<Class> {
+        let Attempt {
+            stage,
+            via,
+            permanent,
+            tx_ms,
+            last_attempt,
+        } = how;
         let inst = &self.instances[&job.instance];
         let now_sys = SystemTime::now();
         let queued_ms = now_sys
@@ -1045,7 +1078,13 @@ impl Shard {
         .into_owned();
         drop(spool);
         let text = reply.text.replace('\n', " ");
+        let last_attempt = match kind {
+            // Now, unless it reports an earlier attempt's reply (or none was made).
+            Kind::Expiration => last_attempt.or((stage != "local").then_some(now_sys)),
+            _ => None,
+        };
         self.log.borrow_mut().push(&log::Record {
+            last_attempt: last_attempt.map(log::rfc3339),
             kind,
             time: log::now_rfc3339(),
             campaign: &inst.settings.id,
@@ -1083,6 +1122,13 @@ impl Shard {
                 let Decision::Retry(after) = decision else {
                     unreachable!("only a retry is not terminal")
                 };
+                job.last = Some(Rc::new(LastReply {
+                    at_unix_ms: unix_ms(now_sys),
+                    code: reply.code,
+                    enhanced: reply.enhanced.clone(),
+                    text,
+                    stage: stage.to_string(),
+                }));
                 self.schedule_retry(job.clone(), inst.expire_at, after);
             }
         }
@@ -1108,6 +1154,7 @@ impl Shard {
             Deferral {
                 attempts: job.attempts,
                 due_unix_ms: unix_ms(SystemTime::now() + wait),
+                last: job.last.as_deref().cloned(),
             },
         ));
         job.requeues = 0;
@@ -1126,7 +1173,7 @@ impl Shard {
                     spool.append_done(r, t)?;
                     done += 1;
                 }
-                Pending::Deferred(r, d) => spool.append_defer(r, d)?,
+                Pending::Deferred(r, ref d) => spool.append_defer(r, d)?,
             }
         }
         if sync {
@@ -1269,6 +1316,28 @@ fn pick_source(sources: &[Source], now: Instant) -> Option<usize> {
     None
 }
 
+/// How an outcome came about, besides the reply (see `Shard::record`).
+#[derive(Default)]
+pub struct Attempt<'a> {
+    /// Where the reply came from: dns, connect, mail, rcpt, data, local.
+    pub stage: &'static str,
+    pub via: Option<&'a Via<'a>>,
+    /// Overrides the reply's verdict (DNS answers): Some(true) is permanent.
+    pub permanent: Option<bool>,
+    /// The SMTP transaction's time, from submitting it to its final reply.
+    pub tx_ms: Option<u64>,
+    /// An expiration reporting an earlier attempt's reply: when it came.
+    pub last_attempt: Option<SystemTime>,
+}
+
+/// The static name of a stage read back from a Defer record.
+fn stage_named(s: &str) -> &'static str {
+    ["dns", "connect", "mail", "rcpt", "data"]
+        .into_iter()
+        .find(|n| *n == s)
+        .unwrap_or("local")
+}
+
 /// Stage names for the log.
 pub fn stage_name(s: Stage) -> &'static str {
     match s {
@@ -1293,6 +1362,7 @@ mod tests {
             domain: Rc::from("example.test"),
             attempts: 0,
             requeues: 0,
+            last: None,
         }
     }
 

@@ -3,7 +3,8 @@
 //!
 //! Three record kinds: `Queue` (one recipient of a campaign instance, with its merge
 //! values), `Done` (a terminal outcome for a Queue record, by its location) and
-//! `Defer` (a temporary failure: the attempts so far and when the next is due).
+//! `Defer` (a temporary failure: the attempts so far, when the next is due, and the
+//! receiver's reply, so an expiration can report it).
 //! Recovery replays every segment in order, stops at the first torn record, and
 //! yields the Queue records that have no Done record, each with its last Defer.
 //! Segments are deleted oldest first once all their Queue records are done: a Done
@@ -22,9 +23,10 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 const MAGIC: &[u8; 8] = b"VOLLEYSP";
-/// Version 2 added Defer records. Version 1 segments are still read; appends never
-/// go to one, so a version-1 binary refuses a spool it would misread.
-const VERSION: u32 = 2;
+/// Version 2 added Defer records, version 3 the last reply on them. Older segments
+/// are still read; appends never go to one, so an older binary refuses a spool it
+/// would misread.
+const VERSION: u32 = 3;
 const SEG_HEADER_BYTES: usize = 16;
 const FRAME_BYTES: usize = 8;
 /// Largest record payload: a recipient row is bounded well below this at ingest.
@@ -171,8 +173,12 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Kind, record location, attempts, due time.
+/// Kind, record location, attempts, due time; then (version 3) the last reply.
 const DEFER_BYTES: usize = 21;
+
+/// Longest reply text kept on a Defer record; longer texts are cut at a character
+/// boundary (the accounting log has the whole reply of every attempt).
+pub const DEFER_REPLY_TEXT_MAX: usize = 1024;
 
 /// The Queue record a Done or Defer record names.
 fn record_ref(payload: &[u8]) -> RecordRef {
@@ -214,16 +220,69 @@ pub struct Spool {
 }
 
 /// A recipient's last temporary failure, kept so a restart neither retries it early
-/// nor starts its retry schedule over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// nor starts its retry schedule over, and an expiration reports the real reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deferral {
     pub attempts: u32,
     /// When the next attempt is due, in milliseconds since the Unix epoch.
     pub due_unix_ms: u64,
+    /// What the last attempt got (None on records of version-2 segments).
+    pub last: Option<LastReply>,
+}
+
+/// The reply of a recipient's last real attempt (RFC 3464 §2.3.6: a DSN's
+/// Diagnostic-Code and Last-Attempt-Date).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastReply {
+    /// When the attempt was answered, in milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+    pub code: u16,
+    pub enhanced: Option<String>,
+    /// At most DEFER_REPLY_TEXT_MAX octets.
+    pub text: String,
+    /// Where it came from: dns, connect, mail, rcpt, data.
+    pub stage: String,
+}
+
+impl LastReply {
+    /// Appends the encoding: at, code, then enhanced, text and stage each with a
+    /// u16 length.
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.at_unix_ms.to_le_bytes());
+        out.extend_from_slice(&self.code.to_le_bytes());
+        let mut cut = self.text.len().min(DEFER_REPLY_TEXT_MAX);
+        while !self.text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let text = &self.text[..cut];
+        for part in [self.enhanced.as_deref().unwrap_or(""), text, &self.stage] {
+            out.extend_from_slice(&(part.len() as u16).to_le_bytes());
+            out.extend_from_slice(part.as_bytes());
+        }
+    }
+
+    /// None when `b` is not a whole encoding (a corrupt record).
+    fn decode(b: &[u8]) -> Option<LastReply> {
+        let mut r = Reader(b);
+        let at_unix_ms = u64::from_le_bytes(r.take(8)?.try_into().ok()?);
+        let code = u16::from_le_bytes(r.take(2)?.try_into().ok()?);
+        let mut part = || -> Option<String> {
+            let n = u16::from_le_bytes(r.take(2)?.try_into().ok()?) as usize;
+            String::from_utf8(r.take(n)?.to_vec()).ok()
+        };
+        let (enhanced, text, stage) = (part()?, part()?, part()?);
+        Some(LastReply {
+            at_unix_ms,
+            code,
+            enhanced: (!enhanced.is_empty()).then_some(enhanced),
+            text,
+            stage,
+        })
+    }
 }
 
 /// A recipient recovery found still to deliver.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingRecord {
     pub rref: RecordRef,
     pub instance: u32,
@@ -317,14 +376,26 @@ impl Spool {
                             Some(&KIND_DONE) if payload.len() == 10 => {
                                 done.insert(record_ref(payload));
                             }
-                            Some(&KIND_DEFER) if payload.len() == DEFER_BYTES => {
+                            Some(&KIND_DEFER) if payload.len() >= DEFER_BYTES => {
                                 let attempts = payload[9..13].try_into().unwrap();
                                 let due = payload[13..21].try_into().unwrap();
+                                let tail = &payload[DEFER_BYTES..];
+                                let last = match tail.is_empty() {
+                                    true => None,
+                                    false => match LastReply::decode(tail) {
+                                        Some(l) => Some(l),
+                                        None => {
+                                            torn_at.get_or_insert((no, off));
+                                            break;
+                                        }
+                                    },
+                                };
                                 deferred.insert(
                                     record_ref(payload),
                                     Deferral {
                                         attempts: u32::from_le_bytes(attempts),
                                         due_unix_ms: u64::from_le_bytes(due),
+                                        last,
                                     },
                                 );
                             }
@@ -366,7 +437,7 @@ impl Spool {
                 pending.push(PendingRecord {
                     rref: r,
                     instance,
-                    deferral: deferred.get(&r).copied(),
+                    deferral: deferred.remove(&r),
                 });
             }
         }
@@ -472,13 +543,16 @@ impl Spool {
     }
 
     /// Records a temporary failure of `r` (of several, recovery takes the last).
-    pub fn append_defer(&mut self, r: RecordRef, d: Deferral) -> Result<(), SpoolError> {
-        let mut p = [0u8; DEFER_BYTES];
-        p[0] = KIND_DEFER;
-        p[1..5].copy_from_slice(&r.seg.to_le_bytes());
-        p[5..9].copy_from_slice(&r.off.to_le_bytes());
-        p[9..13].copy_from_slice(&d.attempts.to_le_bytes());
-        p[13..21].copy_from_slice(&d.due_unix_ms.to_le_bytes());
+    pub fn append_defer(&mut self, r: RecordRef, d: &Deferral) -> Result<(), SpoolError> {
+        let mut p = Vec::with_capacity(DEFER_BYTES + 64);
+        p.push(KIND_DEFER);
+        p.extend_from_slice(&r.seg.to_le_bytes());
+        p.extend_from_slice(&r.off.to_le_bytes());
+        p.extend_from_slice(&d.attempts.to_le_bytes());
+        p.extend_from_slice(&d.due_unix_ms.to_le_bytes());
+        if let Some(last) = &d.last {
+            last.encode(&mut p);
+        }
         self.append(&p).map(|_| ())
     }
 
@@ -716,15 +790,16 @@ mod tests {
         let at = |attempts, due_unix_ms| Deferral {
             attempts,
             due_unix_ms,
+            last: None,
         };
         let refs: Vec<RecordRef> = {
             let (mut s, _) = Spool::open(&d, 1 << 20, &|_| true).unwrap();
             let refs: Vec<_> = (0..3)
                 .map(|i| s.append_queue(&rec(i), &mut scratch).unwrap())
                 .collect();
-            s.append_defer(refs[0], at(1, 1_000)).unwrap();
-            s.append_defer(refs[1], at(1, 2_000)).unwrap();
-            s.append_defer(refs[0], at(2, 5_000)).unwrap();
+            s.append_defer(refs[0], &at(1, 1_000)).unwrap();
+            s.append_defer(refs[1], &at(1, 2_000)).unwrap();
+            s.append_defer(refs[0], &at(2, 5_000)).unwrap();
             s.append_done(refs[1], Terminal::Delivered).unwrap();
             s.sync().unwrap();
             refs
@@ -738,6 +813,47 @@ mod tests {
         assert_eq!(
             r.pending,
             vec![pending(refs[0], Some(at(2, 5_000))), pending(refs[2], None)]
+        );
+    }
+
+    #[test]
+    fn a_deferral_keeps_the_last_reply_cut_to_its_limit() {
+        let d = dir("lastreply");
+        let mut scratch = Vec::new();
+        let long = "é".repeat(DEFER_REPLY_TEXT_MAX); // two octets each
+        let last = LastReply {
+            at_unix_ms: 1_700_000_000_123,
+            code: 452,
+            enhanced: Some("4.2.2".into()),
+            text: long.clone(),
+            stage: "rcpt".into(),
+        };
+        let rref = {
+            let (mut s, _) = Spool::open(&d, 1 << 20, &|_| true).unwrap();
+            let r = s.append_queue(&rec(0), &mut scratch).unwrap();
+            let deferral = Deferral {
+                attempts: 3,
+                due_unix_ms: 42,
+                last: Some(last.clone()),
+            };
+            s.append_defer(r, &deferral).unwrap();
+            s.sync().unwrap();
+            r
+        };
+        let (_, r) = Spool::open(&d, 1 << 20, &|_| true).unwrap();
+        assert_eq!(r.pending[0].rref, rref);
+        let got = r.pending[0].deferral.clone().unwrap().last.unwrap();
+        assert_eq!(
+            got.text,
+            long[..DEFER_REPLY_TEXT_MAX],
+            "cut at a character boundary"
+        );
+        assert_eq!(
+            LastReply {
+                text: long[..DEFER_REPLY_TEXT_MAX].to_string(),
+                ..last
+            },
+            got
         );
     }
 
@@ -759,13 +875,14 @@ mod tests {
         assert_eq!(
             s.segment_count(),
             2,
-            "appends go to a new version-2 segment"
+            "appends go to a new version-3 segment"
         );
         let deferral = Deferral {
             attempts: 1,
             due_unix_ms: 9,
+            last: None,
         };
-        s.append_defer(r.pending[0].rref, deferral).unwrap();
+        s.append_defer(r.pending[0].rref, &deferral).unwrap();
         s.sync().unwrap();
         assert_eq!(
             std::fs::read(&path).unwrap(),

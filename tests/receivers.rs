@@ -29,8 +29,13 @@ struct Quirks {
     smtputf8: bool,
     /// Recipients whose local part starts with this get `550 5.1.1`.
     refuse_rcpt_prefix: &'static str,
+    /// Recipients whose local part starts with this get `452 4.2.2 Mailbox full`.
+    full_rcpt_prefix: &'static str,
     /// Answer every MAIL with `550 5.7.1`.
     refuse_mail: bool,
+    /// Answer `451 4.3.0` after the content of a transaction the first time each
+    /// of its recipients is seen (the content is still recorded).
+    tempfail_first_data: bool,
 }
 
 impl Default for Quirks {
@@ -44,7 +49,9 @@ impl Default for Quirks {
             eightbitmime: true,
             smtputf8: false,
             refuse_rcpt_prefix: "nobody",
+            full_rcpt_prefix: "full",
             refuse_mail: false,
+            tempfail_first_data: false,
         }
     }
 }
@@ -57,6 +64,8 @@ struct Seen {
     /// (without CRLF), and whether the connection ended after a QUIT.
     conns: Mutex<Vec<(Vec<String>, bool)>>,
     messages: Mutex<Vec<Vec<u8>>>,
+    /// Recipients whose transactions reached the end of the content.
+    rcpts_seen: Mutex<std::collections::HashSet<String>>,
     open: AtomicUsize,
     open_max: AtomicUsize,
     refused_for_cap: AtomicUsize,
@@ -119,6 +128,18 @@ fn serve(s: TcpStream, q: &Quirks, seen: &Seen, idx: usize) -> bool {
     say(&mut w, "220 quirky.test ESMTP\r\n");
     let mut rcpts = 0;
     let mut accepted = 0;
+    let mut tx_rcpts: Vec<String> = Vec::new();
+    // The reply after a transaction's content, recording it.
+    let end_of_content = |msg: Vec<u8>, tx_rcpts: &[String]| -> &'static str {
+        seen.messages.lock().unwrap().push(msg);
+        let mut known = seen.rcpts_seen.lock().unwrap();
+        let first = tx_rcpts.iter().any(|r| known.insert(r.clone()));
+        if q.tempfail_first_data && first {
+            "451 4.3.0 try again later\r\n"
+        } else {
+            "250 2.0.0 queued\r\n"
+        }
+    };
     loop {
         let mut line = String::new();
         match r.read_line(&mut line) {
@@ -162,6 +183,7 @@ fn serve(s: TcpStream, q: &Quirks, seen: &Seen, idx: usize) -> bool {
             "MAIL" => {
                 rcpts = 0;
                 accepted = 0;
+                tx_rcpts.clear();
                 say(&mut w, "250 2.1.0 ok\r\n");
             }
             "RCPT" => {
@@ -169,10 +191,22 @@ fn serve(s: TcpStream, q: &Quirks, seen: &Seen, idx: usize) -> bool {
                 let addr = line.split_once('<').map_or("", |(_, a)| a);
                 if addr.starts_with(q.refuse_rcpt_prefix) {
                     say(&mut w, "550 5.1.1 no such user\r\n");
+                } else if addr.starts_with(q.full_rcpt_prefix) {
+                    // As a multi-line reply can be: over 998 octets once joined.
+                    let pad = "x".repeat(400);
+                    say(
+                        &mut w,
+                        &format!(
+                            "452-4.2.2 The account is over quota {pad}\r\n\
+                             452-4.2.2 See https://support.example/quota {pad}\r\n\
+                             452 4.2.2 Mailbox full\r\n"
+                        ),
+                    );
                 } else if q.rcpt_cap.is_some_and(|cap| rcpts > cap) {
                     say(&mut w, "452 4.5.3 Error: too many recipients\r\n");
                 } else {
                     accepted += 1;
+                    tx_rcpts.push(addr.trim_end_matches('>').to_string());
                     say(&mut w, "250 2.1.5 ok\r\n");
                 }
             }
@@ -192,8 +226,7 @@ fn serve(s: TcpStream, q: &Quirks, seen: &Seen, idx: usize) -> bool {
                     let l = l.strip_prefix(b".").unwrap_or(&l);
                     msg.extend_from_slice(l);
                 }
-                seen.messages.lock().unwrap().push(msg);
-                say(&mut w, "250 2.0.0 queued\r\n");
+                say(&mut w, end_of_content(msg, &tx_rcpts));
             }
             "BDAT" => {
                 let n: usize = line
@@ -208,8 +241,7 @@ fn serve(s: TcpStream, q: &Quirks, seen: &Seen, idx: usize) -> bool {
                 if accepted == 0 {
                     say(&mut w, "503 5.5.1 Error: no valid recipients\r\n");
                 } else {
-                    seen.messages.lock().unwrap().push(chunk);
-                    say(&mut w, "250 2.0.0 queued\r\n");
+                    say(&mut w, end_of_content(chunk, &tx_rcpts));
                 }
             }
             "QUIT" => {
@@ -457,4 +489,149 @@ fn a_connection_cap_below_the_shard_count_holds_over_all_shards() {
     assert_eq!(shards.len(), 2, "both shards delivered");
     assert_eq!(seen.refused_for_cap.load(Ordering::SeqCst), 0);
     assert_eq!(seen.open_max.load(Ordering::SeqCst), 1);
+}
+
+/// The Message-ID header fields of `messages`, in order.
+fn message_ids(messages: &[Vec<u8>]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| {
+            String::from_utf8_lossy(m)
+                .lines()
+                .find_map(|l| l.strip_prefix("Message-ID: ").map(str::to_string))
+                .expect("volley adds a Message-ID")
+        })
+        .collect()
+}
+
+#[test]
+fn message_ids_are_unique_over_shards_and_spools_and_kept_across_retries() {
+    let env = env("msgid", "");
+    let q = Quirks {
+        tempfail_first_data: true,
+        ..Quirks::default()
+    };
+    let seen = route(&env, "ids.quirk.test", "127.0.0.68", q);
+    let rows: Vec<String> = (0..40)
+        .map(|i| format!("r{i}@ids.quirk.test,R{i}"))
+        .collect();
+    let c = campaign(&env.dir, "msgid", "", &rows);
+    // No Message-ID of the template's own: volley adds one per recipient.
+    std::fs::write(
+        c.join("message.eml"),
+        "From: news@news.test\nTo: {{email}}\nSubject: hi {{name}}\n\nHello\n",
+    )
+    .unwrap();
+    let run = |spool: &str| -> Vec<String> {
+        seen.messages.lock().unwrap().clear();
+        seen.rcpts_seen.lock().unwrap().clear();
+        let mut cfg = env.config();
+        cfg.shards = 2;
+        cfg.spool_dir = env.dir.join(spool);
+        cfg.log_path = cfg.spool_dir.join("accounting.jsonl");
+        cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(200)]);
+        let r = env.send_for(Some(&c), cfg, Some(Duration::from_secs(20)));
+        assert_eq!((r.delivered, r.remaining), (40, 0));
+        message_ids(&seen.messages.lock().unwrap())
+    };
+    let first = run("spool-a");
+    assert_eq!(first.len(), 80, "each recipient refused once, then taken");
+    let distinct: std::collections::HashSet<&String> = first.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        40,
+        "one id per recipient over both shards, the same on its retry: {first:?}"
+    );
+    let second = run("spool-b");
+    let again: std::collections::HashSet<&String> = second.iter().collect();
+    assert!(
+        distinct.is_disjoint(&again),
+        "the same rows from a fresh spool get new ids: {first:?} {second:?}"
+    );
+}
+
+/// An Expiration and its DSN report the receiver's last answer, its class and when
+/// it came (RFC 3464 §2.3.6), also when the expiry falls while volley is down.
+#[test]
+fn an_expiration_keeps_the_receivers_last_reply_across_a_restart() {
+    let env = env("lastreply", "");
+    let seen = route(&env, "full.quirk.test", "127.0.0.69", Quirks::default());
+    let c = campaign(
+        &env.dir,
+        "lastreply",
+        "expire_after = \"3s\"\ndsn = true",
+        &["full1@full.quirk.test,F".to_string()],
+    );
+    let mut cfg = env.config();
+    cfg.shards = 1;
+    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(400)]);
+    let log = cfg.log_path.clone();
+    // Deferred a few times, then stopped before the expiry...
+    let r = env.send_for(Some(&c), cfg.clone(), Some(Duration::from_millis(1500)));
+    assert_eq!(r.remaining, 1);
+    // ...and resumed after it: the recipient expires without another attempt.
+    std::thread::sleep(Duration::from_millis(2000));
+    let attempts_before = seen
+        .commands()
+        .iter()
+        .filter(|c| c.starts_with("RCPT"))
+        .count();
+    let (spool, segment_bytes) = (cfg.spool_dir.clone(), cfg.segment_bytes);
+    let r = env.send_for(None, cfg, Some(Duration::from_secs(20)));
+    assert_eq!((r.expired, r.remaining), (1, 0));
+    // Its DSN quotes that reply (cut to fit a header line) and the attempt's date.
+    let instances = std::sync::Arc::new(volley::ingest::load_instances(&spool).unwrap());
+    {
+        let _lock = volley::ingest::lock_spool(&spool, 1).unwrap();
+        let n = volley::dsn::queue(&spool, &log, &instances, 1, segment_bytes, "mta.test")
+            .expect("a DSN campaign that loads, however long the reply");
+        assert_eq!(n, 1);
+    }
+    let dsn_rows: String = std::fs::read_dir(spool.join("dsn"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| std::fs::read_to_string(e.path().join("recipients.csv")).unwrap())
+        .collect();
+    let lines = log_lines(&log);
+    let deferred: Vec<_> = lines
+        .iter()
+        .filter(|l| l["type"] == "TransientFailure")
+        .collect();
+    assert!(deferred.len() >= 2, "{lines:#?}");
+    let last_deferral = deferred.last().unwrap();
+    let exp = lines
+        .iter()
+        .find(|l| l["type"] == "Expiration")
+        .unwrap_or_else(|| panic!("{lines:#?}"));
+    assert_eq!(exp["code"], 452, "{exp}");
+    assert_eq!(exp["enhanced"], "4.2.2", "{exp}");
+    assert_eq!(exp["class"], "mailbox_full", "{exp}");
+    assert_eq!(exp["stage"], "rcpt", "{exp}");
+    let reply = exp["reply"].as_str().unwrap();
+    assert!(
+        reply.starts_with("The account is over quota") && reply.ends_with("Mailbox full"),
+        "{exp}"
+    );
+    assert_eq!(
+        exp["last_attempt"], last_deferral["time"],
+        "the last attempt's time, not the expiry's: {exp}"
+    );
+    assert_eq!(
+        seen.commands()
+            .iter()
+            .filter(|c| c.starts_with("RCPT"))
+            .count(),
+        attempts_before,
+        "no attempt after the expiry"
+    );
+    assert!(
+        dsn_rows.contains("452 4.2.2 The account is over quota"),
+        "{dsn_rows}"
+    );
+    let last = humantime::parse_rfc3339(last_deferral["time"].as_str().unwrap()).unwrap();
+    assert!(
+        dsn_rows.contains(&volley::dsn::rfc5322_date(last)),
+        "Last-Attempt-Date is the last attempt's: {dsn_rows}"
+    );
 }
