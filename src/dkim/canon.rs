@@ -1,7 +1,9 @@
 //! DKIM canonicalisation, relaxed (RFC 6376 §3.4.2 headers, §3.4.4 body), owned by
 //! volley: mail-auth 0.13.3 hashes a body that ends in a whitespace-only line with
-//! that line kept (`Hello!\n  \n` as `Hello!\r\n\r\n`), and its header code treats
-//! a form feed as whitespace and misses a field written `Name :`.
+//! that line kept (`Hello!\n  \n` as `Hello!\r\n\r\n`); its header code drops a
+//! form feed as if whitespace and does not match a field written `Name :` to its
+//! name (RFC 6376 §3.4.2 makes only SP and HTAB whitespace, and deletes WSP before
+//! the colon).
 //!
 //! Pure functions over a message in memory: no IO, no allocation per line. Line
 //! ends are CRLF only; `wire_form` makes any message so before it is signed, so
