@@ -246,11 +246,18 @@ fn a_recipient_past_its_maximum_age_at_restart_expires_without_another_attempt()
         .iter()
         .rfind(|l| l["rcpt"] == "tempfail.1@gmail.com")
         .unwrap();
+    // It reports the receiver's last answer, from before the restart, not words of ours.
+    let deferral = log
+        .iter()
+        .find(|l| l["type"] == "TransientFailure")
+        .unwrap();
     assert_eq!(
         (last["type"].as_str(), last["stage"].as_str()),
-        (Some("Expiration"), Some("local")),
+        (Some("Expiration"), Some("rcpt")),
         "{last}"
     );
+    assert_eq!(last["reply"], deferral["reply"], "{last}");
+    assert_eq!(last["last_attempt"], deferral["time"], "{last}");
 }
 
 /// The log's RFC 3339 time stamp, in seconds since the epoch.
