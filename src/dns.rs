@@ -2,8 +2,10 @@
 //! monoio. Shards send a domain over a channel and await a oneshot answer; each
 //! shard caches answers until their TTL runs out.
 
+use crate::explain::{self, DnsProblem};
 use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig, ResolverOpts};
-use hickory_resolver::error::ResolveErrorKind;
+use hickory_resolver::error::{ResolveError, ResolveErrorKind};
+use hickory_resolver::proto::error::ProtoErrorKind;
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::TokioAsyncResolver;
 use std::net::{IpAddr, SocketAddr};
@@ -118,7 +120,9 @@ impl Resolver {
     pub async fn lookup(&self, domain: &str) -> Answer {
         let (reply, rx) = oneshot::channel();
         let failed = |why: &str| Answer {
-            route: Route::TempFail(why.to_string()),
+            route: Route::TempFail(
+                explain::dns(domain, &DnsProblem::ResolverDown(why.into())).to_string(),
+            ),
             valid_until: Instant::now() + TEMPFAIL_CACHE,
         };
         if self
@@ -166,6 +170,7 @@ async fn resolve(r: &TokioAsyncResolver, domain: &str) -> Answer {
             recs.sort_by_key(|(p, _)| *p);
             let mut hosts = Vec::new();
             let mut valid_until = valid_until;
+            let names: Vec<String> = recs.iter().map(|(_, h)| h.clone()).collect();
             for (preference, name) in recs {
                 let addrs = match r.lookup_ip(format!("{name}.").as_str()).await {
                     Ok(ips) => {
@@ -184,7 +189,9 @@ async fn resolve(r: &TokioAsyncResolver, domain: &str) -> Answer {
             }
             if hosts.is_empty() {
                 return Answer {
-                    route: Route::TempFail(format!("no MX host of {domain} has an address")),
+                    route: Route::TempFail(
+                        explain::dns(domain, &DnsProblem::MxWithoutAddresses(names)).to_string(),
+                    ),
                     valid_until: now + TEMPFAIL_CACHE,
                 };
             }
@@ -199,7 +206,9 @@ async fn resolve(r: &TokioAsyncResolver, domain: &str) -> Answer {
                 negative_ttl,
                 ..
             } => Answer {
-                route: Route::NoSuchDomain(format!("{domain}: no such domain (NXDOMAIN)")),
+                route: Route::NoSuchDomain(
+                    explain::dns(domain, &DnsProblem::NoSuchDomain).to_string(),
+                ),
                 valid_until: now + Duration::from_secs(negative_ttl.unwrap_or(300).into()),
             },
             ResolveErrorKind::NoRecordsFound {
@@ -207,10 +216,28 @@ async fn resolve(r: &TokioAsyncResolver, domain: &str) -> Answer {
                 ..
             } => implicit_mx(r, domain, &fqdn).await,
             _ => Answer {
-                route: Route::TempFail(format!("MX lookup for {domain}: {e}")),
+                route: Route::TempFail(explain::dns(domain, &lookup_failed(&e)).to_string()),
                 valid_until: now + TEMPFAIL_CACHE,
             },
         },
+    }
+}
+
+/// A failed lookup that says nothing about the domain itself: the DNS answered with
+/// an error code, did not answer, or could not be asked.
+fn lookup_failed(e: &ResolveError) -> DnsProblem {
+    match e.kind() {
+        ResolveErrorKind::NoRecordsFound { response_code, .. } => {
+            DnsProblem::ServerFailed(format!("{response_code:?}").to_uppercase())
+        }
+        ResolveErrorKind::Timeout => DnsProblem::TimedOut,
+        ResolveErrorKind::Proto(p) if matches!(p.kind(), ProtoErrorKind::Timeout) => {
+            DnsProblem::TimedOut
+        }
+        ResolveErrorKind::NoConnections => {
+            DnsProblem::ResolverDown("no nameserver could be reached".into())
+        }
+        _ => DnsProblem::ResolverDown(e.to_string()),
     }
 }
 
@@ -227,12 +254,17 @@ async fn implicit_mx(r: &TokioAsyncResolver, domain: &str, fqdn: &str) -> Answer
             }]),
         },
         Err(e) => match e.kind() {
-            ResolveErrorKind::NoRecordsFound { .. } => Answer {
-                route: Route::NoSuchDomain(format!("{domain}: neither MX nor address records")),
+            ResolveErrorKind::NoRecordsFound {
+                response_code: ResponseCode::NXDomain | ResponseCode::NoError,
+                ..
+            } => Answer {
+                route: Route::NoSuchDomain(
+                    explain::dns(domain, &DnsProblem::NoRecords).to_string(),
+                ),
                 valid_until: now + Duration::from_secs(300),
             },
             _ => Answer {
-                route: Route::TempFail(format!("address lookup for {domain}: {e}")),
+                route: Route::TempFail(explain::dns(domain, &lookup_failed(&e)).to_string()),
                 valid_until: now + TEMPFAIL_CACHE,
             },
         },

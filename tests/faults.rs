@@ -188,7 +188,7 @@ fn expired_with(lines: &[serde_json::Value], reason: &str) {
 #[test]
 fn server_that_never_greets() {
     let lines = run_fault("nogreet", "127.0.0.41", Fault::NoGreeting);
-    expired_with(&lines, "timeout waiting for the Greeting reply");
+    expired_with(&lines, "timeout waiting for the greeting");
 }
 
 #[test]
@@ -206,7 +206,7 @@ fn stall_at_mail_rcpt_and_content() {
 #[test]
 fn stall_at_ehlo_tries_as_a_failed_host() {
     let lines = run_fault("stallehlo", "127.0.0.45", Fault::StallAt("EHLO"));
-    expired_with(&lines, "Ehlo");
+    expired_with(&lines, "timeout waiting for the reply to EHLO");
 }
 
 #[test]

@@ -13,7 +13,15 @@ fn run(
     mode: TlsMode,
     verify: bool,
 ) -> (volley::engine::Report, Vec<serde_json::Value>, u64) {
-    let env = env_with(name, "", starttls);
+    run_in(env_with(name, "", starttls), name, mode, verify)
+}
+
+fn run_in(
+    env: Env,
+    name: &str,
+    mode: TlsMode,
+    verify: bool,
+) -> (volley::engine::Report, Vec<serde_json::Value>, u64) {
     let c = campaign(
         &env.dir,
         name,
@@ -86,9 +94,44 @@ fn required_and_verified_fails_on_a_self_signed_certificate() {
         l["reply"]
             .as_str()
             .unwrap()
-            .contains("TLS handshake failed"),
+            .contains("is not signed by a CA volley trusts"),
         "{l}"
     );
+}
+
+/// A receiver that serves a CA certificate as its own: the log says so in words, with
+/// the host and what to do, not as rustls's nested Debug names.
+#[test]
+fn a_ca_certificate_as_the_server_certificate_is_explained_in_the_log() {
+    let mx = "gmail-smtp-in.l.google.sink.test";
+    let dir = std::env::temp_dir().join(format!("volley-test-tls-ca-pem-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![mx.to_string()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let env = env_with_certificate("tls-ca-cert", cert_file, key_file);
+    let (r, lines, accepted) = run_in(env, "tls-ca-cert", TlsMode::Required, true);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!((r.delivered, accepted), (0, 0));
+    let l = lines
+        .iter()
+        .find(|l| l["type"] == "TransientFailure" && l["domain"] == "gmail.com")
+        .expect("a deferral");
+    assert_eq!(l["class"], "policy", "{l}");
+    let reply = l["reply"].as_str().unwrap();
+    for words in [
+        mx,
+        "is a CA certificate, not a server certificate (CaUsedAsEndEntity)",
+        "the receiver must fix its certificate chain",
+        "With tls_verify off for this destination",
+    ] {
+        assert!(reply.contains(words), "{words:?} not in {reply:?}");
+    }
+    assert!(!reply.contains("Other(OtherError("), "{reply}");
 }
 
 #[test]

@@ -52,6 +52,21 @@ pub fn env_keeping(name: &str) -> (Env, PathBuf) {
 
 /// As `env_with`; the sink keeps every message it accepts in `keep` as a .eml file.
 pub fn env_full(name: &str, behaviour: &str, starttls: bool, keep: Option<PathBuf>) -> Env {
+    start_env(name, behaviour, starttls, keep, None)
+}
+
+/// As `env` (STARTTLS offered), the sink serving this PEM certificate chain and key.
+pub fn env_with_certificate(name: &str, cert: PathBuf, key: PathBuf) -> Env {
+    start_env(name, "", true, None, Some((cert, key)))
+}
+
+fn start_env(
+    name: &str,
+    behaviour: &str,
+    starttls: bool,
+    keep: Option<PathBuf>,
+    tls_files: Option<(PathBuf, PathBuf)>,
+) -> Env {
     let mut profile = Profile::load("accept-all").unwrap();
     profile.sink.starttls = starttls;
     if !behaviour.is_empty() {
@@ -67,7 +82,7 @@ pub fn env_full(name: &str, behaviour: &str, starttls: bool, keep: Option<PathBu
         threads: 1,
         driver: Default::default(),
         keep,
-        tls_files: None,
+        tls_files,
     })
     .unwrap();
     let dns = dns::start(
