@@ -4,9 +4,11 @@
 //! the connection has carried its maximum, or the server goes away. After STARTTLS
 //! the same loop runs the bytes through rustls (itself sans-IO) on the way.
 
+use crate::dkim::Body;
+use crate::explain::{self, HandshakeError, Peer, Step, TlsPolicy};
 use crate::shaping;
-use crate::shard::{stage_name, Job, Shard, Site, Via};
-use crate::smtp::client::{ClientConfig, ClientSession, Event, Stage, TlsMode, Transaction};
+use crate::shard::{stage_name, Attempt, Job, Shard, Site, Via};
+use crate::smtp::client::{Caps, ClientConfig, ClientSession, Event, Stage, TlsMode, Transaction};
 use crate::smtp::reply::Reply;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller};
 use monoio::net::TcpStream;
@@ -61,19 +63,15 @@ pub async fn connection(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>)
             .await
             {
                 Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    last = failure(451, "4.4.1", format!("connect to {host} [{addr}]: {e}"));
+                Ok(Err((step, e))) => {
+                    let why = explain::connect_failed(Peer { host, addr }, step, &e);
+                    last = failure(451, "4.4.1", why.to_string());
                     continue 'targets;
                 }
                 Err(_) => {
-                    last = failure(
-                        451,
-                        "4.4.1",
-                        format!(
-                            "connect to {host} [{addr}]: timed out after {:?}",
-                            shard.cfg.connect_timeout
-                        ),
-                    );
+                    let why =
+                        explain::connect_timed_out(Peer { host, addr }, shard.cfg.connect_timeout);
+                    last = failure(451, "4.4.1", why.to_string());
                     continue 'targets;
                 }
             };
@@ -105,7 +103,7 @@ pub async fn connection(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>)
         // Every host failed: the whole destination waits, not message by message.
         let jobs: Vec<Job> = site.queue.borrow_mut().drain(..).collect();
         let text = format!(
-            "no MX host of this site took the mail; last: {}",
+            "no MX host took the mail; the last failure: {}",
             last.reply.text
         );
         let reply = Reply { text, ..last.reply };
@@ -119,15 +117,21 @@ pub async fn connection(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>)
 /// Connects to `addr`, from `source` when given. Binding first with
 /// IP_BIND_ADDRESS_NO_PORT leaves the port choice to connect(), so one source address
 /// can hold a connection per (destination, port) pair, not one per local port.
-async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+/// An error says which step failed: binding the source address or connecting.
+async fn connect(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+) -> Result<TcpStream, (Step, std::io::Error)> {
+    let connecting = |e| (Step::Connect, e);
     let Some(src) = source else {
-        return TcpStream::connect_addr(addr).await;
+        return TcpStream::connect_addr(addr).await.map_err(connecting);
     };
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
-    )?;
+    )
+    .map_err(connecting)?;
     let one: libc::c_int = 1;
     // SAFETY: a valid socket and a c_int option value of the size given.
     unsafe {
@@ -140,20 +144,23 @@ async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<Tc
         );
     }
     sock.bind(&SocketAddr::new(src, 0).into())
-        .map_err(|e| std::io::Error::new(e.kind(), format!("bind source address {src}: {e}")))?;
-    sock.set_nonblocking(true)?;
+        .map_err(|e| (Step::Bind(src), e))?;
+    sock.set_nonblocking(true).map_err(connecting)?;
     match sock.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
+        Err(e) => return Err(connecting(e)),
     }
-    let stream = TcpStream::from_std(sock.into())?;
-    stream.writable(false).await?;
+    let stream = TcpStream::from_std(sock.into()).map_err(connecting)?;
+    stream.writable(false).await.map_err(connecting)?;
     // SAFETY: the descriptor stays open for as long as `stream`, which outlives `fd`.
     let fd =
         unsafe { std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&stream)) };
-    if let Some(e) = socket2::SockRef::from(&fd).take_error()? {
-        return Err(e);
+    if let Some(e) = socket2::SockRef::from(&fd)
+        .take_error()
+        .map_err(connecting)?
+    {
+        return Err(connecting(e));
     }
     Ok(stream)
 }
@@ -248,16 +255,21 @@ async fn handshake(
     stream: &mut TcpStream,
     mut conn: rustls::ClientConnection,
     timeout: Duration,
-) -> Result<Link, String> {
+) -> Result<Link, HandshakeError> {
     let deadline = Instant::now() + timeout;
     let mut buf = Vec::with_capacity(READ_BUF_BYTES);
     while conn.is_handshaking() {
         let mut wire = Vec::new();
         while conn.wants_write() {
-            conn.write_tls(&mut wire).map_err(|e| e.to_string())?;
+            conn.write_tls(&mut wire)
+                .map_err(|e| HandshakeError::Io(Step::Write, e))?;
         }
         if !wire.is_empty() {
-            stream.write_all(wire).await.0.map_err(|e| e.to_string())?;
+            stream
+                .write_all(wire)
+                .await
+                .0
+                .map_err(|e| HandshakeError::Io(Step::Write, e))?;
         }
         if !conn.is_handshaking() {
             break;
@@ -266,22 +278,23 @@ async fn handshake(
         let left = deadline.saturating_duration_since(Instant::now());
         let (res, b) = monoio::time::timeout(left, stream.read(buf))
             .await
-            .map_err(|_| "TLS handshake timed out".to_string())?;
+            .map_err(|_| HandshakeError::TimedOut(timeout))?;
         buf = b;
         match res {
-            Ok(0) => return Err("connection closed during the TLS handshake".into()),
+            Ok(0) => return Err(HandshakeError::Closed),
             Ok(_) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(HandshakeError::Io(Step::Read, e)),
         }
         let mut rd = &buf[..];
         while !rd.is_empty() {
-            conn.read_tls(&mut rd).map_err(|e| e.to_string())?;
+            conn.read_tls(&mut rd)
+                .map_err(|e| HandshakeError::Io(Step::Read, e))?;
             if let Err(e) = conn.process_new_packets() {
                 // Tell the server why, as TLS expects, then give up.
                 let mut alert = Vec::new();
                 let _ = conn.write_tls(&mut alert);
                 let _ = stream.write_all(alert).await;
-                return Err(e.to_string());
+                return Err(HandshakeError::Tls(e));
             }
         }
     }
@@ -369,11 +382,9 @@ async fn session(
                     break;
                 }
             };
-            let tx = match build_tx(shard, &jobs) {
+            let tx = match build_tx(shard, &jobs, s.caps()) {
                 Ok(tx) => tx,
-                Err(why) => {
-                    // Not sent unsigned behind the operator's back: a local failure.
-                    let r = Reply::new(554, Some("5.7.0"), &why);
+                Err(r) => {
                     for job in jobs {
                         shard.outcome(job, &r, "local", None, Some(true));
                     }
@@ -420,7 +431,7 @@ async fn session(
                 .send(&mut stream, out)
                 .await
                 .err()
-                .map(|e| format!("write: {e}"));
+                .map(|e| explain::connection_broke(None, Step::Write, &e).to_string());
         }
         if !s.is_closed() {
             let now = Instant::now();
@@ -442,9 +453,14 @@ async fn session(
                 }
                 Some(Ok(_)) => match link.open(&mut stream, &buf).await {
                     Ok(plain) => s.receive(&plain, Instant::now()),
-                    Err(e) => s.connection_lost(&format!("TLS: {e}")),
+                    // A rustls error inside is worded as TLS's; else a write of TLS's own.
+                    Err(e) => s.connection_lost(
+                        &explain::connection_broke(None, Step::Write, &e).to_string(),
+                    ),
                 },
-                Some(Err(e)) => s.connection_lost(&format!("read: {e}")),
+                Some(Err(e)) => {
+                    s.connection_lost(&explain::connection_broke(None, Step::Read, &e).to_string())
+                }
                 None => s.handle_timeout(Instant::now()),
             }
         }
@@ -461,10 +477,16 @@ async fn session(
                         .unwrap_or_else(|_| {
                             rustls::pki_types::ServerName::IpAddress(addr.ip().into())
                         });
+                    let peer = Peer { host, addr };
+                    let policy = TlsPolicy {
+                        required: tls == TlsMode::Required,
+                        verify: site.tls_verify(),
+                    };
                     let conn =
                         rustls::ClientConnection::new(shard.tls_config(site.tls_verify()), name)
                             .map_err(|e| {
-                                failure(451, "4.7.5", format!("{host} [{addr}]: TLS setup: {e}"))
+                                let why = explain::tls_failed(Some(peer), &e, Some(policy));
+                                failure(451, "4.7.5", why.to_string())
                             })?;
                     let mut conn = conn;
                     // The session's own window bounds what is written; rustls must not
@@ -477,7 +499,7 @@ async fn session(
                             s.tls_established(Instant::now());
                         }
                         Err(e) => {
-                            let why = format!("{host} [{addr}]: TLS handshake failed: {e}");
+                            let why = explain::handshake_failed(peer, &e, policy).to_string();
                             // Required TLS is a policy failure; opportunistic TLS tries again in clear.
                             return Err(Failure {
                                 reply: Reply::new(451, Some("4.7.5"), &why),
@@ -505,14 +527,13 @@ async fn session(
                             over_limit.push(job);
                             continue;
                         }
-                        let class = shard.outcome_timed(
-                            &mut job,
-                            &reply,
-                            stage_name(stage),
-                            Some(&via),
-                            None,
+                        let how = Attempt {
+                            stage: stage_name(stage),
+                            via: Some(&via),
                             tx_ms,
-                        );
+                            ..Attempt::default()
+                        };
+                        let class = shard.record(&mut job, &reply, how);
                         shard.react(site, source, class, &reply);
                     }
                     if !over_limit.is_empty() {
@@ -556,40 +577,58 @@ async fn session(
     }
 }
 
-/// Renders the message for the first job's merge values, addressed to every job,
-/// DKIM-signed when its campaign signs.
-fn build_tx(shard: &Shard, jobs: &[Job]) -> Result<Transaction, String> {
+/// Renders the message for the first job's merge values, addressed to every job, for
+/// a receiver that offers `caps`: converted to 7 bit when it lacks 8BITMIME (RFC 6152
+/// §3), then DKIM-signed when its campaign signs, so the signature covers what is
+/// sent. Err: the local failure the jobs get (not convertible, or not signable:
+/// never sent unsigned behind the operator's back).
+fn build_tx(shard: &Shard, jobs: &[Job], caps: Caps) -> Result<Transaction, Reply> {
     let inst = &shard.instances[&jobs[0].instance];
     let spool = shard.spool.borrow();
     // Recovery read every one of these records; the mapping cannot have changed since.
     let first = spool
         .read_queue(jobs[0].rref)
         .expect("a recovered record reads back");
-    let mut content = Vec::new();
     let mut body = Vec::new();
     if inst.add_date || inst.add_message_id {
-        let r = jobs[0].rref;
-        let id = format!("{}.{}.{}", inst.no, r.seg, r.off);
         let h = crate::compliance::per_message_headers(
             inst.add_date,
-            inst.add_message_id,
-            &id,
-            &inst.settings.from_domain,
+            inst.add_message_id
+                .then(|| inst.message_id(shard.id, jobs[0].rref)),
         );
         body.extend_from_slice(h.as_bytes());
     }
-    if let Some(signer) = shard.signer(jobs[0].instance) {
-        inst.template.render(&first.values, &mut body);
-        let header = signer
-            .sign(&mut body, !inst.template.body_varies())
-            .map_err(|e| format!("DKIM signing failed: {e}"))?;
-        content.reserve(header.len() + body.len());
-        content.extend_from_slice(header.as_bytes());
-        content.extend_from_slice(&body);
-    } else {
-        inst.template.render(&first.values, &mut body);
-        content = body;
+    inst.template.render(&first.values, &mut body);
+    let mut form = Body::Fixed(0);
+    if !caps.eightbitmime {
+        match crate::mime::to_seven_bit(&body) {
+            Ok(None) => {}
+            Ok(Some(seven_bit)) => {
+                body = seven_bit;
+                form = Body::Fixed(1);
+            }
+            Err(e) => {
+                let why = format!("{e} (the receiver does not offer 8BITMIME); not sent");
+                return Err(Reply::new(554, Some("5.6.3"), &why));
+            }
+        }
     }
+    if inst.template.body_varies() {
+        form = Body::Varies;
+    }
+    let content = match shard.signer(jobs[0].instance) {
+        Some(signer) => {
+            let header = signer.sign(&mut body, form).map_err(|e| {
+                let why = format!("DKIM signing failed: {e}; not sent unsigned");
+                Reply::new(554, Some("5.7.0"), &why)
+            })?;
+            let mut content = Vec::with_capacity(header.len() + body.len());
+            content.extend_from_slice(header.as_bytes());
+            content.extend_from_slice(&body);
+            content
+        }
+        None => body,
+    };
     let rcpts = jobs
         .iter()
         .map(|j| {

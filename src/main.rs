@@ -846,7 +846,7 @@ fn dkim(cmd: DkimCmd) -> anyhow::Result<i32> {
             let mut msg = Vec::new();
             std::io::stdin().read_to_end(&mut msg)?;
             let header = signer
-                .sign(&mut msg, false)
+                .sign(&mut msg, volley::dkim::Body::Varies)
                 .map_err(|e| anyhow::anyhow!("stdin: {e}; nothing signed"))?;
             let mut out = std::io::stdout().lock();
             out.write_all(header.as_bytes())?;

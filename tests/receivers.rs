@@ -635,3 +635,63 @@ fn an_expiration_keeps_the_receivers_last_reply_across_a_restart() {
         "Last-Attempt-Date is the last attempt's: {dsn_rows}"
     );
 }
+
+/// RFC 6152 §3: 8-bit content never goes raw to a receiver without 8BITMIME; it is
+/// converted to 7 bit (quoted-printable for text) before signing, and a receiver
+/// that offers 8BITMIME gets it as it is, with BODY=8BITMIME.
+#[test]
+fn eight_bit_content_is_converted_for_a_receiver_without_8bitmime() {
+    let env = env("eightbit", "");
+    let seven = Quirks {
+        eightbitmime: false,
+        ..Quirks::default()
+    };
+    let seen7 = route(&env, "seven.quirk.test", "127.0.0.70", seven);
+    let seen8 = route(&env, "eight.quirk.test", "127.0.0.71", Quirks::default());
+    let rows = vec![
+        "a@seven.quirk.test,A".to_string(),
+        "b@eight.quirk.test,B".to_string(),
+    ];
+    let c = campaign(&env.dir, "eightbit", "", &rows);
+    let body = "Grüße aus Köln, {{name}}! Ça va? 日本語\n";
+    std::fs::write(
+        c.join("message.eml"),
+        format!(
+            "From: news@news.test\nTo: {{{{email}}}}\nSubject: hello\nMIME-Version: 1.0\n\
+             Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n{body}"
+        ),
+    )
+    .unwrap();
+    let mut cfg = env.config();
+    cfg.shards = 1;
+    let log = cfg.log_path.clone();
+    let r = env.send(&c, cfg);
+    assert_eq!(r.delivered, 2, "{:#?}", log_lines(&log));
+    settle(&seen7);
+    settle(&seen8);
+    let got7 = seen7.messages.lock().unwrap()[0].clone();
+    assert!(got7.is_ascii(), "{}", String::from_utf8_lossy(&got7));
+    let text7 = String::from_utf8(got7).unwrap();
+    assert!(
+        text7.contains("Content-Transfer-Encoding: quoted-printable"),
+        "{text7}"
+    );
+    assert!(
+        text7.contains("Gr=C3=BC=C3=9Fe aus K=C3=B6ln, A!"),
+        "{text7}"
+    );
+    let mail7 = seen7
+        .commands()
+        .into_iter()
+        .find(|c| c.starts_with("MAIL"))
+        .unwrap();
+    assert!(!mail7.contains("BODY="), "{mail7}");
+    let got8 = String::from_utf8(seen8.messages.lock().unwrap()[0].clone()).unwrap();
+    assert!(got8.contains("Grüße aus Köln, B!"), "{got8}");
+    let mail8 = seen8
+        .commands()
+        .into_iter()
+        .find(|c| c.starts_with("MAIL"))
+        .unwrap();
+    assert!(mail8.ends_with("BODY=8BITMIME"), "{mail8}");
+}

@@ -401,8 +401,18 @@ pub struct Signer {
     headers: Vec<String>,
     keys: Vec<SelectorKey>,
     scratch: RefCell<Scratch>,
-    /// The last body hash, for `same_body`.
-    last_bh: RefCell<Option<Vec<u8>>>,
+    /// The body hash of the campaign's fixed body, by its form (see `Body`).
+    last_bh: RefCell<Option<(u8, Vec<u8>)>>,
+}
+
+/// Whether a message's body is one the signer has hashed before (see `Signer::sign`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    /// Rendered per message (merge fields in the body), or unknown: hashed each time.
+    Varies,
+    /// The campaign's one body, in one of its forms (0 as rendered, 1 converted to
+    /// 7 bit for a receiver without 8BITMIME): hashed once per form, then reused.
+    Fixed(u8),
 }
 
 impl Signer {
@@ -454,23 +464,26 @@ impl Signer {
     ///
     /// `message` is first made what goes on the wire (`canon::wire_form`: lone CR
     /// and LF made CRLF, a final CRLF added), so the hash is of the octets sent.
-    /// `same_body`: the body is the one this signer signed last, so its hash is
-    /// reused (a template without merge fields in its body). The body hash is
-    /// computed once for all keys. Errors: a header line that is not a field, no
+    /// `body`: `Fixed(form)` promises the body is the campaign's one body in that
+    /// form, so its hash is computed once and reused (a template without merge fields
+    /// in its body); `Varies` hashes it every time. The body hash is computed once
+    /// for all keys. Errors: a header line that is not a field, no
     /// From field, or the key's signing failing.
-    pub fn sign(&self, message: &mut Vec<u8>, same_body: bool) -> Result<String, SignError> {
+    pub fn sign(&self, message: &mut Vec<u8>, body: Body) -> Result<String, SignError> {
         canon::wire_form(message);
         let mut scratch = self.scratch.borrow_mut();
         let Scratch { fields, headers } = &mut *scratch;
         let body_at = canon::parse_header(message, fields)?;
         let mut last = self.last_bh.borrow_mut();
-        let bh = match (&*last, same_body) {
-            (Some(bh), true) => bh.clone(),
+        let bh = match (&*last, body) {
+            (Some((form, bh)), Body::Fixed(f)) if *form == f => bh.clone(),
             _ => {
                 let mut hasher = <Sha256 as HashImpl>::hasher();
                 canon::relaxed_body(&message[body_at..], &mut |piece| hasher.write(piece));
                 let bh = hasher.complete().as_ref().to_vec();
-                *last = Some(bh.clone());
+                if let Body::Fixed(form) = body {
+                    *last = Some((form, bh.clone()));
+                }
                 bh
             }
         };
@@ -689,8 +702,8 @@ mod tests {
         (Signer::load("News.Test", &keys, headers).unwrap(), dir)
     }
 
-    fn sign(s: &Signer, msg: &str, same_body: bool) -> String {
-        s.sign(&mut msg.as_bytes().to_vec(), same_body).unwrap()
+    fn sign(s: &Signer, msg: &str, body: Body) -> String {
+        s.sign(&mut msg.as_bytes().to_vec(), body).unwrap()
     }
 
     #[test]
@@ -699,19 +712,25 @@ mod tests {
         let a = sign(
             &s,
             "From: a@news.test\r\nTo: x@y.test\r\n\r\nsame\r\n",
-            false,
+            Body::Fixed(0),
         );
         let b = sign(
             &s,
             "From: a@news.test\r\nTo: z@y.test\r\n\r\nsame\r\n",
-            true,
+            Body::Fixed(0),
         );
         assert_eq!(tag(&a, "bh"), tag(&b, "bh"));
-        let c = sign(&s, "From: a@news.test\r\n\r\nother\r\n", false);
+        let c = sign(&s, "From: a@news.test\r\n\r\nother\r\n", Body::Varies);
         assert_ne!(tag(&a, "bh"), tag(&c, "bh"));
-        // Reusing after `c` hands back `c`'s hash: the caller's promise is the contract.
-        let d = sign(&s, "From: a@news.test\r\n\r\nsame\r\n", true);
-        assert_eq!(tag(&c, "bh"), tag(&d, "bh"));
+        // Another form of the body is hashed, and does not displace the first's hash
+        // for good: each form is hashed when it differs from the cached one.
+        let e = sign(&s, "From: a@news.test\r\n\r\nseven\r\n", Body::Fixed(1));
+        assert_ne!(tag(&a, "bh"), tag(&e, "bh"));
+        let f = sign(&s, "From: a@news.test\r\n\r\nsame\r\n", Body::Fixed(0));
+        assert_eq!(tag(&a, "bh"), tag(&f, "bh"));
+        // The promise is the contract: a Fixed(0) call reuses form 0's hash.
+        let d = sign(&s, "From: a@news.test\r\n\r\nnot same\r\n", Body::Fixed(0));
+        assert_eq!(tag(&a, "bh"), tag(&d, "bh"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -720,7 +739,7 @@ mod tests {
         use base64::Engine;
         let (s, dir) = signer("issue13", &[KeyType::Ed25519], DEFAULT_HEADERS);
         let mut msg = b"From: a@news.test\n\nHello!\n  \n\n\n".to_vec();
-        let fields = s.sign(&mut msg, false).unwrap();
+        let fields = s.sign(&mut msg, Body::Varies).unwrap();
         let want = ring::digest::digest(&ring::digest::SHA256, b"Hello!\r\n");
         let want = base64::engine::general_purpose::STANDARD.encode(want.as_ref());
         assert_eq!(tag(&fields, "bh"), want);
@@ -733,7 +752,7 @@ mod tests {
     fn each_key_signs_once_with_the_last_on_top_and_one_body_hash() {
         let (s, dir) = signer("dual", &[KeyType::Rsa, KeyType::Ed25519], DEFAULT_HEADERS);
         assert_eq!(s.algorithms(), ["rsa-sha256", "ed25519-sha256"]);
-        let f = sign(&s, "From: a@news.test\r\n\r\nHi\r\n", false);
+        let f = sign(&s, "From: a@news.test\r\n\r\nHi\r\n", Body::Varies);
         let starts: Vec<usize> = f.match_indices("DKIM-Signature:").map(|m| m.0).collect();
         assert_eq!(starts.len(), 2, "{f}");
         let (top, below) = f.split_at(starts[1]);
@@ -760,7 +779,7 @@ mod tests {
         let f = sign(
             &s,
             "To: a@x.test\r\nFrom: n@news.test\r\nTO: b@x.test\r\n\r\n",
-            false,
+            Body::Varies,
         );
         // From once and over-signed, both To fields, Cc signed as absent.
         assert_eq!(tag(&f, "h"), "From:From:To:To:Cc");
@@ -781,11 +800,14 @@ mod tests {
     fn messages_and_lists_that_cannot_be_signed_say_why() {
         let (s, dir) = signer("refuse", &[KeyType::Ed25519], DEFAULT_HEADERS);
         let e = s
-            .sign(&mut b"To: a@x.test\r\n\r\nbody\r\n".to_vec(), false)
+            .sign(&mut b"To: a@x.test\r\n\r\nbody\r\n".to_vec(), Body::Varies)
             .unwrap_err();
         assert!(matches!(e, SignError::NoFrom), "{e}");
         let e = s
-            .sign(&mut b"From: a@news.test\r\nbroken\r\n\r\n".to_vec(), false)
+            .sign(
+                &mut b"From: a@news.test\r\nbroken\r\n\r\n".to_vec(),
+                Body::Varies,
+            )
             .unwrap_err();
         assert!(e.to_string().contains("header line 2"), "{e}");
         let keys = [KeyFile {

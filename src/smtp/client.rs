@@ -136,6 +136,24 @@ enum Expect {
     Quit,
 }
 
+/// What the reply answers, as an operator reads it in the log: "the reply to RCPT TO".
+impl std::fmt::Display for Expect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Expect::Greeting => "greeting",
+            Expect::Ehlo => "reply to EHLO",
+            Expect::Helo => "reply to HELO",
+            Expect::StartTls => "reply to STARTTLS",
+            Expect::Rset => "reply to RSET",
+            Expect::Mail(_) => "reply to MAIL FROM",
+            Expect::Rcpt(..) => "reply to RCPT TO",
+            Expect::Data(_) => "reply to DATA",
+            Expect::DataEnd(_) => "reply to the end of the message data",
+            Expect::Quit => "reply to QUIT",
+        })
+    }
+}
+
 struct TxState {
     tx: Transaction,
     mail: Option<Reply>,
@@ -456,8 +474,11 @@ impl ClientSession {
                 let what = self
                     .expect
                     .front()
-                    .map_or("reply".to_string(), |e| format!("{e:?}"));
-                self.close(Some(format!("timeout waiting for the {what} reply")));
+                    .map_or("reply".to_string(), |e| e.to_string());
+                self.close(Some(format!(
+                    "timeout waiting for the {what} (timeouts of RFC 5321 §4.5.3.2); the receiver \
+                     is slow or stalled: volley tries again later, on another MX host if there is one"
+                )));
             }
         }
     }
