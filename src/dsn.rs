@@ -90,6 +90,15 @@ pub fn queue(
     if wanted.is_empty() {
         return Ok(0);
     }
+    // The DSNs' From domain must be a domain: with an address literal for EHLO
+    // (`[192.0.2.1]`), the first such campaign's From domain stands in.
+    let mta = match crate::campaign::check_domain(mta) {
+        Ok(()) => mta,
+        Err(_) => instances
+            .values()
+            .find(|i| wanted.contains(i.settings.id.as_str()))
+            .map_or(mta, |i| i.settings.from_domain.as_str()),
+    };
     let dir = spool.join("dsn");
     std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     let offset_file = dir.join("log-offset");

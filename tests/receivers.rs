@@ -579,11 +579,12 @@ fn an_expiration_keeps_the_receivers_last_reply_across_a_restart() {
     let (spool, segment_bytes) = (cfg.spool_dir.clone(), cfg.segment_bytes);
     let r = env.send_for(None, cfg, Some(Duration::from_secs(20)));
     assert_eq!((r.expired, r.remaining), (1, 0));
-    // Its DSN quotes that reply (cut to fit a header line) and the attempt's date.
+    // Its DSN quotes that reply (cut to fit a header line) and the attempt's date,
+    // made with an address literal for the EHLO name.
     let instances = std::sync::Arc::new(volley::ingest::load_instances(&spool).unwrap());
     {
         let _lock = volley::ingest::lock_spool(&spool, 1).unwrap();
-        let n = volley::dsn::queue(&spool, &log, &instances, 1, segment_bytes, "mta.test")
+        let n = volley::dsn::queue(&spool, &log, &instances, 1, segment_bytes, "[192.0.2.1]")
             .expect("a DSN campaign that loads, however long the reply");
         assert_eq!(n, 1);
     }
@@ -593,6 +594,8 @@ fn an_expiration_keeps_the_receivers_last_reply_across_a_restart() {
         .filter(|e| e.path().is_dir())
         .map(|e| std::fs::read_to_string(e.path().join("recipients.csv")).unwrap())
         .collect();
+    // An address literal for EHLO is no From domain: the campaign's stands in.
+    assert!(dsn_rows.trim_end().ends_with(",news.test"), "{dsn_rows}");
     let lines = log_lines(&log);
     let deferred: Vec<_> = lines
         .iter()
