@@ -1079,14 +1079,14 @@ impl Shard {
         drop(spool);
         let text = reply.text.replace('\n', " ");
         let last_attempt = match kind {
-            // Now, unless it reports an earlier attempt's reply (or none was made).
+            // This reply (the record's own time), unless it reports an earlier one.
             Kind::Expiration => last_attempt.or((stage != "local").then_some(now_sys)),
             _ => None,
         };
         self.log.borrow_mut().push(&log::Record {
             last_attempt: last_attempt.map(log::rfc3339),
             kind,
-            time: log::now_rfc3339(),
+            time: log::rfc3339(now_sys),
             campaign: &inst.settings.id,
             rcpt: &rcpt,
             sender: &inst.settings.sender,
