@@ -302,7 +302,7 @@ impl EngineArgs {
         c.dkim_dir = self.dkim_dir;
         // Checked now, so bad rules stop `send` before anything is queued.
         match c.rules() {
-            Ok(rules) => check_pool_ehlo(&rules)?,
+            Ok(_) => {}
             Err(problems) => {
                 for p in &problems {
                     eprintln!("{p}");
@@ -553,26 +553,6 @@ fn ehlo_name(given: Option<&str>) -> anyhow::Result<Option<String>> {
         }
     }
     Ok(None)
-}
-
-/// Every pool's per-source EHLO names are held to `--ehlo`'s rule.
-fn check_pool_ehlo(rules: &Rules) -> anyhow::Result<()> {
-    for (name, sources) in &rules.pools {
-        for s in sources {
-            let Some(e) = &s.ehlo else { continue };
-            match volley::campaign::check_ehlo_name(e) {
-                Ok(n) if n == *e => {}
-                Ok(_) => anyhow::bail!(
-                    "shaping rules: [pool.{name}] source {}: ehlo {e:?} ends in a dot; drop it",
-                    s.ip
-                ),
-                Err(err) => {
-                    anyhow::bail!("shaping rules: [pool.{name}] source {}: ehlo {err}", s.ip)
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Warnings with their file and line, under the campaign directory.

@@ -727,10 +727,14 @@ fn send_refuses_an_ehlo_name_that_is_not_an_fqdn() {
     let (code, _, err) = send("mta.news.test", &["--shaping", rules.to_str().unwrap()]);
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("[pool.p] source 127.0.0.1: ehlo \"mta7\": not a fully qualified domain name"),
-        "{err}"
+        err.contains("shaping.toml:2: ehlo: \"mta7\": not a fully qualified domain name"),
+        "the file and line of the name: {err}"
     );
     assert_eq!(acked_instances(&spool), 0);
+    // `shaping check` says the same.
+    let (code, _, err) = volley(&["shaping", "check", rules.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("shaping.toml:2: ehlo: \"mta7\""), "{err}");
 
     // check takes --ehlo too, and an address literal is fine.
     let (code, _, err) = volley(&["check", c.to_str().unwrap(), "--ehlo", "mta1"]);

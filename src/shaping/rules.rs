@@ -353,7 +353,7 @@ struct SectionSpec {
 #[serde(deny_unknown_fields)]
 struct PoolSourceSpec {
     ip: Spanned<String>,
-    ehlo: Option<String>,
+    ehlo: Option<Spanned<String>>,
     weight: Option<Spanned<u32>>,
 }
 
@@ -675,12 +675,27 @@ fn parse_layer(name: &str, text: &str) -> Result<Layer, Vec<Problem>> {
                 Some(w) => *w.get_ref(),
                 None => 1,
             };
+            // Held to `--ehlo`'s rule: an FQDN or an address literal (RFC 5321 §4.1.1.1).
+            let ehlo =
+                s.ehlo
+                    .as_ref()
+                    .and_then(|e| match crate::campaign::check_ehlo_name(e.get_ref()) {
+                        Ok(n) if n == *e.get_ref() => Some(n),
+                        Ok(n) => {
+                            cx.bad(
+                                e.span(),
+                                "ehlo",
+                                format!("write {n:?}, without the final dot"),
+                            );
+                            None
+                        }
+                        Err(err) => {
+                            cx.bad(e.span(), "ehlo", err.to_string());
+                            None
+                        }
+                    });
             match s.ip.get_ref().parse::<IpAddr>() {
-                Ok(ip) => list.push(PoolSource {
-                    ip,
-                    ehlo: s.ehlo.clone(),
-                    weight,
-                }),
+                Ok(ip) => list.push(PoolSource { ip, ehlo, weight }),
                 Err(_) => cx.bad(
                     s.ip.span(),
                     "ip",
