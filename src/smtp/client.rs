@@ -197,6 +197,8 @@ pub struct ClientSession {
     /// first reply is the receiver's idle close, not a verdict on the message.
     reused_by: Option<u64>,
     idle_close: Option<Reply>,
+    /// Why the session is quitting when it could carry no mail (see `quit_with`).
+    quit_reason: Option<String>,
 }
 
 /// A connection that waited this long since its last reply counts as reused by
@@ -233,6 +235,7 @@ impl ClientSession {
             last_reply_at: now,
             reused_by: None,
             idle_close: None,
+            quit_reason: None,
         };
         s.expect.push_back(Expect::Greeting);
         s.arm(now);
@@ -459,10 +462,19 @@ impl ClientSession {
         self.flush(now);
     }
 
+    /// Ends a session that can carry no mail (greeting or EHLO refused, TLS required
+    /// and not to be had) with QUIT, as every session ends (RFC 5321 §4.1.1.10; §3.1
+    /// for a 554 greeting); once the server answers or closes, it is closed with `error`.
+    fn quit_with(&mut self, error: String, now: Instant) {
+        self.quit_reason = Some(error);
+        self.quit(now);
+    }
+
     /// The server closed the connection (read returned 0) or it broke.
     pub fn connection_lost(&mut self, why: &str) {
         if self.phase == Phase::Quitting && self.txs.is_empty() {
-            self.close(None);
+            let reason = self.quit_reason.take();
+            self.close(reason);
         } else {
             self.close(Some(format!("connection lost: {why}")));
         }
@@ -475,10 +487,15 @@ impl ClientSession {
                     .expect
                     .front()
                     .map_or("reply".to_string(), |e| e.to_string());
-                self.close(Some(format!(
-                    "timeout waiting for the {what} (timeouts of RFC 5321 §4.5.3.2); the receiver \
-                     is slow or stalled: volley tries again later, on another MX host if there is one"
-                )));
+                // A session quitting for a reason of its own keeps that reason.
+                let reason = self.quit_reason.take().unwrap_or_else(|| {
+                    format!(
+                        "timeout waiting for the {what} (timeouts of RFC 5321 §4.5.3.2); the \
+                         receiver is slow or stalled: volley tries again later, on another MX \
+                         host if there is one"
+                    )
+                });
+                self.close(Some(reason));
             }
         }
     }
@@ -636,7 +653,11 @@ impl ClientSession {
                 } else {
                     let err = format!("greeting refused: {reply}");
                     self.greeting = Some(reply);
-                    self.close(Some(err));
+                    if closing {
+                        self.close(Some(err));
+                    } else {
+                        self.quit_with(err, now);
+                    }
                 }
             }
             Expect::Ehlo => {
@@ -646,9 +667,8 @@ impl ClientSession {
                         self.queue(b"STARTTLS\r\n".to_vec(), Expect::StartTls);
                     } else if !self.tls_active && self.cfg.tls == TlsMode::Required {
                         self.tls_refused = true;
-                        self.close(Some(
-                            "TLS is required and the server does not offer STARTTLS".into(),
-                        ));
+                        let why = "TLS is required and the server does not offer STARTTLS";
+                        self.quit_with(why.into(), now);
                     } else {
                         self.ready();
                     }
@@ -657,8 +677,10 @@ impl ClientSession {
                         format!("HELO {}\r\n", self.cfg.ehlo_name).into_bytes(),
                         Expect::Helo,
                     );
-                } else {
+                } else if closing {
                     self.close(Some(format!("EHLO refused: {reply}")));
+                } else {
+                    self.quit_with(format!("EHLO refused: {reply}"), now);
                 }
             }
             Expect::StartTls => {
@@ -669,9 +691,12 @@ impl ClientSession {
                     self.events.push_back(Event::StartTls);
                 } else if self.cfg.tls == TlsMode::Required {
                     self.tls_refused = true;
-                    self.close(Some(format!(
-                        "TLS is required and STARTTLS was refused: {reply}"
-                    )));
+                    let why = format!("TLS is required and STARTTLS was refused: {reply}");
+                    if closing {
+                        self.close(Some(why));
+                    } else {
+                        self.quit_with(why, now);
+                    }
                 } else {
                     self.ready();
                 }
@@ -679,16 +704,17 @@ impl ClientSession {
             Expect::Helo => {
                 if reply.code == 250 && self.cfg.tls == TlsMode::Required {
                     self.tls_refused = true;
-                    self.close(Some(
-                        "TLS is required and the server speaks only HELO".into(),
-                    ));
+                    let why = "TLS is required and the server speaks only HELO";
+                    self.quit_with(why.into(), now);
                     return;
                 }
                 if reply.code == 250 {
                     self.caps = Caps::default();
                     self.ready();
-                } else {
+                } else if closing {
                     self.close(Some(format!("HELO refused: {reply}")));
+                } else {
+                    self.quit_with(format!("HELO refused: {reply}"), now);
                 }
             }
             Expect::Rset => {}
@@ -732,7 +758,8 @@ impl ClientSession {
                 self.finish_tx(id, &reply, Stage::Data);
             }
             Expect::Quit => {
-                self.close(None);
+                let reason = self.quit_reason.take();
+                self.close(reason);
                 return;
             }
         }
@@ -997,6 +1024,8 @@ mod tests {
         ));
         let mut s = ClientSession::new(cfg(), now);
         s.receive(b"554 5.7.1 go away\r\n", now);
+        assert_eq!(out(&mut s), "QUIT\r\n");
+        s.receive(b"221 bye\r\n", now);
         let ev = events(&mut s);
         assert!(matches!(&ev[0], Event::Closed { greeting: Some(r), .. } if r.code == 554));
     }
@@ -1036,18 +1065,58 @@ mod tests {
         s.receive(b"220 hi\r\n", now);
         assert_eq!(out(&mut s), "EHLO me.test\r\n");
         s.receive(b"250 x\r\n", now);
+        assert_eq!(
+            out(&mut s),
+            "QUIT\r\n",
+            "no mail in clear; the session ends politely"
+        );
+        assert_eq!(events(&mut s), vec![]);
+        s.receive(b"221 bye\r\n", now);
         let ev = events(&mut s);
         assert!(
             matches!(
                 &ev[0],
                 Event::Closed {
                     tls_refused: true,
+                    error: Some(e),
                     ..
-                }
+                } if e.contains("does not offer STARTTLS")
             ),
             "{ev:?}"
         );
-        assert_eq!(out(&mut s), "", "nothing sent in clear");
+    }
+
+    #[test]
+    fn a_session_that_can_carry_no_mail_still_ends_with_quit() {
+        let now = Instant::now();
+        // A 554 greeting (RFC 5321 §3.1), then EHLO and HELO both refused.
+        let mut s = ClientSession::new(cfg(), now);
+        s.receive(b"554 5.7.1 no mail from you\r\n", now);
+        assert_eq!(out(&mut s), "QUIT\r\n");
+        s.connection_lost("closed by the server");
+        let ev = events(&mut s);
+        assert!(
+            matches!(&ev[0], Event::Closed { error: Some(e), .. } if e.contains("greeting refused: 554")),
+            "{ev:?}"
+        );
+        let mut s = ClientSession::new(cfg(), now);
+        s.receive(b"220 hi\r\n", now);
+        out(&mut s);
+        s.receive(b"550 no EHLO\r\n", now);
+        assert_eq!(out(&mut s), "HELO me.test\r\n");
+        s.receive(b"550 5.7.1 no HELO either\r\n", now);
+        assert_eq!(out(&mut s), "QUIT\r\n");
+        s.receive(b"221 bye\r\n", now);
+        let ev = events(&mut s);
+        assert!(
+            matches!(&ev[0], Event::Closed { error: Some(e), .. } if e.contains("HELO refused")),
+            "{ev:?}"
+        );
+        // A 421 greeting closes the channel itself: nothing to say.
+        let mut s = ClientSession::new(cfg(), now);
+        s.receive(b"421 4.7.0 busy\r\n", now);
+        assert_eq!(out(&mut s), "");
+        assert!(matches!(events(&mut s)[0], Event::Closed { .. }));
     }
 
     #[test]
