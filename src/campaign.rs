@@ -517,7 +517,7 @@ impl Campaign {
                 file,
                 line,
                 msg: format!(
-                    "{} row(s) put raw non-ASCII in the {name} header (first recipients.csv:{}): it needs SMTPUTF8 (RFC 6531) or RFC 2047 encoding, or receivers may refuse or garble it",
+                    "{} row(s) put raw non-ASCII in the {name} header (first recipients.csv:{}): it goes as it is to receivers that offer SMTPUTF8 (RFC 6531) and as RFC 2047 encoded-words to the others, which works for Subject, display names and other free text but not in addresses, Message-ID or List-* fields (those recipients then fail with 5.6.9)",
                     c.rows, c.first_row
                 ),
             });

@@ -578,9 +578,9 @@ async fn session(
 }
 
 /// Renders the message for the first job's merge values, addressed to every job, for
-/// a receiver that offers `caps`: converted to 7 bit when it lacks 8BITMIME (RFC 6152
-/// §3), then DKIM-signed when its campaign signs, so the signature covers what is
-/// sent. Err: the local failure the jobs get (not convertible, or not signable:
+/// a receiver that offers `caps`: header fields RFC 2047-encoded when it lacks
+/// SMTPUTF8, the body converted to 7 bit when it lacks 8BITMIME (RFC 6152 §3), then
+/// DKIM-signed when its campaign signs, so the signature covers what is sent. Err: the local failure the jobs get (not convertible, or not signable:
 /// never sent unsigned behind the operator's back).
 fn build_tx(shard: &Shard, jobs: &[Job], caps: Caps) -> Result<Transaction, Reply> {
     let inst = &shard.instances[&jobs[0].instance];
@@ -599,6 +599,17 @@ fn build_tx(shard: &Shard, jobs: &[Job], caps: Caps) -> Result<Transaction, Repl
         body.extend_from_slice(h.as_bytes());
     }
     inst.template.render(&first.values, &mut body);
+    if !caps.smtputf8 {
+        // RFC 6532 header fields need SMTPUTF8; without it, RFC 2047 encoded-words.
+        match crate::mime::encode_headers(&body) {
+            Ok(None) => {}
+            Ok(Some(encoded)) => body = encoded,
+            Err(e) => {
+                let why = format!("{e} (the receiver does not offer SMTPUTF8); not sent");
+                return Err(Reply::new(554, Some("5.6.9"), &why));
+            }
+        }
+    }
     let mut form = Body::Fixed(0);
     if !caps.eightbitmime {
         match crate::mime::to_seven_bit(&body) {

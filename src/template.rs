@@ -671,7 +671,7 @@ impl Builder<'_> {
             self.warnings.push(TemplateWarning {
                 line: line_no,
                 msg: format!(
-                    "raw non-ASCII in the {} header: it needs SMTPUTF8 (RFC 6531) or RFC 2047 encoding, or receivers may refuse or garble it",
+                    "raw non-ASCII in the {} header: it goes as it is to receivers that offer SMTPUTF8 (RFC 6531) and as RFC 2047 encoded-words to the others, which works for Subject, display names and other free text but not in addresses, Message-ID or List-* fields (those recipients then fail with 5.6.9)",
                     f.name
                 ),
             });

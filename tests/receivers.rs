@@ -641,7 +641,8 @@ fn an_expiration_keeps_the_receivers_last_reply_across_a_restart() {
 
 /// RFC 6152 §3: 8-bit content never goes raw to a receiver without 8BITMIME; it is
 /// converted to 7 bit (quoted-printable for text) before signing, and a receiver
-/// that offers 8BITMIME gets it as it is, with BODY=8BITMIME.
+/// that offers 8BITMIME gets it as it is, with BODY=8BITMIME. UTF-8 header fields go
+/// raw only with SMTPUTF8 (RFC 6531), else as RFC 2047 encoded-words.
 #[test]
 fn eight_bit_content_is_converted_for_a_receiver_without_8bitmime() {
     let env = env("eightbit", "");
@@ -651,16 +652,22 @@ fn eight_bit_content_is_converted_for_a_receiver_without_8bitmime() {
     };
     let seen7 = route(&env, "seven.quirk.test", "127.0.0.70", seven);
     let seen8 = route(&env, "eight.quirk.test", "127.0.0.71", Quirks::default());
+    let utf8 = Quirks {
+        smtputf8: true,
+        ..Quirks::default()
+    };
+    let seen_utf8 = route(&env, "utf8.quirk.test", "127.0.0.72", utf8);
     let rows = vec![
-        "a@seven.quirk.test,A".to_string(),
-        "b@eight.quirk.test,B".to_string(),
+        "a@seven.quirk.test,Zoë".to_string(),
+        "b@eight.quirk.test,Zoë".to_string(),
+        "c@utf8.quirk.test,Zoë".to_string(),
     ];
     let c = campaign(&env.dir, "eightbit", "", &rows);
     let body = "Grüße aus Köln, {{name}}! Ça va? 日本語\n";
     std::fs::write(
         c.join("message.eml"),
         format!(
-            "From: news@news.test\nTo: {{{{email}}}}\nSubject: hello\nMIME-Version: 1.0\n\
+            "From: News Café <news@news.test>\nTo: {{{{email}}}}\nSubject: Grüße {{{{name}}}}\nMIME-Version: 1.0\n\
              Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n{body}"
         ),
     )
@@ -669,9 +676,10 @@ fn eight_bit_content_is_converted_for_a_receiver_without_8bitmime() {
     cfg.shards = 1;
     let log = cfg.log_path.clone();
     let r = env.send(&c, cfg);
-    assert_eq!(r.delivered, 2, "{:#?}", log_lines(&log));
+    assert_eq!(r.delivered, 3, "{:#?}", log_lines(&log));
     settle(&seen7);
     settle(&seen8);
+    settle(&seen_utf8);
     let got7 = seen7.messages.lock().unwrap()[0].clone();
     assert!(got7.is_ascii(), "{}", String::from_utf8_lossy(&got7));
     let text7 = String::from_utf8(got7).unwrap();
@@ -680,7 +688,16 @@ fn eight_bit_content_is_converted_for_a_receiver_without_8bitmime() {
         "{text7}"
     );
     assert!(
-        text7.contains("Gr=C3=BC=C3=9Fe aus K=C3=B6ln, A!"),
+        text7.contains("Gr=C3=BC=C3=9Fe aus K=C3=B6ln, Zo=C3=AB!"),
+        "{text7}"
+    );
+    // Without SMTPUTF8, header fields in RFC 2047 encoded-words (RFC 6532 needs it).
+    assert!(
+        text7.contains("Subject: =?UTF-8?Q?Gr=C3=BC=C3=9Fe_Zo=C3=AB?="),
+        "{text7}"
+    );
+    assert!(
+        text7.contains("From: News =?UTF-8?Q?Caf=C3=A9?= <news@news.test>"),
         "{text7}"
     );
     let mail7 = seen7
@@ -690,11 +707,21 @@ fn eight_bit_content_is_converted_for_a_receiver_without_8bitmime() {
         .unwrap();
     assert!(!mail7.contains("BODY="), "{mail7}");
     let got8 = String::from_utf8(seen8.messages.lock().unwrap()[0].clone()).unwrap();
-    assert!(got8.contains("Grüße aus Köln, B!"), "{got8}");
+    assert!(got8.contains("Grüße aus Köln, Zoë!"), "{got8}");
+    assert!(got8.contains("Subject: =?UTF-8?"), "{got8}");
     let mail8 = seen8
         .commands()
         .into_iter()
         .find(|c| c.starts_with("MAIL"))
         .unwrap();
     assert!(mail8.ends_with("BODY=8BITMIME"), "{mail8}");
+    // With SMTPUTF8 the header fields go as they are, and MAIL says so.
+    let got = String::from_utf8(seen_utf8.messages.lock().unwrap()[0].clone()).unwrap();
+    assert!(got.contains("Subject: Grüße Zoë"), "{got}");
+    let mail = seen_utf8
+        .commands()
+        .into_iter()
+        .find(|c| c.starts_with("MAIL"))
+        .unwrap();
+    assert!(mail.ends_with("BODY=8BITMIME SMTPUTF8"), "{mail}");
 }
