@@ -352,6 +352,9 @@ async fn session(
     let chain = site.chain(source);
     // Transactions this connection lost to the server closing it (see pipeline.rs).
     let mut cut_off = 0;
+    // Transactions this connection delivered to at least one recipient, and whether
+    // the receiver has said it takes no more recipients on this session.
+    let (mut carried, mut session_full) = (0usize, false);
     loop {
         // A connection that sat idle may have been closed by the receiver (a 421 or
         // EOF we were not reading): look before reusing it, and read that instead.
@@ -363,6 +366,7 @@ async fn session(
         s.set_window(site.window.get());
         while established
             && !peer_spoke
+            && !session_full
             && !shard.stop_requested()
             && s.can_submit()
             && sent < max_msgs
@@ -402,6 +406,7 @@ async fn session(
             let since = *idle_since.get_or_insert_with(Instant::now);
             let idle_for = since.elapsed();
             if sent >= max_msgs
+                || session_full
                 || shard.stop_requested()
                 // Over the connection cap after a back-off: this one gives way.
                 || chain.iter().any(|l| l.over_cap())
@@ -521,9 +526,13 @@ async fn session(
                         .iter()
                         .filter(|(st, _)| matches!(st, Stage::Data))
                         .count();
+                    // None at all on a connection that carried mail before: its cap
+                    // is per session; the rest go at once on a new connection.
+                    let per_session = accepted == 0 && carried > 0;
                     let mut over_limit = Vec::new();
                     for (mut job, (stage, reply)) in jobs.into_iter().zip(replies) {
-                        if accepted > 0 && stage == Stage::Rcpt && reply.is_too_many_recipients() {
+                        let too_many = stage == Stage::Rcpt && reply.is_too_many_recipients();
+                        if too_many && (accepted > 0 || per_session) {
                             over_limit.push(job);
                             continue;
                         }
@@ -531,13 +540,22 @@ async fn session(
                             stage: stage_name(stage),
                             via: Some(&via),
                             tx_ms,
+                            // Temporary even as a 552 (RFC 5321 §4.5.3.1.10).
+                            permanent: too_many.then_some(false),
                             ..Attempt::default()
                         };
                         let class = shard.record(&mut job, &reply, how);
                         shard.react(site, source, class, &reply);
                     }
+                    if accepted > 0 {
+                        carried += 1;
+                    }
                     if !over_limit.is_empty() {
-                        site.learn_rcpt_limit(accepted);
+                        if per_session {
+                            session_full = true;
+                        } else {
+                            site.learn_rcpt_limit(accepted);
+                        }
                         shard.send_again(site, over_limit);
                     }
                 }
@@ -552,8 +570,16 @@ async fn session(
                     error,
                     tls_refused,
                     idle_close,
+                    refused,
                     ..
                 } => {
+                    if let Some(reply) = refused {
+                        // Counted as a failed connection, as a refusal at the greeting.
+                        return Err(Failure {
+                            reply,
+                            retry_in_clear: false,
+                        });
+                    }
                     if let Some(r) = idle_close {
                         // Not a verdict on a message, but a receiver that closes
                         // idle connections with "too many connections" is throttling.

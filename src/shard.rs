@@ -466,6 +466,9 @@ impl Shard {
         job.attempts = job.attempts.saturating_sub(1);
         let how = Attempt {
             stage,
+            // Its last reply was taken as temporary (a 552 "too many recipients", a
+            // rule that retries a 5xx): past the maximum age it expires, whatever the code.
+            permanent: Some(false),
             last_attempt: at,
             ..Attempt::default()
         };

@@ -19,8 +19,14 @@ use volley::shaping::rules::Set;
 struct Quirks {
     /// Close a connection with `421 4.4.2` after this long without a command.
     idle_close: Option<Duration>,
-    /// Recipients taken per transaction; the rest get `452 4.5.3`.
+    /// Recipients taken per transaction; the rest get `cap_reply`.
     rcpt_cap: Option<usize>,
+    /// Recipients taken per connection, over its transactions; the rest get `cap_reply`.
+    session_rcpt_cap: Option<usize>,
+    /// What a recipient over a cap gets.
+    cap_reply: &'static str,
+    /// Answer EHLO, then at once `421 4.7.0 Too many connections` and close.
+    close_after_ehlo: bool,
     /// Connections open at once from everyone; more get `421 4.7.0` at the greeting.
     conn_cap: Option<usize>,
     pipelining: bool,
@@ -43,6 +49,9 @@ impl Default for Quirks {
         Quirks {
             idle_close: None,
             rcpt_cap: None,
+            session_rcpt_cap: None,
+            cap_reply: "452 4.5.3 Error: too many recipients",
+            close_after_ehlo: false,
             conn_cap: None,
             pipelining: true,
             chunking: true,
@@ -127,6 +136,7 @@ fn serve(s: TcpStream, q: &Quirks, seen: &Seen, idx: usize) -> bool {
     let record = |line: &str| seen.conns.lock().unwrap()[idx].0.push(line.to_string());
     say(&mut w, "220 quirky.test ESMTP\r\n");
     let mut rcpts = 0;
+    let mut session_accepted = 0;
     let mut accepted = 0;
     let mut tx_rcpts: Vec<String> = Vec::new();
     // The reply after a transaction's content, recording it.
@@ -178,6 +188,10 @@ fn serve(s: TcpStream, q: &Quirks, seen: &Seen, idx: usize) -> bool {
                     reply.push_str(&format!("250{sep}{c}\r\n"));
                 }
                 say(&mut w, &reply);
+                if q.close_after_ehlo {
+                    say(&mut w, "421 4.7.0 Too many connections from your host\r\n");
+                    return false;
+                }
             }
             "MAIL" if q.refuse_mail => say(&mut w, "550 5.7.1 sender refused\r\n"),
             "MAIL" => {
@@ -202,10 +216,14 @@ fn serve(s: TcpStream, q: &Quirks, seen: &Seen, idx: usize) -> bool {
                              452 4.2.2 Mailbox full\r\n"
                         ),
                     );
-                } else if q.rcpt_cap.is_some_and(|cap| rcpts > cap) {
-                    say(&mut w, "452 4.5.3 Error: too many recipients\r\n");
+                } else if q.rcpt_cap.is_some_and(|cap| rcpts > cap)
+                    || q.session_rcpt_cap
+                        .is_some_and(|cap| session_accepted >= cap)
+                {
+                    say(&mut w, &format!("{}\r\n", q.cap_reply));
                 } else {
                     accepted += 1;
+                    session_accepted += 1;
                     tx_rcpts.push(addr.trim_end_matches('>').to_string());
                     say(&mut w, "250 2.1.5 ok\r\n");
                 }
@@ -724,4 +742,91 @@ fn eight_bit_content_is_converted_for_a_receiver_without_8bitmime() {
         .find(|c| c.starts_with("MAIL"))
         .unwrap();
     assert!(mail.ends_with("BODY=8BITMIME SMTPUTF8"), "{mail}");
+}
+
+/// A receiver that refuses the session right after EHLO (an unsolicited 421, its
+/// connection limit) is a failed connection, as a refusal at the greeting: retried on
+/// the schedule, not reconnected to in a loop.
+#[test]
+fn a_421_right_after_ehlo_is_a_refused_connection_not_an_idle_close() {
+    let env = env("ehlo421", "");
+    let q = Quirks {
+        close_after_ehlo: true,
+        ..Quirks::default()
+    };
+    let seen = route(&env, "storm.quirk.test", "127.0.0.73", q);
+    let c = campaign(
+        &env.dir,
+        "ehlo421",
+        "expire_after = \"2s\"",
+        &["a@storm.quirk.test,A".to_string()],
+    );
+    let mut cfg = env.config();
+    cfg.shards = 1;
+    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(500)]);
+    let log = cfg.log_path.clone();
+    let r = env.send_for(Some(&c), cfg, Some(Duration::from_secs(20)));
+    assert_eq!((r.expired, r.remaining), (1, 0));
+    settle(&seen);
+    let conns = seen.conns.lock().unwrap().len();
+    // One per retry (every 0.5 s over 2 s), not thousands.
+    assert!(conns <= 10, "{conns} connections in 2 s");
+    let lines = log_lines(&log);
+    assert!(
+        // At "mail" when the client's MAIL crossed the 421 on the wire: then it is
+        // that command's answer, an attempt all the same.
+        deferrals(&lines)
+            .iter()
+            .all(|l| (l["stage"] == "connect" || l["stage"] == "mail")
+                && l["reply"]
+                    .as_str()
+                    .unwrap()
+                    .contains("Too many connections")),
+        "{lines:#?}"
+    );
+    assert!(!deferrals(&lines).is_empty());
+}
+
+/// RFC 5321 §4.5.3.1.10: "too many recipients" is temporary even as a 552, and a cap
+/// per session sends the rest on a new connection at once.
+#[test]
+fn too_many_recipients_is_never_a_bounce_and_a_per_session_cap_opens_a_new_connection() {
+    let env = env("sesscap", "");
+    let per_session = Quirks {
+        session_rcpt_cap: Some(2),
+        cap_reply: "552 5.5.3 Too many recipients for this session",
+        ..Quirks::default()
+    };
+    let seen = route(&env, "sess.quirk.test", "127.0.0.74", per_session);
+    let none = Quirks {
+        rcpt_cap: Some(0),
+        cap_reply: "552 5.5.3 Too many recipients",
+        ..Quirks::default()
+    };
+    route(&env, "none.quirk.test", "127.0.0.75", none);
+    let mut rows: Vec<String> = (0..6)
+        .map(|i| format!("r{i}@sess.quirk.test,R{i}"))
+        .collect();
+    rows.push("z@none.quirk.test,Z".into());
+    let c = campaign(&env.dir, "sesscap", "expire_after = \"2s\"", &rows);
+    let mut cfg = env.config();
+    cfg.shards = 1;
+    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(500)]);
+    let log = cfg.log_path.clone();
+    let r = env.send_for(Some(&c), cfg, Some(Duration::from_secs(20)));
+    let lines = log_lines(&log);
+    assert_eq!((r.delivered, r.bounced, r.expired), (6, 0, 1), "{lines:#?}");
+    let sess: Vec<_> = lines
+        .iter()
+        .filter(|l| l["domain"] == "sess.quirk.test")
+        .collect();
+    assert!(
+        sess.iter()
+            .all(|l| l["type"] == "Delivery" && l["attempt"] == 1),
+        "the session's cap costs no attempt: {sess:#?}"
+    );
+    settle(&seen);
+    assert!(seen.conns.lock().unwrap().len() >= 3);
+    let z = terminal_by_rcpt(&lines)["z@none.quirk.test"].clone();
+    assert_eq!(z[0]["type"], "Expiration", "retried, never bounced: {z:?}");
 }

@@ -106,6 +106,9 @@ pub enum Event {
         /// before or as the first reply after its reuse): it judged no message, but
         /// shaping still hears of it.
         idle_close: Option<Reply>,
+        /// The 421 with which the receiver closed a session that had carried nothing
+        /// and had not sat idle (right after EHLO): a refusal, as at the greeting.
+        refused: Option<Reply>,
     },
 }
 
@@ -197,6 +200,7 @@ pub struct ClientSession {
     /// first reply is the receiver's idle close, not a verdict on the message.
     reused_by: Option<u64>,
     idle_close: Option<Reply>,
+    refused: Option<Reply>,
     /// Why the session is quitting when it could carry no mail (see `quit_with`).
     quit_reason: Option<String>,
 }
@@ -235,6 +239,7 @@ impl ClientSession {
             last_reply_at: now,
             reused_by: None,
             idle_close: None,
+            refused: None,
             quit_reason: None,
         };
         s.expect.push_back(Expect::Greeting);
@@ -619,12 +624,20 @@ impl ClientSession {
     }
 
     fn on_reply(&mut self, reply: Reply, now: Instant) {
+        let sat_idle =
+            self.finished_txs > 0 || now.duration_since(self.last_reply_at) >= IDLE_REUSE_MIN;
         self.last_reply_at = now;
         let reused_by = self.reused_by.take();
         let Some(e) = self.expect.pop_front() else {
-            if reply.code == 421 {
+            if reply.code == 421 && sat_idle {
                 // RFC 5321 §3.8: a receiver may close an idle connection with a 421.
                 self.close_idle(reply);
+            } else if reply.code == 421 {
+                // Right after EHLO, before any mail: the receiver refuses the session
+                // (a connection limit, most often); reconnecting at once would storm it.
+                let why = format!("the receiver closed the session before any mail: {reply}");
+                self.refused = Some(reply);
+                self.close(Some(why));
             } else {
                 self.close(Some(format!(
                     "unexpected reply with nothing outstanding: {reply}"
@@ -638,7 +651,13 @@ impl ClientSession {
         // connection sat idle, it is the receiver's idle timeout, older than the
         // command: every transaction goes again on a new connection, no attempt counted.
         let closing = reply.code == 421;
-        if closing && reused_by.is_some() && matches!(e, Expect::Mail(_) | Expect::Rset) {
+        // A 4.7.x is a throttle or policy verdict on this sender, not an idle timeout.
+        let policy = reply
+            .enhanced
+            .as_deref()
+            .is_some_and(|e| e.starts_with("4.7."));
+        if closing && !policy && reused_by.is_some() && matches!(e, Expect::Mail(_) | Expect::Rset)
+        {
             self.close_idle(reply);
             return;
         }
@@ -846,6 +865,7 @@ impl ClientSession {
             greeting: self.greeting.take(),
             tls_refused: self.tls_refused,
             idle_close: self.idle_close.take(),
+            refused: self.refused.take(),
         });
     }
 }
