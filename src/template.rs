@@ -66,6 +66,9 @@ struct HeaderShape {
     /// rendering just this field.
     parts: Vec<Part>,
     fields: Vec<usize>,
+    /// An address field's mailboxes with plain values merged: a row's values must
+    /// not change the count (a `"` or `,` in a display name would add an address).
+    mailboxes: Option<usize>,
 }
 
 /// Something in the template that is allowed but may hurt delivery (see
@@ -424,13 +427,18 @@ impl Template {
         render_parts(&h.parts, values, scratch);
         match h.kind {
             HeaderKind::Address => {
-                check_address_list(scratch, may_be_empty(&h.name)).map_err(|why| {
-                    RenderError::AddressHeader {
-                        line: h.line,
-                        header: h.name.clone(),
-                        why,
-                    }
-                })
+                let bad = |why| RenderError::AddressHeader {
+                    line: h.line,
+                    header: h.name.clone(),
+                    why,
+                };
+                let n = check_address_list(scratch, may_be_empty(&h.name)).map_err(bad)?;
+                match h.mailboxes {
+                    Some(want) if n != want => Err(bad(
+                        "a merge value changes how many addresses it holds (a quote, comma or <> in a display name?)",
+                    )),
+                    _ => Ok(()),
+                }
             }
             HeaderKind::Uri => check_uris(scratch).map_err(|c| RenderError::Uri {
                 line: h.line,
@@ -693,12 +701,27 @@ impl Builder<'_> {
             HeaderKind::Text
         };
         if !f.fields.is_empty() {
+            let mailboxes = (kind == HeaderKind::Address).then(|| {
+                // Plain stand-ins: an address for the email column, a word elsewhere.
+                let plain: Vec<&[u8]> = self
+                    .columns
+                    .iter()
+                    .map(|c| match c.eq_ignore_ascii_case("email") {
+                        true => b"a@b.example".as_slice(),
+                        false => b"x".as_slice(),
+                    })
+                    .collect();
+                let mut text = Vec::new();
+                render_parts(&f.parts, &plain, &mut text);
+                check_address_list(&text, may_be_empty(&f.name)).ok()
+            });
             self.headers.push(HeaderShape {
                 line: f.line,
                 name: f.name,
                 kind,
                 parts: f.parts,
                 fields: f.fields,
+                mailboxes: mailboxes.flatten(),
             });
             return;
         }
@@ -865,11 +888,12 @@ fn skip_literal(v: &[u8], mut i: usize) -> Result<usize, &'static str> {
 /// `[display-name] <addr-spec>`) and groups (`name: mailbox, ...;`), separated by
 /// commas. Display names may use the obsolete `.` (`John Q. Public`), which is
 /// common; addresses must be modern: a dot-atom or one quoted string before the @.
-pub fn check_address_list(v: &[u8], may_be_empty: bool) -> Result<(), &'static str> {
+/// Returns how many mailboxes it holds.
+pub fn check_address_list(v: &[u8], may_be_empty: bool) -> Result<usize, &'static str> {
     let t = tokenize(v)?;
     if t.is_empty() {
         return if may_be_empty {
-            Ok(())
+            Ok(0)
         } else {
             Err("no address")
         };
@@ -878,7 +902,8 @@ pub fn check_address_list(v: &[u8], may_be_empty: bool) -> Result<(), &'static s
     loop {
         i = address(&t, i, true)?;
         match tok_at(&t, i) {
-            None => return Ok(()),
+            // Each mailbox has its @ outside quotes and comments (the tokens).
+            None => return Ok(t.iter().filter(|x| x.tok == Tok::Special(b'@')).count()),
             Some(Tok::Special(b',')) => i += 1,
             Some(_) => return Err("something after an address that is not a comma"),
         }
@@ -1163,6 +1188,39 @@ mod tests {
             );
         }
         assert!(check_address_list(b"", true).is_ok());
+    }
+
+    #[test]
+    fn a_merge_value_cannot_add_an_address_to_a_field() {
+        let t = Template::parse(
+            b"From: n@b.test\nTo: \"{{name}}\" <{{email}}>\nCc: {{email}}\n\nHi\n",
+            &cols(&["email", "name"]),
+        )
+        .unwrap();
+        assert!(
+            check(&t, &["a@c.test", "Smith, John"]).is_ok(),
+            "quoted: fine"
+        );
+        assert!(check(&t, &["\"odd user\"@c.test", "Ann"]).is_ok());
+        for (email, name) in [
+            // Out of the quotes and into a second mailbox.
+            ("a@c.test", "Bob\" <evil@evil.test>, \"x"),
+            ("a@c.test", "Bob\" <evil@evil.test>; \"x"),
+            // An address column that holds two.
+            ("a@c.test, evil@evil.test", "Ann"),
+        ] {
+            assert!(
+                matches!(
+                    check(&t, &[email, name]),
+                    Err(RenderError::AddressHeader { .. })
+                ),
+                "{email:?} {name:?} passed"
+            );
+        }
+        assert_eq!(
+            check_address_list(b"\"a@b\" <c@d.test>, e@f.test", false),
+            Ok(2)
+        );
     }
 
     #[test]
