@@ -562,16 +562,27 @@ impl ClientSession {
     }
 
     /// Without PIPELINING each command waits for the reply before it, so a command
-    /// whose transaction is already lost is not sent: no RCPT after a refused MAIL,
-    /// no DATA or BDAT after every RCPT was refused (RFC 5321 §3.3: DATA would only
-    /// earn a 503). Drops `e` from the queue and finishes its transaction if so.
+    /// whose transaction is already lost is not sent: no RCPT after a refused MAIL
+    /// or after "too many recipients" (the rest take that reply), no DATA or BDAT
+    /// after every RCPT was refused (RFC 5321 §3.3: DATA would only earn a 503).
+    /// Drops `e` from the queue and finishes its transaction if so.
     fn skip_doomed(&mut self, e: Expect) -> bool {
         let (Expect::Rcpt(id, _) | Expect::Data(id) | Expect::DataEnd(id)) = e else {
             return false;
         };
-        let Some(t) = self.txs.iter().find(|t| t.tx.id == id) else {
+        let Some(t) = self.txs.iter_mut().find(|t| t.tx.id == id) else {
             return false;
         };
+        if let Expect::Rcpt(_, i) = e {
+            // Out of recipients for this transaction: the rest would get the same
+            // 452, one round trip each; they take it without asking.
+            let full = t.rcpt.iter().flatten().find(|r| r.is_too_many_recipients());
+            if let Some(full) = full.cloned() {
+                t.rcpt[i] = Some(full);
+                self.queued.pop_front();
+                return true;
+            }
+        }
         let mail_refused = t.mail.as_ref().filter(|m| !m.is_positive()).cloned();
         let last_cmd = !matches!(e, Expect::Rcpt(..));
         let every_rcpt_refused = last_cmd
@@ -1104,6 +1115,30 @@ mod tests {
             ),
             "{ev:?}"
         );
+    }
+
+    #[test]
+    fn without_pipelining_no_rcpt_follows_too_many_recipients() {
+        let (mut s, now) = established("250-x\r\n250 SIZE 1000\r\n");
+        s.submit(tx(1, &["a@d.test", "b@d.test", "c@d.test"]), now);
+        assert_eq!(out(&mut s), "MAIL FROM:<b@s.test> SIZE=26\r\n");
+        s.receive(b"250 ok\r\n", now);
+        assert_eq!(out(&mut s), "RCPT TO:<a@d.test>\r\n");
+        s.receive(b"250 ok\r\n", now);
+        assert_eq!(out(&mut s), "RCPT TO:<b@d.test>\r\n");
+        s.receive(b"452 4.5.3 Too many recipients\r\n", now);
+        assert_eq!(out(&mut s), "DATA\r\n", "c takes b's 452 without asking");
+        s.receive(b"354 go\r\n", now);
+        out(&mut s);
+        s.receive(b"250 2.0.0 queued\r\n", now);
+        let ev = events(&mut s);
+        let Event::TxDone { replies, .. } = &ev[0] else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(replies[0].1.code, 250);
+        assert!(replies[1..]
+            .iter()
+            .all(|(st, r)| *st == Stage::Rcpt && r.is_too_many_recipients()));
     }
 
     #[test]
