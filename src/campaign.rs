@@ -763,7 +763,7 @@ pub enum AddressError {
     LocalTooLong { len: usize },
     #[error("the local part has a leading, trailing or doubled dot; RFC 5321 allows that only quoted (\"a..b\"@example.com)")]
     LocalDots,
-    #[error("{0:?} is allowed in a local part only inside quotes (\"...\"@example.com, RFC 5321 §4.1.2)")]
+    #[error("{0:?} is allowed in a local part only inside quotes (\"...\"@example.com, RFC 5321 §4.1.2); in recipients.csv the quotes are doubled inside a quoted field: \"\"\"odd user\"\"@example.com\"")]
     LocalChar(char),
     #[error("an unclosed quoted string in the local part")]
     Unclosed,
