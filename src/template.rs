@@ -841,23 +841,8 @@ fn tokenize(v: &[u8]) -> Result<Vec<Token>, &'static str> {
     Ok(out)
 }
 
-fn skip_comment(v: &[u8], mut i: usize) -> Result<usize, &'static str> {
-    let mut depth = 0usize;
-    while i < v.len() {
-        match v[i] {
-            b'\\' => i += 1,
-            b'(' => depth += 1,
-            b')' => {
-                depth -= 1;
-                if depth == 0 {
-                    return Ok(i + 1);
-                }
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    Err("an unclosed comment '('")
+fn skip_comment(v: &[u8], i: usize) -> Result<usize, &'static str> {
+    crate::mime::header::comment_end(v, i).ok_or("an unclosed comment '('")
 }
 
 fn skip_quoted(v: &[u8], mut i: usize) -> Result<usize, &'static str> {

@@ -456,7 +456,7 @@ fn lex(value: &str) -> Result<Vec<Token<'_>>, &'static str> {
                 Kind::Quoted
             }
             b'(' => {
-                i = comment_end(b, i).ok_or("a comment is not closed")?;
+                i = header::comment_end(b, i).ok_or("a comment is not closed")?;
                 Kind::Comment
             }
             b'<' => {
@@ -494,26 +494,6 @@ fn quoted_end(b: &[u8], start: usize) -> Option<usize> {
             b'"' => return Some(i + 1),
             _ => i += 1,
         }
-    }
-    None
-}
-
-/// The end (after its `)`) of the comment, nested ones in it, opening at `b[start]`.
-fn comment_end(b: &[u8], start: usize) -> Option<usize> {
-    let (mut i, mut depth) = (start, 0usize);
-    while i < b.len() {
-        match b[i] {
-            b'\\' => i += 1,
-            b'(' => depth += 1,
-            b')' => {
-                depth -= 1;
-                if depth == 0 {
-                    return Some(i + 1);
-                }
-            }
-            _ => {}
-        }
-        i += 1;
     }
     None
 }

@@ -165,6 +165,27 @@ pub(crate) fn content_type(value: &[u8]) -> Option<ContentType> {
     Some(ct)
 }
 
+/// The end (just after its `)`) of the RFC 5322 §3.2.2 comment opening at
+/// `b[start]`, nested comments and quoted pairs in it; None when it is not closed.
+pub(crate) fn comment_end(b: &[u8], start: usize) -> Option<usize> {
+    let (mut i, mut depth) = (start, 0usize);
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 1,
+            b'(' => depth += 1,
+            b')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
 /// The value with RFC 5322 comments (parenthesised, nestable, outside quoted strings)
 /// replaced by a space.
 fn strip_comments(value: &[u8]) -> Vec<u8> {

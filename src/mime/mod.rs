@@ -4,7 +4,7 @@
 //! ([`encoded_words`]). Pure functions over bytes; nothing here does IO.
 
 pub mod encoded_words;
-mod header;
+pub(crate) mod header;
 pub mod seven_bit;
 
 pub use encoded_words::{encode_headers, HeaderEncodingError};
