@@ -352,9 +352,7 @@ async fn session(
     let chain = site.chain(source);
     // Transactions this connection lost to the server closing it (see pipeline.rs).
     let mut cut_off = 0;
-    // Transactions this connection delivered to at least one recipient, and whether
-    // the receiver has said it takes no more recipients on this session.
-    let (mut carried, mut session_full) = (0usize, false);
+    let mut caps = RcptCaps::default();
     loop {
         // A connection that sat idle may have been closed by the receiver (a 421 or
         // EOF we were not reading): look before reusing it, and read that instead.
@@ -366,7 +364,7 @@ async fn session(
         s.set_window(site.window.get());
         while established
             && !peer_spoke
-            && !session_full
+            && !caps.session_full
             && !shard.stop_requested()
             && s.can_submit()
             && sent < max_msgs
@@ -406,7 +404,7 @@ async fn session(
             let since = *idle_since.get_or_insert_with(Instant::now);
             let idle_for = since.elapsed();
             if sent >= max_msgs
-                || session_full
+                || caps.session_full
                 || shard.stop_requested()
                 // Over the connection cap after a back-off: this one gives way.
                 || chain.iter().any(|l| l.over_cap())
@@ -519,45 +517,8 @@ async fn session(
                         .expect("events name transactions in flight");
                     let tx_ms = Some(started.elapsed().as_millis() as u64);
                     site.window.answered();
-                    // RFC 5321 §4.5.3.1.10: a receiver out of recipients for this
-                    // transaction says 452 to the rest; they go in the next one, at
-                    // once, and the site learns how many it takes.
-                    let accepted = replies
-                        .iter()
-                        .filter(|(st, _)| matches!(st, Stage::Data))
-                        .count();
-                    // None at all on a connection that carried mail before: its cap
-                    // is per session; the rest go at once on a new connection.
-                    let per_session = accepted == 0 && carried > 0;
-                    let mut over_limit = Vec::new();
-                    for (mut job, (stage, reply)) in jobs.into_iter().zip(replies) {
-                        let too_many = stage == Stage::Rcpt && reply.is_too_many_recipients();
-                        if too_many && (accepted > 0 || per_session) {
-                            over_limit.push(job);
-                            continue;
-                        }
-                        let how = Attempt {
-                            stage: stage_name(stage),
-                            via: Some(&via),
-                            tx_ms,
-                            // Temporary even as a 552 (RFC 5321 §4.5.3.1.10).
-                            permanent: too_many.then_some(false),
-                            ..Attempt::default()
-                        };
-                        let class = shard.record(&mut job, &reply, how);
-                        shard.react(site, source, class, &reply);
-                    }
-                    if accepted > 0 {
-                        carried += 1;
-                    }
-                    if !over_limit.is_empty() {
-                        if per_session {
-                            session_full = true;
-                        } else {
-                            site.learn_rcpt_limit(accepted);
-                        }
-                        shard.send_again(site, over_limit);
-                    }
+                    let done = Done { via: &via, tx_ms };
+                    transaction_done(shard, site, source, done, jobs, replies, &mut caps);
                 }
                 Event::TxAborted { id, reason } => {
                     let (jobs, _) = inflight
@@ -600,6 +561,75 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+/// What a connection has learned of its receiver's recipient caps.
+#[derive(Default)]
+struct RcptCaps {
+    /// Transactions this connection delivered to at least one recipient.
+    carried: usize,
+    /// The receiver takes no more recipients on this session: take no more work.
+    session_full: bool,
+}
+
+/// Where a finished transaction's replies came from.
+struct Done<'a> {
+    via: &'a Via<'a>,
+    tx_ms: Option<u64>,
+}
+
+/// Records a finished transaction's replies, one per job. "Too many recipients"
+/// (RFC 5321 §4.5.3.1.10) is the receiver's cap, never a verdict on the recipient:
+/// - on a connection's first transaction, with some recipients taken, it is a cap per
+///   transaction: the site keeps to what was taken, the rest go at once;
+/// - on a connection that carried mail before, it is a cap per session: the
+///   connection takes no more work and the rest go at once on a new one;
+/// - with none taken on a fresh connection, they are deferred (temporary, even a 552).
+///
+/// Each case delivers at least one recipient or counts an attempt, so none loops.
+fn transaction_done(
+    shard: &Rc<Shard>,
+    site: &Rc<Site>,
+    source: Option<usize>,
+    done: Done,
+    jobs: Vec<Job>,
+    replies: Vec<(Stage, Reply)>,
+    caps: &mut RcptCaps,
+) {
+    let accepted = replies
+        .iter()
+        .filter(|(st, _)| matches!(st, Stage::Data))
+        .count();
+    let per_session = caps.carried > 0;
+    let send_again = per_session || accepted > 0;
+    let mut over_cap = Vec::new();
+    for (mut job, (stage, reply)) in jobs.into_iter().zip(replies) {
+        let too_many = stage == Stage::Rcpt && reply.is_too_many_recipients();
+        if too_many && send_again {
+            over_cap.push(job);
+            continue;
+        }
+        let how = Attempt {
+            stage: stage_name(stage),
+            via: Some(done.via),
+            tx_ms: done.tx_ms,
+            permanent: too_many.then_some(false),
+            ..Attempt::default()
+        };
+        let class = shard.record(&mut job, &reply, how);
+        shard.react(site, source, class, &reply);
+    }
+    if accepted > 0 {
+        caps.carried += 1;
+    }
+    if !over_cap.is_empty() {
+        if per_session {
+            caps.session_full = true;
+        } else {
+            site.learn_rcpt_limit(accepted);
+        }
+        shard.send_again(site, over_cap);
     }
 }
 

@@ -1006,9 +1006,11 @@ impl Shard {
         }
     }
 
-    /// Puts jobs the receiver had no room for in their transaction back at the front
-    /// of the queue, with no attempt counted: each round delivers at least one more
-    /// recipient (the caller checks), so this cannot loop.
+    /// Puts jobs the receiver had no room for (its cap on recipients per transaction
+    /// or per session) back at the front of the queue, with no attempt counted. The
+    /// caller makes sure this cannot loop: it is called after a transaction that
+    /// delivered, or from a connection that had delivered and now closes; a fresh
+    /// connection's refusal counts an attempt instead.
     pub fn send_again(&self, site: &Site, jobs: Vec<Job>) {
         for job in jobs.into_iter().rev() {
             site.idle.push(&site.queue, job, true);

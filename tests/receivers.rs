@@ -830,3 +830,42 @@ fn too_many_recipients_is_never_a_bounce_and_a_per_session_cap_opens_a_new_conne
     let z = terminal_by_rcpt(&lines)["z@none.quirk.test"].clone();
     assert_eq!(z[0]["type"], "Expiration", "retried, never bounced: {z:?}");
 }
+
+/// A cap per session met part-way through a transaction is not learned as a cap
+/// per transaction (it would shrink to one recipient per transaction for good).
+#[test]
+fn a_per_session_cap_does_not_shrink_the_transactions() {
+    let env = env("sesscap5", "");
+    let q = Quirks {
+        session_rcpt_cap: Some(5),
+        ..Quirks::default()
+    };
+    let seen = route(&env, "five.quirk.test", "127.0.0.76", q);
+    let rows: Vec<String> = (0..12)
+        .map(|i| format!("r{i}@five.quirk.test,R{i}"))
+        .collect();
+    let c = campaign(&env.dir, "sesscap5", "max_rcpt_per_msg = 3", &rows);
+    std::fs::write(
+        c.join("message.eml"),
+        "From: news@news.test\nSubject: same for all\n\nHello all\n",
+    )
+    .unwrap();
+    let mut cfg = env.config();
+    cfg.shards = 1;
+    let log = cfg.log_path.clone();
+    let r = env.send_for(Some(&c), cfg, Some(Duration::from_secs(20)));
+    let lines = log_lines(&log);
+    assert_eq!((r.delivered, r.remaining), (12, 0), "{lines:#?}");
+    assert!(deferrals(&lines).is_empty(), "{lines:#?}");
+    settle(&seen);
+    let mut per_tx = Vec::new();
+    for c in seen.commands() {
+        if c.starts_with("MAIL") {
+            per_tx.push(0);
+        } else if c.starts_with("RCPT") {
+            *per_tx.last_mut().unwrap() += 1;
+        }
+    }
+    let ones = per_tx.iter().filter(|&&n| n == 1).count();
+    assert!(ones <= 1, "transactions of one recipient: {per_tx:?}");
+}
