@@ -771,7 +771,7 @@ pub enum AddressError {
     AfterQuote,
     #[error("a control character (addresses are printable ASCII, RFC 5321 §4.1.2)")]
     Control,
-    #[error("a non-ASCII local part needs SMTPUTF8 (RFC 6531), which volley does not send yet")]
+    #[error("a non-ASCII local part needs SMTPUTF8 (RFC 6531); volley does not take UTF-8 addresses yet: ask the recipient for an ASCII one")]
     NonAsciiLocal,
     #[error("{0} is an address literal: valid in RFC 5321, but volley does not deliver to address literals (bulk mail goes to a domain's MX); give the domain")]
     AddressLiteral(String),

@@ -456,8 +456,9 @@ fn log_skipped(
 
 /// Appends `from` to the accounting log `log` in one write and syncs it.
 fn append_synced(from: &Path, log: &Path) -> anyhow::Result<()> {
-    use std::io::Write;
-    let bytes = std::fs::read(from).map_err(|e| anyhow::anyhow!("{}: {e}", from.display()))?;
+    // Streamed: a list with a million bad rows makes a file of hundreds of MB.
+    let mut src =
+        std::fs::File::open(from).map_err(|e| anyhow::anyhow!("{}: {e}", from.display()))?;
     let ctx = |e: std::io::Error| anyhow::anyhow!("accounting log {}: {e}", log.display());
     if let Some(dir) = log.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(ctx)?;
@@ -467,7 +468,7 @@ fn append_synced(from: &Path, log: &Path) -> anyhow::Result<()> {
         .append(true)
         .open(log)
         .map_err(ctx)?;
-    f.write_all(&bytes).map_err(ctx)?;
+    std::io::copy(&mut src, &mut f).map_err(ctx)?;
     f.sync_data().map_err(ctx)?;
     Ok(())
 }

@@ -820,7 +820,8 @@ mod tests {
     fn a_deferral_keeps_the_last_reply_cut_to_its_limit() {
         let d = dir("lastreply");
         let mut scratch = Vec::new();
-        let long = "é".repeat(DEFER_REPLY_TEXT_MAX); // two octets each
+        // Two octets each after one: the limit falls inside a character.
+        let long = format!("a{}", "é".repeat(DEFER_REPLY_TEXT_MAX));
         let last = LastReply {
             at_unix_ms: 1_700_000_000_123,
             code: 452,
@@ -845,12 +846,12 @@ mod tests {
         let got = r.pending[0].deferral.clone().unwrap().last.unwrap();
         assert_eq!(
             got.text,
-            long[..DEFER_REPLY_TEXT_MAX],
-            "cut at a character boundary"
+            long[..DEFER_REPLY_TEXT_MAX - 1],
+            "cut at the character boundary below the limit"
         );
         assert_eq!(
             LastReply {
-                text: long[..DEFER_REPLY_TEXT_MAX].to_string(),
+                text: long[..DEFER_REPLY_TEXT_MAX - 1].to_string(),
                 ..last
             },
             got

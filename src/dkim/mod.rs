@@ -401,9 +401,14 @@ pub struct Signer {
     headers: Vec<String>,
     keys: Vec<SelectorKey>,
     scratch: RefCell<Scratch>,
-    /// The body hash of the campaign's fixed body, by its form (see `Body`).
-    last_bh: RefCell<Option<(u8, Vec<u8>)>>,
+    /// The body hash of the campaign's fixed body, one slot per form (see `Body`):
+    /// a list mixing receivers with and without 8BITMIME hashes each form once.
+    last_bh: RefCell<[Option<Vec<u8>>; BODY_FORMS]>,
 }
+
+/// The forms of a campaign's fixed body (`Body::Fixed`): as rendered, and converted
+/// to 7 bit.
+pub const BODY_FORMS: usize = 2;
 
 /// Whether a message's body is one the signer has hashed before (see `Signer::sign`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -411,7 +416,8 @@ pub enum Body {
     /// Rendered per message (merge fields in the body), or unknown: hashed each time.
     Varies,
     /// The campaign's one body, in one of its forms (0 as rendered, 1 converted to
-    /// 7 bit for a receiver without 8BITMIME): hashed once per form, then reused.
+    /// 7 bit for a receiver without 8BITMIME; below BODY_FORMS): hashed once per
+    /// form, then reused.
     Fixed(u8),
 }
 
@@ -450,7 +456,7 @@ impl Signer {
             headers,
             keys,
             scratch: RefCell::new(Scratch::default()),
-            last_bh: RefCell::new(None),
+            last_bh: RefCell::new([None, None]),
         })
     }
 
@@ -475,14 +481,18 @@ impl Signer {
         let Scratch { fields, headers } = &mut *scratch;
         let body_at = canon::parse_header(message, fields)?;
         let mut last = self.last_bh.borrow_mut();
-        let bh = match (&*last, body) {
-            (Some((form, bh)), Body::Fixed(f)) if *form == f => bh.clone(),
-            _ => {
+        let slot = match body {
+            Body::Fixed(form) => Some(usize::from(form)),
+            Body::Varies => None,
+        };
+        let bh = match slot.and_then(|i| last[i].clone()) {
+            Some(bh) => bh,
+            None => {
                 let mut hasher = <Sha256 as HashImpl>::hasher();
                 canon::relaxed_body(&message[body_at..], &mut |piece| hasher.write(piece));
                 let bh = hasher.complete().as_ref().to_vec();
-                if let Body::Fixed(form) = body {
-                    *last = Some((form, bh.clone()));
+                if let Some(i) = slot {
+                    last[i] = Some(bh.clone());
                 }
                 bh
             }
@@ -722,8 +732,7 @@ mod tests {
         assert_eq!(tag(&a, "bh"), tag(&b, "bh"));
         let c = sign(&s, "From: a@news.test\r\n\r\nother\r\n", Body::Varies);
         assert_ne!(tag(&a, "bh"), tag(&c, "bh"));
-        // Another form of the body is hashed, and does not displace the first's hash
-        // for good: each form is hashed when it differs from the cached one.
+        // Another form of the body has its own slot: it does not displace the first's.
         let e = sign(&s, "From: a@news.test\r\n\r\nseven\r\n", Body::Fixed(1));
         assert_ne!(tag(&a, "bh"), tag(&e, "bh"));
         let f = sign(&s, "From: a@news.test\r\n\r\nsame\r\n", Body::Fixed(0));
