@@ -13,7 +13,7 @@
 
 use crate::campaign::Campaign;
 use crate::ingest::{self, write_durably};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -92,13 +92,13 @@ pub fn queue(
     }
     // The DSNs' From domain must be a domain: with an address literal for EHLO
     // (`[192.0.2.1]`), the first such campaign's From domain stands in.
-    let mta = match crate::campaign::check_domain(mta) {
-        Ok(()) => mta,
-        Err(_) => instances
-            .values()
-            .find(|i| wanted.contains(i.settings.id.as_str()))
-            .map_or(mta, |i| i.settings.from_domain.as_str()),
-    };
+    // The DSNs come from MAILER-DAEMON at this host's name; with an address literal
+    // for EHLO (`[192.0.2.1]`), which is no domain, each campaign's From domain.
+    let host_is_domain = crate::campaign::check_domain(mta).is_ok();
+    let from_domain: HashMap<&str, &str> = instances
+        .values()
+        .map(|i| (i.settings.id.as_str(), i.settings.from_domain.as_str()))
+        .collect();
     let dir = spool.join("dsn");
     std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     let offset_file = dir.join("log-offset");
@@ -118,8 +118,9 @@ pub fn queue(
         .unwrap_or_default()
         .as_millis();
     let id = format!("dsn-{stamp}");
-    let mut csv = csv::Writer::from_writer(Vec::new());
-    csv.write_record([
+    // One DSN campaign per sending name (one unless EHLO is an address literal).
+    let mut batches: BTreeMap<String, csv::Writer<Vec<u8>>> = BTreeMap::new();
+    const COLUMNS: [&str; 11] = [
         "email",
         "rcpt",
         "campaign",
@@ -131,7 +132,7 @@ pub fn queue(
         "date",
         "msgid",
         "mta",
-    ])?;
+    ];
     let (mut read, mut n) = (from, 0u64);
     let mut line = Vec::new();
     let now = rfc5322_date(SystemTime::now());
@@ -180,6 +181,18 @@ pub fn queue(
         // An Expiration names its last real attempt (RFC 3464 §2.3.6); a bounce is one.
         let last = humantime::parse_rfc3339(&s("last_attempt")).unwrap_or(time);
         n += 1;
+        let mta = match host_is_domain {
+            true => mta,
+            false => from_domain.get(campaign.as_str()).copied().unwrap_or(mta),
+        };
+        let csv = match batches.entry(mta.to_string()) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let mut w = csv::Writer::from_writer(Vec::new());
+                w.write_record(COLUMNS)?;
+                e.insert(w)
+            }
+        };
         csv.write_record([
             sender.as_str(),
             &s("rcpt"),
@@ -200,32 +213,60 @@ pub fn queue(
             mta,
         ])?;
     }
-    if n > 0 {
-        let cdir = dir.join(&id);
-        std::fs::create_dir_all(&cdir)?;
-        write_durably(
-            &cdir.join("campaign.toml"),
-            format!(
-                "# Delivery status notifications made by volley; sent from the null sender.\n\
-                 id = \"{id}\"\nsender = \"<>\"\nfrom_domain = \"{mta}\"\nexpire_after = \"5d\"\n\
-                 # This host's own notices: no DKIM key is expected for its name.\ndkim = false\n"
-            )
-            .as_bytes(),
+    let several = batches.len() > 1;
+    for (k, (mta, csv)) in batches.into_iter().enumerate() {
+        let id = if several {
+            format!("{id}-{k}")
+        } else {
+            id.clone()
+        };
+        let rows = csv.into_inner()?;
+        queue_campaign(
+            &dir.join(&id),
+            &id,
+            &mta,
+            &rows,
+            spool,
+            shards,
+            segment_bytes,
         )?;
-        write_durably(&cdir.join("message.eml"), TEMPLATE.as_bytes())?;
-        write_durably(&cdir.join("recipients.csv"), &csv.into_inner()?)?;
-        let campaign = Campaign::load(&cdir).map_err(|p| {
-            anyhow::anyhow!("DSN campaign {}: {p:?} (a volley bug)", cdir.display())
-        })?;
-        ingest::ingest(&campaign, spool, shards, segment_bytes).map_err(|e| match e {
-            ingest::IngestError::Problems(p, _) => {
-                anyhow::anyhow!("DSN campaign {}: {p:?}", cdir.display())
-            }
-            ingest::IngestError::Other(e) => e,
-        })?;
     }
     write_durably(&offset_file, read.to_string().as_bytes())?;
     Ok(n)
+}
+
+/// Writes and queues the DSN campaign `id` from `mta` with its `rows` (CSV, header
+/// first) in `cdir`. Errors: the files cannot be written, or it does not load (a bug).
+fn queue_campaign(
+    cdir: &Path,
+    id: &str,
+    mta: &str,
+    rows: &[u8],
+    spool: &Path,
+    shards: usize,
+    segment_bytes: usize,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(cdir)?;
+    write_durably(
+        &cdir.join("campaign.toml"),
+        format!(
+            "# Delivery status notifications made by volley; sent from the null sender.\n\
+             id = \"{id}\"\nsender = \"<>\"\nfrom_domain = \"{mta}\"\nexpire_after = \"5d\"\n\
+             # This host's own notices: no DKIM key is expected for its name.\ndkim = false\n"
+        )
+        .as_bytes(),
+    )?;
+    write_durably(&cdir.join("message.eml"), TEMPLATE.as_bytes())?;
+    write_durably(&cdir.join("recipients.csv"), rows)?;
+    let campaign = Campaign::load(cdir)
+        .map_err(|p| anyhow::anyhow!("DSN campaign {}: {p:?} (a volley bug)", cdir.display()))?;
+    ingest::ingest(&campaign, spool, shards, segment_bytes).map_err(|e| match e {
+        ingest::IngestError::Problems(p, _) => {
+            anyhow::anyhow!("DSN campaign {}: {p:?}", cdir.display())
+        }
+        ingest::IngestError::Other(e) => e,
+    })?;
+    Ok(())
 }
 
 /// "Wed, 25 Nov 2026 02:42:35 +0000"
