@@ -94,7 +94,7 @@ pub fn queue(
     // (`[192.0.2.1]`), the first such campaign's From domain stands in.
     // The DSNs come from MAILER-DAEMON at this host's name; with an address literal
     // for EHLO (`[192.0.2.1]`), which is no domain, each campaign's From domain.
-    let host_is_domain = crate::campaign::check_domain(mta).is_ok();
+    let host_is_domain = crate::smtp::names::check_domain(mta).is_ok();
     let from_domain: HashMap<&str, &str> = instances
         .values()
         .map(|i| (i.settings.id.as_str(), i.settings.from_domain.as_str()))

@@ -679,7 +679,7 @@ fn parse_layer(name: &str, text: &str) -> Result<Layer, Vec<Problem>> {
             let ehlo =
                 s.ehlo
                     .as_ref()
-                    .and_then(|e| match crate::campaign::check_ehlo_name(e.get_ref()) {
+                    .and_then(|e| match crate::smtp::names::check_ehlo_name(e.get_ref()) {
                         Ok(n) if n == *e.get_ref() => Some(n),
                         Ok(n) => {
                             cx.bad(

@@ -1,4 +1,6 @@
-//! SMTP protocol code with no IO: replies and the client session.
+//! SMTP protocol code with no IO: replies, the client session, and the syntax of the
+//! names said on the wire.
 
 pub mod client;
+pub mod names;
 pub mod reply;
