@@ -116,9 +116,9 @@ pub enum RowError {
     /// The CSV cannot be read on from here (not skippable: the rest is out of step).
     #[error("unreadable CSV: {0}; fix the quoting")]
     Csv(String),
-    #[error("{got} fields, the header has {want}")]
+    #[error("{got} fields, the header has {want}; quote fields that hold a comma (\"Smith, John\") or fix the row")]
     FieldCount { got: usize, want: usize },
-    #[error("row of {size} octets is over the {ROW_BYTES_MAX} limit")]
+    #[error("row of {size} octets is over the {ROW_BYTES_MAX} limit; shorten its merge values (a missing closing quote makes one row of many)")]
     TooBig { size: usize },
     #[error("invalid address {raw:?}: {why}")]
     Address { raw: String, why: AddressError },
@@ -128,7 +128,7 @@ pub enum RowError {
         "field {field} contains a NUL byte, which RFC 5322 allows nowhere in a message; remove it"
     )]
     Nul { field: String },
-    #[error("field {field} is not valid UTF-8")]
+    #[error("field {field} is not valid UTF-8; export the list as UTF-8")]
     NotUtf8 { field: String },
     /// The message this row's values make is not valid RFC 5322; `at` is the
     /// template line ("message.eml:6").

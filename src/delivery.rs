@@ -166,7 +166,8 @@ async fn connect(
 }
 
 /// Whether the receiver wrote to (or closed) a connection we were not reading: a
-/// non-blocking peek, one syscall per reuse after an idle spell, never per message.
+/// non-blocking peek: one syscall per reuse after an idle spell (under pacing, each
+/// message comes after one).
 fn peer_spoke(stream: &TcpStream) -> bool {
     // SAFETY: the descriptor stays open for as long as `stream`, which outlives `fd`.
     let fd =
@@ -357,13 +358,13 @@ async fn session(
         // A connection that sat idle may have been closed by the receiver (a 421 or
         // EOF we were not reading): look before reusing it, and read that instead.
         let idle = established && s.is_idle() && s.in_flight() == 0;
-        let peer_spoke = idle && idle_since.is_some() && peer_spoke(&stream);
+        let closed_meanwhile = idle && idle_since.is_some() && peer_spoke(&stream);
         // Fill the window from the site's queue, as fast as its limiters allow; not
         // once the shard is stopping (what is in flight finishes, then QUIT).
         let mut paced: Option<Instant> = None;
         s.set_window(site.window.get());
         while established
-            && !peer_spoke
+            && !closed_meanwhile
             && !caps.session_full
             && !shard.stop_requested()
             && s.can_submit()
@@ -397,7 +398,7 @@ async fn session(
             s.submit(tx, Instant::now());
             sent += 1;
         }
-        if peer_spoke {
+        if closed_meanwhile {
             // Fall through to the read below.
         } else if established && s.is_idle() && s.in_flight() == 0 {
             let queue_empty = site.queue.borrow().is_empty();

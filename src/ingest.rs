@@ -179,8 +179,7 @@ pub fn load_instances(spool: &Path) -> anyhow::Result<BTreeMap<u32, Instance>> {
         .map(|t| toml::from_str::<SpoolMeta>(&t))
         .transpose()
         .map_err(|e| anyhow::anyhow!("{}: {e}", meta_path.display()))?
-        .and_then(|m| m.message_id_token)
-        .unwrap_or_default();
+        .and_then(|m| m.message_id_token);
     let dir = campaigns_dir(spool);
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return Ok(out);
@@ -195,6 +194,13 @@ pub fn load_instances(spool: &Path) -> anyhow::Result<BTreeMap<u32, Instance>> {
         };
         let marker: Marker = serde_json::from_str(&marker)
             .map_err(|e| anyhow::anyhow!("{}: {e}", p.join("queued").display()))?;
+        // Without it, two spools' Message-IDs could repeat.
+        let token = token.as_deref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: no message_id_token; open the spool with `volley send` (it adds one) first",
+                meta_path.display()
+            )
+        })?;
         let campaign = Campaign::load(&p).map_err(|probs| {
             anyhow::anyhow!(
                 "spooled campaign {} no longer loads: {}",
@@ -370,7 +376,10 @@ pub fn ingest_with(
     }
     if count == 0 {
         let msg = if skipped.get() > 0 {
-            format!("no good rows: all {} were skipped", skipped.get())
+            format!(
+                "no good rows: all {} were skipped; fix the rows listed above",
+                skipped.get()
+            )
         } else {
             "no recipients".into()
         };

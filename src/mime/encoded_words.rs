@@ -42,7 +42,7 @@ pub const LINE_CHARS_ENCODED_MAX: usize = 76;
 pub const LINE_OCTETS_RECOMMENDED: usize = 78;
 /// Line length RFC 5322 §2.1.1 says lines MUST keep to, CRLF not counted; a field
 /// that cannot be folded under it is refused ([`HeaderEncodingError::LineTooLong`]).
-pub const LINE_OCTETS_MAX: usize = 998;
+pub use crate::template::LINE_OCTETS_MAX;
 
 /// The characters of an encoded-word that are not encoded text: `=?UTF-8?Q?`, `?=`.
 const ENCODED_WORD_OVERHEAD: usize = "=?UTF-8?Q?".len() + "?=".len();
