@@ -162,7 +162,9 @@ impl Classifier {
 
     /// As `classify`, with the name of the rule that decided (None: by code).
     pub fn classify_named(&self, reply: &Reply) -> (Verdict, Option<&str>) {
-        let by_code = !reply.is_permanent();
+        // A 5yz is not repeated (RFC 5321 §4.2.1), save "too many recipients", which
+        // clients treat as temporary even as a 552 (§4.5.3.1.10).
+        let by_code = !reply.is_permanent() || reply.is_too_many_recipients();
         if let Some(i) = self.set.matches(&Self::subject(reply)).iter().next() {
             let r = &self.rules[i];
             return (
@@ -311,6 +313,9 @@ mod tests {
         for line in [
             "452 4.2.2 over quota",
             "421 4.7.0 [TS03] permanently deferred",
+            // RFC 5321 §4.5.3.1.10: temporary even as a 552.
+            "552 5.5.3 Too many recipients",
+            "552 Too many recipients for this session",
         ] {
             assert!(c.classify(&parse(line)).retry, "{line}");
         }
