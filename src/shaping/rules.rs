@@ -676,24 +676,23 @@ fn parse_layer(name: &str, text: &str) -> Result<Layer, Vec<Problem>> {
                 None => 1,
             };
             // Held to `--ehlo`'s rule: an FQDN or an address literal (RFC 5321 §4.1.1.1).
-            let ehlo =
-                s.ehlo
-                    .as_ref()
-                    .and_then(|e| match crate::smtp::names::check_ehlo_name(e.get_ref()) {
-                        Ok(n) if n == *e.get_ref() => Some(n),
-                        Ok(n) => {
-                            cx.bad(
-                                e.span(),
-                                "ehlo",
-                                format!("write {n:?}, without the final dot"),
-                            );
-                            None
-                        }
-                        Err(err) => {
-                            cx.bad(e.span(), "ehlo", err.to_string());
-                            None
-                        }
-                    });
+            let ehlo = s.ehlo.as_ref().and_then(|e| {
+                match crate::smtp::names::check_ehlo_name(e.get_ref()) {
+                    Ok(n) if n == *e.get_ref() => Some(n),
+                    Ok(n) => {
+                        cx.bad(
+                            e.span(),
+                            "ehlo",
+                            format!("write {n:?}, without the final dot"),
+                        );
+                        None
+                    }
+                    Err(err) => {
+                        cx.bad(e.span(), "ehlo", err.to_string());
+                        None
+                    }
+                }
+            });
             match s.ip.get_ref().parse::<IpAddr>() {
                 Ok(ip) => list.push(PoolSource { ip, ehlo, weight }),
                 Err(_) => cx.bad(
