@@ -99,7 +99,16 @@ pub async fn connection(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>)
         }
     }
     shard.connection_closed(&site, source);
-    if !delivered_any && site.conns.get() == 0 {
+    if delivered_any {
+        site.refusals.clear();
+    } else if site.conns.get() == 0
+        && refused_for_connections(&shard, &last)
+        && site.refusals.again()
+    {
+        // "Too many connections": the receiver may still count a connection that
+        // just closed (Exim frees its slot when it reaps the child); try again
+        // shortly rather than defer the whole queue for a minute.
+    } else if site.conns.get() == 0 {
         // Every host failed: the whole destination waits, not message by message.
         let jobs: Vec<Job> = site.queue.borrow_mut().drain(..).collect();
         let text = format!(
@@ -112,6 +121,12 @@ pub async fn connection(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>)
         }
     }
     shard.ensure_connections(&site);
+}
+
+/// Whether the receiver turned the connection away for its connection limit (a
+/// `throttled` refusal at the greeting or right after EHLO), not for the mail.
+fn refused_for_connections(shard: &Shard, f: &Failure) -> bool {
+    f.reply.code != 0 && shard.classify(&f.reply) == crate::classify::Class::Throttled
 }
 
 /// Connects to `addr`, from `source` when given. Binding first with

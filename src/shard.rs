@@ -102,6 +102,48 @@ pub struct Site {
     /// Recipients per transaction the receiver took before answering 452 4.5.3
     /// (usize::MAX until it does): the rest of the site's transactions stay under it.
     rcpt_limit: Cell<usize>,
+    /// Connections in a row every host refused for its connection limit.
+    pub refusals: Refusals,
+}
+
+/// Connections refused in a row for the receiver's connection limit ("421 too many
+/// connections"), and when to try again. Up to CONNECT_REFUSALS_MAX in a row are
+/// retried after CONNECT_REFUSAL_BACKOFF, doubling; the next defers the site's queue.
+#[derive(Default)]
+pub struct Refusals {
+    in_a_row: Cell<u32>,
+    retry_at: Cell<Option<Instant>>,
+}
+
+/// Refusals for a connection limit retried before the site's queue is deferred.
+pub const CONNECT_REFUSALS_MAX: u32 = 3;
+/// The first wait after such a refusal; each further one doubles it.
+pub const CONNECT_REFUSAL_BACKOFF: Duration = Duration::from_millis(500);
+
+impl Refusals {
+    /// Counts a refusal; true (and a time to retry set) while under the limit,
+    /// false (and the count reset) when the queue should be deferred instead.
+    pub fn again(&self) -> bool {
+        let n = self.in_a_row.get() + 1;
+        if n > CONNECT_REFUSALS_MAX {
+            self.clear();
+            return false;
+        }
+        self.in_a_row.set(n);
+        let wait = CONNECT_REFUSAL_BACKOFF * (1 << (n - 1));
+        self.retry_at.set(Some(Instant::now() + wait));
+        true
+    }
+
+    /// A connection got through.
+    pub fn clear(&self) {
+        self.in_a_row.set(0);
+        self.retry_at.set(None);
+    }
+
+    fn waiting(&self, now: Instant) -> bool {
+        self.retry_at.get().is_some_and(|t| t > now)
+    }
 }
 
 /// Where a site's idle connections wait for work. They used to poll the queue every
@@ -651,6 +693,7 @@ impl Shard {
             window: Window::new(self.cfg.window),
             idle: Idle::default(),
             rcpt_limit: Cell::new(usize::MAX),
+            refusals: Refusals::default(),
         });
         self.sites.borrow_mut().insert(key, site.clone());
         site
@@ -688,7 +731,7 @@ impl Shard {
     /// Opens connections for a site while it has more queued work than its open
     /// connections are taking, as far as its limiters allow (the tick tries again).
     pub fn ensure_connections(self: &Rc<Self>, site: &Rc<Site>) {
-        if self.stop_requested() {
+        if self.stop_requested() || site.refusals.waiting(Instant::now()) {
             return;
         }
         loop {

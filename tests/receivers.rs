@@ -29,6 +29,9 @@ struct Quirks {
     close_after_ehlo: bool,
     /// Connections open at once from everyone; more get `421 4.7.0` at the greeting.
     conn_cap: Option<usize>,
+    /// How long a closed connection still counts against `conn_cap` (Exim frees the
+    /// slot when it reaps the child process).
+    release_delay: Duration,
     pipelining: bool,
     chunking: bool,
     eightbitmime: bool,
@@ -53,6 +56,7 @@ impl Default for Quirks {
             cap_reply: "452 4.5.3 Error: too many recipients",
             close_after_ehlo: false,
             conn_cap: None,
+            release_delay: Duration::ZERO,
             pipelining: true,
             chunking: true,
             eightbitmime: true,
@@ -264,8 +268,16 @@ fn serve(s: TcpStream, q: &Quirks, seen: &Seen, idx: usize) -> bool {
             }
             "QUIT" => {
                 seen.conns.lock().unwrap()[idx].1 = true;
-                seen.open.fetch_sub(1, Ordering::SeqCst);
-                say(&mut w, "221 2.0.0 bye\r\n");
+                if q.release_delay.is_zero() {
+                    seen.open.fetch_sub(1, Ordering::SeqCst);
+                    say(&mut w, "221 2.0.0 bye\r\n");
+                } else {
+                    // The client is gone before its slot is free.
+                    say(&mut w, "221 2.0.0 bye\r\n");
+                    drop(w);
+                    std::thread::sleep(q.release_delay);
+                    seen.open.fetch_sub(1, Ordering::SeqCst);
+                }
                 return true;
             }
             _ => say(&mut w, "502 5.5.2 what\r\n"),
@@ -868,4 +880,35 @@ fn a_per_session_cap_does_not_shrink_the_transactions() {
     }
     let ones = per_tx.iter().filter(|&&n| n == 1).count();
     assert!(ones <= 1, "transactions of one recipient: {per_tx:?}");
+}
+
+/// A receiver that still counts a closed connection for a moment (Exim until it reaps
+/// the child) refuses the next one with "too many connections": retried shortly, not
+/// deferred with the whole queue.
+#[test]
+fn a_connection_limit_that_frees_late_is_retried_not_deferred() {
+    let env = env("latefree", "");
+    let q = Quirks {
+        conn_cap: Some(1),
+        release_delay: Duration::from_millis(300),
+        ..Quirks::default()
+    };
+    let seen = route(&env, "late.quirk.test", "127.0.0.77", q);
+    let rows: Vec<String> = (0..12)
+        .map(|i| format!("r{i}@late.quirk.test,R{i}"))
+        .collect();
+    let c = campaign(&env.dir, "latefree", "", &rows);
+    let mut cfg = env.config();
+    cfg.shards = 2;
+    cfg.defaults.max_connections = Some(Set::cli(1));
+    cfg.defaults.max_msgs_per_conn = Some(Set::cli(2));
+    let log = cfg.log_path.clone();
+    let r = env.send_for(Some(&c), cfg, Some(Duration::from_secs(30)));
+    let lines = log_lines(&log);
+    assert_eq!((r.delivered, r.remaining), (12, 0), "{lines:#?}");
+    assert!(deferrals(&lines).is_empty(), "{lines:#?}");
+    assert!(
+        seen.refused_for_cap.load(Ordering::SeqCst) > 0,
+        "the receiver did refuse: the test tests the retry"
+    );
 }
