@@ -77,14 +77,24 @@ fn start_env(
         }
     }
     profile.set_port(0);
-    let sink = Sink::start(SinkOptions {
-        profile,
-        threads: 1,
-        driver: Default::default(),
-        keep,
-        tls_files,
-    })
-    .unwrap();
+    // The port picked for the first address is then bound on the others, where a
+    // parallel test's socket can hold it: pick again (bounded).
+    let mut attempts = 0;
+    let sink = loop {
+        attempts += 1;
+        let started = Sink::start(SinkOptions {
+            profile: profile.clone(),
+            threads: 1,
+            driver: Default::default(),
+            keep: keep.clone(),
+            tls_files: tls_files.clone(),
+        });
+        match started {
+            Ok(sink) => break sink,
+            Err(e) if attempts < 5 && e.to_string().contains("cannot listen") => continue,
+            Err(e) => panic!("sink: {e:#}"),
+        }
+    };
     let dns = dns::start(
         "127.0.0.1:0".parse().unwrap(),
         Zone::from_profile(sink.profile(), &sink.addrs),
