@@ -213,8 +213,9 @@ impl NoteCount {
     }
 }
 
-/// Header fields whose value is an address list (RFC 5322 §3.6.2, §3.6.3, §3.6.6).
-const ADDRESS_FIELDS: &[&str] = &[
+/// Header fields whose value is an address list (RFC 5322 §3.6.2, §3.6.3, §3.6.6;
+/// RFC 8098 §2.1), lower case.
+pub(crate) const ADDRESS_FIELDS: &[&str] = &[
     "from",
     "sender",
     "reply-to",
@@ -226,6 +227,7 @@ const ADDRESS_FIELDS: &[&str] = &[
     "resent-to",
     "resent-cc",
     "resent-bcc",
+    "disposition-notification-to",
 ];
 /// Header fields whose value is a list of `<URI>` (RFC 2369, RFC 8058).
 const URI_FIELDS: &[&str] = &[

@@ -28,6 +28,7 @@
 //!   [`LINE_CHARS_ENCODED_MAX`], which keeps both RFC 2047 §2's and RFC 5322's bound.
 
 use super::header::{self, Field};
+use crate::template::ADDRESS_FIELDS;
 use base64::Engine;
 use thiserror::Error;
 
@@ -154,22 +155,6 @@ enum FieldSyntax {
     /// Nowhere.
     Fixed,
 }
-
-/// Fields holding an address list (RFC 5322 §3.6.2, §3.6.3, §3.6.6; RFC 8098 §2.1).
-const ADDRESS_FIELDS: &[&str] = &[
-    "from",
-    "sender",
-    "reply-to",
-    "to",
-    "cc",
-    "bcc",
-    "resent-from",
-    "resent-sender",
-    "resent-to",
-    "resent-cc",
-    "resent-bcc",
-    "disposition-notification-to",
-];
 
 /// Structured fields whose syntax has no phrase, comment or text that an
 /// encoded-word could stand for, or whose readers would not decode one.
