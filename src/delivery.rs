@@ -102,13 +102,11 @@ pub async fn connection(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>)
     if delivered_any {
         site.refusals.clear();
     } else if site.conns.get() == 0
-        && refused_for_connections(&shard, &last)
-        && site.refusals.again()
-    {
         // "Too many connections": the receiver may still count a connection that
-        // just closed (Exim frees its slot when it reaps the child); try again
-        // shortly rather than defer the whole queue for a minute.
-    } else if site.conns.get() == 0 {
+        // just closed (Exim frees its slot when it reaps the child); it is tried
+        // again shortly rather than the whole queue deferred for a minute.
+        && !(refused_for_connections(&shard, &last) && site.refusals.again())
+    {
         // Every host failed: the whole destination waits, not message by message.
         let jobs: Vec<Job> = site.queue.borrow_mut().drain(..).collect();
         let text = format!(
@@ -168,9 +166,7 @@ async fn connect(
     }
     let stream = TcpStream::from_std(sock.into()).map_err(connecting)?;
     stream.writable(false).await.map_err(connecting)?;
-    // SAFETY: the descriptor stays open for as long as `stream`, which outlives `fd`.
-    let fd =
-        unsafe { std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&stream)) };
+    let fd = borrowed_fd(&stream);
     if let Some(e) = socket2::SockRef::from(&fd)
         .take_error()
         .map_err(connecting)?
@@ -180,13 +176,18 @@ async fn connect(
     Ok(stream)
 }
 
+/// The stream's descriptor, for socket options monoio does not offer.
+fn borrowed_fd(stream: &TcpStream) -> std::os::fd::BorrowedFd<'_> {
+    // SAFETY: the descriptor stays open as long as `stream`, and the borrow is tied
+    // to `stream`'s lifetime.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(stream)) }
+}
+
 /// Whether the receiver wrote to (or closed) a connection we were not reading: a
 /// non-blocking peek: one syscall per reuse after an idle spell (under pacing, each
 /// message comes after one).
 fn peer_spoke(stream: &TcpStream) -> bool {
-    // SAFETY: the descriptor stays open for as long as `stream`, which outlives `fd`.
-    let fd =
-        unsafe { std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(stream)) };
+    let fd = borrowed_fd(stream);
     let mut byte = [std::mem::MaybeUninit::uninit()];
     // Ok(0) is EOF, Ok(1) a reply waiting; WouldBlock is silence. Another error
     // (a reset) shows on the next read as well.
@@ -652,8 +653,9 @@ fn transaction_done(
 /// Renders the message for the first job's merge values, addressed to every job, for
 /// a receiver that offers `caps`: header fields RFC 2047-encoded when it lacks
 /// SMTPUTF8, the body converted to 7 bit when it lacks 8BITMIME (RFC 6152 §3), then
-/// DKIM-signed when its campaign signs, so the signature covers what is sent. Err: the local failure the jobs get (not convertible, or not signable:
-/// never sent unsigned behind the operator's back).
+/// DKIM-signed when its campaign signs, so the signature covers what is sent.
+/// Err: the local failure the jobs get (not convertible, or not signable: never sent
+/// unsigned behind the operator's back).
 fn build_tx(shard: &Shard, jobs: &[Job], caps: Caps) -> Result<Transaction, Reply> {
     let inst = &shard.instances[&jobs[0].instance];
     let spool = shard.spool.borrow();

@@ -434,7 +434,7 @@ pub fn run(
                     }
                 };
                 let (attempts, due, last) = match p.deferral {
-                    Some(d) => (d.attempts, Some(d.due_unix_ms), d.last.map(Rc::new)),
+                    Some(d) => (d.attempts, Some(d.due_unix_ms), d.last),
                     None => (0, None, None),
                 };
                 let job = Job {
@@ -1202,7 +1202,7 @@ impl Shard {
             Deferral {
                 attempts: job.attempts,
                 due_unix_ms: unix_ms(SystemTime::now() + wait),
-                last: job.last.as_deref().cloned(),
+                last: job.last.clone(),
             },
         ));
         job.requeues = 0;

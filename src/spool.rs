@@ -226,8 +226,9 @@ pub struct Deferral {
     pub attempts: u32,
     /// When the next attempt is due, in milliseconds since the Unix epoch.
     pub due_unix_ms: u64,
-    /// What the last attempt got (None on records of version-2 segments).
-    pub last: Option<LastReply>,
+    /// What the last attempt got (None on records of version-2 segments); shared
+    /// with the recipient's job, which carries it to an expiration.
+    pub last: Option<std::rc::Rc<LastReply>>,
 }
 
 /// The reply of a recipient's last real attempt (RFC 3464 §2.3.6: a DSN's
@@ -383,7 +384,7 @@ impl Spool {
                                 let last = match tail.is_empty() {
                                     true => None,
                                     false => match LastReply::decode(tail) {
-                                        Some(l) => Some(l),
+                                        Some(l) => Some(std::rc::Rc::new(l)),
                                         None => {
                                             torn_at.get_or_insert((no, off));
                                             break;
@@ -835,7 +836,7 @@ mod tests {
             let deferral = Deferral {
                 attempts: 3,
                 due_unix_ms: 42,
-                last: Some(last.clone()),
+                last: Some(std::rc::Rc::new(last.clone())),
             };
             s.append_defer(r, &deferral).unwrap();
             s.sync().unwrap();
@@ -843,7 +844,7 @@ mod tests {
         };
         let (_, r) = Spool::open(&d, 1 << 20, &|_| true).unwrap();
         assert_eq!(r.pending[0].rref, rref);
-        let got = r.pending[0].deferral.clone().unwrap().last.unwrap();
+        let got = (*r.pending[0].deferral.clone().unwrap().last.unwrap()).clone();
         assert_eq!(
             got.text,
             long[..DEFER_REPLY_TEXT_MAX - 1],

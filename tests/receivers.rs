@@ -93,6 +93,19 @@ impl Seen {
             .flat_map(|(c, _)| c.clone())
             .collect()
     }
+
+    /// RCPT commands per MAIL, in order.
+    fn rcpts_per_transaction(&self) -> Vec<usize> {
+        let mut per = Vec::new();
+        for c in self.commands() {
+            if c.starts_with("MAIL") {
+                per.push(0);
+            } else if c.starts_with("RCPT") {
+                *per.last_mut().unwrap() += 1;
+            }
+        }
+        per
+    }
 }
 
 /// Starts the receiver on `ip`:`port`; threads end with the test process.
@@ -372,18 +385,7 @@ fn recipients_over_the_receivers_per_transaction_cap_go_at_once_in_the_next() {
         deferrals(&lines).is_empty(),
         "no five-minute wait: {lines:#?}"
     );
-    let rcpts_per_tx: Vec<usize> = {
-        let cmds = seen.commands();
-        let mut per = Vec::new();
-        for c in cmds {
-            if c.starts_with("MAIL") {
-                per.push(0);
-            } else if c.starts_with("RCPT") {
-                *per.last_mut().unwrap() += 1;
-            }
-        }
-        per
-    };
+    let rcpts_per_tx = seen.rcpts_per_transaction();
     assert_eq!(
         rcpts_per_tx[0], 5,
         "the first transaction tries the campaign's 5: {rcpts_per_tx:?}"
@@ -871,14 +873,7 @@ fn a_per_session_cap_does_not_shrink_the_transactions() {
     assert_eq!((r.delivered, r.remaining), (12, 0), "{lines:#?}");
     assert!(deferrals(&lines).is_empty(), "{lines:#?}");
     settle(&seen);
-    let mut per_tx = Vec::new();
-    for c in seen.commands() {
-        if c.starts_with("MAIL") {
-            per_tx.push(0);
-        } else if c.starts_with("RCPT") {
-            *per_tx.last_mut().unwrap() += 1;
-        }
-    }
+    let per_tx = seen.rcpts_per_transaction();
     let ones = per_tx.iter().filter(|&&n| n == 1).count();
     assert!(ones <= 1, "transactions of one recipient: {per_tx:?}");
 }
