@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod report;
 pub mod retry;
 pub mod shaping;
+pub mod serve;
 pub mod shard;
 pub mod smtp;
 pub mod spool;
