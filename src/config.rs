@@ -3,11 +3,11 @@
 
 use crate::dns::DnsConfig;
 use crate::retry::RetryPolicy;
+use crate::runtime::Driver;
 use crate::shaping::rules::{Problem, Rule, Rules};
 use crate::smtp::client::Timeouts;
 use std::path::PathBuf;
 use std::time::Duration;
-use volley_load::runtime::Driver;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {

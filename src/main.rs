@@ -6,8 +6,8 @@ use std::time::Duration;
 use volley::campaign::Campaign;
 use volley::config::EngineConfig;
 use volley::ingest::{self, IngestError};
+use volley::runtime::Driver;
 use volley::shaping::rules::{parse_per, Rule, Rules, Set};
-use volley_load::runtime::Driver;
 
 /// volley: a bulk email sending engine. Validates campaigns, spools them durably,
 /// and delivers them over pipelined SMTP, thread-per-core.
@@ -118,23 +118,6 @@ enum Cmd {
         spool: PathBuf,
         #[command(subcommand)]
         cmd: QueueCmd,
-    },
-    /// The whole path on loopback: bundled sink + DNS, a generated campaign, the report.
-    Demo {
-        #[arg(long, default_value_t = 100_000)]
-        recipients: u64,
-        /// Sink profile: accept-all, realistic, or a TOML file.
-        #[arg(long, default_value = "accept-all")]
-        profile: String,
-        #[arg(long)]
-        shards: Option<usize>,
-        #[arg(long, default_value_t = 1)]
-        sink_threads: usize,
-        #[arg(long, value_enum, default_value_t = Driver::Auto)]
-        driver: Driver,
-        /// Keep the demo's campaign, spool and accounting log.
-        #[arg(long)]
-        keep: bool,
     },
 }
 
@@ -408,24 +391,6 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("{}", volley::control::request(&spool, &line)?);
             Ok(0)
         }
-        Cmd::Demo {
-            recipients,
-            profile,
-            shards,
-            sink_threads,
-            driver,
-            keep,
-        } => {
-            volley::demo::run(volley::demo::DemoOptions {
-                recipients,
-                profile,
-                shards,
-                sink_threads,
-                driver,
-                keep,
-            })?;
-            Ok(0)
-        }
     }
 }
 
@@ -480,7 +445,7 @@ fn lookup_mx(domain: &str, server: Option<std::net::SocketAddr>) -> anyhow::Resu
     };
     let resolver = volley::dns::Resolver::start(&cfg)?;
     let answer =
-        volley_load::runtime::block_on(Driver::Auto, async move { resolver.lookup(domain).await })?;
+        volley::runtime::block_on(Driver::Auto, async move { resolver.lookup(domain).await })?;
     match answer.route {
         volley::dns::Route::Hosts(h) => Ok(h.into_iter().map(|h| h.name).collect()),
         volley::dns::Route::NullMx => anyhow::bail!("{domain} has a null MX: it takes no mail"),

@@ -450,7 +450,7 @@ pub fn run(
             .collect()
     };
     let sh = shard.clone();
-    volley_load::runtime::block_on(driver, async move {
+    crate::runtime::block_on(driver, async move {
         let committer = monoio::spawn(commit_loop(sh.clone()));
         let retrier = monoio::spawn(tick_loop(sh.clone()));
         // A recipient deferred before the restart waits out its retry time.
@@ -1400,8 +1400,8 @@ pub fn stage_name(s: Stage) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::Driver;
     use crate::spool::RecordRef;
-    use volley_load::runtime::Driver;
 
     fn job() -> Job {
         Job {
@@ -1416,7 +1416,7 @@ mod tests {
 
     #[test]
     fn an_idle_connection_waits_until_work_arrives_and_no_longer() {
-        volley_load::runtime::block_on(Driver::Auto, async {
+        crate::runtime::block_on(Driver::Auto, async {
             let idle = Rc::new(Idle::default());
             let queue = Rc::new(RefCell::new(VecDeque::new()));
             let quiet = monoio::time::timeout(Duration::from_millis(50), idle.wait()).await;

@@ -4,8 +4,8 @@ mod common;
 
 use common::*;
 use std::time::Duration;
+use volley::runtime::Driver;
 use volley_load::gen;
-use volley_load::runtime::Driver;
 
 fn generated(env: &Env, n: u64) -> std::path::PathBuf {
     let d = env.dir.join("gen");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use volley::classify::Classifier;
 use volley::retry::{decide, Decision, RetryPolicy};
 use volley::smtp::client::{ClientConfig, ClientSession, Event, Timeouts, Transaction};
-use volley_load::smtp_server::{Behaviour, Command, Message, ServerConfig, ServerSession, Verdict};
+use volley::smtp::server::{Behaviour, Command, Message, ServerConfig, ServerSession, Verdict};
 
 const SEEDS: u64 = 2000;
 /// Compiled once: the rules are the same for every seed.

@@ -12,12 +12,12 @@
 use crate::dns::{self, Zone};
 use crate::gen::{self, GenOptions};
 use crate::profile::{Part, Profile};
-use crate::runtime::Driver;
 use crate::sink::{Sink, SinkOptions, Summary};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use volley::runtime::Driver;
 
 /// A run that has not finished after this long is stopped and reported as such.
 const RUN_TIMEOUT: Duration = Duration::from_secs(900);

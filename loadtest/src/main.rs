@@ -2,8 +2,8 @@ use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use volley::runtime::Driver;
 use volley_load::profile::{Part, Profile};
-use volley_load::runtime::Driver;
 use volley_load::{bench, dns, gen, sink};
 
 /// volley's load tool: a sink that behaves like real receivers, a campaign
@@ -17,6 +17,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The whole path on loopback: bundled sink + DNS, a generated campaign, volley's engine, the report.
+    Demo {
+        #[arg(long, default_value_t = 100_000)]
+        recipients: u64,
+        /// Sink profile: accept-all, realistic, or a TOML file.
+        #[arg(long, default_value = "accept-all")]
+        profile: String,
+        #[arg(long)]
+        shards: Option<usize>,
+        #[arg(long, default_value_t = 1)]
+        sink_threads: usize,
+        #[arg(long, value_enum, default_value_t = Driver::Auto)]
+        driver: Driver,
+        /// Keep the demo's campaign, spool and accounting log.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Run the ESMTP sink until interrupted; SIGUSR1 writes the summary, exit writes it too.
     Sink {
         /// Profile: accept-all, realistic, or a TOML file (see loadtest/profiles/).
@@ -191,6 +208,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             serve_until_signal(&sink, &summary, stats_interval_s)
         }
+        Cmd::Demo {
+            recipients,
+            profile,
+            shards,
+            sink_threads,
+            driver,
+            keep,
+        } => volley_load::demo::run(volley_load::demo::DemoOptions {
+            recipients,
+            profile,
+            shards,
+            sink_threads,
+            driver,
+            keep,
+        }),
         Cmd::Gen {
             out,
             recipients,

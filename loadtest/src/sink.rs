@@ -7,8 +7,6 @@
 
 use crate::integrity::{self, Check};
 use crate::profile::{Profile, Provider};
-use crate::runtime::Driver;
-use crate::smtp_server::{Behaviour, Command, Message, ServerConfig, ServerSession, Verdict};
 use hdrhistogram::Histogram;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use serde::Serialize;
@@ -19,6 +17,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use volley::runtime::Driver;
+use volley::smtp::server::{Behaviour, Command, Message, ServerConfig, ServerSession, Verdict};
 
 /// Read buffer per connection.
 const READ_BUF_BYTES: usize = 16 * 1024;
@@ -314,7 +314,7 @@ impl Sink {
                             t.await;
                         }
                     };
-                    if let Err(e) = crate::runtime::block_on(driver, run) {
+                    if let Err(e) = volley::runtime::block_on(driver, run) {
                         eprintln!("volley-load sink: thread {shard} cannot start its runtime: {e}");
                     }
                 })?;
