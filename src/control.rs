@@ -140,12 +140,18 @@ impl Status {
     }
 }
 
-/// Serves the admin socket until `stop`; commands go to every shard.
+/// A handler for admin commands beyond the shards' own: `Some(answer)` if it
+/// knows the line (`volley serve`'s `inject DIR`, `progress N`).
+pub type Extra = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// Serves the admin socket until `stop`; commands go to every shard, or to `extra`
+/// first when given.
 pub fn serve(
     path: PathBuf,
     shards: Vec<Sender<Command>>,
     status: Arc<Status>,
     stop: Arc<AtomicBool>,
+    extra: Option<Extra>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     // A socket left by a process that is gone (the spool lock says none is running).
     let _ = std::fs::remove_file(&path);
@@ -159,7 +165,7 @@ pub fn serve(
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
-                        let _ = answer(conn, &shards, &status);
+                        let _ = answer(conn, &shards, &status, extra.as_ref());
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(50));
@@ -174,12 +180,20 @@ pub fn serve(
         })
 }
 
-fn answer(conn: UnixStream, shards: &[Sender<Command>], status: &Status) -> std::io::Result<()> {
+fn answer(
+    conn: UnixStream,
+    shards: &[Sender<Command>],
+    status: &Status,
+    extra: Option<&Extra>,
+) -> std::io::Result<()> {
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut line = String::new();
     // One line of at most 4 KiB: a command, not a stream.
     BufReader::new((&conn).take(4096)).read_line(&mut line)?;
+    if let Some(reply) = extra.and_then(|x| x(line.trim())) {
+        return (&conn).write_all(format!("{reply}\n").as_bytes());
+    }
     let reply = match parse(line.trim()) {
         Ok(None) => {
             let lines = status.lines();

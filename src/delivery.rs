@@ -657,14 +657,17 @@ fn transaction_done(
 /// Err: the local failure the jobs get (not convertible, or not signable: never sent
 /// unsigned behind the operator's back).
 fn build_tx(shard: &Shard, jobs: &[Job], caps: Caps) -> Result<Transaction, Reply> {
-    let inst = &shard.instances[&jobs[0].instance];
+    let inst = shard.instance(jobs[0].instance);
     let spool = shard.spool.borrow();
     // Recovery read every one of these records; the mapping cannot have changed since.
     let first = spool
         .read_queue(jobs[0].rref)
         .expect("a recovered record reads back");
     let mut body = Vec::new();
-    if inst.add_date || inst.add_message_id {
+    if inst.submission {
+        // Prepared when it was taken in (serve::submitted): sent as it is.
+        body.extend_from_slice(&first.values[crate::ingest::SUBMITTED_MESSAGE]);
+    } else if inst.add_date || inst.add_message_id {
         let h = crate::compliance::per_message_headers(
             inst.add_date,
             inst.add_message_id
@@ -672,7 +675,9 @@ fn build_tx(shard: &Shard, jobs: &[Job], caps: Caps) -> Result<Transaction, Repl
         );
         body.extend_from_slice(h.as_bytes());
     }
-    inst.template.render(&first.values, &mut body);
+    if !inst.submission {
+        inst.template.render(&first.values, &mut body);
+    }
     if !caps.smtputf8 {
         // RFC 6532 header fields need SMTPUTF8; without it, RFC 2047 encoded-words.
         match crate::mime::encode_headers(&body) {
@@ -698,7 +703,7 @@ fn build_tx(shard: &Shard, jobs: &[Job], caps: Caps) -> Result<Transaction, Repl
             }
         }
     }
-    if inst.template.body_varies() {
+    if inst.submission || inst.template.body_varies() {
         form = Body::Varies;
     }
     let content = match shard.signer(jobs[0].instance) {
@@ -725,9 +730,14 @@ fn build_tx(shard: &Shard, jobs: &[Job], caps: Caps) -> Result<Transaction, Repl
         .collect();
     Ok(Transaction {
         id: shard.next_tx_id(),
-        from: match inst.settings.sender.as_str() {
-            "<>" => String::new(),
-            s => s.to_string(),
+        from: match inst.submission {
+            true => {
+                String::from_utf8_lossy(&first.values[crate::ingest::SUBMITTED_SENDER]).into_owned()
+            }
+            false => match inst.settings.sender.as_str() {
+                "<>" => String::new(),
+                s => s.to_string(),
+            },
         },
         rcpts,
         content,

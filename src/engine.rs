@@ -88,12 +88,31 @@ fn load_rules(cfg: &EngineConfig, instances: &Instances) -> anyhow::Result<Rules
     Ok(rules)
 }
 
+/// What `volley serve` adds to a run: it goes on until `stop`, taking new work.
+pub struct Serving {
+    /// One inbox per shard (inbox.rs).
+    pub inboxes: Vec<tokio::sync::mpsc::Receiver<crate::inbox::Inbound>>,
+    /// Admin socket commands of the daemon's own (`inject`, `progress`).
+    pub admin: control::Extra,
+}
+
 /// Runs every shard until its recipients are all terminal or `stop` is set.
 pub fn run(
     cfg: EngineConfig,
     instances: Instances,
     stop: Arc<AtomicBool>,
     show_progress: bool,
+) -> anyhow::Result<Report> {
+    run_with(cfg, instances, stop, show_progress, None)
+}
+
+/// As [`run`]; with `serving`, the shards run until `stop` alone, taking new work.
+pub fn run_with(
+    cfg: EngineConfig,
+    instances: Instances,
+    stop: Arc<AtomicBool>,
+    show_progress: bool,
+    serving: Option<Serving>,
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
     let rules = Arc::new(load_rules(&cfg, &instances)?);
@@ -110,6 +129,11 @@ pub fn run(
         .map(|_| crossbeam_channel::unbounded::<Command>())
         .unzip();
     let admin_stop = Arc::new(AtomicBool::new(false));
+    let (mut inboxes, extra) = match serving {
+        Some(s) => (s.inboxes.into_iter().map(Some).collect(), Some(s.admin)),
+        None => (Vec::new(), None),
+    };
+    inboxes.resize_with(cfg.shards, || None);
     // Without the socket (a spool path over the 108-octet limit, a read-only spool)
     // the run goes on: control is a convenience, delivery is the job.
     let admin = control::serve(
@@ -117,6 +141,7 @@ pub fn run(
         senders.clone(),
         status.clone(),
         admin_stop.clone(),
+        extra,
     )
     .map_err(|e| eprintln!("volley: {e}; `volley queue` will not reach this run"))
     .ok();
@@ -124,7 +149,7 @@ pub fn run(
         .map(|_| Arc::new(Progress::default()))
         .collect();
     let mut handles = Vec::new();
-    for ((id, p), control) in progress.iter().enumerate().zip(receivers) {
+    for (((id, p), control), inbox) in progress.iter().enumerate().zip(receivers).zip(inboxes) {
         let (cfg, inst, stop) = (cfg.clone(), instances.clone(), stop.clone());
         let links = shard::Links {
             classifier: classifier.clone(),
@@ -138,6 +163,7 @@ pub fn run(
             dkim: dkim.clone(),
             status: status.clone(),
             stop: stop.clone(),
+            inbox,
         };
         let done = p.clone();
         let h = std::thread::Builder::new()

@@ -83,7 +83,26 @@ pub struct Instance {
     /// and spool location: the spool's random token, the instance number and when
     /// it was queued (see `message_id`).
     pub message_id_prefix: String,
+    /// The submission instance of `volley serve`: each Queue record is a whole
+    /// message an application handed in, with its own envelope sender, campaign
+    /// and queue time (the SUBMITTED_* values), not a row of a template.
+    pub submission: bool,
 }
+
+/// Values of a submitted message's Queue record, in order.
+pub const SUBMITTED_RCPT: usize = 0;
+/// The envelope sender ("" for the null sender).
+pub const SUBMITTED_SENDER: usize = 1;
+/// The campaign it is counted under (its campaign header, or `submission`).
+pub const SUBMITTED_CAMPAIGN: usize = 2;
+/// When it was taken in, ms since the epoch: its expiry counts from here.
+pub const SUBMITTED_QUEUED_AT: usize = 3;
+/// The message itself, as it is to be sent (headers already prepared).
+pub const SUBMITTED_MESSAGE: usize = 4;
+/// The columns of the submission instance's recipients.csv header.
+pub const SUBMITTED_COLUMNS: [&str; 5] = ["email", "sender", "campaign", "queued_at_ms", "message"];
+/// The file that marks an instance directory as the submission instance.
+pub const SUBMISSION_MARKER: &str = "submission";
 
 impl Instance {
     /// The Message-ID volley adds for the recipient at `rref` on `shard` (without
@@ -97,7 +116,7 @@ impl Instance {
     }
 }
 
-pub type Instances = Arc<BTreeMap<u32, Instance>>;
+pub type Instances = Arc<BTreeMap<u32, Arc<Instance>>>;
 
 /// Holds the spool directory for this process alone (flock); released on drop.
 pub struct SpoolLock {
@@ -170,7 +189,7 @@ fn campaigns_dir(spool: &Path) -> PathBuf {
 }
 
 /// Every acknowledged instance in the spool.
-pub fn load_instances(spool: &Path) -> anyhow::Result<BTreeMap<u32, Instance>> {
+pub fn load_instances(spool: &Path) -> anyhow::Result<BTreeMap<u32, Arc<Instance>>> {
     let mut out = BTreeMap::new();
     let meta_path = spool.join("spool.toml");
     // lock_spool wrote it, with a token; a spool it never saw has no instances.
@@ -216,7 +235,7 @@ pub fn load_instances(spool: &Path) -> anyhow::Result<BTreeMap<u32, Instance>> {
         let expire_at = queued_at + campaign.settings.expire_after();
         out.insert(
             no,
-            Instance {
+            Arc::new(Instance {
                 no,
                 email_col: campaign.email_col,
                 add_date: campaign.add_date,
@@ -227,7 +246,8 @@ pub fn load_instances(spool: &Path) -> anyhow::Result<BTreeMap<u32, Instance>> {
                 queued_at,
                 expire_at,
                 message_id_prefix: format!("{}.{no}.{token}", marker.queued_at_unix_ms),
-            },
+                submission: p.join(SUBMISSION_MARKER).exists(),
+            }),
         );
     }
     Ok(out)
@@ -263,6 +283,37 @@ pub fn ingest(
     )
 }
 
+/// Where ingest puts a campaign's Queue records: straight into the shard spools
+/// (`send`, nothing running), or through the running shards' inboxes (`serve`).
+pub trait RecordSink {
+    /// Takes one record for `shard`; an error stops the ingest.
+    fn push(&mut self, shard: usize, q: QueueRecord) -> Result<(), String>;
+    /// Makes everything pushed durable.
+    fn finish(&mut self) -> Result<(), String>;
+}
+
+/// The shard spools themselves, opened by this process (which holds the lock).
+struct Spools {
+    spools: Vec<Spool>,
+    scratch: Vec<u8>,
+}
+
+impl RecordSink for Spools {
+    fn push(&mut self, shard: usize, q: QueueRecord) -> Result<(), String> {
+        self.spools[shard]
+            .append_queue(&q, &mut self.scratch)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn finish(&mut self) -> Result<(), String> {
+        for sp in &mut self.spools {
+            sp.sync().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
 /// As [`ingest`], with `opts`: with `skip_bad_rows`, the bad rows' local bounces
 /// are written to the instance's `skipped.jsonl` as they come, and appended to the
 /// accounting log (and synced) just before the `queued` marker: a crash in between
@@ -274,8 +325,32 @@ pub fn ingest_with(
     segment_bytes: usize,
     opts: &IngestOptions,
 ) -> Result<Ingested, IngestError> {
-    let started = std::time::Instant::now();
     let existing = load_instances(spool).map_err(IngestError::Other)?;
+    let mut spools = Vec::with_capacity(shards);
+    for s in 0..shards {
+        let (sp, _) = Spool::open(&shard_dir(spool, s), segment_bytes, &|i| {
+            existing.contains_key(&i)
+        })
+        .map_err(|e| IngestError::Other(e.into()))?;
+        spools.push(sp);
+    }
+    let mut sink = Spools {
+        spools,
+        scratch: Vec::with_capacity(1024),
+    };
+    ingest_into(campaign, spool, shards, opts, &mut sink)
+}
+
+/// As [`ingest_with`], the records going to `sink`. The instance directory is
+/// made first and its `queued` marker written last, after `sink.finish`.
+pub fn ingest_into(
+    campaign: &Campaign,
+    spool: &Path,
+    shards: usize,
+    opts: &IngestOptions,
+    sink: &mut dyn RecordSink,
+) -> Result<Ingested, IngestError> {
+    let started = std::time::Instant::now();
     let cdir = campaigns_dir(spool);
     let used: Vec<u32> = std::fs::read_dir(&cdir)
         .map(|it| {
@@ -295,14 +370,6 @@ pub fn ingest_with(
     let header = campaign.columns.join(",") + "\n";
     write_durably(&idir.join("recipients.csv"), header.as_bytes()).map_err(IngestError::Other)?;
 
-    let mut spools = Vec::with_capacity(shards);
-    for s in 0..shards {
-        let (sp, _) = Spool::open(&shard_dir(spool, s), segment_bytes, &|i| {
-            existing.contains_key(&i)
-        })
-        .map_err(|e| IngestError::Other(e.into()))?;
-        spools.push(sp);
-    }
     let skip_log = match (opts.skip_bad_rows, &opts.log) {
         (true, Some(_)) => Some(
             LogWriter::open(&idir.join("skipped.jsonl"))
@@ -321,7 +388,6 @@ pub fn ingest_with(
     let bad_rows = std::cell::Cell::new(0u64);
     let skipped = std::cell::Cell::new(0u64);
     let log_failed = std::cell::RefCell::new(None);
-    let mut scratch = Vec::with_capacity(1024);
     let mut count = 0u64;
     let streamed = campaign
         .recipients(
@@ -335,9 +401,7 @@ pub fn ingest_with(
                     line: row.line,
                     values: row.values,
                 };
-                spools[shard_of(&row.email, shards)]
-                    .append_queue(&q, &mut scratch)
-                    .map_err(|e| e.to_string())?;
+                sink.push(shard_of(&row.email, shards), q)?;
                 count += 1;
                 Ok(())
             },
@@ -392,9 +456,8 @@ pub fn ingest_with(
             1,
         ));
     }
-    for sp in &mut spools {
-        sp.sync().map_err(|e| IngestError::Other(e.into()))?;
-    }
+    sink.finish()
+        .map_err(|e| IngestError::Other(anyhow::anyhow!(e)))?;
     let queued_at_unix_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("after 1970")

@@ -15,6 +15,7 @@ pub mod dns;
 pub mod dsn;
 pub mod engine;
 pub mod explain;
+pub mod inbox;
 pub mod ingest;
 pub mod log;
 pub mod mime;

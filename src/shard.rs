@@ -13,7 +13,8 @@ use crate::delivery;
 use crate::dkim::Signer;
 use crate::dns::MxHost;
 use crate::dns::{Resolver, Route};
-use crate::ingest::{shard_dir, Instances};
+use crate::inbox::Inbound;
+use crate::ingest::{shard_dir, Instance, Instances};
 use crate::log::{self, Kind, LogWriter};
 use crate::pipeline::Window;
 use crate::retry::{self, Decision};
@@ -26,8 +27,8 @@ use crate::spool::{Deferral, LastReply, RecordRef, Spool, Terminal};
 use crate::wheel::Wheel;
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
-use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cell::{Cell, Ref, RefCell};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -273,7 +274,14 @@ enum Pending {
 pub struct Shard {
     pub id: usize,
     pub cfg: Arc<EngineConfig>,
-    pub instances: Instances,
+    /// The campaign instances this shard runs; `serve` adds to them as campaigns
+    /// are acknowledged (see inbox.rs).
+    instances: RefCell<BTreeMap<u32, Arc<Instance>>>,
+    /// Records appended and synced for instances not yet acknowledged, by instance.
+    staged: RefCell<HashMap<u32, Vec<Job>>>,
+    /// Runs until stopped, taking new work from the inbox (`serve`); otherwise the
+    /// shard ends when every recipient it recovered is done (`send`).
+    serving: bool,
     classifier: Arc<Classifier>,
     tls: Arc<rustls::ClientConfig>,
     tls_verified: Arc<rustls::ClientConfig>,
@@ -297,7 +305,7 @@ pub struct Shard {
     control: Receiver<Command>,
     /// Every shard's command channel, for back-offs all shards share.
     peers: Vec<Sender<Command>>,
-    signers: HashMap<u32, Signer>,
+    signers: RefCell<HashMap<u32, Rc<Signer>>>,
     status: Arc<Status>,
     /// Deferred recipients until their retry time (or expiry).
     retries: RefCell<Wheel<Job>>,
@@ -328,6 +336,9 @@ pub struct Links {
     pub dkim: Arc<HashMap<u32, crate::dkim::KeyRef>>,
     pub status: Arc<Status>,
     pub stop: Arc<AtomicBool>,
+    /// New work while running (`serve`); None: the shard ends when its recovered
+    /// recipients are all done.
+    pub inbox: Option<tokio::sync::mpsc::Receiver<Inbound>>,
 }
 
 /// An operator's pause or rate for a limiter key (or key prefix).
@@ -357,12 +368,13 @@ pub fn run(
         dkim,
         status,
         stop,
+        inbox,
     } = links;
     // Parsed once per shard, not per message.
     let signers = dkim
         .iter()
-        .map(|(inst, k)| Ok((*inst, k.load()?)))
-        .collect::<Result<HashMap<u32, Signer>, String>>()
+        .map(|(inst, k)| Ok((*inst, Rc::new(k.load()?))))
+        .collect::<Result<HashMap<u32, Rc<Signer>>, String>>()
         .map_err(|e| anyhow::anyhow!("shard {id}: {e}"))?;
     let (spool, recovered) =
         Spool::open(&shard_dir(&cfg.spool_dir, id), cfg.segment_bytes, &|i| {
@@ -376,7 +388,9 @@ pub fn run(
     let driver = cfg.driver;
     let shard = Rc::new(Shard {
         id,
-        instances,
+        instances: RefCell::new(instances.as_ref().clone()),
+        staged: RefCell::new(HashMap::new()),
+        serving: inbox.is_some(),
         classifier,
         tls: crate::tls::client_config(false),
         tls_verified: crate::tls::client_config(true),
@@ -396,7 +410,7 @@ pub fn run(
         held: RefCell::new(Vec::new()),
         control,
         peers,
-        signers,
+        signers: RefCell::new(signers),
         status,
         retries: RefCell::new(Wheel::new(TICK, Instant::now())),
         remaining: Cell::new(recovered.pending.len() as u64),
@@ -420,7 +434,7 @@ pub fn run(
             .pending
             .into_iter()
             .map(|p| {
-                let inst = &shard.instances[&p.instance];
+                let inst = shard.instance(p.instance);
                 let email = spool
                     .queue_value(p.rref, inst.email_col)
                     .expect("recovery checked the record");
@@ -453,6 +467,7 @@ pub fn run(
     crate::runtime::block_on(driver, async move {
         let committer = monoio::spawn(commit_loop(sh.clone()));
         let retrier = monoio::spawn(tick_loop(sh.clone()));
+        let taker = inbox.map(|rx| monoio::spawn(inbox_loop(sh.clone(), rx)));
         // A recipient deferred before the restart waits out its retry time.
         let (now, now_ms) = (Instant::now(), unix_ms(SystemTime::now()));
         for (job, due_ms) in jobs {
@@ -466,6 +481,9 @@ pub fn run(
         }
         committer.await?;
         retrier.await;
+        if let Some(t) = taker {
+            t.await;
+        }
         sh.close_connections().await;
         // Outcomes of what was in flight when the shard began to close.
         sh.commit(true)?;
@@ -482,7 +500,7 @@ impl Shard {
     /// Queues `job` for delivery, or, past its campaign's maximum age, expires it
     /// without another attempt (after a retry wait, or a restart after a long stop).
     fn enqueue_unless_expired(self: &Rc<Self>, mut job: Job) {
-        if SystemTime::now() < self.instances[&job.instance].expire_at {
+        if SystemTime::now() < self.expire_at(&job) {
             self.clone().enqueue(job);
             return;
         }
@@ -518,7 +536,36 @@ impl Shard {
     }
 
     fn finished(&self) -> bool {
-        self.remaining.get() == 0 || self.stop.load(Ordering::Relaxed)
+        (self.remaining.get() == 0 && !self.serving) || self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Campaign instance `no`, which every job's instance is.
+    pub fn instance(&self, no: u32) -> Ref<'_, Instance> {
+        Ref::map(self.instances.borrow(), |m| &*m[&no])
+    }
+
+    /// When `job` expires: its instance's expiry, or for a submitted message, its
+    /// own (the submission instance lives as long as the spool).
+    fn expire_at(&self, job: &Job) -> SystemTime {
+        let inst = self.instance(job.instance);
+        if !inst.submission {
+            return inst.expire_at;
+        }
+        self.queued_at(&inst, job.rref) + inst.settings.expire_after()
+    }
+
+    /// When the recipient at `rref` was queued: its instance's time, or for a
+    /// submitted message the time in its record.
+    fn queued_at(&self, inst: &Instance, rref: RecordRef) -> SystemTime {
+        if !inst.submission {
+            return inst.queued_at;
+        }
+        let spool = self.spool.borrow();
+        let ms = spool
+            .queue_value(rref, crate::ingest::SUBMITTED_QUEUED_AT)
+            .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        UNIX_EPOCH + Duration::from_millis(ms)
     }
 
     /// Routes a job: to its site's queue, or to DNS first.
@@ -532,11 +579,15 @@ impl Shard {
                 sites,
                 until,
             }) if *until > now => {
-                let pool = self.instances[&job.instance]
+                let inst = self.instance(job.instance);
+                let pool = inst
                     .settings
                     .pool
                     .as_ref()
-                    .or(self.rules.default_pool.as_ref());
+                    .or(self.rules.default_pool.as_ref())
+                    .cloned();
+                drop(inst);
+                let pool = pool.as_ref();
                 let site = match sites.iter().find(|(p, _)| p.as_ref() == pool) {
                     Some((_, site)) => site.clone(),
                     None => {
@@ -849,7 +900,8 @@ impl Shard {
             let Some(first) = q.front() else {
                 return Ok(None);
             };
-            let campaign = &self.instances[&first.instance].settings.id;
+            let inst = self.instance(first.instance);
+            let campaign = &inst.settings.id;
             let paused = self.paused.borrow();
             if !paused.is_empty()
                 && (paused.contains(&format!("domain:{}", first.domain))
@@ -875,8 +927,14 @@ impl Shard {
             break;
         }
         let first = q.pop_front().expect("checked");
-        let max = (self.instances[&first.instance].settings.max_rcpt_per_msg as usize)
-            .min(site.max_rcpt_per_msg());
+        let inst = self.instance(first.instance);
+        // A submitted message is its own: one per transaction.
+        let max = match inst.submission {
+            true => 1,
+            false => inst.settings.max_rcpt_per_msg as usize,
+        }
+        .min(site.max_rcpt_per_msg());
+        drop(inst);
         let mut jobs = vec![first];
         while jobs.len() < max {
             match q.front() {
@@ -1094,10 +1152,11 @@ impl Shard {
             tx_ms,
             last_attempt,
         } = how;
-        let inst = &self.instances[&job.instance];
+        let inst = self.instance(job.instance);
+        let expire_at = self.expire_at(job);
         let now_sys = SystemTime::now();
         let queued_ms = now_sys
-            .duration_since(inst.queued_at)
+            .duration_since(self.queued_at(&inst, job.rref))
             .unwrap_or_default()
             .as_millis() as u64;
         job.attempts += 1;
@@ -1109,7 +1168,7 @@ impl Shard {
             &self.cfg.retry,
             job.attempts,
             now_sys,
-            inst.expire_at,
+            expire_at,
         );
         let (kind, terminal) = match decision {
             Decision::Delivered => (Kind::Delivery, Some(Terminal::Delivered)),
@@ -1118,12 +1177,16 @@ impl Shard {
             Decision::Retry(_) => (Kind::TransientFailure, None),
         };
         let spool = self.spool.borrow();
-        let rcpt = String::from_utf8_lossy(
-            spool
-                .queue_value(job.rref, inst.email_col)
-                .unwrap_or_default(),
-        )
-        .into_owned();
+        let value = |i| String::from_utf8_lossy(spool.queue_value(job.rref, i).unwrap_or_default());
+        let rcpt = value(inst.email_col).into_owned();
+        // A submitted message names its own campaign and envelope sender.
+        let (campaign, sender) = match inst.submission {
+            true => (
+                value(crate::ingest::SUBMITTED_CAMPAIGN).into_owned(),
+                value(crate::ingest::SUBMITTED_SENDER).into_owned(),
+            ),
+            false => (inst.settings.id.clone(), inst.settings.sender.clone()),
+        };
         drop(spool);
         let text = reply.text.replace('\n', " ");
         let last_attempt = match kind {
@@ -1135,9 +1198,9 @@ impl Shard {
             last_attempt: last_attempt.map(log::rfc3339),
             kind,
             time: log::rfc3339(now_sys),
-            campaign: &inst.settings.id,
+            campaign: &campaign,
             rcpt: &rcpt,
-            sender: &inst.settings.sender,
+            sender: &sender,
             domain: &job.domain,
             mx: via.map(|v| v.mx),
             ip: via.map(|v| v.ip.to_string()),
@@ -1177,7 +1240,7 @@ impl Shard {
                     text,
                     stage: stage.to_string(),
                 }));
-                self.schedule_retry(job.clone(), inst.expire_at, after);
+                self.schedule_retry(job.clone(), expire_at, after);
             }
         }
         drop(b);
@@ -1240,8 +1303,8 @@ impl Shard {
     }
 
     /// The DKIM signer for campaign instance `instance`, if it signs.
-    pub fn signer(&self, instance: u32) -> Option<&Signer> {
-        self.signers.get(&instance)
+    pub fn signer(&self, instance: u32) -> Option<Rc<Signer>> {
+        self.signers.borrow().get(&instance).cloned()
     }
 
     /// This shard's TLS client settings (shared, so sessions resume per host).
@@ -1288,6 +1351,177 @@ async fn commit_loop(sh: Rc<Shard>) -> anyhow::Result<()> {
             sh.progress.done.store(true, Ordering::Relaxed);
             return Ok(());
         }
+    }
+}
+
+/// Inbox messages handled in one group commit, at most.
+const INBOX_BATCH_MAX: usize = 256;
+
+/// Takes new work from the inbox (`serve`) until the shard finishes: each wake-up
+/// appends everything waiting, syncs once, and answers (inbox.rs).
+async fn inbox_loop(sh: Rc<Shard>, mut rx: tokio::sync::mpsc::Receiver<Inbound>) {
+    let mut batch = Vec::new();
+    while !sh.finished() {
+        // `recv` is cancel-safe: a tick without mail loses nothing.
+        match monoio::time::timeout(TICK, rx.recv()).await {
+            Ok(Some(m)) => batch.push(m),
+            Ok(None) => return,
+            Err(_) => continue,
+        }
+        while batch.len() < INBOX_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        sh.take_in(std::mem::take(&mut batch));
+    }
+    // Whatever is still waiting is refused, not dropped unanswered.
+    rx.close();
+    while let Ok(m) = rx.try_recv() {
+        if let Inbound::Append { done, .. } = m {
+            let _ = done.send(Err("the engine is shutting down".into()));
+        }
+    }
+}
+
+impl Shard {
+    /// One group commit of inbox messages: appends every record, syncs once, then
+    /// answers each sender and sets the records of running instances going.
+    fn take_in(self: &Rc<Self>, batch: Vec<Inbound>) {
+        let mut answers = Vec::new();
+        let mut taken: Vec<(u32, Vec<Job>)> = Vec::new();
+        let mut later = Vec::new();
+        let mut spool = self.spool.borrow_mut();
+        let mut scratch = Vec::new();
+        for m in batch {
+            let Inbound::Append {
+                instance,
+                email_col,
+                records,
+                done,
+            } = m
+            else {
+                later.push(m);
+                continue;
+            };
+            let mut jobs = Vec::with_capacity(records.len());
+            let mut failed = None;
+            for q in &records {
+                match spool.append_queue(q, &mut scratch) {
+                    Ok(rref) => jobs.push(new_job(rref, instance, &q.values[email_col])),
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            match failed {
+                None => {
+                    answers.push((done, Ok(())));
+                    taken.push((instance, jobs));
+                }
+                Some(e) => {
+                    // Nothing half-queued: what went in of this message is abandoned.
+                    for j in &jobs {
+                        let _ = spool.append_done(j.rref, Terminal::Abandoned);
+                    }
+                    answers.push((done, Err(e)));
+                }
+            }
+        }
+        if let Err(e) = spool.sync() {
+            // Not known to be on disk: refused, and never sent.
+            let e = e.to_string();
+            for (_, jobs) in taken.drain(..) {
+                for j in &jobs {
+                    let _ = spool.append_done(j.rref, Terminal::Abandoned);
+                }
+            }
+            for a in &mut answers {
+                a.1 = Err(e.clone());
+            }
+        }
+        drop(spool);
+        for (done, r) in answers {
+            let _ = done.send(r);
+        }
+        for (instance, jobs) in taken {
+            if self.instances.borrow().contains_key(&instance) {
+                self.start_jobs(jobs);
+            } else {
+                self.staged
+                    .borrow_mut()
+                    .entry(instance)
+                    .or_default()
+                    .extend(jobs);
+            }
+        }
+        for m in later {
+            match m {
+                Inbound::Activate { instance, dkim } => self.activate(instance, dkim),
+                Inbound::Abandon(no) => {
+                    let jobs = self.staged.borrow_mut().remove(&no).unwrap_or_default();
+                    for j in jobs {
+                        self.pending
+                            .borrow_mut()
+                            .push(Pending::Done(j.rref, Terminal::Abandoned));
+                    }
+                }
+                Inbound::Append { .. } => unreachable!("appended above"),
+            }
+        }
+    }
+
+    /// Runs a newly acknowledged campaign instance: its signer, its own rate, and
+    /// the records staged for it.
+    fn activate(self: &Rc<Self>, inst: Arc<Instance>, dkim: Option<crate::dkim::KeyRef>) {
+        let no = inst.no;
+        if let Some(k) = dkim {
+            match k.load() {
+                Ok(signer) => {
+                    self.signers.borrow_mut().insert(no, Rc::new(signer));
+                }
+                Err(e) => {
+                    // Checked when it was queued; a key gone since is the operator's
+                    // to fix: its mail is held, not sent unsigned.
+                    eprintln!(
+                        "volley: shard {}: campaign {}: DKIM key: {e}; its mail is held",
+                        self.id, inst.settings.id
+                    );
+                    return;
+                }
+            }
+        }
+        let one: Instances = Arc::new(BTreeMap::from([(no, inst.clone())]));
+        self.job_limits
+            .borrow_mut()
+            .extend(campaign_limits(&one, &self.cfg, self.id));
+        self.instances.borrow_mut().insert(no, inst);
+        let jobs = self.staged.borrow_mut().remove(&no).unwrap_or_default();
+        self.start_jobs(jobs);
+    }
+
+    fn start_jobs(self: &Rc<Self>, jobs: Vec<Job>) {
+        let n = jobs.len() as u64;
+        self.remaining.set(self.remaining.get() + n);
+        self.progress.recovered.fetch_add(n, Ordering::Relaxed);
+        for job in jobs {
+            self.clone().enqueue(job);
+        }
+    }
+}
+
+/// A fresh job for the Queue record at `rref` whose address is `email`.
+fn new_job(rref: RecordRef, instance: u32, email: &[u8]) -> Job {
+    let at = email.iter().rposition(|&c| c == b'@').map_or(0, |i| i + 1);
+    Job {
+        rref,
+        instance,
+        domain: Rc::from(String::from_utf8_lossy(&email[at..]).to_ascii_lowercase()),
+        attempts: 0,
+        requeues: 0,
+        last: None,
     }
 }
 

@@ -5,4 +5,5 @@
 pub mod auth;
 pub mod config;
 pub mod inject;
+pub mod intake;
 pub mod submitted;

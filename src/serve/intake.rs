@@ -1,0 +1,217 @@
+//! What every listener hands mail to: queueing a submitted message (SMTP, pickup)
+//! or a whole campaign (HTTP, `volley send` handed over) through the running
+//! shards' inboxes, answering only once it is durable.
+
+use crate::campaign::{Campaign, Problem};
+use crate::inbox::{self, InboxError, Inboxes, APPEND_RECORDS_MAX};
+use crate::ingest::{self, IngestError, IngestOptions, Ingested, Instance, RecordSink};
+use crate::spool::QueueRecord;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::oneshot;
+
+/// How long a campaign ingest waits for room in a full inbox before it gives up
+/// (and the campaign is refused with a temporary error, nothing queued).
+pub const CAMPAIGN_INBOX_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The campaign a submitted message counts under when it names none.
+pub const SUBMISSION_CAMPAIGN: &str = "submission";
+
+/// The daemon's intake: shared by every listener thread.
+pub struct Intake {
+    pub inboxes: Inboxes,
+    pub spool: PathBuf,
+    /// The instance submitted messages are queued under.
+    pub submission: u32,
+    /// Every instance the daemon runs, for counts by campaign.
+    instances: Mutex<BTreeMap<u32, Arc<Instance>>>,
+    /// One campaign ingest at a time: instance numbers come from the directory.
+    ingesting: Mutex<()>,
+    pub dkim_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+/// A submitted message: envelope and prepared content (serve::submitted).
+pub struct Submitted {
+    /// "" for the null sender.
+    pub sender: String,
+    pub recipients: Vec<String>,
+    pub campaign: Option<String>,
+    pub message: Vec<u8>,
+}
+
+impl Intake {
+    pub fn new(
+        inboxes: Inboxes,
+        spool: PathBuf,
+        submission: u32,
+        instances: BTreeMap<u32, Arc<Instance>>,
+        dkim_dir: PathBuf,
+        log: PathBuf,
+    ) -> Intake {
+        Intake {
+            inboxes,
+            spool,
+            submission,
+            instances: Mutex::new(instances),
+            ingesting: Mutex::new(()),
+            dkim_dir,
+            log,
+        }
+    }
+
+    /// Queues one submitted message: every recipient on one shard (the first
+    /// recipient's), so the message is appended and synced as a whole. The answer
+    /// comes once it is durable; `Err` at once when that shard's inbox is full.
+    pub fn submit(
+        &self,
+        m: Submitted,
+    ) -> Result<oneshot::Receiver<Result<(), String>>, InboxError> {
+        let shard = ingest::shard_of(
+            m.recipients.first().map_or("", String::as_str),
+            self.inboxes.shards(),
+        );
+        let queued_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+            .to_string();
+        let campaign = m.campaign.unwrap_or_else(|| SUBMISSION_CAMPAIGN.into());
+        let records = m
+            .recipients
+            .iter()
+            .map(|r| QueueRecord {
+                instance: self.submission,
+                line: 0,
+                values: vec![
+                    r.as_bytes().to_vec(),
+                    m.sender.as_bytes().to_vec(),
+                    campaign.as_bytes().to_vec(),
+                    queued_at.as_bytes().to_vec(),
+                    m.message.clone(),
+                ],
+            })
+            .collect();
+        self.inboxes
+            .append(shard, self.submission, ingest::SUBMITTED_RCPT, records)
+    }
+
+    /// Queues a validated campaign through the shards, then writes its marker and
+    /// sets it going: `Ok` only once all of it is durable. On failure nothing of it
+    /// is ever sent.
+    pub fn queue_campaign(&self, campaign: &Campaign) -> Result<Ingested, IngestError> {
+        let _one = self.ingesting.lock().expect("ingest lock");
+        let key = crate::dkim::key_for(&self.dkim_dir, &campaign.settings)
+            .map_err(|e| IngestError::Other(anyhow::anyhow!("{e}")))?;
+        let mut sink = InboxSink {
+            inboxes: &self.inboxes,
+            email_col: campaign.email_col,
+            instance: None,
+            spool: &self.spool,
+            batches: vec![Vec::new(); self.inboxes.shards()],
+            answers: Vec::new(),
+        };
+        let opts = IngestOptions {
+            skip_bad_rows: false,
+            log: Some(self.log.clone()),
+        };
+        let shards = self.inboxes.shards();
+        let r = ingest::ingest_into(campaign, &self.spool, shards, &opts, &mut sink);
+        let Some(no) = sink.instance else {
+            return r;
+        };
+        let activated = r.and_then(|done| {
+            let mut all = ingest::load_instances(&self.spool).map_err(IngestError::Other)?;
+            let inst = all.remove(&no).ok_or_else(|| {
+                IngestError::Other(anyhow::anyhow!("instance {no} has no marker after ingest"))
+            })?;
+            self.inboxes.activate(&inst, key.as_ref());
+            self.instances.lock().expect("instances").insert(no, inst);
+            Ok(done)
+        });
+        if activated.is_err() {
+            self.inboxes.abandon(no);
+        }
+        activated
+    }
+
+    /// Every instance whose campaign id is `id`.
+    pub fn instances_of(&self, id: &str) -> Vec<Arc<Instance>> {
+        self.instances
+            .lock()
+            .expect("instances")
+            .values()
+            .filter(|i| i.settings.id == id)
+            .cloned()
+            .collect()
+    }
+
+    /// Instance `no`, if the daemon runs it.
+    pub fn instance(&self, no: u32) -> Option<Arc<Instance>> {
+        self.instances.lock().expect("instances").get(&no).cloned()
+    }
+}
+
+/// Ingest's records, batched per shard into inbox messages.
+struct InboxSink<'a> {
+    inboxes: &'a Inboxes,
+    email_col: usize,
+    /// Learnt from the first record: what to abandon if the ingest fails.
+    instance: Option<u32>,
+    spool: &'a Path,
+    batches: Vec<Vec<QueueRecord>>,
+    answers: Vec<oneshot::Receiver<Result<(), String>>>,
+}
+
+impl InboxSink<'_> {
+    fn send(&mut self, shard: usize) -> Result<(), String> {
+        let records = std::mem::take(&mut self.batches[shard]);
+        let Some(first) = records.first() else {
+            return Ok(());
+        };
+        let instance = first.instance;
+        let a = self
+            .inboxes
+            .append_waiting(
+                shard,
+                instance,
+                self.email_col,
+                records,
+                CAMPAIGN_INBOX_PATIENCE,
+            )
+            .map_err(|e| e.to_string())?;
+        self.answers.push(a);
+        Ok(())
+    }
+}
+
+impl RecordSink for InboxSink<'_> {
+    fn push(&mut self, shard: usize, q: QueueRecord) -> Result<(), String> {
+        self.instance.get_or_insert(q.instance);
+        self.batches[shard].push(q);
+        if self.batches[shard].len() >= APPEND_RECORDS_MAX {
+            self.send(shard)?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), String> {
+        for shard in 0..self.batches.len() {
+            self.send(shard)?;
+        }
+        for a in self.answers.drain(..) {
+            inbox::wait(a).map_err(|e| format!("spool {}: {e}", self.spool.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// The problems of a refused campaign, one per line, as `volley check` prints them.
+pub fn problems_text(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
