@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -87,6 +88,70 @@ pub struct Instance {
     /// message an application handed in, with its own envelope sender, campaign
     /// and queue time (the SUBMITTED_* values), not a row of a template.
     pub submission: bool,
+    /// Its recipients by outcome, as this process has seen them (serve's API).
+    pub outcomes: Outcomes,
+}
+
+/// An instance's recipients by outcome; the shards add to it per commit batch.
+#[derive(Default)]
+pub struct Outcomes {
+    delivered: AtomicU64,
+    bounced: AtomicU64,
+    expired: AtomicU64,
+    /// Temporary failures (events, not recipients).
+    deferrals: AtomicU64,
+    /// Recipients in a shard's queue or retry wheel now.
+    queued: AtomicU64,
+}
+
+/// A snapshot of [`Outcomes`].
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct OutcomeCounts {
+    pub delivered: u64,
+    pub bounced: u64,
+    pub expired: u64,
+    pub deferrals: u64,
+    pub queued: u64,
+}
+
+impl OutcomeCounts {
+    pub fn add(&mut self, o: &OutcomeCounts) {
+        self.delivered += o.delivered;
+        self.bounced += o.bounced;
+        self.expired += o.expired;
+        self.deferrals += o.deferrals;
+        self.queued += o.queued;
+    }
+}
+
+impl Outcomes {
+    /// `n` more recipients queued (recovered or taken in).
+    pub fn queued(&self, n: u64) {
+        self.queued.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// One commit batch: delivered, bounced, expired, deferrals.
+    pub fn record(&self, [d, b, e, t]: [u64; 4]) {
+        self.delivered.fetch_add(d, Ordering::Relaxed);
+        self.bounced.fetch_add(b, Ordering::Relaxed);
+        self.expired.fetch_add(e, Ordering::Relaxed);
+        self.deferrals.fetch_add(t, Ordering::Relaxed);
+        let _ = self
+            .queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
+                Some(q.saturating_sub(d + b + e))
+            });
+    }
+
+    pub fn snapshot(&self) -> OutcomeCounts {
+        OutcomeCounts {
+            delivered: self.delivered.load(Ordering::Relaxed),
+            bounced: self.bounced.load(Ordering::Relaxed),
+            expired: self.expired.load(Ordering::Relaxed),
+            deferrals: self.deferrals.load(Ordering::Relaxed),
+            queued: self.queued.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Values of a submitted message's Queue record, in order.
@@ -247,6 +312,7 @@ pub fn load_instances(spool: &Path) -> anyhow::Result<BTreeMap<u32, Arc<Instance
                 expire_at,
                 message_id_prefix: format!("{}.{no}.{token}", marker.queued_at_unix_ms),
                 submission: p.join(SUBMISSION_MARKER).exists(),
+                outcomes: Outcomes::default(),
             }),
         );
     }

@@ -313,6 +313,8 @@ pub struct Shard {
     tx_seq: Cell<u64>,
     progress: Arc<Progress>,
     batch: RefCell<[u64; 4]>,
+    /// The same by campaign instance, for its `Outcomes`.
+    batch_by_instance: RefCell<HashMap<u32, [u64; 4]>>,
     latency: RefCell<Histogram<u64>>,
     stop: Arc<AtomicBool>,
     /// Every recipient is terminal or `stop` was set: connections finish what is in
@@ -417,6 +419,7 @@ pub fn run(
         tx_seq: Cell::new(0),
         progress,
         batch: RefCell::new([0; 4]),
+        batch_by_instance: RefCell::new(HashMap::new()),
         latency: RefCell::new(Histogram::new(3).expect("valid")),
         stop,
         closing: Cell::new(false),
@@ -463,6 +466,13 @@ pub fn run(
             })
             .collect()
     };
+    let mut per_instance: HashMap<u32, u64> = HashMap::new();
+    for (j, _) in &jobs {
+        *per_instance.entry(j.instance).or_default() += 1;
+    }
+    for (no, n) in per_instance {
+        shard.instance(no).outcomes.queued(n);
+    }
     let sh = shard.clone();
     crate::runtime::block_on(driver, async move {
         let committer = monoio::spawn(commit_loop(sh.clone()));
@@ -1216,6 +1226,16 @@ impl Shard {
             shard: self.id,
         });
         let mut b = self.batch.borrow_mut();
+        let slot = match terminal {
+            Some(Terminal::Delivered) => 0,
+            Some(Terminal::Bounced) => 1,
+            Some(_) => 2,
+            None => 3,
+        };
+        self.batch_by_instance
+            .borrow_mut()
+            .entry(job.instance)
+            .or_default()[slot] += 1;
         match terminal {
             Some(t) => {
                 match t {
@@ -1299,6 +1319,9 @@ impl Shard {
         p.expired.fetch_add(b[2], Ordering::Relaxed);
         p.deferrals.fetch_add(b[3], Ordering::Relaxed);
         *b = [0; 4];
+        for (no, counts) in self.batch_by_instance.borrow_mut().drain() {
+            self.instance(no).outcomes.record(counts);
+        }
         Ok(())
     }
 
@@ -1504,6 +1527,9 @@ impl Shard {
 
     fn start_jobs(self: &Rc<Self>, jobs: Vec<Job>) {
         let n = jobs.len() as u64;
+        if let Some(j) = jobs.first() {
+            self.instance(j.instance).outcomes.queued(n);
+        }
         self.remaining.set(self.remaining.get() + n);
         self.progress.recovered.fetch_add(n, Ordering::Relaxed);
         for job in jobs {

@@ -4,6 +4,8 @@
 
 pub mod auth;
 pub mod config;
+pub mod http;
 pub mod inject;
 pub mod intake;
+pub mod pickup;
 pub mod submitted;

@@ -226,7 +226,7 @@ fn shown(v: &[u8]) -> String {
 
 /// How a message came in, for its Received field (RFC 5321 §4.4).
 #[derive(Debug, Clone)]
-pub struct Intake<'a> {
+pub struct Trace<'a> {
     /// The name the client gave in EHLO/HELO; `""` leaves the `from` clause out (the
     /// pickup directory has no client).
     pub received_from_helo: &'a str,
@@ -318,7 +318,7 @@ pub enum IntakeError {
 /// The body is never read except for `has_8bit`.
 pub fn prepare(
     message: &[u8],
-    intake: &Intake,
+    intake: &Trace,
     campaign_header: &str,
     from_domain_fallback: &str,
 ) -> Result<Prepared, IntakeError> {
@@ -510,7 +510,7 @@ fn domain_of(addr: &[u8]) -> Option<String> {
 
 /// `left@domain` for an added Message-ID (RFC 5322 §3.6.4): the queue id is unique
 /// on this host, the time and host name make it unique across hosts and restarts.
-fn message_id(intake: &Intake, domain: &str) -> String {
+fn message_id(intake: &Trace, domain: &str) -> String {
     let secs = intake
         .now
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -536,7 +536,7 @@ fn message_id(intake: &Intake, domain: &str) -> String {
 /// The Received field (RFC 5321 §4.4 `Stamp`: from, by, with, id, for, then the
 /// registered `tls` clause, `;` and the date), folded before a clause that would pass
 /// [`RECEIVED_COLUMNS_MAX`].
-fn received(intake: &Intake) -> String {
+fn received(intake: &Trace) -> String {
     let mut clauses: Vec<String> = Vec::new();
     let helo = clean(intake.received_from_helo);
     if !helo.is_empty() {
@@ -800,8 +800,8 @@ mod tests {
         );
     }
 
-    fn intake(ip: Option<IpAddr>) -> Intake<'static> {
-        Intake {
+    fn intake(ip: Option<IpAddr>) -> Trace<'static> {
+        Trace {
             received_from_helo: "app1.example.net",
             client_ip: ip,
             client_rdns: Some("app1.example.net"),

@@ -1,0 +1,236 @@
+//! The HTTP injection API, on its own thread (a current-thread tokio runtime;
+//! staging and ingest run on its blocking pool):
+//! - `POST /api/v1/inject`: a campaign as JSON (serve::inject), `202` once durable;
+//! - `GET /api/v1/campaigns/{id}`: its counts by outcome.
+//!
+//! Every request needs `Authorization: Bearer TOKEN` (serve::auth tokens). Errors
+//! are JSON: `{"error": what, "problems": [{"pointer", "why"}]}`.
+
+use crate::ingest::IngestError;
+use crate::serve::auth::Tokens;
+use crate::serve::inject::{self, ApiProblem};
+use crate::serve::intake::Intake;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// Largest request body by default (`body_size_max`): a million recipients with a
+/// few merge fields fit.
+pub const BODY_SIZE_MAX_DEFAULT: usize = 256 * 1024 * 1024;
+
+/// Seconds a client is asked to wait (Retry-After) when injection is refused for
+/// a full inbox or spool.
+pub const RETRY_AFTER_S: u64 = 5;
+
+/// What the handlers share.
+pub struct Api {
+    pub intake: Arc<Intake>,
+    /// Replaced on SIGHUP.
+    pub tokens: Arc<RwLock<Tokens>>,
+    /// Where bodies are staged as campaign directories (under the spool).
+    pub staging: PathBuf,
+}
+
+/// Serves the API on `addr` until `stop`; returns once listening (or why not).
+pub fn start(
+    addr: SocketAddr,
+    body_size_max: usize,
+    api: Api,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let listener = std::net::TcpListener::bind(addr)
+        .map_err(|e| anyhow::anyhow!("http listener {addr}: {e}"))?;
+    listener.set_nonblocking(true)?;
+    std::fs::create_dir_all(&api.staging)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", api.staging.display()))?;
+    let app = Router::new()
+        .route("/api/v1/inject", post(inject_campaign))
+        .route("/api/v1/campaigns/{id}", get(campaign_counts))
+        .layer(DefaultBodyLimit::max(body_size_max))
+        .with_state(Arc::new(api));
+    let h = std::thread::Builder::new()
+        .name("http".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(async move {
+                let listener =
+                    tokio::net::TcpListener::from_std(listener).expect("listener registers");
+                let shutdown = async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                };
+                if let Err(e) = axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                {
+                    eprintln!("volley: http listener {addr}: {e}");
+                }
+            });
+        })?;
+    Ok(h)
+}
+
+fn error(status: StatusCode, what: &str, problems: Vec<ApiProblem>) -> Response {
+    let mut r = (status, Json(json!({"error": what, "problems": problems}))).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
+    }
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
+/// The token's name, or the 401 to send.
+fn authorize(api: &Api, headers: &HeaderMap) -> Result<String, Response> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(token) = presented else {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "no `Authorization: Bearer TOKEN` header; make a token with `volley token add NAME --tokens FILE`",
+            Vec::new(),
+        ));
+    };
+    match api.tokens.read().expect("tokens lock").check(token.trim()) {
+        Some(name) => Ok(name.to_string()),
+        None => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "the bearer token is not in the tokens file",
+            Vec::new(),
+        )),
+    }
+}
+
+async fn inject_campaign(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(r) = authorize(&api, &headers) {
+        return r;
+    }
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                e.status(),
+                &format!("the request body could not be read: {}", e.body_text()),
+                Vec::new(),
+            )
+        }
+    };
+    let api2 = api.clone();
+    let done = tokio::task::spawn_blocking(move || stage_and_queue(&api2, &body)).await;
+    match done {
+        Ok(r) => r,
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("the injection task failed: {e}"),
+            Vec::new(),
+        ),
+    }
+}
+
+/// Stages the body as a campaign directory, checks it as `volley check` does, and
+/// queues it; the staging directory is removed whatever happens.
+fn stage_and_queue(api: &Api, body: &[u8]) -> Response {
+    let dir = api
+        .staging
+        .join(format!("{}-{:016x}", std::process::id(), fastrand::u64(..)));
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("cannot stage the campaign in {}: {e}", dir.display()),
+            Vec::new(),
+        );
+    }
+    let r = match inject::stage(body, &dir) {
+        Err(problems) => error(
+            StatusCode::BAD_REQUEST,
+            "the campaign was refused; nothing was queued",
+            problems,
+        ),
+        Ok(staged) => match api.intake.queue_campaign(&staged.campaign) {
+            Ok(done) => (
+                StatusCode::ACCEPTED,
+                Json(json!({
+                    "campaign": staged.campaign.settings.id,
+                    "instance": done.instance,
+                    "queued": done.recipients,
+                })),
+            )
+                .into_response(),
+            Err(IngestError::Problems(problems, _)) => error(
+                StatusCode::BAD_REQUEST,
+                "the campaign was refused; nothing was queued",
+                problems
+                    .iter()
+                    .map(|p| ApiProblem {
+                        pointer: String::new(),
+                        why: p.to_string(),
+                    })
+                    .collect(),
+            ),
+            Err(IngestError::Other(e)) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("the campaign could not be queued now, nothing of it will be sent: {e:#}; try again"),
+                Vec::new(),
+            ),
+        },
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+async fn campaign_counts(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = authorize(&api, &headers) {
+        return r;
+    }
+    let instances = api.intake.instances_of(&id);
+    if instances.is_empty() {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("no campaign `{id}` in this spool"),
+            Vec::new(),
+        );
+    }
+    let mut total = crate::ingest::OutcomeCounts::default();
+    let mut list = Vec::new();
+    for i in &instances {
+        let c = i.outcomes.snapshot();
+        total.add(&c);
+        list.push(json!({"instance": i.no, "recipients": i.recipients, "outcomes": c}));
+    }
+    let recipients: u64 = instances.iter().map(|i| i.recipients).sum();
+    Json(json!({
+        "campaign": id,
+        "recipients": recipients,
+        "outcomes": total,
+        "queued": recipients.saturating_sub(total.delivered + total.bounced + total.expired),
+        "instances": list,
+    }))
+    .into_response()
+}

@@ -1,0 +1,241 @@
+//! The pickup directory (PowerMTA's habit): applications move RFC 5322 files with
+//! `X-Sender:` / `X-Receiver:` envelope fields into it, and each is queued as a
+//! submitted message (serve::submitted). A file is removed only once its message is
+//! durable in the spool; a file that cannot be read as a message moves to `bad/`
+//! with a `.why` file beside it saying what is wrong.
+//!
+//! Files are found with inotify (a file closed after writing, or moved in) and by a
+//! scan every `scan_interval` as a fallback (inotify queue overflow, files that
+//! were there at start). Names starting with `.` or ending in `.tmp` are skipped:
+//! write the file under such a name and rename it in when it is complete.
+
+use crate::inbox;
+use crate::serve::intake::{Intake, Submitted};
+use crate::serve::submitted::{self, Trace};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// Largest pickup file read; bigger ones move to `bad/` (the submission
+/// listener's `message_size_max` is the same kind of limit).
+pub const PICKUP_FILE_OCTETS_MAX: u64 = 64 * 1024 * 1024;
+
+/// Files queued per scan before the directory is read again.
+const FILES_PER_SCAN_MAX: usize = 10_000;
+
+/// What the pickup thread needs.
+pub struct Pickup {
+    pub dir: PathBuf,
+    pub scan_interval: Duration,
+    pub intake: Arc<Intake>,
+    /// This host's name, for the Received field.
+    pub hostname: String,
+    pub campaign_header: String,
+}
+
+/// Watches `p.dir` until `stop`.
+pub fn start(p: Pickup, stop: Arc<AtomicBool>) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let bad = p.dir.join("bad");
+    std::fs::create_dir_all(&bad).map_err(|e| anyhow::anyhow!("pickup {}: {e}", bad.display()))?;
+    let watch = Watch::new(&p.dir);
+    if let Err(e) = &watch {
+        eprintln!(
+            "volley: pickup {}: inotify: {e}; scanning every {:?} instead",
+            p.dir.display(),
+            p.scan_interval
+        );
+    }
+    let watch = watch.ok();
+    Ok(std::thread::Builder::new()
+        .name("pickup".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let busy = scan(&p, &stop);
+                // A full inbox: try again soon rather than at the next event.
+                let wait = match busy {
+                    true => Duration::from_millis(100),
+                    false => p.scan_interval,
+                };
+                match &watch {
+                    Some(w) => w.wait(wait, &stop),
+                    None => sleep_unless_stopped(wait, &stop),
+                }
+            }
+        })?)
+}
+
+fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
+    let until = std::time::Instant::now() + d;
+    while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Queues every complete file in the directory. True if some were left because
+/// the engine could not take them now.
+fn scan(p: &Pickup, stop: &AtomicBool) -> bool {
+    let Ok(entries) = std::fs::read_dir(&p.dir) else {
+        return false;
+    };
+    let mut names: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.path())
+        .filter(|path| {
+            let n = path.file_name().and_then(|n| n.to_str()).unwrap_or(".");
+            !n.starts_with('.') && !n.ends_with(".tmp")
+        })
+        .take(FILES_PER_SCAN_MAX)
+        .collect();
+    names.sort();
+    for path in names {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        match queue_file(p, &path) {
+            Ok(()) => {
+                if let Err(e) = std::fs::remove_file(&path) {
+                    // Queued, but still there: it would be queued again.
+                    eprintln!(
+                        "volley: pickup {}: queued, but cannot remove it ({e}); remove it by hand or it is sent twice",
+                        path.display()
+                    );
+                }
+            }
+            Err(Refused::Later(e)) => {
+                eprintln!(
+                    "volley: pickup {}: not queued now ({e}); kept for the next scan",
+                    path.display()
+                );
+                return true;
+            }
+            Err(Refused::Bad(why)) => set_aside(&p.dir, &path, &why),
+        }
+    }
+    if let Ok(d) = std::fs::File::open(&p.dir) {
+        let _ = d.sync_all();
+    }
+    false
+}
+
+enum Refused {
+    /// Temporary: the file stays for the next scan.
+    Later(String),
+    /// The file is wrong: it moves to bad/.
+    Bad(String),
+}
+
+fn queue_file(p: &Pickup, path: &Path) -> Result<(), Refused> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| Refused::Later(e.to_string()))?
+        .len();
+    if len > PICKUP_FILE_OCTETS_MAX {
+        return Err(Refused::Bad(format!(
+            "the file is {len} octets, over the {PICKUP_FILE_OCTETS_MAX}-octet limit for a pickup file; split the recipients or send it over SMTP"
+        )));
+    }
+    let bytes = std::fs::read(path).map_err(|e| Refused::Later(e.to_string()))?;
+    let file = submitted::parse_pickup(&bytes).map_err(|e| Refused::Bad(e.to_string()))?;
+    let queue_id = format!("{:016X}", fastrand::u64(..));
+    let trace = Trace {
+        received_from_helo: "",
+        client_ip: None,
+        client_rdns: None,
+        by_host: &p.hostname,
+        protocol: "local",
+        tls: None,
+        auth_user: None,
+        queue_id: &queue_id,
+        for_rcpt: (file.recipients.len() == 1).then(|| file.recipients[0].as_str()),
+        now: SystemTime::now(),
+    };
+    let prepared = submitted::prepare(&file.message, &trace, &p.campaign_header, &p.hostname)
+        .map_err(|e| Refused::Bad(e.to_string()))?;
+    let answer = p
+        .intake
+        .submit(Submitted {
+            sender: file.sender,
+            recipients: file.recipients,
+            campaign: prepared.campaign,
+            message: prepared.message,
+        })
+        .map_err(|e| Refused::Later(e.to_string()))?;
+    inbox::wait(answer).map_err(|e| Refused::Later(e.to_string()))
+}
+
+/// Moves a refused file to bad/ with NAME.why beside it.
+fn set_aside(dir: &Path, path: &Path, why: &str) {
+    let name = path.file_name().expect("a file in the directory");
+    let to = dir.join("bad").join(name);
+    let mut why_path = to.clone().into_os_string();
+    why_path.push(".why");
+    let text = format!("{}: {why}\n", path.display());
+    eprintln!(
+        "volley: pickup {}: refused: {why}; moved to {}",
+        path.display(),
+        to.display()
+    );
+    if let Err(e) = std::fs::write(&why_path, text).and_then(|_| std::fs::rename(path, &to)) {
+        eprintln!(
+            "volley: pickup {}: cannot move it to bad/: {e}",
+            path.display()
+        );
+    }
+}
+
+/// An inotify watch on the directory: files closed after writing or moved in.
+struct Watch {
+    fd: OwnedFd,
+}
+
+impl Watch {
+    fn new(dir: &Path) -> std::io::Result<Watch> {
+        use std::os::unix::ffi::OsStrExt;
+        // SAFETY: plain syscall; the descriptor is owned from here on.
+        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: valid descriptor and NUL-terminated path.
+        let wd = unsafe {
+            libc::inotify_add_watch(
+                fd.as_raw_fd(),
+                path.as_ptr(),
+                libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO,
+            )
+        };
+        if wd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Watch { fd })
+    }
+
+    /// Waits for an event or `timeout`, then drains the events (the scan that
+    /// follows reads the directory itself).
+    fn wait(&self, timeout: Duration, stop: &AtomicBool) {
+        let until = std::time::Instant::now() + timeout;
+        while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd; at most 100 ms so `stop` is seen.
+            let n = unsafe { libc::poll(&mut pfd, 1, 100) };
+            if n > 0 {
+                let mut buf = [0u8; 4096];
+                // SAFETY: reads into a buffer we own, of its length.
+                while unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) }
+                    > 0
+                {}
+                return;
+            }
+        }
+    }
+}
