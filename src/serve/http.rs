@@ -98,25 +98,25 @@ fn error(status: StatusCode, what: &str, problems: Vec<ApiProblem>) -> Response 
 }
 
 /// The token's name, or the 401 to send.
-fn authorize(api: &Api, headers: &HeaderMap) -> Result<String, Response> {
+fn authorize(api: &Api, headers: &HeaderMap) -> Result<String, Box<Response>> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     let Some(token) = presented else {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
             "no `Authorization: Bearer TOKEN` header; make a token with `volley token add NAME --tokens FILE`",
             Vec::new(),
-        ));
+        )));
     };
     match api.tokens.read().expect("tokens lock").check(token.trim()) {
         Some(name) => Ok(name.to_string()),
-        None => Err(error(
+        None => Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
             "the bearer token is not in the tokens file",
             Vec::new(),
-        )),
+        ))),
     }
 }
 
@@ -126,7 +126,7 @@ async fn inject_campaign(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     if let Err(r) = authorize(&api, &headers) {
-        return r;
+        return *r;
     }
     let body = match body {
         Ok(b) => b,
@@ -207,7 +207,7 @@ async fn campaign_counts(
     Path(id): Path<String>,
 ) -> Response {
     if let Err(r) = authorize(&api, &headers) {
-        return r;
+        return *r;
     }
     let instances = api.intake.instances_of(&id);
     if instances.is_empty() {
