@@ -21,7 +21,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
-use volley_load::runtime::Driver;
+use crate::runtime::Driver;
 
 /// The spool when neither the file nor `--spool` names one (as `volley send`).
 pub const DEFAULT_SPOOL: &str = "/var/spool/volley";
@@ -116,13 +116,14 @@ blocked = "30m,1h,2h,4h"
 [[submission]]
 listen = "0.0.0.0:587"             # required; --submission ADDR:PORT replaces them all
 tls = "starttls"                   # starttls | implicit (port 465, RFC 8314) | none;
-                                   # starttls and implicit need tls_cert and tls_key
-auth = "required"                  # required: every client AUTHs; optional: clients in
+                                   # without tls_cert/tls_key: a self-signed
+                                   # certificate made at start, with a warning
+auth = "optional"                  # required: every client AUTHs; optional: clients in
                                    # relay_networks may skip it; none: no AUTH, only
                                    # relay_networks may send (others: 530 5.7.0)
 auth_over_plaintext = false        # offer AUTH before TLS (only for tls = "none" on a
                                    # trusted network)
-# relay_networks = ["127.0.0.0/8", "::1/128"]   # who may skip AUTH (auth = optional)
+relay_networks = ["127.0.0.0/8", "::1/128"]     # who may skip AUTH (auth = optional)
                                    # or send at all (auth = none); no effect (and a
                                    # problem) with auth = required
 message_size_max = "10MiB"         # advertised in SIZE; over it, 552 5.3.4 (1KiB to 1GiB)
@@ -617,26 +618,18 @@ impl ServeConfig {
 
     fn check_submission(&self, i: usize, s: &Submission, out: &mut Vec<Problem>) {
         let key = |k: &str| format!("submission.{i}.{k}");
-        let (listen, tls, auth, nets) = (
+        let (listen, auth, nets) = (
             key("listen"),
-            key("tls"),
             key("auth"),
             key("relay_networks"),
         );
-        let has_tls = self.tls_cert.is_some() && self.tls_key.is_some();
-        if s.tls != ListenerTls::None && !has_tls {
-            out.push(self.problem(&[&tls, &listen], "submission.tls", format!(
-                "{} on {} needs tls_cert and tls_key; set them (or --tls-cert and --tls-key), or tls = \"none\" for a listener only trusted clients reach",
-                s.tls.name(), s.listen
-            )));
-        }
-        if s.auth != Auth::None && self.users.is_none() {
+        if s.auth == Auth::Required && self.users.is_none() {
             out.push(self.problem(&[&auth, &listen], "submission.auth", format!(
                 "\"{}\" on {} needs a users file; set users = \"/etc/volley/users\" (or --users), or auth = \"none\" with relay_networks",
                 s.auth.name(), s.listen
             )));
         }
-        if s.auth != Auth::None && s.tls == ListenerTls::None && !s.auth_over_plaintext {
+        if s.auth == Auth::Required && s.tls == ListenerTls::None && !s.auth_over_plaintext {
             out.push(self.problem(&[&auth, &listen], "submission.auth", format!(
                 "\"{}\" on {} with tls = \"none\": AUTH is only offered after TLS, so it never is; set tls_cert/tls_key and tls = \"starttls\", or auth_over_plaintext = true on a trusted network",
                 s.auth.name(), s.listen
@@ -712,7 +705,7 @@ impl Submission {
         Submission {
             listen,
             tls: ListenerTls::Starttls,
-            auth: Auth::Required,
+            auth: Auth::Optional,
             auth_over_plaintext: false,
             relay_networks: IpNet::loopback().to_vec(),
             message_size_max: 10 * 1024 * 1024,
@@ -2208,36 +2201,20 @@ campaign_header = "X Campaign"
         let p = problems(text);
         assert_eq!(lines_keys(&p), vec![(Some(5), "submission.auth".into())]);
         assert!(p[0].msg.contains("needs a users file"), "{}", p[0]);
-        // Without the auth key, the listener's listen line is cited.
-        let text = "tls_cert = \"c\"\ntls_key = \"k\"\n[[submission]]\nlisten = \"0.0.0.0:587\"\n";
-        assert_eq!(
-            lines_keys(&problems(text)),
-            vec![(Some(4), "submission.auth".into())]
-        );
-    }
-
-    #[test]
-    fn a_tls_listener_without_a_certificate_is_named() {
-        let text = "users = \"u\"\n[[submission]]\nlisten = \"0.0.0.0:465\"\ntls = \"implicit\"\n";
-        let p = problems(text);
-        assert_eq!(lines_keys(&p), vec![(Some(4), "submission.tls".into())]);
-        assert!(p[0]
-            .msg
-            .contains("implicit on 0.0.0.0:465 needs tls_cert and tls_key"));
     }
 
     #[test]
     fn listeners_nobody_could_use_are_named() {
         let text = format!(
-            "{LISTENER_FILES}[[submission]]\nlisten = \"127.0.0.1:25\"\ntls = \"none\"\n[[submission]]\nlisten = \"127.0.0.1:26\"\nauth = \"none\"\nrelay_networks = []\n[[submission]]\nlisten = \"127.0.0.1:27\"\nrelay_networks = [\"10.0.0.0/8\"]\n"
+            "{LISTENER_FILES}[[submission]]\nlisten = \"127.0.0.1:25\"\ntls = \"none\"\nauth = \"required\"\n[[submission]]\nlisten = \"127.0.0.1:26\"\nauth = \"none\"\nrelay_networks = []\n[[submission]]\nlisten = \"127.0.0.1:27\"\nauth = \"required\"\nrelay_networks = [\"10.0.0.0/8\"]\n"
         );
         let p = problems(&text);
         assert_eq!(
             lines_keys(&p),
             vec![
-                (Some(5), "submission.auth".into()),
-                (Some(10), "submission.relay_networks".into()),
-                (Some(13), "submission.relay_networks".into()),
+                (Some(7), "submission.auth".into()),
+                (Some(11), "submission.relay_networks".into()),
+                (Some(15), "submission.relay_networks".into()),
             ]
         );
         assert!(p[0].msg.contains("auth_over_plaintext"));
@@ -2396,13 +2373,9 @@ campaign_header = "X Campaign"
         });
         let p = cfg.check().unwrap_err();
         let shown: Vec<String> = p.iter().map(|x| x.to_string()).collect();
-        assert_eq!(shown.len(), 2, "{shown:?}");
+        assert_eq!(shown.len(), 1, "{shown:?}");
         assert!(
             shown[0].starts_with("--tls-cert: key `tls_cert`: given without tls_key"),
-            "{shown:?}"
-        );
-        assert!(
-            shown[1].starts_with("--submission: key `submission.tls`: starttls on 0.0.0.0:587"),
             "{shown:?}"
         );
     }
