@@ -759,7 +759,8 @@ impl Behaviour for Conn<'_> {
                 Verdict::Reply(reply)
             };
         }
-        let inspected = integrity::inspect(msg.content);
+        let content = msg.content();
+        let inspected = integrity::inspect(&content);
         // Duplicates are per (Message-ID, recipient): one message may carry several.
         let mut fresh = Vec::with_capacity(msg.rcpts.len());
         if let Some(id) = inspected.message_id {
@@ -809,7 +810,7 @@ impl Behaviour for Conn<'_> {
         if let Some(dir) = &self.sh.keep {
             let n = self.sh.keep_seq.fetch_add(1, Ordering::Relaxed);
             let path = dir.join(format!("{n:08}.eml"));
-            if let Err(e) = std::fs::write(&path, msg.content) {
+            if let Err(e) = std::fs::write(&path, &*content) {
                 eprintln!("volley-load sink: --keep {}: {e}", path.display());
             }
         }
