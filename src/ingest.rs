@@ -549,6 +549,54 @@ pub fn ingest_into(
     })
 }
 
+/// The submission instance of `volley serve` (whole messages as records): the one
+/// the spool has, or a new one made now for `hostname`. Messages expire
+/// `SUBMITTED_EXPIRE_AFTER` after they were taken in.
+pub fn submission_instance(spool: &Path, hostname: &str) -> anyhow::Result<u32> {
+    if let Some(i) = load_instances(spool)?.values().find(|i| i.submission) {
+        return Ok(i.no);
+    }
+    let cdir = campaigns_dir(spool);
+    let no = std::fs::read_dir(&cdir)
+        .map(|it| {
+            it.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+        + 1;
+    let idir = cdir.join(no.to_string());
+    std::fs::create_dir_all(&idir).map_err(|e| anyhow::anyhow!("{}: {e}", idir.display()))?;
+    let settings = format!(
+        "id = \"submission\"\nsender = \"postmaster@{hostname}\"\nfrom_domain = \"{hostname}\"\n\
+         expire_after = \"{SUBMITTED_EXPIRE_AFTER}\"\ndkim = false\n"
+    );
+    write_durably(&idir.join("campaign.toml"), settings.as_bytes())?;
+    // Never rendered: each record carries its own message.
+    let template = format!(
+        "From: postmaster@{hostname}\r\nSubject: volley submission instance\r\n\r\nEach message is in its spool record.\r\n"
+    );
+    write_durably(&idir.join("message.eml"), template.as_bytes())?;
+    write_durably(
+        &idir.join("recipients.csv"),
+        (SUBMITTED_COLUMNS.join(",") + "\n").as_bytes(),
+    )?;
+    write_durably(&idir.join(SUBMISSION_MARKER), b"")?;
+    let marker = serde_json::to_vec(&Marker {
+        recipients: 0,
+        queued_at_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        skipped: 0,
+    })?;
+    write_durably(&idir.join("queued"), &marker)?;
+    Ok(no)
+}
+
+/// How long a submitted message is retried before it expires.
+pub const SUBMITTED_EXPIRE_AFTER: &str = "5d";
+
 /// One skipped row as a local bounce record (the accounting log's own type).
 fn log_skipped(
     log: &mut LogWriter,

@@ -112,6 +112,24 @@ enum Cmd {
     },
     /// Control a running `volley send` over its admin socket (SPOOL/admin.sock):
     /// takes effect within a second, without a restart.
+    /// The MTA as a service: SMTP submission, HTTP API and pickup directory feeding
+    /// the shards, until SIGTERM (SIGHUP reloads users and tokens).
+    Serve(ServeArgs),
+    /// The `volley serve` configuration file.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// SMTP AUTH users of `volley serve`.
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+    /// HTTP API tokens of `volley serve`.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
     Queue {
         /// The spool of the running `volley send`.
         #[arg(long, default_value = "/var/spool/volley")]
@@ -172,6 +190,78 @@ enum ShapingCmd {
         /// A source address, to show its limits towards this destination too.
         #[arg(long)]
         source: Option<std::net::IpAddr>,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The configuration file (TOML; `volley config example` prints one). Without
+    /// it, the defaults and the flags below.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Spool directory (overrides the file's `spool`).
+    #[arg(long)]
+    spool: Option<PathBuf>,
+    /// DNS server to ask instead of /etc/resolv.conf's.
+    #[arg(long)]
+    dns: Option<std::net::SocketAddr>,
+    /// The port dialled at the MX (tests: the sink's).
+    #[arg(long)]
+    smtp_port: Option<u16>,
+    /// An SMTP submission listener (repeatable; replaces the file's): STARTTLS, AUTH
+    /// optional, relay from loopback without AUTH.
+    #[arg(long)]
+    submission: Vec<std::net::SocketAddr>,
+    /// The HTTP injection API's address (needs --tokens).
+    #[arg(long)]
+    http: Option<std::net::SocketAddr>,
+    /// Users for SMTP AUTH (`volley user add`).
+    #[arg(long)]
+    users: Option<PathBuf>,
+    /// Tokens for the HTTP API (`volley token add`).
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// A pickup directory to take RFC 5322 files with X-Sender/X-Receiver from.
+    #[arg(long)]
+    pickup: Option<PathBuf>,
+    /// The listeners' certificate chain (PEM); default a self-signed one made at start.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Check a `volley serve` configuration file: every bad key or value with its line.
+    Check { file: PathBuf },
+    /// Print a complete, commented configuration file with every default.
+    Example,
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Add (or replace) a user for SMTP AUTH; the password is read from stdin and
+    /// stored as an Argon2id hash. The file is made mode 0600.
+    Add {
+        name: String,
+        #[arg(long)]
+        users: PathBuf,
+        /// Also store what CRAM-MD5 needs: the password itself, base64 (anyone who
+        /// can read the file can then log in as this user).
+        #[arg(long)]
+        cram_md5: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Make a new HTTP API token for NAME: printed once, only its SHA-256 is stored.
+    /// Making one again for NAME revokes the old one.
+    Add {
+        name: String,
+        #[arg(long)]
+        tokens: PathBuf,
     },
 }
 
@@ -379,6 +469,86 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Classify { bounce_rules } => classify(bounce_rules.as_deref()),
         Cmd::Shaping { cmd } => shaping(cmd),
+        Cmd::Serve(a) => {
+            use volley::serve::config::{Overrides, ServeConfig};
+            let mut cfg = match &a.config {
+                Some(f) => match ServeConfig::load(f) {
+                    Ok(c) => c,
+                    Err(problems) => {
+                        for p in &problems {
+                            eprintln!("{p}");
+                        }
+                        eprintln!(
+                            "volley: {} problem(s) in {}; nothing started",
+                            problems.len(),
+                            f.display()
+                        );
+                        return Ok(1);
+                    }
+                },
+                None => ServeConfig::defaults(volley::serve::config::DEFAULT_SPOOL.into()),
+            };
+            cfg.apply(Overrides {
+                spool: a.spool,
+                dns: a.dns,
+                smtp_port: a.smtp_port,
+                submission: a.submission,
+                http: a.http,
+                users: a.users,
+                tokens: a.tokens,
+                pickup: a.pickup,
+                tls_cert: a.tls_cert,
+                tls_key: a.tls_key,
+            });
+            volley::serve::daemon::run(cfg)
+        }
+        Cmd::Config { cmd } => match cmd {
+            ConfigCmd::Check { file } => {
+                let checked = volley::serve::config::ServeConfig::load(&file)
+                    .and_then(|c| c.check().map(|()| c));
+                match checked {
+                    Ok(_) => {
+                        println!("{}: ok", file.display());
+                        Ok(0)
+                    }
+                    Err(problems) => {
+                        for p in &problems {
+                            println!("{p}");
+                        }
+                        Ok(1)
+                    }
+                }
+            }
+            ConfigCmd::Example => {
+                print!("{}", volley::serve::config::EXAMPLE);
+                Ok(0)
+            }
+        },
+        Cmd::User { cmd } => match cmd {
+            UserCmd::Add {
+                name,
+                users,
+                cram_md5,
+            } => {
+                let mut password = String::new();
+                std::io::stdin().read_line(&mut password)?;
+                let password = password.trim_end_matches(['\r', '\n']);
+                volley::serve::auth::add_user(&users, &name, password, cram_md5)?;
+                eprintln!("user {name} saved in {}", users.display());
+                Ok(0)
+            }
+        },
+        Cmd::Token { cmd } => match cmd {
+            TokenCmd::Add { name, tokens } => {
+                let token = volley::serve::auth::add_token(&tokens, &name)?;
+                eprintln!(
+                    "token {name} saved (as its SHA-256) in {}; it is shown once:",
+                    tokens.display()
+                );
+                println!("{token}");
+                Ok(0)
+            }
+        },
         Cmd::Queue { spool, cmd } => {
             let line = match cmd {
                 QueueCmd::Pause { target } => format!("pause {target}"),

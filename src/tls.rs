@@ -97,3 +97,43 @@ impl ServerCertVerifier for Unverified {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// TLS settings for a listener (the submission listeners, the load tool's sink):
+/// the PEM certificate chain and key in `files`, or without them a self-signed
+/// certificate for `hostname` made now (clients that verify will refuse it).
+/// Errors name the file that could not be read.
+pub fn server_config(
+    hostname: &str,
+    files: Option<(&std::path::Path, &std::path::Path)>,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let (certs, key) = match files {
+        Some((cert, key)) => {
+            let certs = CertificateDer::pem_file_iter(cert)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| anyhow::anyhow!("tls_cert {}: {e}", cert.display()))?;
+            anyhow::ensure!(
+                !certs.is_empty(),
+                "tls_cert {}: no certificate in it; give the PEM certificate chain",
+                cert.display()
+            );
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| anyhow::anyhow!("tls_key {}: {e}", key.display()))?;
+            (certs, key)
+        }
+        None => {
+            let ck = rcgen::generate_simple_self_signed(vec![hostname.to_string()])?;
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
+            (vec![ck.cert.der().clone()], key)
+        }
+    };
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| anyhow::anyhow!("tls_cert / tls_key: {e}"))?;
+    Ok(Arc::new(cfg))
+}

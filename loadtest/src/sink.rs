@@ -436,30 +436,10 @@ fn tls_acceptor(
     hostname: &str,
     files: Option<&(PathBuf, PathBuf)>,
 ) -> anyhow::Result<monoio_rustls::TlsAcceptor> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-    let (certs, key) = match files {
-        Some((cert, key)) => {
-            let certs = CertificateDer::pem_file_iter(cert)
-                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", cert.display()))?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| anyhow::anyhow!("--tls-key {}: {e}", key.display()))?;
-            (certs, key)
-        }
-        None => {
-            let ck = rcgen::generate_simple_self_signed(vec![hostname.to_string()])?;
-            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
-            (vec![ck.cert.der().clone()], key)
-        }
-    };
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+    let files = files.map(|(c, k)| (c.as_path(), k.as_path()));
+    Ok(monoio_rustls::TlsAcceptor::from(
+        volley::tls::server_config(hostname, files)?,
     ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)?;
-    Ok(monoio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
 async fn accept_loop(sh: Arc<Shared>, shard: usize, provider: usize, l: monoio::net::TcpListener) {

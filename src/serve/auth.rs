@@ -179,6 +179,11 @@ impl Users {
 
     /// Whether `name` has a CRAM-MD5 secret, i.e. was added with `--cram-md5`. The
     /// session can use it to refuse CRAM-MD5 early with a clear reply.
+    /// Whether any user has a CRAM-MD5 secret: only then is CRAM-MD5 offered.
+    pub fn any_cram_md5(&self) -> bool {
+        self.by_name.values().any(|u| u.cram_key.is_some())
+    }
+
     pub fn has_cram_md5(&self, name: &str) -> bool {
         self.by_name
             .get(name)
@@ -226,7 +231,8 @@ pub fn add_user(path: &Path, name: &str, password: &str, cram_md5: bool) -> anyh
 }
 
 /// The API tokens file, loaded: each token's name and the SHA-256 of the token.
-#[derive(Debug)]
+/// `Tokens::default()` has none: every request is refused.
+#[derive(Debug, Default)]
 pub struct Tokens {
     /// In file order; `check` compares against every entry so its time depends only on
     /// how many there are.

@@ -11,6 +11,7 @@
 use crate::config::EngineConfig;
 use crate::dns::DnsConfig;
 use crate::retry::RetryPolicy;
+use crate::runtime::Driver;
 use crate::shaping::rules::{parse_per, Rule, Set};
 use crate::smtp::client::{Timeouts, TlsMode};
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -21,7 +22,6 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
-use crate::runtime::Driver;
 
 /// The spool when neither the file nor `--spool` names one (as `volley send`).
 pub const DEFAULT_SPOOL: &str = "/var/spool/volley";
@@ -618,11 +618,7 @@ impl ServeConfig {
 
     fn check_submission(&self, i: usize, s: &Submission, out: &mut Vec<Problem>) {
         let key = |k: &str| format!("submission.{i}.{k}");
-        let (listen, auth, nets) = (
-            key("listen"),
-            key("auth"),
-            key("relay_networks"),
-        );
+        let (listen, auth, nets) = (key("listen"), key("auth"), key("relay_networks"));
         if s.auth == Auth::Required && self.users.is_none() {
             out.push(self.problem(&[&auth, &listen], "submission.auth", format!(
                 "\"{}\" on {} needs a users file; set users = \"/etc/volley/users\" (or --users), or auth = \"none\" with relay_networks",

@@ -4,8 +4,10 @@
 
 pub mod auth;
 pub mod config;
+pub mod daemon;
 pub mod http;
 pub mod inject;
 pub mod intake;
 pub mod pickup;
+pub mod submission;
 pub mod submitted;

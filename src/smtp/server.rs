@@ -329,6 +329,8 @@ pub struct ServerSession<'c> {
     input: Vec<u8>,
     tls_active: bool,
     esmtp: bool,
+    /// The name the client gave in its last EHLO/HELO (for the Received field).
+    helo: String,
     from: String,
     rcpts: Vec<String>,
     content: Vec<u8>,
@@ -370,6 +372,7 @@ impl<'c> ServerSession<'c> {
             input: Vec::new(),
             tls_active: false,
             esmtp: false,
+            helo: String::new(),
             from: String::new(),
             rcpts: Vec::new(),
             content: Vec::new(),
@@ -432,6 +435,11 @@ impl<'c> ServerSession<'c> {
     }
 
     /// The user AUTH authenticated, if any.
+    /// The name the client gave in EHLO or HELO ("" before it), and whether it was EHLO.
+    pub fn helo(&self) -> (&str, bool) {
+        (&self.helo, self.esmtp)
+    }
+
     pub fn authenticated(&self) -> Option<&str> {
         self.user.as_deref()
     }
@@ -661,6 +669,7 @@ impl<'c> ServerSession<'c> {
         }
         out.delay_ms += b.delay_ms(Command::Ehlo);
         self.esmtp = verb.eq_ignore_ascii_case("EHLO");
+        self.helo = arg.to_string();
         self.state = State::Ready;
         self.reset_transaction();
         if !self.esmtp {

@@ -1,0 +1,495 @@
+//! The SMTP submission listeners (RFC 6409; implicit TLS per RFC 8314): IO glue
+//! around the sans-IO server session (smtp::server), on one thread with a
+//! current-thread tokio runtime. A message gets its 250 only once the owning shard
+//! has synced it (serve::intake); passwords are checked on the blocking pool.
+//!
+//! Limits at the connection (the session holds the rest): `connections_max` (then
+//! `421 4.3.2`), `connections_per_ip_max` (then `421 4.7.0`), `command_timeout` and
+//! `data_timeout` (then `421 4.4.2`, which is what defeats slowloris: a client gets
+//! no more time than that per read, however little it sends).
+
+use crate::inbox::InboxError;
+use crate::serve::auth::Users;
+use crate::serve::config::{Auth, ListenerTls, Submission};
+use crate::serve::intake::{Intake, Submitted};
+use crate::serve::submitted::{self, Trace};
+use crate::smtp::server::{
+    AuthAttempt, Behaviour, Command, Mechanism, Message, Output, ServerConfig, ServerPolicy,
+    ServerSession, Verdict,
+};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// What every listener shares.
+pub struct Shared {
+    pub intake: Arc<Intake>,
+    /// Replaced on SIGHUP.
+    pub users: Arc<RwLock<Option<Users>>>,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub hostname: String,
+    /// Set on SIGTERM: stop accepting; idle sessions are told 421 and closed.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// One listener: its settings and its open connections by client address.
+struct Listener {
+    cfg: Submission,
+    server: ServerConfig,
+    policy: ServerPolicy,
+    open: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// Binds every listener now (so a taken port is an error at start), then serves
+/// them on one thread until `shared.stop` and every session has ended.
+pub fn start(
+    listeners: &[Submission],
+    shared: Arc<Shared>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let mut bound = Vec::new();
+    for l in listeners {
+        let s = std::net::TcpListener::bind(l.listen)
+            .map_err(|e| anyhow::anyhow!("submission listener {}: {e}", l.listen))?;
+        s.set_nonblocking(true)?;
+        let offer_auth = l.auth != Auth::None;
+        let cram = shared
+            .users
+            .read()
+            .expect("users lock")
+            .as_ref()
+            .is_some_and(Users::any_cram_md5);
+        let mut auth = Vec::new();
+        if offer_auth {
+            auth.extend([Mechanism::Plain, Mechanism::Login]);
+            if cram {
+                auth.push(Mechanism::CramMd5);
+            }
+        }
+        let server = ServerConfig {
+            hostname: shared.hostname.clone(),
+            size_max: l.message_size_max as usize,
+            offer_starttls: l.tls == ListenerTls::Starttls,
+            offer_pipelining: true,
+            offer_chunking: true,
+        };
+        let policy = ServerPolicy {
+            banner: "ESMTP volley".into(),
+            auth,
+            auth_before_tls: l.auth_over_plaintext,
+            auth_failures_max: l.auth_failures_max,
+            relay_needs_auth: true,
+            rcpts_max: l.recipients_max as usize,
+            commands_max: l.commands_max,
+        };
+        let listener = Arc::new(Listener {
+            cfg: l.clone(),
+            server,
+            policy,
+            open: Mutex::new(HashMap::new()),
+        });
+        bound.push((s, listener));
+    }
+    Ok(std::thread::Builder::new()
+        .name("submission".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let mut accepting = Vec::new();
+                for (s, l) in bound {
+                    let s = tokio::net::TcpListener::from_std(s).expect("listener registers");
+                    accepting.push(tokio::task::spawn_local(accept_loop(s, l, shared.clone())));
+                }
+                for a in accepting {
+                    let _ = a.await;
+                }
+            });
+            // Sessions still open here had their grace: the runtime drops them.
+        })?)
+}
+
+async fn accept_loop(s: tokio::net::TcpListener, l: Arc<Listener>, shared: Arc<Shared>) {
+    let mut sessions = tokio::task::JoinSet::new();
+    while !shared.stop.load(Ordering::Relaxed) {
+        let accepted = tokio::time::timeout(Duration::from_millis(100), s.accept()).await;
+        let Ok(Ok((stream, peer))) = accepted else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (l, shared) = (l.clone(), shared.clone());
+        sessions.spawn_local(async move {
+            let ip = peer.ip();
+            let refused = admit(&l, ip);
+            if let Some(why) = refused {
+                let mut stream = stream;
+                let _ = stream.write_all(why.as_bytes()).await;
+                return;
+            }
+            connection(stream, peer, &l, &shared).await;
+            let mut open = l.open.lock().expect("open lock");
+            if let Some(n) = open.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(&ip);
+                }
+            }
+        });
+        // Finished sessions are reaped as we go, not kept until the end.
+        while sessions.try_join_next().is_some() {}
+    }
+    drop(s);
+    while sessions.join_next().await.is_some() {}
+}
+
+/// Counts a new connection from `ip`, or says why it is refused.
+fn admit(l: &Listener, ip: IpAddr) -> Option<&'static str> {
+    let mut open = l.open.lock().expect("open lock");
+    let total: u32 = open.values().sum();
+    if total >= l.cfg.connections_max {
+        return Some("421 4.3.2 Too many connections; try again later\r\n");
+    }
+    let n = open.entry(ip).or_default();
+    if *n >= l.cfg.connections_per_ip_max {
+        return Some("421 4.7.0 Too many connections from your address; try again later\r\n");
+    }
+    *n += 1;
+    None
+}
+
+/// Work a session is waiting on (the session answered `Pending`).
+enum Work {
+    /// A message as the client sent it: envelope and content.
+    Message(String, Vec<String>, Vec<u8>),
+    Auth(AuthAttempt),
+}
+
+/// The listener's side of the session: the decisions, and the work they leave.
+struct Conn<'a> {
+    peer: SocketAddr,
+    l: &'a Listener,
+    shared: &'a Shared,
+    tls: Option<String>,
+    work: Option<Work>,
+}
+
+impl Behaviour for Conn<'_> {
+    fn mail_from(&mut self, from: &str) -> Verdict {
+        match check_address(from, true) {
+            Ok(()) => Verdict::Accept,
+            Err(why) => Verdict::Reply(format!("553 5.1.7 Bad sender address: {why}")),
+        }
+    }
+
+    fn rcpt(&mut self, _from: &str, rcpt: &str) -> Verdict {
+        match check_address(rcpt, false) {
+            Ok(()) => Verdict::Accept,
+            Err(why) => Verdict::Reply(format!("553 5.1.3 Bad recipient address: {why}")),
+        }
+    }
+
+    fn data_start(&mut self) -> Verdict {
+        if self.shared.stop.load(Ordering::Relaxed) {
+            return Verdict::ReplyAndClose(
+                "421 4.3.2 Service shutting down; try again later".into(),
+            );
+        }
+        Verdict::Accept
+    }
+
+    fn message(&mut self, msg: &Message<'_>) -> Verdict {
+        let (from, rcpts) = (msg.from.to_string(), msg.rcpts.to_vec());
+        self.work = Some(Work::Message(from, rcpts, msg.take_content()));
+        Verdict::Pending
+    }
+
+    fn auth(&mut self, a: &AuthAttempt) -> Verdict {
+        self.work = Some(Work::Auth(a.clone()));
+        Verdict::Pending
+    }
+
+    fn delay_ms(&mut self, _cmd: Command) -> u64 {
+        0
+    }
+}
+
+/// An envelope address as the session hands it over (angle brackets removed).
+fn check_address(a: &str, may_be_null: bool) -> Result<(), String> {
+    if a.is_empty() {
+        return match may_be_null {
+            true => Ok(()),
+            false => Err("empty".into()),
+        };
+    }
+    crate::campaign::normalise_address(a)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// A client's stream before and after STARTTLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+async fn connection(stream: TcpStream, peer: SocketAddr, l: &Listener, shared: &Shared) {
+    let mut session = ServerSession::with_policy(&l.server, &l.policy);
+    let may_relay =
+        l.cfg.auth != Auth::Required && l.cfg.relay_networks.iter().any(|n| n.contains(peer.ip()));
+    session.set_client(may_relay);
+    let mut conn = Conn {
+        peer,
+        l,
+        shared,
+        tls: None,
+        work: None,
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls.clone());
+    let mut io = match l.cfg.tls {
+        ListenerTls::Implicit => {
+            let hs = tokio::time::timeout(l.cfg.command_timeout, acceptor.accept(stream)).await;
+            match hs {
+                Ok(Ok(t)) => {
+                    conn.tls = cipher_name(&t);
+                    session.tls_started();
+                    Stream::Tls(Box::new(t))
+                }
+                _ => return,
+            }
+        }
+        _ => Stream::Plain(stream),
+    };
+    // A client that talks before the greeting is not speaking SMTP (RFC 5321
+    // §4.3.1); spam tools do it to save a round trip.
+    if let Stream::Plain(s) = &io {
+        let mut one = [0u8; 1];
+        if matches!(s.try_read(&mut one), Ok(n) if n > 0) {
+            let out = session.early_talker();
+            let _ = write_out(&mut io, &out).await;
+            return;
+        }
+    }
+    if write_all(&mut io, &session.greeting()).await.is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match read(
+            &mut io,
+            &mut buf,
+            l.cfg.command_timeout.max(l.cfg.data_timeout),
+            &shared.stop,
+        )
+        .await
+        {
+            Ok(0) | Err(ReadEnd::Closed) => return,
+            Ok(n) => n,
+            Err(ReadEnd::Timeout) => {
+                let _ = write_all(&mut io, b"421 4.4.2 Timeout; closing the connection\r\n").await;
+                return;
+            }
+            Err(ReadEnd::Stopping) => {
+                let _ = write_all(
+                    &mut io,
+                    b"421 4.3.2 Service shutting down; try again later\r\n",
+                )
+                .await;
+                return;
+            }
+        };
+        let mut out = session.feed(&buf[..n], &mut conn);
+        loop {
+            if write_out(&mut io, &out).await.is_err() {
+                return;
+            }
+            if out.close {
+                return;
+            }
+            if out.start_tls {
+                let Stream::Plain(s) = io else {
+                    return;
+                };
+                match tokio::time::timeout(l.cfg.command_timeout, acceptor.accept(s)).await {
+                    Ok(Ok(t)) => {
+                        conn.tls = cipher_name(&t);
+                        session.tls_started();
+                        io = Stream::Tls(Box::new(t));
+                    }
+                    _ => return,
+                }
+            }
+            if !session.is_waiting() {
+                break;
+            }
+            let verdict = match conn.work.take() {
+                Some(Work::Message(from, rcpts, content)) => {
+                    match prepare(&session, &conn, from, rcpts, &content) {
+                        Ok(m) => queue(&shared.intake, m).await,
+                        Err(refused) => refused,
+                    }
+                }
+                Some(Work::Auth(a)) => verify(&shared.users, a).await,
+                None => Verdict::Reply("451 4.3.0 Internal error; try again".into()),
+            };
+            out = session.resolve(verdict, &mut conn);
+        }
+    }
+}
+
+/// The message as it is queued: Received field, campaign header taken out, Date
+/// and Message-ID added when missing (serve::submitted), or the reply refusing it.
+fn prepare(
+    session: &ServerSession<'_>,
+    conn: &Conn<'_>,
+    sender: String,
+    recipients: Vec<String>,
+    content: &[u8],
+) -> Result<Submitted, Verdict> {
+    let queue_id = format!("{:016X}", fastrand::u64(..));
+    let (helo, esmtp) = session.helo();
+    let user = session.authenticated();
+    // RFC 3848's protocol names: S for TLS, A for AUTH.
+    let protocol = format!(
+        "{}{}{}",
+        if esmtp { "ESMTP" } else { "SMTP" },
+        if conn.tls.is_some() { "S" } else { "" },
+        if user.is_some() { "A" } else { "" },
+    );
+    let trace = Trace {
+        received_from_helo: helo,
+        client_ip: (!conn.l.cfg.hide_client_ip).then_some(conn.peer.ip()),
+        client_rdns: None,
+        by_host: &conn.shared.hostname,
+        protocol: &protocol,
+        tls: conn.tls.as_deref(),
+        auth_user: None,
+        queue_id: &queue_id,
+        for_rcpt: (recipients.len() == 1).then(|| recipients[0].as_str()),
+        now: SystemTime::now(),
+    };
+    let prepared = submitted::prepare(
+        content,
+        &trace,
+        &conn.l.cfg.campaign_header,
+        &conn.shared.hostname,
+    )
+    .map_err(|e| Verdict::Reply(format!("554 5.6.0 {e}; the message was not queued")))?;
+    Ok(Submitted {
+        sender,
+        recipients,
+        campaign: prepared.campaign,
+        message: prepared.message,
+    })
+}
+
+/// Queues a message and waits until it is durable: the reply to its DATA/BDAT.
+async fn queue(intake: &Intake, m: Submitted) -> Verdict {
+    let answer = match intake.submit(m) {
+        Ok(a) => a,
+        Err(e @ InboxError::Full(..)) => {
+            return Verdict::Reply(format!("452 4.3.1 Insufficient system storage: {e}"))
+        }
+        Err(e) => return Verdict::Reply(format!("421 4.3.2 {e}")),
+    };
+    match answer.await {
+        Ok(Ok(())) => Verdict::Reply("250 2.0.0 Ok: queued".into()),
+        Ok(Err(e)) => Verdict::Reply(format!(
+            "452 4.3.1 Insufficient system storage: the spool could not take the message ({e}); try again later"
+        )),
+        Err(_) => Verdict::Reply("421 4.3.2 Service shutting down; try again later".into()),
+    }
+}
+
+/// Checks a password on the blocking pool (Argon2 takes tens of milliseconds).
+async fn verify(users: &Arc<RwLock<Option<Users>>>, a: AuthAttempt) -> Verdict {
+    let users = users.clone();
+    let ok = tokio::task::spawn_blocking(move || {
+        let guard = users.read().expect("users lock");
+        let Some(u) = guard.as_ref() else {
+            return false;
+        };
+        match &a {
+            AuthAttempt::Plain { user, password } | AuthAttempt::Login { user, password } => {
+                u.verify_plain(user, password)
+            }
+            AuthAttempt::CramMd5 {
+                user,
+                challenge,
+                digest_hex,
+            } => u.verify_cram_md5(user, challenge, digest_hex),
+        }
+    })
+    .await
+    .unwrap_or(false);
+    match ok {
+        true => Verdict::Accept,
+        false => Verdict::Reply("535 5.7.8 Authentication credentials invalid".into()),
+    }
+}
+
+fn cipher_name(t: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<String> {
+    let c = t.get_ref().1;
+    let suite = c.negotiated_cipher_suite()?;
+    Some(format!("{:?}", suite.suite()))
+}
+
+enum ReadEnd {
+    Closed,
+    Timeout,
+    Stopping,
+}
+
+/// Reads what the client sent, waiting at most `timeout`; an idle session ends
+/// when the service stops.
+async fn read(
+    io: &mut Stream,
+    buf: &mut [u8],
+    timeout: Duration,
+    stop: &AtomicBool,
+) -> Result<usize, ReadEnd> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Err(ReadEnd::Stopping);
+        }
+        let slice = Duration::from_millis(100).min(deadline - tokio::time::Instant::now());
+        let r = match io {
+            Stream::Plain(s) => tokio::time::timeout(slice, s.read(buf)).await,
+            Stream::Tls(s) => tokio::time::timeout(slice, s.read(buf)).await,
+        };
+        match r {
+            Ok(Ok(n)) => return Ok(n),
+            Ok(Err(_)) => return Err(ReadEnd::Closed),
+            Err(_) if tokio::time::Instant::now() >= deadline => return Err(ReadEnd::Timeout),
+            Err(_) => continue,
+        }
+    }
+}
+
+async fn write_out(io: &mut Stream, out: &Output) -> std::io::Result<()> {
+    if out.write.is_empty() {
+        return Ok(());
+    }
+    write_all(io, &out.write).await
+}
+
+async fn write_all(io: &mut Stream, b: &[u8]) -> std::io::Result<()> {
+    match io {
+        Stream::Plain(s) => write_flush(s, b).await,
+        Stream::Tls(s) => write_flush(&mut **s, b).await,
+    }
+}
+
+async fn write_flush<S: AsyncWrite + AsyncRead + Unpin>(
+    s: &mut S,
+    b: &[u8],
+) -> std::io::Result<()> {
+    s.write_all(b).await?;
+    s.flush().await
+}
