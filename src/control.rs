@@ -216,6 +216,12 @@ fn answer(
 
 /// Sends one command to a running `volley send` and returns its answer.
 pub fn request(spool: &Path, line: &str) -> anyhow::Result<String> {
+    request_waiting(spool, line, Duration::from_secs(10))
+}
+
+/// As [`request`], waiting up to `patience` for the answer (a campaign handed to
+/// `volley serve` is answered once all of it is durable).
+pub fn request_waiting(spool: &Path, line: &str, patience: Duration) -> anyhow::Result<String> {
     let path = socket_path(spool);
     let mut conn = UnixStream::connect(&path).map_err(|e| {
         anyhow::anyhow!(
@@ -224,7 +230,7 @@ pub fn request(spool: &Path, line: &str) -> anyhow::Result<String> {
             spool.display()
         )
     })?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    conn.set_read_timeout(Some(patience))?;
     conn.write_all(format!("{line}\n").as_bytes())?;
     let mut out = String::new();
     conn.read_to_string(&mut out)?;

@@ -102,6 +102,8 @@ pub struct Outcomes {
     deferrals: AtomicU64,
     /// Recipients in a shard's queue or retry wheel now.
     queued: AtomicU64,
+    /// Shards running this instance: once it is every shard, `queued` is complete.
+    shards: AtomicU64,
 }
 
 /// A snapshot of [`Outcomes`].
@@ -128,6 +130,16 @@ impl Outcomes {
     /// `n` more recipients queued (recovered or taken in).
     pub fn queued(&self, n: u64) {
         self.queued.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// One more shard runs this instance, its recipients counted in `queued`.
+    pub fn shard_started(&self) {
+        self.shards.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Shards running this instance.
+    pub fn shards(&self) -> u64 {
+        self.shards.load(Ordering::Relaxed)
     }
 
     /// One commit batch: delivered, bounced, expired, deferrals.
@@ -183,6 +195,11 @@ impl Instance {
 
 pub type Instances = Arc<BTreeMap<u32, Arc<Instance>>>;
 
+/// The spool is locked by another process (a running `volley send` or `serve`).
+#[derive(Debug, thiserror::Error)]
+#[error("spool {} is in use by another volley process; stop it or use another --spool", .0.display())]
+pub struct SpoolBusy(pub PathBuf);
+
 /// Holds the spool directory for this process alone (flock); released on drop.
 pub struct SpoolLock {
     _file: File,
@@ -196,10 +213,7 @@ pub fn lock_spool(dir: &Path, shards: usize) -> anyhow::Result<SpoolLock> {
         .map_err(|e| anyhow::anyhow!("spool {}: {e}", dir.display()))?;
     // SAFETY: plain syscall on a valid, owned descriptor.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        anyhow::bail!(
-            "spool {} is in use by another volley process; stop it or use another --spool",
-            dir.display()
-        );
+        return Err(SpoolBusy(dir.to_path_buf()).into());
     }
     let meta_path = dir.join("spool.toml");
     let shards = match std::fs::read_to_string(&meta_path) {

@@ -972,6 +972,109 @@ fn dkim(cmd: DkimCmd) -> anyhow::Result<i32> {
     }
 }
 
+/// Hands the campaign in `dir` to the `volley serve` that holds `spool`, over its
+/// admin socket, and follows its progress until every recipient is done (0), or
+/// until `max_wait` or a signal (75: the daemon goes on delivering).
+fn hand_over(
+    dir: &std::path::Path,
+    campaign: &Campaign,
+    spool: &std::path::Path,
+    new: bool,
+    max_wait: Option<Duration>,
+    quiet: bool,
+) -> anyhow::Result<i32> {
+    use std::sync::atomic::Ordering;
+    let abs = dir
+        .canonicalize()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    let verb = if new { "inject-new" } else { "inject" };
+    let line = format!("{verb} {}", abs.display());
+    let answer = match volley::control::request_waiting(spool, &line, Duration::from_secs(600)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e:#}");
+            eprintln!("volley: the running volley serve refused the campaign; nothing queued");
+            return Ok(1);
+        }
+    };
+    let words: Vec<&str> = answer.split_whitespace().collect();
+    let (instance, queued) = match words.as_slice() {
+        ["ok:", "queued", n, "instance", m] => (m.parse::<u32>()?, Some(n.parse::<u64>()?)),
+        ["ok:", "running", "instance", m] => (m.parse::<u32>()?, None),
+        _ => anyhow::bail!("unexpected answer from volley serve: {answer}"),
+    };
+    match queued {
+        Some(n) => println!(
+            "queued {n} recipients of campaign {} (instance {instance}) in the running volley serve",
+            campaign.settings.id
+        ),
+        None => eprintln!(
+            "volley: campaign {} is already in the running volley serve (instance {instance}); following it (--new queues it again)",
+            campaign.settings.id
+        ),
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    let started = std::time::Instant::now();
+    let bar = (!quiet).then(|| {
+        let b = indicatif::ProgressBar::new(queued.unwrap_or(0));
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:40}] {pos}/{len} done, {per_sec}, eta {eta} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b
+    });
+    let counts = loop {
+        let a = volley::control::request(spool, &format!("progress {instance}"))?;
+        // "ok: delivered D bounced B expired E deferrals T queued Q running S/N"
+        let n: Vec<u64> = a
+            .split(|c: char| c.is_whitespace() || c == '/')
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        anyhow::ensure!(
+            n.len() == 7,
+            "unexpected progress answer from volley serve: {a}"
+        );
+        if let Some(b) = &bar {
+            let done = n[0] + n[1] + n[2];
+            b.set_length(done + n[4]);
+            b.set_position(done);
+            b.set_message(format!(
+                "delivered {} bounced {} expired {} deferrals {}",
+                n[0], n[1], n[2], n[3]
+            ));
+        }
+        let out_of_time = max_wait.is_some_and(|w| started.elapsed() >= w);
+        let all_running = n[5] >= n[6];
+        if (all_running && n[4] == 0) || stop.load(Ordering::Relaxed) || out_of_time {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    println!("delivered    {}", counts[0]);
+    println!("bounced      {}", counts[1]);
+    println!("expired      {}", counts[2]);
+    println!("deferrals    {} (temporary failures, retried)", counts[3]);
+    println!(
+        "still queued {}{}",
+        counts[4],
+        if counts[4] > 0 {
+            " (the running volley serve goes on delivering them)"
+        } else {
+            ""
+        }
+    );
+    Ok(if counts[4] > 0 { 75 } else { 0 })
+}
+
 fn send(
     dir: &std::path::Path,
     cfg: EngineConfig,
@@ -997,7 +1100,15 @@ fn send(
         return Ok(1);
     }
     let mut cfg = cfg;
-    let lock = ingest::lock_spool(&cfg.spool_dir, cfg.shards)?;
+    let lock = match ingest::lock_spool(&cfg.spool_dir, cfg.shards) {
+        Ok(l) => l,
+        Err(e) if e.downcast_ref::<ingest::SpoolBusy>().is_some() => {
+            // A running `volley serve` holds it: the campaign goes to the daemon.
+            return hand_over(dir, &campaign, &cfg.spool_dir, new, max_wait, quiet)
+                .map_err(|h| h.context(e));
+        }
+        Err(e) => return Err(e),
+    };
     cfg.shards = lock.shards;
     let existing = ingest::load_instances(&cfg.spool_dir)?;
     let mut skipped = 0u64;

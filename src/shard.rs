@@ -473,6 +473,9 @@ pub fn run(
     for (no, n) in per_instance {
         shard.instance(no).outcomes.queued(n);
     }
+    for inst in shard.instances.borrow().values() {
+        inst.outcomes.shard_started();
+    }
     let sh = shard.clone();
     crate::runtime::block_on(driver, async move {
         let committer = monoio::spawn(commit_loop(sh.clone()));
@@ -1520,9 +1523,10 @@ impl Shard {
         self.job_limits
             .borrow_mut()
             .extend(campaign_limits(&one, &self.cfg, self.id));
-        self.instances.borrow_mut().insert(no, inst);
+        self.instances.borrow_mut().insert(no, inst.clone());
         let jobs = self.staged.borrow_mut().remove(&no).unwrap_or_default();
         self.start_jobs(jobs);
+        inst.outcomes.shard_started();
     }
 
     fn start_jobs(self: &Rc<Self>, jobs: Vec<Job>) {

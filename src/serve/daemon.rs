@@ -204,13 +204,20 @@ fn reload(cfg: &ServeConfig, users: &RwLock<Option<Users>>, tokens: &RwLock<Toke
 
 /// The daemon's admin socket commands beyond the shards':
 /// - `inject DIR`: queue the campaign directory DIR (`volley send` handing over);
-///   answers `ok: queued N instance M` once durable;
+///   answers `ok: queued N instance M` once durable, or `ok: running instance M`
+///   when a campaign with its id is already in the spool (send resumes, as it does
+///   without a daemon); `inject-new DIR` queues it again all the same;
 /// - `progress M`: instance M's counts, `ok: delivered D bounced B expired E
-///   deferrals T queued Q`.
+///   deferrals T queued Q running S/N` (S of the N shards run it: until S = N,
+///   Q is not yet complete). Counts are since the daemon started.
 fn admin_commands(intake: Arc<Intake>) -> control::Extra {
+    let shards = intake.inboxes.shards();
     Arc::new(move |line: &str| {
         if let Some(dir) = line.strip_prefix("inject ") {
-            return Some(inject_dir(&intake, Path::new(dir.trim())));
+            return Some(inject_dir(&intake, Path::new(dir.trim()), false));
+        }
+        if let Some(dir) = line.strip_prefix("inject-new ") {
+            return Some(inject_dir(&intake, Path::new(dir.trim()), true));
         }
         let no = line.strip_prefix("progress ")?;
         Some(
@@ -223,8 +230,13 @@ fn admin_commands(intake: Arc<Intake>) -> control::Extra {
                 Some(i) => {
                     let c = i.outcomes.snapshot();
                     format!(
-                        "ok: delivered {} bounced {} expired {} deferrals {} queued {}",
-                        c.delivered, c.bounced, c.expired, c.deferrals, c.queued
+                        "ok: delivered {} bounced {} expired {} deferrals {} queued {} running {}/{shards}",
+                        c.delivered,
+                        c.bounced,
+                        c.expired,
+                        c.deferrals,
+                        c.queued,
+                        i.outcomes.shards()
                     )
                 }
                 None => format!("error: no campaign instance {} in this daemon", no.trim()),
@@ -233,7 +245,7 @@ fn admin_commands(intake: Arc<Intake>) -> control::Extra {
     })
 }
 
-fn inject_dir(intake: &Intake, dir: &Path) -> String {
+fn inject_dir(intake: &Intake, dir: &Path, new: bool) -> String {
     let campaign = match Campaign::load(dir) {
         Ok(c) => c,
         Err(problems) => {
@@ -247,6 +259,11 @@ fn inject_dir(intake: &Intake, dir: &Path) -> String {
             );
         }
     };
+    if !new {
+        if let Some(i) = intake.instances_of(&campaign.settings.id).last() {
+            return format!("ok: running instance {}", i.no);
+        }
+    }
     match intake.queue_campaign(&campaign) {
         Ok(i) => format!("ok: queued {} instance {}", i.recipients, i.instance),
         Err(IngestError::Problems(problems, total)) => {
