@@ -94,6 +94,8 @@ pub struct Serving {
     pub inboxes: Vec<tokio::sync::mpsc::Receiver<crate::inbox::Inbound>>,
     /// Admin socket commands of the daemon's own (`inject`, `progress`).
     pub admin: control::Extra,
+    /// Set once the admin socket is bound and every shard thread is started.
+    pub ready: Arc<AtomicBool>,
 }
 
 /// Runs every shard until its recipients are all terminal or `stop` is set.
@@ -129,9 +131,13 @@ pub fn run_with(
         .map(|_| crossbeam_channel::unbounded::<Command>())
         .unzip();
     let admin_stop = Arc::new(AtomicBool::new(false));
-    let (mut inboxes, extra) = match serving {
-        Some(s) => (s.inboxes.into_iter().map(Some).collect(), Some(s.admin)),
-        None => (Vec::new(), None),
+    let (mut inboxes, extra, ready) = match serving {
+        Some(s) => (
+            s.inboxes.into_iter().map(Some).collect(),
+            Some(s.admin),
+            Some(s.ready),
+        ),
+        None => (Vec::new(), None, None),
     };
     inboxes.resize_with(cfg.shards, || None);
     // Without the socket (a spool path over the 108-octet limit, a read-only spool)
@@ -178,6 +184,9 @@ pub fn run_with(
                 r
             })?;
         handles.push(h);
+    }
+    if let Some(r) = &ready {
+        r.store(true, Ordering::Relaxed);
     }
     let bar = show_progress.then(|| {
         let b = indicatif::ProgressBar::new(0);

@@ -61,8 +61,9 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
     signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())?;
 
     let admin = admin_commands(intake.clone());
+    let engine_ready = Arc::new(AtomicBool::new(false));
     let engine = {
-        let (ecfg, stop) = (ecfg.clone(), engine_stop.clone());
+        let (ecfg, stop, engine_ready) = (ecfg.clone(), engine_stop.clone(), engine_ready.clone());
         let instances = Arc::new(instances);
         std::thread::Builder::new()
             .name("engine".into())
@@ -70,11 +71,22 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
                 let serving = Serving {
                     inboxes: receivers,
                     admin,
+                    ready: engine_ready,
                 };
                 engine::run_with(ecfg, instances, stop, false, Some(serving))
             })?
     };
 
+    // The admin socket answers before the readiness line does.
+    while !engine_ready.load(Ordering::Relaxed) && !engine.is_finished() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if engine.is_finished() {
+        return match engine.join() {
+            Ok(Err(e)) => Err(e.context("the engine did not start")),
+            _ => Err(anyhow::anyhow!("the engine did not start")),
+        };
+    }
     let mut threads = Vec::new();
     let mut said = Vec::new();
     let started = (|| -> anyhow::Result<()> {

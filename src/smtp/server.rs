@@ -296,8 +296,9 @@ pub struct ServerPolicy {
     pub auth_failures_max: u32,
     /// Mail only from authenticated clients and from those the IO loop says may relay
     /// ([`ServerSession::set_client`]). Any other client's MAIL gets
-    /// `530 5.7.0 Authentication required` when AUTH can be used now, else its RCPTs
-    /// get `554 5.7.1 Relay access denied`.
+    /// `530 5.7.0 Authentication required` when AUTH can be used now, `530 5.7.0
+    /// Must issue a STARTTLS command first` when it can after STARTTLS, else its
+    /// RCPTs get `554 5.7.1 Relay access denied`.
     pub relay_needs_auth: bool,
     /// Recipients per transaction; the next gets `452 4.5.3 Too many recipients`.
     pub rcpts_max: usize,
@@ -737,6 +738,15 @@ impl<'c> ServerSession<'c> {
             // RFC 4954 §6: the client can fix this with AUTH, so say so before it
             // sends recipients.
             return reply(out, "530 5.7.0 Authentication required");
+        }
+        if self.relay_barred()
+            && !self.policy.auth.is_empty()
+            && self.cfg.offer_starttls
+            && !self.tls_active
+        {
+            // AUTH is there after STARTTLS: the client can fix this too (Postfix's
+            // words for the same case).
+            return reply(out, "530 5.7.0 Must issue a STARTTLS command first");
         }
         out.delay_ms += b.delay_ms(Command::Mail);
         match b.mail_from(addr) {

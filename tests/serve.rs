@@ -1,0 +1,616 @@
+//! `volley serve` end to end, through the binary: mail taken in over SMTP
+//! submission (our own client and Debian's swaks), the HTTP API, the pickup
+//! directory and `volley send` handing over, while the daemon delivers to the
+//! bundled sink; relay protection, AUTH failures, SIGKILL after a 250, SIGTERM,
+//! SIGHUP. Everything on loopback.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const VOLLEY: &str = env!("CARGO_BIN_EXE_volley");
+
+/// A loopback port free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `volley serve`, killed when dropped.
+struct Daemon {
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// Starts `volley serve` with `args` and waits (at most 30 s) for its readiness line.
+    fn start(dir: &Path, args: &[String]) -> Daemon {
+        let stderr = dir.join(format!("serve-{}.stderr", fastrand::u32(..)));
+        let mut child = Command::new(VOLLEY)
+            .arg("serve")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if line.contains("volley serve: ready") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let d = Daemon { child, stderr };
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            panic!(
+                "volley serve did not say it was ready; stderr:\n{}",
+                std::fs::read_to_string(&d.stderr).unwrap_or_default()
+            );
+        }
+        d
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits at most `limit` for the daemon to exit; its status code.
+    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+/// The flags that point a daemon at the test's sink and DNS, with `spool`.
+fn base_args(env: &common::Env, spool: &Path) -> Vec<String> {
+    vec![
+        "--spool".into(),
+        spool.display().to_string(),
+        "--dns".into(),
+        env.dns.addr.to_string(),
+        "--smtp-port".into(),
+        env.sink.port().to_string(),
+    ]
+}
+
+/// A plain SMTP client that reads whole (multi-line) replies.
+struct Client {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl Client {
+    fn connect(addr: SocketAddr) -> (Client, String) {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut c = Client {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+        };
+        let greeting = c.reply();
+        (c, greeting)
+    }
+
+    fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            if self.r.read_line(&mut line).unwrap() == 0 {
+                return all;
+            }
+            all.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return all;
+            }
+        }
+    }
+
+    fn send(&mut self, bytes: &str) {
+        self.w.write_all(bytes.as_bytes()).unwrap();
+    }
+
+    fn cmd(&mut self, line: &str) -> String {
+        self.send(&format!("{line}\r\n"));
+        self.reply()
+    }
+}
+
+/// Waits (at most 30 s) until the accounting log has a terminal record for `rcpt`.
+fn wait_terminal(log: &Path, rcpt: &str) -> serde_json::Value {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lines = common::log_lines(log);
+        if let Some(t) = common::terminal_by_rcpt(&lines).remove(rcpt) {
+            return t[0].clone();
+        }
+        assert!(
+            Instant::now() < until,
+            "no outcome for {rcpt} in {}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let p = dir.join("volley.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn add_user(users: &Path, name: &str, password: &str) {
+    let mut c = Command::new(VOLLEY)
+        .args(["user", "add", name, "--users"])
+        .arg(users)
+        .arg("--cram-md5")
+        .stdin(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    writeln!(c.stdin.take().unwrap(), "{password}").unwrap();
+    assert!(c.wait().unwrap().success());
+}
+
+#[test]
+fn submitted_mail_is_delivered_with_a_received_field_and_without_its_campaign_header() {
+    let (env, keep) = common::env_keeping("serve-submit");
+    let spool = env.dir.join("spool");
+    let port = free_port();
+    let mut args = base_args(&env, &spool);
+    args.extend(["--submission".into(), format!("127.0.0.1:{port}")]);
+    let _d = Daemon::start(&env.dir, &args);
+    let (mut c, greeting) = Client::connect(format!("127.0.0.1:{port}").parse().unwrap());
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    assert!(c.cmd("EHLO app.test").contains("STARTTLS"));
+    // Loopback is a relay network: no AUTH needed. Pipelined, as clients do.
+    c.send("MAIL FROM:<app@news.test>\r\nRCPT TO:<ann@gmail.com>\r\nDATA\r\n");
+    assert!(c.reply().starts_with("250"));
+    assert!(c.reply().starts_with("250"));
+    assert!(c.reply().starts_with("354"));
+    c.send("From: app@news.test\r\nTo: ann@gmail.com\r\nSubject: hi\r\nX-Campaign-ID: welcome\r\n\r\nhello\r\n.\r\n");
+    let r = c.reply();
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    c.cmd("QUIT");
+    let t = wait_terminal(&spool.join("accounting.jsonl"), "ann@gmail.com");
+    assert_eq!(t["type"], "Delivery");
+    assert_eq!(
+        t["campaign"], "welcome",
+        "the campaign header names the campaign"
+    );
+    assert_eq!(t["sender"], "app@news.test");
+    let kept: Vec<String> = std::fs::read_dir(&keep)
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert_eq!(kept.len(), 1);
+    let m = &kept[0];
+    assert!(m.contains("Received: from app.test"), "{m}");
+    assert!(m.contains("[127.0.0.1]"), "{m}");
+    assert!(
+        !m.contains("X-Campaign-ID"),
+        "the consumed header is removed: {m}"
+    );
+    assert!(m.contains("Message-ID: <"), "a Message-ID is added: {m}");
+}
+
+#[test]
+fn the_listener_is_no_open_relay() {
+    let env = common::env("serve-relay", "");
+    let spool = env.dir.join("spool");
+    let users = env.dir.join("users");
+    add_user(&users, "alice", "s3cret");
+    let (p_required, p_foreign) = (free_port(), free_port());
+    // One listener needs AUTH of everyone; on the other, loopback is not a relay
+    // network and AUTH is not offered in clear: nobody here may send.
+    let cfg = format!(
+        "users = \"{}\"\n[[submission]]\nlisten = \"127.0.0.1:{p_required}\"\nauth = \"required\"\n\
+         [[submission]]\nlisten = \"127.0.0.1:{p_foreign}\"\ntls = \"none\"\nauth = \"optional\"\nrelay_networks = [\"10.0.0.0/8\"]\n",
+        users.display()
+    );
+    let cfg = write_config(&env.dir, &cfg);
+    let mut args = base_args(&env, &spool);
+    args.extend(["--config".into(), cfg.display().to_string()]);
+    let _d = Daemon::start(&env.dir, &args);
+
+    let (mut c, _) = Client::connect(format!("127.0.0.1:{p_required}").parse().unwrap());
+    c.cmd("EHLO app.test");
+    c.send("MAIL FROM:<app@news.test>\r\nRCPT TO:<victim1@gmail.com>\r\nDATA\r\n");
+    let mail = c.reply();
+    assert!(mail.starts_with("530 5.7.0"), "{mail}");
+    let rcpt = c.reply();
+    assert!(rcpt.starts_with('5'), "{rcpt}");
+    let data = c.reply();
+    // Whatever DATA gets, the content that follows is never a message.
+    if data.starts_with("354") {
+        c.send("Subject: spam\r\n\r\nspam\r\n.\r\n");
+        assert!(c.reply().starts_with('5'));
+    }
+    assert!(c.cmd("QUIT").starts_with("221"));
+
+    let (mut c, _) = Client::connect(format!("127.0.0.1:{p_foreign}").parse().unwrap());
+    let ehlo = c.cmd("EHLO app.test");
+    assert!(!ehlo.contains("AUTH"), "no AUTH in clear: {ehlo}");
+    assert!(c.cmd("MAIL FROM:<app@news.test>").starts_with("250"));
+    let rcpt = c.cmd("RCPT TO:<victim2@gmail.com>");
+    assert!(rcpt.starts_with("554 5.7.1"), "{rcpt}");
+    c.send("BDAT 6 LAST\r\nspam\r\n");
+    assert!(c.reply().starts_with('5'));
+    assert!(c.cmd("QUIT").starts_with("221"));
+
+    // Nothing of either was queued: a second later the log has no record of them.
+    std::thread::sleep(Duration::from_millis(500));
+    let log = std::fs::read_to_string(spool.join("accounting.jsonl")).unwrap_or_default();
+    assert!(!log.contains("victim"), "{log}");
+    assert_eq!(env.sink.rcpts_terminal(), 0);
+}
+
+#[test]
+fn swaks_authenticates_with_each_mechanism_over_starttls_and_implicit_tls() {
+    if Command::new("swaks").arg("--version").output().is_err() {
+        eprintln!(
+            "swaks is not installed (apt-get install swaks); skipping the independent-client test"
+        );
+        return;
+    }
+    let env = common::env("serve-swaks", "");
+    let spool = env.dir.join("spool");
+    let users = env.dir.join("users");
+    add_user(&users, "alice", "s3cret");
+    let (p_starttls, p_implicit) = (free_port(), free_port());
+    let cfg = format!(
+        "users = \"{}\"\n[[submission]]\nlisten = \"127.0.0.1:{p_starttls}\"\nauth = \"required\"\n\
+         [[submission]]\nlisten = \"127.0.0.1:{p_implicit}\"\ntls = \"implicit\"\nauth = \"required\"\n",
+        users.display()
+    );
+    let cfg = write_config(&env.dir, &cfg);
+    let mut args = base_args(&env, &spool);
+    args.extend(["--config".into(), cfg.display().to_string()]);
+    let _d = Daemon::start(&env.dir, &args);
+    let swaks = |port: u16, tls: &str, mech: &str, password: &str, to: &str| {
+        let out = Command::new("swaks")
+            .args(["--server", &format!("127.0.0.1:{port}"), tls])
+            .args([
+                "--auth",
+                mech,
+                "--auth-user",
+                "alice",
+                "--auth-password",
+                password,
+            ])
+            .args(["--from", "app@news.test", "--to", to, "--timeout", "20"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut sent = Vec::new();
+    for (port, tls) in [(p_starttls, "--tls"), (p_implicit, "--tls-on-connect")] {
+        for mech in ["PLAIN", "LOGIN", "CRAM-MD5"] {
+            let to = format!("{}-{}@gmail.com", mech.to_lowercase(), &tls[2..]);
+            let out = swaks(port, tls, mech, "s3cret", &to);
+            assert!(out.contains("235 2.7.0"), "{mech} {tls}:\n{out}");
+            assert!(out.contains("250 2.0.0 Ok: queued"), "{mech} {tls}:\n{out}");
+            sent.push(to);
+        }
+    }
+    let out = swaks(p_starttls, "--tls", "PLAIN", "wrong", "nobody@gmail.com");
+    assert!(out.contains("535 5.7.8"), "{out}");
+    for to in &sent {
+        assert_eq!(
+            wait_terminal(&spool.join("accounting.jsonl"), to)["type"],
+            "Delivery"
+        );
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection; (status, body).
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp[9..12].parse().unwrap();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+#[test]
+fn http_injection_queues_a_campaign_and_reports_its_counts() {
+    let env = common::env("serve-http", "");
+    let spool = env.dir.join("spool");
+    let tokens = env.dir.join("tokens");
+    let out = Command::new(VOLLEY)
+        .args(["token", "add", "ops", "--tokens"])
+        .arg(&tokens)
+        .output()
+        .unwrap();
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(token.starts_with("vly_"), "{token}");
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut args = base_args(&env, &spool);
+    args.extend([
+        "--http".into(),
+        addr.to_string(),
+        "--tokens".into(),
+        tokens.display().to_string(),
+    ]);
+    let _d = Daemon::start(&env.dir, &args);
+
+    let recipients: Vec<String> = (0..50)
+        .map(|i| format!("{{\"email\":\"user{i}@gmail.com\",\"name\":\"U{i}\"}}"))
+        .collect();
+    let body = format!(
+        "{{\"id\":\"spring\",\"sender\":\"bounces@news.test\",\"from_domain\":\"news.test\",\"dkim\":false,\
+          \"template\":\"From: news@news.test\\nTo: {{{{email}}}}\\nSubject: Hi {{{{name}}}}\\n\\nHello\\n\",\
+          \"recipients\":[{}]}}",
+        recipients.join(",")
+    );
+    let (status, _) = http(addr, "POST", "/api/v1/inject", None, &body);
+    assert_eq!(status, 401, "no token, no injection");
+    let (status, _) = http(addr, "POST", "/api/v1/inject", Some("vly_wrong"), &body);
+    assert_eq!(status, 401);
+    let (status, resp) = http(addr, "POST", "/api/v1/inject", Some(&token), &body);
+    assert_eq!(status, 202, "{resp}");
+    let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
+    assert_eq!(v["queued"], 50);
+    assert_eq!(v["campaign"], "spring");
+
+    let bad = r#"{"id":"bad","sender":"bounces@news.test","from_domain":"news.test","dkim":false,"template":"From: news@news.test\nSubject: s\n\nhi\n","recipients":[{"email":"ok@gmail.com"},{"email":"not an address"}]}"#;
+    let (status, resp) = http(addr, "POST", "/api/v1/inject", Some(&token), bad);
+    assert_eq!(status, 400, "{resp}");
+    let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
+    let pointers: Vec<&str> = v["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pointer"].as_str().unwrap())
+        .collect();
+    assert!(
+        pointers.iter().any(|p| p.starts_with("/recipients/1")),
+        "{resp}"
+    );
+
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, resp) = http(addr, "GET", "/api/v1/campaigns/spring", Some(&token), "");
+        assert_eq!(status, 200, "{resp}");
+        let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
+        if v["outcomes"]["delivered"] == 50 {
+            assert_eq!(v["queued"], 0);
+            break;
+        }
+        assert!(Instant::now() < until, "not all delivered: {resp}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, _) = http(addr, "GET", "/api/v1/campaigns/nosuch", Some(&token), "");
+    assert_eq!(status, 404);
+    assert!(!common::log_lines(&spool.join("accounting.jsonl"))
+        .iter()
+        .any(|l| l["campaign"] == "bad"));
+}
+
+#[test]
+fn pickup_files_are_queued_and_bad_ones_set_aside() {
+    let env = common::env("serve-pickup", "");
+    let spool = env.dir.join("spool");
+    let pickup = env.dir.join("pickup");
+    let mut args = base_args(&env, &spool);
+    args.extend(["--pickup".into(), pickup.display().to_string()]);
+    let _d = Daemon::start(&env.dir, &args);
+    let good = "X-Sender: <app@news.test>\nX-Receiver: <pia@gmail.com>\nX-Receiver: <pat@yahoo.com>\nFrom: app@news.test\nSubject: picked\n\nbody\n";
+    std::fs::write(pickup.join(".good.tmp"), good).unwrap();
+    std::fs::rename(pickup.join(".good.tmp"), pickup.join("good.eml")).unwrap();
+    std::fs::write(
+        pickup.join("bad.eml"),
+        "From: app@news.test\n\nno envelope\n",
+    )
+    .unwrap();
+    let log = spool.join("accounting.jsonl");
+    assert_eq!(wait_terminal(&log, "pia@gmail.com")["type"], "Delivery");
+    assert_eq!(wait_terminal(&log, "pat@yahoo.com")["type"], "Delivery");
+    let until = Instant::now() + Duration::from_secs(10);
+    while pickup.join("good.eml").exists() || !pickup.join("bad/bad.eml").exists() {
+        assert!(Instant::now() < until, "pickup files not handled");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let why = std::fs::read_to_string(pickup.join("bad/bad.eml.why")).unwrap();
+    assert!(why.contains("X-Sender"), "{why}");
+}
+
+#[test]
+fn send_hands_its_campaign_to_a_running_serve() {
+    let env = common::env("serve-send", "");
+    let spool = env.dir.join("spool");
+    let _d = Daemon::start(&env.dir, &base_args(&env, &spool));
+    let rows: Vec<String> = (0..40).map(|i| format!("s{i}@gmail.com,S{i}")).collect();
+    let dir = common::campaign(&env.dir, "handed", "", &rows);
+    let out = Command::new(VOLLEY)
+        .arg("send")
+        .arg(&dir)
+        .args([
+            "--spool",
+            &spool.display().to_string(),
+            "--quiet",
+            "--ehlo",
+            "test.volley.test",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("queued 40 recipients"), "{stdout}");
+    assert!(stdout.contains("delivered    40"), "{stdout}");
+    assert_eq!(env.sink.rcpts_terminal(), 40);
+}
+
+#[test]
+fn a_message_acknowledged_before_a_sigkill_is_delivered_after_restart() {
+    let env = common::env("serve-kill", "");
+    let spool = env.dir.join("spool");
+    // The first daemon's MX is a port that takes connections and never greets:
+    // the message is in flight, not delivered, when the daemon is killed.
+    let mute = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mute_port = mute.local_addr().unwrap().port();
+    let port = free_port();
+    let mut args = base_args(&env, &spool);
+    args[5] = mute_port.to_string();
+    args.extend(["--submission".into(), format!("127.0.0.1:{port}")]);
+    let mut d = Daemon::start(&env.dir, &args);
+    let (mut c, _) = Client::connect(format!("127.0.0.1:{port}").parse().unwrap());
+    c.cmd("EHLO app.test");
+    assert!(c.cmd("MAIL FROM:<app@news.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<kim@gmail.com>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send("Subject: durable\r\n\r\nsurvives a kill\r\n.\r\n");
+    let r = c.reply();
+    assert!(r.starts_with("250 "), "{r}");
+    d.signal(libc::SIGKILL);
+    d.wait_exit(Duration::from_secs(10)).unwrap_or_default();
+    assert_eq!(env.sink.rcpts_terminal(), 0);
+    drop(d);
+
+    let mut args = base_args(&env, &spool);
+    args.extend(["--submission".into(), format!("127.0.0.1:{}", free_port())]);
+    let _d = Daemon::start(&env.dir, &args);
+    let t = wait_terminal(&spool.join("accounting.jsonl"), "kim@gmail.com");
+    assert_eq!(t["type"], "Delivery");
+    drop(mute);
+}
+
+#[test]
+fn sigterm_stops_taking_mail_and_exits_0_and_sighup_reloads_users() {
+    let env = common::env("serve-signals", "");
+    let spool = env.dir.join("spool");
+    let users = env.dir.join("users");
+    add_user(&users, "alice", "first");
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let cfg = format!(
+        "users = \"{}\"\n[[submission]]\nlisten = \"{addr}\"\ntls = \"none\"\nauth = \"required\"\nauth_over_plaintext = true\n",
+        users.display()
+    );
+    let cfg = write_config(&env.dir, &cfg);
+    let mut args = base_args(&env, &spool);
+    args.extend(["--config".into(), cfg.display().to_string()]);
+    let mut d = Daemon::start(&env.dir, &args);
+    // AUTH PLAIN for bob with password "second": \0bob\0second.
+    let bob = "AUTH PLAIN AGJvYgBzZWNvbmQ=";
+    let (mut c, _) = Client::connect(addr);
+    c.cmd("EHLO app.test");
+    assert!(c.cmd(bob).starts_with("535"), "bob is not a user yet");
+    add_user(&users, "bob", "second");
+    d.signal(libc::SIGHUP);
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (mut c, _) = Client::connect(addr);
+        c.cmd("EHLO app.test");
+        if c.cmd(bob).starts_with("235") {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "SIGHUP did not reload the users:\n{}",
+            d.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // An idle session is told the service is going, and the daemon exits 0.
+    let (mut idle, _) = Client::connect(addr);
+    idle.cmd("EHLO app.test");
+    d.signal(libc::SIGTERM);
+    let bye = idle.reply();
+    assert!(bye.starts_with("421 4.3.2"), "{bye}");
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        d.stderr()
+    );
+    assert!(TcpStream::connect(addr).is_err(), "the listener is closed");
+}
+
+#[test]
+fn config_check_names_each_bad_key_with_its_line() {
+    let dir = std::env::temp_dir().join(format!("volley-config-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = write_config(
+        &dir,
+        "shards = 2\nwindoww = 8\n[[submission]]\nlisten = \"127.0.0.1:70000\"\nrelay_networks = [\"10.0.0.0/33\"]\n",
+    );
+    let out = Command::new(VOLLEY)
+        .args(["config", "check"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let f = cfg.display().to_string();
+    assert!(text.contains(&format!("{f}:2: key `windoww`")), "{text}");
+    assert!(text.contains(&format!("{f}:4:")), "{text}");
+    assert!(text.contains(&format!("{f}:5:")), "{text}");
+    let example = Command::new(VOLLEY)
+        .args(["config", "example"])
+        .output()
+        .unwrap();
+    let ex = write_config(&dir, &String::from_utf8(example.stdout).unwrap());
+    let out = Command::new(VOLLEY)
+        .args(["config", "check"])
+        .arg(&ex)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
