@@ -8,6 +8,8 @@
 //! (Postfix's C load generator blasting the same sink: the reference rate), and
 //! `postfix` (a private Postfix instance under a temp dir that queues the messages,
 //! then is released and timed delivering them from its queue). Only loopback is used.
+//! The `submission` scenario (intake over SMTP, `volley serve` against Postfix's
+//! smtpd) has its own runner, submission_bench.rs.
 
 use crate::dns::{self, Zone};
 use crate::gen::{self, GenOptions};
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 use volley::runtime::Driver;
 
 /// A run that has not finished after this long is stopped and reported as such.
-const RUN_TIMEOUT: Duration = Duration::from_secs(900);
+pub(crate) const RUN_TIMEOUT: Duration = Duration::from_secs(900);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum System {
@@ -77,7 +79,7 @@ fn scenario(name: &str) -> anyhow::Result<Scenario> {
         },
         // The realistic profile's first pass against the accept-all rate, in one run.
         // Shaping accuracy has its own runner (shaping_bench.rs).
-        s if s.starts_with("shaping") || s == "dkim" => {
+        s if s.starts_with("shaping") || s == "dkim" || s == "submission" => {
             unreachable!("run() sends it to its own module")
         }
         "realistic" => Scenario {
@@ -90,7 +92,7 @@ fn scenario(name: &str) -> anyhow::Result<Scenario> {
         },
         other => {
             anyhow::bail!(
-                "unknown scenario {other:?}: use smoke, accept-all, realistic, shaping, dkim or sink"
+                "unknown scenario {other:?}: use smoke, accept-all, realistic, shaping, dkim, submission or sink"
             )
         }
     })
@@ -105,6 +107,10 @@ pub struct Result {
     pub terminal: u64,
     pub seconds: f64,
     pub msgs_per_s: f64,
+    /// submission only: seconds from the start of intake until the sink had every
+    /// message (`msgs_per_s` and `seconds` are then the intake's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered_s: Option<f64>,
     /// volley only: recipients over the time until each had its first attempt's answer.
     pub first_pass_msgs_per_s: Option<f64>,
     /// volley only: when each destination's first pass was half and wholly done.
@@ -140,6 +146,9 @@ pub struct Report {
     pub ratios: Vec<(String, f64)>,
     /// Measurements against a target (the shaping scenario's accuracy figures).
     pub checks: Vec<Check>,
+    /// Systems that could not run here, each with why (Postfix not installed, ...).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -156,6 +165,9 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
     }
     if opts.scenario == "dkim" {
         return crate::dkim_bench::run(opts);
+    }
+    if opts.scenario == "submission" {
+        return crate::submission_bench::run(opts);
     }
     let sc = scenario(&opts.scenario)?;
     let n = opts.recipients.unwrap_or(sc.recipients);
@@ -189,6 +201,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
     let rounds = opts.rounds.max(1);
     // (round, result): ratios are taken within a round, then their median.
     let mut results: Vec<(usize, Result)> = Vec::new();
+    let mut skipped = Vec::new();
     for (round, &(sys, profile)) in (0..rounds).flat_map(|i| runs.iter().map(move |r| (i, r))) {
         eprintln!(
             "bench: {} sending {n} messages ({profile} profile){}",
@@ -240,7 +253,10 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
                 }
                 results.push((round, r));
             }
-            Err(e) => eprintln!("bench: {} skipped: {e:#}", name(sys)),
+            Err(e) => {
+                eprintln!("bench: {} skipped: {e:#}", name(sys));
+                skipped.push(format!("{} (round {}): {e:#}", name(sys), round + 1));
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&work);
@@ -249,6 +265,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
         ratios: ratios(&results, rounds),
         results: results.into_iter().map(|(_, r)| r).collect(),
         checks: Vec::new(),
+        skipped,
     };
     write_report(opts, report)
 }
@@ -263,7 +280,7 @@ pub(crate) fn median(v: &[f64]) -> f64 {
 /// volley's accept-all rate over each other system's, and volley's first pass on
 /// another profile over its accept-all rate: taken within each round, then the
 /// median over the rounds (with every round's value in the name when there are more).
-fn ratios(results: &[(usize, Result)], rounds: usize) -> Vec<(String, f64)> {
+pub(crate) fn ratios(results: &[(usize, Result)], rounds: usize) -> Vec<(String, f64)> {
     let mut per: Vec<(String, Vec<f64>)> = Vec::new();
     for round in 0..rounds {
         let these: Vec<&Result> = results
@@ -332,6 +349,7 @@ pub(crate) fn write_checks(
             results,
             ratios: Vec::new(),
             checks,
+            skipped: Vec::new(),
         },
     )
 }
@@ -349,7 +367,7 @@ pub(crate) fn write_report(opts: &BenchOptions, report: Report) -> anyhow::Resul
     Ok(report)
 }
 
-fn name(s: System) -> &'static str {
+pub(crate) fn name(s: System) -> &'static str {
     match s {
         System::Volley => "volley",
         System::SmtpSource => "smtp-source",
@@ -396,6 +414,9 @@ pub fn markdown(r: &Report) -> String {
     for (what, v) in &r.ratios {
         s.push_str(&format!("\n{what}: {v:.2}x"));
     }
+    for why in &r.skipped {
+        s.push_str(&format!("\n\nskipped: {why}"));
+    }
     if !r.checks.is_empty() {
         s.push_str("\n\n| check | measured | target | pass |\n|---|---|---|---|\n");
         for c in &r.checks {
@@ -412,12 +433,12 @@ pub fn markdown(r: &Report) -> String {
     s
 }
 
-struct Target {
-    sink: Sink,
-    dns: dns::DnsServer,
+pub(crate) struct Target {
+    pub(crate) sink: Sink,
+    pub(crate) dns: dns::DnsServer,
 }
 
-fn target(opts: &BenchOptions, profile: &str) -> anyhow::Result<Target> {
+pub(crate) fn target(opts: &BenchOptions, profile: &str) -> anyhow::Result<Target> {
     target_with(opts, Profile::load(profile)?)
 }
 
@@ -439,7 +460,7 @@ fn target_with(opts: &BenchOptions, mut p: Profile) -> anyhow::Result<Target> {
 
 /// Polls the sink until `n` recipients are final or the child exits (then a little
 /// longer, for the last replies) or the timeout passes.
-fn wait_for(
+pub(crate) fn wait_for(
     sink: &Sink,
     n: u64,
     started: Instant,
@@ -483,7 +504,7 @@ fn watch(sink: &Sink, n: u64, started: Instant, pid: u32) -> (Summary, f64, Opti
 }
 
 /// A running process's peak resident set (VmHWM, which exec resets), in MB.
-fn peak_rss_mb(pid: u32) -> Option<f64> {
+pub(crate) fn peak_rss_mb(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = status
         .lines()
@@ -496,13 +517,15 @@ fn peak_rss_mb(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-struct Usage {
-    cpu_s: f64,
-    max_rss_mb: f64,
+pub(crate) struct Usage {
+    pub(crate) cpu_s: f64,
+    pub(crate) max_rss_mb: f64,
+    /// wait4's status (None where the figures are not one reaped child's).
+    pub(crate) wait_status: Option<i32>,
 }
 
 /// Reaps `pid` with wait4 to read its CPU time and peak RSS; None if it is still running.
-fn reap(pid: u32, block: bool) -> Option<Usage> {
+pub(crate) fn reap(pid: u32, block: bool) -> Option<Usage> {
     let mut status = 0;
     // SAFETY: rusage is plain data, zero is a valid value; wait4 fills it.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -522,10 +545,11 @@ fn reap(pid: u32, block: bool) -> Option<Usage> {
     Some(Usage {
         cpu_s: tv(ru.ru_utime) + tv(ru.ru_stime),
         max_rss_mb: ru.ru_maxrss as f64 / 1024.0,
+        wait_status: Some(status),
     })
 }
 
-fn result(
+pub(crate) fn result(
     system: &str,
     profile: &str,
     n: u64,
@@ -541,6 +565,7 @@ fn result(
         terminal: s.rcpts_terminal,
         seconds: secs,
         msgs_per_s: s.rcpts_terminal as f64 / secs.max(1e-9),
+        delivered_s: None,
         first_pass_msgs_per_s: None,
         first_pass_by_mx: Vec::new(),
         cpu_s_per_1000: usage.as_ref().map(|u| u.cpu_s * 1000.0 / n.max(1) as f64),
@@ -687,7 +712,8 @@ fn first_pass(log: &Path, start: std::time::SystemTime) -> Vec<MxPass> {
         .collect()
 }
 
-/// smtp-source with 50 sessions, one message per session (-d), `n` messages of `body_bytes`.
+/// smtp-source with 50 sessions, each sending message after message on one
+/// connection (-d), `n` messages of `body_bytes`.
 fn smtp_source(bin: &Path, n: u64, body_bytes: usize, rcpt: &str, addr: &str) -> Command {
     let mut c = Command::new(bin);
     c.args([
@@ -703,7 +729,7 @@ fn smtp_source(bin: &Path, n: u64, body_bytes: usize, rcpt: &str, addr: &str) ->
     c
 }
 
-fn smtp_source_path() -> anyhow::Result<PathBuf> {
+pub(crate) fn smtp_source_path() -> anyhow::Result<PathBuf> {
     for p in ["/usr/sbin/smtp-source", "/usr/bin/smtp-source"] {
         if Path::new(p).exists() {
             return Ok(p.into());
@@ -731,7 +757,7 @@ fn install_postfix() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// smtp-source: 50 sessions, one message per session (-d), to the Google address.
+/// smtp-source: 50 sessions, each keeping its connection (-d), to the Google address.
 fn run_smtp_source(
     opts: &BenchOptions,
     profile: &str,
@@ -772,40 +798,183 @@ fn run_postfix(
     work: &Path,
 ) -> anyhow::Result<Result> {
     let source = smtp_source_path()?;
-    anyhow::ensure!(
-        Path::new("/usr/sbin/postfix").exists(),
-        "postfix is not installed; as root: apt-get install -y postfix"
-    );
     let t = target(opts, profile)?;
     let tail = t
         .sink
         .addr_of("tail")
         .ok_or_else(|| anyhow::anyhow!("profile has no tail provider"))?;
-    let dir = work.join("postfix");
-    let _ = std::fs::remove_dir_all(&dir);
-    let etc = dir.join("etc");
-    for d in ["etc", "queue", "data"] {
-        std::fs::create_dir_all(dir.join(d))?;
-    }
-    let st = Command::new("chown")
-        .arg("postfix")
-        .arg(dir.join("data"))
+    let pf = PostfixInstance::start(&work.join("postfix"), tail, true)?;
+    // Inject over SMTP, delivery deferred, and wait until all are in the queue.
+    let st = Command::new(&source)
+        .args([
+            "-s",
+            "20",
+            "-l",
+            &body_bytes.to_string(),
+            "-m",
+            &n.to_string(),
+        ])
+        .args(["-f", "bench@news.volley.test", "-t", "rcpt@shop1.tail.test"])
+        .arg(pf.listen.to_string())
+        .stdout(Stdio::null())
         .status()?;
+    anyhow::ensure!(st.success(), "injecting into postfix failed");
+    let queued = pf.queued();
+    anyhow::ensure!(queued > 0, "postfix queued nothing; see {}", pf.log());
+    // Release: delivery on, flush the queue, time until the sink has them all.
+    let out = Command::new("/usr/sbin/postconf")
+        .arg("-c")
+        .arg(&pf.etc)
+        .args(["-e", "defer_transports ="])
+        .output()?;
     anyhow::ensure!(
-        st.success(),
-        "chown postfix {}: are we root?",
-        dir.join("data").display()
+        out.status.success(),
+        "postconf: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    let listen = free_port()?;
-    let master = std::fs::read_to_string("/etc/postfix/master.cf")?;
-    // No chroot (the private queue is not set up for it); smtpd on a loopback port.
-    let master: String = master
+    t.sink.reset_latency_origin();
+    // Postfix is many processes: its CPU is the machine's busy time less this process's (the sink).
+    let (cpu0, self0) = (system_busy_s()?, self_cpu_s());
+    let started = Instant::now();
+    pf.command(&["reload"])?;
+    let _ = Command::new("/usr/sbin/postqueue")
+        .arg("-c")
+        .arg(&pf.etc)
+        .arg("-f")
+        .output();
+    let (s, secs) = wait_for(&t.sink, n, started, || false);
+    let cpu = (system_busy_s()? - cpu0) - (self_cpu_s() - self0);
+    drop(pf);
+    let note = format!(
+        "{queued} queued before release; relayhost to one address; CPU = machine less the sink"
+    );
+    let mut r = result(
+        "postfix",
+        profile,
+        n,
+        &s,
+        secs,
+        Some(Usage {
+            cpu_s: cpu,
+            max_rss_mb: 0.0,
+            wait_status: None,
+        }),
+        note,
+    );
+    r.peak_rss_mb = None;
+    Ok(r)
+}
+
+/// A private Postfix instance under `dir` (config, queue, data and log there; the
+/// system's Postfix is not touched): smtpd on a free loopback port, relaying
+/// everything from 127.0.0.0/8 to `relay`. Started by `start`, stopped on drop.
+pub(crate) struct PostfixInstance {
+    pub(crate) dir: PathBuf,
+    pub(crate) etc: PathBuf,
+    /// smtpd's address.
+    pub(crate) listen: std::net::SocketAddr,
+}
+
+impl PostfixInstance {
+    /// `deferred`: queue everything and deliver nothing (`defer_transports = smtp`)
+    /// until it is changed and the instance reloaded.
+    pub(crate) fn start(
+        dir: &Path,
+        relay: std::net::SocketAddr,
+        deferred: bool,
+    ) -> anyhow::Result<PostfixInstance> {
+        anyhow::ensure!(
+            Path::new("/usr/sbin/postfix").exists(),
+            "postfix is not installed; as root: apt-get install -y postfix"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+        let etc = dir.join("etc");
+        for d in ["etc", "queue", "data"] {
+            std::fs::create_dir_all(dir.join(d))?;
+        }
+        let st = Command::new("chown")
+            .arg("postfix")
+            .arg(dir.join("data"))
+            .status()?;
+        anyhow::ensure!(
+            st.success(),
+            "chown postfix {}: are we root?",
+            dir.join("data").display()
+        );
+        let port = free_port()?;
+        let master = std::fs::read_to_string("/etc/postfix/master.cf")
+            .map_err(|e| anyhow::anyhow!("/etc/postfix/master.cf: {e}"))?;
+        std::fs::write(etc.join("master.cf"), master_cf(&master, port) + "\n")?;
+        let main = format!(
+            "compatibility_level = 3.6\nqueue_directory = {q}\ndata_directory = {d}\nmail_owner = postfix\nsetgid_group = postdrop\n\
+             myhostname = postfix.bench.volley.test\nmydestination =\ninet_interfaces = 127.0.0.1\ninet_protocols = ipv4\n\
+             mynetworks = 127.0.0.0/8\nrelayhost = [{ip}]:{rport}\ndefer_transports = {defer}\nsmtp_tls_security_level = none\n\
+             default_destination_concurrency_limit = 50\nsmtp_destination_concurrency_limit = 50\ndefault_process_limit = 200\n\
+             message_size_limit = 52428800\nmaillog_file = {dir}/maillog\nmaillog_file_prefixes = {dir}\nalias_maps =\nalias_database =\nlocal_recipient_maps =\n\
+             smtpd_recipient_restrictions = permit_mynetworks, reject\nsmtp_connection_cache_on_demand = yes\n",
+            q = dir.join("queue").display(),
+            d = dir.join("data").display(),
+            ip = relay.ip(),
+            rport = relay.port(),
+            defer = if deferred { "smtp" } else { "" },
+            dir = dir.display(),
+        );
+        std::fs::write(etc.join("main.cf"), main)?;
+        let pf = PostfixInstance {
+            dir: dir.to_path_buf(),
+            etc,
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        pf.command(&["check"])?;
+        pf.command(&["start"])?;
+        Ok(pf)
+    }
+
+    /// `postfix -c ETC ARGS`; Postfix reports to its log file, not stderr.
+    pub(crate) fn command(&self, args: &[&str]) -> anyhow::Result<()> {
+        let out = Command::new("/usr/sbin/postfix")
+            .arg("-c")
+            .arg(&self.etc)
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "postfix {} failed; see {}",
+            args.join(" "),
+            self.log()
+        );
+        Ok(())
+    }
+
+    pub(crate) fn log(&self) -> String {
+        self.dir.join("maillog").display().to_string()
+    }
+
+    /// Queue files in incoming, active and deferred.
+    pub(crate) fn queued(&self) -> usize {
+        ["incoming", "active", "deferred"]
+            .iter()
+            .map(|q| count_files(&self.dir.join("queue").join(q)))
+            .sum()
+    }
+}
+
+impl Drop for PostfixInstance {
+    fn drop(&mut self) {
+        let _ = self.command(&["stop"]);
+    }
+}
+
+/// The system's master.cf with no chroot (the private queue is not set up for it)
+/// and smtpd on 127.0.0.1:`port`.
+fn master_cf(master: &str, port: u16) -> String {
+    master
         .lines()
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             if l.starts_with(|c: char| c.is_ascii_alphanumeric()) && f.len() >= 8 {
                 let svc = if f[0] == "smtp" && f[1] == "inet" {
-                    format!("127.0.0.1:{listen}")
+                    format!("127.0.0.1:{port}")
                 } else {
                     f[0].to_string()
                 };
@@ -824,114 +993,10 @@ fn run_postfix(
             }
         })
         .collect::<Vec<_>>()
-        .join("\n");
-    std::fs::write(etc.join("master.cf"), master + "\n")?;
-    let main = format!(
-        "compatibility_level = 3.6\nqueue_directory = {q}\ndata_directory = {d}\nmail_owner = postfix\nsetgid_group = postdrop\n\
-         myhostname = postfix.bench.volley.test\nmydestination =\ninet_interfaces = 127.0.0.1\ninet_protocols = ipv4\n\
-         mynetworks = 127.0.0.0/8\nrelayhost = [{ip}]:{port}\ndefer_transports = smtp\nsmtp_tls_security_level = none\n\
-         default_destination_concurrency_limit = 50\nsmtp_destination_concurrency_limit = 50\ndefault_process_limit = 200\n\
-         message_size_limit = 52428800\nmaillog_file = {dir}/maillog\nmaillog_file_prefixes = {dir}\nalias_maps =\nalias_database =\nlocal_recipient_maps =\n\
-         smtpd_recipient_restrictions = permit_mynetworks, reject\nsmtp_connection_cache_on_demand = yes\n",
-        q = dir.join("queue").display(),
-        d = dir.join("data").display(),
-        ip = tail.ip(),
-        port = tail.port(),
-        dir = dir.display(),
-    );
-    std::fs::write(etc.join("main.cf"), main)?;
-    let pf = |args: &[&str]| -> anyhow::Result<()> {
-        let out = Command::new("/usr/sbin/postfix")
-            .arg("-c")
-            .arg(&etc)
-            .args(args)
-            .output()?;
-        // Postfix reports to its log file, not stderr.
-        anyhow::ensure!(
-            out.status.success(),
-            "postfix {} failed; see {}",
-            args.join(" "),
-            dir.join("maillog").display()
-        );
-        Ok(())
-    };
-    pf(&["check"])?;
-    pf(&["start"])?;
-    let stop = scopeguard(|| {
-        let _ = Command::new("/usr/sbin/postfix")
-            .arg("-c")
-            .arg(&etc)
-            .arg("stop")
-            .output();
-    });
-    // Inject over SMTP, delivery deferred, and wait until all are in the queue.
-    let st = Command::new(&source)
-        .args([
-            "-s",
-            "20",
-            "-l",
-            &body_bytes.to_string(),
-            "-m",
-            &n.to_string(),
-        ])
-        .args(["-f", "bench@news.volley.test", "-t", "rcpt@shop1.tail.test"])
-        .arg(format!("127.0.0.1:{listen}"))
-        .stdout(Stdio::null())
-        .status()?;
-    anyhow::ensure!(st.success(), "injecting into postfix failed");
-    let queued: usize = ["incoming", "active", "deferred"]
-        .iter()
-        .map(|q| count_files(&dir.join("queue").join(q)))
-        .sum();
-    anyhow::ensure!(
-        queued > 0,
-        "postfix queued nothing; see {}",
-        dir.join("maillog").display()
-    );
-    // Release: delivery on, flush the queue, time until the sink has them all.
-    let out = Command::new("/usr/sbin/postconf")
-        .arg("-c")
-        .arg(&etc)
-        .args(["-e", "defer_transports ="])
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "postconf: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    t.sink.reset_latency_origin();
-    // Postfix is many processes: its CPU is the machine's busy time less this process's (the sink).
-    let (cpu0, self0) = (system_busy_s()?, self_cpu_s());
-    let started = Instant::now();
-    pf(&["reload"])?;
-    let _ = Command::new("/usr/sbin/postqueue")
-        .arg("-c")
-        .arg(&etc)
-        .arg("-f")
-        .output();
-    let (s, secs) = wait_for(&t.sink, n, started, || false);
-    let cpu = (system_busy_s()? - cpu0) - (self_cpu_s() - self0);
-    drop(stop);
-    let note = format!(
-        "{queued} queued before release; relayhost to one address; CPU = machine less the sink"
-    );
-    let mut r = result(
-        "postfix",
-        profile,
-        n,
-        &s,
-        secs,
-        Some(Usage {
-            cpu_s: cpu,
-            max_rss_mb: 0.0,
-        }),
-        note,
-    );
-    r.peak_rss_mb = None;
-    Ok(r)
+        .join("\n")
 }
 
-fn self_cpu_s() -> f64 {
+pub(crate) fn self_cpu_s() -> f64 {
     // SAFETY: rusage is plain data; getrusage fills it.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: valid out-pointer.
@@ -1005,7 +1070,7 @@ pub fn sink_comparison(n: u64, body_bytes: usize, threads: usize) -> anyhow::Res
     ))
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -1029,7 +1094,7 @@ fn walk(dir: &Path) -> std::io::Result<usize> {
 }
 
 /// Busy CPU seconds of the whole machine so far (/proc/stat, all but idle and iowait).
-fn system_busy_s() -> anyhow::Result<f64> {
+pub(crate) fn system_busy_s() -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let cpu = stat
         .lines()
@@ -1046,18 +1111,6 @@ fn system_busy_s() -> anyhow::Result<f64> {
     Ok((v.iter().sum::<f64>() - v[3] - v[4]) / hz)
 }
 
-struct Guard<F: FnMut()>(F);
-
-impl<F: FnMut()> Drop for Guard<F> {
-    fn drop(&mut self) {
-        (self.0)()
-    }
-}
-
-fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
-    Guard(f)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1070,6 +1123,7 @@ mod tests {
             terminal: 100,
             seconds: 1.0,
             msgs_per_s: rate,
+            delivered_s: None,
             first_pass_msgs_per_s: first_pass,
             first_pass_by_mx: Vec::new(),
             cpu_s_per_1000: None,

@@ -11,3 +11,4 @@ pub mod integrity;
 pub mod profile;
 pub mod shaping_bench;
 pub mod sink;
+pub mod submission_bench;

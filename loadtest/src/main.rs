@@ -105,6 +105,8 @@ enum Cmd {
         /// smoke (2,000 messages), accept-all (100,000), realistic (100,000, volley only),
         /// shaping (volley's rate/connection caps and 421 back-off as the sink sees them),
         /// dkim (TLS and DKIM signing against the plain rate),
+        /// submission (durable intake over SMTP: volley serve against Postfix's smtpd,
+        /// both fed by smtp-source -s 50 -l 10000; 100,000 messages),
         /// or sink (volley-load sink against Postfix's smtp-sink, both driven by smtp-source).
         #[arg(long, default_value = "smoke")]
         scenario: String,
@@ -139,7 +141,8 @@ enum Cmd {
         #[arg(long, requires = "shaping")]
         shaping_accept_all: bool,
         /// Repeat the scenario's runs this many times, alternating, and report the
-        /// median ratio (smoke, accept-all, realistic and dkim; the machine is noisy).
+        /// median ratio (smoke, accept-all, realistic, dkim and submission; the
+        /// machine is noisy).
         #[arg(long, default_value_t = 1)]
         rounds: usize,
     },
