@@ -1,63 +1,23 @@
-//! RFC 3464 delivery status notifications, for campaigns that ask for them
-//! (`dsn = true`; off by default: a bulk sender's return path is usually a bounce
-//! processor that reads the accounting log instead).
+//! RFC 3464 delivery status notifications: one multipart/report message per failed
+//! recipient, to the return path, from the null sender (MAIL FROM:<>, RFC 5321
+//! §4.5.5, so a DSN never causes another).
 //!
-//! After a run, the Bounce and Expiration records of those campaigns that no DSN has
-//! been made for yet are turned into a campaign of their own: one multipart/report
-//! message per failed recipient, to the campaign's return path, from the null sender
-//! (MAIL FROM:<>, RFC 5321 §4.5.5, so a DSN never causes another). It is queued
-//! through the normal ingest, so it is as durable as any campaign and is sent by the
-//! same engine. How far the log has been read is kept in SPOOL/dsn/log-offset,
-//! written after the DSN campaign is queued: a crash in between makes a DSN twice,
-//! never loses one.
+//! Who gets one: submitted messages (RFC 5321 §6.1: a server that took a message
+//! must report its failure), and campaigns with `dsn = true` (off by default: a bulk
+//! sender's return path is usually a bounce processor that reads the accounting log
+//! instead). The shard makes the DSN when it records the bounce or expiration, and
+//! queues it as a submitted message in its own spool, synced before the failure's
+//! Done record is written: a crash in between leaves the recipient undone and it is
+//! tried again, so there is at most a duplicate DSN, never a lost one.
 
-use crate::campaign::Campaign;
-use crate::ingest::{self, write_durably};
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, Read, Seek, SeekFrom};
-use std::path::Path;
-use std::time::{Duration, SystemTime};
-
-/// The DSN template; every value in it is a merge field of the DSN campaign.
-const TEMPLATE: &str = "From: Mail Delivery System <MAILER-DAEMON@{{mta}}>
-To: <{{email}}>
-Subject: Undelivered Mail Returned to Sender
-Date: {{date}}
-Message-ID: <{{msgid}}@{{mta}}>
-Auto-Submitted: auto-replied
-MIME-Version: 1.0
-Content-Type: multipart/report; report-type=delivery-status; boundary=\"volley-dsn\"
-
-This is a MIME-encapsulated message.
-
---volley-dsn
-Content-Type: text/plain; charset=utf-8
-
-Campaign {{campaign}}: the message to {{rcpt}} could not be delivered.
-
-{{explanation}}
-
-The receiving server said: {{reply}}
-
---volley-dsn
-Content-Type: message/delivery-status
-
-Reporting-MTA: dns; {{mta}}
-X-Volley-Campaign: {{campaign}}
-Arrival-Date: {{arrival}}
-
-Final-Recipient: rfc822; {{rcpt}}
-Action: failed
-Status: {{status}}
-Diagnostic-Code: smtp; {{reply}}
-Last-Attempt-Date: {{last_attempt}}
-
---volley-dsn--
-";
+use std::time::SystemTime;
 
 /// Longest receiver reply a DSN quotes: its `Diagnostic-Code:` line must stay under
-/// RFC 5322's 998 octets, or the DSN campaign itself would be refused at ingest.
+/// RFC 5322's 998 octets.
 pub const DSN_REPLY_OCTETS_MAX: usize = 900;
+
+/// The campaign DSNs are counted under in the log.
+pub const DSN_CAMPAIGN: &str = "dsn";
 
 /// `reply` cut to DSN_REPLY_OCTETS_MAX octets at a character boundary, marked "...".
 fn cut_reply(mut reply: String) -> String {
@@ -72,201 +32,109 @@ fn cut_reply(mut reply: String) -> String {
     reply
 }
 
-/// Queues DSNs for the new Bounce and Expiration records of campaigns with `dsn = true`
-/// in `log`; returns how many. `mta` names this host in them.
-pub fn queue(
-    spool: &Path,
-    log: &Path,
-    instances: &ingest::Instances,
-    shards: usize,
-    segment_bytes: usize,
-    mta: &str,
-) -> anyhow::Result<u64> {
-    let wanted: HashSet<&str> = instances
-        .values()
-        .filter(|i| i.settings.dsn && i.settings.sender != "<>")
-        .map(|i| i.settings.id.as_str())
-        .collect();
-    if wanted.is_empty() {
-        return Ok(0);
-    }
-    // The DSNs' From domain must be a domain: with an address literal for EHLO
-    // (`[192.0.2.1]`), the first such campaign's From domain stands in.
-    // The DSNs come from MAILER-DAEMON at this host's name; with an address literal
-    // for EHLO (`[192.0.2.1]`), which is no domain, each campaign's From domain.
-    let host_is_domain = crate::smtp::names::check_domain(mta).is_ok();
-    let from_domain: HashMap<&str, &str> = instances
-        .values()
-        .map(|i| (i.settings.id.as_str(), i.settings.from_domain.as_str()))
-        .collect();
-    let dir = spool.join("dsn");
-    std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-    let offset_file = dir.join("log-offset");
-    let from: u64 = std::fs::read_to_string(&offset_file)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
-    let mut f = match std::fs::File::open(log) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => anyhow::bail!("{}: {e}", log.display()),
-    };
-    f.seek(SeekFrom::Start(from))?;
-    let mut reader = std::io::BufReader::new(f);
-    let stamp = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
-    let id = format!("dsn-{stamp}");
-    // One DSN campaign per sending name (one unless EHLO is an address literal).
-    let mut batches: BTreeMap<String, csv::Writer<Vec<u8>>> = BTreeMap::new();
-    const COLUMNS: [&str; 11] = [
-        "email",
-        "rcpt",
-        "campaign",
-        "status",
-        "reply",
-        "explanation",
-        "arrival",
-        "last_attempt",
-        "date",
-        "msgid",
-        "mta",
-    ];
-    let (mut read, mut n) = (from, 0u64);
-    let mut line = Vec::new();
-    let now = rfc5322_date(SystemTime::now());
-    loop {
-        line.clear();
-        let got = reader.by_ref().take(1 << 20).read_until(b'\n', &mut line)?;
-        // Only whole lines: a shard may be mid-write of the last one.
-        if got == 0 || line.last() != Some(&b'\n') {
-            break;
-        }
-        read += got as u64;
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
-            continue;
-        };
-        let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
-        let (kind, campaign) = (s("type"), s("campaign"));
-        if !matches!(kind.as_str(), "Bounce" | "Expiration") || !wanted.contains(campaign.as_str())
-        {
-            continue;
-        }
-        let sender = s("sender");
-        if sender.is_empty() || sender == "<>" {
-            continue;
-        }
-        let code = v["code"].as_u64().unwrap_or(0);
-        let (status, explanation) = if kind == "Expiration" {
-            let why = if s("last_attempt").is_empty() {
-                "It could not be delivered before the campaign's expire_after passed; no \
-                 attempt could be made."
-            } else {
-                "It could not be delivered before the campaign's expire_after passed; the \
-                 receiving server's last answer is below."
-            };
-            ("5.4.7".to_string(), why)
-        } else {
-            let enhanced = s("enhanced");
-            let status = if enhanced.starts_with('5') {
-                enhanced
-            } else {
-                "5.0.0".into()
-            };
-            (status, "It was refused permanently.")
-        };
-        let time = humantime::parse_rfc3339(&s("time")).unwrap_or_else(|_| SystemTime::now());
-        let arrival = time - Duration::from_millis(v["queued_ms"].as_u64().unwrap_or(0));
-        // An Expiration names its last real attempt (RFC 3464 §2.3.6); a bounce is one.
-        let last = humantime::parse_rfc3339(&s("last_attempt")).unwrap_or(time);
-        n += 1;
-        let mta = match host_is_domain {
-            true => mta,
-            false => from_domain.get(campaign.as_str()).copied().unwrap_or(mta),
-        };
-        let csv = match batches.entry(mta.to_string()) {
-            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::btree_map::Entry::Vacant(e) => {
-                let mut w = csv::Writer::from_writer(Vec::new());
-                w.write_record(COLUMNS)?;
-                e.insert(w)
-            }
-        };
-        csv.write_record([
-            sender.as_str(),
-            &s("rcpt"),
-            &campaign,
-            &status,
-            &cut_reply(
-                [code.to_string(), s("enhanced"), s("reply")]
-                    .into_iter()
-                    .filter(|p| !p.is_empty())
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            ),
-            explanation,
-            &rfc5322_date(arrival),
-            &rfc5322_date(last),
-            &now,
-            &format!("{id}.{n}"),
-            mta,
-        ])?;
-    }
-    let several = batches.len() > 1;
-    for (k, (mta, csv)) in batches.into_iter().enumerate() {
-        let id = if several {
-            format!("{id}-{k}")
-        } else {
-            id.clone()
-        };
-        let rows = csv.into_inner()?;
-        queue_campaign(
-            &dir.join(&id),
-            &id,
-            &mta,
-            &rows,
-            spool,
-            shards,
-            segment_bytes,
-        )?;
-    }
-    write_durably(&offset_file, read.to_string().as_bytes())?;
-    Ok(n)
+/// One recipient that failed for good, as its DSN reports it.
+pub struct Failure<'a> {
+    /// The recipient (Final-Recipient).
+    pub rcpt: &'a str,
+    /// Where the DSN goes: the failed message's envelope sender.
+    pub return_path: &'a str,
+    /// The failed message's campaign, named in the text and X-Volley-Campaign.
+    pub campaign: &'a str,
+    /// Expired in the queue (5.4.7) rather than refused.
+    pub expired: bool,
+    /// The receiver's last reply (for an expiration without attempt, volley's own).
+    pub code: u16,
+    pub enhanced: Option<&'a str>,
+    pub reply: &'a str,
+    /// When the message was queued (Arrival-Date).
+    pub arrival: SystemTime,
+    /// The last delivery attempt (Last-Attempt-Date); None: there was none.
+    pub last_attempt: Option<SystemTime>,
+    /// This host's name in Reporting-MTA and the DSN's From (MAILER-DAEMON@it).
+    pub mta: &'a str,
 }
 
-/// Writes and queues the DSN campaign `id` from `mta` with its `rows` (CSV, header
-/// first) in `cdir`. Errors: the files cannot be written, or it does not load (a bug).
-fn queue_campaign(
-    cdir: &Path,
-    id: &str,
-    mta: &str,
-    rows: &[u8],
-    spool: &Path,
-    shards: usize,
-    segment_bytes: usize,
-) -> anyhow::Result<()> {
-    std::fs::create_dir_all(cdir)?;
-    write_durably(
-        &cdir.join("campaign.toml"),
-        format!(
-            "# Delivery status notifications made by volley; sent from the null sender.\n\
-             id = \"{id}\"\nsender = \"<>\"\nfrom_domain = \"{mta}\"\nexpire_after = \"5d\"\n\
-             # This host's own notices: no DKIM key is expected for its name.\ndkim = false\n"
-        )
-        .as_bytes(),
-    )?;
-    write_durably(&cdir.join("message.eml"), TEMPLATE.as_bytes())?;
-    write_durably(&cdir.join("recipients.csv"), rows)?;
-    let campaign = Campaign::load(cdir)
-        .map_err(|p| anyhow::anyhow!("DSN campaign {}: {p:?} (a volley bug)", cdir.display()))?;
-    ingest::ingest(&campaign, spool, shards, segment_bytes).map_err(|e| match e {
-        ingest::IngestError::Problems(p, _) => {
-            anyhow::anyhow!("DSN campaign {}: {p:?}", cdir.display())
-        }
-        ingest::IngestError::Other(e) => e,
-    })?;
-    Ok(())
+/// The name a DSN reports from: the EHLO name, or with an address literal there
+/// (no domain), the failed campaign's From domain.
+pub fn reporting_name<'a>(ehlo: &'a str, from_domain: &'a str) -> &'a str {
+    match crate::smtp::names::check_domain(ehlo) {
+        Ok(_) => ehlo,
+        Err(_) => from_domain,
+    }
+}
+
+/// The DSN for `f`, ready to send (CRLF line ends). `id` makes its Message-ID unique.
+pub fn message(f: &Failure, now: SystemTime, id: &str) -> Vec<u8> {
+    let (status, explanation) = if f.expired {
+        let why = match f.last_attempt {
+            None => "It could not be delivered before the campaign's expire_after passed; no attempt could be made.",
+            Some(_) => "It could not be delivered before the campaign's expire_after passed; the receiving server's last answer is below.",
+        };
+        ("5.4.7".to_string(), why)
+    } else {
+        let status = match f.enhanced {
+            Some(e) if e.starts_with('5') => e.to_string(),
+            _ => "5.0.0".into(),
+        };
+        (status, "It was refused permanently.")
+    };
+    let reply = cut_reply(
+        [
+            f.code.to_string(),
+            f.enhanced.unwrap_or("").to_string(),
+            f.reply.replace(['\r', '\n'], " "),
+        ]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join(" "),
+    );
+    let last = f.last_attempt.map_or(String::new(), |t| {
+        format!("Last-Attempt-Date: {}\n", rfc5322_date(t))
+    });
+    let text = format!(
+        "From: Mail Delivery System <MAILER-DAEMON@{mta}>
+To: <{to}>
+Subject: Undelivered Mail Returned to Sender
+Date: {date}
+Message-ID: <dsn.{id}@{mta}>
+Auto-Submitted: auto-replied
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary=\"volley-dsn\"
+
+This is a MIME-encapsulated message.
+
+--volley-dsn
+Content-Type: text/plain; charset=utf-8
+
+Campaign {campaign}: the message to {rcpt} could not be delivered.
+
+{explanation}
+
+The receiving server said: {reply}
+
+--volley-dsn
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; {mta}
+X-Volley-Campaign: {campaign}
+Arrival-Date: {arrival}
+
+Final-Recipient: rfc822; {rcpt}
+Action: failed
+Status: {status}
+Diagnostic-Code: smtp; {reply}
+{last}
+--volley-dsn--
+",
+        mta = f.mta,
+        to = f.return_path,
+        date = rfc5322_date(now),
+        campaign = f.campaign,
+        rcpt = f.rcpt,
+        arrival = rfc5322_date(f.arrival),
+    );
+    text.replace('\n', "\r\n").into_bytes()
 }
 
 /// "Wed, 25 Nov 2026 02:42:35 +0000"
@@ -302,6 +170,40 @@ pub fn rfc5322_date(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_dsn_reports_the_failure_with_crlf_line_ends() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_574_555);
+        let f = Failure {
+            rcpt: "ann@gmail.com",
+            return_path: "bounces@news.test",
+            campaign: "spring",
+            expired: true,
+            code: 452,
+            enhanced: Some("4.2.2"),
+            reply: &"over quota ".repeat(200),
+            arrival: t,
+            last_attempt: Some(t),
+            mta: "mta.volley.test",
+        };
+        let m = String::from_utf8(message(&f, t, "1.2")).unwrap();
+        assert!(!m.replace("\r\n", "").contains('\n'), "CRLF only");
+        for part in [
+            "Status: 5.4.7",
+            "Final-Recipient: rfc822; ann@gmail.com",
+            "Diagnostic-Code: smtp; 452 4.2.2 over quota",
+            "Last-Attempt-Date: Wed, 25 Nov 2026 02:42:35 +0000",
+            "Reporting-MTA: dns; mta.volley.test",
+            "To: <bounces@news.test>",
+        ] {
+            assert!(m.contains(part), "{part}: {m}");
+        }
+        assert!(
+            m.lines().all(|l| l.len() <= 998),
+            "the reply is cut to fit a line"
+        );
+    }
 
     #[test]
     fn dates_are_rfc5322() {

@@ -70,7 +70,7 @@ impl Report {
 }
 
 /// The shaping rules for this run; every pool a campaign names must exist.
-fn load_rules(cfg: &EngineConfig, instances: &Instances) -> anyhow::Result<Rules> {
+pub fn load_rules(cfg: &EngineConfig, instances: &Instances) -> anyhow::Result<Rules> {
     let rules = cfg.rules().map_err(|problems| {
         let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
         anyhow::anyhow!("shaping rules:\n{}", list.join("\n"))
@@ -96,6 +96,8 @@ pub struct Serving {
     pub admin: control::Extra,
     /// Set once the admin socket is bound and every shard thread is started.
     pub ready: Arc<AtomicBool>,
+    /// Where SIGHUP publishes new shaping and bounce rules.
+    pub reloads: Arc<shard::Reloads>,
 }
 
 /// Runs every shard until its recipients are all terminal or `stop` is set.
@@ -117,6 +119,16 @@ pub fn run_with(
     serving: Option<Serving>,
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
+    // DSNs go out as submitted messages (dsn.rs): a spool whose campaigns ask for
+    // them gets a submission instance. The caller holds the spool lock.
+    let wants_dsn = instances.values().any(|i| i.settings.dsn);
+    let instances = match wants_dsn && !instances.values().any(|i| i.submission) {
+        true => {
+            crate::ingest::submission_instance(&cfg.spool_dir, &cfg.ehlo_name)?;
+            Arc::new(crate::ingest::load_instances(&cfg.spool_dir)?)
+        }
+        false => instances,
+    };
     let rules = Arc::new(load_rules(&cfg, &instances)?);
     let warmup = Arc::new(crate::shaping::warmup::Ledger::load(&cfg.spool_dir)?);
     let leases = Arc::new(crate::shaping::Leases::default());
@@ -131,13 +143,14 @@ pub fn run_with(
         .map(|_| crossbeam_channel::unbounded::<Command>())
         .unzip();
     let admin_stop = Arc::new(AtomicBool::new(false));
-    let (mut inboxes, extra, ready) = match serving {
+    let (mut inboxes, extra, ready, reloads) = match serving {
         Some(s) => (
             s.inboxes.into_iter().map(Some).collect(),
             Some(s.admin),
             Some(s.ready),
+            s.reloads,
         ),
-        None => (Vec::new(), None, None),
+        None => (Vec::new(), None, None, Arc::default()),
     };
     inboxes.resize_with(cfg.shards, || None);
     // Without the socket (a spool path over the 108-octet limit, a read-only spool)
@@ -170,6 +183,7 @@ pub fn run_with(
             status: status.clone(),
             stop: stop.clone(),
             inbox,
+            reloads: reloads.clone(),
         };
         let done = p.clone();
         let h = std::thread::Builder::new()

@@ -582,6 +582,11 @@ pub fn submission_instance(spool: &Path, hostname: &str) -> anyhow::Result<u32> 
         + 1;
     let idir = cdir.join(no.to_string());
     std::fs::create_dir_all(&idir).map_err(|e| anyhow::anyhow!("{}: {e}", idir.display()))?;
+    // An address literal for EHLO is no domain for the instance's settings.
+    let hostname = match crate::smtp::names::check_domain(hostname) {
+        Ok(_) => hostname,
+        Err(_) => "localhost.localdomain",
+    };
     let settings = format!(
         "id = \"submission\"\nsender = \"postmaster@{hostname}\"\nfrom_domain = \"{hostname}\"\n\
          expire_after = \"{SUBMITTED_EXPIRE_AFTER}\"\ndkim = false\n"

@@ -110,10 +110,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ShapingCmd,
     },
-    /// Control a running `volley send` over its admin socket (SPOOL/admin.sock):
-    /// takes effect within a second, without a restart.
     /// The MTA as a service: SMTP submission, HTTP API and pickup directory feeding
-    /// the shards, until SIGTERM (SIGHUP reloads users and tokens).
+    /// the shards, until SIGTERM (SIGHUP reloads shaping and bounce rules, users and
+    /// tokens).
     Serve(ServeArgs),
     /// The `volley serve` configuration file.
     Config {
@@ -130,6 +129,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// Control a running `volley send` or `serve` over its admin socket
+    /// (SPOOL/admin.sock): takes effect within a second, without a restart.
     Queue {
         /// The spool of the running `volley send`.
         #[arg(long, default_value = "/var/spool/volley")]
@@ -1178,30 +1179,10 @@ fn send(
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
         });
     }
-    let mut report = volley::engine::run(cfg.clone(), instances.clone(), stop.clone(), !quiet)?;
+    let report = volley::engine::run(cfg, instances, stop, !quiet)?;
     report.print();
     if skipped > 0 {
         println!("skipped      {skipped} (bad rows of recipients.csv, not queued; logged as local bounces)");
-    }
-    let dsns = volley::dsn::queue(
-        &cfg.spool_dir,
-        &cfg.log_path,
-        &instances,
-        cfg.shards,
-        cfg.segment_bytes,
-        &cfg.ehlo_name,
-    )?;
-    if dsns > 0 {
-        println!("queued {dsns} delivery status notification(s) to the return path");
-        if !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            let instances = Arc::new(ingest::load_instances(&cfg.spool_dir)?);
-            let r = volley::engine::run(cfg, instances, stop, !quiet)?;
-            println!(
-                "notifications: delivered {}, bounced {}, still queued {}",
-                r.delivered, r.bounced, r.remaining
-            );
-            report.remaining += r.remaining;
-        }
     }
     if let Some(p) = report_json {
         let mut json = serde_json::to_value(&report)?;

@@ -269,6 +269,8 @@ enum DomainState {
 enum Pending {
     Done(RecordRef, Terminal),
     Deferred(RecordRef, Deferral),
+    /// A DSN to queue (its return path, the message) before the Done records.
+    Dsn(String, Vec<u8>),
 }
 
 pub struct Shard {
@@ -279,10 +281,16 @@ pub struct Shard {
     instances: RefCell<BTreeMap<u32, Arc<Instance>>>,
     /// Records appended and synced for instances not yet acknowledged, by instance.
     staged: RefCell<HashMap<u32, Vec<Job>>>,
+    /// The submission instance, which DSNs are queued under (dsn.rs); None: the
+    /// spool has none (no campaign asked for DSNs).
+    submission: Option<u32>,
+    /// DSNs queued by the last commits, set going by the next tick.
+    fresh: RefCell<Vec<Job>>,
     /// Runs until stopped, taking new work from the inbox (`serve`); otherwise the
     /// shard ends when every recipient it recovered is done (`send`).
     serving: bool,
-    classifier: Arc<Classifier>,
+    /// Replaced when `reloads` has a new generation (SIGHUP).
+    classifier: RefCell<Arc<Classifier>>,
     tls: Arc<rustls::ClientConfig>,
     tls_verified: Arc<rustls::ClientConfig>,
     resolver: Resolver,
@@ -291,7 +299,10 @@ pub struct Shard {
     domains: RefCell<HashMap<Rc<str>, DomainState>>,
     sites: RefCell<HashMap<String, Rc<Site>>>,
     pending: RefCell<Vec<Pending>>,
-    rules: Arc<Rules>,
+    rules: RefCell<Arc<Rules>>,
+    reloads: Arc<Reloads>,
+    /// The `reloads` generation this shard runs with.
+    reloaded: Cell<u64>,
     warmup: Arc<shaping::warmup::Ledger>,
     leases: Arc<shaping::Leases>,
     limiters: RefCell<HashMap<String, Rc<Limiter>>>,
@@ -341,6 +352,37 @@ pub struct Links {
     /// New work while running (`serve`); None: the shard ends when its recovered
     /// recipients are all done.
     pub inbox: Option<tokio::sync::mpsc::Receiver<Inbound>>,
+    /// Shaping and bounce rules replaced while running (`serve`'s SIGHUP).
+    pub reloads: Arc<Reloads>,
+}
+
+/// Shaping and bounce rules published by `volley serve` on SIGHUP. Each shard
+/// takes a new generation on its next tick (100 ms), so a new rate applies within
+/// a second. Back-offs and suspensions in force stay (the replies that caused them
+/// still hold); every other limiter is made anew from the new rules, and queued
+/// recipients are routed to sites made from them. Connections of the old sites
+/// finish what they carry and close when idle.
+#[derive(Default)]
+pub struct Reloads {
+    generation: AtomicU64,
+    current: std::sync::Mutex<Option<(Arc<Rules>, Arc<Classifier>)>>,
+}
+
+impl Reloads {
+    pub fn publish(&self, rules: Arc<Rules>, classifier: Arc<Classifier>) {
+        *self.current.lock().expect("reloads lock") = Some((rules, classifier));
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The rules of a generation newer than `seen`, with its number.
+    fn newer_than(&self, seen: u64) -> Option<(u64, Arc<Rules>, Arc<Classifier>)> {
+        let g = self.generation.load(Ordering::Acquire);
+        if g == seen {
+            return None;
+        }
+        let (r, c) = self.current.lock().expect("reloads lock").clone()?;
+        Some((g, r, c))
+    }
 }
 
 /// An operator's pause or rate for a limiter key (or key prefix).
@@ -371,6 +413,7 @@ pub fn run(
         status,
         stop,
         inbox,
+        reloads,
     } = links;
     // Parsed once per shard, not per message.
     let signers = dkim
@@ -392,8 +435,10 @@ pub fn run(
         id,
         instances: RefCell::new(instances.as_ref().clone()),
         staged: RefCell::new(HashMap::new()),
+        submission: instances.values().find(|i| i.submission).map(|i| i.no),
+        fresh: RefCell::new(Vec::new()),
         serving: inbox.is_some(),
-        classifier,
+        classifier: RefCell::new(classifier),
         tls: crate::tls::client_config(false),
         tls_verified: crate::tls::client_config(true),
         resolver,
@@ -402,7 +447,9 @@ pub fn run(
         domains: RefCell::new(HashMap::new()),
         sites: RefCell::new(HashMap::new()),
         pending: RefCell::new(Vec::new()),
-        rules,
+        rules: RefCell::new(rules),
+        reloaded: Cell::new(reloads.generation.load(Ordering::Acquire)),
+        reloads,
         warmup,
         leases,
         limiters: RefCell::new(HashMap::new()),
@@ -549,7 +596,8 @@ impl Shard {
     }
 
     fn finished(&self) -> bool {
-        (self.remaining.get() == 0 && !self.serving) || self.stop.load(Ordering::Relaxed)
+        let idle = self.remaining.get() == 0 && self.fresh.borrow().is_empty();
+        (idle && !self.serving) || self.stop.load(Ordering::Relaxed)
     }
 
     /// Campaign instance `no`, which every job's instance is.
@@ -597,7 +645,7 @@ impl Shard {
                     .settings
                     .pool
                     .as_ref()
-                    .or(self.rules.default_pool.as_ref())
+                    .or(self.rules.borrow().default_pool.as_ref())
                     .cloned();
                 drop(inst);
                 let pool = pool.as_ref();
@@ -709,7 +757,8 @@ impl Shard {
             .map(|h| h.name.as_str())
             .collect::<Vec<_>>()
             .join(",");
-        let own = self.rules.domains.get(domain);
+        let rules = self.rules.borrow().clone();
+        let own = rules.domains.get(domain);
         let key = format!(
             "{}|{}|{mx}",
             pool.unwrap_or(""),
@@ -718,7 +767,6 @@ impl Shard {
         if let Some(site) = self.sites.borrow().get(&key) {
             return site.clone();
         }
-        let rules = self.rules.clone();
         let provider = rules.provider_for(hosts.iter().map(|h| h.name.as_str()));
         let dest = match provider {
             Some(p) => format!("provider:{}", p.name),
@@ -1037,6 +1085,11 @@ impl Shard {
         while let Ok(cmd) = self.control.try_recv() {
             self.apply(cmd);
         }
+        if let Some((generation, rules, classifier)) = self.reloads.newer_than(self.reloaded.get())
+        {
+            self.reloaded.set(generation);
+            self.reload(rules, classifier);
+        }
         let now = Instant::now();
         let limiters: Vec<Rc<Limiter>> = self.limiters.borrow().values().cloned().collect();
         for l in &limiters {
@@ -1098,6 +1151,35 @@ impl Shard {
         }
     }
 
+    /// New shaping and bounce rules (see `Reloads`).
+    fn reload(self: &Rc<Self>, rules: Arc<Rules>, classifier: Arc<Classifier>) {
+        *self.rules.borrow_mut() = rules;
+        *self.classifier.borrow_mut() = classifier;
+        let now = Instant::now();
+        self.limiters
+            .borrow_mut()
+            .retain(|_, l| l.status(now).is_some());
+        // Routes stay (no DNS again), their sites go; lookups in flight keep their jobs.
+        for st in self.domains.borrow_mut().values_mut() {
+            if let DomainState::Routed { sites, .. } = st {
+                sites.clear();
+            }
+        }
+        let sites = std::mem::take(&mut *self.sites.borrow_mut());
+        let mut jobs = Vec::new();
+        for site in sites.values() {
+            jobs.extend(site.queue.borrow_mut().drain(..));
+            site.idle.wake_all();
+        }
+        for job in jobs {
+            self.clone().enqueue(job);
+        }
+        eprintln!(
+            "volley: shard {}: shaping and bounce rules reloaded",
+            self.id
+        );
+    }
+
     pub fn next_tx_id(&self) -> u64 {
         let n = self.tx_seq.get();
         self.tx_seq.set(n + 1);
@@ -1152,7 +1234,7 @@ impl Shard {
 
     /// The class of a reply that is not a success.
     pub fn classify(&self, reply: &Reply) -> Class {
-        self.classifier.classify(reply).class
+        self.classifier.borrow().classify(reply).class
     }
 
     /// Records `reply` for `job`, as `how` came about: the log line, then a Done or
@@ -1173,7 +1255,7 @@ impl Shard {
             .unwrap_or_default()
             .as_millis() as u64;
         job.attempts += 1;
-        let class = (!reply.is_positive()).then(|| self.classifier.classify(reply));
+        let class = (!reply.is_positive()).then(|| self.classifier.borrow().classify(reply));
         let decision = retry::decide(
             reply,
             class,
@@ -1196,7 +1278,10 @@ impl Shard {
         let (campaign, sender) = match inst.submission {
             true => (
                 value(crate::ingest::SUBMITTED_CAMPAIGN).into_owned(),
-                value(crate::ingest::SUBMITTED_SENDER).into_owned(),
+                match value(crate::ingest::SUBMITTED_SENDER).as_ref() {
+                    "" => "<>".to_string(),
+                    s => s.to_string(),
+                },
             ),
             false => (inst.settings.id.clone(), inst.settings.sender.clone()),
         };
@@ -1249,6 +1334,42 @@ impl Shard {
                     Terminal::Bounced => b[1] += 1,
                     _ => b[2] += 1,
                 }
+                let wants_dsn = match inst.submission {
+                    true => campaign != crate::dsn::DSN_CAMPAIGN,
+                    false => inst.settings.dsn,
+                };
+                let null_sender = sender.is_empty() || sender == "<>";
+                if t != Terminal::Delivered && wants_dsn && !null_sender {
+                    let f = crate::dsn::Failure {
+                        rcpt: &rcpt,
+                        return_path: &sender,
+                        campaign: &campaign,
+                        expired: t == Terminal::Expired,
+                        code: reply.code,
+                        enhanced: reply.enhanced.as_deref(),
+                        reply: &reply.text,
+                        arrival: self.queued_at(&inst, job.rref),
+                        last_attempt: match t {
+                            Terminal::Expired => last_attempt,
+                            _ => Some(now_sys),
+                        },
+                        mta: crate::dsn::reporting_name(
+                            &self.cfg.ehlo_name,
+                            &inst.settings.from_domain,
+                        ),
+                    };
+                    let id = format!(
+                        "{}.{}.{}.{}",
+                        self.id,
+                        job.rref.seg,
+                        job.rref.off,
+                        unix_ms(now_sys)
+                    );
+                    let m = crate::dsn::message(&f, now_sys, &id);
+                    self.pending
+                        .borrow_mut()
+                        .push(Pending::Dsn(sender.clone(), m));
+                }
                 self.pending.borrow_mut().push(Pending::Done(job.rref, t));
             }
             None => {
@@ -1300,6 +1421,7 @@ impl Shard {
         let pending = std::mem::take(&mut *self.pending.borrow_mut());
         self.log.borrow_mut().flush()?;
         let mut spool = self.spool.borrow_mut();
+        self.queue_dsns(&mut spool, &pending)?;
         let mut done = 0;
         for p in &pending {
             match *p {
@@ -1308,6 +1430,7 @@ impl Shard {
                     done += 1;
                 }
                 Pending::Deferred(r, ref d) => spool.append_defer(r, d)?,
+                Pending::Dsn(..) => {}
             }
         }
         if sync {
@@ -1324,6 +1447,41 @@ impl Shard {
         *b = [0; 4];
         for (no, counts) in self.batch_by_instance.borrow_mut().drain() {
             self.instance(no).outcomes.record(counts);
+        }
+        Ok(())
+    }
+
+    /// Appends the batch's DSNs as submitted messages and syncs them, before the
+    /// failures' Done records are written (dsn.rs: never a lost DSN).
+    fn queue_dsns(&self, spool: &mut Spool, pending: &[Pending]) -> anyhow::Result<()> {
+        let dsns = pending.iter().filter_map(|p| match p {
+            Pending::Dsn(to, m) => Some((to, m)),
+            _ => None,
+        });
+        let mut jobs = Vec::new();
+        let mut scratch = Vec::new();
+        let queued_at = unix_ms(SystemTime::now()).to_string();
+        for (to, m) in dsns {
+            let Some(sub) = self.submission else {
+                anyhow::bail!("a DSN to {to} has no submission instance to go in (a volley bug)");
+            };
+            let q = crate::spool::QueueRecord {
+                instance: sub,
+                line: 0,
+                values: vec![
+                    to.as_bytes().to_vec(),
+                    Vec::new(),
+                    crate::dsn::DSN_CAMPAIGN.as_bytes().to_vec(),
+                    queued_at.as_bytes().to_vec(),
+                    m.clone(),
+                ],
+            };
+            let rref = spool.append_queue(&q, &mut scratch)?;
+            jobs.push(new_job(rref, sub, to.as_bytes()));
+        }
+        if !jobs.is_empty() {
+            spool.sync()?;
+            self.fresh.borrow_mut().extend(jobs);
         }
         Ok(())
     }
@@ -1571,6 +1729,8 @@ async fn tick_loop(sh: Rc<Shard>) {
             }
         }
         sh.shaping_tick(ticks % 10 == 0);
+        let fresh = std::mem::take(&mut *sh.fresh.borrow_mut());
+        sh.start_jobs(fresh);
         let due = sh.retries.borrow_mut().advance(Instant::now());
         for job in due {
             sh.enqueue_unless_expired(job);

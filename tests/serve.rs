@@ -614,3 +614,97 @@ fn config_check_names_each_bad_key_with_its_line() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn sighup_applies_a_new_rate_within_a_second() {
+    let env = common::env("serve-hup-rate", "");
+    let spool = env.dir.join("spool");
+    let shaping = env.dir.join("shaping.toml");
+    std::fs::write(
+        &shaping,
+        "[domain.\"gmail.com\"]\nmax_msg_rate = \"1/min\"\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let cfg = format!(
+        "shaping = \"{}\"\n[[submission]]\nlisten = \"{addr}\"\ntls = \"none\"\nauth = \"none\"\n",
+        shaping.display()
+    );
+    let cfg = write_config(&env.dir, &cfg);
+    let mut args = base_args(&env, &spool);
+    args.extend(["--config".into(), cfg.display().to_string()]);
+    let d = Daemon::start(&env.dir, &args);
+    let (mut c, _) = Client::connect(addr);
+    c.cmd("EHLO app.test");
+    for i in 0..6 {
+        assert!(c.cmd("MAIL FROM:<app@news.test>").starts_with("250"));
+        assert!(c
+            .cmd(&format!("RCPT TO:<r{i}@gmail.com>"))
+            .starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send("Subject: rate\r\n\r\nx\r\n.\r\n");
+        assert!(c.reply().starts_with("250"));
+    }
+    // At one a minute (split over two shards) at most one per shard goes now.
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = env.sink.rcpts_terminal();
+    assert!(before <= 2, "{before} delivered at 1/min");
+    std::fs::write(
+        &shaping,
+        "[domain.\"gmail.com\"]\nmax_msg_rate = \"1000/s\"\n",
+    )
+    .unwrap();
+    let hup = Instant::now();
+    d.signal(libc::SIGHUP);
+    while env.sink.rcpts_terminal() < 6 {
+        assert!(
+            hup.elapsed() < Duration::from_secs(5),
+            "{} of 6 delivered after the reload:\n{}",
+            env.sink.rcpts_terminal(),
+            d.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        d.stderr().contains("shaping and bounce rules reloaded"),
+        "{}",
+        d.stderr()
+    );
+}
+
+#[test]
+fn a_submitted_message_that_bounces_comes_back_to_its_sender_as_a_dsn() {
+    let (env, keep) = common::env_keeping("serve-dsn");
+    let spool = env.dir.join("spool");
+    let port = free_port();
+    let mut args = base_args(&env, &spool);
+    args.extend(["--submission".into(), format!("127.0.0.1:{port}")]);
+    let _d = Daemon::start(&env.dir, &args);
+    let (mut c, _) = Client::connect(format!("127.0.0.1:{port}").parse().unwrap());
+    c.cmd("EHLO app.test");
+    // The sink refuses permfail* for good; the sender is on a domain it serves.
+    assert!(c.cmd("MAIL FROM:<app@shop7.tail.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<permfail9@gmail.com>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send("From: app@shop7.tail.test\r\nSubject: doomed\r\n\r\nx\r\n.\r\n");
+    assert!(c.reply().starts_with("250"));
+    let log = spool.join("accounting.jsonl");
+    assert_eq!(wait_terminal(&log, "permfail9@gmail.com")["type"], "Bounce");
+    let dsn = wait_terminal(&log, "app@shop7.tail.test");
+    assert_eq!(dsn["type"], "Delivery");
+    assert_eq!(dsn["campaign"], "dsn");
+    assert_eq!(dsn["sender"], "<>", "a DSN goes from the null sender");
+    let report: String = std::fs::read_dir(&keep)
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .filter(|m| m.contains("multipart/report"))
+        .collect();
+    assert!(
+        report.contains("Final-Recipient: rfc822; permfail9@gmail.com"),
+        "{report}"
+    );
+    assert!(report.contains("Action: failed"), "{report}");
+    let _ = std::fs::remove_dir_all(&keep);
+}

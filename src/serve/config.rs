@@ -120,7 +120,7 @@ tls = "starttls"                   # starttls | implicit (port 465, RFC 8314) | 
                                    # certificate made at start, with a warning
 auth = "optional"                  # required: every client AUTHs; optional: clients in
                                    # relay_networks may skip it; none: no AUTH, only
-                                   # relay_networks may send (others: 530 5.7.0)
+                                   # relay_networks may send (others: 554 5.7.1 at RCPT)
 auth_over_plaintext = false        # offer AUTH before TLS (only for tls = "none" on a
                                    # trusted network)
 relay_networks = ["127.0.0.0/8", "::1/128"]     # who may skip AUTH (auth = optional)
@@ -132,13 +132,13 @@ recipients_max = 1000              # per message (100 to 100000; RFC 5321 §4.5.
 line_length_max = 998              # octets per line of content before CRLF (998 to 65536;
                                    # RFC 5322 §2.1.1); a longer line: 554 5.6.0 for the message
 connections_max = 500              # open at once (1 to 100000); past it, 421 4.3.2 and close
-connections_per_ip_max = 20        # from one client address; past it, 421 4.7.0 and close
+connections_per_ip_max = 50        # from one client address (Postfix's default); past it, 421 4.7.0
 commands_max = 10000               # per connection (10 to 1000000); past it, 421 4.7.0
                                    # and close (the client reconnects)
 errors_max = 20                    # error replies per connection (1 to 1000); past it,
                                    # 421 4.7.0 and close (Postfix's smtpd_hard_error_limit)
 auth_failures_max = 3              # failed AUTH per connection (1 to 100); past it,
-                                   # 421 4.7.8 and close
+                                   # 421 4.7.0 and close
 command_timeout = "5m"             # waiting for a command (1s to 1h; RFC 5321 §4.5.3.2.7
                                    # asks servers for at least 5m); then 421 4.4.2 and close
 data_timeout = "10m"               # waiting for more content in DATA/BDAT (1s to 1h);
@@ -262,7 +262,7 @@ pub struct Submission {
     pub commands_max: u32,
     /// Error replies per connection; past it: 421 and close.
     pub errors_max: u32,
-    /// Failed AUTH attempts per connection; past it: 421 4.7.8 and close.
+    /// Failed AUTH attempts per connection; past it: 421 4.7.0 and close.
     pub auth_failures_max: u32,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
@@ -708,7 +708,7 @@ impl Submission {
             recipients_max: 1000,
             line_length_max: RFC5322_LINE_OCTETS_MAX as u32,
             connections_max: 500,
-            connections_per_ip_max: 20,
+            connections_per_ip_max: 50,
             commands_max: 10_000,
             errors_max: 20,
             auth_failures_max: 3,

@@ -62,8 +62,14 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
 
     let admin = admin_commands(intake.clone());
     let engine_ready = Arc::new(AtomicBool::new(false));
+    let reloads = Arc::new(crate::shard::Reloads::default());
     let engine = {
-        let (ecfg, stop, engine_ready) = (ecfg.clone(), engine_stop.clone(), engine_ready.clone());
+        let (ecfg, stop, engine_ready, reloads) = (
+            ecfg.clone(),
+            engine_stop.clone(),
+            engine_ready.clone(),
+            reloads.clone(),
+        );
         let instances = Arc::new(instances);
         std::thread::Builder::new()
             .name("engine".into())
@@ -72,6 +78,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
                     inboxes: receivers,
                     admin,
                     ready: engine_ready,
+                    reloads,
                 };
                 engine::run_with(ecfg, instances, stop, false, Some(serving))
             })?
@@ -92,7 +99,11 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
     let started = (|| -> anyhow::Result<()> {
         if !cfg.submission.is_empty() {
             let files = cfg.tls_cert.as_deref().zip(cfg.tls_key.as_deref());
-            if files.is_none() {
+            let any_tls = cfg
+                .submission
+                .iter()
+                .any(|s| s.tls != crate::serve::config::ListenerTls::None);
+            if files.is_none() && any_tls {
                 eprintln!(
                     "volley: warning: no tls_cert/tls_key: the submission listeners use a self-signed certificate for {hostname}, which clients that verify refuse"
                 );
@@ -135,6 +146,8 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
                 intake: intake.clone(),
                 hostname: hostname.clone(),
                 campaign_header: crate::serve::config::DEFAULT_CAMPAIGN_HEADER.into(),
+                files_per_scan_max: p.files_per_scan_max as usize,
+                message_size_max: p.message_size_max,
             };
             threads.push(pickup::start(pk, listeners_stop.clone())?);
             said.push(format!("pickup from {}", dir.display()));
@@ -163,6 +176,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
         std::thread::sleep(Duration::from_millis(50));
         if hup.swap(false, Ordering::Relaxed) {
             reload(&cfg, &users, &tokens);
+            reload_rules(&cfg, &intake, &reloads);
         }
     }
     notify_systemd("STOPPING=1");
@@ -201,17 +215,42 @@ fn load_tokens(path: Option<&Path>) -> anyhow::Result<Tokens> {
     }
 }
 
+/// SIGHUP: the shaping and bounce rules read again and published to the shards;
+/// rules that fail to load keep the old ones, and the log says why.
+fn reload_rules(cfg: &ServeConfig, intake: &Intake, reloads: &crate::shard::Reloads) {
+    let ecfg = cfg.engine_config();
+    let instances = Arc::new(intake.all_instances());
+    let loaded = engine::load_rules(&ecfg, &instances).and_then(|rules| {
+        let classifier = crate::classify::load(ecfg.bounce_rules.as_deref())?;
+        Ok((rules, classifier))
+    });
+    match loaded {
+        Ok((rules, classifier)) => {
+            reloads.publish(Arc::new(rules), Arc::new(classifier));
+            eprintln!("volley serve: SIGHUP: shaping and bounce rules reloaded");
+        }
+        Err(e) => eprintln!(
+            "volley serve: SIGHUP: shaping and bounce rules not reloaded, the old ones stay: {e:#}"
+        ),
+    }
+}
+
 /// SIGHUP: users and tokens read again; a file that fails keeps the old one.
 fn reload(cfg: &ServeConfig, users: &RwLock<Option<Users>>, tokens: &RwLock<Tokens>) {
     match load_users(cfg.users.as_deref()) {
-        Ok(u) => *users.write().expect("users lock") = u,
+        Ok(u) => {
+            *users.write().expect("users lock") = u;
+            eprintln!("volley serve: SIGHUP: users reloaded");
+        }
         Err(e) => eprintln!("volley serve: SIGHUP: users not reloaded, the old ones stay: {e}"),
     }
     match load_tokens(cfg.tokens.as_deref()) {
-        Ok(t) => *tokens.write().expect("tokens lock") = t,
+        Ok(t) => {
+            *tokens.write().expect("tokens lock") = t;
+            eprintln!("volley serve: SIGHUP: tokens reloaded");
+        }
         Err(e) => eprintln!("volley serve: SIGHUP: tokens not reloaded, the old ones stay: {e}"),
     }
-    eprintln!("volley serve: SIGHUP: users and tokens reloaded");
 }
 
 /// The daemon's admin socket commands beyond the shards':

@@ -102,8 +102,15 @@ impl Intake {
     /// is ever sent.
     pub fn queue_campaign(&self, campaign: &Campaign) -> Result<Ingested, IngestError> {
         let _one = self.ingesting.lock().expect("ingest lock");
-        let key = crate::dkim::key_for(&self.dkim_dir, &campaign.settings)
-            .map_err(|e| IngestError::Other(anyhow::anyhow!("{e}")))?;
+        // A missing key is the campaign's to fix, not a temporary failure.
+        let key = crate::dkim::key_for(&self.dkim_dir, &campaign.settings).map_err(|e| {
+            let p = Problem {
+                file: "campaign.toml",
+                line: None,
+                msg: e.to_string(),
+            };
+            IngestError::Problems(vec![p], 1)
+        })?;
         let mut sink = InboxSink {
             inboxes: &self.inboxes,
             email_col: campaign.email_col,
@@ -145,6 +152,11 @@ impl Intake {
             .filter(|i| i.settings.id == id)
             .cloned()
             .collect()
+    }
+
+    /// Every instance the daemon runs.
+    pub fn all_instances(&self) -> BTreeMap<u32, Arc<Instance>> {
+        self.instances.lock().expect("instances").clone()
     }
 
     /// Instance `no`, if the daemon runs it.

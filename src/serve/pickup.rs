@@ -18,13 +18,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-/// Largest pickup file read; bigger ones move to `bad/` (the submission
-/// listener's `message_size_max` is the same kind of limit).
-pub const PICKUP_FILE_OCTETS_MAX: u64 = 64 * 1024 * 1024;
-
-/// Files queued per scan before the directory is read again.
-const FILES_PER_SCAN_MAX: usize = 10_000;
-
 /// What the pickup thread needs.
 pub struct Pickup {
     pub dir: PathBuf,
@@ -33,6 +26,10 @@ pub struct Pickup {
     /// This host's name, for the Received field.
     pub hostname: String,
     pub campaign_header: String,
+    /// Files queued per scan before the directory is read again (`files_per_scan_max`).
+    pub files_per_scan_max: usize,
+    /// Largest file read (`message_size_max`); bigger ones move to `bad/`.
+    pub message_size_max: u64,
 }
 
 /// Watches `p.dir` until `stop`.
@@ -87,7 +84,7 @@ fn scan(p: &Pickup, stop: &AtomicBool) -> bool {
             let n = path.file_name().and_then(|n| n.to_str()).unwrap_or(".");
             !n.starts_with('.') && !n.ends_with(".tmp")
         })
-        .take(FILES_PER_SCAN_MAX)
+        .take(p.files_per_scan_max)
         .collect();
     names.sort();
     for path in names {
@@ -131,9 +128,10 @@ fn queue_file(p: &Pickup, path: &Path) -> Result<(), Refused> {
     let len = std::fs::metadata(path)
         .map_err(|e| Refused::Later(e.to_string()))?
         .len();
-    if len > PICKUP_FILE_OCTETS_MAX {
+    if len > p.message_size_max {
         return Err(Refused::Bad(format!(
-            "the file is {len} octets, over the {PICKUP_FILE_OCTETS_MAX}-octet limit for a pickup file; split the recipients or send it over SMTP"
+            "the file is {len} octets, over the pickup's message_size_max of {} octets; raise it or send the message over SMTP",
+            p.message_size_max
         )));
     }
     let bytes = std::fs::read(path).map_err(|e| Refused::Later(e.to_string()))?;

@@ -55,13 +55,11 @@ pub fn start(
         let s = std::net::TcpListener::bind(l.listen)
             .map_err(|e| anyhow::anyhow!("submission listener {}: {e}", l.listen))?;
         s.set_nonblocking(true)?;
-        let offer_auth = l.auth != Auth::None;
-        let cram = shared
-            .users
-            .read()
-            .expect("users lock")
-            .as_ref()
-            .is_some_and(Users::any_cram_md5);
+        // AUTH only with users to check it against (a reload keeps the offer).
+        let (offer_auth, cram) = match shared.users.read().expect("users lock").as_ref() {
+            Some(u) => (l.auth != Auth::None, u.any_cram_md5()),
+            None => (false, false),
+        };
         let mut auth = Vec::new();
         if offer_auth {
             auth.extend([Mechanism::Plain, Mechanism::Login]);
@@ -280,14 +278,11 @@ async fn connection(stream: TcpStream, peer: SocketAddr, l: &Listener, shared: &
     }
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = match read(
-            &mut io,
-            &mut buf,
-            l.cfg.command_timeout.max(l.cfg.data_timeout),
-            &shared.stop,
-        )
-        .await
-        {
+        let timeout = match session.in_content() {
+            true => l.cfg.data_timeout,
+            false => l.cfg.command_timeout,
+        };
+        let n = match read(&mut io, &mut buf, timeout, &shared.stop).await {
             Ok(0) | Err(ReadEnd::Closed) => return,
             Ok(n) => n,
             Err(ReadEnd::Timeout) => {

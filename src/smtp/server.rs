@@ -430,6 +430,12 @@ impl<'c> ServerSession<'c> {
         self.state == State::Closed
     }
 
+    /// Reading message content (DATA or BDAT): the listener's data timeout applies,
+    /// not its command timeout.
+    pub fn in_content(&self) -> bool {
+        matches!(self.state, State::Data | State::Bdat { .. })
+    }
+
     /// A step's decision is [`Verdict::Pending`]: call [`Self::resolve`] with it.
     pub fn is_waiting(&self) -> bool {
         self.waiting.is_some()
@@ -1703,9 +1709,10 @@ mod tests {
 
     #[test]
     fn without_usable_auth_rcpt_gets_554_and_nothing_is_delivered() {
-        let (cfg, policy) = (config(), submission());
+        let (mut cfg, policy) = (config(), submission());
+        // No STARTTLS, so AUTH (only after TLS) can never help: the refusal comes at RCPT.
+        cfg.offer_starttls = false;
         let mut b = Recorder::default();
-        // Before TLS, AUTH cannot help: the refusal comes at RCPT.
         let mut s = ServerSession::with_policy(&cfg, &policy);
         let r = talk(
             &mut s,
@@ -1731,6 +1738,28 @@ mod tests {
         );
         assert!(b.messages.is_empty());
         assert!(!s.is_closed());
+    }
+
+    #[test]
+    fn before_starttls_mail_is_told_to_start_tls_when_auth_comes_after_it() {
+        let (cfg, policy) = (config(), submission());
+        let mut b = Recorder::default();
+        let mut s = ServerSession::with_policy(&cfg, &policy);
+        let r = talk(
+            &mut s,
+            &mut b,
+            "EHLO c.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n",
+        );
+        let replies: Vec<&str> = r.lines().filter(|l| !l.starts_with("250-")).collect();
+        assert_eq!(
+            replies,
+            [
+                "250 HELP",
+                "530 5.7.0 Must issue a STARTTLS command first",
+                "503 5.5.1 Need MAIL command",
+            ]
+        );
+        assert!(b.messages.is_empty());
     }
 
     #[test]
