@@ -4,10 +4,10 @@
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::time::Instant;
+use volley::message::template::Template;
 use volley::smtp::client::{ClientConfig, ClientSession, Timeouts, Transaction};
 use volley::smtp::reply::ReplyParser;
 use volley::spool::{QueueRecord, Spool};
-use volley::template::Template;
 
 fn reply_parsing(c: &mut Criterion) {
     let mut g = c.benchmark_group("reply");
@@ -136,8 +136,8 @@ fn client_transaction(c: &mut Criterion) {
 /// One message through a destination's and a source's limiter, as the delivery loop
 /// does: unlimited (the shipped defaults) and with rates set (GCRA on both).
 fn shaping_admit(c: &mut Criterion) {
-    use volley::shaping::rules::{parse_per, Rule, Set};
-    use volley::shaping::{admit, Limiter};
+    use volley::policy::shaping::rules::{parse_per, Rule, Set};
+    use volley::policy::shaping::{admit, Limiter};
     let mut g = c.benchmark_group("shaping");
     g.throughput(Throughput::Elements(1));
     let now = Instant::now();
@@ -161,7 +161,7 @@ fn shaping_admit(c: &mut Criterion) {
 /// spaces, trailing whitespace); and the raw RSA-2048 signature alone, the bound for
 /// RSA-signed delivery.
 fn dkim_sign(c: &mut Criterion) {
-    use volley::dkim::{generate, KeyFile, KeyType, Signer, DEFAULT_HEADERS};
+    use volley::message::dkim::{generate, KeyFile, KeyType, Signer, DEFAULT_HEADERS};
     let mut g = c.benchmark_group("dkim");
     g.throughput(Throughput::Elements(1));
     let dir = std::env::temp_dir().join(format!("volley-bench-dkim-{}", std::process::id()));
@@ -206,7 +206,7 @@ fn dkim_sign(c: &mut Criterion) {
                 work.extend_from_slice(m);
                 black_box(
                     signer
-                        .sign(black_box(&mut work), volley::dkim::Body::Varies)
+                        .sign(black_box(&mut work), volley::message::dkim::Body::Varies)
                         .unwrap(),
                 )
             })

@@ -1,33 +1,28 @@
-//! volley: a bulk email sending engine. Campaigns are validated and spooled
-//! durably (ingest, spool), spread over thread-per-core shards (shard, engine), and
-//! delivered over pooled, pipelined SMTP connections (delivery, smtp) to the MX
-//! hosts DNS names (dns), with every outcome in the accounting log (log).
+//! volley: a bulk email sending engine. The code lives in rooms, and data flows one
+//! way through them:
+//!
+//! - `serve`: the daemon's listeners (SMTP submission, HTTP, pickup) and signals; it
+//!   hands mail to `spool` and runs `deliver`.
+//! - `spool`: segments and recovery, ingest of a campaign, and the running shards'
+//!   inboxes.
+//! - `deliver`: the engine and its shards: sites, connections, DNS, TLS, the retry
+//!   wheel, outcomes, the admin socket.
+//! - `message`: what is sent: campaigns, templates, compliance headers, DKIM, MIME
+//!   conversion, DSN text.
+//! - `policy`: pure decisions with time passed in: shaping, reply classification,
+//!   retry schedules.
+//! - `smtp`: sans-IO client and server sessions, the reply parser, names.
+//! - `observe`: the accounting log and the report read from it.
+//!
+//! What may import what: `serve` → `spool`, `deliver`, `message`, `policy`, `smtp`,
+//! `observe`; `deliver` → `spool`, `message`, `policy`, `smtp`, `observe`; `spool` →
+//! `message`, `observe`; `message`, `policy`, `observe` and `smtp` import no room
+//! but `smtp` (and `message` the name syntax from it).
 
-pub mod campaign;
-pub mod classify;
-pub mod compliance;
-pub mod config;
-pub mod control;
-pub mod delivery;
-
-pub mod dkim;
-pub mod dns;
-pub mod dsn;
-pub mod engine;
-pub mod explain;
-pub mod inbox;
-pub mod ingest;
-pub mod log;
-pub mod mime;
-pub mod pipeline;
-pub mod report;
-pub mod retry;
-pub mod runtime;
+pub mod deliver;
+pub mod message;
+pub mod observe;
+pub mod policy;
 pub mod serve;
-pub mod shaping;
-pub mod shard;
 pub mod smtp;
 pub mod spool;
-pub mod template;
-pub mod tls;
-pub mod wheel;

@@ -3,11 +3,11 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
-use volley::campaign::Campaign;
-use volley::config::EngineConfig;
-use volley::ingest::{self, IngestError};
-use volley::runtime::Driver;
-use volley::shaping::rules::{parse_per, Rule, Rules, Set};
+use volley::deliver::config::EngineConfig;
+use volley::deliver::runtime::Driver;
+use volley::message::campaign::Campaign;
+use volley::policy::shaping::rules::{parse_per, Rule, Rules, Set};
+use volley::spool::ingest::{self, IngestError};
 
 /// volley: a bulk email sending engine. Validates campaigns, spools them durably,
 /// and delivers them over pipelined SMTP, thread-per-core.
@@ -26,7 +26,7 @@ enum Cmd {
         /// Directory with campaign.toml, message.eml and recipients.csv.
         dir: PathBuf,
         /// DKIM keys: DIR/DOMAIN/SELECTOR.pem.
-        #[arg(long, default_value = volley::dkim::DEFAULT_DIR)]
+        #[arg(long, default_value = volley::message::dkim::DEFAULT_DIR)]
         dkim_dir: PathBuf,
         /// The EHLO name `send --ehlo` would be given: checked to be a fully qualified
         /// domain name or an address literal. Without it, check says when the host
@@ -42,7 +42,7 @@ enum Cmd {
     /// the envelope sender's domain, the DKIM key, DMARC for the From domain.
     DnsRecords {
         dir: PathBuf,
-        #[arg(long, default_value = volley::dkim::DEFAULT_DIR)]
+        #[arg(long, default_value = volley::message::dkim::DEFAULT_DIR)]
         dkim_dir: PathBuf,
         /// Sending addresses for SPF (repeatable); default the campaign's pool in
         /// --shaping, else a placeholder to fill in.
@@ -145,14 +145,14 @@ enum DkimCmd {
     /// Make a key: writes OUT/DOMAIN/SELECTOR.pem (the private key, mode 0600) and
     /// OUT/DOMAIN/SELECTOR.txt, and prints the DNS TXT record to publish.
     Keygen {
-        #[arg(long = "type", value_enum, default_value_t = volley::dkim::KeyType::Rsa)]
-        kind: volley::dkim::KeyType,
+        #[arg(long = "type", value_enum, default_value_t = volley::message::dkim::KeyType::Rsa)]
+        kind: volley::message::dkim::KeyType,
         #[arg(long)]
         domain: String,
         #[arg(long)]
         selector: String,
         /// The key directory (`send --dkim-dir`).
-        #[arg(long, default_value = volley::dkim::DEFAULT_DIR)]
+        #[arg(long, default_value = volley::message::dkim::DEFAULT_DIR)]
         out: PathBuf,
     },
     /// Sign one message from stdin to stdout exactly as the engine does (relaxed/relaxed,
@@ -304,7 +304,7 @@ struct EngineArgs {
     #[arg(long)]
     ehlo: Option<String>,
     /// DKIM keys: DIR/DOMAIN/SELECTOR.pem (`volley dkim keygen`).
-    #[arg(long, default_value = volley::dkim::DEFAULT_DIR)]
+    #[arg(long, default_value = volley::message::dkim::DEFAULT_DIR)]
     dkim_dir: PathBuf,
     /// Traffic shaping rules (TOML), merged over the shipped defaults and tuning/
     /// provider profiles; see `volley shaping check` and `volley shaping show`.
@@ -390,14 +390,16 @@ impl EngineArgs {
         }
         if let Some(p) = self.bounce_rules {
             // Checked now, so a bad rule stops `send` before anything is queued.
-            volley::classify::load(Some(&p))?;
+            volley::policy::classify::load(Some(&p))?;
             c.bounce_rules = Some(p);
         }
         if let Some(s) = self.retry_schedule {
-            c.retry = volley::retry::RetryPolicy::uniform(volley::retry::parse_schedule(&s)?);
+            c.retry = volley::policy::retry::RetryPolicy::uniform(
+                volley::policy::retry::parse_schedule(&s)?,
+            );
         }
         for s in self.retry_schedule_for {
-            let (class, sched) = volley::retry::parse_class_schedule(&s)?;
+            let (class, sched) = volley::policy::retry::parse_class_schedule(&s)?;
             c.retry.per_class.retain(|(k, _)| *k != class);
             c.retry.per_class.push((class, sched));
         }
@@ -453,7 +455,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             json,
             domains,
         } => {
-            let r = volley::report::report(&log, &campaign)?;
+            let r = volley::observe::report::report(&log, &campaign)?;
             if r.recipients_final + r.recipients_pending == 0 {
                 eprintln!(
                     "volley: campaign {campaign} has no records in {}",
@@ -558,8 +560,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 QueueCmd::Status => "status".into(),
             };
             // Checked here too, so a typo is named before anything is sent.
-            volley::control::parse(&line).map_err(|e| anyhow::anyhow!(e))?;
-            println!("{}", volley::control::request(&spool, &line)?);
+            volley::deliver::control::parse(&line).map_err(|e| anyhow::anyhow!(e))?;
+            println!("{}", volley::deliver::control::request(&spool, &line)?);
             Ok(0)
         }
     }
@@ -567,7 +569,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
 
 fn shaping(cmd: ShapingCmd) -> anyhow::Result<i32> {
     match cmd {
-        ShapingCmd::Check { file } => match volley::shaping::rules::check_file(&file) {
+        ShapingCmd::Check { file } => match volley::policy::shaping::rules::check_file(&file) {
             Ok(()) => {
                 println!("{}: ok", file.display());
                 Ok(0)
@@ -602,7 +604,10 @@ fn shaping(cmd: ShapingCmd) -> anyhow::Result<i32> {
             } else {
                 mx
             };
-            print!("{}", volley::shaping::show(&rules, &domain, &mx, source));
+            print!(
+                "{}",
+                volley::policy::shaping::show(&rules, &domain, &mx, source)
+            );
             Ok(0)
         }
     }
@@ -610,17 +615,23 @@ fn shaping(cmd: ShapingCmd) -> anyhow::Result<i32> {
 
 /// The MX host names of `domain`, in the order volley would try them.
 fn lookup_mx(domain: &str, server: Option<std::net::SocketAddr>) -> anyhow::Result<Vec<String>> {
-    let cfg = volley::dns::DnsConfig {
+    let cfg = volley::deliver::dns::DnsConfig {
         server,
         ..Default::default()
     };
-    let resolver = volley::dns::Resolver::start(&cfg)?;
+    let resolver = volley::deliver::dns::Resolver::start(&cfg)?;
     let answer =
-        volley::runtime::block_on(Driver::Auto, async move { resolver.lookup(domain).await })?;
+        volley::deliver::runtime::block_on(
+            Driver::Auto,
+            async move { resolver.lookup(domain).await },
+        )?;
     match answer.route {
-        volley::dns::Route::Hosts(h) => Ok(h.into_iter().map(|h| h.name).collect()),
-        volley::dns::Route::NullMx => anyhow::bail!("{domain} has a null MX: it takes no mail"),
-        volley::dns::Route::NoSuchDomain(why) | volley::dns::Route::TempFail(why) => {
+        volley::deliver::dns::Route::Hosts(h) => Ok(h.into_iter().map(|h| h.name).collect()),
+        volley::deliver::dns::Route::NullMx => {
+            anyhow::bail!("{domain} has a null MX: it takes no mail")
+        }
+        volley::deliver::dns::Route::NoSuchDomain(why)
+        | volley::deliver::dns::Route::TempFail(why) => {
             anyhow::bail!("MX lookup for {domain}: {why}; give the hosts with --mx")
         }
     }
@@ -628,7 +639,7 @@ fn lookup_mx(domain: &str, server: Option<std::net::SocketAddr>) -> anyhow::Resu
 
 fn classify(rules: Option<&std::path::Path>) -> anyhow::Result<i32> {
     use std::io::{BufRead, Write};
-    let c = volley::classify::load(rules)?;
+    let c = volley::policy::classify::load(rules)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     for line in std::io::stdin().lock().lines() {
@@ -638,7 +649,7 @@ fn classify(rules: Option<&std::path::Path>) -> anyhow::Result<i32> {
             continue;
         }
         // As found in logs and DSNs: wrappers dropped, a joined multi-line reply read whole.
-        let v = match volley::classify::parse_logged(line) {
+        let v = match volley::policy::classify::parse_logged(line) {
             Ok(r) if r.is_positive() => serde_json::json!({
                 "reply": line, "code": r.code, "enhanced": r.enhanced, "retry": false, "class": null, "rule": null
             }),
@@ -657,7 +668,7 @@ fn classify(rules: Option<&std::path::Path>) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn print_problems(dir: &std::path::Path, problems: &[volley::campaign::Problem]) {
+fn print_problems(dir: &std::path::Path, problems: &[volley::message::campaign::Problem]) {
     for p in problems {
         eprintln!("{}/{p}", dir.display());
     }
@@ -675,15 +686,15 @@ fn host_name() -> String {
 /// too, with a warning when it has no dot (the default is then localhost.localdomain).
 fn ehlo_name(given: Option<&str>) -> anyhow::Result<Option<String>> {
     if let Some(e) = given {
-        let name =
-            volley::campaign::check_ehlo_name(e).map_err(|err| anyhow::anyhow!("--ehlo {err}"))?;
+        let name = volley::message::campaign::check_ehlo_name(e)
+            .map_err(|err| anyhow::anyhow!("--ehlo {err}"))?;
         return Ok(Some(name));
     }
     let host = host_name();
-    match volley::campaign::default_ehlo_warning(&host) {
+    match volley::message::campaign::default_ehlo_warning(&host) {
         Some(w) => eprintln!("volley: warning: {w}"),
         None => {
-            volley::campaign::check_ehlo_name(&host).map_err(|err| {
+            volley::message::campaign::check_ehlo_name(&host).map_err(|err| {
                 anyhow::anyhow!("no --ehlo given, and the host name is not an EHLO name: {err}")
             })?;
         }
@@ -692,7 +703,7 @@ fn ehlo_name(given: Option<&str>) -> anyhow::Result<Option<String>> {
 }
 
 /// Warnings with their file and line, under the campaign directory.
-fn print_warnings(dir: &std::path::Path, warnings: &[volley::campaign::Problem]) {
+fn print_warnings(dir: &std::path::Path, warnings: &[volley::message::campaign::Problem]) {
     for w in warnings {
         eprintln!("{}/{}", dir.display(), w.as_warning());
     }
@@ -722,7 +733,7 @@ fn check(
             return Ok(1);
         }
     };
-    let signing = match volley::dkim::key_for(dkim_dir, &c.settings) {
+    let signing = match volley::message::dkim::key_for(dkim_dir, &c.settings) {
         Ok(k) => k,
         Err(e) => {
             eprintln!("{}/campaign.toml: {e}", dir.display());
@@ -742,17 +753,17 @@ fn check(
                 } else {
                     bad += 1;
                 }
-                if (bad + skipped) as usize <= volley::campaign::ERRORS_LISTED_MAX {
+                if (bad + skipped) as usize <= volley::message::campaign::ERRORS_LISTED_MAX {
                     eprintln!("{}/{}", dir.display(), b.problem());
                 }
             },
         )
         .map_err(|p| anyhow::anyhow!("{}/{p}", dir.display()))?;
     let rows = streamed.rows;
-    if (bad + skipped) as usize > volley::campaign::ERRORS_LISTED_MAX {
+    if (bad + skipped) as usize > volley::message::campaign::ERRORS_LISTED_MAX {
         eprintln!(
             "... and {} more",
-            (bad + skipped) as usize - volley::campaign::ERRORS_LISTED_MAX
+            (bad + skipped) as usize - volley::message::campaign::ERRORS_LISTED_MAX
         );
     }
     print_warnings(dir, &c.template_warnings);
@@ -853,12 +864,16 @@ fn dns_records(
         }
         None => println!("; SPF: the null sender needs none"),
     }
-    match volley::dkim::key_for(dkim_dir, s) {
+    match volley::message::dkim::key_for(dkim_dir, s) {
         Ok(Some(k)) => {
             for f in &k.keys {
-                let txt = volley::dkim::public_txt(&f.path).map_err(|e| anyhow::anyhow!(e))?;
+                let txt =
+                    volley::message::dkim::public_txt(&f.path).map_err(|e| anyhow::anyhow!(e))?;
                 println!("; DKIM: the public half of {}", f.path.display());
-                println!("{}", volley::dkim::zone_line(&k.domain, &f.selector, &txt));
+                println!(
+                    "{}",
+                    volley::message::dkim::zone_line(&k.domain, &f.selector, &txt)
+                );
             }
         }
         Ok(None) => println!("; DKIM: the campaign is not signed (dkim = false)"),
@@ -916,13 +931,13 @@ fn dkim(cmd: DkimCmd) -> anyhow::Result<i32> {
                         .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'),
                 "--selector {selector:?}: use letters, digits, '-' and '_'"
             );
-            let path = volley::dkim::key_path(&out, &domain, &selector);
+            let path = volley::message::dkim::key_path(&out, &domain, &selector);
             anyhow::ensure!(
                 !path.exists(),
                 "{} exists; a new key needs a new selector (publish it, then switch)",
                 path.display()
             );
-            let key = volley::dkim::generate(kind).map_err(|e| anyhow::anyhow!(e))?;
+            let key = volley::message::dkim::generate(kind).map_err(|e| anyhow::anyhow!(e))?;
             let dir = path.parent().expect("a file in a directory");
             std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
             {
@@ -936,7 +951,7 @@ fn dkim(cmd: DkimCmd) -> anyhow::Result<i32> {
                 f.write_all(key.pem.as_bytes())?;
                 f.sync_all()?;
             }
-            let zone = volley::dkim::zone_line(&domain, &selector, &key.txt);
+            let zone = volley::message::dkim::zone_line(&domain, &selector, &key.txt);
             std::fs::write(path.with_extension("txt"), format!("{zone}\n"))?;
             eprintln!("wrote {}; publish:", path.display());
             println!("{zone}");
@@ -953,16 +968,20 @@ fn dkim(cmd: DkimCmd) -> anyhow::Result<i32> {
                 key.len(),
                 selector.len()
             );
-            let keys: Vec<volley::dkim::KeyFile> = key
+            let keys: Vec<volley::message::dkim::KeyFile> = key
                 .into_iter()
                 .zip(selector)
-                .map(|(path, selector)| volley::dkim::KeyFile { selector, path })
+                .map(|(path, selector)| volley::message::dkim::KeyFile { selector, path })
                 .collect();
-            let signer = volley::dkim::Signer::load(&domain, &keys, volley::dkim::DEFAULT_HEADERS)?;
+            let signer = volley::message::dkim::Signer::load(
+                &domain,
+                &keys,
+                volley::message::dkim::DEFAULT_HEADERS,
+            )?;
             let mut msg = Vec::new();
             std::io::stdin().read_to_end(&mut msg)?;
             let header = signer
-                .sign(&mut msg, volley::dkim::Body::Varies)
+                .sign(&mut msg, volley::message::dkim::Body::Varies)
                 .map_err(|e| anyhow::anyhow!("stdin: {e}; nothing signed"))?;
             let mut out = std::io::stdout().lock();
             out.write_all(header.as_bytes())?;
@@ -990,14 +1009,15 @@ fn hand_over(
         .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     let verb = if new { "inject-new" } else { "inject" };
     let line = format!("{verb} {}", abs.display());
-    let answer = match volley::control::request_waiting(spool, &line, Duration::from_secs(600)) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e:#}");
-            eprintln!("volley: the running volley serve refused the campaign; nothing queued");
-            return Ok(1);
-        }
-    };
+    let answer =
+        match volley::deliver::control::request_waiting(spool, &line, Duration::from_secs(600)) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("{e:#}");
+                eprintln!("volley: the running volley serve refused the campaign; nothing queued");
+                return Ok(1);
+            }
+        };
     let words: Vec<&str> = answer.split_whitespace().collect();
     let (instance, queued) = match words.as_slice() {
         ["ok:", "queued", n, "instance", m] => (m.parse::<u32>()?, Some(n.parse::<u64>()?)),
@@ -1031,7 +1051,7 @@ fn hand_over(
         b
     });
     let counts = loop {
-        let a = volley::control::request(spool, &format!("progress {instance}"))?;
+        let a = volley::deliver::control::request(spool, &format!("progress {instance}"))?;
         // "ok: delivered D bounced B expired E deferrals T queued Q running S/N"
         let n: Vec<u64> = a
             .split(|c: char| c.is_whitespace() || c == '/')
@@ -1095,7 +1115,7 @@ fn send(
     };
     report_compliance(dir, &campaign);
     print_warnings(dir, &campaign.template_warnings);
-    if let Err(e) = volley::dkim::key_for(&cfg.dkim_dir, &campaign.settings) {
+    if let Err(e) = volley::message::dkim::key_for(&cfg.dkim_dir, &campaign.settings) {
         eprintln!("{}/campaign.toml: {e}", dir.display());
         eprintln!("volley: campaign refused, nothing queued");
         return Ok(1);
@@ -1179,7 +1199,7 @@ fn send(
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
         });
     }
-    let report = volley::engine::run(cfg, instances, stop, !quiet)?;
+    let report = volley::deliver::engine::run(cfg, instances, stop, !quiet)?;
     report.print();
     if skipped > 0 {
         println!("skipped      {skipped} (bad rows of recipients.csv, not queued; logged as local bounces)");

@@ -10,7 +10,7 @@ use mail_auth::hickory_resolver::config::{NameServerConfig, ResolverConfig, Reso
 use mail_auth::{AuthenticatedMessage, DkimResult, MessageAuthenticator};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use volley::dkim::{generate, key_path, KeyType};
+use volley::message::dkim::{generate, key_path, KeyType};
 
 /// Makes a key for news.test under `dir` and publishes it in the test DNS.
 fn publish(env: &Env, dir: &Path, selector: &str, kind: KeyType) -> String {
@@ -162,13 +162,13 @@ fn rsa_and_ed25519_signatures_verify_at_the_receiver() {
     let mut cfg = env.config();
     cfg.dkim_dir = keys.clone();
     let spool = cfg.spool_dir.clone();
-    let lock = volley::ingest::lock_spool(&spool, cfg.shards).unwrap();
+    let lock = volley::spool::ingest::lock_spool(&spool, cfg.shards).unwrap();
     for c in [&a, &b] {
-        let c = volley::campaign::Campaign::load(c).unwrap();
-        volley::ingest::ingest(&c, &spool, cfg.shards, cfg.segment_bytes).unwrap();
+        let c = volley::message::campaign::Campaign::load(c).unwrap();
+        volley::spool::ingest::ingest(&c, &spool, cfg.shards, cfg.segment_bytes).unwrap();
     }
-    let instances = std::sync::Arc::new(volley::ingest::load_instances(&spool).unwrap());
-    let r = volley::engine::run(
+    let instances = std::sync::Arc::new(volley::spool::ingest::load_instances(&spool).unwrap());
+    let r = volley::deliver::engine::run(
         cfg,
         instances,
         std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -252,13 +252,13 @@ fn a_campaign_signs_with_rsa_and_ed25519_and_both_verify() {
     let mut cfg = env.config();
     cfg.dkim_dir = keys.clone();
     let spool = cfg.spool_dir.clone();
-    let lock = volley::ingest::lock_spool(&spool, cfg.shards).unwrap();
+    let lock = volley::spool::ingest::lock_spool(&spool, cfg.shards).unwrap();
     for c in [&all, &listed] {
-        let c = volley::campaign::Campaign::load(c).unwrap();
-        volley::ingest::ingest(&c, &spool, cfg.shards, cfg.segment_bytes).unwrap();
+        let c = volley::message::campaign::Campaign::load(c).unwrap();
+        volley::spool::ingest::ingest(&c, &spool, cfg.shards, cfg.segment_bytes).unwrap();
     }
-    let instances = std::sync::Arc::new(volley::ingest::load_instances(&spool).unwrap());
-    let r = volley::engine::run(
+    let instances = std::sync::Arc::new(volley::spool::ingest::load_instances(&spool).unwrap());
+    let r = volley::deliver::engine::run(
         cfg,
         instances,
         std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -965,13 +965,18 @@ fn random_messages_signed_by_volley_verify_at_mail_auth_and_dkimpy() {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, &k.pem).unwrap();
         records.push((format!("{selector}._domainkey.news.test"), k.txt));
-        keys.push(volley::dkim::KeyFile {
+        keys.push(volley::message::dkim::KeyFile {
             selector: selector.into(),
             path,
         });
     }
-    let load = |keys: &[volley::dkim::KeyFile]| {
-        volley::dkim::Signer::load("news.test", keys, volley::dkim::DEFAULT_HEADERS).unwrap()
+    let load = |keys: &[volley::message::dkim::KeyFile]| {
+        volley::message::dkim::Signer::load(
+            "news.test",
+            keys,
+            volley::message::dkim::DEFAULT_HEADERS,
+        )
+        .unwrap()
     };
     // Ed25519 alone, and both keys (RSA is slow to sign: one message in eight).
     let signers = [load(&keys[..1]), load(&keys)];
@@ -983,7 +988,7 @@ fn random_messages_signed_by_volley_verify_at_mail_auth_and_dkimpy() {
         let signer = &signers[usize::from(i % 8 == 0)];
         let mut message = raw.clone();
         let header = signer
-            .sign(&mut message, volley::dkim::Body::Varies)
+            .sign(&mut message, volley::message::dkim::Body::Varies)
             .unwrap_or_else(|e| {
                 panic!("seed {seed} #{i}: {e}\n{:?}", String::from_utf8_lossy(&raw))
             });

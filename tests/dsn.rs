@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use volley::ingest;
+use volley::spool::ingest;
 
 #[test]
 fn bounces_come_back_to_the_return_path_as_dsns() {
@@ -38,11 +38,11 @@ fn bounces_come_back_to_the_return_path_as_dsns() {
     let (spool, log) = (cfg.spool_dir.clone(), cfg.log_path.clone());
     let lock = ingest::lock_spool(&spool, cfg.shards).unwrap();
     for c in [&with, &without] {
-        let c = volley::campaign::Campaign::load(c).unwrap();
+        let c = volley::message::campaign::Campaign::load(c).unwrap();
         ingest::ingest(&c, &spool, cfg.shards, cfg.segment_bytes).unwrap();
     }
     let instances = Arc::new(ingest::load_instances(&spool).unwrap());
-    let r = volley::engine::run(
+    let r = volley::deliver::engine::run(
         env.config(),
         instances,
         Arc::new(AtomicBool::new(false)),

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use std::time::Duration;
-use volley::runtime::Driver;
+use volley::deliver::runtime::Driver;
 use volley_load::gen;
 
 fn generated(env: &Env, n: u64) -> std::path::PathBuf {
@@ -99,7 +99,7 @@ fn dns_edge_cases_bounces_and_expiry() {
     .collect();
     let c = campaign(&env.dir, "edges", "expire_after = \"3s\"", &rows);
     let mut cfg = env.config();
-    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(700)]);
+    cfg.retry = volley::policy::retry::RetryPolicy::uniform(vec![Duration::from_millis(700)]);
     let log = cfg.log_path.clone();
     let r = env.send(&c, cfg);
     assert_eq!(
@@ -144,7 +144,7 @@ fn dns_edge_cases_bounces_and_expiry() {
     assert_eq!(one("a@null-mx.edge.test")["class"], "invalid_recipient");
     assert_eq!(one("tempfail.1@gmail.com")["type"], "Expiration");
     assert_eq!(one("e@servfail.edge.test")["type"], "Expiration");
-    let rep = volley::report::report(&log, "edges").unwrap();
+    let rep = volley::observe::report::report(&log, "edges").unwrap();
     assert_eq!(
         (rep.totals.delivered, rep.totals.bounced, rep.totals.expired),
         (3, 3, 2)
@@ -173,7 +173,7 @@ fn a_deferral_keeps_its_retry_time_and_attempt_count_across_a_restart() {
     let c = campaign(&env.dir, "restart", "expire_after = \"8s\"", &rows);
     let cfg = || {
         let mut cfg = env.config();
-        cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_secs(6)]);
+        cfg.retry = volley::policy::retry::RetryPolicy::uniform(vec![Duration::from_secs(6)]);
         cfg
     };
     let log = cfg().log_path;
@@ -187,7 +187,7 @@ fn a_deferral_keeps_its_retry_time_and_attempt_count_across_a_restart() {
         let mut last = String::new();
         for _ in 0..100 {
             std::thread::sleep(Duration::from_millis(50));
-            match volley::control::request(&spool, "status") {
+            match volley::deliver::control::request(&spool, "status") {
                 Ok(s) if waiting(&s) => return s,
                 Ok(s) => last = s,
                 Err(e) => last = e.to_string(),
@@ -224,7 +224,7 @@ fn a_recipient_past_its_maximum_age_at_restart_expires_without_another_attempt()
     let c = campaign(&env.dir, "late", "expire_after = \"3s\"", &rows);
     let cfg = || {
         let mut cfg = env.config();
-        cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_secs(30)]);
+        cfg.retry = volley::policy::retry::RetryPolicy::uniform(vec![Duration::from_secs(30)]);
         cfg
     };
     let r = env.send_for(Some(&c), cfg(), Some(Duration::from_secs(2)));
@@ -276,7 +276,7 @@ fn mid_transaction_disconnects_and_421s_lose_nothing() {
     );
     let dir = generated(&env, 400);
     let mut cfg = env.config();
-    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(200)]);
+    cfg.retry = volley::policy::retry::RetryPolicy::uniform(vec![Duration::from_millis(200)]);
     let log = cfg.log_path.clone();
     let r = env.send(&dir, cfg);
     assert_eq!(r.remaining, 0);
@@ -355,8 +355,8 @@ fn a_receiver_that_closes_connections_gets_fewer_transactions_pipelined() {
     cfg.shards = 1;
     cfg.window = 8;
     // Few connections, so each has a full window pipelined when the 421 comes.
-    cfg.defaults.max_connections = Some(volley::shaping::rules::Set::cli(2));
-    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(200)]);
+    cfg.defaults.max_connections = Some(volley::policy::shaping::rules::Set::cli(2));
+    cfg.retry = volley::policy::retry::RetryPolicy::uniform(vec![Duration::from_millis(200)]);
     let log = cfg.log_path.clone();
     let r = env.send(&dir, cfg);
     assert_eq!(r.delivered, 3000, "{r:?}");

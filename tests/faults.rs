@@ -8,7 +8,7 @@ use common::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, TcpListener, TcpStream};
 use std::time::Duration;
-use volley::shaping::rules::Set;
+use volley::policy::shaping::rules::Set;
 use volley::smtp::client::Timeouts;
 
 #[derive(Clone, Copy, PartialEq)]
@@ -145,7 +145,7 @@ fn run_fault(name: &str, ip: &str, fault: Fault) -> Vec<serde_json::Value> {
         rset: t,
         quit: t,
     };
-    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(300)]);
+    cfg.retry = volley::policy::retry::RetryPolicy::uniform(vec![Duration::from_millis(300)]);
     cfg.defaults.idle_timeout = Some(Set::cli(Duration::from_millis(200)));
     cfg.requeues_max = 1;
     let log = cfg.log_path.clone();
@@ -233,7 +233,7 @@ fn dns_that_never_answers() {
         &["a@timeout.edge.test,Ann".into()],
     );
     let mut cfg = env.config();
-    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(300)]);
+    cfg.retry = volley::policy::retry::RetryPolicy::uniform(vec![Duration::from_millis(300)]);
     let log = cfg.log_path.clone();
     let r = env.send(&c, cfg);
     assert_eq!((r.expired, r.remaining), (1, 0));

@@ -12,7 +12,7 @@ use std::net::{IpAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use volley::shaping::rules::Set;
+use volley::policy::shaping::rules::Set;
 
 /// How the scripted receiver behaves.
 #[derive(Clone)]
@@ -561,7 +561,7 @@ fn message_ids_are_unique_over_shards_and_spools_and_kept_across_retries() {
         cfg.shards = 2;
         cfg.spool_dir = env.dir.join(spool);
         cfg.log_path = cfg.spool_dir.join("accounting.jsonl");
-        cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(200)]);
+        cfg.retry = volley::policy::retry::RetryPolicy::uniform(vec![Duration::from_millis(200)]);
         let r = env.send_for(Some(&c), cfg, Some(Duration::from_secs(20)));
         assert_eq!((r.delivered, r.remaining), (40, 0));
         message_ids(&seen.messages.lock().unwrap())
@@ -606,7 +606,7 @@ fn an_expiration_keeps_the_receivers_last_reply_across_a_restart() {
     // An address literal for EHLO: the DSN reports from the campaign's From domain.
     cfg.ehlo_name = "[192.0.2.1]".into();
     cfg.shards = 1;
-    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(400)]);
+    cfg.retry = volley::policy::retry::RetryPolicy::uniform(vec![Duration::from_millis(400)]);
     let log = cfg.log_path.clone();
     // Deferred a few times, then stopped before the expiry...
     let r = env.send_for(Some(&c), cfg.clone(), Some(Duration::from_millis(1500)));
@@ -673,7 +673,7 @@ fn an_expiration_keeps_the_receivers_last_reply_across_a_restart() {
     assert!(
         dsn_rows.contains(&format!(
             "Last-Attempt-Date: {}",
-            volley::dsn::rfc5322_date(last)
+            volley::message::dsn::rfc5322_date(last)
         )),
         "Last-Attempt-Date is the last attempt's: {dsn_rows}"
     );
@@ -786,7 +786,7 @@ fn a_421_right_after_ehlo_is_a_refused_connection_not_an_idle_close() {
     );
     let mut cfg = env.config();
     cfg.shards = 1;
-    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(500)]);
+    cfg.retry = volley::policy::retry::RetryPolicy::uniform(vec![Duration::from_millis(500)]);
     let log = cfg.log_path.clone();
     let r = env.send_for(Some(&c), cfg, Some(Duration::from_secs(20)));
     assert_eq!((r.expired, r.remaining), (1, 0));
@@ -835,7 +835,7 @@ fn too_many_recipients_is_never_a_bounce_and_a_per_session_cap_opens_a_new_conne
     let c = campaign(&env.dir, "sesscap", "expire_after = \"2s\"", &rows);
     let mut cfg = env.config();
     cfg.shards = 1;
-    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(500)]);
+    cfg.retry = volley::policy::retry::RetryPolicy::uniform(vec![Duration::from_millis(500)]);
     let log = cfg.log_path.clone();
     let r = env.send_for(Some(&c), cfg, Some(Duration::from_secs(20)));
     let lines = log_lines(&log);

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use volley::{campaign::Campaign, ingest};
+use volley::{message::campaign::Campaign, spool::ingest};
 
 fn rows(n: usize, domain: &str) -> Vec<String> {
     (0..n)
@@ -70,7 +70,7 @@ fn a_throttle_reply_backs_off_and_every_message_still_arrives() {
     );
     let c = campaign(&env.dir, "throttle", "", &rows(800, "gmail.com"));
     let mut cfg = env.config();
-    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(200)]);
+    cfg.retry = volley::policy::retry::RetryPolicy::uniform(vec![Duration::from_millis(200)]);
     cfg.shaping_file = Some(shaping_file(
         &env,
         "[provider.google-sink]\nmx_suffixes = [\"google.sink.test\"]\nthrottle_recover = \"1s\"\n",
@@ -177,7 +177,7 @@ fn a_campaign_naming_an_unknown_pool_is_refused() {
     let lock = ingest::lock_spool(&cfg.spool_dir, cfg.shards).unwrap();
     ingest::ingest(&campaign, &cfg.spool_dir, cfg.shards, cfg.segment_bytes).unwrap();
     let instances = Arc::new(ingest::load_instances(&cfg.spool_dir).unwrap());
-    let e = volley::engine::run(cfg, instances, Arc::new(AtomicBool::new(false)), false)
+    let e = volley::deliver::engine::run(cfg, instances, Arc::new(AtomicBool::new(false)), false)
         .expect_err("refused");
     drop(lock);
     let msg = format!("{e:#}");
@@ -191,17 +191,18 @@ fn a_campaign_naming_an_unknown_pool_is_refused() {
 /// to it over the admin socket; the spool lock goes with the send.
 fn send_in_background(
     dir: &std::path::Path,
-    cfg: volley::config::EngineConfig,
+    cfg: volley::deliver::config::EngineConfig,
 ) -> (
-    std::thread::JoinHandle<volley::engine::Report>,
-    volley::ingest::SpoolLock,
+    std::thread::JoinHandle<volley::deliver::engine::Report>,
+    volley::spool::ingest::SpoolLock,
 ) {
     let campaign = Campaign::load(dir).unwrap();
     let lock = ingest::lock_spool(&cfg.spool_dir, cfg.shards).unwrap();
     ingest::ingest(&campaign, &cfg.spool_dir, cfg.shards, cfg.segment_bytes).unwrap();
     let instances = Arc::new(ingest::load_instances(&cfg.spool_dir).unwrap());
     let engine = std::thread::spawn(move || {
-        volley::engine::run(cfg, instances, Arc::new(AtomicBool::new(false)), false).unwrap()
+        volley::deliver::engine::run(cfg, instances, Arc::new(AtomicBool::new(false)), false)
+            .unwrap()
     });
     (engine, lock)
 }
@@ -237,7 +238,7 @@ fn pause_and_resume_take_effect_within_a_second_over_the_admin_socket() {
         ("pause provider:google-sink", "resume provider:google-sink"),
         ("pause campaign:control", "resume campaign:control"),
     ] {
-        let answer = volley::control::request(&spool, pause).unwrap();
+        let answer = volley::deliver::control::request(&spool, pause).unwrap();
         assert!(answer.starts_with("ok"), "{answer}");
         std::thread::sleep(Duration::from_secs(1));
         let held = accepted(&env, "google");
@@ -247,13 +248,13 @@ fn pause_and_resume_take_effect_within_a_second_over_the_admin_socket() {
             held,
             "still sending after `{pause}`"
         );
-        let status = volley::control::request(&spool, "status").unwrap();
+        let status = volley::deliver::control::request(&spool, "status").unwrap();
         assert!(status.contains("paused"), "{status}");
-        volley::control::request(&spool, resume).unwrap();
+        volley::deliver::control::request(&spool, resume).unwrap();
         wait_until("sending to resume", || accepted(&env, "google") > held);
     }
     let command = |c: &str| {
-        let answer = volley::control::request(&spool, c).unwrap();
+        let answer = volley::deliver::control::request(&spool, c).unwrap();
         assert!(answer.starts_with("ok"), "{c}: {answer}");
     };
     // Rates set at run time hold within a second: at most 45 messages in the next 2 s
@@ -273,7 +274,7 @@ fn pause_and_resume_take_effect_within_a_second_over_the_admin_socket() {
     };
     // A lower rate for the provider: from 100/s to 20/s.
     held_to_20_per_s(&["rate provider:google-sink 20/s"]);
-    let status = volley::control::request(&spool, "status").unwrap();
+    let status = volley::deliver::control::request(&spool, "status").unwrap();
     assert!(
         status.contains("provider:google-sink rate 10.0/s set by operator"),
         "{status}"
@@ -284,14 +285,14 @@ fn pause_and_resume_take_effect_within_a_second_over_the_admin_socket() {
         "rate campaign:control 20/s",
         "rate provider:google-sink unlimited",
     ]);
-    let status = volley::control::request(&spool, "status").unwrap();
+    let status = volley::deliver::control::request(&spool, "status").unwrap();
     assert!(
         status.contains("campaign:control rate 10.0/s set by operator")
             && status.contains("provider:google-sink unlimited, set by operator"),
         "{status}"
     );
     command("rate campaign:control unlimited");
-    let e = volley::control::request(&spool, "pause nothing").unwrap_err();
+    let e = volley::deliver::control::request(&spool, "pause nothing").unwrap_err();
     assert!(e.to_string().contains("not a target"), "{e}");
     let r = engine.join().unwrap();
     drop(lock);
@@ -430,7 +431,9 @@ fn a_warm_up_cap_holds_over_the_day_across_runs() {
     let stop = Arc::new(AtomicBool::new(false));
     let engine = {
         let (cfg, stop) = (cfg.clone(), stop.clone());
-        std::thread::spawn(move || volley::engine::run(cfg, instances, stop, false).unwrap())
+        std::thread::spawn(move || {
+            volley::deliver::engine::run(cfg, instances, stop, false).unwrap()
+        })
     };
     wait_until("the 10 left of the day's cap", || {
         accepted(&env, "google") >= 30
@@ -459,13 +462,13 @@ fn queue_status_shows_a_window_cut_down_by_closing_receivers() {
     let mut cfg = env.config();
     cfg.shards = 1;
     cfg.window = 8;
-    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(200)]);
-    cfg.defaults.max_connections = Some(volley::shaping::rules::Set::cli(2));
+    cfg.retry = volley::policy::retry::RetryPolicy::uniform(vec![Duration::from_millis(200)]);
+    cfg.defaults.max_connections = Some(volley::policy::shaping::rules::Set::cli(2));
     let spool = cfg.spool_dir.clone();
     let (engine, lock) = send_in_background(&c, cfg);
     let mut status = String::new();
     wait_until("a shrunk window in queue status", || {
-        status = volley::control::request(&spool, "status").unwrap_or_default();
+        status = volley::deliver::control::request(&spool, "status").unwrap_or_default();
         status.contains("pipelining window")
     });
     assert!(

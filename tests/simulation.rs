@@ -9,8 +9,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
-use volley::classify::Classifier;
-use volley::retry::{decide, Decision, RetryPolicy};
+use volley::policy::classify::Classifier;
+use volley::policy::retry::{decide, Decision, RetryPolicy};
 use volley::smtp::client::{ClientConfig, ClientSession, Event, Timeouts, Transaction};
 use volley::smtp::server::{Behaviour, Command, Message, ServerConfig, ServerSession, Verdict};
 

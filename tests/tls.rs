@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use std::time::Duration;
-use volley::shaping::rules::Set;
+use volley::policy::shaping::rules::Set;
 use volley::smtp::client::TlsMode;
 
 fn run(
@@ -12,7 +12,7 @@ fn run(
     starttls: bool,
     mode: TlsMode,
     verify: bool,
-) -> (volley::engine::Report, Vec<serde_json::Value>, u64) {
+) -> (volley::deliver::engine::Report, Vec<serde_json::Value>, u64) {
     run_in(env_with(name, "", starttls), name, mode, verify)
 }
 
@@ -21,7 +21,7 @@ fn run_in(
     name: &str,
     mode: TlsMode,
     verify: bool,
-) -> (volley::engine::Report, Vec<serde_json::Value>, u64) {
+) -> (volley::deliver::engine::Report, Vec<serde_json::Value>, u64) {
     let c = campaign(
         &env.dir,
         name,
@@ -31,7 +31,7 @@ fn run_in(
     let mut cfg = env.config();
     cfg.defaults.tls = Some(Set::cli(mode));
     cfg.defaults.tls_verify = Some(Set::cli(verify));
-    cfg.retry = volley::retry::RetryPolicy::uniform(vec![Duration::from_millis(500)]);
+    cfg.retry = volley::policy::retry::RetryPolicy::uniform(vec![Duration::from_millis(500)]);
     let log = cfg.log_path.clone();
     let r = env.send(&c, cfg);
     (r, log_lines(&log), env.sink.summary().counts.rcpts_accepted)

@@ -19,7 +19,7 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use volley::runtime::Driver;
+use volley::deliver::runtime::Driver;
 
 /// A run that has not finished after this long is stopped and reported as such.
 pub(crate) const RUN_TIMEOUT: Duration = Duration::from_secs(900);

@@ -6,16 +6,16 @@ use crate::{dns, gen, profile::Profile, sink};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use volley::campaign::Campaign;
-use volley::config::EngineConfig;
-use volley::ingest;
+use volley::deliver::config::EngineConfig;
+use volley::message::campaign::Campaign;
+use volley::spool::ingest;
 
 pub struct DemoOptions {
     pub recipients: u64,
     pub profile: String,
     pub shards: Option<usize>,
     pub sink_threads: usize,
-    pub driver: volley::runtime::Driver,
+    pub driver: volley::deliver::runtime::Driver,
     /// Keep the work directory (campaign, spool, log) instead of deleting it.
     pub keep: bool,
 }
@@ -67,7 +67,7 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     cfg.smtp_port = sink.port();
     cfg.ehlo_name = "demo.volley.test".into();
     // A demo should end in seconds: short retries instead of the per-class schedules.
-    cfg.retry = volley::retry::RetryPolicy::uniform(vec![
+    cfg.retry = volley::policy::retry::RetryPolicy::uniform(vec![
         std::time::Duration::from_secs(1),
         std::time::Duration::from_secs(2),
         std::time::Duration::from_secs(4),
@@ -86,7 +86,8 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let instances = Arc::new(ingest::load_instances(&cfg.spool_dir)?);
     sink.reset_latency_origin();
     let log_path: PathBuf = cfg.log_path.clone();
-    let report = volley::engine::run(cfg, instances, Arc::new(AtomicBool::new(false)), true)?;
+    let report =
+        volley::deliver::engine::run(cfg, instances, Arc::new(AtomicBool::new(false)), true)?;
     report.print();
     let s = sink.summary();
     println!(

@@ -2,7 +2,7 @@ use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use volley::runtime::Driver;
+use volley::deliver::runtime::Driver;
 use volley_load::profile::{Part, Profile};
 use volley_load::{bench, dns, gen, sink};
 

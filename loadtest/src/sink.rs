@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use volley::runtime::Driver;
+use volley::deliver::runtime::Driver;
 use volley::smtp::server::{Behaviour, Command, Message, ServerConfig, ServerSession, Verdict};
 
 /// Read buffer per connection.
@@ -314,7 +314,7 @@ impl Sink {
                             t.await;
                         }
                     };
-                    if let Err(e) = volley::runtime::block_on(driver, run) {
+                    if let Err(e) = volley::deliver::runtime::block_on(driver, run) {
                         eprintln!("volley-load sink: thread {shard} cannot start its runtime: {e}");
                     }
                 })?;
@@ -438,7 +438,7 @@ fn tls_acceptor(
 ) -> anyhow::Result<monoio_rustls::TlsAcceptor> {
     let files = files.map(|(c, k)| (c.as_path(), k.as_path()));
     Ok(monoio_rustls::TlsAcceptor::from(
-        volley::tls::server_config(hostname, files)?,
+        volley::deliver::tls::server_config(hostname, files)?,
     ))
 }
 

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use volley::runtime::Driver;
+use volley::deliver::runtime::Driver;
 use volley_load::integrity::{Digest, HEADER};
 use volley_load::profile::Profile;
 use volley_load::sink::{Sink, SinkOptions};

@@ -8,11 +8,11 @@
 //! key, rather than deserialized straight into structs: serde stops at the first unknown
 //! key or wrong type, and an operator fixing a file wants them all at once.
 
-use crate::config::EngineConfig;
-use crate::dns::DnsConfig;
-use crate::retry::RetryPolicy;
-use crate::runtime::Driver;
-use crate::shaping::rules::{parse_per, Rule, Set};
+use crate::deliver::config::EngineConfig;
+use crate::deliver::dns::DnsConfig;
+use crate::deliver::runtime::Driver;
+use crate::policy::retry::RetryPolicy;
+use crate::policy::shaping::rules::{parse_per, Rule, Set};
 use crate::smtp::client::{Timeouts, TlsMode};
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::collections::BTreeMap;
@@ -1533,14 +1533,14 @@ fn schedule(n: &Node) -> Result<Vec<Duration>, String> {
             .join(","),
         _ => return Err(wrong(n, "delays in quotes, e.g. \"5m,10m,20m\"")),
     };
-    crate::retry::parse_schedule(&text).map_err(|e| {
+    crate::policy::retry::parse_schedule(&text).map_err(|e| {
         format!("{e}; write delays separated by commas, e.g. \"5m,10m,20m\" (the last repeats)")
     })
 }
 
 fn ehlo(n: &Node) -> Result<String, String> {
     let s = string(n)?;
-    crate::campaign::check_ehlo_name(&s).map_err(|e| e.to_string())
+    crate::message::campaign::check_ehlo_name(&s).map_err(|e| e.to_string())
 }
 
 /// A header field name (RFC 5322 §3.6.8: printable ASCII but ':'), at most 64 octets.
@@ -1717,7 +1717,7 @@ fn read_retry(doc: &mut Doc, t: &mut Table, retry: &mut RetryPolicy) {
     };
     for (k, v) in entries {
         let key = format!("retry_schedule_for.{}", k.get_ref());
-        let class: Option<crate::classify::Class> =
+        let class: Option<crate::policy::classify::Class> =
             serde_json::from_value(serde_json::Value::String(k.get_ref().clone())).ok();
         let Some(class) = class else {
             let hint = nearest(k.get_ref(), &CLASSES)
@@ -2305,7 +2305,7 @@ campaign_header = "X Campaign"
         assert_eq!(
             cfg.retry.per_class,
             vec![(
-                crate::classify::Class::Throttled,
+                crate::policy::classify::Class::Throttled,
                 vec![Duration::from_secs(10), Duration::from_secs(20)]
             )]
         );
@@ -2323,7 +2323,7 @@ campaign_header = "X Campaign"
     #[test]
     fn the_class_list_is_the_classifiers() {
         for c in CLASSES {
-            let class: crate::classify::Class =
+            let class: crate::policy::classify::Class =
                 serde_json::from_value(serde_json::Value::String(c.into())).unwrap();
             assert_eq!(class.name(), c);
         }

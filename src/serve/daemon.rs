@@ -6,15 +6,15 @@
 //! flight, commit and exit. SIGHUP: users and tokens are read again; a file that
 //! no longer loads keeps the old one, and the log says why.
 
-use crate::campaign::Campaign;
-use crate::control;
-use crate::engine::{self, Serving};
-use crate::inbox::Inboxes;
-use crate::ingest::{self, IngestError};
+use crate::deliver::control;
+use crate::deliver::engine::{self, Serving};
+use crate::message::campaign::Campaign;
 use crate::serve::auth::{Tokens, Users};
 use crate::serve::config::ServeConfig;
 use crate::serve::intake::Intake;
 use crate::serve::{http, pickup, submission};
+use crate::spool::inbox::Inboxes;
+use crate::spool::ingest::{self, IngestError};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -62,7 +62,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
 
     let admin = admin_commands(intake.clone());
     let engine_ready = Arc::new(AtomicBool::new(false));
-    let reloads = Arc::new(crate::shard::Reloads::default());
+    let reloads = Arc::new(crate::deliver::shard::Reloads::default());
     let engine = {
         let (ecfg, stop, engine_ready, reloads) = (
             ecfg.clone(),
@@ -111,7 +111,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
             let shared = Arc::new(submission::Shared {
                 intake: intake.clone(),
                 users: users.clone(),
-                tls: crate::tls::server_config(&hostname, files)?,
+                tls: crate::deliver::tls::server_config(&hostname, files)?,
                 hostname: hostname.clone(),
                 stop: listeners_stop.clone(),
             });
@@ -217,11 +217,11 @@ fn load_tokens(path: Option<&Path>) -> anyhow::Result<Tokens> {
 
 /// SIGHUP: the shaping and bounce rules read again and published to the shards;
 /// rules that fail to load keep the old ones, and the log says why.
-fn reload_rules(cfg: &ServeConfig, intake: &Intake, reloads: &crate::shard::Reloads) {
+fn reload_rules(cfg: &ServeConfig, intake: &Intake, reloads: &crate::deliver::shard::Reloads) {
     let ecfg = cfg.engine_config();
     let instances = Arc::new(intake.all_instances());
     let loaded = engine::load_rules(&ecfg, &instances).and_then(|rules| {
-        let classifier = crate::classify::load(ecfg.bounce_rules.as_deref())?;
+        let classifier = crate::policy::classify::load(ecfg.bounce_rules.as_deref())?;
         Ok((rules, classifier))
     });
     match loaded {

@@ -6,10 +6,10 @@
 //! Every request needs `Authorization: Bearer TOKEN` (serve::auth tokens). Errors
 //! are JSON: `{"error": what, "problems": [{"pointer", "why"}]}`.
 
-use crate::ingest::IngestError;
 use crate::serve::auth::Tokens;
 use crate::serve::inject::{self, ApiProblem};
 use crate::serve::intake::Intake;
+use crate::spool::ingest::IngestError;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -217,7 +217,7 @@ async fn campaign_counts(
             Vec::new(),
         );
     }
-    let mut total = crate::ingest::OutcomeCounts::default();
+    let mut total = crate::spool::ingest::OutcomeCounts::default();
     let mut list = Vec::new();
     for i in &instances {
         let c = i.outcomes.snapshot();

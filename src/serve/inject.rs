@@ -3,7 +3,7 @@
 //! pointed back into the body (RFC 6901 JSON pointers).
 //!
 //! The body is one object: campaign.toml's keys (`id`, `sender`, `from_domain`,
-//! ... whatever [`crate::campaign::Settings`] takes), `template` (message.eml's
+//! ... whatever [`crate::message::campaign::Settings`] takes), `template` (message.eml's
 //! text, `{{field}}` merge fields and all) and `recipients` (an array of objects,
 //! each with `email` and its merge values). [`stage`] writes the three files into
 //! the caller's staging directory and runs the loader `check` runs
@@ -44,8 +44,8 @@
 //! `id`") is not listed twice; with no recipient at all the template's merge
 //! fields are taken as the columns, so they are not each listed as unknown.
 
-use crate::campaign::{BadRow, Campaign, Problem, RowError, ERRORS_LISTED_MAX};
-use crate::template::{RenderError, Template, TemplateError};
+use crate::message::campaign::{BadRow, Campaign, Problem, RowError, ERRORS_LISTED_MAX};
+use crate::message::template::{RenderError, Template, TemplateError};
 use serde::de::{self, DeserializeSeed, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Serialize;
 use serde_json::Value;

@@ -2,9 +2,9 @@
 //! or a whole campaign (HTTP, `volley send` handed over) through the running
 //! shards' inboxes, answering only once it is durable.
 
-use crate::campaign::{Campaign, Problem};
-use crate::inbox::{self, InboxError, Inboxes, APPEND_RECORDS_MAX};
-use crate::ingest::{self, IngestError, IngestOptions, Ingested, Instance, RecordSink};
+use crate::message::campaign::{Campaign, Problem};
+use crate::spool::inbox::{self, InboxError, Inboxes, APPEND_RECORDS_MAX};
+use crate::spool::ingest::{self, IngestError, IngestOptions, Ingested, Instance, RecordSink};
 use crate::spool::QueueRecord;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -103,14 +103,15 @@ impl Intake {
     pub fn queue_campaign(&self, campaign: &Campaign) -> Result<Ingested, IngestError> {
         let _one = self.ingesting.lock().expect("ingest lock");
         // A missing key is the campaign's to fix, not a temporary failure.
-        let key = crate::dkim::key_for(&self.dkim_dir, &campaign.settings).map_err(|e| {
-            let p = Problem {
-                file: "campaign.toml",
-                line: None,
-                msg: e.to_string(),
-            };
-            IngestError::Problems(vec![p], 1)
-        })?;
+        let key =
+            crate::message::dkim::key_for(&self.dkim_dir, &campaign.settings).map_err(|e| {
+                let p = Problem {
+                    file: "campaign.toml",
+                    line: None,
+                    msg: e.to_string(),
+                };
+                IngestError::Problems(vec![p], 1)
+            })?;
         let mut sink = InboxSink {
             inboxes: &self.inboxes,
             email_col: campaign.email_col,

@@ -9,9 +9,9 @@
 //! were there at start). Names starting with `.` or ending in `.tmp` are skipped:
 //! write the file under such a name and rename it in when it is complete.
 
-use crate::inbox;
 use crate::serve::intake::{Intake, Submitted};
 use crate::serve::submitted::{self, Trace};
+use crate::spool::inbox;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -8,7 +8,6 @@
 //! `data_timeout` (then `421 4.4.2`, which is what defeats slowloris: a client gets
 //! no more time than that per read, however little it sends).
 
-use crate::inbox::InboxError;
 use crate::serve::auth::Users;
 use crate::serve::config::{Auth, ListenerTls, Submission};
 use crate::serve::intake::{Intake, Submitted};
@@ -17,6 +16,7 @@ use crate::smtp::server::{
     AuthAttempt, Behaviour, Command, Mechanism, Message, Output, ServerConfig, ServerPolicy,
     ServerSession, Verdict,
 };
+use crate::spool::inbox::InboxError;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -225,7 +225,7 @@ fn check_address(a: &str, may_be_null: bool) -> Result<(), String> {
             false => Err("empty".into()),
         };
     }
-    crate::campaign::normalise_address(a)
+    crate::message::campaign::normalise_address(a)
         .map(|_| ())
         .map_err(|e| e.to_string())
 }

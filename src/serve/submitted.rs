@@ -13,8 +13,8 @@
 //! Errors are operating errors (an application sent something wrong): each says
 //! what, where (the line) and what to do, for the SMTP reply or the pickup log.
 
-use crate::campaign::{normalise_address, AddressError};
-use crate::mime::header::{comment_end, fields};
+use crate::message::campaign::{normalise_address, AddressError};
+use crate::message::mime::header::{comment_end, fields};
 use crate::smtp::names::check_domain;
 use memchr::memmem;
 use std::collections::HashSet;
@@ -369,7 +369,7 @@ pub fn prepare(
     let mut out = Vec::with_capacity(message.len() + 512);
     out.extend_from_slice(received(intake).as_bytes());
     if !has_date {
-        let date = crate::dsn::rfc5322_date(intake.now);
+        let date = crate::message::dsn::rfc5322_date(intake.now);
         out.extend_from_slice(format!("Date: {date}\r\n").as_bytes());
     }
     if !has_message_id {
@@ -567,7 +567,7 @@ fn received(intake: &Trace) -> String {
     if let Some(last) = clauses.last_mut() {
         last.push(';');
     }
-    clauses.push(crate::dsn::rfc5322_date(intake.now));
+    clauses.push(crate::message::dsn::rfc5322_date(intake.now));
     fold("Received:", &clauses)
 }
 

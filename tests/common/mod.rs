@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use volley::config::EngineConfig;
-use volley::engine::Report;
-use volley::{campaign::Campaign, ingest};
+use volley::deliver::config::EngineConfig;
+use volley::deliver::engine::Report;
+use volley::{message::campaign::Campaign, spool::ingest};
 use volley_load::dns::{self, DnsServer, Zone};
 use volley_load::profile::Profile;
 use volley_load::sink::{Sink, SinkOptions};
@@ -146,7 +146,7 @@ impl Env {
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
             });
         }
-        let r = volley::engine::run(cfg, instances, stop, false).unwrap();
+        let r = volley::deliver::engine::run(cfg, instances, stop, false).unwrap();
         drop(lock);
         r
     }

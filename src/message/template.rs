@@ -347,7 +347,7 @@ impl Template {
     }
 
     /// Checks that one row's `values` (recipients.csv column order, each already
-    /// free of CR, LF and NUL: [`crate::campaign`] checks that for every column)
+    /// free of CR, LF and NUL: [`crate::message::campaign`] checks that for every column)
     /// make a message RFC 5322 allows: no line over [`LINE_OCTETS_MAX`] octets, no
     /// control character in a header field, address fields that still parse (RFC
     /// 5322 §3.4), URIs in List-* fields without spaces or quotes. Lines over
@@ -844,7 +844,7 @@ fn tokenize(v: &[u8]) -> Result<Vec<Token>, &'static str> {
 }
 
 fn skip_comment(v: &[u8], i: usize) -> Result<usize, &'static str> {
-    crate::mime::header::comment_end(v, i).ok_or("an unclosed comment '('")
+    crate::message::mime::header::comment_end(v, i).ok_or("an unclosed comment '('")
 }
 
 fn skip_quoted(v: &[u8], mut i: usize) -> Result<usize, &'static str> {

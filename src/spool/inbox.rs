@@ -11,8 +11,8 @@
 //! Records of an instance the shard already runs (the submission instance) go out
 //! as soon as they are synced.
 
-use crate::dkim::KeyRef;
-use crate::ingest::Instance;
+use crate::message::dkim::KeyRef;
+use crate::spool::ingest::Instance;
 use crate::spool::QueueRecord;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -6,25 +6,25 @@
 //! → a queue per site (MX host set) → up to N pipelined connections per site →
 //! replies → outcomes → group commit (accounting log first, then spool Done records).
 
-use crate::classify::{Class, Classifier};
-use crate::config::EngineConfig;
-use crate::control::{Action, Command, Status, Target};
-use crate::delivery;
-use crate::dkim::Signer;
-use crate::dns::MxHost;
-use crate::dns::{Resolver, Route};
-use crate::inbox::Inbound;
-use crate::ingest::{shard_dir, Instance, Instances};
-use crate::log::{self, Kind, LogWriter};
-use crate::pipeline::Window;
-use crate::retry::{self, Decision};
-use crate::shaping::rules::{BlockScope, PoolSource, Rule, Rules, Set};
-use crate::shaping::{self, Change, Gate, Limiter};
+use crate::deliver::config::EngineConfig;
+use crate::deliver::connection;
+use crate::deliver::control::{Action, Command, Status, Target};
+use crate::deliver::dns::MxHost;
+use crate::deliver::dns::{Resolver, Route};
+use crate::deliver::pipeline::Window;
+use crate::deliver::wheel::Wheel;
+use crate::message::dkim::Signer;
+use crate::observe::log::{self, Kind, LogWriter};
+use crate::policy::classify::{Class, Classifier};
+use crate::policy::retry::{self, Decision};
+use crate::policy::shaping::rules::{BlockScope, PoolSource, Rule, Rules, Set};
+use crate::policy::shaping::{self, Change, Gate, Limiter};
 use crate::smtp::client::Stage;
 use crate::smtp::client::TlsMode;
 use crate::smtp::reply::Reply;
+use crate::spool::inbox::Inbound;
+use crate::spool::ingest::{shard_dir, Instance, Instances};
 use crate::spool::{Deferral, LastReply, RecordRef, Spool, Terminal};
-use crate::wheel::Wheel;
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use std::cell::{Cell, Ref, RefCell};
@@ -346,7 +346,7 @@ pub struct Links {
     pub control: Receiver<Command>,
     pub peers: Vec<Sender<Command>>,
     /// The DKIM key each signing campaign instance uses.
-    pub dkim: Arc<HashMap<u32, crate::dkim::KeyRef>>,
+    pub dkim: Arc<HashMap<u32, crate::message::dkim::KeyRef>>,
     pub status: Arc<Status>,
     pub stop: Arc<AtomicBool>,
     /// New work while running (`serve`); None: the shard ends when its recovered
@@ -439,8 +439,8 @@ pub fn run(
         fresh: RefCell::new(Vec::new()),
         serving: inbox.is_some(),
         classifier: RefCell::new(classifier),
-        tls: crate::tls::client_config(false),
-        tls_verified: crate::tls::client_config(true),
+        tls: crate::deliver::tls::client_config(false),
+        tls_verified: crate::deliver::tls::client_config(true),
         resolver,
         spool: RefCell::new(spool),
         log: RefCell::new(log),
@@ -524,7 +524,7 @@ pub fn run(
         inst.outcomes.shard_started();
     }
     let sh = shard.clone();
-    crate::runtime::block_on(driver, async move {
+    crate::deliver::runtime::block_on(driver, async move {
         let committer = monoio::spawn(commit_loop(sh.clone()));
         let retrier = monoio::spawn(tick_loop(sh.clone()));
         let taker = inbox.map(|rx| monoio::spawn(inbox_loop(sh.clone(), rx)));
@@ -623,7 +623,7 @@ impl Shard {
         }
         let spool = self.spool.borrow();
         let ms = spool
-            .queue_value(rref, crate::ingest::SUBMITTED_QUEUED_AT)
+            .queue_value(rref, crate::spool::ingest::SUBMITTED_QUEUED_AT)
             .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
             .unwrap_or(0);
         UNIX_EPOCH + Duration::from_millis(ms)
@@ -696,7 +696,10 @@ impl Shard {
                 Ok(()),
             ),
             Route::NullMx => {
-                let why = crate::explain::dns(&domain, &crate::explain::DnsProblem::NullMx);
+                let why = crate::deliver::explain::dns(
+                    &domain,
+                    &crate::deliver::explain::DnsProblem::NullMx,
+                );
                 let why = why.to_string();
                 let f = failed(556, "5.1.10", &why, true);
                 (
@@ -877,7 +880,7 @@ impl Shard {
                 return;
             }
             site.conns.set(conns + 1);
-            monoio::spawn(delivery::connection(self.clone(), site.clone(), source));
+            monoio::spawn(connection::run(self.clone(), site.clone(), source));
         }
     }
 
@@ -1277,8 +1280,8 @@ impl Shard {
         // A submitted message names its own campaign and envelope sender.
         let (campaign, sender) = match inst.submission {
             true => (
-                value(crate::ingest::SUBMITTED_CAMPAIGN).into_owned(),
-                match value(crate::ingest::SUBMITTED_SENDER).as_ref() {
+                value(crate::spool::ingest::SUBMITTED_CAMPAIGN).into_owned(),
+                match value(crate::spool::ingest::SUBMITTED_SENDER).as_ref() {
                     "" => "<>".to_string(),
                     s => s.to_string(),
                 },
@@ -1335,12 +1338,12 @@ impl Shard {
                     _ => b[2] += 1,
                 }
                 let wants_dsn = match inst.submission {
-                    true => campaign != crate::dsn::DSN_CAMPAIGN,
+                    true => campaign != crate::message::dsn::DSN_CAMPAIGN,
                     false => inst.settings.dsn,
                 };
                 let null_sender = sender.is_empty() || sender == "<>";
                 if t != Terminal::Delivered && wants_dsn && !null_sender {
-                    let f = crate::dsn::Failure {
+                    let f = crate::message::dsn::Failure {
                         rcpt: &rcpt,
                         return_path: &sender,
                         campaign: &campaign,
@@ -1353,7 +1356,7 @@ impl Shard {
                             Terminal::Expired => last_attempt,
                             _ => Some(now_sys),
                         },
-                        mta: crate::dsn::reporting_name(
+                        mta: crate::message::dsn::reporting_name(
                             &self.cfg.ehlo_name,
                             &inst.settings.from_domain,
                         ),
@@ -1365,7 +1368,7 @@ impl Shard {
                         job.rref.off,
                         unix_ms(now_sys)
                     );
-                    let m = crate::dsn::message(&f, now_sys, &id);
+                    let m = crate::message::dsn::message(&f, now_sys, &id);
                     self.pending
                         .borrow_mut()
                         .push(Pending::Dsn(sender.clone(), m));
@@ -1471,7 +1474,7 @@ impl Shard {
                 values: vec![
                     to.as_bytes().to_vec(),
                     Vec::new(),
-                    crate::dsn::DSN_CAMPAIGN.as_bytes().to_vec(),
+                    crate::message::dsn::DSN_CAMPAIGN.as_bytes().to_vec(),
                     queued_at.as_bytes().to_vec(),
                     m.clone(),
                 ],
@@ -1659,7 +1662,7 @@ impl Shard {
 
     /// Runs a newly acknowledged campaign instance: its signer, its own rate, and
     /// the records staged for it.
-    fn activate(self: &Rc<Self>, inst: Arc<Instance>, dkim: Option<crate::dkim::KeyRef>) {
+    fn activate(self: &Rc<Self>, inst: Arc<Instance>, dkim: Option<crate::message::dkim::KeyRef>) {
         let no = inst.no;
         if let Some(k) = dkim {
             match k.load() {
@@ -1824,7 +1827,7 @@ pub fn stage_name(s: Stage) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::Driver;
+    use crate::deliver::runtime::Driver;
     use crate::spool::RecordRef;
 
     fn job() -> Job {
@@ -1840,7 +1843,7 @@ mod tests {
 
     #[test]
     fn an_idle_connection_waits_until_work_arrives_and_no_longer() {
-        crate::runtime::block_on(Driver::Auto, async {
+        crate::deliver::runtime::block_on(Driver::Auto, async {
             let idle = Rc::new(Idle::default());
             let queue = Rc::new(RefCell::new(VecDeque::new()));
             let quiet = monoio::time::timeout(Duration::from_millis(50), idle.wait()).await;

@@ -4,10 +4,10 @@
 //! on disk, by the `queued` marker. Records of an instance without the marker are
 //! abandoned at the next start: nothing is ever half-queued.
 
-use crate::campaign::{BadRow, Campaign, Problem, Settings, ERRORS_LISTED_MAX};
-use crate::log::{self, Kind, LogWriter};
+use crate::message::campaign::{BadRow, Campaign, Problem, Settings, ERRORS_LISTED_MAX};
+use crate::message::template::Template;
+use crate::observe::log::{self, Kind, LogWriter};
 use crate::spool::{QueueRecord, Spool};
-use crate::template::Template;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -6,7 +6,7 @@
 //! `status`. Each shard applies a command on its next tick (100 ms), so it takes
 //! effect within a second; rates are totals, split over the shards like the rules'.
 
-use crate::shaping::rules::{parse_per, Per};
+use crate::policy::shaping::rules::{parse_per, Per};
 use crossbeam_channel::Sender;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::IpAddr;

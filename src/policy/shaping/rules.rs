@@ -19,7 +19,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 const SHIPPED_DEFAULTS: &str = include_str!("defaults.toml");
-const SHIPPED_PROVIDERS: &str = include_str!("../../tuning/providers.toml");
+const SHIPPED_PROVIDERS: &str = include_str!("../../../tuning/providers.toml");
 
 /// A value and where it was set ("tuning/providers.toml:12", "command line").
 #[derive(Debug, Clone)]

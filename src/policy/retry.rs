@@ -2,7 +2,7 @@
 //! throttled receiver is retried sooner and oftener than a full mailbox), the
 //! greylisting delay when the receiver names one, and jitter on top.
 
-use crate::classify::{Class, Verdict};
+use crate::policy::classify::{Class, Verdict};
 use crate::smtp::reply::Reply;
 use std::time::{Duration, SystemTime};
 

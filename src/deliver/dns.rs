@@ -2,7 +2,7 @@
 //! monoio. Shards send a domain over a channel and await a oneshot answer; each
 //! shard caches answers until their TTL runs out.
 
-use crate::explain::{self, DnsProblem};
+use crate::deliver::explain::{self, DnsProblem};
 use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig, ResolverOpts};
 use hickory_resolver::error::{ResolveError, ResolveErrorKind};
 use hickory_resolver::proto::error::ProtoErrorKind;

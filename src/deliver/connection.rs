@@ -4,10 +4,10 @@
 //! the connection has carried its maximum, or the server goes away. After STARTTLS
 //! the same loop runs the bytes through rustls (itself sans-IO) on the way.
 
-use crate::dkim::Body;
-use crate::explain::{self, HandshakeError, Peer, Step, TlsPolicy};
-use crate::shaping;
-use crate::shard::{stage_name, Attempt, Job, Shard, Site, Via};
+use crate::deliver::explain::{self, HandshakeError, Peer, Step, TlsPolicy};
+use crate::deliver::shard::{stage_name, Attempt, Job, Shard, Site, Via};
+use crate::message::dkim::Body;
+use crate::policy::shaping;
 use crate::smtp::client::{Caps, ClientConfig, ClientSession, Event, Stage, TlsMode, Transaction};
 use crate::smtp::reply::Reply;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller};
@@ -37,7 +37,7 @@ fn failure(code: u16, enhanced: &str, why: String) -> Failure {
 
 /// A connection task for `site` from pool source `source` (None: the host's default
 /// address); the shard spawned it and counted it in the site's limiters.
-pub async fn connection(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>) {
+pub async fn run(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>) {
     let port = shard.cfg.smtp_port;
     let targets: Vec<(&str, SocketAddr)> = site
         .hosts
@@ -124,7 +124,7 @@ pub async fn connection(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>)
 /// Whether the receiver turned the connection away for its connection limit (a
 /// `throttled` refusal at the greeting or right after EHLO), not for the mail.
 fn refused_for_connections(shard: &Shard, f: &Failure) -> bool {
-    f.reply.code != 0 && shard.classify(&f.reply) == crate::classify::Class::Throttled
+    f.reply.code != 0 && shard.classify(&f.reply) == crate::policy::classify::Class::Throttled
 }
 
 /// Connects to `addr`, from `source` when given. Binding first with
@@ -666,9 +666,9 @@ fn build_tx(shard: &Shard, jobs: &[Job], caps: Caps) -> Result<Transaction, Repl
     let mut body = Vec::new();
     if inst.submission {
         // Prepared when it was taken in (serve::submitted): sent as it is.
-        body.extend_from_slice(&first.values[crate::ingest::SUBMITTED_MESSAGE]);
+        body.extend_from_slice(&first.values[crate::spool::ingest::SUBMITTED_MESSAGE]);
     } else if inst.add_date || inst.add_message_id {
-        let h = crate::compliance::per_message_headers(
+        let h = crate::message::compliance::per_message_headers(
             inst.add_date,
             inst.add_message_id
                 .then(|| inst.message_id(shard.id, jobs[0].rref)),
@@ -680,7 +680,7 @@ fn build_tx(shard: &Shard, jobs: &[Job], caps: Caps) -> Result<Transaction, Repl
     }
     if !caps.smtputf8 {
         // RFC 6532 header fields need SMTPUTF8; without it, RFC 2047 encoded-words.
-        match crate::mime::encode_headers(&body) {
+        match crate::message::mime::encode_headers(&body) {
             Ok(None) => {}
             Ok(Some(encoded)) => body = encoded,
             Err(e) => {
@@ -691,7 +691,7 @@ fn build_tx(shard: &Shard, jobs: &[Job], caps: Caps) -> Result<Transaction, Repl
     }
     let mut form = Body::Fixed(0);
     if !caps.eightbitmime {
-        match crate::mime::to_seven_bit(&body) {
+        match crate::message::mime::to_seven_bit(&body) {
             Ok(None) => {}
             Ok(Some(seven_bit)) => {
                 body = seven_bit;
@@ -731,9 +731,8 @@ fn build_tx(shard: &Shard, jobs: &[Job], caps: Caps) -> Result<Transaction, Repl
     Ok(Transaction {
         id: shard.next_tx_id(),
         from: match inst.submission {
-            true => {
-                String::from_utf8_lossy(&first.values[crate::ingest::SUBMITTED_SENDER]).into_owned()
-            }
+            true => String::from_utf8_lossy(&first.values[crate::spool::ingest::SUBMITTED_SENDER])
+                .into_owned(),
             false => match inst.settings.sender.as_str() {
                 "<>" => String::new(),
                 s => s.to_string(),

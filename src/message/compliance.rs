@@ -4,7 +4,7 @@
 //! when the template has none, and warnings for what only the operator can fix
 //! (no unsubscribe at all, an envelope sender not aligned with the From domain).
 
-use crate::campaign::Settings;
+use crate::message::campaign::Settings;
 
 /// A template completed with the headers the settings call for.
 pub struct Completed {
@@ -132,7 +132,7 @@ pub fn per_message_headers(add_date: bool, message_id: Option<String>) -> String
     if add_date {
         h.push_str(&format!(
             "Date: {}\r\n",
-            crate::dsn::rfc5322_date(std::time::SystemTime::now())
+            crate::message::dsn::rfc5322_date(std::time::SystemTime::now())
         ));
     }
     if let Some(id) = message_id {

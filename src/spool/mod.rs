@@ -15,6 +15,9 @@
 //! but not synced survive a process kill (they are in the page cache) but not a
 //! power loss.
 
+pub mod inbox;
+pub mod ingest;
+
 use memmap2::MmapMut;
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};

@@ -28,7 +28,7 @@
 //!   [`LINE_CHARS_ENCODED_MAX`], which keeps both RFC 2047 §2's and RFC 5322's bound.
 
 use super::header::{self, Field};
-use crate::template::ADDRESS_FIELDS;
+use crate::message::template::ADDRESS_FIELDS;
 use base64::Engine;
 use thiserror::Error;
 
@@ -43,7 +43,7 @@ pub const LINE_CHARS_ENCODED_MAX: usize = 76;
 pub const LINE_OCTETS_RECOMMENDED: usize = 78;
 /// Line length RFC 5322 §2.1.1 says lines MUST keep to, CRLF not counted; a field
 /// that cannot be folded under it is refused ([`HeaderEncodingError::LineTooLong`]).
-pub use crate::template::LINE_OCTETS_MAX;
+pub use crate::message::template::LINE_OCTETS_MAX;
 
 /// The characters of an encoded-word that are not encoded text: `=?UTF-8?Q?`, `?=`.
 const ENCODED_WORD_OVERHEAD: usize = "=?UTF-8?Q?".len() + "?=".len();

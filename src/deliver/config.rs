@@ -1,10 +1,10 @@
 //! Engine settings. Every limit has a name, a default and a documented effect at the
 //! limit (README, "Limits").
 
-use crate::dns::DnsConfig;
-use crate::retry::RetryPolicy;
-use crate::runtime::Driver;
-use crate::shaping::rules::{Problem, Rule, Rules};
+use crate::deliver::dns::DnsConfig;
+use crate::deliver::runtime::Driver;
+use crate::policy::retry::RetryPolicy;
+use crate::policy::shaping::rules::{Problem, Rule, Rules};
 use crate::smtp::client::Timeouts;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -62,7 +62,7 @@ impl EngineConfig {
             dns: DnsConfig::default(),
             smtp_port: 25,
             ehlo_name: hostname(),
-            dkim_dir: PathBuf::from(crate::dkim::DEFAULT_DIR),
+            dkim_dir: PathBuf::from(crate::message::dkim::DEFAULT_DIR),
             shaping_file: None,
             defaults: Rule::default(),
             window: 8,

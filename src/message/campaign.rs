@@ -2,8 +2,8 @@
 //! and `recipients.csv` (address + merge columns). Loading validates everything and
 //! reports every problem as `file:line: what, and what to do`.
 
-use crate::classify::Class;
-use crate::template::{RenderError, RenderNotes, Template, LINE_OCTETS_WARN};
+use crate::message::template::{RenderError, RenderNotes, Template, LINE_OCTETS_WARN};
+use crate::policy::classify::Class;
 use serde::Deserialize;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -41,7 +41,7 @@ pub struct Settings {
     /// Which of the From domain's keys sign: a selector or a list of them, one
     /// signature each; none: every key in the domain's directory.
     #[serde(default)]
-    pub dkim_selector: Option<crate::dkim::Selectors>,
+    pub dkim_selector: Option<crate::message::dkim::Selectors>,
     /// Header fields to sign, instead of `dkim::DEFAULT_HEADERS`.
     #[serde(default)]
     pub dkim_headers: Option<Vec<String>>,
@@ -288,7 +288,7 @@ impl Campaign {
             }
         }
         if let Some(r) = &settings.max_msg_rate {
-            if let Err(e) = crate::shaping::rules::parse_per(r) {
+            if let Err(e) = crate::policy::shaping::rules::parse_per(r) {
                 problems.push(Problem {
                     file: "campaign.toml",
                     line: None,
@@ -312,7 +312,7 @@ impl Campaign {
                 Ok(_) => {}
             }
         }
-        let done = crate::compliance::complete(&template_text, &settings);
+        let done = crate::message::compliance::complete(&template_text, &settings);
         // Added fields come first: the template's line numbers move by their count.
         let shift = done.added.len();
         let template = match Template::parse(&done.text, &columns) {
@@ -854,7 +854,7 @@ fn check_dot_string(local: &str) -> Result<(), AddressError> {
 
 /// What `check` and `send` say when no `--ehlo` is given and the host name (read
 /// from the kernel) is not a fully qualified domain name: volley then says EHLO
-/// `localhost.localdomain` (see [`crate::config::EngineConfig::new`]), which passes a
+/// `localhost.localdomain` (see [`crate::deliver::config::EngineConfig::new`]), which passes a
 /// receiver's FQDN syntax check but not one against DNS. None when the host name has
 /// a dot (it is sent as it is, and checked like `--ehlo`).
 pub fn default_ehlo_warning(hostname: &str) -> Option<String> {

@@ -270,7 +270,7 @@ impl KeyRef {
 /// problem names the campaign and what to do.
 pub fn keys_for(
     dir: &Path,
-    instances: &crate::ingest::Instances,
+    instances: &crate::spool::ingest::Instances,
 ) -> Result<std::collections::HashMap<u32, KeyRef>, KeyError> {
     let mut out = std::collections::HashMap::new();
     for (no, inst) in instances.iter() {
@@ -282,7 +282,10 @@ pub fn keys_for(
 }
 
 /// The keys for one campaign's settings (None: it does not sign), checked to parse.
-pub fn key_for(dir: &Path, s: &crate::campaign::Settings) -> Result<Option<KeyRef>, KeyError> {
+pub fn key_for(
+    dir: &Path,
+    s: &crate::message::campaign::Settings,
+) -> Result<Option<KeyRef>, KeyError> {
     if !s.dkim {
         return Ok(None);
     }

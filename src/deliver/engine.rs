@@ -1,12 +1,12 @@
 //! Starting and watching the shards: the resolver thread, one thread per shard, a
 //! progress bar, and the report when every recipient is done (or `stop` is set).
 
-use crate::config::EngineConfig;
-use crate::control::{self, Command, Status};
-use crate::dns::Resolver;
-use crate::ingest::Instances;
-use crate::shaping::rules::Rules;
-use crate::shard::{self, Progress};
+use crate::deliver::config::EngineConfig;
+use crate::deliver::control::{self, Command, Status};
+use crate::deliver::dns::Resolver;
+use crate::deliver::shard::{self, Progress};
+use crate::policy::shaping::rules::Rules;
+use crate::spool::ingest::Instances;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -91,7 +91,7 @@ pub fn load_rules(cfg: &EngineConfig, instances: &Instances) -> anyhow::Result<R
 /// What `volley serve` adds to a run: it goes on until `stop`, taking new work.
 pub struct Serving {
     /// One inbox per shard (inbox.rs).
-    pub inboxes: Vec<tokio::sync::mpsc::Receiver<crate::inbox::Inbound>>,
+    pub inboxes: Vec<tokio::sync::mpsc::Receiver<crate::spool::inbox::Inbound>>,
     /// Admin socket commands of the daemon's own (`inject`, `progress`).
     pub admin: control::Extra,
     /// Set once the admin socket is bound and every shard thread is started.
@@ -124,19 +124,23 @@ pub fn run_with(
     let wants_dsn = instances.values().any(|i| i.settings.dsn);
     let instances = match wants_dsn && !instances.values().any(|i| i.submission) {
         true => {
-            crate::ingest::submission_instance(&cfg.spool_dir, &cfg.ehlo_name)?;
-            Arc::new(crate::ingest::load_instances(&cfg.spool_dir)?)
+            crate::spool::ingest::submission_instance(&cfg.spool_dir, &cfg.ehlo_name)?;
+            Arc::new(crate::spool::ingest::load_instances(&cfg.spool_dir)?)
         }
         false => instances,
     };
     let rules = Arc::new(load_rules(&cfg, &instances)?);
-    let warmup = Arc::new(crate::shaping::warmup::Ledger::load(&cfg.spool_dir)?);
-    let leases = Arc::new(crate::shaping::Leases::default());
-    let dkim =
-        Arc::new(crate::dkim::keys_for(&cfg.dkim_dir, &instances).map_err(|e| anyhow::anyhow!(e))?);
+    let warmup = Arc::new(crate::policy::shaping::warmup::Ledger::load(
+        &cfg.spool_dir,
+    )?);
+    let leases = Arc::new(crate::policy::shaping::Leases::default());
+    let dkim = Arc::new(
+        crate::message::dkim::keys_for(&cfg.dkim_dir, &instances)
+            .map_err(|e| anyhow::anyhow!(e))?,
+    );
     let cfg = Arc::new(cfg);
     let resolver = Resolver::start(&cfg.dns)?;
-    let classifier = Arc::new(crate::classify::load(cfg.bounce_rules.as_deref())?);
+    let classifier = Arc::new(crate::policy::classify::load(cfg.bounce_rules.as_deref())?);
     let status = Arc::new(Status::default());
     *status.per_shard.lock().expect("status lock") = vec![Vec::new(); cfg.shards];
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..cfg.shards)

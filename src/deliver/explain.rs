@@ -560,7 +560,7 @@ pub fn dns(domain: &str, p: &DnsProblem) -> Sentence {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::classify::Classifier;
+    use crate::policy::classify::Classifier;
     use crate::smtp::reply::Reply;
     use rustls::{AlertDescription, CertificateError, Error as TlsError, OtherError};
     use std::io::Error as IoError;

@@ -1,0 +1,15 @@
+//! Delivery: the engine starts a shard per core; each shard routes its recipients to
+//! sites (MX host sets), opens pooled, pipelined connections to them, and records
+//! every reply as an outcome.
+
+pub mod config;
+pub mod connection;
+pub mod control;
+pub mod dns;
+pub mod engine;
+pub mod explain;
+pub mod pipeline;
+pub mod runtime;
+pub mod shard;
+pub mod tls;
+pub mod wheel;
