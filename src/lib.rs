@@ -14,10 +14,10 @@
 //! - `smtp`: sans-IO client and server sessions, the reply parser, names.
 //! - `observe`: the accounting log and the report read from it.
 //!
-//! What may import what: `serve` → `spool`, `deliver`, `message`, `policy`, `smtp`,
-//! `observe`; `deliver` → `spool`, `message`, `policy`, `smtp`, `observe`; `spool` →
-//! `message`, `observe`; `message`, `policy`, `observe` and `smtp` import no room
-//! but `smtp` (and `message` the name syntax from it).
+//! What may import what: `serve` → every room; `deliver` → `spool`, `message`,
+//! `policy`, `smtp`, `observe`; `spool` → `message`, `observe`, `smtp`; `message` →
+//! `policy` (reply classes, rates), `smtp` (name syntax); `policy` → `smtp` (the
+//! reply parser); `observe` and `smtp` import no room. Nothing imports `serve`.
 
 pub mod deliver;
 pub mod message;

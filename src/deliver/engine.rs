@@ -135,8 +135,11 @@ pub fn run_with(
     )?);
     let leases = Arc::new(crate::policy::shaping::Leases::default());
     let dkim = Arc::new(
-        crate::message::dkim::keys_for(&cfg.dkim_dir, &instances)
-            .map_err(|e| anyhow::anyhow!(e))?,
+        crate::message::dkim::keys_for(
+            &cfg.dkim_dir,
+            instances.values().map(|i| (i.no, &i.settings)),
+        )
+        .map_err(|e| anyhow::anyhow!(e))?,
     );
     let cfg = Arc::new(cfg);
     let resolver = Resolver::start(&cfg.dns)?;

@@ -266,16 +266,16 @@ impl KeyRef {
     }
 }
 
-/// The keys of every signing campaign instance, each checked to parse; the first
-/// problem names the campaign and what to do.
-pub fn keys_for(
+/// The keys of every signing campaign instance (its number and settings), each
+/// checked to parse; the first problem names the campaign and what to do.
+pub fn keys_for<'a>(
     dir: &Path,
-    instances: &crate::spool::ingest::Instances,
+    instances: impl Iterator<Item = (u32, &'a crate::message::campaign::Settings)>,
 ) -> Result<std::collections::HashMap<u32, KeyRef>, KeyError> {
     let mut out = std::collections::HashMap::new();
-    for (no, inst) in instances.iter() {
-        if let Some(k) = key_for(dir, &inst.settings)? {
-            out.insert(*no, k);
+    for (no, settings) in instances {
+        if let Some(k) = key_for(dir, settings)? {
+            out.insert(no, k);
         }
     }
     Ok(out)
