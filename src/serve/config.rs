@@ -96,10 +96,11 @@ sync_interval = "100ms"            # the spool is msynced this often: the power-
 shutdown_grace = "30s"             # on SIGTERM the listeners stop accepting; transactions
                                    # in flight and the shards' connections get this long
                                    # (0s to 1h), then are dropped (their messages stay queued)
-inbox_max = 10000                  # records waiting in each shard's injection inbox
-                                   # (1 to 1000000); a listener that finds it full waits...
-inbox_wait_max = "10s"             # ...this long (0s to 10m), then answers 451 4.3.1
-                                   # (SMTP) or 503 with Retry-After (HTTP)
+inbox_max = 10000                  # messages waiting in each shard's injection inbox
+                                   # (1 to 1000000; a campaign comes in batches of up to
+                                   # 4096 records); SMTP that finds it full waits...
+inbox_wait_max = "10s"             # ...this long (0s to 10m), then answers 452 4.3.1;
+                                   # a campaign waits 30 s, then HTTP 503 with Retry-After
 users = "/etc/volley/users"        # submission AUTH users: NAME:ARGON2ID-PHC per line
 tokens = "/etc/volley/tokens"      # HTTP API tokens (SHA-256), one per line
 tls_cert = "/etc/volley/cert.pem"  # the listeners' certificate chain and key (PEM):

@@ -113,6 +113,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
                 users: users.clone(),
                 tls: crate::deliver::tls::server_config(&hostname, files)?,
                 hostname: hostname.clone(),
+                inbox_wait_max: cfg.inbox_wait_max,
                 stop: listeners_stop.clone(),
             });
             threads.push(submission::start(&cfg.submission, shared)?);

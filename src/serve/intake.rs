@@ -67,7 +67,7 @@ impl Intake {
     /// comes once it is durable; `Err` at once when that shard's inbox is full.
     pub fn submit(
         &self,
-        m: Submitted,
+        m: &Submitted,
     ) -> Result<oneshot::Receiver<Result<(), String>>, InboxError> {
         let shard = ingest::shard_of(
             m.recipients.first().map_or("", String::as_str),
@@ -77,7 +77,7 @@ impl Intake {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64)
             .to_string();
-        let campaign = m.campaign.unwrap_or_else(|| SUBMISSION_CAMPAIGN.into());
+        let campaign = m.campaign.as_deref().unwrap_or(SUBMISSION_CAMPAIGN);
         let records = m
             .recipients
             .iter()

@@ -153,7 +153,7 @@ fn queue_file(p: &Pickup, path: &Path) -> Result<(), Refused> {
         .map_err(|e| Refused::Bad(e.to_string()))?;
     let answer = p
         .intake
-        .submit(Submitted {
+        .submit(&Submitted {
             sender: file.sender,
             recipients: file.recipients,
             campaign: prepared.campaign,

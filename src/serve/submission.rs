@@ -32,6 +32,8 @@ pub struct Shared {
     pub users: Arc<RwLock<Option<Users>>>,
     pub tls: Arc<rustls::ServerConfig>,
     pub hostname: String,
+    /// How long a message waits for room in a full inbox before `452 4.3.1`.
+    pub inbox_wait_max: Duration,
     /// Set on SIGTERM: stop accepting; idle sessions are told 421 and closed.
     pub stop: Arc<AtomicBool>,
 }
@@ -325,7 +327,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, l: &Listener, shared: &
             let verdict = match conn.work.take() {
                 Some(Work::Message(from, rcpts, content)) => {
                     match prepare(&session, &conn, from, rcpts, &content) {
-                        Ok(m) => queue(&shared.intake, m).await,
+                        Ok(m) => queue(&shared.intake, m, shared.inbox_wait_max).await,
                         Err(refused) => refused,
                     }
                 }
@@ -383,14 +385,21 @@ fn prepare(
     })
 }
 
-/// Queues a message and waits until it is durable: the reply to its DATA/BDAT.
-async fn queue(intake: &Intake, m: Submitted) -> Verdict {
-    let answer = match intake.submit(m) {
-        Ok(a) => a,
-        Err(e @ InboxError::Full(..)) => {
-            return Verdict::Reply(format!("452 4.3.1 Insufficient system storage: {e}"))
+/// Queues a message and waits until it is durable: the reply to its DATA/BDAT. A
+/// full inbox is tried again for up to `wait_max`, then refused for now.
+async fn queue(intake: &Intake, m: Submitted, wait_max: Duration) -> Verdict {
+    let deadline = tokio::time::Instant::now() + wait_max;
+    let answer = loop {
+        match intake.submit(&m) {
+            Ok(a) => break a,
+            Err(InboxError::Full(..)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Err(e @ InboxError::Full(..)) => {
+                return Verdict::Reply(format!("452 4.3.1 Insufficient system storage: {e}"))
+            }
+            Err(e) => return Verdict::Reply(format!("421 4.3.2 {e}")),
         }
-        Err(e) => return Verdict::Reply(format!("421 4.3.2 {e}")),
     };
     match answer.await {
         Ok(Ok(())) => Verdict::Reply("250 2.0.0 Ok: queued".into()),
