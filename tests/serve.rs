@@ -708,3 +708,166 @@ fn a_submitted_message_that_bounces_comes_back_to_its_sender_as_a_dsn() {
     assert!(report.contains("Action: failed"), "{report}");
     let _ = std::fs::remove_dir_all(&keep);
 }
+
+#[test]
+fn the_listeners_limits_answer_as_configured() {
+    let env = common::env("serve-limits", "");
+    let spool = env.dir.join("spool");
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let cfg = format!(
+        "[[submission]]\nlisten = \"{addr}\"\ntls = \"none\"\nauth = \"none\"\n\
+         message_size_max = \"1KiB\"\nrecipients_max = 100\nconnections_per_ip_max = 2\n\
+         command_timeout = \"1s\"\n"
+    );
+    let cfg = write_config(&env.dir, &cfg);
+    let mut args = base_args(&env, &spool);
+    args.extend(["--config".into(), cfg.display().to_string()]);
+    let _d = Daemon::start(&env.dir, &args);
+
+    let (mut c, _) = Client::connect(addr);
+    let ehlo = c.cmd("EHLO app.test");
+    assert!(ehlo.contains("SIZE 1024"), "{ehlo}");
+    let r = c.cmd("MAIL FROM:<app@news.test> SIZE=5000");
+    assert!(r.starts_with("552 5.3.4"), "{r}");
+    assert!(c.cmd("MAIL FROM:<app@news.test>").starts_with("250"));
+    for i in 0..100 {
+        assert!(c
+            .cmd(&format!("RCPT TO:<l{i}@gmail.com>"))
+            .starts_with("250"));
+    }
+    let r = c.cmd("RCPT TO:<l100@gmail.com>");
+    assert!(r.starts_with("452 4.5.3"), "{r}");
+    assert!(c.cmd("DATA").starts_with("354"));
+    let line = format!("{}\r\n", "x".repeat(98));
+    c.send(&format!("Subject: big\r\n\r\n{}.\r\n", line.repeat(20)));
+    let r = c.reply();
+    assert!(r.starts_with("552 5.3.4"), "{r}");
+
+    // Two connections from this address are the limit; the third is refused.
+    let (_c2, g2) = Client::connect(addr);
+    assert!(g2.starts_with("220"), "{g2}");
+    let (_c3, g3) = Client::connect(addr);
+    assert!(g3.starts_with("421 4.7.0"), "{g3}");
+
+    // An idle session gets the command timeout, then is closed.
+    let r = c.reply();
+    assert!(r.starts_with("421 4.4.2"), "{r}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        env.sink.rcpts_terminal(),
+        0,
+        "nothing over a limit was queued"
+    );
+}
+
+#[test]
+fn smuggled_and_bare_lf_content_never_becomes_a_second_message() {
+    let env = common::env("serve-smuggle", "");
+    let spool = env.dir.join("spool");
+    let port = free_port();
+    let mut args = base_args(&env, &spool);
+    args.extend(["--submission".into(), format!("127.0.0.1:{port}")]);
+    let _d = Daemon::start(&env.dir, &args);
+    let (mut c, _) = Client::connect(format!("127.0.0.1:{port}").parse().unwrap());
+    c.cmd("EHLO app.test");
+    for end in ["\n.\r\n", "\r\n.\n", "\n.\n", "\r.\r\n"] {
+        assert!(c.cmd("MAIL FROM:<app@news.test>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<outer@gmail.com>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        // After the fake end, a whole smuggled transaction.
+        c.send(&format!(
+            "Subject: outer\r\n\r\nhi{end}MAIL FROM:<evil@news.test>\r\nRCPT TO:<smuggled@gmail.com>\r\nDATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\n"
+        ));
+        let r = c.reply();
+        // One reply for the one message: refused for its bare line ends, never a
+        // 250 for a second one.
+        assert!(r.starts_with("5") || r.starts_with("250"), "{end:?}: {r}");
+        let more = c.cmd("NOOP");
+        assert!(
+            more.starts_with("250 "),
+            "{end:?}: no pending replies: {more}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let log = std::fs::read_to_string(spool.join("accounting.jsonl")).unwrap_or_default();
+    assert!(!log.contains("smuggled@"), "{log}");
+}
+
+#[test]
+fn a_full_spool_refuses_injection_with_452_while_delivery_goes_on() {
+    let env = common::env_with(
+        "serve-diskfull",
+        "latency_ms = { greeting = [1500, 1500] }",
+        true,
+    );
+    // A small file system of our own for the spool (root only; skipped without).
+    let fs = env.dir.join("fs");
+    std::fs::create_dir_all(&fs).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&fs)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("cannot mount a tmpfs here (not root?); skipping the disk-full test");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(fs.clone());
+    let spool = fs.join("spool");
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let cfg = format!(
+        "segment_size = \"1MiB\"\nspool_free_min = \"8MiB\"\n[[submission]]\nlisten = \"{addr}\"\ntls = \"none\"\nauth = \"none\"\n"
+    );
+    let cfg = write_config(&env.dir, &cfg);
+    let mut args = base_args(&env, &spool);
+    args.extend(["--config".into(), cfg.display().to_string()]);
+    let _d = Daemon::start(&env.dir, &args);
+    let send = |c: &mut Client, rcpt: &str| {
+        assert!(c.cmd("MAIL FROM:<app@news.test>").starts_with("250"));
+        assert!(c.cmd(&format!("RCPT TO:<{rcpt}>")).starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send("Subject: space\r\n\r\nx\r\n.\r\n");
+        c.reply()
+    };
+    let (mut c, _) = Client::connect(addr);
+    c.cmd("EHLO app.test");
+    // Taken while there is room; its delivery waits on the receiver's slow greeting.
+    assert!(send(&mut c, "early@gmail.com").starts_with("250"));
+    // Then the file system fills up to under the reserve.
+    let filler = fs.join("filler");
+    let free = {
+        let out = Command::new("df")
+            .args(["-B1", "--output=avail"])
+            .arg(&fs)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    std::fs::write(&filler, vec![0u8; (free - 6 * 1024 * 1024) as usize]).unwrap();
+    let r = send(&mut c, "late@gmail.com");
+    assert!(r.starts_with("452 4.3.1"), "{r}");
+    // Delivery goes on: what was taken is delivered and recorded.
+    let t = wait_terminal(&spool.join("accounting.jsonl"), "early@gmail.com");
+    assert_eq!(t["type"], "Delivery");
+    // Room again: taken again.
+    std::fs::remove_file(&filler).unwrap();
+    assert!(send(&mut c, "again@gmail.com").starts_with("250"));
+    assert_eq!(
+        wait_terminal(&spool.join("accounting.jsonl"), "again@gmail.com")["type"],
+        "Delivery"
+    );
+}

@@ -101,6 +101,9 @@ inbox_max = 10000                  # messages waiting in each shard's injection 
                                    # 4096 records); SMTP that finds it full waits...
 inbox_wait_max = "10s"             # ...this long (0s to 10m), then answers 452 4.3.1;
                                    # a campaign waits 30 s, then HTTP 503 with Retry-After
+spool_free_min = "256MiB"          # free space kept on the spool's file system for delivery
+                                   # (Done records, the log): below it plus the message,
+                                   # injection is refused (452 4.3.1, HTTP 503); 0 to 1TiB
 users = "/etc/volley/users"        # submission AUTH users: NAME:ARGON2ID-PHC per line
 tokens = "/etc/volley/tokens"      # HTTP API tokens (SHA-256), one per line
 tls_cert = "/etc/volley/cert.pem"  # the listeners' certificate chain and key (PEM):
@@ -225,6 +228,8 @@ pub struct ServeConfig {
     pub inbox_max: usize,
     /// How long a listener waits for room in a full inbox before a temporary refusal.
     pub inbox_wait_max: Duration,
+    /// Free octets kept on the spool's file system: injection is refused below it.
+    pub spool_free_min: u64,
     /// AUTH users for the submission listeners.
     pub users: Option<PathBuf>,
     /// Tokens for the HTTP API.
@@ -412,6 +417,7 @@ impl ServeConfig {
             shutdown_grace: Duration::from_secs(30),
             inbox_max: 10_000,
             inbox_wait_max: Duration::from_secs(10),
+            spool_free_min: 256 << 20,
             users: None,
             tokens: None,
             tls_cert: None,
@@ -1640,9 +1646,9 @@ fn read_delivery(doc: &mut Doc, t: &mut Table, cfg: &mut ServeConfig) {
         t.put(doc, key, slot, &timeout);
     }
     t.put(doc, "requeues_max", &mut cfg.requeues_max, &u32_in(0, 100));
-    // A segment holds at least a few of the largest records (spool::RECORD_MAX), and
-    // offsets into it are 32-bit.
-    let segment = size_in(4 * crate::spool::RECORD_MAX as u64, 1 << 30);
+    // Offsets into a segment are 32-bit; a record bigger than a segment gets one of
+    // its own size.
+    let segment = size_in(1 << 20, 1 << 30);
     if let Some(b) = t.get(doc, "segment_size", &segment) {
         cfg.segment_bytes = b as usize;
     }
@@ -1763,6 +1769,12 @@ fn read_service(doc: &mut Doc, t: &mut Table, cfg: &mut ServeConfig) {
         "inbox_wait_max",
         &mut cfg.inbox_wait_max,
         &duration_in(s(0), s(600)),
+    );
+    t.put(
+        doc,
+        "spool_free_min",
+        &mut cfg.spool_free_min,
+        &size_in(0, 1 << 40),
     );
 }
 

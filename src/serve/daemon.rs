@@ -45,6 +45,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
         instances.clone(),
         ecfg.dkim_dir.clone(),
         ecfg.log_path.clone(),
+        cfg.spool_free_min,
     ));
     let users = Arc::new(RwLock::new(load_users(cfg.users.as_deref())?));
     let tokens = Arc::new(RwLock::new(load_tokens(cfg.tokens.as_deref())?));

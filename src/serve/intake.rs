@@ -31,6 +31,8 @@ pub struct Intake {
     ingesting: Mutex<()>,
     pub dkim_dir: PathBuf,
     pub log: PathBuf,
+    /// Free octets kept on the spool's file system for delivery (`spool_free_min`).
+    pub free_min: u64,
 }
 
 /// A submitted message: envelope and prepared content (serve::submitted).
@@ -50,6 +52,7 @@ impl Intake {
         instances: BTreeMap<u32, Arc<Instance>>,
         dkim_dir: PathBuf,
         log: PathBuf,
+        free_min: u64,
     ) -> Intake {
         Intake {
             inboxes,
@@ -59,6 +62,23 @@ impl Intake {
             ingesting: Mutex::new(()),
             dkim_dir,
             log,
+            free_min,
+        }
+    }
+
+    /// Refuses injection that would leave less than `free_min` octets free on the
+    /// spool's file system: what is kept lets delivery go on (Done records, the log).
+    pub fn room_for(&self, bytes: u64) -> Result<(), InboxError> {
+        if self.free_min == 0 {
+            return Ok(());
+        }
+        let free = free_octets(&self.spool).unwrap_or(u64::MAX);
+        match free >= self.free_min.saturating_add(bytes) {
+            true => Ok(()),
+            false => Err(InboxError::Disk {
+                free,
+                min: self.free_min,
+            }),
         }
     }
 
@@ -69,6 +89,8 @@ impl Intake {
         &self,
         m: &Submitted,
     ) -> Result<oneshot::Receiver<Result<(), String>>, InboxError> {
+        let size = (m.message.len() * m.recipients.len()) as u64;
+        self.room_for(size)?;
         let shard = ingest::shard_of(
             m.recipients.first().map_or("", String::as_str),
             self.inboxes.shards(),
@@ -102,6 +124,8 @@ impl Intake {
     /// is ever sent.
     pub fn queue_campaign(&self, campaign: &Campaign) -> Result<Ingested, IngestError> {
         let _one = self.ingesting.lock().expect("ingest lock");
+        self.room_for(0)
+            .map_err(|e| IngestError::Other(anyhow::anyhow!(e)))?;
         // A missing key is the campaign's to fix, not a temporary failure.
         let key =
             crate::message::dkim::key_for(&self.dkim_dir, &campaign.settings).map_err(|e| {
@@ -218,6 +242,17 @@ impl RecordSink for InboxSink<'_> {
         }
         Ok(())
     }
+}
+
+/// Octets free for an unprivileged writer on the file system holding `path`.
+fn free_octets(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is plain data, valid all-zero; then a NUL-terminated path and
+    // a statvfs we own.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0)
+        .then(|| st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// The problems of a refused campaign, one per line, as `volley check` prints them.

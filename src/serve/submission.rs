@@ -395,7 +395,7 @@ async fn queue(intake: &Intake, m: Submitted, wait_max: Duration) -> Verdict {
             Err(InboxError::Full(..)) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(5)).await
             }
-            Err(e @ InboxError::Full(..)) => {
+            Err(e @ (InboxError::Full(..) | InboxError::Disk { .. })) => {
                 return Verdict::Reply(format!("452 4.3.1 Insufficient system storage: {e}"))
             }
             Err(e) => return Verdict::Reply(format!("421 4.3.2 {e}")),

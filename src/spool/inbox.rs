@@ -56,6 +56,8 @@ pub enum InboxError {
     Closed,
     #[error("the spool could not take the records: {0}")]
     Spool(String),
+    #[error("the spool's file system has {free} octets free, under spool_free_min ({min}) with this message; try again later")]
+    Disk { free: u64, min: u64 },
 }
 
 /// The senders of every shard's inbox.

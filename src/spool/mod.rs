@@ -32,8 +32,10 @@ const MAGIC: &[u8; 8] = b"VOLLEYSP";
 const VERSION: u32 = 3;
 const SEG_HEADER_BYTES: usize = 16;
 const FRAME_BYTES: usize = 8;
-/// Largest record payload: a recipient row is bounded well below this at ingest.
-pub const RECORD_MAX: usize = 256 * 1024;
+/// Largest record payload: a submitted message with its envelope (the listeners'
+/// `message_size_max` is at most 1 GiB); a campaign's recipient row is bounded far
+/// below it at ingest. A record bigger than `segment_bytes` gets a segment of its own.
+pub const RECORD_MAX: usize = (1 << 30) + (1 << 20);
 
 const KIND_QUEUE: u8 = 1;
 const KIND_DONE: u8 = 2;
@@ -446,10 +448,10 @@ impl Spool {
             }
         }
         match spool.segs.back() {
-            None => spool.new_segment(1)?,
+            None => spool.new_segment(1, segment_bytes)?,
             Some(last) if last_version < VERSION => {
                 let next = last.no + 1;
-                spool.new_segment(next)?;
+                spool.new_segment(next, segment_bytes)?;
             }
             Some(_) => {}
         }
@@ -472,7 +474,8 @@ impl Spool {
             .filter(|s| s.no == no)
     }
 
-    fn new_segment(&mut self, no: u32) -> Result<(), SpoolError> {
+    /// Opens segment `no`, preallocated to `bytes`.
+    fn new_segment(&mut self, no: u32, bytes: usize) -> Result<(), SpoolError> {
         let path = self.seg_path(no);
         let file = OpenOptions::new()
             .read(true)
@@ -480,7 +483,7 @@ impl Spool {
             .create_new(true)
             .open(&path)
             .map_err(io(&path, "create segment"))?;
-        preallocate(&file, self.segment_bytes as u64, &path)?;
+        preallocate(&file, bytes as u64, &path)?;
         // SAFETY: as in `open`: the file is ours alone and never truncated while mapped.
         let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(io(&path, "map segment"))?;
         map[..8].copy_from_slice(MAGIC);
@@ -515,9 +518,11 @@ impl Spool {
             });
         }
         let need = FRAME_BYTES + payload.len();
-        if self.write_off + need > self.segment_bytes {
+        let room = self.segs.back().map_or(0, |s| s.map.len());
+        if self.write_off + need > room {
             let next = self.segs.back().map_or(1, |s| s.no + 1);
-            self.new_segment(next)?;
+            let bytes = self.segment_bytes.max(SEG_HEADER_BYTES + need);
+            self.new_segment(next, bytes)?;
         }
         let off = self.write_off;
         let seg = self.segs.back_mut().expect("a segment is always open");
