@@ -398,6 +398,9 @@ fn http_injection_queues_a_campaign_and_reports_its_counts() {
     let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
     assert_eq!(v["queued"], 50);
     assert_eq!(v["campaign"], "spring");
+    // The same id again (a client retrying): refused, unless it asks for a new one.
+    let (status, resp) = http(addr, "POST", "/api/v1/inject", Some(&token), &body);
+    assert_eq!(status, 409, "{resp}");
 
     let bad = r#"{"id":"bad","sender":"bounces@news.test","from_domain":"news.test","dkim":false,"template":"From: news@news.test\nSubject: s\n\nhi\n","recipients":[{"email":"ok@gmail.com"},{"email":"not an address"}]}"#;
     let (status, resp) = http(addr, "POST", "/api/v1/inject", Some(&token), bad);
@@ -650,6 +653,14 @@ fn sighup_applies_a_new_rate_within_a_second() {
     std::thread::sleep(Duration::from_millis(1500));
     let before = env.sink.rcpts_terminal();
     assert!(before <= 2, "{before} delivered at 1/min");
+    // A reload that changes nothing lets nothing more through: the pacing stays.
+    d.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = env.sink.rcpts_terminal();
+    assert_eq!(
+        after, before,
+        "a reload without changes let mail past the rate"
+    );
     std::fs::write(
         &shaping,
         "[domain.\"gmail.com\"]\nmax_msg_rate = \"1000/s\"\n",

@@ -88,8 +88,10 @@ pub struct Site {
     pub hosts: Rc<[MxHost]>,
     pub queue: RefCell<VecDeque<Job>>,
     pub conns: Cell<usize>,
-    /// Session settings: default, then provider, then domain rule.
-    pub rule: Rule,
+    /// The domain the site was made for (its rules are looked up by it).
+    domain: Rc<str>,
+    /// Session settings: default, then provider, then domain rule (replaced on reload).
+    rule: RefCell<Rule>,
     /// Destination limiters (provider or MX set, then the domain's own): every
     /// message and connection passes each.
     pub limits: Vec<Rc<Limiter>>,
@@ -206,6 +208,7 @@ pub struct Source {
 impl Site {
     pub fn max_msgs_per_conn(&self) -> usize {
         self.rule
+            .borrow()
             .max_msgs_per_conn
             .as_ref()
             .map_or(1000, |v| v.value as usize)
@@ -213,6 +216,7 @@ impl Site {
     /// Recipients per transaction: the rule's, or fewer once the receiver said so.
     pub fn max_rcpt_per_msg(&self) -> usize {
         self.rule
+            .borrow()
             .max_rcpt_per_msg
             .as_ref()
             .map_or(100, |v| v.value as usize)
@@ -226,18 +230,24 @@ impl Site {
     }
     pub fn idle_timeout(&self) -> Duration {
         self.rule
+            .borrow()
             .idle_timeout
             .as_ref()
             .map_or(Duration::from_secs(5), |v| v.value)
     }
     pub fn tls(&self) -> TlsMode {
         self.rule
+            .borrow()
             .tls
             .as_ref()
             .map_or(TlsMode::Opportunistic, |v| v.value)
     }
     pub fn tls_verify(&self) -> bool {
-        self.rule.tls_verify.as_ref().is_some_and(|v| v.value)
+        self.rule
+            .borrow()
+            .tls_verify
+            .as_ref()
+            .is_some_and(|v| v.value)
     }
     /// Limiters a message sent from `source` passes.
     pub fn chain(&self, source: Option<usize>) -> Vec<&Limiter> {
@@ -358,10 +368,10 @@ pub struct Links {
 
 /// Shaping and bounce rules published by `volley serve` on SIGHUP. Each shard
 /// takes a new generation on its next tick (100 ms), so a new rate applies within
-/// a second. Back-offs and suspensions in force stay (the replies that caused them
-/// still hold); every other limiter is made anew from the new rules, and queued
-/// recipients are routed to sites made from them. Connections of the old sites
-/// finish what they carry and close when idle.
+/// a second. Every site's limiters are reconfigured in place (`Limiter::
+/// reconfigure`): what they learnt stays (back-offs, suspensions, pacing, open
+/// connections). A site keeps the provider it was made with; a change of a
+/// provider's MX suffixes applies to sites made after the reload.
 #[derive(Default)]
 pub struct Reloads {
     generation: AtomicU64,
@@ -802,7 +812,8 @@ impl Shard {
             hosts,
             queue: RefCell::new(VecDeque::new()),
             conns: Cell::new(0),
-            rule: rules.effective(domain, provider),
+            domain: Rc::from(domain),
+            rule: RefCell::new(rules.effective(domain, provider)),
             limits,
             sources,
             window: Window::new(self.cfg.window),
@@ -919,7 +930,7 @@ impl Shard {
                 c
             }
             Class::Blocked => {
-                let scope = site.rule.block_scope.as_ref().map(|s| s.value);
+                let scope = site.rule.borrow().block_scope.as_ref().map(|s| s.value);
                 let l = match (scope, src) {
                     (Some(BlockScope::Source), Some(src)) => src,
                     _ => dest,
@@ -1156,26 +1167,29 @@ impl Shard {
 
     /// New shaping and bounce rules (see `Reloads`).
     fn reload(self: &Rc<Self>, rules: Arc<Rules>, classifier: Arc<Classifier>) {
-        *self.rules.borrow_mut() = rules;
+        *self.rules.borrow_mut() = rules.clone();
         *self.classifier.borrow_mut() = classifier;
         let now = Instant::now();
-        self.limiters
-            .borrow_mut()
-            .retain(|_, l| l.status(now).is_some());
-        // Routes stay (no DNS again), their sites go; lookups in flight keep their jobs.
-        for st in self.domains.borrow_mut().values_mut() {
-            if let DomainState::Routed { sites, .. } = st {
-                sites.clear();
+        let sites: Vec<Rc<Site>> = self.sites.borrow().values().cloned().collect();
+        for site in &sites {
+            let provider = rules.provider_for(site.hosts.iter().map(|h| h.name.as_str()));
+            let dest_rule = rules.default.merged(provider.map(|p| &p.rule));
+            let mut changes = Vec::new();
+            for l in &site.limits {
+                let rule = match l.key.strip_prefix("domain:") {
+                    Some(d) => rules.domains.get(d).cloned().unwrap_or_default(),
+                    None => dest_rule.clone(),
+                };
+                changes.extend(l.reconfigure(&rule, now));
             }
-        }
-        let sites = std::mem::take(&mut *self.sites.borrow_mut());
-        let mut jobs = Vec::new();
-        for site in sites.values() {
-            jobs.extend(site.queue.borrow_mut().drain(..));
-            site.idle.wake_all();
-        }
-        for job in jobs {
-            self.clone().enqueue(job);
+            for src in &site.sources {
+                let rule = rules.source_rule(src.addr.ip, provider);
+                changes.extend(src.limit.reconfigure(&rule, now));
+            }
+            *site.rule.borrow_mut() = rules.effective(&site.domain, provider);
+            for c in &changes {
+                self.log_change(c);
+            }
         }
         eprintln!(
             "volley: shard {}: shaping and bounce rules reloaded",

@@ -32,11 +32,13 @@ pub const RFC5322_LINE_OCTETS_MAX: u64 = 998;
 
 /// A complete configuration file: every key, its default, and what happens at each
 /// limit. `volley serve --example` is expected to print it; a test loads it.
-pub const EXAMPLE: &str = r#"# volley serve configuration. Every key is shown with its default (keys that are
-# commented out are unset by default). A flag given to `volley serve` replaces the
-# file's value. Relative paths are taken from this file's directory. Sizes are bytes
-# (10485760) or a string with a unit ("10MiB", "10MB"); durations are strings ("30s",
-# "5m", "1h"). `volley serve --check` lists every problem with its line.
+pub const EXAMPLE: &str = r#"# volley serve configuration. Every key is shown with its default, except the files
+# (users, tokens, tls_cert, tls_key: example paths; unset by default) and the
+# [http] and [pickup] tables (off unless present); keys commented out are unset. A
+# flag given to `volley serve` replaces the file's value. Relative paths are taken
+# from this file's directory. Sizes are bytes (10485760) or a string with a unit
+# ("10MiB", "10MB"); durations are strings ("30s", "5m", "1h"). `volley config check
+# FILE` lists every problem with its line (it does not open the files named).
 
 # --- Where things are -----------------------------------------------------------
 spool = "/var/spool/volley"        # --spool; created if missing
@@ -134,13 +136,14 @@ message_size_max = "10MiB"         # advertised in SIZE; over it, 552 5.3.4 (1Ki
 recipients_max = 1000              # per message (100 to 100000; RFC 5321 §4.5.3.1.8);
                                    # past it, 452 4.5.3 and the client sends the rest again
 line_length_max = 998              # octets per line of content before CRLF (998 to 65536;
-                                   # RFC 5322 §2.1.1); a longer line: 554 5.6.0 for the message
+                                   # RFC 5322 §2.1.1). Read, not enforced yet: DATA
+                                   # lines are held to 998 (500 5.5.6)
 connections_max = 500              # open at once (1 to 100000); past it, 421 4.3.2 and close
 connections_per_ip_max = 50        # from one client address (Postfix's default); past it, 421 4.7.0
 commands_max = 10000               # per connection (10 to 1000000); past it, 421 4.7.0
                                    # and close (the client reconnects)
-errors_max = 20                    # error replies per connection (1 to 1000); past it,
-                                   # 421 4.7.0 and close (Postfix's smtpd_hard_error_limit)
+errors_max = 20                    # error replies per connection (1 to 1000; Postfix's
+                                   # smtpd_hard_error_limit). Read, not enforced yet
 auth_failures_max = 3              # failed AUTH per connection (1 to 100); past it,
                                    # 421 4.7.0 and close
 command_timeout = "5m"             # waiting for a command (1s to 1h; RFC 5321 §4.5.3.2.7
@@ -155,9 +158,8 @@ campaign_header = "X-Campaign-ID"  # maps a message to a campaign; removed befor
 listen = "127.0.0.1:8025"          # --http; needs tokens. No TLS: keep it on loopback or
                                    # behind a proxy that terminates TLS
 body_size_max = "256MiB"           # request body (1KiB to 4GiB); over it, 413
-connections_max = 64               # open at once (1 to 100000); past it, new ones wait in
-                                   # the listen backlog
-request_timeout = "5m"             # a whole request (1s to 1h); then 408 and close
+connections_max = 64               # open at once (1 to 100000). Read, not enforced yet
+request_timeout = "5m"             # a whole request (1s to 1h). Read, not enforced yet
 
 # --- Pickup directory (delete the table to turn it off) -------------------------
 [pickup]

@@ -117,7 +117,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
                 inbox_wait_max: cfg.inbox_wait_max,
                 stop: listeners_stop.clone(),
             });
-            threads.push(submission::start(&cfg.submission, shared)?);
+            threads.extend(submission::start(&cfg.submission, shared, ecfg.shards)?);
             for s in &cfg.submission {
                 said.push(format!(
                     "submission on {} (tls {}, auth {})",

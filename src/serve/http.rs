@@ -1,6 +1,8 @@
 //! The HTTP injection API, on its own thread (a current-thread tokio runtime;
 //! staging and ingest run on its blocking pool):
 //! - `POST /api/v1/inject`: a campaign as JSON (serve::inject), `202` once durable;
+//!   an id the daemon already has gets `409` (a client retrying after a timeout must
+//!   not send a campaign twice) unless `?new=true` asks for another instance;
 //! - `GET /api/v1/campaigns/{id}`: its counts by outcome.
 //!
 //! Every request needs `Authorization: Bearer TOKEN` (serve::auth tokens). Errors
@@ -122,9 +124,13 @@ fn authorize(api: &Api, headers: &HeaderMap) -> Result<String, Box<Response>> {
 
 async fn inject_campaign(
     State(api): State<Arc<Api>>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let new = uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "new=true" || p == "new=1"));
     if let Err(r) = authorize(&api, &headers) {
         return *r;
     }
@@ -139,7 +145,7 @@ async fn inject_campaign(
         }
     };
     let api2 = api.clone();
-    let done = tokio::task::spawn_blocking(move || stage_and_queue(&api2, &body)).await;
+    let done = tokio::task::spawn_blocking(move || stage_and_queue(&api2, &body, new)).await;
     match done {
         Ok(r) => r,
         Err(e) => error(
@@ -152,7 +158,7 @@ async fn inject_campaign(
 
 /// Stages the body as a campaign directory, checks it as `volley check` does, and
 /// queues it; the staging directory is removed whatever happens.
-fn stage_and_queue(api: &Api, body: &[u8]) -> Response {
+fn stage_and_queue(api: &Api, body: &[u8], new: bool) -> Response {
     let dir = api
         .staging
         .join(format!("{}-{:016x}", std::process::id(), fastrand::u64(..)));
@@ -169,6 +175,20 @@ fn stage_and_queue(api: &Api, body: &[u8]) -> Response {
             "the campaign was refused; nothing was queued",
             problems,
         ),
+        Ok(staged) if !new && !api.intake.instances_of(&staged.campaign.settings.id).is_empty() => {
+            let id = &staged.campaign.settings.id;
+            let no = api.intake.instances_of(id).last().map(|i| i.no);
+            (
+                StatusCode::CONFLICT,
+                Json(json!({
+                    "error": format!("campaign `{id}` is already queued (instance {}); nothing was queued. POST /api/v1/inject?new=true queues it again", no.unwrap_or(0)),
+                    "campaign": id,
+                    "instance": no,
+                    "problems": [],
+                })),
+            )
+                .into_response()
+        }
         Ok(staged) => match api.intake.queue_campaign(&staged.campaign) {
             Ok(done) => (
                 StatusCode::ACCEPTED,

@@ -1,7 +1,8 @@
 //! The SMTP submission listeners (RFC 6409; implicit TLS per RFC 8314): IO glue
-//! around the sans-IO server session (smtp::server), on one thread with a
-//! current-thread tokio runtime. A message gets its 250 only once the owning shard
-//! has synced it (serve::intake); passwords are checked on the blocking pool.
+//! around the sans-IO server session (smtp::server), on one thread per shard, each
+//! a current-thread tokio runtime with its own SO_REUSEPORT socket per listener. A
+//! message gets its 250 only once the owning shard has synced it (serve::intake);
+//! passwords are checked on the blocking pool.
 //!
 //! Limits at the connection (the session holds the rest): `connections_max` (then
 //! `421 4.3.2`), `connections_per_ip_max` (then `421 4.7.0`), `command_timeout` and
@@ -46,17 +47,18 @@ struct Listener {
     open: Mutex<HashMap<IpAddr, u32>>,
 }
 
-/// Binds every listener now (so a taken port is an error at start), then serves
-/// them on one thread until `shared.stop` and every session has ended.
+/// Binds every listener now (so a port that cannot be had is an error at start),
+/// then serves them on `threads` threads, each with its own socket per listener
+/// (SO_REUSEPORT: the kernel spreads connections over them), until `shared.stop`
+/// and every session has ended.
 pub fn start(
     listeners: &[Submission],
     shared: Arc<Shared>,
-) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    let mut bound = Vec::new();
+    threads: usize,
+) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+    let mut per_thread: Vec<Vec<(std::net::TcpListener, Arc<Listener>)>> =
+        (0..threads.max(1)).map(|_| Vec::new()).collect();
     for l in listeners {
-        let s = std::net::TcpListener::bind(l.listen)
-            .map_err(|e| anyhow::anyhow!("submission listener {}: {e}", l.listen))?;
-        s.set_nonblocking(true)?;
         // AUTH only with users to check it against (a reload keeps the offer).
         let (offer_auth, cram) = match shared.users.read().expect("users lock").as_ref() {
             Some(u) => (l.auth != Auth::None, u.any_cram_md5()),
@@ -91,28 +93,50 @@ pub fn start(
             policy,
             open: Mutex::new(HashMap::new()),
         });
-        bound.push((s, listener));
+        for bound in &mut per_thread {
+            let s = bind_reuseport(l.listen)
+                .map_err(|e| anyhow::anyhow!("submission listener {}: {e}", l.listen))?;
+            bound.push((s, listener.clone()));
+        }
     }
-    Ok(std::thread::Builder::new()
-        .name("submission".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, async move {
-                let mut accepting = Vec::new();
-                for (s, l) in bound {
-                    let s = tokio::net::TcpListener::from_std(s).expect("listener registers");
-                    accepting.push(tokio::task::spawn_local(accept_loop(s, l, shared.clone())));
-                }
-                for a in accepting {
-                    let _ = a.await;
-                }
-            });
-            // Sessions still open here had their grace: the runtime drops them.
-        })?)
+    let mut handles = Vec::new();
+    for (i, bound) in per_thread.into_iter().enumerate() {
+        let shared = shared.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("submission-{i}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime");
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&rt, async move {
+                    let mut accepting = Vec::new();
+                    for (s, l) in bound {
+                        let s = tokio::net::TcpListener::from_std(s).expect("listener registers");
+                        accepting.push(tokio::task::spawn_local(accept_loop(s, l, shared.clone())));
+                    }
+                    for a in accepting {
+                        let _ = a.await;
+                    }
+                });
+                // Sessions still open here had their grace: the runtime drops them.
+            })?;
+        handles.push(h);
+    }
+    Ok(handles)
+}
+
+/// A listening socket others may bind too (SO_REUSEPORT), one per thread.
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
 }
 
 async fn accept_loop(s: tokio::net::TcpListener, l: Arc<Listener>, shared: Arc<Shared>) {
@@ -278,7 +302,8 @@ async fn connection(stream: TcpStream, peer: SocketAddr, l: &Listener, shared: &
     if write_all(&mut io, &session.greeting()).await.is_err() {
         return;
     }
-    let mut buf = vec![0u8; 64 * 1024];
+    // One read's worth; a message spans many reads.
+    let mut buf = vec![0u8; 16 * 1024];
     loop {
         let timeout = match session.in_content() {
             true => l.cfg.data_timeout,

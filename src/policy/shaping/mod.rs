@@ -68,6 +68,13 @@ impl Gcra {
     pub fn per_sec(&self) -> f64 {
         1.0 / self.interval.as_secs_f64()
     }
+
+    /// A new rate, keeping the schedule: the next event is due when it was, or one
+    /// new interval from now if that is sooner (a raised rate applies at once).
+    fn set_per_sec(&mut self, per_sec: f64, now: Instant) {
+        self.interval = Duration::from_secs_f64(1.0 / per_sec.max(MIN_RATE));
+        self.tat = self.tat.min(now + self.interval);
+    }
 }
 
 /// Whether a connection may be opened now.
@@ -149,7 +156,8 @@ struct Warm {
 
 pub struct Limiter {
     pub key: String,
-    reactions: Reactions,
+    /// Replaced by `reconfigure` (SIGHUP).
+    reactions: RefCell<Reactions>,
     state: RefCell<State>,
     /// Where a warm-up limiter counts what it sends, across runs.
     ledger: Option<Arc<warmup::Ledger>>,
@@ -263,7 +271,7 @@ impl Limiter {
             .map(|r| Gcra::new(share(r.value.per_sec(), shards, id, false), now));
         Limiter {
             key,
-            reactions,
+            reactions: RefCell::new(reactions),
             state: RefCell::new(State {
                 rate,
                 operator_rate: false,
@@ -473,7 +481,7 @@ impl Limiter {
     /// per sending IP, shared by every shard, so the shards back off together and
     /// keep equal shares; the threshold was counted where the replies came.
     pub fn on_throttled(&self, now: Instant, reply: &str, peer: bool) -> Option<Change> {
-        let r = &self.reactions;
+        let r = self.reactions.borrow();
         let mut s = self.state.borrow_mut();
         s.last_throttle = Some(now);
         if s.backed_off_at
@@ -520,7 +528,7 @@ impl Limiter {
 
     /// A `blocked` reply: past the threshold, suspend this key for the configured time.
     pub fn on_blocked(&self, now: Instant, reply: &str) -> Option<Change> {
-        let r = &self.reactions;
+        let r = self.reactions.borrow();
         let mut s = self.state.borrow_mut();
         if !past_threshold(&mut s.blocks, &r.block_threshold, now) {
             return None;
@@ -545,7 +553,7 @@ impl Limiter {
             return Some(self.change(&s, "resumed", "suspension over".into()));
         }
         let (rate, conns) = s.backoff?;
-        let quiet = self.reactions.throttle_recover;
+        let quiet = self.reactions.borrow().throttle_recover;
         let near = s.ceiling.map(|c| c * NEAR_CEILING);
         let probing = matches!((rate, near), (Some(r), Some(n)) if r >= n * 0.999);
         let wait = if probing { quiet * PROBE_QUIET } else { quiet };
@@ -603,6 +611,49 @@ impl Limiter {
         s.backoff = None;
         s.msg = per_sec.map(|r| Gcra::new(r, now));
         self.change(&s, "rate", "operator".into())
+    }
+
+    /// New rules for this key (SIGHUP): its configured rate, connection cap,
+    /// reactions and warm-up schedule are replaced; what it has learnt stays (a
+    /// back-off, a suspension, the pacing of the next message, the connections open),
+    /// and so does an operator's rate or pause. A lease (a cap below the shard count)
+    /// keeps the cap it started with. The change, when there is one.
+    pub fn reconfigure(&self, rule: &Rule, now: Instant) -> Option<Change> {
+        let (shards, id) = self.state.borrow().shard_of;
+        let fresh = Limiter::new(self.key.clone(), rule, shards, id, now);
+        *self.reactions.borrow_mut() = fresh.reactions.into_inner();
+        let f = fresh.state.into_inner();
+        let mut s = self.state.borrow_mut();
+        let changed = s.rate != f.rate || (self.lease.is_none() && s.conns_cap != f.conns_cap);
+        if !s.operator_rate {
+            s.rate = f.rate;
+            // Under a back-off its own pacing goes on; it recovers towards the new rate.
+            if s.backoff.is_none() {
+                s.msg = match (s.msg.take(), f.rate) {
+                    (Some(mut g), Some(r)) => {
+                        g.set_per_sec(r, now);
+                        Some(g)
+                    }
+                    (None, Some(r)) => Some(Gcra::new(r, now)),
+                    (_, None) => None,
+                };
+            }
+        }
+        if self.lease.is_none() {
+            s.conns_cap = f.conns_cap;
+        }
+        s.connect = match (s.connect.take(), f.connect) {
+            (Some(mut g), Some(n)) => {
+                g.set_per_sec(n.per_sec(), now);
+                Some(g)
+            }
+            (_, n) => n,
+        };
+        match (&mut s.warm, f.warm) {
+            (Some(w), Some(n)) => w.schedule = n.schedule,
+            (w, n) => *w = n,
+        }
+        changed.then(|| self.change(&s, "reconfigured", "shaping rules reloaded".into()))
     }
 
     /// One line for the live status.
