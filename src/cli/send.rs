@@ -1,0 +1,365 @@
+//! `volley send`: a campaign queued durably and delivered by shards started here; when
+//! a running `volley serve` holds the spool, the campaign is handed over to it instead
+//! and its progress followed, so one command works with or without the daemon.
+
+use super::{ehlo_name, print_problems, print_warnings, report_compliance};
+use clap::Args;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+use volley::deliver::config::EngineConfig;
+use volley::deliver::runtime::Driver;
+use volley::message::campaign::Campaign;
+use volley::policy::shaping::rules::{parse_per, Set};
+use volley::spool::ingest::{self, IngestError};
+
+#[derive(Args)]
+pub(crate) struct EngineArgs {
+    /// Spool directory (created if missing).
+    #[arg(long, default_value = "/var/spool/volley")]
+    spool: PathBuf,
+    /// Accounting log (JSON lines); default SPOOL/accounting.jsonl.
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// Shard threads; default the number of cores. A spool keeps the count it was created with.
+    #[arg(long)]
+    shards: Option<usize>,
+    #[arg(long, value_enum, default_value_t = Driver::Auto)]
+    driver: Driver,
+    /// Nameserver to ask (ADDR:PORT); default /etc/resolv.conf.
+    #[arg(long)]
+    dns: Option<std::net::SocketAddr>,
+    /// Port of the receiving MTAs.
+    #[arg(long, default_value_t = 25)]
+    smtp_port: u16,
+    /// Name to send in EHLO: a fully qualified domain name (the sending address's
+    /// reverse-DNS name) or an address literal like [192.0.2.1] (RFC 5321 §4.1.1.1);
+    /// default the host name (localhost.localdomain, with a warning, when it has no dot).
+    #[arg(long)]
+    ehlo: Option<String>,
+    /// DKIM keys: DIR/DOMAIN/SELECTOR.pem (`volley dkim keygen`).
+    #[arg(long, default_value = volley::message::dkim::DEFAULT_DIR)]
+    dkim_dir: PathBuf,
+    /// Traffic shaping rules (TOML), merged over the shipped defaults and tuning/
+    /// provider profiles; see `volley shaping check` and `volley shaping show`.
+    #[arg(long)]
+    shaping: Option<PathBuf>,
+    /// Connections per destination over all shards (the rules' [default] max_connections).
+    #[arg(long)]
+    max_conns_per_site: Option<u32>,
+    /// Messages per connection (the rules' [default] max_msgs_per_conn).
+    #[arg(long)]
+    max_msgs_per_conn: Option<u32>,
+    /// Messages per second per destination over all shards, e.g. "100/s", "3000/min"
+    /// (the rules' [default] max_msg_rate).
+    #[arg(long)]
+    max_msg_rate: Option<String>,
+    /// Pipelined transactions in flight per connection (CHUNKING servers).
+    #[arg(long)]
+    window: Option<usize>,
+    /// One retry schedule for every reply class, e.g. "5m,10m,20m" (the last delay repeats).
+    #[arg(long)]
+    retry_schedule: Option<String>,
+    /// A schedule for one class, e.g. "throttled=1m,2m,4m" (repeatable; applied after --retry-schedule).
+    #[arg(long)]
+    retry_schedule_for: Vec<String>,
+    /// Your reply classification rules, tried before the shipped ones (see `volley classify`).
+    #[arg(long)]
+    bounce_rules: Option<PathBuf>,
+    /// STARTTLS: opportunistic (when offered), required (never in clear), disabled
+    /// (the rules' [default] tls; provider and domain rules may differ).
+    #[arg(long, value_enum)]
+    tls: Option<volley::smtp::client::TlsMode>,
+    /// Verify MX certificates against the Mozilla roots (webpki-roots) and the MX name.
+    #[arg(long)]
+    tls_verify: bool,
+}
+
+impl EngineArgs {
+    pub(crate) fn config(self) -> anyhow::Result<EngineConfig> {
+        let mut c = EngineConfig::new(self.spool);
+        if let Some(l) = self.log {
+            c.log_path = l;
+        }
+        if let Some(n) = self.shards {
+            anyhow::ensure!(n >= 1, "--shards must be at least 1");
+            c.shards = n;
+        }
+        c.driver = self.driver;
+        let d = &mut c.defaults;
+        d.tls = self.tls.map(Set::cli);
+        d.tls_verify = self.tls_verify.then(|| Set::cli(true));
+        c.dns.server = self.dns;
+        c.smtp_port = self.smtp_port;
+        if let Some(e) = ehlo_name(self.ehlo.as_deref())? {
+            c.ehlo_name = e;
+        }
+        if let Some(n) = self.max_conns_per_site {
+            anyhow::ensure!(n >= 1, "--max-conns-per-site must be at least 1");
+            c.defaults.max_connections = Some(Set::cli(n));
+        }
+        if let Some(n) = self.max_msgs_per_conn {
+            anyhow::ensure!(n >= 1, "--max-msgs-per-conn must be at least 1");
+            c.defaults.max_msgs_per_conn = Some(Set::cli(n));
+        }
+        if let Some(r) = self.max_msg_rate {
+            let r = parse_per(&r).map_err(|e| anyhow::anyhow!("--max-msg-rate: {e}"))?;
+            c.defaults.max_msg_rate = Some(Set::cli(r));
+        }
+        c.shaping_file = self.shaping;
+        c.dkim_dir = self.dkim_dir;
+        // Checked now, so bad rules stop `send` before anything is queued.
+        match c.rules() {
+            Ok(_) => {}
+            Err(problems) => {
+                for p in &problems {
+                    eprintln!("{p}");
+                }
+                anyhow::bail!("{} problem(s) in the shaping rules", problems.len());
+            }
+        }
+        if let Some(n) = self.window {
+            anyhow::ensure!((1..=256).contains(&n), "--window must be 1..=256");
+            c.window = n;
+        }
+        if let Some(p) = self.bounce_rules {
+            // Checked now, so a bad rule stops `send` before anything is queued.
+            volley::policy::classify::load(Some(&p))?;
+            c.bounce_rules = Some(p);
+        }
+        if let Some(s) = self.retry_schedule {
+            c.retry = volley::policy::retry::RetryPolicy::uniform(
+                volley::policy::retry::parse_schedule(&s)?,
+            );
+        }
+        for s in self.retry_schedule_for {
+            let (class, sched) = volley::policy::retry::parse_class_schedule(&s)?;
+            c.retry.per_class.retain(|(k, _)| *k != class);
+            c.retry.per_class.push((class, sched));
+        }
+        Ok(c)
+    }
+}
+
+/// Hands the campaign in `dir` to the `volley serve` that holds `spool`, over its
+/// admin socket, and follows its progress until every recipient is done (0), or
+/// until `max_wait` or a signal (75: the daemon goes on delivering).
+fn hand_over(
+    dir: &std::path::Path,
+    campaign: &Campaign,
+    spool: &std::path::Path,
+    new: bool,
+    max_wait: Option<Duration>,
+    quiet: bool,
+) -> anyhow::Result<i32> {
+    use std::sync::atomic::Ordering;
+    let abs = dir
+        .canonicalize()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    let verb = if new { "inject-new" } else { "inject" };
+    let line = format!("{verb} {}", abs.display());
+    let answer =
+        match volley::deliver::control::request_waiting(spool, &line, Duration::from_secs(600)) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("{e:#}");
+                eprintln!("volley: the running volley serve refused the campaign; nothing queued");
+                return Ok(1);
+            }
+        };
+    let words: Vec<&str> = answer.split_whitespace().collect();
+    let (instance, queued) = match words.as_slice() {
+        ["ok:", "queued", n, "instance", m] => (m.parse::<u32>()?, Some(n.parse::<u64>()?)),
+        ["ok:", "running", "instance", m] => (m.parse::<u32>()?, None),
+        _ => anyhow::bail!("unexpected answer from volley serve: {answer}"),
+    };
+    match queued {
+        Some(n) => println!(
+            "queued {n} recipients of campaign {} (instance {instance}) in the running volley serve",
+            campaign.settings.id
+        ),
+        None => eprintln!(
+            "volley: campaign {} is already in the running volley serve (instance {instance}); following it (--new queues it again)",
+            campaign.settings.id
+        ),
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    let started = std::time::Instant::now();
+    let bar = (!quiet).then(|| {
+        let b = indicatif::ProgressBar::new(queued.unwrap_or(0));
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:40}] {pos}/{len} done, {per_sec}, eta {eta} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b
+    });
+    let counts = loop {
+        let a = volley::deliver::control::request(spool, &format!("progress {instance}"))?;
+        // "ok: delivered D bounced B expired E deferrals T queued Q running S/N"
+        let n: Vec<u64> = a
+            .split(|c: char| c.is_whitespace() || c == '/')
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        anyhow::ensure!(
+            n.len() == 7,
+            "unexpected progress answer from volley serve: {a}"
+        );
+        if let Some(b) = &bar {
+            let done = n[0] + n[1] + n[2];
+            b.set_length(done + n[4]);
+            b.set_position(done);
+            b.set_message(format!(
+                "delivered {} bounced {} expired {} deferrals {}",
+                n[0], n[1], n[2], n[3]
+            ));
+        }
+        let out_of_time = max_wait.is_some_and(|w| started.elapsed() >= w);
+        let all_running = n[5] >= n[6];
+        if (all_running && n[4] == 0) || stop.load(Ordering::Relaxed) || out_of_time {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    println!("delivered    {}", counts[0]);
+    println!("bounced      {}", counts[1]);
+    println!("expired      {}", counts[2]);
+    println!("deferrals    {} (temporary failures, retried)", counts[3]);
+    println!(
+        "still queued {}{}",
+        counts[4],
+        if counts[4] > 0 {
+            " (the running volley serve goes on delivering them)"
+        } else {
+            ""
+        }
+    );
+    Ok(if counts[4] > 0 { 75 } else { 0 })
+}
+
+pub(crate) fn run(
+    dir: &std::path::Path,
+    cfg: EngineConfig,
+    new: bool,
+    max_wait: Option<Duration>,
+    report_json: Option<PathBuf>,
+    quiet: bool,
+    skip_bad_rows: bool,
+) -> anyhow::Result<i32> {
+    let campaign = match Campaign::load(dir) {
+        Ok(c) => c,
+        Err(problems) => {
+            print_problems(dir, &problems);
+            eprintln!("volley: campaign refused, nothing queued");
+            return Ok(1);
+        }
+    };
+    report_compliance(dir, &campaign);
+    print_warnings(dir, &campaign.template_warnings);
+    if let Err(e) = volley::message::dkim::key_for(&cfg.dkim_dir, &campaign.settings) {
+        eprintln!("{}/campaign.toml: {e}", dir.display());
+        eprintln!("volley: campaign refused, nothing queued");
+        return Ok(1);
+    }
+    let mut cfg = cfg;
+    let lock = match ingest::lock_spool(&cfg.spool_dir, cfg.shards) {
+        Ok(l) => l,
+        Err(e) if e.downcast_ref::<ingest::SpoolBusy>().is_some() => {
+            // A running `volley serve` holds it: the campaign goes to the daemon.
+            return hand_over(dir, &campaign, &cfg.spool_dir, new, max_wait, quiet)
+                .map_err(|h| h.context(e));
+        }
+        Err(e) => return Err(e),
+    };
+    cfg.shards = lock.shards;
+    let existing = ingest::load_instances(&cfg.spool_dir)?;
+    let mut skipped = 0u64;
+    let resumed = existing
+        .values()
+        .find(|i| i.settings.id == campaign.settings.id)
+        .map(|i| i.no);
+    match resumed {
+        Some(no) if !new => eprintln!(
+            "volley: campaign {} is already in the spool (instance {no}); resuming what is left (--new queues it again)",
+            campaign.settings.id
+        ),
+        _ => match ingest::ingest_with(
+            &campaign,
+            &cfg.spool_dir,
+            cfg.shards,
+            cfg.segment_bytes,
+            &ingest::IngestOptions {
+                skip_bad_rows,
+                log: Some(cfg.log_path.clone()),
+            },
+        ) {
+            Ok(i) => {
+                for p in &i.skipped_listed {
+                    eprintln!("{}/{p} (skipped)", dir.display());
+                }
+                if i.skipped as usize > i.skipped_listed.len() {
+                    eprintln!("... and {} more", i.skipped as usize - i.skipped_listed.len());
+                }
+                print_warnings(dir, &i.warnings);
+                println!(
+                    "queued {} recipients of campaign {} (instance {}) in {:.2} s",
+                    i.recipients,
+                    campaign.settings.id,
+                    i.instance,
+                    i.elapsed.as_secs_f64()
+                );
+                if i.skipped > 0 {
+                    println!(
+                        "skipped {} bad row(s), logged as local bounces in {}",
+                        i.skipped,
+                        cfg.log_path.display()
+                    );
+                }
+                skipped = i.skipped;
+            }
+            Err(IngestError::Problems(problems, total)) => {
+                print_problems(dir, &problems);
+                if total as usize > problems.len() {
+                    eprintln!("... and {} more", total as usize - problems.len());
+                }
+                eprintln!("volley: campaign refused ({total} bad row(s)), nothing queued{}", if skip_bad_rows { "" } else { "; --skip-bad-rows queues the good rows and logs each bad one as a bounce" });
+                return Ok(1);
+            }
+            Err(IngestError::Other(e)) => return Err(e.context("ingest failed, nothing queued")),
+        },
+    }
+    let instances = Arc::new(ingest::load_instances(&cfg.spool_dir)?);
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    if let Some(d) = max_wait {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(d);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
+    let report = volley::deliver::engine::run(cfg, instances, stop, !quiet)?;
+    report.print();
+    if skipped > 0 {
+        println!("skipped      {skipped} (bad rows of recipients.csv, not queued; logged as local bounces)");
+    }
+    if let Some(p) = report_json {
+        let mut json = serde_json::to_value(&report)?;
+        json["skipped"] = skipped.into();
+        std::fs::write(&p, serde_json::to_vec_pretty(&json)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    }
+    drop(lock);
+    Ok(if report.remaining > 0 { 75 } else { 0 })
+}

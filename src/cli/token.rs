@@ -1,0 +1,30 @@
+//! `volley token`: the HTTP API tokens of `volley serve`; a token is shown once and
+//! only its hash is stored, so the file alone does not let anyone in.
+
+use clap::Subcommand;
+use std::path::PathBuf;
+
+#[derive(Subcommand)]
+pub(crate) enum TokenCmd {
+    /// Make a new HTTP API token for NAME: printed once, only its SHA-256 is stored.
+    /// Making one again for NAME revokes the old one.
+    Add {
+        name: String,
+        #[arg(long)]
+        tokens: PathBuf,
+    },
+}
+
+pub(crate) fn run(cmd: TokenCmd) -> anyhow::Result<i32> {
+    match cmd {
+        TokenCmd::Add { name, tokens } => {
+            let token = volley::serve::auth::add_token(&tokens, &name)?;
+            eprintln!(
+                "token {name} saved (as its SHA-256) in {}; it is shown once:",
+                tokens.display()
+            );
+            println!("{token}");
+            Ok(0)
+        }
+    }
+}
