@@ -391,6 +391,14 @@ fn http_injection_queues_a_campaign_and_reports_its_counts() {
     );
     let (status, _) = http(addr, "POST", "/api/v1/inject", None, &body);
     assert_eq!(status, 401, "no token, no injection");
+    // The token is checked before the body is read: a huge announced body from a
+    // client without a token is answered at once.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "POST /api/v1/inject HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer bogus\r\nContent-Length: 200000000\r\n\r\n").unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head[9..12], b"401");
     let (status, _) = http(addr, "POST", "/api/v1/inject", Some("vly_wrong"), &body);
     assert_eq!(status, 401);
     let (status, resp) = http(addr, "POST", "/api/v1/inject", Some(&token), &body);
@@ -764,6 +772,27 @@ fn the_listeners_limits_answer_as_configured() {
     // An idle session gets the command timeout, then is closed.
     let r = c.reply();
     assert!(r.starts_with("421 4.4.2"), "{r}");
+    drop(_c2);
+    // A client trickling a command a byte at a time gets no more than the command
+    // timeout for the whole of it (slowloris).
+    let (mut slow, _) = Client::connect(addr);
+    let started = Instant::now();
+    for b in "NOOP NOOP NOOP NOOP NOOP NOOP".bytes() {
+        if slow.w.write_all(&[b]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        if started.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+    }
+    let r = slow.reply();
+    assert!(r.starts_with("421 4.4.2"), "{r}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         env.sink.rcpts_terminal(),

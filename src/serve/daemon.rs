@@ -115,6 +115,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
                 tls: crate::deliver::tls::server_config(&hostname, files)?,
                 hostname: hostname.clone(),
                 inbox_wait_max: cfg.inbox_wait_max,
+                auth_checks: Arc::new(tokio::sync::Semaphore::new(ecfg.shards.max(1))),
                 stop: listeners_stop.clone(),
             });
             threads.extend(submission::start(&cfg.submission, shared, ecfg.shards)?);
@@ -129,6 +130,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
         }
         if let Some(h) = &cfg.http {
             let api = http::Api {
+                body_size_max: h.body_size_max as usize,
                 intake: intake.clone(),
                 tokens: tokens.clone(),
                 staging: ecfg.spool_dir.join("staging"),

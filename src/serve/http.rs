@@ -13,7 +13,6 @@ use crate::serve::inject::{self, ApiProblem};
 use crate::serve::intake::Intake;
 use crate::spool::ingest::IngestError;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -36,6 +35,8 @@ pub const RETRY_AFTER_S: u64 = 5;
 
 /// What the handlers share.
 pub struct Api {
+    /// Largest request body read, octets (`body_size_max`): over it, 413.
+    pub body_size_max: usize,
     pub intake: Arc<Intake>,
     /// Replaced on SIGHUP.
     pub tokens: Arc<RwLock<Tokens>>,
@@ -53,11 +54,14 @@ pub fn start(
     let listener = std::net::TcpListener::bind(addr)
         .map_err(|e| anyhow::anyhow!("http listener {addr}: {e}"))?;
     listener.set_nonblocking(true)?;
+    // Bodies staged by a daemon that was killed are no one's: the spool is locked.
+    let _ = std::fs::remove_dir_all(&api.staging);
     std::fs::create_dir_all(&api.staging)
         .map_err(|e| anyhow::anyhow!("{}: {e}", api.staging.display()))?;
     let app = Router::new()
         .route("/api/v1/inject", post(inject_campaign))
         .route("/api/v1/campaigns/{id}", get(campaign_counts))
+        .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_size_max))
         .with_state(Arc::new(api));
     let h = std::thread::Builder::new()
@@ -122,24 +126,35 @@ fn authorize(api: &Api, headers: &HeaderMap) -> Result<String, Box<Response>> {
     }
 }
 
-async fn inject_campaign(
-    State(api): State<Arc<Api>>,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let new = uri
+async fn not_found(uri: axum::http::Uri) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        &format!(
+            "no such endpoint: {}; the API has POST /api/v1/inject and GET /api/v1/campaigns/ID",
+            uri.path()
+        ),
+        Vec::new(),
+    )
+}
+
+async fn inject_campaign(State(api): State<Arc<Api>>, req: axum::extract::Request) -> Response {
+    let new = req
+        .uri()
         .query()
         .is_some_and(|q| q.split('&').any(|p| p == "new=true" || p == "new=1"));
-    if let Err(r) = authorize(&api, &headers) {
+    // The token first: an unauthenticated client gets nothing read into memory.
+    if let Err(r) = authorize(&api, req.headers()) {
         return *r;
     }
-    let body = match body {
+    let body: Bytes = match axum::body::to_bytes(req.into_body(), api.body_size_max).await {
         Ok(b) => b,
         Err(e) => {
             return error(
-                e.status(),
-                &format!("the request body could not be read: {}", e.body_text()),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!(
+                    "the request body could not be read: {e} (body_size_max is {} octets)",
+                    api.body_size_max
+                ),
                 Vec::new(),
             )
         }

@@ -7,7 +7,10 @@
 //! Files are found with inotify (a file closed after writing, or moved in) and by a
 //! scan every `scan_interval` as a fallback (inotify queue overflow, files that
 //! were there at start). Names starting with `.` or ending in `.tmp` are skipped:
-//! write the file under such a name and rename it in when it is complete.
+//! write the file under such a name and rename it in when it is complete. A file
+//! written in place is taken only once it has not changed for `PICKUP_SETTLE` (a
+//! writer that pauses longer than that mid-file still loses the rest: rename).
+//! Symbolic links and directories are never read.
 
 use crate::serve::intake::{Intake, Submitted};
 use crate::serve::submitted::{self, Trace};
@@ -17,6 +20,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+/// How long a file must have been left alone before it is taken.
+pub const PICKUP_SETTLE: Duration = Duration::from_secs(2);
 
 /// What the pickup thread needs.
 pub struct Pickup {
@@ -71,14 +77,24 @@ fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
 }
 
 /// Queues every complete file in the directory. True if some were left because
-/// the engine could not take them now.
+/// the engine could not take them now, or were still being written.
 fn scan(p: &Pickup, stop: &AtomicBool) -> bool {
     let Ok(entries) = std::fs::read_dir(&p.dir) else {
         return false;
     };
+    let now = SystemTime::now();
+    let mut unsettled = false;
     let mut names: Vec<PathBuf> = entries
         .flatten()
         .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter(|e| {
+            let settled = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| now.duration_since(t).unwrap_or_default() >= PICKUP_SETTLE);
+            unsettled |= !settled;
+            settled
+        })
         .map(|e| e.path())
         .filter(|path| {
             let n = path.file_name().and_then(|n| n.to_str()).unwrap_or(".");
@@ -114,7 +130,8 @@ fn scan(p: &Pickup, stop: &AtomicBool) -> bool {
     if let Ok(d) = std::fs::File::open(&p.dir) {
         let _ = d.sync_all();
     }
-    false
+    // A file still settling is looked at again soon, not at the next scan.
+    unsettled
 }
 
 enum Refused {

@@ -35,6 +35,9 @@ pub struct Shared {
     pub hostname: String,
     /// How long a message waits for room in a full inbox before `452 4.3.1`.
     pub inbox_wait_max: Duration,
+    /// Password checks running at once (Argon2 takes ~19 MiB and tens of ms each):
+    /// more wait their turn, so a flood of AUTH attempts costs time, not memory.
+    pub auth_checks: Arc<tokio::sync::Semaphore>,
     /// Set on SIGTERM: stop accepting; idle sessions are told 421 and closed.
     pub stop: Arc<AtomicBool>,
 }
@@ -304,12 +307,15 @@ async fn connection(stream: TcpStream, peer: SocketAddr, l: &Listener, shared: &
     }
     // One read's worth; a message spans many reads.
     let mut buf = vec![0u8; 16 * 1024];
+    // A whole command (or a whole message's content) must arrive within its timeout,
+    // however it trickles in: a byte now and then does not keep a slot (slowloris).
+    let limit = |s: &ServerSession<'_>| match s.in_content() {
+        true => l.cfg.data_timeout,
+        false => l.cfg.command_timeout,
+    };
+    let mut deadline = tokio::time::Instant::now() + limit(&session);
     loop {
-        let timeout = match session.in_content() {
-            true => l.cfg.data_timeout,
-            false => l.cfg.command_timeout,
-        };
-        let n = match read(&mut io, &mut buf, timeout, &shared.stop).await {
+        let n = match read(&mut io, &mut buf, deadline, &shared.stop).await {
             Ok(0) | Err(ReadEnd::Closed) => return,
             Ok(n) => n,
             Err(ReadEnd::Timeout) => {
@@ -325,7 +331,11 @@ async fn connection(stream: TcpStream, peer: SocketAddr, l: &Listener, shared: &
                 return;
             }
         };
+        let was_content = session.in_content();
         let mut out = session.feed(&buf[..n], &mut conn);
+        if !out.write.is_empty() || session.in_content() != was_content {
+            deadline = tokio::time::Instant::now() + limit(&session);
+        }
         loop {
             if write_out(&mut io, &out).await.is_err() {
                 return;
@@ -356,7 +366,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, l: &Listener, shared: &
                         Err(refused) => refused,
                     }
                 }
-                Some(Work::Auth(a)) => verify(&shared.users, a).await,
+                Some(Work::Auth(a)) => verify(shared, a).await,
                 None => Verdict::Reply("451 4.3.0 Internal error; try again".into()),
             };
             out = session.resolve(verdict, &mut conn);
@@ -435,9 +445,13 @@ async fn queue(intake: &Intake, m: Submitted, wait_max: Duration) -> Verdict {
     }
 }
 
-/// Checks a password on the blocking pool (Argon2 takes tens of milliseconds).
-async fn verify(users: &Arc<RwLock<Option<Users>>>, a: AuthAttempt) -> Verdict {
-    let users = users.clone();
+/// Checks a password on the blocking pool (Argon2 takes tens of milliseconds), at
+/// most `auth_checks` at once.
+async fn verify(shared: &Shared, a: AuthAttempt) -> Verdict {
+    let Ok(_turn) = shared.auth_checks.acquire().await else {
+        return Verdict::Reply("454 4.7.0 Temporary authentication failure".into());
+    };
+    let users = shared.users.clone();
     let ok = tokio::task::spawn_blocking(move || {
         let guard = users.read().expect("users lock");
         let Some(u) = guard.as_ref() else {
@@ -474,20 +488,20 @@ enum ReadEnd {
     Stopping,
 }
 
-/// Reads what the client sent, waiting at most `timeout`; an idle session ends
-/// when the service stops.
+/// Reads what the client sent, waiting until `deadline` at most; an idle session
+/// ends when the service stops.
 async fn read(
     io: &mut Stream,
     buf: &mut [u8],
-    timeout: Duration,
+    deadline: tokio::time::Instant,
     stop: &AtomicBool,
 ) -> Result<usize, ReadEnd> {
-    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if stop.load(Ordering::Relaxed) {
             return Err(ReadEnd::Stopping);
         }
-        let slice = Duration::from_millis(100).min(deadline - tokio::time::Instant::now());
+        let slice = Duration::from_millis(100)
+            .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
         let r = match io {
             Stream::Plain(s) => tokio::time::timeout(slice, s.read(buf)).await,
             Stream::Tls(s) => tokio::time::timeout(slice, s.read(buf)).await,

@@ -804,11 +804,13 @@ impl<'c> ServerSession<'c> {
             None
         };
         if let Some(r) = refusal {
-            if self.relay_barred() && self.state != State::Fresh {
+            if (self.relay_barred() || self.policy.relay_needs_auth) && self.state != State::Fresh {
                 // A client pipelining past its refused MAIL or RCPTs would have its
-                // content read as commands. RFC 5321 §4.1.1.4 lets the server answer
-                // 354 here and RFC 2920 §3.1 has clients expect it: take the content
-                // and discard it, and refuse after its end.
+                // content read as commands (a body line `RCPT TO:` would join the
+                // open transaction). RFC 5321 §4.1.1.4 lets the server answer 354 here
+                // and RFC 2920 §3.1 has clients expect it: take the content and
+                // discard it, and refuse after its end. The sink keeps the plain
+                // refusal, as most receivers answer.
                 self.content_error = Some(r);
                 self.state = State::Data;
                 self.data_after_crlf = true;
@@ -1738,6 +1740,32 @@ mod tests {
         );
         assert!(b.messages.is_empty());
         assert!(!s.is_closed());
+    }
+
+    #[test]
+    fn a_body_pipelined_after_every_recipient_was_refused_is_never_read_as_commands() {
+        let (cfg, policy) = (config(), submission());
+        let mut b = Recorder::default();
+        let mut s = after_tls(&cfg, &policy, &mut b);
+        s.set_client(true);
+        let r = talk(
+            &mut s,
+            &mut b,
+            "MAIL FROM:<a@x.test>\r\nRCPT TO:<nobody>\r\nDATA\r\nSubject: x\r\n\r\n\
+             RCPT TO:<victim@y.test>\r\nDATA\r\nowned\r\n.\r\nNOOP\r\n",
+        );
+        let replies: Vec<&str> = r.lines().collect();
+        assert_eq!(
+            replies,
+            [
+                "250 2.1.0 Ok",
+                "501 5.1.3 Bad recipient address syntax",
+                "354 End data with <CR><LF>.<CR><LF>",
+                "554 5.5.1 No valid recipients",
+                "250 2.0.0 Ok",
+            ]
+        );
+        assert!(b.messages.is_empty());
     }
 
     #[test]
