@@ -933,6 +933,9 @@ impl<'c> ServerSession<'c> {
                 self.content_error
                     .get_or_insert("500 5.5.6 Line too long (over 1000 octets)");
                 // Keep the last octet: it may be the CR of this line's CRLF.
+                // What follows is the rest of this line, so it cannot be the "."
+                // CRLF that ends the data, whatever octets it starts with.
+                self.data_after_crlf = false;
                 return Some(rest.len() - 1);
             }
             return None;
@@ -1391,6 +1394,26 @@ mod tests {
             String::from_utf8_lossy(&whole)
         );
         assert_eq!(fed_in_two(&input, data + 1100), whole);
+    }
+
+    #[test]
+    fn a_long_data_line_ending_in_a_dot_does_not_end_the_data_when_cut_after_the_dot() {
+        let mut input = b"EHLO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n".to_vec();
+        input.extend(vec![b'x'; 1200]);
+        input.push(b'.');
+        let dot_end = input.len();
+        // Smuggled: read as commands if the data ended at the dot.
+        input.extend(b"\r\nRSET\r\n.\r\n");
+        let whole = fed_in_two(&input, input.len());
+        assert!(
+            whole.ends_with(b"354 End data with <CR><LF>.<CR><LF>\r\n500 5.5.6 Line too long (over 1000 octets)\r\n"),
+            "{}",
+            String::from_utf8_lossy(&whole)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&fed_in_two(&input, dot_end)),
+            String::from_utf8_lossy(&whole)
+        );
     }
 
     #[test]
