@@ -561,7 +561,13 @@ fn load_settings(dir: &Path, problems: &mut Vec<Problem>) -> Option<Settings> {
     let mut s: Settings = match toml::from_str(&text) {
         Ok(s) => s,
         Err(e) => {
-            let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
+            // toml puts an error found at the end of the file (an unclosed `[`) past
+            // its last line end, on a line the file does not have: name the last
+            // line with text instead.
+            let at = |start: usize| start.min(text.trim_end().len());
+            let line = e
+                .span()
+                .map(|s| text[..at(s.start)].matches('\n').count() + 1);
             problems.push(Problem {
                 file,
                 line,
@@ -1033,6 +1039,23 @@ mod tests {
             .unwrap()
             .contains("EHLO localhost.localdomain"));
         assert_eq!(default_ehlo_warning("mta1.example.net"), None);
+    }
+
+    #[test]
+    fn a_toml_error_at_the_end_of_the_file_names_its_last_line() {
+        let dir = std::env::temp_dir().join(format!("volley-campaign-eof-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("campaign.toml"),
+            "id = \"c1\"\nsender = \"b@news.test\"\nfrom_domain = \"news.test\"\ndkim = [ false\n\n",
+        )
+        .unwrap();
+        let mut problems = Vec::new();
+        let settings = load_settings(&dir, &mut problems);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(settings.is_none());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].line, Some(4), "{}", problems[0]);
     }
 
     #[test]

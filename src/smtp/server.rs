@@ -530,6 +530,8 @@ impl<'c> ServerSession<'c> {
         };
         // A bare LF as a command terminator is how SMTP smuggling starts.
         let bare_lf = complete && (len < 2 || rest[len - 2] != b'\r');
+        // A CR inside the line would be echoed (EHLO's greeting) as a broken reply line.
+        let bare_cr = complete && !bare_lf && rest[..len - 2].contains(&b'\r');
         if !in_auth && self.over_commands_max(out) {
             return Some(len);
         }
@@ -539,6 +541,8 @@ impl<'c> ServerSession<'c> {
             Some("500 5.5.2 Line too long")
         } else if bare_lf {
             Some("500 5.5.2 Bare LF in command; lines end in CRLF")
+        } else if bare_cr {
+            Some("500 5.5.2 Bare CR in command; CR only in the CRLF that ends a line")
         } else {
             None
         };
@@ -947,12 +951,21 @@ impl<'c> ServerSession<'c> {
                 self.content_error
                     .get_or_insert("500 5.5.6 Line too long (over 1000 octets)");
                 // Keep the last octet: it may be the CR of this line's CRLF.
+                // What follows is the rest of this line, so it cannot be the "."
+                // CRLF that ends the data, whatever octets it starts with.
+                self.data_after_crlf = false;
                 return Some(rest.len() - 1);
             }
             return None;
         };
         let line_len = i + 1;
         let crlf = i > 0 && rest[i - 1] == b'\r';
+        // Length first: a long line fed in pieces is flagged before its end is seen,
+        // and the reply must not depend on where the client's writes were cut.
+        if line_len > TEXT_LINE_MAX {
+            self.content_error
+                .get_or_insert("500 5.5.6 Line too long (over 1000 octets)");
+        }
         if !crlf {
             // Bare LF: never an end of data (smuggling guard), and refused at the end.
             self.content_error
@@ -962,10 +975,6 @@ impl<'c> ServerSession<'c> {
             return Some(line_len);
         }
         self.data_after_crlf = crlf;
-        if line_len > TEXT_LINE_MAX {
-            self.content_error
-                .get_or_insert("500 5.5.6 Line too long (over 1000 octets)");
-        }
         if self.content_error.is_none() {
             let line = &self.input[pos..pos + line_len];
             let body = if line.first() == Some(&b'.') {
@@ -1141,9 +1150,9 @@ fn find_lf(b: &[u8]) -> Option<usize> {
 
 /// `FROM:<a@b> SIZE=10` → `a@b`. Accepts the common `FROM: <a@b>` variant.
 fn path_arg<'a>(arg: &'a str, key: &str) -> Option<&'a str> {
-    if arg.len() < key.len() || !arg[..key.len()].eq_ignore_ascii_case(key) {
-        return None;
-    }
+    // `get`, not indexing: a client's UTF-8 may put a char across the key's end.
+    arg.get(..key.len())
+        .filter(|k| k.eq_ignore_ascii_case(key))?;
     let rest = arg[key.len()..].trim_start();
     let rest = rest.strip_prefix('<')?;
     let end = rest.find('>')?;
@@ -1344,6 +1353,85 @@ mod tests {
         let r = talk(&mut s, &mut b, &format!("AUTH PLAIN {}\r\n", b64("\0u\0p")));
         assert_eq!(r, "502 5.5.2 Command not recognized\r\n");
         assert!(b.attempts.is_empty());
+    }
+
+    #[test]
+    fn a_cr_inside_a_command_line_is_refused_not_echoed() {
+        let cfg = config();
+        let mut b = Recorder::default();
+        let mut s = ServerSession::new(&cfg);
+        let r = talk(&mut s, &mut b, "EHLO c\rRSET\r\nNOOP\r\n");
+        assert_eq!(
+            r,
+            "500 5.5.2 Bare CR in command; CR only in the CRLF that ends a line\r\n250 2.0.0 Ok\r\n"
+        );
+    }
+
+    #[test]
+    fn a_multibyte_char_across_the_end_of_from_is_a_syntax_error_not_a_panic() {
+        let cfg = config();
+        let mut b = Recorder::default();
+        let mut s = ServerSession::new(&cfg);
+        let r = talk(
+            &mut s,
+            &mut b,
+            "EHLO c\r\nMAIL \u{e9}\u{e9}\u{e9}FROM:<a@b.c>\r\n",
+        );
+        assert!(
+            r.ends_with("\r\n501 5.5.4 Syntax: MAIL FROM:<address>\r\n"),
+            "{r}"
+        );
+        let r = talk(
+            &mut s,
+            &mut b,
+            "MAIL FROM:<a@b.c>\r\nRCPT \u{e9}\u{e9}TO:<a@b.c>\r\n",
+        );
+        assert_eq!(r, "250 2.1.0 Ok\r\n501 5.5.4 Syntax: RCPT TO:<address>\r\n");
+    }
+
+    /// What the session writes for `input` fed in two pieces, cut at `cut`.
+    fn fed_in_two(input: &[u8], cut: usize) -> Vec<u8> {
+        let cfg = config();
+        let mut b = Recorder::default();
+        let mut s = ServerSession::new(&cfg);
+        let mut write = s.feed(&input[..cut], &mut b).write;
+        write.extend(s.feed(&input[cut..], &mut b).write);
+        write
+    }
+
+    #[test]
+    fn a_long_data_line_ending_in_a_bare_lf_gets_one_refusal_however_it_is_cut() {
+        let mut input = b"EHLO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n".to_vec();
+        let data = input.len();
+        input.extend(vec![b'x'; 1200]);
+        input.extend(b"\n\r\n.\r\n");
+        let whole = fed_in_two(&input, input.len());
+        assert!(
+            whole.ends_with(b"500 5.5.6 Line too long (over 1000 octets)\r\n"),
+            "{}",
+            String::from_utf8_lossy(&whole)
+        );
+        assert_eq!(fed_in_two(&input, data + 1100), whole);
+    }
+
+    #[test]
+    fn a_long_data_line_ending_in_a_dot_does_not_end_the_data_when_cut_after_the_dot() {
+        let mut input = b"EHLO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n".to_vec();
+        input.extend(vec![b'x'; 1200]);
+        input.push(b'.');
+        let dot_end = input.len();
+        // Smuggled: read as commands if the data ended at the dot.
+        input.extend(b"\r\nRSET\r\n.\r\n");
+        let whole = fed_in_two(&input, input.len());
+        assert!(
+            whole.ends_with(b"354 End data with <CR><LF>.<CR><LF>\r\n500 5.5.6 Line too long (over 1000 octets)\r\n"),
+            "{}",
+            String::from_utf8_lossy(&whole)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&fed_in_two(&input, dot_end)),
+            String::from_utf8_lossy(&whole)
+        );
     }
 
     #[test]
