@@ -851,7 +851,7 @@ fn line_count(b: &[u8]) -> usize {
 }
 
 /// A problem's line, when it has one, is a line of the file it names.
-fn check_problem(p: &volley::campaign::Problem, files: &[(&str, &[u8])]) {
+fn check_problem(p: &volley::message::campaign::Problem, files: &[(&str, &[u8])]) {
     let Some(line) = p.line else { return };
     let (_, text) = files
         .iter()
@@ -867,7 +867,7 @@ fn check_problem(p: &volley::campaign::Problem, files: &[(&str, &[u8])]) {
 
 #[test]
 fn campaign() {
-    use volley::campaign::Campaign;
+    use volley::message::campaign::Campaign;
     const TOML: &[&[u8]] = &[
         b"id = \"c1\"\nsender = \"bounces@news.test\"\nfrom_domain = \"news.test\"\ndkim = false\n",
         b"id = \"c2\"\nsender = \"b@news.test\"\nfrom_domain = \"news.test\"\ndkim = false\nmax_rcpt_per_msg = 5\ntags = [\"a\", \"b\"]\nexpire_after = \"36h\"\nlist_unsubscribe_url = \"https://news.test/u/{{email}}\"\nlist_unsubscribe_mailto = \"u@news.test\"\nmax_msg_rate = \"100/s\"\ndsn = true\n",
