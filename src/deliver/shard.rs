@@ -1357,6 +1357,15 @@ impl Shard {
                 };
                 let null_sender = sender.is_empty() || sender == "<>";
                 if t != Terminal::Delivered && wants_dsn && !null_sender {
+                    // A submitted message's own header goes back with its DSN, so the
+                    // sender can tell which message it was (RFC 3462 §2's third part).
+                    let spool = self.spool.borrow();
+                    let headers = match inst.submission {
+                        true => spool
+                            .queue_value(job.rref, crate::spool::ingest::SUBMITTED_MESSAGE)
+                            .map(crate::message::dsn::header_section),
+                        false => None,
+                    };
                     let f = crate::message::dsn::Failure {
                         rcpt: &rcpt,
                         return_path: &sender,
@@ -1374,6 +1383,7 @@ impl Shard {
                             &self.cfg.ehlo_name,
                             &inst.settings.from_domain,
                         ),
+                        original_headers: headers,
                     };
                     let id = format!(
                         "{}.{}.{}.{}",
@@ -1383,6 +1393,7 @@ impl Shard {
                         unix_ms(now_sys)
                     );
                     let m = crate::message::dsn::message(&f, now_sys, &id);
+                    drop(spool);
                     self.pending
                         .borrow_mut()
                         .push(Pending::Dsn(sender.clone(), m));

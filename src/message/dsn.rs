@@ -52,6 +52,17 @@ pub struct Failure<'a> {
     pub last_attempt: Option<SystemTime>,
     /// This host's name in Reporting-MTA and the DSN's From (MAILER-DAEMON@it).
     pub mta: &'a str,
+    /// The failed message's header section, returned as a `text/rfc822-headers`
+    /// part (RFC 6522 §2, RFC 3462's third part); None: no third part.
+    pub original_headers: Option<&'a [u8]>,
+}
+
+/// The header section of `message` (CRLF line ends), without the blank line.
+pub fn header_section(message: &[u8]) -> &[u8] {
+    match memchr::memmem::find(message, b"\r\n\r\n") {
+        Some(i) => &message[..i + 2],
+        None => message,
+    }
 }
 
 /// The name a DSN reports from: the EHLO name, or with an address literal there
@@ -124,7 +135,7 @@ Final-Recipient: rfc822; {rcpt}
 Action: failed
 Status: {status}
 Diagnostic-Code: smtp; {reply}
-{last}
+{last}{original}
 --volley-dsn--
 ",
         mta = f.mta,
@@ -133,6 +144,13 @@ Diagnostic-Code: smtp; {reply}
         campaign = f.campaign,
         rcpt = f.rcpt,
         arrival = rfc5322_date(f.arrival),
+        original = match f.original_headers {
+            Some(h) => format!(
+                "\n--volley-dsn\nContent-Type: text/rfc822-headers\n\n{}",
+                String::from_utf8_lossy(h).replace("\r\n", "\n")
+            ),
+            None => String::new(),
+        },
     );
     text.replace('\n', "\r\n").into_bytes()
 }
@@ -186,6 +204,7 @@ mod tests {
             arrival: t,
             last_attempt: Some(t),
             mta: "mta.volley.test",
+            original_headers: Some(b"Subject: spring sale\r\nMessage-ID: <1@x.test>\r\n"),
         };
         let m = String::from_utf8(message(&f, t, "1.2")).unwrap();
         assert!(!m.replace("\r\n", "").contains('\n'), "CRLF only");
@@ -196,6 +215,7 @@ mod tests {
             "Last-Attempt-Date: Wed, 25 Nov 2026 02:42:35 +0000",
             "Reporting-MTA: dns; mta.volley.test",
             "To: <bounces@news.test>",
+            "Content-Type: text/rfc822-headers\r\n\r\nSubject: spring sale\r\nMessage-ID: <1@x.test>\r\n",
         ] {
             assert!(m.contains(part), "{part}: {m}");
         }

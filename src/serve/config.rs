@@ -143,7 +143,7 @@ connections_per_ip_max = 50        # from one client address (Postfix's default)
 commands_max = 10000               # per connection (10 to 1000000); past it, 421 4.7.0
                                    # and close (the client reconnects)
 errors_max = 20                    # error replies per connection (1 to 1000; Postfix's
-                                   # smtpd_hard_error_limit). Read, not enforced yet
+                                   # smtpd_hard_error_limit); past it, 421 4.7.0 and close
 auth_failures_max = 3              # failed AUTH per connection (1 to 100); past it,
                                    # 421 4.7.0 and close
 command_timeout = "5m"             # waiting for a command (1s to 1h; RFC 5321 §4.5.3.2.7

@@ -314,6 +314,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, l: &Listener, shared: &
         false => l.cfg.command_timeout,
     };
     let mut deadline = tokio::time::Instant::now() + limit(&session);
+    let mut errors = 0u32;
     loop {
         let n = match read(&mut io, &mut buf, deadline, &shared.stop).await {
             Ok(0) | Err(ReadEnd::Closed) => return,
@@ -341,6 +342,17 @@ async fn connection(stream: TcpStream, peer: SocketAddr, l: &Listener, shared: &
                 return;
             }
             if out.close {
+                return;
+            }
+            // Postfix's smtpd_hard_error_limit: a client that keeps getting refusals
+            // is probing or broken; it does not get to go on.
+            errors += count_errors(&out.write);
+            if errors > l.cfg.errors_max {
+                let _ = write_all(
+                    &mut io,
+                    b"421 4.7.0 Too many errors; closing the connection\r\n",
+                )
+                .await;
                 return;
             }
             if out.start_tls {
@@ -418,6 +430,14 @@ fn prepare(
         campaign: prepared.campaign,
         message: prepared.message,
     })
+}
+
+/// Error replies (4xx, 5xx) among `replies`, CRLF-separated final lines.
+fn count_errors(replies: &[u8]) -> u32 {
+    replies
+        .split(|&b| b == b'\n')
+        .filter(|l| l.len() > 3 && l[3] == b' ' && matches!(l[0], b'4' | b'5'))
+        .count() as u32
 }
 
 /// Queues a message and waits until it is durable: the reply to its DATA/BDAT. A
