@@ -144,6 +144,10 @@ impl Status {
 /// knows the line (`volley serve`'s `inject DIR`, `progress N`).
 pub type Extra = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
+/// Commands waiting for one shard (it takes them every tick): operators' commands
+/// and other shards' back-off signals.
+pub const COMMANDS_QUEUED_MAX: usize = 1024;
+
 /// Serves the admin socket until `stop`; commands go to every shard, or to `extra`
 /// first when given.
 pub fn serve(
@@ -204,10 +208,18 @@ fn answer(
             }
         }
         Ok(Some(cmd)) => {
-            for s in shards {
-                let _ = s.send(cmd.clone());
+            let taken = shards
+                .iter()
+                .filter(|s| s.send_timeout(cmd.clone(), Duration::from_secs(1)).is_ok())
+                .count();
+            match taken == shards.len() {
+                true => format!("ok: {} applied on {} shards", line.trim(), shards.len()),
+                false => format!(
+                    "error: {} reached {taken} of {} shards (the others' command queues are full, {COMMANDS_QUEUED_MAX} each); send it again",
+                    line.trim(),
+                    shards.len()
+                ),
             }
-            format!("ok: {} applied on {} shards", line.trim(), shards.len())
         }
         Err(e) => format!("error: {e}"),
     };

@@ -147,7 +147,7 @@ pub fn run_with(
     let status = Arc::new(Status::default());
     *status.per_shard.lock().expect("status lock") = vec![Vec::new(); cfg.shards];
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..cfg.shards)
-        .map(|_| crossbeam_channel::unbounded::<Command>())
+        .map(|_| crossbeam_channel::bounded::<Command>(control::COMMANDS_QUEUED_MAX))
         .unzip();
     let admin_stop = Arc::new(AtomicBool::new(false));
     let (mut inboxes, extra, ready, reloads) = match serving {

@@ -944,10 +944,12 @@ impl Shard {
         }
     }
 
+    /// Best effort: a peer whose command queue is full misses this back-off and
+    /// meets the throttle itself; a shard never waits on another.
     fn tell_peers(&self, cmd: Command) {
         for (i, p) in self.peers.iter().enumerate() {
             if i != self.id {
-                let _ = p.send(cmd.clone());
+                let _ = p.try_send(cmd.clone());
             }
         }
     }
