@@ -576,6 +576,7 @@ fn smtp_case(rng: &mut Rng) -> SmtpCase {
         relay_needs_auth: true,
         rcpts_max: rng.usize(1..=5),
         commands_max: if rng.bool() { 0 } else { rng.u32(5..60) },
+        text_line_max: volley::smtp::server::TEXT_LINE_MAX,
     };
     let mut flights: Vec<Vec<u8>> = Vec::new();
     if rng.u8(..4) != 0 {

@@ -924,3 +924,59 @@ fn a_full_spool_refuses_injection_with_452_while_delivery_goes_on() {
         "Delivery"
     );
 }
+
+#[test]
+fn line_length_and_the_apis_request_timeout_follow_the_config() {
+    let env = common::env("serve-lines", "");
+    let spool = env.dir.join("spool");
+    let tokens = env.dir.join("tokens");
+    let out = Command::new(VOLLEY)
+        .args(["token", "add", "ops", "--tokens"])
+        .arg(&tokens)
+        .output()
+        .unwrap();
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let (port, http_port) = (free_port(), free_port());
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let http_addr: SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
+    let cfg = format!(
+        "tokens = \"{}\"\n[[submission]]\nlisten = \"{addr}\"\ntls = \"none\"\nauth = \"none\"\n\
+         line_length_max = 2000\n[http]\nlisten = \"{http_addr}\"\nrequest_timeout = \"1s\"\n",
+        tokens.display()
+    );
+    let cfg = write_config(&env.dir, &cfg);
+    let mut args = base_args(&env, &spool);
+    args.extend(["--config".into(), cfg.display().to_string()]);
+    let _d = Daemon::start(&env.dir, &args);
+    let (mut c, _) = Client::connect(addr);
+    c.cmd("EHLO app.test");
+    for (len, ok) in [(1500, true), (2100, false)] {
+        assert!(c.cmd("MAIL FROM:<app@news.test>").starts_with("250"));
+        assert!(c
+            .cmd(&format!("RCPT TO:<len{len}@gmail.com>"))
+            .starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(&format!(
+            "Subject: long\r\n\r\n{}\r\n.\r\n",
+            "y".repeat(len)
+        ));
+        let r = c.reply();
+        match ok {
+            true => assert!(r.starts_with("250"), "{len}: {r}"),
+            false => assert!(r.starts_with("500 5.5.6"), "{len}: {r}"),
+        }
+    }
+    // A request body that stalls gets 408 after request_timeout.
+    let mut s = TcpStream::connect(http_addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST /api/v1/inject HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\nContent-Length: 100\r\n\r\n{{\"id\""
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head[9..12], b"408");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

@@ -135,9 +135,10 @@ relay_networks = ["127.0.0.0/8", "::1/128"]     # who may skip AUTH (auth = opti
 message_size_max = "10MiB"         # advertised in SIZE; over it, 552 5.3.4 (1KiB to 1GiB)
 recipients_max = 1000              # per message (100 to 100000; RFC 5321 §4.5.3.1.8);
                                    # past it, 452 4.5.3 and the client sends the rest again
-line_length_max = 998              # octets per line of content before CRLF (998 to 65536;
-                                   # RFC 5322 §2.1.1). Read, not enforced yet: DATA
-                                   # lines are held to 998 (500 5.5.6)
+line_length_max = 998              # octets per DATA line before CRLF (998 to 65536;
+                                   # RFC 5322 §2.1.1); a longer line refuses the message
+                                   # with 500 5.5.6 after its end (BDAT content: header
+                                   # lines only, 998)
 connections_max = 500              # open at once (1 to 100000); past it, 421 4.3.2 and close
 connections_per_ip_max = 50        # from one client address (Postfix's default); past it, 421 4.7.0
 commands_max = 10000               # per connection (10 to 1000000); past it, 421 4.7.0
@@ -158,8 +159,9 @@ campaign_header = "X-Campaign-ID"  # maps a message to a campaign; removed befor
 listen = "127.0.0.1:8025"          # --http; needs tokens. No TLS: keep it on loopback or
                                    # behind a proxy that terminates TLS
 body_size_max = "256MiB"           # request body (1KiB to 4GiB); over it, 413
-connections_max = 64               # open at once (1 to 100000). Read, not enforced yet
-request_timeout = "5m"             # a whole request (1s to 1h). Read, not enforced yet
+connections_max = 64               # injection requests handled at once (1 to 100000);
+                                   # past it, 503 with Retry-After
+request_timeout = "5m"             # for a request body to arrive (1s to 1h); then 408
 
 # --- Pickup directory (delete the table to turn it off) -------------------------
 [pickup]
@@ -308,9 +310,9 @@ pub struct Http {
     pub listen: SocketAddr,
     /// Larger request bodies: 413.
     pub body_size_max: u64,
-    /// Past it, new connections wait in the listen backlog.
+    /// Injection requests handled at once; past it, 503 with Retry-After.
     pub connections_max: u32,
-    /// A whole request; then 408 and close.
+    /// How long a request body may take to arrive; then 408.
     pub request_timeout: Duration,
 }
 

@@ -131,6 +131,8 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
         if let Some(h) = &cfg.http {
             let api = http::Api {
                 body_size_max: h.body_size_max as usize,
+                in_flight: tokio::sync::Semaphore::new(h.connections_max as usize),
+                request_timeout: h.request_timeout,
                 intake: intake.clone(),
                 tokens: tokens.clone(),
                 staging: ecfg.spool_dir.join("staging"),

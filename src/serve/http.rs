@@ -37,6 +37,10 @@ pub const RETRY_AFTER_S: u64 = 5;
 pub struct Api {
     /// Largest request body read, octets (`body_size_max`): over it, 413.
     pub body_size_max: usize,
+    /// Requests handled at once (`connections_max`): past it, 503 with Retry-After.
+    pub in_flight: tokio::sync::Semaphore,
+    /// How long a request body may take to arrive (`request_timeout`): then 408.
+    pub request_timeout: Duration,
     pub intake: Arc<Intake>,
     /// Replaced on SIGHUP.
     pub tokens: Arc<RwLock<Tokens>>,
@@ -146,9 +150,17 @@ async fn inject_campaign(State(api): State<Arc<Api>>, req: axum::extract::Reques
     if let Err(r) = authorize(&api, req.headers()) {
         return *r;
     }
-    let body: Bytes = match axum::body::to_bytes(req.into_body(), api.body_size_max).await {
-        Ok(b) => b,
-        Err(e) => {
+    let Ok(_slot) = api.in_flight.try_acquire() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many requests in flight (the API's connections_max); try again shortly",
+            Vec::new(),
+        );
+    };
+    let read = axum::body::to_bytes(req.into_body(), api.body_size_max);
+    let body: Bytes = match tokio::time::timeout(api.request_timeout, read).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!(
@@ -158,6 +170,14 @@ async fn inject_campaign(State(api): State<Arc<Api>>, req: axum::extract::Reques
                 Vec::new(),
             )
         }
+        Err(_) => return error(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!(
+                "the request body did not arrive within request_timeout ({}); nothing was queued",
+                humantime::format_duration(api.request_timeout)
+            ),
+            Vec::new(),
+        ),
     };
     let api2 = api.clone();
     let done = tokio::task::spawn_blocking(move || stage_and_queue(&api2, &body, new)).await;

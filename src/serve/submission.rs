@@ -89,6 +89,8 @@ pub fn start(
             relay_needs_auth: true,
             rcpts_max: l.recipients_max as usize,
             commands_max: l.commands_max,
+            // The config counts octets before CRLF (RFC 5322 §2.1.1's 998).
+            text_line_max: l.line_length_max as usize + 2,
         };
         let listener = Arc::new(Listener {
             cfg: l.clone(),

@@ -305,6 +305,9 @@ pub struct ServerPolicy {
     /// Command lines per session (AUTH responses and content do not count); the next
     /// gets `421 4.7.0 Too many commands` and the session closes. 0: no limit.
     pub commands_max: u32,
+    /// Longest DATA content line, CRLF included (at least `TEXT_LINE_MAX`): a longer
+    /// one refuses the message with `500 5.5.6 Line too long` after its end.
+    pub text_line_max: usize,
 }
 
 impl ServerPolicy {
@@ -318,6 +321,7 @@ impl ServerPolicy {
             relay_needs_auth: false,
             rcpts_max: RCPTS_PER_MESSAGE_MAX,
             commands_max: 0,
+            text_line_max: TEXT_LINE_MAX,
         }
     }
 }
@@ -937,6 +941,13 @@ impl<'c> ServerSession<'c> {
     }
 
     /// Takes one line of DATA content from `input[pos..]`; returns octets consumed, or
+    fn line_too_long(&self) -> &'static str {
+        match self.policy.text_line_max == TEXT_LINE_MAX {
+            true => "500 5.5.6 Line too long (over 1000 octets)",
+            false => "500 5.5.6 Line too long (over this server's line_length_max)",
+        }
+    }
+
     /// None when no complete line is buffered yet.
     fn take_data_line(
         &mut self,
@@ -947,9 +958,8 @@ impl<'c> ServerSession<'c> {
         let rest = &self.input[pos..];
         let Some(i) = find_lf(rest) else {
             // Keep at most one over-long line's worth buffered; flag it and drop the excess.
-            if rest.len() > TEXT_LINE_MAX {
-                self.content_error
-                    .get_or_insert("500 5.5.6 Line too long (over 1000 octets)");
+            if rest.len() > self.policy.text_line_max {
+                self.content_error.get_or_insert(self.line_too_long());
                 // Keep the last octet: it may be the CR of this line's CRLF.
                 // What follows is the rest of this line, so it cannot be the "."
                 // CRLF that ends the data, whatever octets it starts with.
@@ -962,9 +972,8 @@ impl<'c> ServerSession<'c> {
         let crlf = i > 0 && rest[i - 1] == b'\r';
         // Length first: a long line fed in pieces is flagged before its end is seen,
         // and the reply must not depend on where the client's writes were cut.
-        if line_len > TEXT_LINE_MAX {
-            self.content_error
-                .get_or_insert("500 5.5.6 Line too long (over 1000 octets)");
+        if line_len > self.policy.text_line_max {
+            self.content_error.get_or_insert(self.line_too_long());
         }
         if !crlf {
             // Bare LF: never an end of data (smuggling guard), and refused at the end.
@@ -1317,6 +1326,7 @@ mod tests {
             relay_needs_auth: true,
             rcpts_max: RCPTS_PER_MESSAGE_MAX,
             commands_max: 0,
+            text_line_max: TEXT_LINE_MAX,
         }
     }
 
