@@ -636,6 +636,7 @@ fn smtp_garbage_is_not_buffered() {
         relay_needs_auth: true,
         rcpts_max: 10,
         commands_max: 0,
+        text_line_max: volley::smtp::server::TEXT_LINE_MAX,
     };
     let prefixes: [&[u8]; 4] = [
         b"",

@@ -170,14 +170,16 @@ async fn inject_campaign(State(api): State<Arc<Api>>, req: axum::extract::Reques
                 Vec::new(),
             )
         }
-        Err(_) => return error(
-            StatusCode::REQUEST_TIMEOUT,
-            &format!(
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!(
                 "the request body did not arrive within request_timeout ({}); nothing was queued",
                 humantime::format_duration(api.request_timeout)
             ),
-            Vec::new(),
-        ),
+                Vec::new(),
+            )
+        }
     };
     let api2 = api.clone();
     let done = tokio::task::spawn_blocking(move || stage_and_queue(&api2, &body, new)).await;
