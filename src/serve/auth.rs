@@ -184,6 +184,7 @@ impl Users {
         self.by_name.values().any(|u| u.cram_key.is_some())
     }
 
+    /// Whether `name` has a CRAM-MD5 secret (was added with `--cram-md5`).
     pub fn has_cram_md5(&self, name: &str) -> bool {
         self.by_name
             .get(name)

@@ -41,6 +41,7 @@ pub struct Api {
     pub in_flight: tokio::sync::Semaphore,
     /// How long a request body may take to arrive (`request_timeout`): then 408.
     pub request_timeout: Duration,
+    /// Where campaigns go.
     pub intake: Arc<Intake>,
     /// Replaced on SIGHUP.
     pub tokens: Arc<RwLock<Tokens>>,

@@ -59,13 +59,16 @@ use std::path::Path;
 /// "" for the whole of it) and why, with what to do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ApiProblem {
+    /// An RFC 6901 JSON pointer into the body ("" for the body as a whole).
     pub pointer: String,
+    /// What is wrong there and what to do.
     pub why: String,
 }
 
 /// A body staged as a valid campaign directory (the staging `dir` given to
 /// [`stage`], which the caller ingests and then deletes).
 pub struct Staged {
+    /// The campaign, loaded from the staging directory.
     pub campaign: Campaign,
     /// Recipients that passed every check (all of them: any bad one refuses the body).
     pub recipients: u64,

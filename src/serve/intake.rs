@@ -21,7 +21,9 @@ pub const SUBMISSION_CAMPAIGN: &str = "submission";
 
 /// The daemon's intake: shared by every listener thread.
 pub struct Intake {
+    /// The running shards' inboxes.
     pub inboxes: Inboxes,
+    /// The spool directory (campaign instances are made under it).
     pub spool: PathBuf,
     /// The instance submitted messages are queued under.
     pub submission: u32,
@@ -29,7 +31,9 @@ pub struct Intake {
     instances: Mutex<BTreeMap<u32, Arc<Instance>>>,
     /// One campaign ingest at a time: instance numbers come from the directory.
     ingesting: Mutex<()>,
+    /// Where a campaign's DKIM keys are looked up.
     pub dkim_dir: PathBuf,
+    /// The accounting log.
     pub log: PathBuf,
     /// Free octets kept on the spool's file system for delivery (`spool_free_min`).
     pub free_min: u64,
@@ -39,12 +43,17 @@ pub struct Intake {
 pub struct Submitted {
     /// "" for the null sender.
     pub sender: String,
+    /// The envelope recipients, checked.
     pub recipients: Vec<String>,
+    /// From its campaign header; None: counted under `submission`.
     pub campaign: Option<String>,
+    /// The message as it is to be sent (CRLF line ends, headers prepared).
     pub message: Vec<u8>,
 }
 
 impl Intake {
+    /// The intake over `inboxes` for the daemon's `spool`, whose submission
+    /// instance is `submission` and which runs `instances` at start.
     pub fn new(
         inboxes: Inboxes,
         spool: PathBuf,

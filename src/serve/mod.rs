@@ -1,6 +1,14 @@
 //! `volley serve`: the long-running MTA. Listeners (SMTP submission, HTTP, pickup
 //! directory) take mail in and hand it to the running shards through their inboxes;
 //! nothing here delivers.
+//!
+//! - `daemon`: start-up, signals, readiness, the admin socket's `inject`/`progress`;
+//! - `config`: the configuration file, its checks and the commented example;
+//! - `submission`: the SMTP listeners (IO around `smtp::server`); `auth`: users,
+//!   tokens, SASL; `submitted`: what is done to a message before it is queued;
+//! - `http` and `inject`: the API, and a JSON body checked as a campaign directory;
+//! - `pickup`: the pickup directory;
+//! - `intake`: handing messages and campaigns to the shards, answered once durable.
 
 pub mod auth;
 pub mod config;

@@ -26,11 +26,15 @@ pub const PICKUP_SETTLE: Duration = Duration::from_secs(2);
 
 /// What the pickup thread needs.
 pub struct Pickup {
+    /// The directory watched.
     pub dir: PathBuf,
+    /// How often it is read whatever inotify says.
     pub scan_interval: Duration,
+    /// Where messages go.
     pub intake: Arc<Intake>,
     /// This host's name, for the Received field.
     pub hostname: String,
+    /// The header naming a message's campaign (taken out before sending).
     pub campaign_header: String,
     /// Files queued per scan before the directory is read again (`files_per_scan_max`).
     pub files_per_scan_max: usize,

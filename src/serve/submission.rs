@@ -28,10 +28,13 @@ use tokio::net::TcpStream;
 
 /// What every listener shares.
 pub struct Shared {
+    /// Where messages go.
     pub intake: Arc<Intake>,
     /// Replaced on SIGHUP.
     pub users: Arc<RwLock<Option<Users>>>,
+    /// STARTTLS and implicit TLS settings.
     pub tls: Arc<rustls::ServerConfig>,
+    /// This host's name: the greeting, EHLO, Received.
     pub hostname: String,
     /// How long a message waits for room in a full inbox before `452 4.3.1`.
     pub inbox_wait_max: Duration,

@@ -31,16 +31,22 @@ pub enum Inbound {
     /// Append these Queue records (all of one instance) and answer once they are
     /// synced: `Ok` then, or why not (the spool could not be written).
     Append {
+        /// The campaign instance the records belong to.
         instance: u32,
         /// Which value of each record is the recipient's address.
         email_col: usize,
+        /// At most `APPEND_RECORDS_MAX` for a campaign; a submitted message's
+        /// recipients.
         records: Vec<QueueRecord>,
+        /// The answer, once synced.
         done: oneshot::Sender<Result<(), String>>,
     },
     /// A campaign instance is acknowledged (its marker is on disk): run it, its
     /// staged records first. `dkim`: the key it signs with, if any.
     Activate {
+        /// The instance, as loaded from its directory.
         instance: Arc<Instance>,
+        /// Its DKIM key, checked when it was queued.
         dkim: Option<KeyRef>,
     },
     /// A campaign instance's ingest failed: mark its staged records abandoned.
@@ -50,14 +56,23 @@ pub enum Inbound {
 /// Why an injection was not taken. Each is temporary: the client should try again.
 #[derive(Debug, thiserror::Error)]
 pub enum InboxError {
+    /// The shard (its number) has its inbox bound (messages) waiting.
     #[error("shard {0}'s inbox is full ({1} messages waiting); try again shortly")]
     Full(usize, usize),
+    /// The shards are stopping.
     #[error("the engine is shutting down; try again after it restarts")]
     Closed,
+    /// The shard could not append or sync (the spool's error).
     #[error("the spool could not take the records: {0}")]
     Spool(String),
+    /// Under `spool_free_min`: octets free now, and the reserve.
     #[error("the spool's file system has {free} octets free, under spool_free_min ({min}) with this message; try again later")]
-    Disk { free: u64, min: u64 },
+    Disk {
+        /// Octets free on the spool's file system.
+        free: u64,
+        /// `spool_free_min`.
+        min: u64,
+    },
 }
 
 /// The senders of every shard's inbox.
@@ -74,6 +89,7 @@ impl Inboxes {
         (Inboxes { senders, bound }, receivers)
     }
 
+    /// How many shards (and inboxes) there are.
     pub fn shards(&self) -> usize {
         self.senders.len()
     }
