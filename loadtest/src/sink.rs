@@ -243,7 +243,7 @@ impl Sink {
                         );
                     }
                 }
-                let first = bind_reuseport(a).map_err(|e| {
+                let first = volley::deliver::runtime::bind_reuseport(a, 4096).map_err(|e| {
                     anyhow::anyhow!("provider {}: cannot listen on {a}: {e}", p.name)
                 })?;
                 let actual = first.local_addr()?;
@@ -251,7 +251,7 @@ impl Sink {
                 resolved.push(actual);
                 per_thread[0].push((pi, first));
                 for t in per_thread.iter_mut().skip(1) {
-                    t.push((pi, bind_reuseport(actual)?));
+                    t.push((pi, volley::deliver::runtime::bind_reuseport(actual, 4096)?));
                 }
             }
             addrs.push(resolved);
@@ -419,17 +419,6 @@ impl Sink {
             latency_ms: Percentiles::of(&latency),
         }
     }
-}
-
-fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(4096)?;
-    Ok(s.into())
 }
 
 fn tls_acceptor(

@@ -1,6 +1,7 @@
 //! Choosing monoio's driver: io_uring where the kernel allows it, epoll where it does
 //! not (Docker's default seccomp profile blocks io_uring), or either on request so
-//! both paths can be tested.
+//! both paths can be tested. Also the listening sockets a server binds once per
+//! thread.
 
 use std::future::Future;
 
@@ -36,4 +37,21 @@ pub fn block_on<F: Future>(driver: Driver, f: F) -> std::io::Result<F::Output> {
                 .block_on(f)),
         },
     }
+}
+
+/// A non-blocking listening socket on `addr` that other threads may bind too
+/// (SO_REUSEPORT: the kernel spreads connections over them), with room for
+/// `backlog` connections not yet accepted. Errors: the address cannot be bound.
+pub fn bind_reuseport(
+    addr: std::net::SocketAddr,
+    backlog: i32,
+) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(backlog)?;
+    Ok(s.into())
 }

@@ -333,9 +333,9 @@ pub struct Shard {
     remaining: Cell<u64>,
     tx_seq: Cell<u64>,
     progress: Arc<Progress>,
-    batch: RefCell<[u64; 4]>,
-    /// The same by campaign instance, for its `Outcomes`.
-    batch_by_instance: RefCell<HashMap<u32, [u64; 4]>>,
+    /// Outcomes since the last commit by campaign instance: delivered, bounced,
+    /// expired, deferrals (the progress counters are their sums).
+    batch: RefCell<HashMap<u32, [u64; 4]>>,
     latency: RefCell<Histogram<u64>>,
     stop: Arc<AtomicBool>,
     /// Every recipient is terminal or `stop` was set: connections finish what is in
@@ -439,7 +439,7 @@ pub fn run(
         eprintln!("volley: shard {id}: spool ends with a torn record at segment {seg} offset {off}; recovered what came before");
     }
     let log = LogWriter::open(&cfg.log_path)?;
-    let job_limits = campaign_limits(&instances, &cfg, id);
+    let job_limits = campaign_limits(instances.values(), &cfg, id);
     let driver = cfg.driver;
     let shard = Rc::new(Shard {
         id,
@@ -475,8 +475,7 @@ pub fn run(
         remaining: Cell::new(recovered.pending.len() as u64),
         tx_seq: Cell::new(0),
         progress,
-        batch: RefCell::new([0; 4]),
-        batch_by_instance: RefCell::new(HashMap::new()),
+        batch: RefCell::new(HashMap::new()),
         latency: RefCell::new(Histogram::new(3).expect("valid")),
         stop,
         closing: Cell::new(false),
@@ -1332,26 +1331,17 @@ impl Shard {
             tx_ms,
             shard: self.id,
         });
-        let mut b = self.batch.borrow_mut();
         let slot = match terminal {
             Some(Terminal::Delivered) => 0,
             Some(Terminal::Bounced) => 1,
             Some(_) => 2,
             None => 3,
         };
-        self.batch_by_instance
-            .borrow_mut()
-            .entry(job.instance)
-            .or_default()[slot] += 1;
+        self.batch.borrow_mut().entry(job.instance).or_default()[slot] += 1;
         match terminal {
             Some(t) => {
-                match t {
-                    Terminal::Delivered => {
-                        b[0] += 1;
-                        let _ = self.latency.borrow_mut().record(queued_ms);
-                    }
-                    Terminal::Bounced => b[1] += 1,
-                    _ => b[2] += 1,
+                if t == Terminal::Delivered {
+                    let _ = self.latency.borrow_mut().record(queued_ms);
                 }
                 let wants_dsn = match inst.submission {
                     true => campaign != crate::message::dsn::DSN_CAMPAIGN,
@@ -1403,7 +1393,6 @@ impl Shard {
                 self.pending.borrow_mut().push(Pending::Done(job.rref, t));
             }
             None => {
-                b[3] += 1;
                 let Decision::Retry(after) = decision else {
                     unreachable!("only a retry is not terminal")
                 };
@@ -1417,7 +1406,6 @@ impl Shard {
                 self.schedule_retry(job.clone(), expire_at, after);
             }
         }
-        drop(b);
         if self.pending.borrow().len() >= self.cfg.commit_batch_max {
             if let Err(e) = self.commit(false) {
                 // A spool or log that cannot be written: stop rather than deliver unrecorded.
@@ -1468,15 +1456,13 @@ impl Shard {
             spool.delete_finished()?;
         }
         self.remaining.set(self.remaining.get() - done);
-        let mut b = self.batch.borrow_mut();
         let p = &self.progress;
-        p.delivered.fetch_add(b[0], Ordering::Relaxed);
-        p.bounced.fetch_add(b[1], Ordering::Relaxed);
-        p.expired.fetch_add(b[2], Ordering::Relaxed);
-        p.deferrals.fetch_add(b[3], Ordering::Relaxed);
-        *b = [0; 4];
-        for (no, counts) in self.batch_by_instance.borrow_mut().drain() {
-            self.instance(no).outcomes.record(counts);
+        for (no, [d, b, e, t]) in self.batch.borrow_mut().drain() {
+            p.delivered.fetch_add(d, Ordering::Relaxed);
+            p.bounced.fetch_add(b, Ordering::Relaxed);
+            p.expired.fetch_add(e, Ordering::Relaxed);
+            p.deferrals.fetch_add(t, Ordering::Relaxed);
+            self.instance(no).outcomes.record([d, b, e, t]);
         }
         Ok(())
     }
@@ -1707,10 +1693,11 @@ impl Shard {
                 }
             }
         }
-        let one: Instances = Arc::new(BTreeMap::from([(no, inst.clone())]));
-        self.job_limits
-            .borrow_mut()
-            .extend(campaign_limits(&one, &self.cfg, self.id));
+        self.job_limits.borrow_mut().extend(campaign_limits(
+            std::iter::once(&inst),
+            &self.cfg,
+            self.id,
+        ));
         self.instances.borrow_mut().insert(no, inst.clone());
         let jobs = self.staged.borrow_mut().remove(&no).unwrap_or_default();
         self.start_jobs(jobs);
@@ -1770,14 +1757,13 @@ async fn tick_loop(sh: Rc<Shard>) {
 
 /// Each campaign's own `max_msg_rate`, as this shard's share, keyed as the admin
 /// socket's `rate campaign:ID` would set it.
-fn campaign_limits(
-    instances: &Instances,
+fn campaign_limits<'a>(
+    instances: impl Iterator<Item = &'a Arc<Instance>>,
     cfg: &EngineConfig,
     id: usize,
 ) -> HashMap<String, Rc<Limiter>> {
     let now = Instant::now();
     instances
-        .values()
         .filter_map(|inst| {
             let per = shaping::rules::parse_per(inst.settings.max_msg_rate.as_ref()?).ok()?;
             let key = format!("campaign:{}", inst.settings.id);

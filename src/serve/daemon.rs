@@ -317,7 +317,7 @@ fn inject_dir(intake: &Intake, dir: &Path, new: bool) -> String {
         }
     };
     if !new {
-        if let Some(i) = intake.instances_of(&campaign.settings.id).last() {
+        if let Some(i) = intake.instance_of(&campaign.settings.id) {
             return format!("ok: running instance {}", i.no);
         }
     }

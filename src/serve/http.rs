@@ -213,50 +213,55 @@ fn stage_and_queue(api: &Api, body: &[u8], new: bool) -> Response {
             "the campaign was refused; nothing was queued",
             problems,
         ),
-        Ok(staged) if !new && !api.intake.instances_of(&staged.campaign.settings.id).is_empty() => {
-            let id = &staged.campaign.settings.id;
-            let no = api.intake.instances_of(id).last().map(|i| i.no);
-            (
-                StatusCode::CONFLICT,
-                Json(json!({
-                    "error": format!("campaign `{id}` is already queued (instance {}); nothing was queued. POST /api/v1/inject?new=true queues it again", no.unwrap_or(0)),
-                    "campaign": id,
-                    "instance": no,
-                    "problems": [],
-                })),
-            )
-                .into_response()
-        }
-        Ok(staged) => match api.intake.queue_campaign(&staged.campaign) {
-            Ok(done) => (
-                StatusCode::ACCEPTED,
-                Json(json!({
-                    "campaign": staged.campaign.settings.id,
-                    "instance": done.instance,
-                    "queued": done.recipients,
-                })),
-            )
-                .into_response(),
-            Err(IngestError::Problems(problems, _)) => error(
-                StatusCode::BAD_REQUEST,
-                "the campaign was refused; nothing was queued",
-                problems
-                    .iter()
-                    .map(|p| ApiProblem {
-                        pointer: String::new(),
-                        why: p.to_string(),
-                    })
-                    .collect(),
-            ),
-            Err(IngestError::Other(e)) => error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("the campaign could not be queued now, nothing of it will be sent: {e:#}; try again"),
-                Vec::new(),
-            ),
-        },
+        Ok(staged) => queue_staged(api, &staged.campaign, new),
     };
     let _ = std::fs::remove_dir_all(&dir);
     r
+}
+
+/// Queues a staged campaign: `409` when its id is already queued (unless `new`),
+/// `202` once durable.
+fn queue_staged(api: &Api, campaign: &crate::message::campaign::Campaign, new: bool) -> Response {
+    let id = &campaign.settings.id;
+    if let Some(i) = api.intake.instance_of(id).filter(|_| !new) {
+        return (
+            StatusCode::CONFLICT,
+            Json(json!({
+                "error": format!("campaign `{id}` is already queued (instance {}); nothing was queued. POST /api/v1/inject?new=true queues it again", i.no),
+                "campaign": id,
+                "instance": i.no,
+                "problems": [],
+            })),
+        )
+            .into_response();
+    }
+    match api.intake.queue_campaign(campaign) {
+        Ok(done) => (
+            StatusCode::ACCEPTED,
+            Json(json!({
+                "campaign": campaign.settings.id,
+                "instance": done.instance,
+                "queued": done.recipients,
+            })),
+        )
+            .into_response(),
+        Err(IngestError::Problems(problems, _)) => error(
+            StatusCode::BAD_REQUEST,
+            "the campaign was refused; nothing was queued",
+            problems
+                .iter()
+                .map(|p| ApiProblem {
+                    pointer: String::new(),
+                    why: p.to_string(),
+                })
+                .collect(),
+        ),
+        Err(IngestError::Other(e)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("the campaign could not be queued now, nothing of it will be sent: {e:#}; try again"),
+            Vec::new(),
+        ),
+    }
 }
 
 async fn campaign_counts(

@@ -177,6 +177,12 @@ impl Intake {
         activated
     }
 
+    /// The newest instance whose campaign id is `id`.
+    pub fn instance_of(&self, id: &str) -> Option<Arc<Instance>> {
+        let instances = self.instances.lock().expect("instances");
+        instances.values().rfind(|i| i.settings.id == id).cloned()
+    }
+
     /// Every instance whose campaign id is `id`.
     pub fn instances_of(&self, id: &str) -> Vec<Arc<Instance>> {
         self.instances

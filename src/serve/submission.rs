@@ -102,7 +102,7 @@ pub fn start(
             open: Mutex::new(HashMap::new()),
         });
         for bound in &mut per_thread {
-            let s = bind_reuseport(l.listen)
+            let s = crate::deliver::runtime::bind_reuseport(l.listen, 1024)
                 .map_err(|e| anyhow::anyhow!("submission listener {}: {e}", l.listen))?;
             bound.push((s, listener.clone()));
         }
@@ -133,18 +133,6 @@ pub fn start(
         handles.push(h);
     }
     Ok(handles)
-}
-
-/// A listening socket others may bind too (SO_REUSEPORT), one per thread.
-fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(1024)?;
-    Ok(s.into())
 }
 
 async fn accept_loop(s: tokio::net::TcpListener, l: Arc<Listener>, shared: Arc<Shared>) {

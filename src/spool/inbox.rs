@@ -103,18 +103,7 @@ impl Inboxes {
         email_col: usize,
         records: Vec<QueueRecord>,
     ) -> Result<oneshot::Receiver<Result<(), String>>, InboxError> {
-        let (done, answer) = oneshot::channel();
-        let msg = Inbound::Append {
-            instance,
-            email_col,
-            records,
-            done,
-        };
-        match self.senders[shard].try_send(msg) {
-            Ok(()) => Ok(answer),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(InboxError::Full(shard, self.bound)),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(InboxError::Closed),
-        }
+        self.append_waiting(shard, instance, email_col, records, Duration::ZERO)
     }
 
     /// As [`append`](Self::append), waiting up to `patience` for room: a campaign

@@ -432,14 +432,7 @@ pub fn ingest_into(
 ) -> Result<Ingested, IngestError> {
     let started = std::time::Instant::now();
     let cdir = campaigns_dir(spool);
-    let used: Vec<u32> = std::fs::read_dir(&cdir)
-        .map(|it| {
-            it.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    let no = used.iter().copied().max().unwrap_or(0) + 1;
+    let no = next_instance_no(&cdir);
     let idir = cdir.join(no.to_string());
     std::fs::create_dir_all(&idir)
         .map_err(|e| IngestError::Other(anyhow::anyhow!("{}: {e}", idir.display())))?;
@@ -571,15 +564,7 @@ pub fn submission_instance(spool: &Path, hostname: &str) -> anyhow::Result<u32> 
         return Ok(i.no);
     }
     let cdir = campaigns_dir(spool);
-    let no = std::fs::read_dir(&cdir)
-        .map(|it| {
-            it.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-                .max()
-                .unwrap_or(0)
-        })
-        .unwrap_or(0)
-        + 1;
+    let no = next_instance_no(&cdir);
     let idir = cdir.join(no.to_string());
     std::fs::create_dir_all(&idir).map_err(|e| anyhow::anyhow!("{}: {e}", idir.display()))?;
     // An address literal for EHLO is no domain for the instance's settings.
@@ -611,6 +596,20 @@ pub fn submission_instance(spool: &Path, hostname: &str) -> anyhow::Result<u32> 
     })?;
     write_durably(&idir.join("queued"), &marker)?;
     Ok(no)
+}
+
+/// The number a new instance directory under `cdir` gets: one past the highest
+/// there, whether or not its ingest finished.
+fn next_instance_no(cdir: &Path) -> u32 {
+    std::fs::read_dir(cdir)
+        .map(|it| {
+            it.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+        + 1
 }
 
 /// How long a submitted message is retried before it expires.
