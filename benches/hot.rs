@@ -1,6 +1,6 @@
 //! Criterion benches for the per-message hot paths: reply parsing, spool append,
 //! template rendering, the client session's transaction round, the shaping
-//! admission every message passes, and DKIM signing.
+//! admission every message passes, DKIM signing, and gzip of a rotated log.
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::time::Instant;
@@ -179,6 +179,9 @@ fn dkim_sign(c: &mut Criterion) {
     let key = |name: &str, kind: KeyType| {
         let path = dir.join(format!("{name}.pem"));
         std::fs::write(&path, generate(kind).unwrap().pem).unwrap();
+        // A key others may read is refused at load (host/secrets.rs).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         KeyFile {
             selector: name.to_string(),
             path,
@@ -234,8 +237,89 @@ fn dkim_sign(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// gzip of a rotated accounting log (observe/rotation.rs): 16 MiB of records with
+/// the variety of a real run (addresses, MX hosts, replies with queue ids, times).
+fn log_rotation(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join(format!("volley-bench-gzip-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("src.jsonl");
+    let mut text = String::new();
+    let mut rng = fastrand::Rng::with_seed(7);
+    let domains = [
+        "gmail.com",
+        "yahoo.com",
+        "outlook.com",
+        "web.de",
+        "orange.fr",
+    ];
+    while text.len() < 16 << 20 {
+        let d = domains[rng.usize(..domains.len())];
+        let r = volley::observe::log::Record {
+            kind: volley::observe::log::Kind::Delivery,
+            time: format!(
+                "2026-11-30T{:02}:{:02}:{:02}.{:03}Z",
+                rng.u8(..24),
+                rng.u8(..60),
+                rng.u8(..60),
+                rng.u16(..1000)
+            ),
+            campaign: "spring-sale",
+            rcpt: &format!(
+                "{}{}@{d}",
+                ["ann", "bob", "li", "kim"][rng.usize(..4)],
+                rng.u32(..10_000_000)
+            ),
+            sender: "bounces@news.example",
+            domain: d,
+            mx: Some(&format!("mx{}.{d}", rng.u8(..4))),
+            ip: Some(format!("192.0.2.{}:25", rng.u8(1..255))),
+            code: 250,
+            enhanced: Some("2.0.0"),
+            class: None,
+            reply: &format!("OK {:016x} - gsmtp", rng.u64(..)),
+            tls: Some("TLSv1_3 TLS13_AES_128_GCM_SHA256"),
+            stage: "data",
+            attempt: 1,
+            queued_ms: rng.u64(..600_000),
+            tx_ms: Some(rng.u64(..200)),
+            shard: rng.usize(..8),
+            last_attempt: None,
+        };
+        text.push_str(&serde_json::to_string(&r).unwrap());
+        text.push('\n');
+    }
+    std::fs::write(&src, &text).unwrap();
+    let mut g = c.benchmark_group("log_rotation");
+    g.throughput(Throughput::Bytes(text.len() as u64));
+    g.sample_size(10);
+    g.bench_function("gzip_16MiB_rotated_log", |b| {
+        b.iter_batched(
+            || {
+                let p = dir.join("acct.jsonl.20261130T000000Z");
+                let _ = std::fs::remove_file(dir.join("acct.jsonl.20261130T000000Z.gz"));
+                std::fs::copy(&src, &p).unwrap();
+                p
+            },
+            |p| volley::observe::rotation::compress(&p).unwrap(),
+            BatchSize::PerIteration,
+        );
+    });
+    g.finish();
+    let gz = std::fs::metadata(dir.join("acct.jsonl.20261130T000000Z.gz"))
+        .unwrap()
+        .len();
+    eprintln!(
+        "log_rotation: {} octets gzip to {gz} ({:.1}x)",
+        text.len(),
+        text.len() as f64 / gz as f64
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 criterion_group!(
     benches,
+    log_rotation,
     reply_parsing,
     spool_append,
     template_render,

@@ -9,6 +9,7 @@ use cli::serve::ServeArgs;
 use cli::shaping::ShapingCmd;
 use cli::token::TokenCmd;
 use cli::user::UserCmd;
+use cli::InsecureModes;
 use std::path::PathBuf;
 
 /// volley: a bulk email sending engine. Validates campaigns, spools them durably,
@@ -39,6 +40,8 @@ enum Cmd {
         /// rows are all that is wrong.
         #[arg(long)]
         skip_bad_rows: bool,
+        #[command(flatten)]
+        insecure: InsecureModes,
     },
     /// The DNS records a campaign's domains must publish, in zone-file form: SPF for
     /// the envelope sender's domain, the DKIM key, DMARC for the From domain.
@@ -52,6 +55,8 @@ enum Cmd {
         ip: Vec<std::net::IpAddr>,
         #[arg(long)]
         shaping: Option<PathBuf>,
+        #[command(flatten)]
+        insecure: InsecureModes,
     },
     /// DKIM keys and signatures.
     Dkim {
@@ -82,6 +87,8 @@ enum Cmd {
         /// whole campaign. A CSV syntax error still refuses it.
         #[arg(long)]
         skip_bad_rows: bool,
+        #[command(flatten)]
+        insecure: InsecureModes,
     },
     /// Classify SMTP replies, one per line on stdin, as the engine does: one JSON object
     /// per line out ({"reply","code","enhanced","retry","class","rule"}). A line may be a
@@ -143,6 +150,8 @@ enum Cmd {
 }
 
 fn main() {
+    // Everything volley writes is private unless it says otherwise (host/files.rs).
+    volley::host::files::private_umask();
     match run(Cli::parse()) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
@@ -152,13 +161,41 @@ fn main() {
     }
 }
 
+/// `--allow-insecure-modes` of the commands that read secrets.
+fn insecure_modes(cmd: &Cmd) -> InsecureModes {
+    match cmd {
+        Cmd::Check { insecure, .. }
+        | Cmd::DnsRecords { insecure, .. }
+        | Cmd::Send { insecure, .. } => *insecure,
+        Cmd::Serve(a) => a.insecure,
+        Cmd::Dkim { cmd } => cmd.insecure(),
+        _ => InsecureModes::default(),
+    }
+}
+
+/// For the commands that only print: a reader that goes away (`| head`) ends the
+/// command quietly, as it ends cat, rather than with a panic on the next write.
+/// Not for send or serve, whose sockets must not raise SIGPIPE.
+fn quiet_on_closed_pipe() {
+    // SAFETY: restores the default disposition of one signal, before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 fn run(cli: Cli) -> anyhow::Result<i32> {
+    insecure_modes(&cli.cmd).apply();
+    if matches!(
+        cli.cmd,
+        Cmd::Report { .. } | Cmd::Classify { .. } | Cmd::Check { .. } | Cmd::DnsRecords { .. }
+    ) {
+        quiet_on_closed_pipe();
+    }
     match cli.cmd {
         Cmd::Check {
             dir,
             dkim_dir,
             ehlo,
             skip_bad_rows,
+            insecure: _,
         } => cli::check::run(&dir, &dkim_dir, ehlo.as_deref(), skip_bad_rows),
         Cmd::Dkim { cmd } => cli::dkim::run(cmd),
         Cmd::DnsRecords {
@@ -166,6 +203,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             dkim_dir,
             ip,
             shaping,
+            insecure: _,
         } => cli::dns_records::run(&dir, &dkim_dir, ip, shaping.as_deref()),
         Cmd::Send {
             dir,
@@ -175,6 +213,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             report_json,
             quiet,
             skip_bad_rows,
+            insecure: _,
         } => cli::send::run(
             &dir,
             engine.config()?,

@@ -17,7 +17,7 @@ fn publish(env: &Env, dir: &Path, selector: &str, kind: KeyType) -> String {
     let k = generate(kind).unwrap();
     let path = key_path(dir, "news.test", selector);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(&path, &k.pem).unwrap();
+    write_0600(&path, &k.pem);
     // DNS strings are at most 255 octets; a 2048-bit RSA key needs two.
     let strings = k
         .txt
@@ -31,6 +31,14 @@ fn publish(env: &Env, dir: &Path, selector: &str, kind: KeyType) -> String {
         .unwrap()
         .set_txt(&format!("{selector}._domainkey.news.test"), strings);
     k.txt
+}
+
+/// Writes a key as `volley dkim keygen` does, mode 0600: a key others may read is
+/// refused at load.
+fn write_0600(path: &Path, pem: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, pem).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 fn kept(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
@@ -963,7 +971,7 @@ fn random_messages_signed_by_volley_verify_at_mail_auth_and_dkimpy() {
         let k = generate(kind).unwrap();
         let path = key_path(&dir, "news.test", selector);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, &k.pem).unwrap();
+        write_0600(&path, &k.pem);
         records.push((format!("{selector}._domainkey.news.test"), k.txt));
         keys.push(volley::message::dkim::KeyFile {
             selector: selector.into(),

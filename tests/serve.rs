@@ -6,164 +6,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use common::daemon::{add_token, base_args, free_port, http, write_config, Client, Daemon, VOLLEY};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const VOLLEY: &str = env!("CARGO_BIN_EXE_volley");
-
-/// A loopback port free a moment ago.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A running `volley serve`, killed when dropped.
-struct Daemon {
-    child: Child,
-    stderr: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Daemon {
-    /// Starts `volley serve` with `args` and waits (at most 30 s) for its readiness line.
-    fn start(dir: &Path, args: &[String]) -> Daemon {
-        let stderr = dir.join(format!("serve-{}.stderr", fastrand::u32(..)));
-        let mut child = Command::new(VOLLEY)
-            .arg("serve")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if line.contains("volley serve: ready") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        let d = Daemon { child, stderr };
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            panic!(
-                "volley serve did not say it was ready; stderr:\n{}",
-                std::fs::read_to_string(&d.stderr).unwrap_or_default()
-            );
-        }
-        d
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: a signal to our own child.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-
-    /// Waits at most `limit` for the daemon to exit; its status code.
-    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let until = Instant::now() + limit;
-        while Instant::now() < until {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-}
-
-/// The flags that point a daemon at the test's sink and DNS, with `spool`.
-fn base_args(env: &common::Env, spool: &Path) -> Vec<String> {
-    vec![
-        "--spool".into(),
-        spool.display().to_string(),
-        "--dns".into(),
-        env.dns.addr.to_string(),
-        "--smtp-port".into(),
-        env.sink.port().to_string(),
-    ]
-}
-
-/// A plain SMTP client that reads whole (multi-line) replies.
-struct Client {
-    r: BufReader<TcpStream>,
-    w: TcpStream,
-}
-
-impl Client {
-    fn connect(addr: SocketAddr) -> (Client, String) {
-        let s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut c = Client {
-            r: BufReader::new(s.try_clone().unwrap()),
-            w: s,
-        };
-        let greeting = c.reply();
-        (c, greeting)
-    }
-
-    fn reply(&mut self) -> String {
-        let mut all = String::new();
-        loop {
-            let mut line = String::new();
-            if self.r.read_line(&mut line).unwrap() == 0 {
-                return all;
-            }
-            all.push_str(&line);
-            if line.as_bytes().get(3) != Some(&b'-') {
-                return all;
-            }
-        }
-    }
-
-    fn send(&mut self, bytes: &str) {
-        self.w.write_all(bytes.as_bytes()).unwrap();
-    }
-
-    fn cmd(&mut self, line: &str) -> String {
-        self.send(&format!("{line}\r\n"));
-        self.reply()
-    }
-}
-
-/// Waits (at most 30 s) until the accounting log has a terminal record for `rcpt`.
-fn wait_terminal(log: &Path, rcpt: &str) -> serde_json::Value {
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let lines = common::log_lines(log);
-        if let Some(t) = common::terminal_by_rcpt(&lines).remove(rcpt) {
-            return t[0].clone();
-        }
-        assert!(
-            Instant::now() < until,
-            "no outcome for {rcpt} in {}",
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn write_config(dir: &Path, text: &str) -> PathBuf {
-    let p = dir.join("volley.toml");
-    std::fs::write(&p, text).unwrap();
-    p
-}
 
 fn add_user(users: &Path, name: &str, password: &str) {
     let mut c = Command::new(VOLLEY)
@@ -185,7 +33,7 @@ fn submitted_mail_is_delivered_with_a_received_field_and_without_its_campaign_he
     let port = free_port();
     let mut args = base_args(&env, &spool);
     args.extend(["--submission".into(), format!("127.0.0.1:{port}")]);
-    let _d = Daemon::start(&env.dir, &args);
+    let d = Daemon::start(&env.dir, &args);
     let (mut c, greeting) = Client::connect(format!("127.0.0.1:{port}").parse().unwrap());
     assert!(greeting.starts_with("220 "), "{greeting}");
     assert!(c.cmd("EHLO app.test").contains("STARTTLS"));
@@ -198,7 +46,7 @@ fn submitted_mail_is_delivered_with_a_received_field_and_without_its_campaign_he
     let r = c.reply();
     assert!(r.starts_with("250 2.0.0"), "{r}");
     c.cmd("QUIT");
-    let t = wait_terminal(&spool.join("accounting.jsonl"), "ann@gmail.com");
+    let t = d.wait_terminal(&spool.join("accounting.jsonl"), "ann@gmail.com");
     assert_eq!(t["type"], "Delivery");
     assert_eq!(
         t["campaign"], "welcome",
@@ -293,7 +141,7 @@ fn swaks_authenticates_with_each_mechanism_over_starttls_and_implicit_tls() {
     let cfg = write_config(&env.dir, &cfg);
     let mut args = base_args(&env, &spool);
     args.extend(["--config".into(), cfg.display().to_string()]);
-    let _d = Daemon::start(&env.dir, &args);
+    let d = Daemon::start(&env.dir, &args);
     let swaks = |port: u16, tls: &str, mech: &str, password: &str, to: &str| {
         let out = Command::new("swaks")
             .args(["--server", &format!("127.0.0.1:{port}"), tls])
@@ -324,51 +172,17 @@ fn swaks_authenticates_with_each_mechanism_over_starttls_and_implicit_tls() {
     assert!(out.contains("535 5.7.8"), "{out}");
     for to in &sent {
         assert_eq!(
-            wait_terminal(&spool.join("accounting.jsonl"), to)["type"],
+            d.wait_terminal(&spool.join("accounting.jsonl"), to)["type"],
             "Delivery"
         );
     }
-}
-
-/// One HTTP/1.1 request over a fresh connection; (status, body).
-fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp[9..12].parse().unwrap();
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
 }
 
 #[test]
 fn http_injection_queues_a_campaign_and_reports_its_counts() {
     let env = common::env("serve-http", "");
     let spool = env.dir.join("spool");
-    let tokens = env.dir.join("tokens");
-    let out = Command::new(VOLLEY)
-        .args(["token", "add", "ops", "--tokens"])
-        .arg(&tokens)
-        .output()
-        .unwrap();
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert!(token.starts_with("vly_"), "{token}");
+    let (tokens, token) = add_token(&env.dir);
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut args = base_args(&env, &spool);
@@ -389,7 +203,7 @@ fn http_injection_queues_a_campaign_and_reports_its_counts() {
           \"recipients\":[{}]}}",
         recipients.join(",")
     );
-    let (status, _) = http(addr, "POST", "/api/v1/inject", None, &body);
+    let (status, _, _) = http(addr, "POST", "/api/v1/inject", None, &body);
     assert_eq!(status, 401, "no token, no injection");
     // The token is checked before the body is read: a huge announced body from a
     // client without a token is answered at once.
@@ -399,19 +213,19 @@ fn http_injection_queues_a_campaign_and_reports_its_counts() {
     let mut head = [0u8; 12];
     s.read_exact(&mut head).unwrap();
     assert_eq!(&head[9..12], b"401");
-    let (status, _) = http(addr, "POST", "/api/v1/inject", Some("vly_wrong"), &body);
+    let (status, _, _) = http(addr, "POST", "/api/v1/inject", Some("vly_wrong"), &body);
     assert_eq!(status, 401);
-    let (status, resp) = http(addr, "POST", "/api/v1/inject", Some(&token), &body);
+    let (status, _, resp) = http(addr, "POST", "/api/v1/inject", Some(&token), &body);
     assert_eq!(status, 202, "{resp}");
     let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
     assert_eq!(v["queued"], 50);
     assert_eq!(v["campaign"], "spring");
     // The same id again (a client retrying): refused, unless it asks for a new one.
-    let (status, resp) = http(addr, "POST", "/api/v1/inject", Some(&token), &body);
+    let (status, _, resp) = http(addr, "POST", "/api/v1/inject", Some(&token), &body);
     assert_eq!(status, 409, "{resp}");
 
     let bad = r#"{"id":"bad","sender":"bounces@news.test","from_domain":"news.test","dkim":false,"template":"From: news@news.test\nSubject: s\n\nhi\n","recipients":[{"email":"ok@gmail.com"},{"email":"not an address"}]}"#;
-    let (status, resp) = http(addr, "POST", "/api/v1/inject", Some(&token), bad);
+    let (status, _, resp) = http(addr, "POST", "/api/v1/inject", Some(&token), bad);
     assert_eq!(status, 400, "{resp}");
     let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
     let pointers: Vec<&str> = v["problems"]
@@ -427,7 +241,7 @@ fn http_injection_queues_a_campaign_and_reports_its_counts() {
 
     let until = Instant::now() + Duration::from_secs(30);
     loop {
-        let (status, resp) = http(addr, "GET", "/api/v1/campaigns/spring", Some(&token), "");
+        let (status, _, resp) = http(addr, "GET", "/api/v1/campaigns/spring", Some(&token), "");
         assert_eq!(status, 200, "{resp}");
         let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
         if v["outcomes"]["delivered"] == 50 {
@@ -437,7 +251,7 @@ fn http_injection_queues_a_campaign_and_reports_its_counts() {
         assert!(Instant::now() < until, "not all delivered: {resp}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (status, _) = http(addr, "GET", "/api/v1/campaigns/nosuch", Some(&token), "");
+    let (status, _, _) = http(addr, "GET", "/api/v1/campaigns/nosuch", Some(&token), "");
     assert_eq!(status, 404);
     assert!(!common::log_lines(&spool.join("accounting.jsonl"))
         .iter()
@@ -451,7 +265,7 @@ fn pickup_files_are_queued_and_bad_ones_set_aside() {
     let pickup = env.dir.join("pickup");
     let mut args = base_args(&env, &spool);
     args.extend(["--pickup".into(), pickup.display().to_string()]);
-    let _d = Daemon::start(&env.dir, &args);
+    let d = Daemon::start(&env.dir, &args);
     let good = "X-Sender: <app@news.test>\nX-Receiver: <pia@gmail.com>\nX-Receiver: <pat@yahoo.com>\nFrom: app@news.test\nSubject: picked\n\nbody\n";
     std::fs::write(pickup.join(".good.tmp"), good).unwrap();
     std::fs::rename(pickup.join(".good.tmp"), pickup.join("good.eml")).unwrap();
@@ -461,8 +275,8 @@ fn pickup_files_are_queued_and_bad_ones_set_aside() {
     )
     .unwrap();
     let log = spool.join("accounting.jsonl");
-    assert_eq!(wait_terminal(&log, "pia@gmail.com")["type"], "Delivery");
-    assert_eq!(wait_terminal(&log, "pat@yahoo.com")["type"], "Delivery");
+    assert_eq!(d.wait_terminal(&log, "pia@gmail.com")["type"], "Delivery");
+    assert_eq!(d.wait_terminal(&log, "pat@yahoo.com")["type"], "Delivery");
     let until = Instant::now() + Duration::from_secs(10);
     while pickup.join("good.eml").exists() || !pickup.join("bad/bad.eml").exists() {
         assert!(Instant::now() < until, "pickup files not handled");
@@ -531,8 +345,8 @@ fn a_message_acknowledged_before_a_sigkill_is_delivered_after_restart() {
 
     let mut args = base_args(&env, &spool);
     args.extend(["--submission".into(), format!("127.0.0.1:{}", free_port())]);
-    let _d = Daemon::start(&env.dir, &args);
-    let t = wait_terminal(&spool.join("accounting.jsonl"), "kim@gmail.com");
+    let d = Daemon::start(&env.dir, &args);
+    let t = d.wait_terminal(&spool.join("accounting.jsonl"), "kim@gmail.com");
     assert_eq!(t["type"], "Delivery");
     drop(mute);
 }
@@ -699,7 +513,7 @@ fn a_submitted_message_that_bounces_comes_back_to_its_sender_as_a_dsn() {
     let port = free_port();
     let mut args = base_args(&env, &spool);
     args.extend(["--submission".into(), format!("127.0.0.1:{port}")]);
-    let _d = Daemon::start(&env.dir, &args);
+    let d = Daemon::start(&env.dir, &args);
     let (mut c, _) = Client::connect(format!("127.0.0.1:{port}").parse().unwrap());
     c.cmd("EHLO app.test");
     // The sink refuses permfail* for good; the sender is on a domain it serves.
@@ -709,8 +523,11 @@ fn a_submitted_message_that_bounces_comes_back_to_its_sender_as_a_dsn() {
     c.send("From: app@shop7.tail.test\r\nSubject: doomed\r\n\r\nx\r\n.\r\n");
     assert!(c.reply().starts_with("250"));
     let log = spool.join("accounting.jsonl");
-    assert_eq!(wait_terminal(&log, "permfail9@gmail.com")["type"], "Bounce");
-    let dsn = wait_terminal(&log, "app@shop7.tail.test");
+    assert_eq!(
+        d.wait_terminal(&log, "permfail9@gmail.com")["type"],
+        "Bounce"
+    );
+    let dsn = d.wait_terminal(&log, "app@shop7.tail.test");
     assert_eq!(dsn["type"], "Delivery");
     assert_eq!(dsn["campaign"], "dsn");
     assert_eq!(dsn["sender"], "<>", "a DSN goes from the null sender");
@@ -791,7 +608,7 @@ fn the_listeners_limits_answer_as_configured() {
     };
     let started = Instant::now();
     for b in "NOOP NOOP NOOP NOOP NOOP NOOP".bytes() {
-        if slow.w.write_all(&[b]).is_err() {
+        if slow.try_send(&[b]).is_err() {
             break;
         }
         std::thread::sleep(Duration::from_millis(150));
@@ -863,7 +680,7 @@ fn a_full_spool_refuses_injection_with_452_while_delivery_goes_on() {
         .status()
         .is_ok_and(|s| s.success());
     if !mounted {
-        eprintln!("cannot mount a tmpfs here (not root?); skipping the disk-full test");
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?); the disk-full test did not run");
         return;
     }
     struct Unmount(PathBuf);
@@ -882,7 +699,7 @@ fn a_full_spool_refuses_injection_with_452_while_delivery_goes_on() {
     let cfg = write_config(&env.dir, &cfg);
     let mut args = base_args(&env, &spool);
     args.extend(["--config".into(), cfg.display().to_string()]);
-    let _d = Daemon::start(&env.dir, &args);
+    let d = Daemon::start(&env.dir, &args);
     let send = |c: &mut Client, rcpt: &str| {
         assert!(c.cmd("MAIL FROM:<app@news.test>").starts_with("250"));
         assert!(c.cmd(&format!("RCPT TO:<{rcpt}>")).starts_with("250"));
@@ -913,14 +730,37 @@ fn a_full_spool_refuses_injection_with_452_while_delivery_goes_on() {
     std::fs::write(&filler, vec![0u8; (free - 6 * 1024 * 1024) as usize]).unwrap();
     let r = send(&mut c, "late@gmail.com");
     assert!(r.starts_with("452 4.3.1"), "{r}");
+    // The operator sees it: `volley queue status` shows the budget and the refusal
+    // (its lines are renewed every second).
+    let status = || {
+        let out = Command::new(VOLLEY)
+            .args(["queue", "--spool"])
+            .arg(&spool)
+            .arg("status")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut shown = status();
+    while !shown.contains("1 refused since start") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        shown = status();
+    }
+    assert!(
+        shown.contains(
+            "injection refused below 8.0 MiB (spool_free_min), REFUSING NOW; 1 refused since start"
+        ),
+        "{shown}"
+    );
     // Delivery goes on: what was taken is delivered and recorded.
-    let t = wait_terminal(&spool.join("accounting.jsonl"), "early@gmail.com");
+    let t = d.wait_terminal(&spool.join("accounting.jsonl"), "early@gmail.com");
     assert_eq!(t["type"], "Delivery");
     // Room again: taken again.
     std::fs::remove_file(&filler).unwrap();
     assert!(send(&mut c, "again@gmail.com").starts_with("250"));
     assert_eq!(
-        wait_terminal(&spool.join("accounting.jsonl"), "again@gmail.com")["type"],
+        d.wait_terminal(&spool.join("accounting.jsonl"), "again@gmail.com")["type"],
         "Delivery"
     );
 }
@@ -929,13 +769,7 @@ fn a_full_spool_refuses_injection_with_452_while_delivery_goes_on() {
 fn line_length_and_the_apis_request_timeout_follow_the_config() {
     let env = common::env("serve-lines", "");
     let spool = env.dir.join("spool");
-    let tokens = env.dir.join("tokens");
-    let out = Command::new(VOLLEY)
-        .args(["token", "add", "ops", "--tokens"])
-        .arg(&tokens)
-        .output()
-        .unwrap();
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let (tokens, token) = add_token(&env.dir);
     let (port, http_port) = (free_port(), free_port());
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let http_addr: SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();

@@ -113,6 +113,9 @@ fn a_ca_certificate_as_the_server_certificate_is_explained_in_the_log() {
     let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&cert_file, cert.pem()).unwrap();
     std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    // A key others may read is refused at load (host/secrets.rs).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let env = env_with_certificate("tls-ca-cert", cert_file, key_file);
     let (r, lines, accepted) = run_in(env, "tls-ca-cert", TlsMode::Required, true);
     let _ = std::fs::remove_dir_all(&dir);

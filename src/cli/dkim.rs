@@ -32,7 +32,19 @@ pub(crate) enum DkimCmd {
         /// The selector of each --key, in the same order.
         #[arg(long, required = true)]
         selector: Vec<String>,
+        #[command(flatten)]
+        insecure: super::InsecureModes,
     },
+}
+
+impl DkimCmd {
+    /// `--allow-insecure-modes` where the command reads a key.
+    pub(crate) fn insecure(&self) -> super::InsecureModes {
+        match self {
+            DkimCmd::Sign { insecure, .. } => *insecure,
+            DkimCmd::Keygen { .. } => super::InsecureModes::default(),
+        }
+    }
 }
 
 pub(crate) fn run(cmd: DkimCmd) -> anyhow::Result<i32> {
@@ -82,6 +94,7 @@ pub(crate) fn run(cmd: DkimCmd) -> anyhow::Result<i32> {
             key,
             domain,
             selector,
+            insecure: _,
         } => {
             anyhow::ensure!(
                 key.len() == selector.len(),

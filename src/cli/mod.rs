@@ -18,6 +18,26 @@ pub(crate) mod shaping;
 pub(crate) mod token;
 pub(crate) mod user;
 
+/// `--allow-insecure-modes`, on every command that reads a secret (a DKIM key, the
+/// users or tokens file, a TLS key).
+#[derive(clap::Args, Clone, Copy, Default)]
+pub(crate) struct InsecureModes {
+    /// Use a DKIM key, users, tokens or TLS key file that the group or others may
+    /// read, or that another user owns, with a warning, instead of refusing it as ssh
+    /// refuses such a private key. For tests; fix the file instead (chmod 600).
+    #[arg(long)]
+    pub(crate) allow_insecure_modes: bool,
+}
+
+impl InsecureModes {
+    /// Turns the refusal into a warning for the whole process (host/secrets.rs).
+    pub(crate) fn apply(self) {
+        if self.allow_insecure_modes {
+            volley::host::secrets::allow_insecure_modes();
+        }
+    }
+}
+
 pub(super) fn print_problems(
     dir: &std::path::Path,
     problems: &[volley::message::campaign::Problem],

@@ -22,6 +22,19 @@ pub(crate) struct EngineArgs {
     /// Accounting log (JSON lines); default SPOOL/accounting.jsonl.
     #[arg(long)]
     log: Option<PathBuf>,
+    /// Rotate the accounting log before it passes this size ("1GiB", "64KiB"; 0:
+    /// never for size); rotated files are gzipped.
+    #[arg(long, default_value = "1GiB")]
+    log_rotate_size: String,
+    /// Rotate the accounting log at the first record of each UTC day.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
+    log_rotate_daily: bool,
+    /// Delete rotated accounting logs last written more than this many days ago (0: keep them).
+    #[arg(long, default_value_t = volley::observe::rotation::KEEP_DAYS_DEFAULT)]
+    log_keep_days: u32,
+    /// Give the accounting log (mode 0640) to this group, for log shippers.
+    #[arg(long)]
+    log_group: Option<String>,
     /// Shard threads; default the number of cores. A spool keeps the count it was created with.
     #[arg(long)]
     shards: Option<usize>,
@@ -74,6 +87,30 @@ pub(crate) struct EngineArgs {
     /// Verify MX certificates against the Mozilla roots (webpki-roots) and the MX name.
     #[arg(long)]
     tls_verify: bool,
+    /// A group whose members may use the admin socket (`volley queue`) besides root
+    /// and the user running send: the socket is made 0660 and the group's, the spool
+    /// 0710. Default: root and that user alone (0600).
+    #[arg(long, value_name = "NAME")]
+    admin_group: Option<String>,
+    /// How long a campaign whose recipients are all final keeps its copy in the
+    /// spool ("7d", "12h", "0s"); then, at the next start, the copy is pruned and a
+    /// tombstone (campaigns/N/pruned) stays. The accounting log is never touched.
+    #[arg(long, default_value = "7d", value_parser = spool_retention)]
+    spool_retention: Duration,
+}
+
+/// Parses `--spool-retention`: a duration up to `SPOOL_RETENTION_MAX`.
+fn spool_retention(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?}: {e}; write e.g. \"7d\", \"12h\", \"0s\""))?;
+    let max = volley::spool::retention::SPOOL_RETENTION_MAX;
+    if d > max {
+        return Err(format!(
+            "{s:?} is over {} days; use 0s to 3650d",
+            max.as_secs() / 86_400
+        ));
+    }
+    Ok(d)
 }
 
 impl EngineArgs {
@@ -82,11 +119,29 @@ impl EngineArgs {
         if let Some(l) = self.log {
             c.log_path = l;
         }
+        c.log_rotation = volley::observe::rotation::Rotation {
+            size_max: match volley::serve::config::parse_size(&self.log_rotate_size) {
+                Some(0) => None,
+                Some(b) if b >= volley::observe::rotation::LOG_ROTATE_SIZE_MIN => Some(b),
+                _ => anyhow::bail!(
+                    "--log-rotate-size {:?}: write a size of at least 64KiB (\"1GiB\", \"64KiB\"), or 0 for no rotation by size",
+                    self.log_rotate_size
+                ),
+            },
+            daily: self.log_rotate_daily,
+            keep_days: (self.log_keep_days > 0).then_some(self.log_keep_days),
+            group: self
+                .log_group
+                .map(|g| volley::host::accounts::group(&g))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--log-group: {e}"))?,
+        };
         if let Some(n) = self.shards {
             anyhow::ensure!(n >= 1, "--shards must be at least 1");
             c.shards = n;
         }
         c.driver = self.driver;
+        c.spool_retention = self.spool_retention;
         let d = &mut c.defaults;
         d.tls = self.tls.map(Set::cli);
         d.tls_verify = self.tls_verify.then(|| Set::cli(true));
@@ -106,6 +161,11 @@ impl EngineArgs {
         if let Some(r) = self.max_msg_rate {
             let r = parse_per(&r).map_err(|e| anyhow::anyhow!("--max-msg-rate: {e}"))?;
             c.defaults.max_msg_rate = Some(Set::cli(r));
+        }
+        if let Some(g) = &self.admin_group {
+            let g = volley::host::accounts::group(g)
+                .map_err(|e| anyhow::anyhow!("--admin-group: {e}"))?;
+            c.admin_group = Some(g);
         }
         c.shaping_file = self.shaping;
         c.dkim_dir = self.dkim_dir;
@@ -140,6 +200,28 @@ impl EngineArgs {
         }
         Ok(c)
     }
+}
+
+/// Spool housekeeping at start (spool/retention.rs): instances final for
+/// `spool_retention` are pruned, each said on stderr.
+fn prune_finished(cfg: &EngineConfig) -> anyhow::Result<()> {
+    let pruned = volley::spool::retention::at_start(
+        &cfg.spool_dir,
+        cfg.shards,
+        cfg.segment_bytes,
+        cfg.spool_retention,
+        std::time::SystemTime::now(),
+    )?;
+    for t in pruned {
+        eprintln!(
+            "volley: pruned campaign {} (instance {}, final since {}) from the spool; its accounting stays in {}",
+            t.campaign,
+            t.instance,
+            t.finished_at,
+            cfg.log_path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Hands the campaign in `dir` to the `volley serve` that holds `spool`, over its
@@ -265,23 +347,47 @@ pub(crate) fn run(
     };
     report_compliance(dir, &campaign);
     print_warnings(dir, &campaign.template_warnings);
-    if let Err(e) = volley::message::dkim::key_for(&cfg.dkim_dir, &campaign.settings) {
-        eprintln!("{}/campaign.toml: {e}", dir.display());
-        eprintln!("volley: campaign refused, nothing queued");
-        return Ok(1);
-    }
     let mut cfg = cfg;
     let lock = match ingest::lock_spool(&cfg.spool_dir, cfg.shards) {
         Ok(l) => l,
-        Err(e) if e.downcast_ref::<ingest::SpoolBusy>().is_some() => {
-            // A running `volley serve` holds it: the campaign goes to the daemon.
+        // A running `volley serve` holds it, or it is the service user's and this
+        // user may only reach its admin socket (admin_group): the campaign goes to
+        // the daemon, which checks it again (its DKIM key too) as the service user.
+        Err(e)
+            if e.downcast_ref::<ingest::SpoolBusy>().is_some()
+                || volley::deliver::control::socket_path(&cfg.spool_dir).exists() =>
+        {
             return hand_over(dir, &campaign, &cfg.spool_dir, new, max_wait, quiet)
                 .map_err(|h| h.context(e));
         }
         Err(e) => return Err(e),
     };
+    if let Err(e) = volley::message::dkim::key_for(&cfg.dkim_dir, &campaign.settings) {
+        eprintln!("{}/campaign.toml: {e}", dir.display());
+        eprintln!("volley: campaign refused, nothing queued");
+        return Ok(1);
+    }
     cfg.shards = lock.shards;
+    volley::host::files::make_spool_private(&cfg.spool_dir, &[cfg.log_path.clone()])?;
+    // Opened now, held to the end: a log that cannot be written stops send before
+    // anything is queued.
+    let _log = volley::observe::log::AccountingLog::shared(&cfg.log_path, &cfg.log_rotation)
+        .map_err(|e| anyhow::anyhow!("{e}; nothing queued"))?;
+    prune_finished(&cfg).map_err(|e| e.context("the spool could not be read, nothing queued"))?;
     let existing = ingest::load_instances(&cfg.spool_dir)?;
+    let sent_before = volley::spool::retention::tombstones(&cfg.spool_dir)
+        .into_iter()
+        .rfind(|t| t.campaign == campaign.settings.id);
+    if let (Some(t), false) = (sent_before, new) {
+        if !existing.values().any(|i| i.settings.id == t.campaign) {
+            // Without its copy, "resume" would be "send it all again": asked for, not assumed.
+            eprintln!(
+                "volley: campaign {} was sent already (instance {}, final since {}, pruned from the spool at {}); --new sends it again",
+                t.campaign, t.instance, t.finished_at, t.pruned_at
+            );
+            return Ok(1);
+        }
+    }
     let mut skipped = 0u64;
     let resumed = existing
         .values()
@@ -299,7 +405,7 @@ pub(crate) fn run(
             cfg.segment_bytes,
             &ingest::IngestOptions {
                 skip_bad_rows,
-                log: Some(cfg.log_path.clone()),
+                log: Some((cfg.log_path.clone(), cfg.log_rotation.clone())),
             },
         ) {
             Ok(i) => {
@@ -342,6 +448,7 @@ pub(crate) fn run(
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())?;
     }
+    volley::observe::log::reopen_on_sigusr1()?;
     if let Some(d) = max_wait {
         let stop = stop.clone();
         std::thread::spawn(move || {
@@ -349,7 +456,22 @@ pub(crate) fn run(
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
         });
     }
+    let spool = cfg.spool_dir.clone();
+    let ran: Vec<u32> = instances
+        .values()
+        .filter(|i| !i.submission)
+        .map(|i| i.no)
+        .collect();
     let report = volley::deliver::engine::run(cfg, instances, stop, !quiet)?;
+    if report.remaining == 0 {
+        // Final now, not at the next start: spool_retention counts from here.
+        let now = std::time::SystemTime::now();
+        for no in ran {
+            if let Err(e) = volley::spool::retention::mark_finished(&spool, no, now) {
+                eprintln!("volley: campaign instance {no}: {e:#}; it is marked at the next start");
+            }
+        }
+    }
     report.print();
     if skipped > 0 {
         println!("skipped      {skipped} (bad rows of recipients.csv, not queued; logged as local bounces)");

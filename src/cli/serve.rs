@@ -38,8 +38,12 @@ pub(crate) struct ServeArgs {
     /// The listeners' certificate chain (PEM); default a self-signed one made at start.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM): mode 0600, owned by the user volley runs
+    /// as or root (read before the drop when started as root with `user`).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) insecure: super::InsecureModes,
 }
 
 pub(crate) fn run(a: ServeArgs) -> anyhow::Result<i32> {

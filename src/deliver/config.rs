@@ -16,6 +16,8 @@ pub struct EngineConfig {
     pub driver: Driver,
     pub spool_dir: PathBuf,
     pub log_path: PathBuf,
+    /// When the accounting log is rotated, how long rotated files are kept, its group.
+    pub log_rotation: crate::observe::rotation::Rotation,
     pub dns: DnsConfig,
     /// Port of the receiving MTAs (25; the bundled sink uses another for tests).
     pub smtp_port: u16,
@@ -49,6 +51,12 @@ pub struct EngineConfig {
     /// When a shard is done (or stopped), how long its connections get to finish
     /// what is in flight and QUIT before they are dropped.
     pub shutdown_grace: Duration,
+    /// Who besides root and the user volley runs as may use the admin socket
+    /// (`--admin-group`, serve's `admin_group`); None: no one.
+    pub admin_group: Option<crate::host::accounts::Group>,
+    /// How long a campaign instance whose recipients are all final keeps its copy
+    /// in the spool before it is pruned (spool/retention.rs); its accounting stays.
+    pub spool_retention: Duration,
 }
 
 impl EngineConfig {
@@ -58,6 +66,7 @@ impl EngineConfig {
             shards,
             driver: Driver::Auto,
             log_path: spool_dir.join("accounting.jsonl"),
+            log_rotation: Default::default(),
             spool_dir,
             dns: DnsConfig::default(),
             smtp_port: 25,
@@ -76,6 +85,8 @@ impl EngineConfig {
             requeues_max: 3,
             bounce_rules: None,
             shutdown_grace: Duration::from_secs(5),
+            admin_group: None,
+            spool_retention: crate::spool::retention::SPOOL_RETENTION_DEFAULT,
         }
     }
 

@@ -98,6 +98,8 @@ pub struct Serving {
     pub ready: Arc<AtomicBool>,
     /// Where SIGHUP publishes new shaping and bounce rules.
     pub reloads: Arc<shard::Reloads>,
+    /// The status `volley queue status` shows; the daemon adds its own lines.
+    pub status: Arc<Status>,
 }
 
 /// Runs every shard until its recipients are all terminal or `stop` is set.
@@ -144,7 +146,9 @@ pub fn run_with(
     let cfg = Arc::new(cfg);
     let resolver = Resolver::start(&cfg.dns)?;
     let classifier = Arc::new(crate::policy::classify::load(cfg.bounce_rules.as_deref())?);
-    let status = Arc::new(Status::default());
+    let status = serving
+        .as_ref()
+        .map_or_else(Default::default, |s| s.status.clone());
     *status.per_shard.lock().expect("status lock") = vec![Vec::new(); cfg.shards];
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..cfg.shards)
         .map(|_| crossbeam_channel::bounded::<Command>(control::COMMANDS_QUEUED_MAX))
@@ -164,6 +168,7 @@ pub fn run_with(
     // the run goes on: control is a convenience, delivery is the job.
     let admin = control::serve(
         control::socket_path(&cfg.spool_dir),
+        crate::host::peers::AdminAccess::new(cfg.admin_group.clone()),
         senders.clone(),
         status.clone(),
         admin_stop.clone(),

@@ -6,9 +6,13 @@
 //! → a queue per site (MX host set) → up to N pipelined connections per site →
 //! replies → outcomes → group commit (accounting log first, then spool Done records).
 
+mod purge;
+
+use purge::PurgeRule;
+
 use crate::deliver::config::EngineConfig;
 use crate::deliver::connection;
-use crate::deliver::control::{Action, Command, Status, Target};
+use crate::deliver::control::{Action, Command, Purged, Status, Target};
 use crate::deliver::dns::MxHost;
 use crate::deliver::dns::{Resolver, Route};
 use crate::deliver::pipeline::Window;
@@ -71,6 +75,13 @@ pub struct Job {
     pub requeues: u32,
     /// The reply of its last attempt, for the Expiration record and its DSN.
     pub last: Option<Rc<LastReply>>,
+}
+
+/// Who a recipient's record is logged as: the address, its campaign, the sender.
+struct Envelope {
+    rcpt: String,
+    campaign: String,
+    sender: String,
 }
 
 /// The connection a reply came over, for the log.
@@ -330,6 +341,14 @@ pub struct Shard {
     status: Arc<Status>,
     /// Deferred recipients until their retry time (or expiry).
     retries: RefCell<Wheel<Job>>,
+    /// Recipients a connection took for a transaction, until their outcome is
+    /// recorded or they are put back: by Queue record, their instance and domain.
+    /// At most the open connections' windows of transactions' recipients.
+    in_flight: RefCell<HashMap<RecordRef, (u32, Rc<str>)>>,
+    /// Purges with recipients still in flight when they were applied: such a
+    /// recipient that comes back to be retried (or sent again) is bounced instead.
+    /// Each is forgotten once none of its target's recipients is in flight.
+    purges: RefCell<Vec<PurgeRule>>,
     remaining: Cell<u64>,
     tx_seq: Cell<u64>,
     progress: Arc<Progress>,
@@ -438,7 +457,7 @@ pub fn run(
     if let Some((seg, off)) = recovered.torn_at {
         eprintln!("volley: shard {id}: spool ends with a torn record at segment {seg} offset {off}; recovered what came before");
     }
-    let log = LogWriter::open(&cfg.log_path)?;
+    let log = LogWriter::open(&cfg.log_path, &cfg.log_rotation)?;
     let job_limits = campaign_limits(instances.values(), &cfg, id);
     let driver = cfg.driver;
     let shard = Rc::new(Shard {
@@ -472,6 +491,8 @@ pub fn run(
         signers: RefCell::new(signers),
         status,
         retries: RefCell::new(Wheel::new(TICK, Instant::now())),
+        in_flight: RefCell::new(HashMap::new()),
+        purges: RefCell::new(Vec::new()),
         remaining: Cell::new(recovered.pending.len() as u64),
         tx_seq: Cell::new(0),
         progress,
@@ -1020,6 +1041,10 @@ impl Shard {
                 _ => break,
             }
         }
+        let mut in_flight = self.in_flight.borrow_mut();
+        for j in &jobs {
+            in_flight.insert(j.rref, (j.instance, j.domain.clone()));
+        }
         Ok(Some(jobs))
     }
 
@@ -1032,6 +1057,14 @@ impl Shard {
             let l = self.limiters.borrow().get(&key).cloned();
             if let Some(c) = l.and_then(|l| l.on_throttled(now, reason, true)) {
                 self.log_change(&c);
+            }
+            return;
+        }
+        if let Action::Purge(p) = &cmd.action {
+            let counts = self.purge(&cmd.target, &p.reason);
+            if let Some(answer) = &p.answer {
+                // The channel has room for every shard; a gone asker is no error.
+                let _ = answer.try_send(counts);
             }
             return;
         }
@@ -1058,7 +1091,7 @@ impl Shard {
                     self.log_change(&l.set_rate(share, now));
                     self.job_limits.borrow_mut().insert(key, Rc::new(l));
                 }
-                Action::PeerThrottled(_) => unreachable!("handled above"),
+                Action::PeerThrottled(_) | Action::Purge(_) => unreachable!("handled above"),
             },
             Target::Destination(_) | Target::Source(_) => {
                 let mut overrides = self.overrides.borrow_mut();
@@ -1072,7 +1105,7 @@ impl Shard {
                                 shaping::share(r.per_sec(), self.cfg.shards, self.id, false)
                             }))
                     }
-                    Action::PeerThrottled(_) => unreachable!("handled above"),
+                    Action::PeerThrottled(_) | Action::Purge(_) => unreachable!("handled above"),
                 }
                 let o = o.clone();
                 drop(overrides);
@@ -1209,6 +1242,9 @@ impl Shard {
     pub fn requeue(self: &Rc<Self>, site: &Rc<Site>, jobs: Vec<Job>, why: &str, via: Option<&Via>) {
         let reply = Reply::new(451, Some("4.4.2"), why);
         for mut job in jobs.into_iter().rev() {
+            if self.purged_on_return(&job) {
+                continue;
+            }
             self.progress.requeued.fetch_add(1, Ordering::Relaxed);
             job.requeues += 1;
             if job.requeues > self.cfg.requeues_max {
@@ -1227,6 +1263,9 @@ impl Shard {
     /// connection's refusal counts an attempt instead.
     pub fn send_again(&self, site: &Site, jobs: Vec<Job>) {
         for job in jobs.into_iter().rev() {
+            if self.purged_on_return(&job) {
+                continue;
+            }
             site.idle.push(&site.queue, job, true);
         }
     }
@@ -1265,6 +1304,7 @@ impl Shard {
             tx_ms,
             last_attempt,
         } = how;
+        self.in_flight.borrow_mut().remove(&job.rref);
         let inst = self.instance(job.instance);
         let expire_at = self.expire_at(job);
         let now_sys = SystemTime::now();
@@ -1289,21 +1329,11 @@ impl Shard {
             Decision::Expired => (Kind::Expiration, Some(Terminal::Expired)),
             Decision::Retry(_) => (Kind::TransientFailure, None),
         };
-        let spool = self.spool.borrow();
-        let value = |i| String::from_utf8_lossy(spool.queue_value(job.rref, i).unwrap_or_default());
-        let rcpt = value(inst.email_col).into_owned();
-        // A submitted message names its own campaign and envelope sender.
-        let (campaign, sender) = match inst.submission {
-            true => (
-                value(crate::spool::ingest::SUBMITTED_CAMPAIGN).into_owned(),
-                match value(crate::spool::ingest::SUBMITTED_SENDER).as_ref() {
-                    "" => "<>".to_string(),
-                    s => s.to_string(),
-                },
-            ),
-            false => (inst.settings.id.clone(), inst.settings.sender.clone()),
-        };
-        drop(spool);
+        let Envelope {
+            rcpt,
+            campaign,
+            sender,
+        } = self.envelope(&inst, job.rref);
         let text = reply.text.replace('\n', " ");
         let last_attempt = match kind {
             // This reply (the record's own time), unless it reports an earlier one.
@@ -1403,9 +1433,20 @@ impl Shard {
                     text,
                     stage: stage.to_string(),
                 }));
-                self.schedule_retry(job.clone(), expire_at, after);
+                drop(inst);
+                // Deferred by the receiver while a purge of it came: the attempt
+                // stays logged, and the purge bounces it rather than a retry.
+                if !self.purged_on_return(job) {
+                    self.schedule_retry(job.clone(), expire_at, after);
+                }
             }
         }
+        self.commit_when_full();
+        class.map(|v| v.class)
+    }
+
+    /// Commits when `commit_batch_max` outcomes are waiting.
+    fn commit_when_full(&self) {
         if self.pending.borrow().len() >= self.cfg.commit_batch_max {
             if let Err(e) = self.commit(false) {
                 // A spool or log that cannot be written: stop rather than deliver unrecorded.
@@ -1413,7 +1454,30 @@ impl Shard {
                 self.stop.store(true, Ordering::Relaxed);
             }
         }
-        class.map(|v| v.class)
+    }
+
+    /// The recipient at `rref`, with the campaign it counts under and its envelope
+    /// sender as the accounting log names them: its instance's, or a submitted
+    /// message's own ("<>" for the null sender).
+    fn envelope(&self, inst: &Instance, rref: RecordRef) -> Envelope {
+        let spool = self.spool.borrow();
+        let value = |i| String::from_utf8_lossy(spool.queue_value(rref, i).unwrap_or_default());
+        let rcpt = value(inst.email_col).into_owned();
+        let (campaign, sender) = match inst.submission {
+            true => (
+                value(crate::spool::ingest::SUBMITTED_CAMPAIGN).into_owned(),
+                match value(crate::spool::ingest::SUBMITTED_SENDER).as_ref() {
+                    "" => "<>".to_string(),
+                    s => s.to_string(),
+                },
+            ),
+            false => (inst.settings.id.clone(), inst.settings.sender.clone()),
+        };
+        Envelope {
+            rcpt,
+            campaign,
+            sender,
+        }
     }
 
     fn schedule_retry(&self, mut job: Job, expire_at: SystemTime, after: Duration) {
@@ -1668,6 +1732,13 @@ impl Shard {
                             .push(Pending::Done(j.rref, Terminal::Abandoned));
                     }
                 }
+                Inbound::Retire(no) => {
+                    // Final on every shard: no job, staged record or uncommitted
+                    // outcome refers to it (its outcomes are counted at commit,
+                    // which is how the daemon saw it final).
+                    self.instances.borrow_mut().remove(&no);
+                    self.signers.borrow_mut().remove(&no);
+                }
                 Inbound::Append { .. } => unreachable!("appended above"),
             }
         }
@@ -1746,6 +1817,9 @@ async fn tick_loop(sh: Rc<Shard>) {
             }
         }
         sh.shaping_tick(ticks % 10 == 0);
+        if ticks % 10 == 0 {
+            sh.forget_purges();
+        }
         let fresh = std::mem::take(&mut *sh.fresh.borrow_mut());
         sh.start_jobs(fresh);
         let due = sh.retries.borrow_mut().advance(Instant::now());

@@ -101,7 +101,8 @@ impl ServerCertVerifier for Unverified {
 /// TLS settings for a listener (the submission listeners, the load tool's sink):
 /// the PEM certificate chain and key in `files`, or without them a self-signed
 /// certificate for `hostname` made now (clients that verify will refuse it).
-/// Errors name the file that could not be read.
+/// Errors name the file that could not be read; a key the group or others may read,
+/// or that another user owns, is refused (host/secrets.rs).
 pub fn server_config(
     hostname: &str,
     files: Option<(&std::path::Path, &std::path::Path)>,
@@ -118,7 +119,13 @@ pub fn server_config(
                 "tls_cert {}: no certificate in it; give the PEM certificate chain",
                 cert.display()
             );
-            let key = PrivateKeyDer::from_pem_file(key)
+            // Refused when others may read it, as ssh refuses such a key (host/secrets.rs).
+            let pem = crate::host::secrets::read(
+                key,
+                crate::host::secrets::Secret::TlsKey,
+                crate::host::secrets::KEY_OCTETS_MAX,
+            )?;
+            let key = PrivateKeyDer::from_pem_slice(&pem)
                 .map_err(|e| anyhow::anyhow!("tls_key {}: {e}", key.display()))?;
             (certs, key)
         }

@@ -66,6 +66,23 @@ impl<T> Wheel<T> {
         self.levels[level][slot].push((due, item));
     }
 
+    /// Takes out every item `pred` picks, whenever it is due (an operator's purge):
+    /// O(slots + items), as every slot of every level is looked at.
+    pub fn take_where(&mut self, mut pred: impl FnMut(&T) -> bool) -> Vec<T> {
+        let mut out = Vec::new();
+        for slot in self.levels.iter_mut().flatten() {
+            if slot.is_empty() {
+                continue;
+            }
+            let (taken, kept): (Vec<_>, Vec<_>) =
+                std::mem::take(slot).into_iter().partition(|(_, t)| pred(t));
+            *slot = kept;
+            out.extend(taken.into_iter().map(|(_, t)| t));
+        }
+        self.len -= out.len();
+        out
+    }
+
     /// Moves time on to `now`; returns the items that fell due, in due order per tick.
     pub fn advance(&mut self, now: Instant) -> Vec<T> {
         let target =
@@ -185,6 +202,31 @@ mod tests {
             }
             assert_eq!(w.len(), pending.len(), "at {now_ms} ms");
         }
+    }
+
+    #[test]
+    fn items_taken_out_never_come_due_and_the_rest_still_do() {
+        let t0 = Instant::now();
+        let mut w = Wheel::new(Duration::from_millis(100), t0);
+        // Spread over every level, and beyond the span.
+        let delays: Vec<u64> = (0..2000u64).map(|i| 1 + i * i * 997).collect();
+        for (i, ms) in delays.iter().enumerate() {
+            w.insert(t0 + Duration::from_millis(*ms), i);
+        }
+        let taken = w.take_where(|i| i % 3 == 0);
+        assert_eq!(taken.len(), (0..2000).filter(|i| i % 3 == 0).count());
+        assert!(taken.iter().all(|i| i % 3 == 0));
+        assert_eq!(w.len(), 2000 - taken.len());
+        let mut seen = 0;
+        let mut now_ms = 0;
+        while !w.is_empty() {
+            now_ms += 86_400_000;
+            for i in w.advance(t0 + Duration::from_millis(now_ms)) {
+                assert_ne!(i % 3, 0, "item {i} was taken out");
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 2000 - taken.len());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! What happened: the accounting log (one typed record per event) and the report
-//! read back from it.
+//! read back from it, over every rotated generation.
 
 pub mod log;
 pub mod report;
+pub mod rotation;

@@ -3,7 +3,6 @@
 
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
-use std::io::BufRead;
 use std::path::Path;
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -30,10 +29,12 @@ pub struct CampaignReport {
     pub unreadable_lines: u64,
 }
 
-/// Reads `log` and reports on `campaign`. A recipient logged final twice (the
-/// duplicates a crash allows) counts once, by its last record.
+/// Reads `log` (its rotated generations first, gzipped or not; rotation.rs) and
+/// reports on `campaign`. A recipient logged final twice (the duplicates a crash
+/// allows) counts once, by its last record. Errors: no log file at all, or one that
+/// cannot be read, with its path.
 pub fn report(log: &Path, campaign: &str) -> anyhow::Result<CampaignReport> {
-    let f = std::fs::File::open(log)
+    let lines = crate::observe::rotation::lines(log)
         .map_err(|e| anyhow::anyhow!("accounting log {}: {e}", log.display()))?;
     let mut r = CampaignReport {
         campaign: campaign.to_string(),
@@ -41,8 +42,10 @@ pub fn report(log: &Path, campaign: &str) -> anyhow::Result<CampaignReport> {
     };
     let mut last_final: HashMap<String, (String, String, String)> = HashMap::new();
     let mut deferred: HashMap<String, ()> = HashMap::new();
-    for line in std::io::BufReader::new(f).lines() {
+    let mut any = false;
+    for line in lines {
         let line = line?;
+        any = true;
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
             r.unreadable_lines += 1;
             continue;
@@ -65,6 +68,11 @@ pub fn report(log: &Path, campaign: &str) -> anyhow::Result<CampaignReport> {
             _ => {}
         }
     }
+    anyhow::ensure!(
+        any || log.exists(),
+        "accounting log {}: no such file, nor rotated generations of it",
+        log.display()
+    );
     for (rcpt, (kind, domain, class)) in &last_final {
         deferred.remove(rcpt);
         let d = r.by_domain.entry(domain.clone()).or_default();

@@ -43,6 +43,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::host::secrets::{self, Secret};
 use anyhow::{anyhow, bail, Context};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
@@ -124,7 +125,7 @@ impl Users {
     /// (or `FILE: ...` when the file itself cannot be read), so an operator fixes them
     /// all in one pass.
     pub fn load(path: &Path) -> Result<Users, Vec<String>> {
-        let text = read_bounded(path).map_err(|e| vec![e])?;
+        let text = read_bounded(path, Secret::UsersFile).map_err(|e| vec![e])?;
         let mut by_name = HashMap::new();
         let mut errors = Vec::new();
         for (index, line) in text.lines().enumerate() {
@@ -232,12 +233,20 @@ pub fn add_user(path: &Path, name: &str, password: &str, cram_md5: bool) -> anyh
 }
 
 /// The API tokens file, loaded: each token's name and the SHA-256 of the token.
-/// `Tokens::default()` has none: every request is refused.
-#[derive(Debug, Default)]
+/// `Tokens::default()` has none: every request is refused. Debug output names no
+/// digest.
+#[derive(Default)]
 pub struct Tokens {
     /// In file order; `check` compares against every entry so its time depends only on
     /// how many there are.
     entries: Vec<(String, [u8; 32])>,
+}
+
+impl fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.entries.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("Tokens").field("names", &names).finish()
+    }
 }
 
 impl Tokens {
@@ -247,7 +256,7 @@ impl Tokens {
     /// Errors: every problem found, each as `FILE:LINE: what is wrong; what to do`
     /// (or `FILE: ...` when the file itself cannot be read).
     pub fn load(path: &Path) -> Result<Tokens, Vec<String>> {
-        let text = read_bounded(path).map_err(|e| vec![e])?;
+        let text = read_bounded(path, Secret::TokensFile).map_err(|e| vec![e])?;
         let mut entries: Vec<(String, [u8; 32])> = Vec::new();
         let mut errors = Vec::new();
         for (index, line) in text.lines().enumerate() {
@@ -432,21 +441,18 @@ pub fn decode_cram_md5(b64: &str) -> Result<(String, String), SaslError> {
     Ok((user.to_owned(), digest.to_ascii_lowercase()))
 }
 
-/// Reads a whole users or tokens file, refusing one over [`FILE_OCTETS_MAX`].
-/// Errors are whole messages in the `FILE: what; what to do` style.
-fn read_bounded(path: &Path) -> Result<String, String> {
-    let at = path.display();
-    let size = fs::metadata(path)
-        .map_err(|e| format!("{at}: cannot read: {e}; check the path and permissions"))?
-        .len();
-    if size > FILE_OCTETS_MAX {
-        return Err(format!(
-            "{at}: {size} octets, over the limit of {FILE_OCTETS_MAX}; is this the right file?"
-        ));
-    }
-    let octets =
-        fs::read(path).map_err(|e| format!("{at}: cannot read: {e}; check the permissions"))?;
-    String::from_utf8(octets).map_err(|_| format!("{at}: not UTF-8 text; is this the right file?"))
+/// Reads a whole users or tokens file, refusing one over [`FILE_OCTETS_MAX`] or one
+/// the group or others may read or another user owns (host/secrets.rs: the check ssh
+/// makes of a private key). Errors are whole messages in the `FILE: what; what to do`
+/// style, and never quote the file.
+fn read_bounded(path: &Path, what: Secret) -> Result<String, String> {
+    let octets = secrets::read(path, what, FILE_OCTETS_MAX).map_err(|e| e.to_string())?;
+    String::from_utf8(octets).map_err(|_| {
+        format!(
+            "{}: not UTF-8 text; is this the right file?",
+            path.display()
+        )
+    })
 }
 
 fn is_blank_or_comment(line: &str) -> bool {
@@ -469,11 +475,13 @@ fn parse_user_line(line: &str) -> Result<(&str, User), String> {
             .to_owned());
     };
     check_name(name).map_err(|what| format!("user name: {what}"))?;
-    check_phc(phc).map_err(|what| format!("user `{name}`: {what}; re-add the user"))?;
+    // Not the name: on a malformed line it may be a password pasted in its place; the
+    // caller's FILE:LINE says which user it is.
+    check_phc(phc).map_err(|what| format!("the password hash: {what}; re-add the user"))?;
     let cram_key = match fields.next() {
         None => None,
         Some(field) => Some(parse_cram_field(field).map_err(|what| {
-            format!("user `{name}`: {what}; re-add the user with its CRAM-MD5 secret")
+            format!("the CRAM-MD5 field: {what}; re-add the user with its CRAM-MD5 secret")
         })?),
     };
     let user = User {
@@ -520,26 +528,32 @@ fn parse_token_line(line: &str) -> Result<(&str, [u8; 32]), String> {
     };
     check_name(name).map_err(|what| format!("token name: {what}"))?;
     let digest = parse_hex_32(hex).ok_or_else(|| {
-        format!("token `{name}`: not 64 hex digits (a SHA-256); make the token again")
+        "the digest is not 64 hex digits (a SHA-256); make the token again".to_owned()
     })?;
     Ok((name, digest))
 }
 
-/// Why `name` is not a valid user or token name, if it is not.
+/// Why `name` is not a valid user or token name, if it is not. The text does not
+/// quote the name: in a hand-edited file a bad name field may be a password pasted
+/// in the wrong place, and these errors reach the log.
 fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("empty; give a name".to_owned());
     }
     if name.len() > NAME_OCTETS_MAX {
         return Err(format!(
-            "`{name}` is over {NAME_OCTETS_MAX} octets; use a shorter one"
+            "{} octets, over {NAME_OCTETS_MAX}; use a shorter one",
+            name.len()
         ));
     }
-    if !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+    if let Some(at) = name
+        .bytes()
+        .position(|b| !b.is_ascii_graphic() || b == b':')
+    {
         return Err(format!(
-            "`{}` has a character other than printable ASCII without `:` and spaces; \
+            "octet {} is not printable ASCII other than `:` and space; \
              use letters, digits and punctuation such as . - _ @",
-            name.escape_debug()
+            at + 1
         ));
     }
     Ok(())
@@ -611,8 +625,12 @@ fn upsert_line(path: &Path, name: &str, line: &str) -> anyhow::Result<()> {
 
 /// Writes `contents` to `path` through a temporary file in the same directory (so the
 /// rename cannot cross filesystems): create 0600, write, fsync, rename, fsync the
-/// directory so the rename itself survives a crash.
+/// directory so the rename itself survives a crash. A file that exists keeps its
+/// owner and group (root adding a user to the service user's file must not take it
+/// from the service, which reads it again on SIGHUP).
 fn write_atomic_0600(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = fs::metadata(path).ok().map(|m| (m.uid(), m.gid()));
     let dir = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
         _ => PathBuf::from("."),
@@ -626,7 +644,7 @@ fn write_atomic_0600(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
         std::process::id(),
         fastrand::u64(..)
     ));
-    let result = write_new_0600(&temp, contents).and_then(|()| {
+    let result = write_new_0600(&temp, contents, owner).and_then(|()| {
         fs::rename(&temp, path).with_context(|| format!("renaming to {}", path.display()))
     });
     if result.is_err() {
@@ -639,7 +657,7 @@ fn write_atomic_0600(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("syncing directory {}", dir.display()))
 }
 
-fn write_new_0600(temp: &Path, contents: &[u8]) -> anyhow::Result<()> {
+fn write_new_0600(temp: &Path, contents: &[u8], owner: Option<(u32, u32)>) -> anyhow::Result<()> {
     let context = || format!("writing {}", temp.display());
     let mut file = OpenOptions::new()
         .write(true)
@@ -647,6 +665,14 @@ fn write_new_0600(temp: &Path, contents: &[u8]) -> anyhow::Result<()> {
         .mode(0o600)
         .open(temp)
         .with_context(context)?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).with_context(|| {
+            format!(
+                "the file belongs to {}; run this as that user or as root, so it keeps its owner",
+                crate::host::accounts::describe_user(uid)
+            )
+        })?;
+    }
     // The umask can only take bits away from 0600; set it again so a umask such as
     // 0277 does not leave a file its owner cannot rewrite next time.
     file.set_permissions(fs::Permissions::from_mode(0o600))
@@ -733,8 +759,54 @@ mod tests {
     /// A users file written by hand, so loading it costs no Argon2 hash.
     fn users_from(dir: &TempDir, text: &str) -> Result<Users, Vec<String>> {
         let path = dir.0.join("users");
-        fs::write(&path, text).unwrap();
+        write_0600(&path, text);
         Users::load(&path)
+    }
+
+    /// Writes a file as `add_user` would leave it: mode 0600, so the load's check passes.
+    fn write_0600(path: &Path, text: &str) {
+        fs::write(path, text).unwrap();
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    #[test]
+    fn a_users_or_tokens_file_others_may_read_is_refused_with_the_chmod() {
+        let dir = TempDir::new();
+        let path = dir.0.join("users");
+        fs::write(&path, format!("alice:{DUMMY_PHC}\n")).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        let errors = Users::load(&path).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        let want = format!(
+            "users file {0} is mode 0640: its group may use it; fix: chmod 600 {0}",
+            path.display()
+        );
+        assert!(errors[0].starts_with(&want), "{}", errors[0]);
+        assert!(!errors[0].contains("argon2"), "{}", errors[0]);
+        let path = dir.0.join("tokens");
+        fs::write(&path, format!("ops:{}\n", "ab".repeat(32))).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o604)).unwrap();
+        let errors = Tokens::load(&path).unwrap_err();
+        assert!(errors[0].starts_with("tokens file "), "{}", errors[0]);
+        assert!(errors[0].contains("chmod 600"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn a_bad_name_field_is_not_quoted_as_it_may_be_a_password() {
+        let dir = TempDir::new();
+        let errors = users_from(&dir, &format!("alice hunter2:{DUMMY_PHC}\n")).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].contains("octet 6 is not printable"),
+            "{}",
+            errors[0]
+        );
+        assert!(!errors[0].contains("hunter2"), "{}", errors[0]);
+        let errors = users_from(&dir, "alice:hunter2\nbob:hunter2:cram-md5=hunter2\n").unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        for e in &errors {
+            assert!(!e.contains("hunter2"), "{e}");
+        }
     }
 
     #[test]
@@ -768,11 +840,35 @@ mod tests {
     }
 
     #[test]
+    fn root_rewriting_a_file_keeps_its_owner() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: root_rewriting_a_file_keeps_its_owner needs root");
+            return;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let dir = TempDir::new();
+        let (users, tokens) = (dir.0.join("users"), dir.0.join("tokens"));
+        add_user(&users, "alice", "pw", false).unwrap();
+        add_token(&tokens, "ops").unwrap();
+        // The service user's files (nobody here), as the unit that runs as it needs.
+        for p in [&users, &tokens] {
+            std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+        }
+        add_user(&users, "bob", "pw2", false).unwrap();
+        add_token(&tokens, "ci").unwrap();
+        for p in [&users, &tokens] {
+            let m = fs::metadata(p).unwrap();
+            assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (65534, 65534, 0o600));
+        }
+        assert!(fs::read_to_string(&users).unwrap().contains("bob:"));
+    }
+
+    #[test]
     fn replacing_a_user_keeps_one_line_and_the_other_lines() {
         let dir = TempDir::new();
         let path = dir.0.join("users");
         let other = format!("bob:{DUMMY_PHC}");
-        fs::write(&path, format!("# staff\n{other}\n")).unwrap();
+        write_0600(&path, &format!("# staff\n{other}\n"));
         add_user(&path, "alice", "first", true).unwrap();
         add_user(&path, "alice", "second", false).unwrap();
         let text = fs::read_to_string(&path).unwrap();
@@ -933,7 +1029,7 @@ mod tests {
         let dir = TempDir::new();
         let path = dir.0.join("tokens");
         let hex = "ab".repeat(32);
-        fs::write(&path, format!("crm:{hex}\ncrm:{hex}\nx:abc\nnocolon\n")).unwrap();
+        write_0600(&path, &format!("crm:{hex}\ncrm:{hex}\nx:abc\nnocolon\n"));
         let errors = Tokens::load(&path).unwrap_err();
         let at = path.display();
         assert_eq!(errors.len(), 3, "{errors:#?}");
@@ -948,6 +1044,7 @@ mod tests {
         let path = dir.0.join("absent");
         let errors = Users::load(&path).unwrap_err();
         assert_eq!(errors.len(), 1);
-        assert!(errors[0].starts_with(&format!("{}: cannot read", path.display())));
+        let want = format!("users file {}: cannot read it", path.display());
+        assert!(errors[0].starts_with(&want), "{}", errors[0]);
     }
 }

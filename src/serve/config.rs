@@ -11,6 +11,8 @@
 use crate::deliver::config::EngineConfig;
 use crate::deliver::dns::DnsConfig;
 use crate::deliver::runtime::Driver;
+use crate::host::accounts::Group;
+use crate::observe::rotation::Rotation;
 use crate::policy::retry::RetryPolicy;
 use crate::policy::shaping::rules::{parse_per, Rule, Set};
 use crate::smtp::client::{Timeouts, TlsMode};
@@ -42,7 +44,22 @@ pub const EXAMPLE: &str = r#"# volley serve configuration. Every key is shown wi
 
 # --- Where things are -----------------------------------------------------------
 spool = "/var/spool/volley"        # --spool; created if missing
+# user = "volley"                  # started as root: bind the listeners and read
+                                   # tls_key as root, then run as this user, which must
+                                   # own the spool and the log's directory (missing ones
+                                   # are made its own). Unset: run as whoever starts it
+                                   # (as root, with a warning); set but not root: must
+                                   # already be this user
+# group = "volley"                 # with user: default the user's primary group
 # log = "/var/spool/volley/accounting.jsonl"   # default SPOOL/accounting.jsonl
+log_rotate_size = "1GiB"           # rotate the log before it passes this (0: never for
+                                   # size; else 64KiB to 1TiB) to LOG.YYYYMMDDTHHMMSSZ,
+                                   # then gzip it (LOG.YYYYMMDDTHHMMSSZ.gz)
+log_rotate_daily = true            # ...and at the first record of each UTC day
+log_keep_days = 30                 # rotated files last written longer ago are deleted
+                                   # (0: kept for ever); logrotate's files are never touched
+# log_group = "adm"                # the log and rotated files are 0640 in this group, for
+                                   # log shippers; default the service user's group
 # shards = 2                       # shard threads (1 to 1024); default the number of
                                    # cores. A spool keeps the count it was created with.
 driver = "auto"                    # auto | io-uring | epoll (auto: io_uring if it works)
@@ -106,8 +123,15 @@ inbox_wait_max = "10s"             # ...this long (0s to 10m), then answers 452 
 spool_free_min = "256MiB"          # free space kept on the spool's file system for delivery
                                    # (Done records, the log): below it plus the message,
                                    # injection is refused (452 4.3.1, HTTP 503); 0 to 1TiB
+spool_retention = "7d"             # a campaign whose recipients are all final keeps its
+                                   # copy in the spool this long, then it is pruned (a
+                                   # tombstone stays; the accounting log is kept); 0s to 3650d
 users = "/etc/volley/users"        # submission AUTH users: NAME:ARGON2ID-PHC per line
 tokens = "/etc/volley/tokens"      # HTTP API tokens (SHA-256), one per line
+# admin_group = "volley-admin"     # may use the admin socket (`volley queue`) besides
+                                   # root and the user volley runs as: the socket is
+                                   # made 0660 and the spool 0710, both this group's;
+                                   # unset, the socket is 0600. The group must exist.
 tls_cert = "/etc/volley/cert.pem"  # the listeners' certificate chain and key (PEM):
 tls_key = "/etc/volley/key.pem"    # both or neither
 
@@ -199,8 +223,14 @@ const CLASSES: [&str; 10] = [
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub spool: PathBuf,
+    /// The service user to drop to when started as root (`user`); None: stay.
+    pub user: Option<String>,
+    /// Its group (`group`); None: the user's primary group.
+    pub group: Option<String>,
     /// None: SPOOL/accounting.jsonl (see [`ServeConfig::log_path`]).
     pub log: Option<PathBuf>,
+    /// `log_rotate_size`, `log_rotate_daily`, `log_keep_days`, `log_group`.
+    pub log_rotation: Rotation,
     /// None: the number of cores.
     pub shards: Option<usize>,
     pub driver: Driver,
@@ -234,10 +264,16 @@ pub struct ServeConfig {
     pub inbox_wait_max: Duration,
     /// Free octets kept on the spool's file system: injection is refused below it.
     pub spool_free_min: u64,
+    /// How long a finished campaign instance keeps its copy in the spool
+    /// (spool/retention.rs).
+    pub spool_retention: Duration,
     /// AUTH users for the submission listeners.
     pub users: Option<PathBuf>,
     /// Tokens for the HTTP API.
     pub tokens: Option<PathBuf>,
+    /// Who besides root and the user volley runs as may use the admin socket; the
+    /// group is looked up when the file is read.
+    pub admin_group: Option<Group>,
     /// The listeners' certificate chain and key (both or neither).
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -399,7 +435,10 @@ impl ServeConfig {
         let e = EngineConfig::new(spool.clone());
         ServeConfig {
             spool,
+            user: None,
+            group: None,
             log: None,
+            log_rotation: e.log_rotation,
             shards: None,
             driver: e.driver,
             dns: e.dns,
@@ -422,8 +461,10 @@ impl ServeConfig {
             inbox_max: 10_000,
             inbox_wait_max: Duration::from_secs(10),
             spool_free_min: 256 << 20,
+            spool_retention: crate::spool::retention::SPOOL_RETENTION_DEFAULT,
             users: None,
             tokens: None,
+            admin_group: None,
             tls_cert: None,
             tls_key: None,
             submission: Vec::new(),
@@ -541,6 +582,8 @@ impl ServeConfig {
             ));
         }
         self.check_addresses(&mut out);
+        self.check_account(&mut out);
+        self.check_group_membership(&mut out);
         if out.is_empty() {
             Ok(())
         } else {
@@ -558,6 +601,7 @@ impl ServeConfig {
             shards: self.shards.unwrap_or(base.shards),
             driver: self.driver,
             log_path: self.log_path(),
+            log_rotation: self.log_rotation.clone(),
             spool_dir: self.spool.clone(),
             dns: self.dns.clone(),
             smtp_port: self.smtp_port,
@@ -576,6 +620,8 @@ impl ServeConfig {
             requeues_max: self.requeues_max,
             bounce_rules: self.bounce_rules.clone(),
             shutdown_grace: self.shutdown_grace,
+            admin_group: self.admin_group.clone(),
+            spool_retention: self.spool_retention,
         }
     }
 
@@ -662,6 +708,82 @@ impl ServeConfig {
                 ),
             ));
         }
+    }
+
+    /// `user` and `group` name accounts of this host (a file written for another host
+    /// is refused here rather than at the drop); `group` alone is no drop.
+    fn check_account(&self, out: &mut Vec<Problem>) {
+        use crate::host::privilege::{lookup, PrivilegeError};
+        let Some(user) = &self.user else {
+            if self.group.is_some() {
+                out.push(self.problem(&["group"], "group", "set without user: volley drops to a user and its group, not to a group alone; set user = \"volley\" too, or remove group".into()));
+            }
+            return;
+        };
+        match lookup(user, self.group.as_deref()) {
+            Ok(_) => {}
+            Err(e @ PrivilegeError::NoGroup(_)) => {
+                out.push(self.problem(&["group"], "group", e.to_string()))
+            }
+            Err(e) => out.push(self.problem(&["user"], "user", e.to_string())),
+        }
+    }
+
+    /// `admin_group` and `log_group`: volley gives the admin socket and the log to
+    /// them, which only root or a member may do, so the user volley runs as (`user`,
+    /// else whoever runs this) must be in each; otherwise the daemon would run with
+    /// no admin socket, or not start.
+    fn check_group_membership(&self, out: &mut Vec<Problem>) {
+        use crate::host::accounts;
+        let runner = match &self.user {
+            Some(u) => match accounts::user_named(u) {
+                Some((uid, _)) => uid,
+                // Named by check_account.
+                None => return,
+            },
+            None => accounts::euid(),
+        };
+        let both_on_spool = self.admin_group.is_some()
+            && self.log_rotation.group.is_some()
+            && self.log_path().parent() == Some(self.spool.as_path());
+        if both_on_spool {
+            // Each would take the spool's group for itself, and one loses its access.
+            out.push(self.problem(
+                &["log_group"],
+                "log_group",
+                "with admin_group set, the log must be outside the spool for log_group to reach it (both give the directory to their group); set log = \"/var/log/volley/accounting.jsonl\"".into(),
+            ));
+        }
+        if runner == 0 {
+            return;
+        }
+        let groups = accounts::groups_of(runner);
+        let named = [
+            ("admin_group", self.admin_group.clone()),
+            ("log_group", self.log_rotation.group.clone()),
+        ];
+        for (key, group) in named {
+            let Some(g) = group.filter(|g| !groups.contains(&g.gid)) else {
+                continue;
+            };
+            let who = accounts::describe_user(runner);
+            out.push(self.problem(
+                &[key],
+                key,
+                format!(
+                    "{who}, whom volley runs as, is not a member of group {}, so volley cannot give {} to it; add it ({}) or remove {key}",
+                    g.name,
+                    if key == "log_group" { "the log" } else { "the admin socket" },
+                    accounts::join_group_fix(&g, runner)
+                ),
+            ));
+        }
+    }
+
+    /// Where `key` (a top-level key, or `submission.0.listen`) was set: FILE:LINE, the
+    /// file, or the flag; for errors found after the configuration was checked.
+    pub fn at(&self, key: &str) -> At {
+        self.origin(&[key])
     }
 
     /// Two listeners whose addresses would collide when bound.
@@ -1442,7 +1564,7 @@ fn duration_in(lo: Duration, hi: Duration) -> impl Fn(&Node) -> Result<Duration,
 }
 
 /// Bytes: an integer, or a string with a unit (B, KB/MB/GB in 1000s, KiB/MiB/GiB in 1024s).
-fn parse_size(s: &str) -> Option<u64> {
+pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
@@ -1452,9 +1574,11 @@ fn parse_size(s: &str) -> Option<u64> {
         "kb" | "k" => 1000,
         "mb" | "m" => 1000 * 1000,
         "gb" | "g" => 1000 * 1000 * 1000,
+        "tb" | "t" => 1000 * 1000 * 1000 * 1000,
         "kib" => 1 << 10,
         "mib" => 1 << 20,
         "gib" => 1 << 30,
+        "tib" => 1 << 40,
         _ => return None,
     };
     n.checked_mul(mult)
@@ -1462,6 +1586,7 @@ fn parse_size(s: &str) -> Option<u64> {
 
 fn show_size(n: u64) -> String {
     match n {
+        n if n >= 1 << 40 && n % (1 << 40) == 0 => format!("{}TiB", n >> 40),
         n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{}GiB", n >> 30),
         n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}MiB", n >> 20),
         n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}KiB", n >> 10),
@@ -1549,6 +1674,18 @@ fn schedule(n: &Node) -> Result<Vec<Duration>, String> {
     })
 }
 
+/// A user or group name: not empty, no ':' or whitespace (useradd(8)'s rules are
+/// stricter; whether it exists is [`ServeConfig::check`]'s question).
+fn account_name(n: &Node) -> Result<String, String> {
+    let s = string(n)?;
+    if s.is_empty() || s.len() > 256 || s.contains(|c: char| c == ':' || c.is_whitespace()) {
+        return Err(format!(
+            "{s:?} is not a user or group name; write the name, e.g. \"volley\""
+        ));
+    }
+    Ok(s)
+}
+
 fn ehlo(n: &Node) -> Result<String, String> {
     let s = string(n)?;
     crate::message::campaign::check_ehlo_name(&s).map_err(|e| e.to_string())
@@ -1572,6 +1709,7 @@ fn read_all(doc: &mut Doc, entries: Entries) -> ServeConfig {
     let mut cfg = ServeConfig::defaults(PathBuf::from(DEFAULT_SPOOL));
     let mut top = Table::new("", String::new(), entries, 0..0);
     read_paths(doc, &mut top, &mut cfg);
+    read_log(doc, &mut top, &mut cfg.log_rotation);
     read_delivery(doc, &mut top, &mut cfg);
     read_service(doc, &mut top, &mut cfg);
     read_listeners(doc, &mut top, &mut cfg);
@@ -1583,6 +1721,8 @@ fn read_all(doc: &mut Doc, entries: Entries) -> ServeConfig {
 fn read_paths(doc: &mut Doc, t: &mut Table, cfg: &mut ServeConfig) {
     let path = path_conv(doc.base.clone());
     t.put(doc, "spool", &mut cfg.spool, &path);
+    cfg.user = t.get(doc, "user", &account_name);
+    cfg.group = t.get(doc, "group", &account_name);
     for (key, slot) in [
         ("log", &mut cfg.log),
         ("shaping", &mut cfg.shaping),
@@ -1617,6 +1757,27 @@ fn read_paths(doc: &mut Doc, t: &mut Table, cfg: &mut ServeConfig) {
         &duration_in(s(1), s(60)),
     );
     t.put(doc, "dns_attempts", &mut cfg.dns.attempts, &usize_in(1, 10));
+}
+
+/// The accounting log's rotation, retention and group.
+fn read_log(doc: &mut Doc, t: &mut Table, r: &mut Rotation) {
+    use crate::observe::rotation::LOG_ROTATE_SIZE_MIN;
+    let size = |n: &Node| {
+        match size_in(0, 1 << 40)(n)? {
+        0 => Ok(None),
+        b if b < LOG_ROTATE_SIZE_MIN => Err(format!(
+            "{b} octets is under the {LOG_ROTATE_SIZE_MIN}-octet minimum; write 0 for no rotation by size"
+        )),
+        b => Ok(Some(b)),
+    }
+    };
+    t.put(doc, "log_rotate_size", &mut r.size_max, &size);
+    t.put(doc, "log_rotate_daily", &mut r.daily, &boolean);
+    let days = |n: &Node| u32_in(0, 36_500)(n).map(|d| (d > 0).then_some(d));
+    t.put(doc, "log_keep_days", &mut r.keep_days, &days);
+    r.group = t.get(doc, "log_group", &|n| {
+        crate::host::accounts::group(&string(n)?)
+    });
 }
 
 /// What `volley send`'s flags set: the outbound side.
@@ -1779,6 +1940,15 @@ fn read_service(doc: &mut Doc, t: &mut Table, cfg: &mut ServeConfig) {
         "spool_free_min",
         &mut cfg.spool_free_min,
         &size_in(0, 1 << 40),
+    );
+    cfg.admin_group = t.get(doc, "admin_group", &|n| {
+        crate::host::accounts::group(&string(n)?)
+    });
+    t.put(
+        doc,
+        "spool_retention",
+        &mut cfg.spool_retention,
+        &duration_in(s(0), crate::spool::retention::SPOOL_RETENTION_MAX),
     );
 }
 
@@ -2060,6 +2230,8 @@ mod tests {
         assert_eq!(cfg.shutdown_grace, serve.shutdown_grace);
         assert_eq!(cfg.inbox_max, serve.inbox_max);
         assert_eq!(cfg.inbox_wait_max, serve.inbox_wait_max);
+        assert_eq!(cfg.spool_retention, serve.spool_retention);
+        assert_eq!(e.spool_retention, d.spool_retention);
         let listen: SocketAddr = "0.0.0.0:587".parse().unwrap();
         assert_eq!(cfg.submission, vec![Submission::new(listen)]);
         assert_eq!(cfg.http, Some(Http::new("127.0.0.1:8025".parse().unwrap())));
@@ -2088,12 +2260,60 @@ mod tests {
     }
 
     #[test]
+    fn spool_retention_is_a_bounded_duration() {
+        assert_eq!(
+            parse("spool_retention = \"36h\"\n")
+                .unwrap()
+                .spool_retention,
+            Duration::from_secs(36 * 3600)
+        );
+        assert_eq!(
+            parse("spool_retention = \"0s\"\n")
+                .unwrap()
+                .engine_config()
+                .spool_retention,
+            Duration::ZERO
+        );
+        let p = problems("spool_retention = \"4000d\"\n");
+        assert!(
+            p[0].to_string()
+                .contains("key `spool_retention`: \"4000d\" is out of range"),
+            "{}",
+            p[0]
+        );
+    }
+
+    #[test]
     fn a_problem_reads_file_line_key_what_and_what_to_do() {
         let p = problems("\n\nwindow = 0\n");
         assert_eq!(
             p[0].to_string(),
             "/etc/volley/volley.toml:3: key `window`: 0 is out of range; use 1 to 256"
         );
+    }
+
+    #[test]
+    fn an_unknown_user_or_group_is_named_at_its_line() {
+        let p = problems("spool = \"s\"\nuser = \"volley-no-such-user\"\n");
+        assert_eq!(lines_keys(&p), vec![(Some(2), "user".to_string())]);
+        let text = p[0].to_string();
+        assert!(
+            text.starts_with("/etc/volley/volley.toml:2: key `user`: no user \"volley-no-such-user\" on this host; create it (useradd"),
+            "{text}"
+        );
+        let p = problems("user = \"root\"\n\ngroup = \"volley-no-such-group\"\n");
+        assert_eq!(lines_keys(&p), vec![(Some(3), "group".to_string())]);
+        let p = problems("group = \"root\"\n");
+        assert_eq!(lines_keys(&p), vec![(Some(1), "group".to_string())]);
+        assert!(p[0].msg.contains("set without user"), "{}", p[0]);
+        let p = problems("user = \"vol ley\"\n");
+        assert_eq!(lines_keys(&p), vec![(Some(1), "user".to_string())]);
+        let cfg = parse("\nuser = \"root\"\ngroup = \"root\"\n").unwrap();
+        assert_eq!(
+            (cfg.user.as_deref(), cfg.group.as_deref()),
+            (Some("root"), Some("root"))
+        );
+        assert_eq!(cfg.at("user").to_string(), "/etc/volley/volley.toml:2");
     }
 
     #[test]
@@ -2197,6 +2417,55 @@ campaign_header = "X Campaign"
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].line(), Some(2));
         assert!(p[0].msg.starts_with("not valid TOML"), "{}", p[0]);
+    }
+
+    #[test]
+    fn the_log_keys_set_rotation_and_bad_values_are_named_at_their_line() {
+        let cfg = parse(
+            "log_rotate_size = \"64KiB\"\nlog_rotate_daily = false\nlog_keep_days = 0\nlog_group = \"root\"\n",
+        )
+        .unwrap();
+        let r = cfg.engine_config().log_rotation;
+        assert_eq!(r.size_max, Some(64 << 10));
+        assert!(!r.daily);
+        assert_eq!(r.keep_days, None, "0 keeps them");
+        assert_eq!(r.group.as_ref().map(|g| g.name.as_str()), Some("root"));
+        assert_eq!(
+            parse("log_rotate_size = 0\n")
+                .unwrap()
+                .log_rotation
+                .size_max,
+            None
+        );
+        let p = problems(
+            "log_rotate_size = \"1KiB\"\nlog_keep_days = -1\nlog_group = \"no-such-group-volley\"\n",
+        );
+        assert_eq!(
+            lines_keys(&p),
+            vec![
+                (Some(1), "log_rotate_size".into()),
+                (Some(2), "log_keep_days".into()),
+                (Some(3), "log_group".into())
+            ]
+        );
+        assert!(
+            p[0].msg.contains("write 0 for no rotation by size"),
+            "{}",
+            p[0]
+        );
+    }
+
+    #[test]
+    fn admin_group_is_looked_up_and_an_unknown_one_named_at_its_line() {
+        let cfg = parse("admin_group = \"root\"\n").unwrap();
+        assert_eq!(cfg.engine_config().admin_group.map(|g| g.gid), Some(0));
+        let p = problems("window = 8\nadmin_group = \"no-such-group-volley\"\n");
+        assert_eq!(lines_keys(&p), vec![(Some(2), "admin_group".into())]);
+        assert!(
+            p[0].msg.contains("groupadd no-such-group-volley"),
+            "{}",
+            p[0]
+        );
     }
 
     #[test]
@@ -2438,6 +2707,10 @@ campaign_header = "X Campaign"
         assert_eq!(parse_size("10MiB"), Some(10 << 20));
         assert_eq!(parse_size("10 MB"), Some(10_000_000));
         assert_eq!(parse_size("1GiB"), Some(1 << 30));
+        // The largest ranges are written in TiB ("0 to 1TiB").
+        assert_eq!(parse_size("1TiB"), Some(1 << 40));
+        assert_eq!(parse_size("2TB"), Some(2_000_000_000_000));
+        assert_eq!(show_size(1 << 40), "1TiB");
         assert_eq!(parse_size("10 furlongs"), None);
         assert_eq!(parse_size("-1"), None);
         assert_eq!(show_size(256 << 20), "256MiB");

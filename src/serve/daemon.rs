@@ -1,13 +1,17 @@
 //! `volley serve`: owns the spool (flock), runs the shards until SIGTERM, and
-//! starts the listeners that feed them. Start-up order: lock, the submission
-//! instance, the engine, then the listeners, then the readiness line (and
-//! sd_notify READY=1). SIGTERM: listeners stop accepting and finish what they
+//! starts the listeners that feed them. Start-up order: the listeners' sockets
+//! bound and the TLS key read, then (as root with `user`) the directories given
+//! to the user and privileges dropped; then the lock, the submission instance,
+//! the engine, the listeners served, and the readiness line (and sd_notify
+//! READY=1). SIGTERM: listeners stop accepting and finish what they
 //! hold (at most `shutdown_grace`), then the shards finish their transactions in
 //! flight, commit and exit. SIGHUP: users and tokens are read again; a file that
 //! no longer loads keeps the old one, and the log says why.
 
+use crate::deliver::config::EngineConfig;
 use crate::deliver::control;
 use crate::deliver::engine::{self, Serving};
+use crate::host::privilege::{self, Account, Plan, Walk};
 use crate::message::campaign::Campaign;
 use crate::serve::auth::{Tokens, Users};
 use crate::serve::config::ServeConfig;
@@ -15,10 +19,14 @@ use crate::serve::intake::Intake;
 use crate::serve::{http, pickup, submission};
 use crate::spool::inbox::Inboxes;
 use crate::spool::ingest::{self, IngestError};
+use crate::spool::retention;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+
+/// How often the daemon's own `volley queue status` lines (the disk budget) are renewed.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs the daemon until SIGTERM/SIGINT; the exit status.
 pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
@@ -32,10 +40,29 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
         );
     }
     let mut ecfg = cfg.engine_config();
+    let held = privileged_start(&cfg, &ecfg)?;
     let lock = ingest::lock_spool(&ecfg.spool_dir, ecfg.shards)?;
     ecfg.shards = lock.shards;
+    // The pickup directory keeps the modes its operator gave it: other users drop into it.
+    let keep: Vec<_> = [Some(ecfg.log_path.clone()), cfg.pickup_dir()]
+        .into_iter()
+        .flatten()
+        .collect();
+    crate::host::files::make_spool_private(&ecfg.spool_dir, &keep)?;
+    // Opened now, held to the end: a log volley cannot write stops the start here,
+    // before READY=1, not the first shard after it.
+    let _log = crate::observe::log::AccountingLog::shared(&ecfg.log_path, &ecfg.log_rotation)?;
     let hostname = ecfg.ehlo_name.clone();
     let submission_no = ingest::submission_instance(&ecfg.spool_dir, &hostname)?;
+    for t in retention::at_start(
+        &ecfg.spool_dir,
+        ecfg.shards,
+        ecfg.segment_bytes,
+        ecfg.spool_retention,
+        SystemTime::now(),
+    )? {
+        said_pruned(&t, &ecfg.log_path);
+    }
     let instances = ingest::load_instances(&ecfg.spool_dir)?;
     let (inboxes, receivers) = Inboxes::new(ecfg.shards, cfg.inbox_max);
     let intake = Arc::new(Intake::new(
@@ -44,7 +71,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
         submission_no,
         instances.clone(),
         ecfg.dkim_dir.clone(),
-        ecfg.log_path.clone(),
+        (ecfg.log_path.clone(), ecfg.log_rotation.clone()),
         cfg.spool_free_min,
     ));
     let users = Arc::new(RwLock::new(load_users(cfg.users.as_deref())?));
@@ -60,16 +87,19 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
         signal_hook::flag::register(sig, term.clone())?;
     }
     signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())?;
+    crate::observe::log::reopen_on_sigusr1()?;
 
     let admin = admin_commands(intake.clone());
     let engine_ready = Arc::new(AtomicBool::new(false));
     let reloads = Arc::new(crate::deliver::shard::Reloads::default());
+    let status = Arc::new(control::Status::default());
     let engine = {
-        let (ecfg, stop, engine_ready, reloads) = (
+        let (ecfg, stop, engine_ready, reloads, status) = (
             ecfg.clone(),
             engine_stop.clone(),
             engine_ready.clone(),
             reloads.clone(),
+            status.clone(),
         );
         let instances = Arc::new(instances);
         std::thread::Builder::new()
@@ -80,6 +110,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
                     admin,
                     ready: engine_ready,
                     reloads,
+                    status,
                 };
                 engine::run_with(ecfg, instances, stop, false, Some(serving))
             })?
@@ -98,27 +129,17 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
     let mut threads = Vec::new();
     let mut said = Vec::new();
     let started = (|| -> anyhow::Result<()> {
-        if !cfg.submission.is_empty() {
-            let files = cfg.tls_cert.as_deref().zip(cfg.tls_key.as_deref());
-            let any_tls = cfg
-                .submission
-                .iter()
-                .any(|s| s.tls != crate::serve::config::ListenerTls::None);
-            if files.is_none() && any_tls {
-                eprintln!(
-                    "volley: warning: no tls_cert/tls_key: the submission listeners use a self-signed certificate for {hostname}, which clients that verify refuse"
-                );
-            }
+        if let (Some(bound), Some(tls)) = (held.submission, held.tls) {
             let shared = Arc::new(submission::Shared {
                 intake: intake.clone(),
                 users: users.clone(),
-                tls: crate::deliver::tls::server_config(&hostname, files)?,
+                tls,
                 hostname: hostname.clone(),
                 inbox_wait_max: cfg.inbox_wait_max,
                 auth_checks: Arc::new(tokio::sync::Semaphore::new(ecfg.shards.max(1))),
                 stop: listeners_stop.clone(),
             });
-            threads.extend(submission::start(&cfg.submission, shared, ecfg.shards)?);
+            threads.extend(submission::start(&cfg.submission, bound, shared)?);
             for s in &cfg.submission {
                 said.push(format!(
                     "submission on {} (tls {}, auth {})",
@@ -128,7 +149,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
                 ));
             }
         }
-        if let Some(h) = &cfg.http {
+        if let (Some(h), Some(listener)) = (&cfg.http, held.http) {
             let api = http::Api {
                 body_size_max: h.body_size_max as usize,
                 in_flight: tokio::sync::Semaphore::new(h.connections_max as usize),
@@ -138,6 +159,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
                 staging: ecfg.spool_dir.join("staging"),
             };
             threads.push(http::start(
+                listener,
                 h.listen,
                 h.body_size_max as usize,
                 api,
@@ -178,8 +200,23 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
     );
     notify_systemd("READY=1");
 
+    let mut shown = Instant::now() - STATUS_INTERVAL;
+    let housekeeping_every = retention::interval_for(ecfg.spool_retention);
+    let mut housekeeping_at = Instant::now() + housekeeping_every;
     while !term.load(Ordering::Relaxed) && !engine.is_finished() {
+        if shown.elapsed() >= STATUS_INTERVAL {
+            *status.service.lock().expect("status lock") = vec![intake.disk_status()];
+            shown = Instant::now();
+        }
         std::thread::sleep(Duration::from_millis(50));
+        if Instant::now() >= housekeeping_at {
+            housekeeping_at = Instant::now() + housekeeping_every;
+            match intake.housekeeping(ecfg.spool_retention, SystemTime::now()) {
+                Ok(pruned) => pruned.iter().for_each(|t| said_pruned(t, &ecfg.log_path)),
+                // Tried again at the next round; delivery goes on meanwhile.
+                Err(e) => eprintln!("volley serve: spool housekeeping: {e:#}"),
+            }
+        }
         if hup.swap(false, Ordering::Relaxed) {
             reload(&cfg, &users, &tokens);
             reload_rules(&cfg, &intake, &reloads);
@@ -207,6 +244,118 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
         report.delivered, report.bounced, report.expired, report.remaining
     );
     Ok(0)
+}
+
+/// What is had with root's rights, when the daemon has them, for after the drop:
+/// the listeners' sockets and the TLS settings (with the key, which may be root's
+/// alone).
+struct Held {
+    submission: Option<submission::Bound>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    http: Option<std::net::TcpListener>,
+}
+
+/// Everything done before the spool is opened, in this order: who to run as
+/// (`user`), the listeners bound, the TLS certificate and key read, and, started as
+/// root with `user`, the directories volley writes given to the user and the
+/// privileges dropped (privilege::drop_to). Nothing of the spool, the users and
+/// tokens files or the DKIM keys is read before it returns.
+fn privileged_start(cfg: &ServeConfig, ecfg: &EngineConfig) -> anyhow::Result<Held> {
+    let account = cfg
+        .user
+        .as_deref()
+        .map(|u| privilege::lookup(u, cfg.group.as_deref()))
+        .transpose()?;
+    let plan = privilege::plan(account, &cfg.at("user").to_string())?;
+    if plan == (Plan::StayRoot { asked: false }) {
+        eprintln!(
+            "volley: warning: running as root; set user = \"volley\" in the configuration to run as a service user once the listeners are bound"
+        );
+    }
+    let mut held = Held {
+        submission: None,
+        tls: None,
+        http: None,
+    };
+    if !cfg.submission.is_empty() {
+        // One socket per listener for each configured shard (or core): how many
+        // shards the spool was made with is not known until it is opened, as the user.
+        held.submission = Some(submission::bind(&cfg.submission, ecfg.shards)?);
+        held.tls = Some(listener_tls(cfg, &ecfg.ehlo_name)?);
+    }
+    if let Some(h) = &cfg.http {
+        held.http = Some(http::bind(h.listen)?);
+    }
+    if let Plan::Drop(a) = &plan {
+        give_dirs(cfg, ecfg, a)?;
+        privilege::drop_to(a)?;
+        eprintln!(
+            "volley serve: listeners bound; running as {} (uid {}, gid {})",
+            a.user, a.uid, a.gid
+        );
+    }
+    Ok(held)
+}
+
+/// The submission listeners' TLS settings: the configured certificate and key, or
+/// a self-signed certificate for `hostname` (with a warning).
+fn listener_tls(cfg: &ServeConfig, hostname: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let files = cfg.tls_cert.as_deref().zip(cfg.tls_key.as_deref());
+    let any_tls = cfg
+        .submission
+        .iter()
+        .any(|s| s.tls != crate::serve::config::ListenerTls::None);
+    if files.is_none() && any_tls {
+        eprintln!(
+            "volley: warning: no tls_cert/tls_key: the submission listeners use a self-signed certificate for {hostname}, which clients that verify refuse"
+        );
+    }
+    crate::deliver::tls::server_config(hostname, files)
+}
+
+/// The directories volley writes, made the service user's before the drop: the
+/// spool (staging and the admin socket are in it), the accounting log's directory
+/// and the pickup directory. Missing ones are created; one of another owner is
+/// refused with the `chown -R` that fixes it.
+fn give_dirs(cfg: &ServeConfig, ecfg: &EngineConfig, a: &Account) -> anyhow::Result<()> {
+    let spool = &ecfg.spool_dir;
+    let pickup = cfg.pickup_dir();
+    // Files in the pickup directory are whoever dropped them's.
+    let skip: Vec<_> = pickup.iter().cloned().collect();
+    privilege::give_dir(spool, 0o700, a, Walk::Tree(&skip), "spool", "spool")?;
+    if let Some(dir) = ecfg.log_path.parent().filter(|d| !d.starts_with(spool)) {
+        // 0750: the log is 0640 for a log shipper in the group (host::files::LOG_MODE).
+        privilege::give_dir(
+            dir,
+            0o750,
+            a,
+            Walk::Tree(&[]),
+            "accounting log directory",
+            "log",
+        )?;
+    }
+    if let Some(dir) = &pickup {
+        privilege::give_dir(
+            dir,
+            0o700,
+            a,
+            Walk::DirOnly,
+            "pickup directory",
+            "pickup.dir",
+        )?;
+    }
+    Ok(())
+}
+
+/// One line on stderr per pruned instance.
+fn said_pruned(t: &retention::Tombstone, log: &Path) {
+    eprintln!(
+        "volley serve: pruned campaign {} (instance {}, final since {}) from the spool; its accounting stays in {}",
+        t.campaign,
+        t.instance,
+        t.finished_at,
+        log.display()
+    );
 }
 
 fn load_users(path: Option<&Path>) -> anyhow::Result<Option<Users>> {
@@ -269,12 +418,24 @@ fn reload(cfg: &ServeConfig, users: &RwLock<Option<Users>>, tokens: &RwLock<Toke
 ///   Q is not yet complete). Counts are since the daemon started.
 fn admin_commands(intake: Arc<Intake>) -> control::Extra {
     let shards = intake.inboxes.shards();
-    Arc::new(move |line: &str| {
+    Arc::new(move |line: &str, peer: &crate::host::peers::Peer| {
+        let inject = |dir: &str, new: bool| {
+            let shown = Path::new(dir.trim());
+            match campaign_for_peer(shown, peer, &intake.spool.join("staging")) {
+                Ok(None) => inject_dir(&intake, shown, shown, new),
+                Ok(Some(copy)) => {
+                    let r = inject_dir(&intake, &copy, shown, new);
+                    let _ = std::fs::remove_dir_all(&copy);
+                    r
+                }
+                Err(e) => format!("error: campaign refused, nothing queued: {e}"),
+            }
+        };
         if let Some(dir) = line.strip_prefix("inject ") {
-            return Some(inject_dir(&intake, Path::new(dir.trim()), false));
+            return Some(inject(dir, false));
         }
         if let Some(dir) = line.strip_prefix("inject-new ") {
-            return Some(inject_dir(&intake, Path::new(dir.trim()), true));
+            return Some(inject(dir, true));
         }
         let no = line.strip_prefix("progress ")?;
         Some(
@@ -282,10 +443,9 @@ fn admin_commands(intake: Arc<Intake>) -> control::Extra {
                 .trim()
                 .parse::<u32>()
                 .ok()
-                .and_then(|n| intake.instance(n))
+                .and_then(|n| intake.progress(n))
             {
-                Some(i) => {
-                    let c = i.outcomes.snapshot();
+                Some((c, running)) => {
                     format!(
                         "ok: delivered {} bounced {} expired {} deferrals {} queued {} running {}/{shards}",
                         c.delivered,
@@ -293,7 +453,7 @@ fn admin_commands(intake: Arc<Intake>) -> control::Extra {
                         c.expired,
                         c.deferrals,
                         c.queued,
-                        i.outcomes.shards()
+                        running
                     )
                 }
                 None => format!("error: no campaign instance {} in this daemon", no.trim()),
@@ -302,8 +462,71 @@ fn admin_commands(intake: Arc<Intake>) -> control::Extra {
     })
 }
 
-fn inject_dir(intake: &Intake, dir: &Path, new: bool) -> String {
-    let campaign = match Campaign::load(dir) {
+/// Largest campaign file a member of `admin_group` hands over (a recipients.csv of
+/// tens of millions of rows); past it the copy stops and the campaign is refused.
+pub const MEMBER_CAMPAIGN_FILE_OCTETS_MAX: u64 = 16 << 30;
+
+/// The campaign directory `dir` as the daemon may read it for `peer`. Root and the
+/// service user may name any (they can read it anyway): `dir` itself. A member of
+/// `admin_group` gets a private copy under `staging`: each file opened without
+/// following a link and checked on the open handle (fstat) to be a regular file of
+/// the member's own, so nothing the daemon alone may read is read for it, or quoted
+/// back in an error, even if the member swaps a file for a link meanwhile.
+/// Errors: what is wrong, with the file.
+fn campaign_for_peer(
+    dir: &Path,
+    peer: &crate::host::peers::Peer,
+    staging: &Path,
+) -> Result<Option<std::path::PathBuf>, String> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    if peer.uid == 0 || peer.uid == crate::host::accounts::euid() {
+        return Ok(None);
+    }
+    let who = crate::host::accounts::describe_user(peer.uid);
+    let copy = staging.join(format!("member-{}-{:016x}", peer.pid, fastrand::u64(..)));
+    std::fs::create_dir_all(&copy).map_err(|e| format!("{}: {e}", copy.display()))?;
+    for name in ["campaign.toml", "message.eml", "recipients.csv"] {
+        let p = dir.join(name);
+        let copied = (|| -> Result<(), String> {
+            let f = std::fs::File::options()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&p)
+                .map_err(|e| format!("{}: {e} (a link is not followed)", p.display()))?;
+            let m = f.metadata().map_err(|e| format!("{}: {e}", p.display()))?;
+            if !m.file_type().is_file() || m.uid() != peer.uid {
+                return Err(format!(
+                    "{} is not a file of {who}'s own: handed over by a member of admin_group, a campaign's files must be theirs (copy them, or hand it over as root)",
+                    p.display()
+                ));
+            }
+            let mut out = std::fs::File::create(copy.join(name))
+                .map_err(|e| format!("{}: {e}", copy.display()))?;
+            let n = std::io::copy(
+                &mut std::io::Read::take(f, MEMBER_CAMPAIGN_FILE_OCTETS_MAX + 1),
+                &mut out,
+            )
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+            if n > MEMBER_CAMPAIGN_FILE_OCTETS_MAX {
+                return Err(format!(
+                    "{} is over {MEMBER_CAMPAIGN_FILE_OCTETS_MAX} octets (MEMBER_CAMPAIGN_FILE_OCTETS_MAX)",
+                    p.display()
+                ));
+            }
+            Ok(())
+        })();
+        if let Err(e) = copied {
+            let _ = std::fs::remove_dir_all(&copy);
+            return Err(e);
+        }
+    }
+    Ok(Some(copy))
+}
+
+/// Queues the campaign read from `from`, named `dir` (where the operator has it) in
+/// what is said back.
+fn inject_dir(intake: &Intake, from: &Path, dir: &Path, new: bool) -> String {
+    let campaign = match Campaign::load(from) {
         Ok(c) => c,
         Err(problems) => {
             let list: Vec<String> = problems
@@ -319,6 +542,12 @@ fn inject_dir(intake: &Intake, dir: &Path, new: bool) -> String {
     if !new {
         if let Some(i) = intake.instance_of(&campaign.settings.id) {
             return format!("ok: running instance {}", i.no);
+        }
+        if let Some(t) = intake.pruned_instance_of(&campaign.settings.id) {
+            return format!(
+                "error: campaign {} was sent already (instance {}, final since {}, pruned from the spool at {}); nothing was queued; --new sends it again",
+                t.campaign, t.instance, t.finished_at, t.pruned_at
+            );
         }
     }
     match intake.queue_campaign(&campaign) {

@@ -8,6 +8,7 @@
 //! Every request needs `Authorization: Bearer TOKEN` (serve::auth tokens). Errors
 //! are JSON: `{"error": what, "problems": [{"pointer", "why"}]}`.
 
+use crate::host::privilege::{self, PrivilegeError};
 use crate::serve::auth::Tokens;
 use crate::serve::inject::{self, ApiProblem};
 use crate::serve::intake::Intake;
@@ -49,16 +50,26 @@ pub struct Api {
     pub staging: PathBuf,
 }
 
-/// Serves the API on `addr` until `stop`; returns once listening (or why not).
+/// Binds the API's socket, before the daemon drops privilege (EACCES says how to
+/// get a port below 1024).
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, PrivilegeError> {
+    let listener = std::net::TcpListener::bind(addr)
+        .map_err(|e| privilege::bind_error("http listener", addr, e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| privilege::bind_error("http listener", addr, e))?;
+    Ok(listener)
+}
+
+/// Serves the API on `listener` ([`bind`]'s, on `addr`) until `stop`; returns once
+/// its thread runs (or why not).
 pub fn start(
+    listener: std::net::TcpListener,
     addr: SocketAddr,
     body_size_max: usize,
     api: Api,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    let listener = std::net::TcpListener::bind(addr)
-        .map_err(|e| anyhow::anyhow!("http listener {addr}: {e}"))?;
-    listener.set_nonblocking(true)?;
     // Bodies staged by a daemon that was killed are no one's: the spool is locked.
     let _ = std::fs::remove_dir_all(&api.staging);
     std::fs::create_dir_all(&api.staging)
@@ -230,6 +241,18 @@ fn queue_staged(api: &Api, campaign: &crate::message::campaign::Campaign, new: b
                 "error": format!("campaign `{id}` is already queued (instance {}); nothing was queued. POST /api/v1/inject?new=true queues it again", i.no),
                 "campaign": id,
                 "instance": i.no,
+                "problems": [],
+            })),
+        )
+            .into_response();
+    }
+    if let Some(t) = api.intake.pruned_instance_of(id).filter(|_| !new) {
+        return (
+            StatusCode::CONFLICT,
+            Json(json!({
+                "error": format!("campaign `{id}` was sent already (instance {}, final since {}, pruned from the spool at {}); nothing was queued. POST /api/v1/inject?new=true sends it again", t.instance, t.finished_at, t.pruned_at),
+                "campaign": id,
+                "instance": t.instance,
                 "problems": [],
             })),
         )

@@ -4,10 +4,13 @@
 
 use crate::message::campaign::{Campaign, Problem};
 use crate::spool::inbox::{self, InboxError, Inboxes, APPEND_RECORDS_MAX};
-use crate::spool::ingest::{self, IngestError, IngestOptions, Ingested, Instance, RecordSink};
+use crate::spool::ingest::{
+    self, IngestError, IngestOptions, Ingested, Instance, OutcomeCounts, RecordSink,
+};
 use crate::spool::QueueRecord;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
@@ -18,6 +21,10 @@ pub const CAMPAIGN_INBOX_PATIENCE: Duration = Duration::from_secs(30);
 
 /// The campaign a submitted message counts under when it names none.
 pub const SUBMISSION_CAMPAIGN: &str = "submission";
+
+/// Counts of instances pruned while running kept for `progress`: a `volley send`
+/// following its campaign asks within a second of it ending.
+pub const PRUNED_COUNTS_KEPT_MAX: usize = 1024;
 
 /// The daemon's intake: shared by every listener thread.
 pub struct Intake {
@@ -31,12 +38,18 @@ pub struct Intake {
     instances: Mutex<BTreeMap<u32, Arc<Instance>>>,
     /// One campaign ingest at a time: instance numbers come from the directory.
     ingesting: Mutex<()>,
+    /// The last counts of instances pruned while running, so `progress N` (a
+    /// `volley send` following its campaign) still answers; at most
+    /// `PRUNED_COUNTS_KEPT_MAX`, the oldest forgotten first.
+    pruned_counts: Mutex<BTreeMap<u32, OutcomeCounts>>,
     /// Where a campaign's DKIM keys are looked up.
     pub dkim_dir: PathBuf,
-    /// The accounting log.
-    pub log: PathBuf,
+    /// The accounting log and its rotation.
+    pub log: (PathBuf, crate::observe::rotation::Rotation),
     /// Free octets kept on the spool's file system for delivery (`spool_free_min`).
     pub free_min: u64,
+    /// Injections refused for `free_min` since the daemon started.
+    refused_for_disk: AtomicU64,
 }
 
 /// A submitted message: envelope and prepared content (serve::submitted).
@@ -60,7 +73,7 @@ impl Intake {
         submission: u32,
         instances: BTreeMap<u32, Arc<Instance>>,
         dkim_dir: PathBuf,
-        log: PathBuf,
+        log: (PathBuf, crate::observe::rotation::Rotation),
         free_min: u64,
     ) -> Intake {
         Intake {
@@ -69,10 +82,32 @@ impl Intake {
             submission,
             instances: Mutex::new(instances),
             ingesting: Mutex::new(()),
+            pruned_counts: Mutex::new(BTreeMap::new()),
             dkim_dir,
             log,
             free_min,
+            refused_for_disk: AtomicU64::new(0),
         }
+    }
+
+    /// The disk budget as `volley queue status` shows it: free and total octets of
+    /// the spool's file system, the floor, and the injections refused for it.
+    pub fn disk_status(&self) -> String {
+        let gib = |b: u64| match b >= 1 << 30 {
+            true => format!("{:.2} GiB", b as f64 / f64::from(1u32 << 30)),
+            false => format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20)),
+        };
+        let (free, total) = space(&self.spool).unwrap_or((0, 0));
+        let refusing = self.free_min > 0 && free < self.free_min;
+        format!(
+            "spool {}: {} free of {}; injection refused below {} (spool_free_min){}; {} refused since start",
+            self.spool.display(),
+            gib(free),
+            gib(total),
+            gib(self.free_min),
+            if refusing { ", REFUSING NOW" } else { "" },
+            self.refused_for_disk.load(Ordering::Relaxed)
+        )
     }
 
     /// Refuses injection that would leave less than `free_min` octets free on the
@@ -81,13 +116,16 @@ impl Intake {
         if self.free_min == 0 {
             return Ok(());
         }
-        let free = free_octets(&self.spool).unwrap_or(u64::MAX);
+        let free = space(&self.spool).map_or(u64::MAX, |(free, _)| free);
         match free >= self.free_min.saturating_add(bytes) {
             true => Ok(()),
-            false => Err(InboxError::Disk {
-                free,
-                min: self.free_min,
-            }),
+            false => {
+                self.refused_for_disk.fetch_add(1, Ordering::Relaxed);
+                Err(InboxError::Disk {
+                    free,
+                    min: self.free_min,
+                })
+            }
         }
     }
 
@@ -183,6 +221,18 @@ impl Intake {
         instances.values().rfind(|i| i.settings.id == id).cloned()
     }
 
+    /// The last instance of campaign `id` that was sent and pruned from the spool
+    /// (spool/retention.rs), when none with that id is in the spool now: queueing it
+    /// again would send the whole list again, so that is asked for, not assumed.
+    pub fn pruned_instance_of(&self, id: &str) -> Option<crate::spool::retention::Tombstone> {
+        if self.instance_of(id).is_some() {
+            return None;
+        }
+        crate::spool::retention::tombstones(&self.spool)
+            .into_iter()
+            .rfind(|t| t.campaign == id)
+    }
+
     /// Every instance whose campaign id is `id`.
     pub fn instances_of(&self, id: &str) -> Vec<Arc<Instance>> {
         self.instances
@@ -197,6 +247,60 @@ impl Intake {
     /// Every instance the daemon runs.
     pub fn all_instances(&self) -> BTreeMap<u32, Arc<Instance>> {
         self.instances.lock().expect("instances").clone()
+    }
+
+    /// Spool housekeeping (spool/retention.rs) while running: every campaign
+    /// instance that every shard runs with nothing queued is final; those final for
+    /// `retention` are pruned, then forgotten here and by the shards. Holds the
+    /// ingest lock, so no ingest reads an instance directory half pruned.
+    pub fn housekeeping(
+        &self,
+        retention: std::time::Duration,
+        now: std::time::SystemTime,
+    ) -> anyhow::Result<Vec<crate::spool::retention::Tombstone>> {
+        let _one = self.ingesting.lock().expect("ingest lock");
+        let shards = self.inboxes.shards() as u64;
+        let finals: Vec<Arc<Instance>> = self
+            .all_instances()
+            .into_values()
+            .filter(|i| {
+                !i.submission && i.outcomes.shards() == shards && i.outcomes.snapshot().queued == 0
+            })
+            .collect();
+        let pruned = crate::spool::retention::sweep(
+            &self.spool,
+            finals.iter().map(|i| &**i),
+            retention,
+            now,
+        )?;
+        for t in &pruned {
+            let gone = self
+                .instances
+                .lock()
+                .expect("instances")
+                .remove(&t.instance);
+            let mut kept = self.pruned_counts.lock().expect("pruned counts");
+            if let Some(i) = gone {
+                kept.insert(t.instance, i.outcomes.snapshot());
+            }
+            while kept.len() > PRUNED_COUNTS_KEPT_MAX {
+                kept.pop_first();
+            }
+            drop(kept);
+            self.inboxes.retire(t.instance);
+        }
+        Ok(pruned)
+    }
+
+    /// Instance `no`'s counts since the daemon started and how many shards run it:
+    /// a running instance's, or the last of one pruned while running (all shards,
+    /// nothing queued).
+    pub fn progress(&self, no: u32) -> Option<(OutcomeCounts, u64)> {
+        if let Some(i) = self.instance(no) {
+            return Some((i.outcomes.snapshot(), i.outcomes.shards()));
+        }
+        let kept = self.pruned_counts.lock().expect("pruned counts");
+        kept.get(&no).map(|c| (*c, self.inboxes.shards() as u64))
     }
 
     /// Instance `no`, if the daemon runs it.
@@ -260,14 +364,20 @@ impl RecordSink for InboxSink<'_> {
 }
 
 /// Octets free for an unprivileged writer on the file system holding `path`.
-fn free_octets(path: &Path) -> Option<u64> {
+/// Octets available to an unprivileged writer, and the size, of the file system
+/// holding `path` (statvfs).
+fn space(path: &Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     // SAFETY: statvfs is plain data, valid all-zero; then a NUL-terminated path and
     // a statvfs we own.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0)
-        .then(|| st.f_bavail as u64 * st.f_frsize as u64)
+    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0).then(|| {
+        (
+            st.f_bavail as u64 * st.f_frsize as u64,
+            st.f_blocks as u64 * st.f_frsize as u64,
+        )
+    })
 }
 
 /// The problems of a refused campaign, one per line, as `volley check` prints them.

@@ -58,12 +58,14 @@ pub fn start(p: Pickup, stop: Arc<AtomicBool>) -> anyhow::Result<std::thread::Jo
     Ok(std::thread::Builder::new()
         .name("pickup".into())
         .spawn(move || {
+            let mut said = None;
             while !stop.load(Ordering::Relaxed) {
-                let busy = scan(&p, &stop);
-                // A full inbox: try again soon rather than at the next event.
-                let wait = match busy {
-                    true => Duration::from_millis(100),
-                    false => p.scan_interval,
+                // A full inbox or a file still settling: soon. Anything else that
+                // keeps a file (the disk floor, a file volley may not read): at the
+                // next scan, not ten times a second.
+                let wait = match scan(&p, &stop, &mut said) {
+                    Next::Soon => PICKUP_RETRY_SOON,
+                    Next::Scan => p.scan_interval,
                 };
                 match &watch {
                     Some(w) => w.wait(wait, &stop),
@@ -80,11 +82,21 @@ fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
     }
 }
 
-/// Queues every complete file in the directory. True if some were left because
-/// the engine could not take them now, or were still being written.
-fn scan(p: &Pickup, stop: &AtomicBool) -> bool {
+/// When a file left in the directory is tried again: after a full inbox or while a
+/// file settles.
+pub const PICKUP_RETRY_SOON: Duration = Duration::from_millis(100);
+
+/// When the pickup thread looks again.
+enum Next {
+    Soon,
+    Scan,
+}
+
+/// Queues every complete file in the directory, and says when to look again. A file
+/// kept for later is said on stderr once for each reason (`said` is the last said).
+fn scan(p: &Pickup, stop: &AtomicBool, said: &mut Option<(PathBuf, String)>) -> Next {
     let Ok(entries) = std::fs::read_dir(&p.dir) else {
-        return false;
+        return Next::Scan;
     };
     let now = SystemTime::now();
     let mut unsettled = false;
@@ -109,7 +121,7 @@ fn scan(p: &Pickup, stop: &AtomicBool) -> bool {
     names.sort();
     for path in names {
         if stop.load(Ordering::Relaxed) {
-            return false;
+            return Next::Scan;
         }
         match queue_file(p, &path) {
             Ok(()) => {
@@ -121,12 +133,19 @@ fn scan(p: &Pickup, stop: &AtomicBool) -> bool {
                     );
                 }
             }
-            Err(Refused::Later(e)) => {
-                eprintln!(
-                    "volley: pickup {}: not queued now ({e}); kept for the next scan",
-                    path.display()
-                );
-                return true;
+            Err(Refused::Later(e, soon)) => {
+                let this = Some((path.clone(), e));
+                if *said != this {
+                    if let Some((path, e)) = &this {
+                        eprintln!(
+                            "volley: pickup {}: not queued now ({e}); kept, and tried again {}",
+                            path.display(),
+                            if soon { "shortly" } else { "at the next scan" }
+                        );
+                    }
+                    *said = this;
+                }
+                return if soon { Next::Soon } else { Next::Scan };
             }
             Err(Refused::Bad(why)) => set_aside(&p.dir, &path, &why),
         }
@@ -135,19 +154,22 @@ fn scan(p: &Pickup, stop: &AtomicBool) -> bool {
         let _ = d.sync_all();
     }
     // A file still settling is looked at again soon, not at the next scan.
-    unsettled
+    match unsettled {
+        true => Next::Soon,
+        false => Next::Scan,
+    }
 }
 
 enum Refused {
-    /// Temporary: the file stays for the next scan.
-    Later(String),
+    /// Temporary: the file stays; tried again soon (a full inbox) or at the next scan.
+    Later(String, bool),
     /// The file is wrong: it moves to bad/.
     Bad(String),
 }
 
 fn queue_file(p: &Pickup, path: &Path) -> Result<(), Refused> {
     let len = std::fs::metadata(path)
-        .map_err(|e| Refused::Later(e.to_string()))?
+        .map_err(|e| Refused::Later(e.to_string(), false))?
         .len();
     if len > p.message_size_max {
         return Err(Refused::Bad(format!(
@@ -155,7 +177,7 @@ fn queue_file(p: &Pickup, path: &Path) -> Result<(), Refused> {
             p.message_size_max
         )));
     }
-    let bytes = std::fs::read(path).map_err(|e| Refused::Later(e.to_string()))?;
+    let bytes = std::fs::read(path).map_err(|e| Refused::Later(e.to_string(), false))?;
     let file = submitted::parse_pickup(&bytes).map_err(|e| Refused::Bad(e.to_string()))?;
     let queue_id = format!("{:016X}", fastrand::u64(..));
     let trace = Trace {
@@ -180,8 +202,11 @@ fn queue_file(p: &Pickup, path: &Path) -> Result<(), Refused> {
             campaign: prepared.campaign,
             message: prepared.message,
         })
-        .map_err(|e| Refused::Later(e.to_string()))?;
-    inbox::wait(answer).map_err(|e| Refused::Later(e.to_string()))
+        .map_err(|e| {
+            let soon = matches!(e, inbox::InboxError::Full(..));
+            Refused::Later(e.to_string(), soon)
+        })?;
+    inbox::wait(answer).map_err(|e| Refused::Later(e.to_string(), false))
 }
 
 /// Moves a refused file to bad/ with NAME.why beside it.

@@ -9,6 +9,7 @@
 //! `data_timeout` (then `421 4.4.2`, which is what defeats slowloris: a client gets
 //! no more time than that per read, however little it sends).
 
+use crate::host::privilege::{self, PrivilegeError};
 use crate::serve::auth::Users;
 use crate::serve::config::{Auth, ListenerTls, Submission};
 use crate::serve::intake::{Intake, Submitted};
@@ -53,17 +54,36 @@ struct Listener {
     open: Mutex<HashMap<IpAddr, u32>>,
 }
 
-/// Binds every listener now (so a port that cannot be had is an error at start),
-/// then serves them on `threads` threads, each with its own socket per listener
-/// (SO_REUSEPORT: the kernel spreads connections over them), until `shared.stop`
-/// and every session has ended.
+/// The listeners' sockets, bound before the daemon drops privilege (a port below
+/// 1024 cannot be bound after): for each thread, one SO_REUSEPORT socket per
+/// listener, in the listeners' order.
+pub struct Bound(Vec<Vec<std::net::TcpListener>>);
+
+/// Binds every listener `threads` times (so a port that cannot be had is an error
+/// at start; EACCES says how to get a port below 1024).
+pub fn bind(listeners: &[Submission], threads: usize) -> Result<Bound, PrivilegeError> {
+    let mut per_thread = Vec::new();
+    for _ in 0..threads.max(1) {
+        let mut bound = Vec::new();
+        for l in listeners {
+            let s = crate::deliver::runtime::bind_reuseport(l.listen, 1024)
+                .map_err(|e| privilege::bind_error("submission listener", l.listen, e))?;
+            bound.push(s);
+        }
+        per_thread.push(bound);
+    }
+    Ok(Bound(per_thread))
+}
+
+/// Serves `listeners` on the sockets [`bind`] made for them, one thread per set
+/// (the kernel spreads connections over them), until `shared.stop` and every
+/// session has ended.
 pub fn start(
     listeners: &[Submission],
+    bound: Bound,
     shared: Arc<Shared>,
-    threads: usize,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
-    let mut per_thread: Vec<Vec<(std::net::TcpListener, Arc<Listener>)>> =
-        (0..threads.max(1)).map(|_| Vec::new()).collect();
+    let mut settings = Vec::new();
     for l in listeners {
         // AUTH only with users to check it against (a reload keeps the offer).
         let (offer_auth, cram) = match shared.users.read().expect("users lock").as_ref() {
@@ -101,12 +121,13 @@ pub fn start(
             policy,
             open: Mutex::new(HashMap::new()),
         });
-        for bound in &mut per_thread {
-            let s = crate::deliver::runtime::bind_reuseport(l.listen, 1024)
-                .map_err(|e| anyhow::anyhow!("submission listener {}: {e}", l.listen))?;
-            bound.push((s, listener.clone()));
-        }
+        settings.push(listener);
     }
+    let per_thread: Vec<Vec<(std::net::TcpListener, Arc<Listener>)>> = bound
+        .0
+        .into_iter()
+        .map(|sockets| sockets.into_iter().zip(settings.iter().cloned()).collect())
+        .collect();
     let mut handles = Vec::new();
     for (i, bound) in per_thread.into_iter().enumerate() {
         let shared = shared.clone();

@@ -51,6 +51,9 @@ pub enum Inbound {
     },
     /// A campaign instance's ingest failed: mark its staged records abandoned.
     Abandon(u32),
+    /// A campaign instance was pruned (retention.rs): every recipient of it is
+    /// final, so the shard forgets it (its template and signer).
+    Retire(u32),
 }
 
 /// Why an injection was not taken. Each is temporary: the client should try again.
@@ -148,6 +151,14 @@ impl Inboxes {
                 instance: instance.clone(),
                 dkim: dkim.cloned(),
             });
+        }
+    }
+
+    /// Tells every shard that `instance` was pruned. Blocks while an inbox is full,
+    /// as `activate` does; a shard that has stopped has nothing to forget.
+    pub fn retire(&self, instance: u32) {
+        for s in &self.senders {
+            let _ = s.blocking_send(Inbound::Retire(instance));
         }
     }
 

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -64,8 +65,8 @@ pub struct IngestOptions {
     /// refuses it: the rows after it cannot be trusted.
     pub skip_bad_rows: bool,
     /// The accounting log the skipped rows' bounces are appended to (needed with
-    /// `skip_bad_rows`).
-    pub log: Option<PathBuf>,
+    /// `skip_bad_rows`), and its rotation.
+    pub log: Option<(PathBuf, crate::observe::rotation::Rotation)>,
 }
 
 /// An acknowledged campaign instance, as the shards need it.
@@ -209,8 +210,16 @@ pub struct SpoolLock {
 /// Locks the spool and fixes its shard count (a spool keeps the count it was created with).
 pub fn lock_spool(dir: &Path, shards: usize) -> anyhow::Result<SpoolLock> {
     std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("spool {}: {e}", dir.display()))?;
-    let file = File::create(dir.join("LOCK"))
-        .map_err(|e| anyhow::anyhow!("spool {}: {e}", dir.display()))?;
+    crate::host::files::check_own_dir(dir, "spool")?;
+    // Not followed, not truncated: a link planted here must not take a write.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(dir.join("LOCK"))
+        .map_err(|e| anyhow::anyhow!("spool {}: LOCK: {e}", dir.display()))?;
     // SAFETY: plain syscall on a valid, owned descriptor.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Err(SpoolBusy(dir.to_path_buf()).into());
@@ -287,6 +296,10 @@ pub fn load_instances(spool: &Path) -> anyhow::Result<BTreeMap<u32, Arc<Instance
             continue;
         };
         let p = e.path();
+        // Pruned (retention.rs): its number stays taken, its copy is gone.
+        if p.join(crate::spool::retention::TOMBSTONE).exists() {
+            continue;
+        }
         let Ok(marker) = std::fs::read_to_string(p.join("queued")) else {
             continue;
         };
@@ -445,7 +458,7 @@ pub fn ingest_into(
 
     let skip_log = match (opts.skip_bad_rows, &opts.log) {
         (true, Some(_)) => Some(
-            LogWriter::open(&idir.join("skipped.jsonl"))
+            LogWriter::file(&idir.join("skipped.jsonl"))
                 .map_err(|e| IngestError::Other(e.into()))?,
         ),
         (true, None) => {
@@ -535,9 +548,9 @@ pub fn ingest_into(
         .duration_since(UNIX_EPOCH)
         .expect("after 1970")
         .as_millis() as u64;
-    if let (Some(mut skip), Some(log)) = (skip_log.into_inner(), &opts.log) {
+    if let (Some(mut skip), Some((log, rotation))) = (skip_log.into_inner(), &opts.log) {
         skip.flush().map_err(|e| IngestError::Other(e.into()))?;
-        append_synced(&idir.join("skipped.jsonl"), log).map_err(IngestError::Other)?;
+        append_synced(&idir.join("skipped.jsonl"), log, rotation).map_err(IngestError::Other)?;
     }
     let marker = serde_json::to_vec(&Marker {
         recipients: count,
@@ -598,8 +611,19 @@ pub fn submission_instance(spool: &Path, hostname: &str) -> anyhow::Result<u32> 
     Ok(no)
 }
 
+/// Bad rows skipped at ingest of the instance in `idir`, from its `queued` marker.
+pub(crate) fn skipped_of(idir: &Path) -> anyhow::Result<u64> {
+    let path = idir.join("queued");
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let m: Marker =
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(m.skipped)
+}
+
 /// The number a new instance directory under `cdir` gets: one past the highest
-/// there, whether or not its ingest finished.
+/// there, whether or not its ingest finished, and pruned ones too (their
+/// directories stay, with a tombstone): a number is never used twice.
 fn next_instance_no(cdir: &Path) -> u32 {
     std::fs::read_dir(cdir)
         .map(|it| {
@@ -658,22 +682,15 @@ fn log_skipped(
     Ok(())
 }
 
-/// Appends `from` to the accounting log `log` in one write and syncs it.
-fn append_synced(from: &Path, log: &Path) -> anyhow::Result<()> {
-    // Streamed: a list with a million bad rows makes a file of hundreds of MB.
+/// Appends `from` to the accounting log `log` and syncs it.
+fn append_synced(
+    from: &Path,
+    log: &Path,
+    rotation: &crate::observe::rotation::Rotation,
+) -> anyhow::Result<()> {
     let mut src =
         std::fs::File::open(from).map_err(|e| anyhow::anyhow!("{}: {e}", from.display()))?;
-    let ctx = |e: std::io::Error| anyhow::anyhow!("accounting log {}: {e}", log.display());
-    if let Some(dir) = log.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(ctx)?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(ctx)?;
-    std::io::copy(&mut src, &mut f).map_err(ctx)?;
-    f.sync_data().map_err(ctx)?;
+    crate::observe::log::AccountingLog::shared(log, rotation)?.append_synced(&mut src)?;
     Ok(())
 }
 

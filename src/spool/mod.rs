@@ -17,6 +17,7 @@
 
 pub mod inbox;
 pub mod ingest;
+pub mod retention;
 
 use memmap2::MmapMut;
 use std::collections::VecDeque;

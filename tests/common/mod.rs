@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -179,12 +181,15 @@ pub fn campaign(dir: &Path, id: &str, extra_settings: &str, rows: &[String]) -> 
     d
 }
 
-/// The accounting log as JSON values.
+/// The accounting log as JSON values, every rotated generation first (a run that
+/// crosses midnight UTC rotates it).
 pub fn log_lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}")))
+    volley::observe::rotation::lines(path)
+        .unwrap()
+        .map(|l| {
+            let l = l.unwrap();
+            serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}"))
+        })
         .collect()
 }
 

@@ -79,11 +79,9 @@ pub enum KeyError {
     FromNotSigned,
     #[error("dkim_headers lists {0}; a signature cannot cover DKIM-Signature fields (each selector's would cover the other's): remove it")]
     SignsSignature(String),
-    #[error("{}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// Unreadable, too big, or open to others (host/secrets.rs).
+    #[error("{0}")]
+    Read(#[from] crate::host::secrets::SecretError),
     #[error("{}: not a PEM private key ({reason}); expected PKCS#8 \"PRIVATE KEY\" or PKCS#1 \"RSA PRIVATE KEY\"", path.display())]
     NotPem { path: PathBuf, reason: String },
     #[error("{}: not an RSA or Ed25519 key: {reason}", path.display())]
@@ -319,10 +317,7 @@ enum Key {
 
 impl Key {
     fn read(path: &Path) -> Result<Key, KeyError> {
-        let pem = std::fs::read(path).map_err(|source| KeyError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let pem = read_key(path)?;
         let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| KeyError::NotPem {
             path: path.to_path_buf(),
             reason: e.to_string(),
@@ -628,11 +623,18 @@ pub fn generate(kind: KeyType) -> Result<NewKey, String> {
     }
 }
 
+/// The PEM of the private key at `path`, refused when others may read it or it is
+/// not ours (host/secrets.rs).
+fn read_key(path: &Path) -> Result<Vec<u8>, crate::host::secrets::SecretError> {
+    use crate::host::secrets::{read, Secret, KEY_OCTETS_MAX};
+    read(path, Secret::DkimKey, KEY_OCTETS_MAX)
+}
+
 /// The DNS TXT value publishing the public half of the private key at `path`.
 pub fn public_txt(path: &Path) -> Result<String, String> {
     use rsa::pkcs1::DecodeRsaPrivateKey;
     use rsa::pkcs8::{DecodePrivateKey, EncodePublicKey};
-    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let pem = read_key(path).map_err(|e| e.to_string())?;
     let der = PrivateKeyDer::from_pem_slice(&pem)
         .map_err(|e| format!("{}: not a PEM private key ({e})", path.display()))?;
     let rsa = match &der {
@@ -707,6 +709,9 @@ mod tests {
             let path = key_path(&dir, "news.test", &format!("k{i}"));
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, generate(*kind).unwrap().pem).unwrap();
+            // As `volley dkim keygen` writes it: others may not read a key.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
             keys.push(KeyFile {
                 selector: format!("k{i}"),
                 path,
