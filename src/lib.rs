@@ -12,7 +12,8 @@
 //! - `policy`: pure decisions with time passed in: shaping, reply classification,
 //!   retry schedules.
 //! - `smtp`: sans-IO client and server sessions, the reply parser, names.
-//! - `observe`: the accounting log and the report read from it.
+//! - `observe`: the accounting log and the report read from it; the metrics board
+//!   the shards publish to (Prometheus, the status page).
 //! - `host`: how volley sits on its host: private file modes, secrets checks, the
 //!   host's accounts and who may use the admin socket.
 //!
@@ -20,7 +21,8 @@
 //! `policy`, `smtp`, `observe`, `host`; `spool` → `message`, `observe`, `smtp`,
 //! `host` (the spool directory's owner check);
 //! `message` → `policy` (reply classes, rates), `smtp` (name syntax), `host` (the
-//! DKIM key's check); `policy` → `smtp` (the reply parser); `observe` → `host`;
+//! DKIM key's check); `policy` → `smtp` (the reply parser), `observe` (a shaping
+//! key's view for the metrics); `observe` → `host`;
 //! `host` and `smtp` import no room. Nothing imports `serve`.
 
 pub mod deliver;

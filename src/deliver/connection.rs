@@ -489,6 +489,7 @@ async fn session(
                 mx: host,
                 ip: addr,
                 tls: tls_info.as_deref(),
+                source: source.map(|i| site.sources[i].addr.ip),
             };
             match ev {
                 Event::Ready => established = true,

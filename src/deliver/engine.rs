@@ -100,6 +100,8 @@ pub struct Serving {
     pub reloads: Arc<shard::Reloads>,
     /// The status `volley queue status` shows; the daemon adds its own lines.
     pub status: Arc<Status>,
+    /// Where the shards publish their metrics (one view per shard).
+    pub board: Arc<crate::observe::metrics::Board>,
 }
 
 /// Runs every shard until its recipients are all terminal or `stop` is set.
@@ -150,6 +152,10 @@ pub fn run_with(
         .as_ref()
         .map_or_else(Default::default, |s| s.status.clone());
     *status.per_shard.lock().expect("status lock") = vec![Vec::new(); cfg.shards];
+    let board = serving.as_ref().map_or_else(
+        || Arc::new(crate::observe::metrics::Board::new(cfg.shards)),
+        |s| s.board.clone(),
+    );
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..cfg.shards)
         .map(|_| crossbeam_channel::bounded::<Command>(control::COMMANDS_QUEUED_MAX))
         .unzip();
@@ -193,6 +199,7 @@ pub fn run_with(
             peers: senders.clone(),
             dkim: dkim.clone(),
             status: status.clone(),
+            board: board.clone(),
             stop: stop.clone(),
             inbox,
             reloads: reloads.clone(),

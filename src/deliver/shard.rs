@@ -19,6 +19,7 @@ use crate::deliver::pipeline::Window;
 use crate::deliver::wheel::Wheel;
 use crate::message::dkim::Signer;
 use crate::observe::log::{self, Kind, LogWriter};
+use crate::observe::metrics::{self, Board, Outcome, OutcomeKey, RecentBounce, ShardView, Tally};
 use crate::policy::classify::{Class, Classifier};
 use crate::policy::retry::{self, Decision};
 use crate::policy::shaping::rules::{BlockScope, PoolSource, Rule, Rules, Set};
@@ -90,12 +91,16 @@ pub struct Via<'a> {
     pub ip: SocketAddr,
     /// TLS version and cipher, when STARTTLS was used.
     pub tls: Option<&'a str>,
+    /// The pool address the connection came from (None: the host's default).
+    pub source: Option<std::net::IpAddr>,
 }
 
 /// A destination: the MX host set that one or more domains route to, sent to from
 /// one source pool (and, for a domain with its own shaping rule, that domain alone).
 pub struct Site {
     pub key: String,
+    /// The metrics' `provider` label: the provider rule's name, or "other".
+    pub provider: Arc<str>,
     pub hosts: Rc<[MxHost]>,
     pub queue: RefCell<VecDeque<Job>>,
     pub conns: Cell<usize>,
@@ -339,6 +344,9 @@ pub struct Shard {
     peers: Vec<Sender<Command>>,
     signers: RefCell<HashMap<u32, Rc<Signer>>>,
     status: Arc<Status>,
+    board: Arc<Board>,
+    /// What this shard counted, published to `board` with the status.
+    tally: RefCell<Tally>,
     /// Deferred recipients until their retry time (or expiry).
     retries: RefCell<Wheel<Job>>,
     /// Recipients a connection took for a transaction, until their outcome is
@@ -377,6 +385,8 @@ pub struct Links {
     /// The DKIM key each signing campaign instance uses.
     pub dkim: Arc<HashMap<u32, crate::message::dkim::KeyRef>>,
     pub status: Arc<Status>,
+    /// Where the shard publishes its metrics once a second.
+    pub board: Arc<Board>,
     pub stop: Arc<AtomicBool>,
     /// New work while running (`serve`); None: the shard ends when its recovered
     /// recipients are all done.
@@ -440,6 +450,7 @@ pub fn run(
         peers,
         dkim,
         status,
+        board,
         stop,
         inbox,
         reloads,
@@ -490,6 +501,8 @@ pub fn run(
         peers,
         signers: RefCell::new(signers),
         status,
+        board,
+        tally: RefCell::new(Tally::default()),
         retries: RefCell::new(Wheel::new(TICK, Instant::now())),
         in_flight: RefCell::new(HashMap::new()),
         purges: RefCell::new(Vec::new()),
@@ -829,6 +842,7 @@ impl Shard {
             .collect();
         let site = Rc::new(Site {
             key: key.clone(),
+            provider: Arc::from(provider.map_or(metrics::OTHER_PROVIDER, |p| p.name.as_str())),
             hosts,
             queue: RefCell::new(VecDeque::new()),
             conns: Cell::new(0),
@@ -1196,7 +1210,34 @@ impl Shard {
             }
             lines.sort();
             self.status.per_shard.lock().expect("status lock")[self.id] = lines;
+            self.publish_metrics(&limiters, ready as u64, waiting as u64, now);
         }
+    }
+
+    /// Publishes this shard's counts and state to the metrics board.
+    fn publish_metrics(&self, limiters: &[Rc<Limiter>], ready: u64, retry: u64, now: Instant) {
+        let mut connections: HashMap<Arc<str>, u64> = HashMap::new();
+        let mut windows: HashMap<Arc<str>, usize> = HashMap::new();
+        for site in self.sites.borrow().values() {
+            *connections.entry(site.provider.clone()).or_default() += site.conns.get() as u64;
+            let w = windows.entry(site.provider.clone()).or_insert(usize::MAX);
+            *w = (*w).min(site.window.get());
+        }
+        let spool = self.spool.borrow();
+        self.board.publish(
+            self.id,
+            ShardView {
+                tally: self.tally.borrow().clone(),
+                ready,
+                retry,
+                held: self.held.borrow().len() as u64,
+                connections: connections.into_iter().collect(),
+                windows: windows.into_iter().collect(),
+                keys: limiters.iter().map(|l| l.view(now)).collect(),
+                spool_segments: spool.segment_count() as u64,
+                spool_bytes: spool.bytes(),
+            },
+        );
     }
 
     /// New shaping and bounce rules (see `Reloads`).
@@ -1340,7 +1381,7 @@ impl Shard {
             Kind::Expiration => last_attempt.or((stage != "local").then_some(now_sys)),
             _ => None,
         };
-        self.log.borrow_mut().push(&log::Record {
+        let rec = log::Record {
             last_attempt: last_attempt.map(log::rfc3339),
             kind,
             time: log::rfc3339(now_sys),
@@ -1360,7 +1401,9 @@ impl Shard {
             queued_ms,
             tx_ms,
             shard: self.id,
-        });
+        };
+        self.count(&rec, via.and_then(|v| v.source));
+        self.log.borrow_mut().push(&rec);
         let slot = match terminal {
             Some(Terminal::Delivered) => 0,
             Some(Terminal::Bounced) => 1,
@@ -1443,6 +1486,49 @@ impl Shard {
         }
         self.commit_when_full();
         class.map(|v| v.class)
+    }
+
+    /// Counts the outcome `r` (its accounting record) for the metrics, by its
+    /// domain's provider and the `source` address it went from; a bounce or
+    /// expiration is kept for the status page.
+    fn count(&self, r: &log::Record, source: Option<std::net::IpAddr>) {
+        let provider = match self.domains.borrow().get(r.domain) {
+            Some(DomainState::Routed { sites, .. }) => {
+                sites.first().map(|(_, s)| s.provider.clone())
+            }
+            _ => None,
+        };
+        let key = OutcomeKey {
+            outcome: match r.kind {
+                Kind::Delivery => Outcome::Delivered,
+                Kind::Bounce => Outcome::Bounced,
+                Kind::Expiration => Outcome::Expired,
+                Kind::TransientFailure | Kind::Reception => Outcome::TransientFailure,
+            },
+            class: r.class.unwrap_or(""),
+            provider: provider.unwrap_or_else(|| Arc::from(metrics::OTHER_PROVIDER)),
+            source,
+        };
+        let mut tally = self.tally.borrow_mut();
+        let transaction_s = r.tx_ms.map(|t| t as f64 / 1e3);
+        tally.outcome(
+            &key,
+            r.tls.is_some(),
+            r.queued_ms as f64 / 1e3,
+            transaction_s,
+        );
+        if matches!(key.outcome, Outcome::Bounced | Outcome::Expired) {
+            tally.bounce(RecentBounce {
+                time: r.time.clone(),
+                outcome: key.outcome,
+                campaign: r.campaign.to_string(),
+                rcpt: r.rcpt.to_string(),
+                code: r.code,
+                enhanced: r.enhanced.map(str::to_string),
+                class: key.class,
+                reply: r.reply.to_string(),
+            });
+        }
     }
 
     /// Commits when `commit_batch_max` outcomes are waiting.

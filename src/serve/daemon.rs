@@ -74,6 +74,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
         (ecfg.log_path.clone(), ecfg.log_rotation.clone()),
         cfg.spool_free_min,
     ));
+    let board = intake.board.clone();
     let users = Arc::new(RwLock::new(load_users(cfg.users.as_deref())?));
     let tokens = Arc::new(RwLock::new(load_tokens(cfg.tokens.as_deref())?));
 
@@ -94,12 +95,13 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
     let reloads = Arc::new(crate::deliver::shard::Reloads::default());
     let status = Arc::new(control::Status::default());
     let engine = {
-        let (ecfg, stop, engine_ready, reloads, status) = (
+        let (ecfg, stop, engine_ready, reloads, status, board) = (
             ecfg.clone(),
             engine_stop.clone(),
             engine_ready.clone(),
             reloads.clone(),
             status.clone(),
+            board.clone(),
         );
         let instances = Arc::new(instances);
         std::thread::Builder::new()
@@ -111,6 +113,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
                     ready: engine_ready,
                     reloads,
                     status,
+                    board,
                 };
                 engine::run_with(ecfg, instances, stop, false, Some(serving))
             })?
@@ -206,6 +209,11 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
     while !term.load(Ordering::Relaxed) && !engine.is_finished() {
         if shown.elapsed() >= STATUS_INTERVAL {
             *status.service.lock().expect("status lock") = vec![intake.disk_status()];
+            board.sample(
+                SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            );
             shown = Instant::now();
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -551,7 +559,12 @@ fn inject_dir(intake: &Intake, from: &Path, dir: &Path, new: bool) -> String {
         }
     }
     match intake.queue_campaign(&campaign) {
-        Ok(i) => format!("ok: queued {} instance {}", i.recipients, i.instance),
+        Ok(i) => {
+            intake
+                .board
+                .injected(crate::observe::metrics::Door::Admin, i.recipients);
+            format!("ok: queued {} instance {}", i.recipients, i.instance)
+        }
         Err(IngestError::Problems(problems, total)) => {
             let list: Vec<String> = problems
                 .iter()

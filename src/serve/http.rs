@@ -3,12 +3,15 @@
 //! - `POST /api/v1/inject`: a campaign as JSON (serve::inject), `202` once durable;
 //!   an id the daemon already has gets `409` (a client retrying after a timeout must
 //!   not send a campaign twice) unless `?new=true` asks for another instance;
-//! - `GET /api/v1/campaigns/{id}`: its counts by outcome.
+//! - `GET /api/v1/campaigns/{id}`: its counts by outcome;
+//! - the status page, `/metrics`, the status and queue control: serve::monitor.
 //!
-//! Every request needs `Authorization: Bearer TOKEN` (serve::auth tokens). Errors
-//! are JSON: `{"error": what, "problems": [{"pointer", "why"}]}`.
+//! Every request but the status page's own files needs `Authorization: Bearer
+//! TOKEN` (serve::auth tokens). Errors are JSON: `{"error": what, "problems":
+//! [{"pointer", "why"}]}`.
 
 use crate::host::privilege::{self, PrivilegeError};
+use crate::observe::metrics::Door;
 use crate::serve::auth::Tokens;
 use crate::serve::inject::{self, ApiProblem};
 use crate::serve::intake::Intake;
@@ -77,6 +80,7 @@ pub fn start(
     let app = Router::new()
         .route("/api/v1/inject", post(inject_campaign))
         .route("/api/v1/campaigns/{id}", get(campaign_counts))
+        .merge(crate::serve::monitor::routes())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_size_max))
         .with_state(Arc::new(api));
@@ -106,7 +110,9 @@ pub fn start(
     Ok(h)
 }
 
-fn error(status: StatusCode, what: &str, problems: Vec<ApiProblem>) -> Response {
+/// A JSON error response: `{"error": what, "problems": [...]}`, with Retry-After
+/// on a 503 and WWW-Authenticate on a 401.
+pub fn error(status: StatusCode, what: &str, problems: Vec<ApiProblem>) -> Response {
     let mut r = (status, Json(json!({"error": what, "problems": problems}))).into_response();
     if status == StatusCode::SERVICE_UNAVAILABLE {
         r.headers_mut()
@@ -120,7 +126,7 @@ fn error(status: StatusCode, what: &str, problems: Vec<ApiProblem>) -> Response 
 }
 
 /// The token's name, or the 401 to send.
-fn authorize(api: &Api, headers: &HeaderMap) -> Result<String, Box<Response>> {
+pub fn authorize(api: &Api, headers: &HeaderMap) -> Result<String, Box<Response>> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -146,7 +152,7 @@ async fn not_found(uri: axum::http::Uri) -> Response {
     error(
         StatusCode::NOT_FOUND,
         &format!(
-            "no such endpoint: {}; the API has POST /api/v1/inject and GET /api/v1/campaigns/ID",
+            "no such endpoint: {}; the API has POST /api/v1/inject, GET /api/v1/campaigns/ID, GET /api/v1/status, POST /api/v1/queue, GET /metrics and the status page at /",
             uri.path()
         ),
         Vec::new(),
@@ -259,7 +265,9 @@ fn queue_staged(api: &Api, campaign: &crate::message::campaign::Campaign, new: b
             .into_response();
     }
     match api.intake.queue_campaign(campaign) {
-        Ok(done) => (
+        Ok(done) => {
+            api.intake.board.injected(Door::Http, done.recipients);
+            (
             StatusCode::ACCEPTED,
             Json(json!({
                 "campaign": campaign.settings.id,
@@ -267,7 +275,8 @@ fn queue_staged(api: &Api, campaign: &crate::message::campaign::Campaign, new: b
                 "queued": done.recipients,
             })),
         )
-            .into_response(),
+            .into_response()
+        }
         Err(IngestError::Problems(problems, _)) => error(
             StatusCode::BAD_REQUEST,
             "the campaign was refused; nothing was queued",

@@ -3,6 +3,7 @@
 //! shards' inboxes, answering only once it is durable.
 
 use crate::message::campaign::{Campaign, Problem};
+use crate::observe::metrics::{Board, ServiceView};
 use crate::spool::inbox::{self, InboxError, Inboxes, APPEND_RECORDS_MAX};
 use crate::spool::ingest::{
     self, IngestError, IngestOptions, Ingested, Instance, OutcomeCounts, RecordSink,
@@ -50,6 +51,9 @@ pub struct Intake {
     pub free_min: u64,
     /// Injections refused for `free_min` since the daemon started.
     refused_for_disk: AtomicU64,
+    /// The metrics board (one view per shard): the shards publish to it, and each
+    /// listener counts what it took in, once durable.
+    pub board: Arc<Board>,
 }
 
 /// A submitted message: envelope and prepared content (serve::submitted).
@@ -76,6 +80,7 @@ impl Intake {
         log: (PathBuf, crate::observe::rotation::Rotation),
         free_min: u64,
     ) -> Intake {
+        let board = Arc::new(Board::new(inboxes.shards()));
         Intake {
             inboxes,
             spool,
@@ -87,11 +92,13 @@ impl Intake {
             log,
             free_min,
             refused_for_disk: AtomicU64::new(0),
+            board,
         }
     }
 
     /// The disk budget as `volley queue status` shows it: free and total octets of
-    /// the spool's file system, the floor, and the injections refused for it.
+    /// the spool's file system, the floor, and the injections refused for it; the
+    /// same figures go to the metrics board.
     pub fn disk_status(&self) -> String {
         let gib = |b: u64| match b >= 1 << 30 {
             true => format!("{:.2} GiB", b as f64 / f64::from(1u32 << 30)),
@@ -99,6 +106,12 @@ impl Intake {
         };
         let (free, total) = space(&self.spool).unwrap_or((0, 0));
         let refusing = self.free_min > 0 && free < self.free_min;
+        self.board.set_service(ServiceView {
+            spool_free_bytes: free,
+            spool_free_min_bytes: self.free_min,
+            injection_refused_now: refusing,
+            injections_refused_disk: self.refused_for_disk.load(Ordering::Relaxed),
+        });
         format!(
             "spool {}: {} free of {}; injection refused below {} (spool_free_min){}; {} refused since start",
             self.spool.display(),
@@ -363,7 +376,6 @@ impl RecordSink for InboxSink<'_> {
     }
 }
 
-/// Octets free for an unprivileged writer on the file system holding `path`.
 /// Octets available to an unprivileged writer, and the size, of the file system
 /// holding `path` (statvfs).
 fn space(path: &Path) -> Option<(u64, u64)> {

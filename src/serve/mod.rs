@@ -7,6 +7,7 @@
 //! - `submission`: the SMTP listeners (IO around `smtp::server`); `auth`: users,
 //!   tokens, SASL; `submitted`: what is done to a message before it is queued;
 //! - `http` and `inject`: the API, and a JSON body checked as a campaign directory;
+//!   `monitor`: the status page, `/metrics` and queue control on the same listener;
 //! - `pickup`: the pickup directory;
 //! - `intake`: handing messages and campaigns to the shards, answered once durable.
 
@@ -16,6 +17,7 @@ pub mod daemon;
 pub mod http;
 pub mod inject;
 pub mod intake;
+pub mod monitor;
 pub mod pickup;
 pub mod submission;
 pub mod submitted;

@@ -12,6 +12,7 @@
 //! writer that pauses longer than that mid-file still loses the rest: rename).
 //! Symbolic links and directories are never read.
 
+use crate::observe::metrics::Door;
 use crate::serve::intake::{Intake, Submitted};
 use crate::serve::submitted::{self, Trace};
 use crate::spool::inbox;
@@ -194,6 +195,7 @@ fn queue_file(p: &Pickup, path: &Path) -> Result<(), Refused> {
     };
     let prepared = submitted::prepare(&file.message, &trace, &p.campaign_header, &p.hostname)
         .map_err(|e| Refused::Bad(e.to_string()))?;
+    let recipients = file.recipients.len() as u64;
     let answer = p
         .intake
         .submit(&Submitted {
@@ -206,7 +208,9 @@ fn queue_file(p: &Pickup, path: &Path) -> Result<(), Refused> {
             let soon = matches!(e, inbox::InboxError::Full(..));
             Refused::Later(e.to_string(), soon)
         })?;
-    inbox::wait(answer).map_err(|e| Refused::Later(e.to_string(), false))
+    inbox::wait(answer).map_err(|e| Refused::Later(e.to_string(), false))?;
+    p.intake.board.injected(Door::Pickup, recipients);
+    Ok(())
 }
 
 /// Moves a refused file to bad/ with NAME.why beside it.

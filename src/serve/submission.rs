@@ -10,6 +10,7 @@
 //! no more time than that per read, however little it sends).
 
 use crate::host::privilege::{self, PrivilegeError};
+use crate::observe::metrics::Door;
 use crate::serve::auth::Users;
 use crate::serve::config::{Auth, ListenerTls, Submission};
 use crate::serve::intake::{Intake, Submitted};
@@ -471,7 +472,12 @@ async fn queue(intake: &Intake, m: Submitted, wait_max: Duration) -> Verdict {
         }
     };
     match answer.await {
-        Ok(Ok(())) => Verdict::Reply("250 2.0.0 Ok: queued".into()),
+        Ok(Ok(())) => {
+            intake
+                .board
+                .injected(Door::Smtp, m.recipients.len() as u64);
+            Verdict::Reply("250 2.0.0 Ok: queued".into())
+        }
         Ok(Err(e)) => Verdict::Reply(format!(
             "452 4.3.1 Insufficient system storage: the spool could not take the message ({e}); try again later"
         )),

@@ -629,6 +629,11 @@ impl Spool {
     pub fn segment_count(&self) -> usize {
         self.segs.len()
     }
+
+    /// Octets the segments take on disk (each is its full mapped size).
+    pub fn bytes(&self) -> u64 {
+        self.segs.iter().map(|s| s.map.len() as u64).sum()
+    }
 }
 
 enum Frame<'a> {

@@ -164,7 +164,7 @@ impl Shard {
             campaign,
             sender,
         } = self.envelope(&inst, job.rref);
-        self.log.borrow_mut().push(&log::Record {
+        let rec = log::Record {
             kind: Kind::Bounce,
             time: log::rfc3339(now_sys),
             campaign: &campaign,
@@ -184,7 +184,9 @@ impl Shard {
             tx_ms: None,
             shard: self.id,
             last_attempt: None,
-        });
+        };
+        self.count(&rec, None);
+        self.log.borrow_mut().push(&rec);
         self.batch.borrow_mut().entry(job.instance).or_default()[1] += 1;
         self.pending
             .borrow_mut()

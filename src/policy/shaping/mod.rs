@@ -10,6 +10,7 @@
 pub mod rules;
 pub mod warmup;
 
+use crate::observe::metrics::{ceil_secs, KeyView, WarmupView};
 use rules::{Per, Rule, Threshold, SHARE_MIN_REPLIES, SHARE_WINDOW_S};
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -134,6 +135,8 @@ struct State {
     backed_off_at: Option<Instant>,
     last_throttle: Option<Instant>,
     suspended_until: Option<Instant>,
+    /// The reply behind the current back-off or suspension, for the status page.
+    cause: Option<String>,
     paused: bool,
     win_start: Instant,
     win_count: u32,
@@ -152,6 +155,8 @@ struct Warm {
     /// This shard's messages left on `day`: its share of the day's cap less what
     /// earlier runs sent that day.
     left: u32,
+    /// This shard's share of `day`'s cap (u32::MAX once the schedule has run out).
+    share: u32,
 }
 
 pub struct Limiter {
@@ -289,6 +294,7 @@ impl Limiter {
                 backed_off_at: None,
                 last_throttle: None,
                 suspended_until: None,
+                cause: None,
                 paused: false,
                 win_start: now,
                 win_count: 0,
@@ -297,6 +303,7 @@ impl Limiter {
                     schedule: w.value.clone(),
                     day: i64::MIN,
                     left: 0,
+                    share: 0,
                 }),
                 shard_of: (shards, id),
             }),
@@ -403,6 +410,10 @@ impl Limiter {
                     .ledger
                     .as_ref()
                     .map_or(0, |l| l.sent_before(&self.key, today));
+                w.share = w
+                    .schedule
+                    .cap_on(today)
+                    .map_or(u32::MAX, |cap| exact_share(cap as u64, shards, id) as u32);
                 w.left = w.schedule.cap_on(today).map_or(u32::MAX, |cap| {
                     exact_share((cap as u64).saturating_sub(before), shards, id) as u32
                 });
@@ -523,6 +534,7 @@ impl Limiter {
             s.msg = Some(Gcra::new(rate, now));
         }
         s.backed_off_at = Some(now);
+        s.cause = Some(reply.to_string());
         Some(self.change(&s, "throttled", reply.to_string()))
     }
 
@@ -535,6 +547,7 @@ impl Limiter {
         }
         s.blocks.clear();
         s.suspended_until = Some(now + r.block_suspend);
+        s.cause = Some(reply.to_string());
         Some(self.change(
             &s,
             "suspended",
@@ -550,6 +563,9 @@ impl Limiter {
         let mut s = self.state.borrow_mut();
         if s.suspended_until.is_some_and(|u| u <= now) {
             s.suspended_until = None;
+            if s.backoff.is_none() {
+                s.cause = None;
+            }
             return Some(self.change(&s, "resumed", "suspension over".into()));
         }
         let (rate, conns) = s.backoff?;
@@ -576,6 +592,9 @@ impl Limiter {
         };
         if rate_back && conns >= s.conns_cap {
             s.backoff = None;
+            if s.suspended_until.is_none() {
+                s.cause = None;
+            }
             s.msg = configured.map(|c| Gcra::new(c, now));
             return Some(self.change(&s, "recovered", "back to the configured limits".into()));
         }
@@ -609,6 +628,7 @@ impl Limiter {
         s.rate = per_sec;
         s.operator_rate = true;
         s.backoff = None;
+        s.cause = s.suspended_until.and(s.cause.take());
         s.msg = per_sec.map(|r| Gcra::new(r, now));
         self.change(&s, "rate", "operator".into())
     }
@@ -654,6 +674,48 @@ impl Limiter {
             (w, n) => *w = n,
         }
         changed.then(|| self.change(&s, "reconfigured", "shaping rules reloaded".into()))
+    }
+
+    /// This shard's state of the key, for metrics and the status page.
+    pub fn view(&self, now: Instant) -> KeyView {
+        let s = self.state.borrow();
+        let pacing = s.msg.as_ref().map(Gcra::per_sec);
+        let backoff_factor = match s.backoff {
+            None => 1.0,
+            Some((r, c)) => {
+                let from = s.rate.or(s.ceiling);
+                match (r, from) {
+                    (Some(r), Some(f)) if f > 0.0 => (r / f).min(1.0),
+                    _ => c as f64 / s.conns_cap.max(1) as f64,
+                }
+            }
+        };
+        KeyView {
+            key: self.key.clone(),
+            rate: pacing,
+            configured_rate: s.rate,
+            measured_rate: Self::measured(&s, now),
+            connections: s.conns,
+            connections_cap: Some(Self::cap(&s)).filter(|c| *c != usize::MAX),
+            backed_off: s.backoff.is_some(),
+            backoff_factor,
+            suspended_s: s
+                .suspended_until
+                .filter(|u| *u > now)
+                .map_or(0, |u| ceil_secs(u.duration_since(now))),
+            paused: s.paused,
+            operator_rate: s.operator_rate,
+            cause: s.cause.clone(),
+            warmup: s.warm.as_ref().filter(|w| w.day != i64::MIN).map(|w| {
+                let day = (w.day - w.schedule.start_day).max(0) as u32 + 1;
+                WarmupView {
+                    day,
+                    days: w.schedule.per_day.len() as u32,
+                    cap_today: (w.share != u32::MAX).then_some(w.share),
+                    sent_today: w.share.saturating_sub(w.left),
+                }
+            }),
+        }
     }
 
     /// One line for the live status.

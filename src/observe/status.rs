@@ -1,0 +1,219 @@
+//! The status page's view (`GET /api/v1/status`): the board's shard views folded
+//! into what an operator reads, one row per provider and per source address.
+
+use crate::observe::metrics::{
+    Board, KeyView, Outcome, RecentBounce, Sample, ServiceView, WarmupView, OTHER_PROVIDER,
+};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// Bounces and expirations the page lists, newest first.
+pub const BOUNCES_SHOWN_MAX: usize = 25;
+
+/// Everything the status page shows, as JSON.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub shards: usize,
+    /// Recipients by outcome since start (transient_failure: attempts).
+    pub totals: BTreeMap<Outcome, u64>,
+    pub queue: Queue,
+    /// One sample a second, oldest first: [unix seconds, delivered, failed
+    /// (bounced + expired), deferred] totals.
+    pub history: Vec<[u64; 4]>,
+    pub providers: Vec<ProviderRow>,
+    pub sources: Vec<SourceRow>,
+    pub campaigns: Vec<CampaignRow>,
+    pub bounces: Vec<RecentBounce>,
+    pub service: Option<ServiceView>,
+}
+
+/// Recipients queued, over every shard.
+#[derive(Debug, Default, Serialize)]
+pub struct Queue {
+    pub ready: u64,
+    pub retry: u64,
+    pub held: u64,
+}
+
+/// A provider (a shaping rule's), or `other` for every destination without one.
+#[derive(Debug, Default, Serialize)]
+pub struct ProviderRow {
+    pub provider: String,
+    /// The key the queue buttons act on (`provider:NAME`); None for `other`, which
+    /// is many keys.
+    pub key: Option<String>,
+    /// Messages per second sent over the last second.
+    pub rate: f64,
+    /// The pacing now (after back-off or an operator's rate); None: unlimited.
+    pub limit: Option<f64>,
+    /// The configured rate (or the operator's); None: unlimited.
+    pub configured: Option<f64>,
+    pub connections: u64,
+    pub connections_cap: Option<u64>,
+    /// The backed-off rate over the rate it backed off from (1: not backed off).
+    pub backoff_factor: f64,
+    /// Keys backed off now (several for `other`).
+    pub backed_off: u64,
+    pub suspended_s: u64,
+    pub paused: bool,
+    pub operator_rate: bool,
+    /// The receiver's reply behind a back-off or suspension in force.
+    pub cause: Option<String>,
+    pub delivered: u64,
+    pub deferred: u64,
+    pub bounced: u64,
+}
+
+/// A pool source address towards one destination.
+#[derive(Debug, Serialize)]
+pub struct SourceRow {
+    pub source: String,
+    pub destination: String,
+    pub key: String,
+    pub rate: f64,
+    pub backed_off: bool,
+    pub suspended_s: u64,
+    pub paused: bool,
+    pub cause: Option<String>,
+    /// Summed over shards (day: the furthest).
+    pub warmup: Option<WarmupView>,
+}
+
+/// A campaign instance's progress.
+#[derive(Debug, Serialize)]
+pub struct CampaignRow {
+    pub campaign: String,
+    pub instance: u32,
+    pub recipients: u64,
+    pub delivered: u64,
+    pub bounced: u64,
+    pub expired: u64,
+    /// Not yet final.
+    pub queued: u64,
+    /// Seconds to the last final outcome at the average rate since it was queued;
+    /// None when nothing is final yet, 0 when done.
+    pub eta_s: Option<u64>,
+}
+
+/// Folds the board into the page's view; `campaigns` come from the daemon.
+pub fn status(board: &Board, campaigns: Vec<CampaignRow>) -> Status {
+    let shards = board.shards();
+    let mut queue = Queue::default();
+    let mut bounces: Vec<RecentBounce> = Vec::new();
+    let mut providers: BTreeMap<String, ProviderRow> = BTreeMap::new();
+    let row = |providers: &mut BTreeMap<String, ProviderRow>, p: &str| {
+        let r = providers.entry(p.to_string()).or_default();
+        if r.provider.is_empty() {
+            r.provider = p.to_string();
+            r.backoff_factor = 1.0;
+            r.key = (p != OTHER_PROVIDER).then(|| format!("provider:{p}"));
+        }
+    };
+    for s in &shards {
+        queue.ready += s.ready;
+        queue.retry += s.retry;
+        queue.held += s.held;
+        bounces.extend(s.tally.bounces.iter().cloned());
+        for (k, n) in &s.tally.outcomes {
+            row(&mut providers, &k.provider);
+            let r = providers.get_mut(&*k.provider).expect("just made");
+            match k.outcome {
+                Outcome::Delivered => r.delivered += n,
+                Outcome::TransientFailure => r.deferred += n,
+                Outcome::Bounced | Outcome::Expired => r.bounced += n,
+            }
+        }
+        for (p, n) in &s.connections {
+            row(&mut providers, p);
+            providers.get_mut(&**p).expect("just made").connections += n;
+        }
+    }
+    let mut sources: BTreeMap<&str, SourceRow> = BTreeMap::new();
+    for v in shards.iter().flat_map(|s| &s.keys) {
+        if let Some(name) = v.key.strip_prefix("provider:") {
+            row(&mut providers, name);
+            add_key(providers.get_mut(name).expect("just made"), v);
+        } else if v.key.starts_with("site:") {
+            row(&mut providers, OTHER_PROVIDER);
+            let r = providers.get_mut(OTHER_PROVIDER).expect("just made");
+            r.rate += v.measured_rate.unwrap_or(0.0);
+            r.backed_off += u64::from(v.backed_off);
+            r.suspended_s = r.suspended_s.max(v.suspended_s);
+            if r.cause.is_none() {
+                r.cause = v.cause.clone();
+            }
+        } else if let Some((source, dest)) = v
+            .key
+            .strip_prefix("source:")
+            .and_then(|k| k.split_once('>'))
+        {
+            let s = sources.entry(&v.key).or_insert_with(|| SourceRow {
+                source: source.to_string(),
+                destination: dest.to_string(),
+                key: v.key.clone(),
+                rate: 0.0,
+                backed_off: false,
+                suspended_s: 0,
+                paused: false,
+                cause: None,
+                warmup: None,
+            });
+            s.rate += v.measured_rate.unwrap_or(0.0);
+            s.backed_off |= v.backed_off;
+            s.suspended_s = s.suspended_s.max(v.suspended_s);
+            s.paused |= v.paused;
+            s.cause = s.cause.take().or_else(|| v.cause.clone());
+            if let Some(w) = &v.warmup {
+                let t = s.warmup.get_or_insert(WarmupView {
+                    day: w.day,
+                    days: w.days,
+                    cap_today: Some(0),
+                    sent_today: 0,
+                });
+                t.day = t.day.max(w.day);
+                t.cap_today = t.cap_today.zip(w.cap_today).map(|(a, b)| a + b);
+                t.sent_today += w.sent_today;
+            }
+        }
+    }
+    bounces.sort_by(|a, b| b.time.cmp(&a.time));
+    bounces.truncate(BOUNCES_SHOWN_MAX);
+    Status {
+        shards: shards.len(),
+        totals: board.totals(),
+        queue,
+        history: board
+            .history()
+            .iter()
+            .map(|s: &Sample| [s.unix_s, s.delivered, s.failed, s.deferred])
+            .collect(),
+        providers: providers.into_values().collect(),
+        sources: sources.into_values().collect(),
+        campaigns,
+        bounces,
+        service: board.service(),
+    }
+}
+
+/// Adds one shard's view of a provider's key to its row.
+fn add_key(r: &mut ProviderRow, v: &KeyView) {
+    let sum = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => Some(a + b),
+        (a, b) => a.or(b),
+    };
+    r.rate += v.measured_rate.unwrap_or(0.0);
+    r.limit = sum(r.limit, v.rate);
+    r.configured = sum(r.configured, v.configured_rate);
+    r.connections_cap = match (r.connections_cap, v.connections_cap) {
+        (Some(a), Some(b)) => Some(a + b as u64),
+        (a, b) => a.or(b.map(|b| b as u64)),
+    };
+    r.backoff_factor = r.backoff_factor.min(v.backoff_factor);
+    r.backed_off += u64::from(v.backed_off);
+    r.suspended_s = r.suspended_s.max(v.suspended_s);
+    r.paused |= v.paused;
+    r.operator_rate |= v.operator_rate;
+    if r.cause.is_none() {
+        r.cause = v.cause.clone();
+    }
+}

@@ -1,0 +1,365 @@
+//! The operator's view of a running `volley serve`, over loopback: Prometheus
+//! `/metrics`, the status JSON, queue control over HTTP, and the status page in a
+//! real headless chromium whose pause button stops deliveries at the sink.
+
+mod common;
+
+use common::browser::Browser;
+use common::daemon::{add_token, base_args, free_port, http, write_config, Daemon};
+use common::Env;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How long a count may take to move (or to show) before a test gives up.
+const MOVE_LIMIT: Duration = Duration::from_secs(30);
+
+/// A daemon with the HTTP listener and the `google-sink` provider paced at
+/// `rate`, its address and the API token.
+fn daemon(env: &Env, rate: &str) -> (Daemon, SocketAddr, String) {
+    let spool = env.dir.join("spool");
+    let (tokens, token) = add_token(&env.dir);
+    let shaping = env.dir.join("shaping.toml");
+    std::fs::write(
+        &shaping,
+        format!("[provider.google-sink]\nmx_suffixes = [\"google.sink.test\"]\nmax_msg_rate = \"{rate}\"\n"),
+    )
+    .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let cfg = write_config(
+        &env.dir,
+        &format!(
+            "shaping = \"{}\"\ntokens = \"{}\"\n[http]\nlisten = \"{addr}\"\n",
+            shaping.display(),
+            tokens.display()
+        ),
+    );
+    let mut args = base_args(env, &spool);
+    args.extend(["--config".into(), cfg.display().to_string()]);
+    (Daemon::start(&env.dir, &args), addr, token)
+}
+
+/// Injects campaign `id` over HTTP: `n` recipients at gmail.com (google-sink).
+fn inject(addr: SocketAddr, token: &str, id: &str, n: usize) {
+    let rcpts: Vec<String> = (0..n)
+        .map(|i| format!("{{\"email\":\"user{i}@gmail.com\"}}"))
+        .collect();
+    let body = format!(
+        "{{\"id\":\"{id}\",\"sender\":\"bounces@news.test\",\"from_domain\":\"news.test\",\"dkim\":false,\
+          \"template\":\"From: news@news.test\\nTo: {{{{email}}}}\\nSubject: Hi\\n\\nHello\\n\",\
+          \"recipients\":[{}]}}",
+        rcpts.join(",")
+    );
+    let (status, _, resp) = http(addr, "POST", "/api/v1/inject", Some(token), &body);
+    assert_eq!(status, 202, "{resp}");
+}
+
+fn accepted(env: &Env, provider: &str) -> u64 {
+    env.sink.summary().per_provider[provider].rcpts_accepted
+}
+
+fn wait(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + MOVE_LIMIT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn status(addr: SocketAddr, token: &str) -> serde_json::Value {
+    let (code, _, body) = http(addr, "GET", "/api/v1/status", Some(token), "");
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The value of the sample line that starts with `series` (name and labels).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+}
+
+#[test]
+fn metrics_and_status_show_a_running_campaign_and_need_a_token() {
+    let env = common::env("monitor-metrics", "rcpt_permfail = 0.1");
+    let (_d, addr, token) = daemon(&env, "40/s");
+    inject(addr, &token, "spring", 200);
+    wait("the first deliveries", || accepted(&env, "google") >= 20);
+    // Published once a second.
+    std::thread::sleep(Duration::from_millis(1200));
+
+    for path in ["/metrics", "/api/v1/status"] {
+        let (code, head, _) = http(addr, "GET", path, None, "");
+        assert_eq!(code, 401, "{path} without a token");
+        assert!(head.contains("www-authenticate: Bearer"), "{head}");
+        let (code, _, _) = http(addr, "GET", path, Some("vly_wrong"), "");
+        assert_eq!(code, 401, "{path} with a wrong token");
+    }
+    let (code, head, text) = http(addr, "GET", "/metrics", Some(&token), "");
+    assert_eq!(code, 200, "{text}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    let delivered = sample(
+        &text,
+        "volley_outcomes_total{outcome=\"delivered\",class=\"\",provider=\"google-sink\",source=\"default\"}",
+    )
+    .unwrap_or_else(|| panic!("no delivered counter for google-sink:\n{text}"));
+    assert!(delivered >= 1.0, "{text}");
+    let bounced: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("volley_outcomes_total{outcome=\"bounced\",class=\"invalid_recipient\",provider=\"google-sink\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert!(bounced >= 1.0, "10% of recipients are refused: {text}");
+    assert_eq!(
+        sample(&text, "volley_injected_recipients_total{path=\"http\"}"),
+        Some(200.0),
+        "{text}"
+    );
+    // The configured 40/s over both shards.
+    let limit = sample(
+        &text,
+        "volley_shaping_rate_limit_messages_per_second{key=\"provider:google-sink\"}",
+    )
+    .unwrap();
+    assert!((limit - 40.0).abs() < 0.01, "{limit}");
+    assert!(sample(&text, "volley_delivery_latency_seconds_count").unwrap() >= delivered);
+    assert!(
+        text.contains("volley_smtp_transaction_seconds_bucket{le=\"+Inf\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("volley_queue_recipients{shard=\"0\",state=\"ready\"}"),
+        "{text}"
+    );
+    assert!(sample(&text, "volley_spool_segments{shard=\"0\"}").unwrap() >= 1.0);
+    // The sink offers STARTTLS: every delivery went over TLS.
+    assert!(
+        sample(
+            &text,
+            "volley_delivered_tls_total{provider=\"google-sink\"}"
+        )
+        .unwrap()
+            >= 1.0
+    );
+    // Only bounded labels: no per-domain or per-MX series.
+    assert!(
+        !text.contains("site:") && !text.contains("gmail.com"),
+        "{text}"
+    );
+
+    let s = status(addr, &token);
+    let row = s["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["provider"] == "google-sink")
+        .unwrap_or_else(|| panic!("no google-sink row: {s}"))
+        .clone();
+    assert_eq!(row["key"], "provider:google-sink");
+    assert!(row["delivered"].as_u64().unwrap() >= 1, "{row}");
+    assert!(
+        (row["limit"].as_f64().unwrap() - 40.0).abs() < 0.01,
+        "{row}"
+    );
+    let campaign = &s["campaigns"][0];
+    assert_eq!(campaign["campaign"], "spring", "{s}");
+    assert_eq!(campaign["recipients"], 200);
+    let b = &s["bounces"][0];
+    assert_eq!(b["class"], "invalid_recipient", "{s}");
+    assert!(b["rcpt"].as_str().unwrap().ends_with("@gmail.com"));
+
+    // Queue control: nothing without a token, then a pause that stops the sink.
+    let pause = r#"{"action":"pause","target":"provider:google-sink"}"#;
+    let (code, _, _) = http(addr, "POST", "/api/v1/queue", None, pause);
+    assert_eq!(code, 401);
+    let (code, _, body) = http(
+        addr,
+        "POST",
+        "/api/v1/queue",
+        Some(&token),
+        r#"{"action":"purge","target":"gmail.com"}"#,
+    );
+    assert_eq!(code, 400, "{body}");
+    std::thread::sleep(Duration::from_millis(300));
+    let before_refusals = accepted(&env, "google");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        accepted(&env, "google") > before_refusals,
+        "refused requests paused nothing"
+    );
+    let (code, _, body) = http(addr, "POST", "/api/v1/queue", Some(&token), pause);
+    assert_eq!(code, 200, "{body}");
+    std::thread::sleep(Duration::from_secs(1));
+    let paused_at = accepted(&env, "google");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        accepted(&env, "google"),
+        paused_at,
+        "deliveries went on while paused"
+    );
+    let s = status(addr, &token);
+    let row = s["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["provider"] == "google-sink")
+        .unwrap()
+        .clone();
+    assert_eq!(row["paused"], true, "{row}");
+    let (code, _, body) = http(
+        addr,
+        "POST",
+        "/api/v1/queue",
+        Some(&token),
+        r#"{"action":"resume","target":"provider:google-sink"}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    wait("deliveries after resume", || {
+        accepted(&env, "google") > paused_at
+    });
+}
+
+/// Evaluates to the text of the cell `col` (0-based) of provider `name`'s row, or null.
+fn provider_cell(name: &str, col: usize) -> String {
+    format!(
+        "(() => {{ const r = document.querySelector('#providers tr[data-provider=\"{name}\"]'); return r ? r.cells[{col}].textContent : null; }})()"
+    )
+}
+
+#[test]
+fn the_status_page_in_chromium_shows_providers_and_its_pause_button_stops_the_sink() {
+    let env = common::env("monitor-page", "rcpt_permfail = 0.05");
+    let Some(mut b) = Browser::start(&env.dir, "the_status_page_in_chromium") else {
+        return;
+    };
+    let (_d, addr, token) = daemon(&env, "30/s");
+    inject(addr, &token, "autumn", 3000);
+    wait("the first deliveries", || accepted(&env, "google") >= 10);
+
+    b.open(&format!("http://{addr}/"), 1280, 800, false);
+    b.wait_for(
+        "document.readyState === 'complete' && typeof uPlot !== 'undefined'",
+        MOVE_LIMIT,
+        "the page and its scripts load",
+    );
+    // No token yet: the page says how to get one and shows no data.
+    let asks = b.wait_for(
+        "document.getElementById('error').textContent",
+        MOVE_LIMIT,
+        "the page asks for a token",
+    );
+    assert!(
+        asks.as_str().unwrap().contains("volley token add"),
+        "{asks}"
+    );
+    assert_eq!(
+        b.eval(&provider_cell("google-sink", 0)),
+        serde_json::Value::Null
+    );
+    // A wrong token is refused, visibly.
+    b.eval("document.getElementById('token').value = 'vly_wrong'; document.getElementById('token-use').click(); 1");
+    let refused = b.wait_for(
+        "(document.getElementById('error').textContent.match(/not in the tokens file/) || [''])[0]",
+        MOVE_LIMIT,
+        "a wrong token is refused",
+    );
+    assert_eq!(refused, "not in the tokens file");
+    b.eval(&format!(
+        "document.getElementById('token').value = '{token}'; document.getElementById('token-use').click(); 1"
+    ));
+    assert_eq!(
+        b.wait_for(
+            &provider_cell("google-sink", 0),
+            MOVE_LIMIT,
+            "the provider row shows"
+        ),
+        "google-sink"
+    );
+    // Its delivered count, as the page shows it, moves with the sink's.
+    let shown = |b: &mut Browser| -> u64 {
+        b.eval(&provider_cell("google-sink", 5))
+            .as_str()
+            .unwrap()
+            .replace(',', "")
+            .parse()
+            .unwrap()
+    };
+    let first = shown(&mut b);
+    wait("the page's count to move", || shown(&mut b) > first);
+    assert!(shown(&mut b) <= accepted(&env, "google"));
+    let total: u64 = b
+        .eval("document.getElementById('t-delivered').textContent")
+        .as_str()
+        .unwrap()
+        .replace(',', "")
+        .parse()
+        .unwrap();
+    assert!(total >= first, "{total}");
+    let campaign = b.wait_for(
+        "(() => { const r = document.querySelector('#campaigns tr[data-campaign=\"autumn\"]'); return r ? r.cells[0].textContent : null; })()",
+        MOVE_LIMIT,
+        "the campaign row shows",
+    );
+    assert!(
+        campaign.as_str().unwrap().starts_with("autumn #"),
+        "{campaign}"
+    );
+    // The last bounces, with their class (5% of recipients are refused).
+    let class = b.wait_for(
+        "(() => { const r = document.querySelector('#bounces tbody tr'); return r && r.cells.length > 1 ? r.cells[4].textContent : null; })()",
+        MOVE_LIMIT,
+        "a bounce shows",
+    );
+    assert_eq!(class, "invalid_recipient");
+    // Nothing overflows the window at 1280x800.
+    assert_eq!(
+        b.eval("document.documentElement.scrollWidth <= window.innerWidth"),
+        true
+    );
+    if let Ok(to) = std::env::var("VOLLEY_SCREENSHOT") {
+        b.screenshot(Path::new(&to));
+    }
+
+    // The pause button: the sink stops taking google's mail.
+    b.eval("document.querySelector('button[data-action=\"pause\"][data-key=\"provider:google-sink\"]').click(); 1");
+    b.wait_for(
+        "!!document.querySelector('button[data-action=\"resume\"][data-key=\"provider:google-sink\"]')",
+        MOVE_LIMIT,
+        "the row shows the pause and offers resume",
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let paused_at = accepted(&env, "google");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        accepted(&env, "google"),
+        paused_at,
+        "the sink still took mail"
+    );
+    let state = b.eval(&provider_cell("google-sink", 4));
+    assert!(state.as_str().unwrap().contains("paused"), "{state}");
+    b.eval("document.querySelector('button[data-action=\"resume\"][data-key=\"provider:google-sink\"]').click(); 1");
+    wait("deliveries after resume", || {
+        accepted(&env, "google") > paused_at
+    });
+
+    // A phone's width: the page fits, its wide tables scroll inside themselves.
+    b.open(&format!("http://{addr}/"), 390, 844, true);
+    b.eval(&format!(
+        "new Promise(r => document.readyState === 'complete' ? r() : addEventListener('load', r)).then(() => {{ document.getElementById('token').value = '{token}'; document.getElementById('token-use').click(); return 1; }})"
+    ));
+    b.wait_for(
+        &provider_cell("google-sink", 0),
+        MOVE_LIMIT,
+        "the provider row shows on a phone",
+    );
+    assert_eq!(
+        b.eval("document.documentElement.scrollWidth <= window.innerWidth"),
+        true,
+        "the page is wider than a phone"
+    );
+    let visible = b.eval(
+        "(() => { const r = document.getElementById('t-delivered').getBoundingClientRect(); return r.width > 0 && r.right <= window.innerWidth; })()",
+    );
+    assert_eq!(visible, true, "the totals are on screen at 390 px");
+}
