@@ -69,24 +69,8 @@ enum Cmd {
         dir: PathBuf,
         #[command(flatten)]
         engine: Box<EngineArgs>,
-        /// Queue it as a new campaign instance even if this id is already in the spool.
-        #[arg(long)]
-        new: bool,
-        /// Stop after this long (e.g. "10m"), leaving what is not done in the spool.
-        #[arg(long)]
-        max_wait: Option<humantime::Duration>,
-        /// Write the report as JSON here too.
-        #[arg(long)]
-        report_json: Option<PathBuf>,
-        /// No progress bar.
-        #[arg(long)]
-        quiet: bool,
-        /// Queue the good rows and log each bad one as a local bounce (type Bounce,
-        /// stage local, class invalid_recipient 5.1.3 for an address, content 5.6.0
-        /// for a row that would make an invalid message) instead of refusing the
-        /// whole campaign. A CSV syntax error still refuses it.
-        #[arg(long)]
-        skip_bad_rows: bool,
+        #[command(flatten)]
+        options: cli::send::SendOptions,
         #[command(flatten)]
         insecure: InsecureModes,
     },
@@ -208,21 +192,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Send {
             dir,
             engine,
-            new,
-            max_wait,
-            report_json,
-            quiet,
-            skip_bad_rows,
+            options,
             insecure: _,
-        } => cli::send::run(
-            &dir,
-            engine.config()?,
-            new,
-            max_wait.map(Into::into),
-            report_json,
-            quiet,
-            skip_bad_rows,
-        ),
+        } => cli::send::run(&dir, engine.config()?, options),
         Cmd::Report {
             campaign,
             log,

@@ -66,6 +66,41 @@ fn wait(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// After a pause: waits until the transactions in flight at the pause have
+/// ended (the sink's count holds for a second), then checks it holds 2 s more.
+fn assert_paused_at_sink(env: &Env, provider: &str) {
+    let mut last = accepted(env, provider);
+    let mut still_since = Instant::now();
+    let deadline = Instant::now() + MOVE_LIMIT;
+    while still_since.elapsed() < Duration::from_secs(1) {
+        assert!(
+            Instant::now() < deadline,
+            "the sink never stopped taking {provider}'s mail"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        let now = accepted(env, provider);
+        if now != last {
+            (last, still_since) = (now, Instant::now());
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        accepted(env, provider),
+        last,
+        "the sink still took mail while paused"
+    );
+}
+
+fn provider_row(s: &serde_json::Value, name: &str) -> serde_json::Value {
+    s["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["provider"] == name)
+        .unwrap_or_else(|| panic!("no {name} row: {s}"))
+        .clone()
+}
+
 fn status(addr: SocketAddr, token: &str) -> serde_json::Value {
     let (code, _, body) = http(addr, "GET", "/api/v1/status", Some(token), "");
     assert_eq!(code, 200, "{body}");
@@ -181,31 +216,17 @@ fn metrics_and_status_show_a_running_campaign_and_need_a_token() {
         r#"{"action":"purge","target":"gmail.com"}"#,
     );
     assert_eq!(code, 400, "{body}");
-    std::thread::sleep(Duration::from_millis(300));
-    let before_refusals = accepted(&env, "google");
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(
-        accepted(&env, "google") > before_refusals,
-        "refused requests paused nothing"
+    // The refused requests paused nothing (the shards publish once a second).
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(
+        provider_row(&status(addr, &token), "google-sink")["paused"],
+        false
     );
     let (code, _, body) = http(addr, "POST", "/api/v1/queue", Some(&token), pause);
     assert_eq!(code, 200, "{body}");
-    std::thread::sleep(Duration::from_secs(1));
+    assert_paused_at_sink(&env, "google");
     let paused_at = accepted(&env, "google");
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(
-        accepted(&env, "google"),
-        paused_at,
-        "deliveries went on while paused"
-    );
-    let s = status(addr, &token);
-    let row = s["providers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["provider"] == "google-sink")
-        .unwrap()
-        .clone();
+    let row = provider_row(&status(addr, &token), "google-sink");
     assert_eq!(row["paused"], true, "{row}");
     let (code, _, body) = http(
         addr,
@@ -328,14 +349,8 @@ fn the_status_page_in_chromium_shows_providers_and_its_pause_button_stops_the_si
         MOVE_LIMIT,
         "the row shows the pause and offers resume",
     );
-    std::thread::sleep(Duration::from_secs(1));
+    assert_paused_at_sink(&env, "google");
     let paused_at = accepted(&env, "google");
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(
-        accepted(&env, "google"),
-        paused_at,
-        "the sink still took mail"
-    );
     let state = b.eval(&provider_cell("google-sink", 4));
     assert!(state.as_str().unwrap().contains("paused"), "{state}");
     b.eval("document.querySelector('button[data-action=\"resume\"][data-key=\"provider:google-sink\"]').click(); 1");
@@ -362,4 +377,68 @@ fn the_status_page_in_chromium_shows_providers_and_its_pause_button_stops_the_si
         "(() => { const r = document.getElementById('t-delivered').getBoundingClientRect(); return r.width > 0 && r.right <= window.innerWidth; })()",
     );
     assert_eq!(visible, true, "the totals are on screen at 390 px");
+}
+
+#[test]
+fn send_serves_metrics_while_it_runs_and_stops_with_it() {
+    let env = common::env("monitor-send", "");
+    let spool = env.dir.join("spool");
+    let shaping = env.dir.join("shaping.toml");
+    std::fs::write(
+        &shaping,
+        "[provider.google-sink]\nmx_suffixes = [\"google.sink.test\"]\nmax_msg_rate = \"50/s\"\n",
+    )
+    .unwrap();
+    let rows: Vec<String> = (0..150)
+        .map(|i| format!("user{i}@gmail.com,U{i}"))
+        .collect();
+    let dir = common::campaign(&env.dir, "metered", "", &rows);
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut send = std::process::Command::new(common::daemon::VOLLEY)
+        .arg("send")
+        .arg(&dir)
+        .args(base_args(&env, &spool))
+        .arg("--shaping")
+        .arg(&shaping)
+        .args(["--quiet", "--metrics", &addr.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let series = "volley_outcomes_total{outcome=\"delivered\",class=\"\",provider=\"google-sink\",source=\"default\"}";
+    let mut seen = 0.0;
+    let deadline = Instant::now() + MOVE_LIMIT;
+    while seen < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no delivered count from send's /metrics"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        if std::net::TcpStream::connect(addr).is_err() {
+            continue;
+        }
+        let (code, head, text) = http(addr, "GET", "/metrics", None, "");
+        assert_eq!(code, 200, "{text}");
+        assert!(head.contains("application/openmetrics-text"), "{head}");
+        seen = sample(&text, series).unwrap_or(0.0);
+    }
+    // Mid-run (150 at 50/s takes 3 s): the counter is still below the whole.
+    assert!(seen < 150.0, "{seen}");
+    let status = send.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(accepted(&env, "google"), 150);
+
+    // Unauthenticated, so loopback alone: another address is refused before
+    // anything is queued.
+    let out = std::process::Command::new(common::daemon::VOLLEY)
+        .arg("send")
+        .arg(&dir)
+        .args(base_args(&env, &env.dir.join("spool2")))
+        .args(["--quiet", "--metrics", "0.0.0.0:9"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("served on loopback alone"), "{err}");
+    assert!(!env.dir.join("spool2").exists(), "a spool was made");
 }

@@ -328,15 +328,56 @@ fn hand_over(
     Ok(if counts[4] > 0 { 75 } else { 0 })
 }
 
+/// How long `--metrics`' listener gets to close when the send ends.
+const METRICS_STOP_WAIT: Duration = Duration::from_secs(2);
+
+/// `volley send`'s own flags (besides the engine's).
+#[derive(clap::Args, Debug)]
+pub(crate) struct SendOptions {
+    /// Queue it as a new campaign instance even if this id is already in the spool.
+    #[arg(long)]
+    new: bool,
+    /// Stop after this long (e.g. "10m"), leaving what is not done in the spool.
+    #[arg(long)]
+    max_wait: Option<humantime::Duration>,
+    /// Write the report as JSON here too.
+    #[arg(long)]
+    report_json: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Queue the good rows and log each bad one as a local bounce (type Bounce,
+    /// stage local, class invalid_recipient 5.1.3 for an address, content 5.6.0
+    /// for a row that would make an invalid message) instead of refusing the
+    /// whole campaign. A CSV syntax error still refuses it.
+    #[arg(long)]
+    skip_bad_rows: bool,
+    /// Serve Prometheus metrics (GET /metrics: the outcomes, queue, connections,
+    /// shaping and spool ones `volley serve` has) on this loopback address while
+    /// the send runs, e.g. 127.0.0.1:9101. No token is asked, so it must be
+    /// loopback. Ignored (with a warning) when the campaign is handed to a running
+    /// `volley serve`, whose /metrics has it.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+}
+
 pub(crate) fn run(
     dir: &std::path::Path,
     cfg: EngineConfig,
-    new: bool,
-    max_wait: Option<Duration>,
-    report_json: Option<PathBuf>,
-    quiet: bool,
-    skip_bad_rows: bool,
+    options: SendOptions,
 ) -> anyhow::Result<i32> {
+    let SendOptions {
+        new,
+        max_wait,
+        report_json,
+        quiet,
+        skip_bad_rows,
+        metrics,
+    } = options;
+    let max_wait: Option<Duration> = max_wait.map(Into::into);
+    if let Some(addr) = metrics {
+        volley::serve::monitor::metrics_address(addr)?;
+    }
     let campaign = match Campaign::load(dir) {
         Ok(c) => c,
         Err(problems) => {
@@ -357,6 +398,9 @@ pub(crate) fn run(
             if e.downcast_ref::<ingest::SpoolBusy>().is_some()
                 || volley::deliver::control::socket_path(&cfg.spool_dir).exists() =>
         {
+            if metrics.is_some() {
+                eprintln!("volley: --metrics is ignored: the campaign goes to the running `volley serve`, whose /metrics has it");
+            }
             return hand_over(dir, &campaign, &cfg.spool_dir, new, max_wait, quiet)
                 .map_err(|h| h.context(e));
         }
@@ -462,7 +506,27 @@ pub(crate) fn run(
         .filter(|i| !i.submission)
         .map(|i| i.no)
         .collect();
-    let report = volley::deliver::engine::run(cfg, instances, stop, !quiet)?;
+    let board = Arc::new(volley::observe::metrics::Board::new(cfg.shards));
+    let metrics_stop = Arc::new(AtomicBool::new(false));
+    let metrics_thread = match metrics {
+        Some(addr) => Some(volley::serve::monitor::serve_metrics(
+            addr,
+            board.clone(),
+            metrics_stop.clone(),
+        )?),
+        None => None,
+    };
+    let report = volley::deliver::engine::run_with(cfg, instances, stop, !quiet, None, Some(board));
+    // A scraper's open connection must not hold the exit: waited for a moment,
+    // then left to the process's end.
+    metrics_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(t) = metrics_thread {
+        let deadline = std::time::Instant::now() + METRICS_STOP_WAIT;
+        while !t.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let report = report?;
     if report.remaining == 0 {
         // Final now, not at the next start: spool_retention counts from here.
         let now = std::time::SystemTime::now();

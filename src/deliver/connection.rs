@@ -490,6 +490,7 @@ async fn session(
                 ip: addr,
                 tls: tls_info.as_deref(),
                 source: source.map(|i| site.sources[i].addr.ip),
+                provider: &site.provider,
             };
             match ev {
                 Event::Ready => established = true,
@@ -535,6 +536,9 @@ async fn session(
                         .expect("events name transactions in flight");
                     let tx_ms = Some(started.elapsed().as_millis() as u64);
                     site.window.answered();
+                    if let Some(ms) = tx_ms {
+                        shard.count_transaction(ms);
+                    }
                     let done = Done { via: &via, tx_ms };
                     transaction_done(shard, site, source, done, jobs, replies, &mut caps);
                 }

@@ -100,8 +100,6 @@ pub struct Serving {
     pub reloads: Arc<shard::Reloads>,
     /// The status `volley queue status` shows; the daemon adds its own lines.
     pub status: Arc<Status>,
-    /// Where the shards publish their metrics (one view per shard).
-    pub board: Arc<crate::observe::metrics::Board>,
 }
 
 /// Runs every shard until its recipients are all terminal or `stop` is set.
@@ -111,16 +109,19 @@ pub fn run(
     stop: Arc<AtomicBool>,
     show_progress: bool,
 ) -> anyhow::Result<Report> {
-    run_with(cfg, instances, stop, show_progress, None)
+    run_with(cfg, instances, stop, show_progress, None, None)
 }
 
 /// As [`run`]; with `serving`, the shards run until `stop` alone, taking new work.
+/// With `board`, the shards publish their metrics there (one view per shard,
+/// `cfg.shards` of them) once a second.
 pub fn run_with(
     cfg: EngineConfig,
     instances: Instances,
     stop: Arc<AtomicBool>,
     show_progress: bool,
     serving: Option<Serving>,
+    board: Option<Arc<crate::observe::metrics::Board>>,
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
     // DSNs go out as submitted messages (dsn.rs): a spool whose campaigns ask for
@@ -152,10 +153,7 @@ pub fn run_with(
         .as_ref()
         .map_or_else(Default::default, |s| s.status.clone());
     *status.per_shard.lock().expect("status lock") = vec![Vec::new(); cfg.shards];
-    let board = serving.as_ref().map_or_else(
-        || Arc::new(crate::observe::metrics::Board::new(cfg.shards)),
-        |s| s.board.clone(),
-    );
+    let board = board.unwrap_or_else(|| Arc::new(crate::observe::metrics::Board::new(cfg.shards)));
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..cfg.shards)
         .map(|_| crossbeam_channel::bounded::<Command>(control::COMMANDS_QUEUED_MAX))
         .unzip();

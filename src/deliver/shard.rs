@@ -93,6 +93,8 @@ pub struct Via<'a> {
     pub tls: Option<&'a str>,
     /// The pool address the connection came from (None: the host's default).
     pub source: Option<std::net::IpAddr>,
+    /// The site's `provider` label (`Site::provider`).
+    pub provider: &'a Arc<str>,
 }
 
 /// A destination: the MX host set that one or more domains route to, sent to from
@@ -590,6 +592,16 @@ pub fn run(
         sh.close_connections().await;
         // Outcomes of what was in flight when the shard began to close.
         sh.commit(true)?;
+        // The last outcomes reach the metrics too.
+        let limiters: Vec<Rc<Limiter>> = sh.limiters.borrow().values().cloned().collect();
+        let ready = sh
+            .sites
+            .borrow()
+            .values()
+            .map(|s| s.queue.borrow().len() as u64)
+            .sum();
+        let retry = sh.retries.borrow().len() as u64;
+        sh.publish_metrics(&limiters, ready, retry, Instant::now());
         anyhow::Ok(())
     })??;
     let latency = shard.latency.borrow().clone();
@@ -1223,6 +1235,14 @@ impl Shard {
             let w = windows.entry(site.provider.clone()).or_insert(usize::MAX);
             *w = (*w).min(site.window.get());
         }
+        let (mut keys, mut other) = (Vec::new(), metrics::OtherKeys::default());
+        for l in limiters {
+            let v = l.view(now);
+            match metrics::key_is_named(&v.key) {
+                true => keys.push(v),
+                false => other.add(&v),
+            }
+        }
         let spool = self.spool.borrow();
         self.board.publish(
             self.id,
@@ -1233,7 +1253,8 @@ impl Shard {
                 held: self.held.borrow().len() as u64,
                 connections: connections.into_iter().collect(),
                 windows: windows.into_iter().collect(),
-                keys: limiters.iter().map(|l| l.view(now)).collect(),
+                keys,
+                other,
                 spool_segments: spool.segment_count() as u64,
                 spool_bytes: spool.bytes(),
             },
@@ -1402,7 +1423,7 @@ impl Shard {
             tx_ms,
             shard: self.id,
         };
-        self.count(&rec, via.and_then(|v| v.source));
+        self.count(&rec, via);
         self.log.borrow_mut().push(&rec);
         let slot = match terminal {
             Some(Terminal::Delivered) => 0,
@@ -1488,16 +1509,20 @@ impl Shard {
         class.map(|v| v.class)
     }
 
-    /// Counts the outcome `r` (its accounting record) for the metrics, by its
-    /// domain's provider and the `source` address it went from; a bounce or
-    /// expiration is kept for the status page.
-    fn count(&self, r: &log::Record, source: Option<std::net::IpAddr>) {
-        let provider = match self.domains.borrow().get(r.domain) {
-            Some(DomainState::Routed { sites, .. }) => {
-                sites.first().map(|(_, s)| s.provider.clone())
-            }
-            _ => None,
+    /// Counts the outcome `r` (its accounting record) for the metrics, by the
+    /// provider and source of the connection it came over (`via`; without one, the
+    /// domain's routing, or `other`); a bounce or expiration is kept for the page.
+    pub(super) fn count(&self, r: &log::Record, via: Option<&Via>) {
+        let provider = match via {
+            Some(v) => Some(v.provider.clone()),
+            None => match self.domains.borrow().get(r.domain) {
+                Some(DomainState::Routed { sites, .. }) => {
+                    sites.first().map(|(_, s)| s.provider.clone())
+                }
+                _ => None,
+            },
         };
+        let source = via.and_then(|v| v.source);
         let key = OutcomeKey {
             outcome: match r.kind {
                 Kind::Delivery => Outcome::Delivered,
@@ -1510,13 +1535,7 @@ impl Shard {
             source,
         };
         let mut tally = self.tally.borrow_mut();
-        let transaction_s = r.tx_ms.map(|t| t as f64 / 1e3);
-        tally.outcome(
-            &key,
-            r.tls.is_some(),
-            r.queued_ms as f64 / 1e3,
-            transaction_s,
-        );
+        tally.outcome(&key, r.tls.is_some(), r.queued_ms as f64 / 1e3);
         if matches!(key.outcome, Outcome::Bounced | Outcome::Expired) {
             tally.bounce(RecentBounce {
                 time: r.time.clone(),
@@ -1529,6 +1548,11 @@ impl Shard {
                 reply: r.reply.to_string(),
             });
         }
+    }
+
+    /// Counts one finished SMTP transaction of `ms` milliseconds for the metrics.
+    pub fn count_transaction(&self, ms: u64) {
+        self.tally.borrow_mut().transaction.observe(ms as f64 / 1e3);
     }
 
     /// Commits when `commit_batch_max` outcomes are waiting.

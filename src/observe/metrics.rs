@@ -146,6 +146,15 @@ pub struct RecentBounce {
 /// Octets of a reply kept for the status page.
 pub const REPLY_SHOWN_MAX: usize = 240;
 
+/// `reply` cut to [`REPLY_SHOWN_MAX`] octets at a character boundary.
+pub fn shown_reply(reply: &str) -> String {
+    let mut cut = reply.len().min(REPLY_SHOWN_MAX);
+    while !reply.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    reply[..cut].to_string()
+}
+
 /// What one shard counts, on its own thread; [`ShardView`] carries a copy out.
 #[derive(Debug, Clone)]
 pub struct Tally {
@@ -171,22 +180,13 @@ impl Default for Tally {
 
 impl Tally {
     /// Counts one outcome; `tls` when it came over a TLS session. A delivery's
-    /// `latency_s` (queue to delivery) and `transaction_s` go to the histograms.
-    pub fn outcome(
-        &mut self,
-        key: &OutcomeKey,
-        tls: bool,
-        latency_s: f64,
-        transaction_s: Option<f64>,
-    ) {
+    /// `latency_s` (queue to delivery, seconds) goes to the latency histogram.
+    pub fn outcome(&mut self, key: &OutcomeKey, tls: bool, latency_s: f64) {
         if key.outcome == Outcome::Delivered {
             if tls {
                 *self.delivered_tls.entry(key.provider.clone()).or_default() += 1;
             }
             self.latency.observe(latency_s);
-            if let Some(t) = transaction_s {
-                self.transaction.observe(t);
-            }
         }
         match self.outcomes.get_mut(key) {
             Some(n) => *n += 1,
@@ -199,11 +199,7 @@ impl Tally {
     /// Keeps `b` among the last [`RECENT_BOUNCES_MAX`].
     pub fn bounce(&mut self, mut b: RecentBounce) {
         if b.reply.len() > REPLY_SHOWN_MAX {
-            let mut cut = REPLY_SHOWN_MAX;
-            while !b.reply.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            b.reply.truncate(cut);
+            b.reply = shown_reply(&b.reply);
         }
         if self.bounces.len() == RECENT_BOUNCES_MAX {
             self.bounces.pop_front();
@@ -264,9 +260,42 @@ pub struct ShardView {
     pub connections: Vec<(Arc<str>, u64)>,
     /// The smallest pipelining window among each provider's destinations.
     pub windows: Vec<(Arc<str>, usize)>,
+    /// The named keys ([`key_is_named`]): providers, domains with their own rule,
+    /// sources towards a provider.
     pub keys: Vec<KeyView>,
+    /// Every other key (one per MX set without a provider rule), folded.
+    pub other: OtherKeys,
     pub spool_segments: u64,
     pub spool_bytes: u64,
+}
+
+/// The long tail of shaping keys (`site:MX,...` and sources towards them) on one
+/// shard, folded so that their number does not grow the metrics or the page.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct OtherKeys {
+    pub keys: u64,
+    pub backed_off: u64,
+    pub suspended: u64,
+    /// Messages per second they passed over the last second, together.
+    pub measured_rate: f64,
+    /// The longest suspension left, seconds.
+    pub suspended_s: u64,
+    /// One reply behind a back-off or suspension among them.
+    pub cause: Option<String>,
+}
+
+impl OtherKeys {
+    /// Folds one more key in.
+    pub fn add(&mut self, v: &KeyView) {
+        self.keys += 1;
+        self.backed_off += u64::from(v.backed_off);
+        self.suspended += u64::from(v.suspended_s > 0);
+        self.measured_rate += v.measured_rate.unwrap_or(0.0);
+        self.suspended_s = self.suspended_s.max(v.suspended_s);
+        if self.cause.is_none() {
+            self.cause = v.cause.clone();
+        }
+    }
 }
 
 /// The door injected mail came in by (the `path` label).
@@ -348,11 +377,10 @@ impl Board {
         }
     }
 
-    /// Shard `id`'s state now (it calls this once a second).
+    /// Shard `id`'s state now (it calls this once a second, and when it ends).
+    /// Panics: `id` is not below the shard count the board was made for.
     pub fn publish(&self, id: usize, view: ShardView) {
-        if let Some(slot) = self.shards.lock().expect("board lock").get_mut(id) {
-            *slot = view;
-        }
+        self.shards.lock().expect("board lock")[id] = view;
     }
 
     /// `recipients` injected through `door`, once durable.
@@ -527,7 +555,7 @@ impl Collector for Exposition {
         latency.encode(h)?;
         let h = e.encode_descriptor(
             "volley_smtp_transaction_seconds",
-            "SMTP transactions, from submitting MAIL FROM to the final reply, of delivered recipients.",
+            "SMTP transactions that ran to their last reply, from submitting MAIL FROM to that reply (one per transaction, whatever its recipients).",
             None,
             MetricType::Histogram,
         )?;
@@ -673,13 +701,9 @@ fn encode_keys(e: &mut DescriptorEncoder, shards: &[ShardView]) -> std::fmt::Res
         warm: Option<(u32, u64, u64)>,
     }
     let mut keys: BTreeMap<&str, Key> = BTreeMap::new();
-    let (mut other_backed_off, mut other_suspended) = (0i64, 0i64);
+    let other_backed_off: u64 = shards.iter().map(|s| s.other.backed_off).sum();
+    let other_suspended: u64 = shards.iter().map(|s| s.other.suspended).sum();
     for v in shards.iter().flat_map(|s| &s.keys) {
-        if !key_is_named(&v.key) {
-            other_backed_off += i64::from(v.backed_off);
-            other_suspended += i64::from(v.suspended_s > 0);
-            continue;
-        }
         let k = keys.entry(&v.key).or_insert(Key {
             factor: 1.0,
             ..Key::default()
@@ -746,8 +770,14 @@ fn encode_keys(e: &mut DescriptorEncoder, shards: &[ShardView]) -> std::fmt::Res
         "Shaping keys of destinations without a provider rule (one per MX set, per shard) backed off or suspended now.",
         MetricType::Gauge,
         [
-            (vec![("state", "backed_off".to_string())], ConstGauge::new(other_backed_off)),
-            (vec![("state", "suspended".to_string())], ConstGauge::new(other_suspended)),
+            (
+                vec![("state", "backed_off".to_string())],
+                ConstGauge::new(other_backed_off as i64),
+            ),
+            (
+                vec![("state", "suspended".to_string())],
+                ConstGauge::new(other_suspended as i64),
+            ),
         ],
     )?;
     let warm: Vec<_> = keys
@@ -807,9 +837,10 @@ mod tests {
         let b = Arc::new(Board::new(2));
         for id in 0..2 {
             let mut t = Tally::default();
-            t.outcome(&key(Outcome::Delivered, "gmail"), true, 0.3, Some(0.01));
-            t.outcome(&key(Outcome::Delivered, "gmail"), false, 7200.0, None);
-            t.outcome(&key(Outcome::Bounced, OTHER_PROVIDER), false, 1.0, None);
+            t.outcome(&key(Outcome::Delivered, "gmail"), true, 0.3);
+            t.outcome(&key(Outcome::Delivered, "gmail"), false, 7200.0);
+            t.outcome(&key(Outcome::Bounced, OTHER_PROVIDER), false, 1.0);
+            t.transaction.observe(0.01);
             b.publish(
                 id,
                 ShardView {
@@ -881,11 +912,13 @@ mod tests {
         b.publish(
             0,
             ShardView {
-                keys: vec![
-                    view("provider:gmail"),
-                    view("site:mx1.a,mx2.a"),
-                    view("site:mx.b"),
-                ],
+                keys: vec![view("provider:gmail")],
+                other: {
+                    let mut o = OtherKeys::default();
+                    o.add(&view("site:mx1.a,mx2.a"));
+                    o.add(&view("site:mx.b"));
+                    o
+                },
                 ..ShardView::default()
             },
         );

@@ -129,19 +129,33 @@ pub fn status(board: &Board, campaigns: Vec<CampaignRow>) -> Status {
         }
     }
     let mut sources: BTreeMap<&str, SourceRow> = BTreeMap::new();
+    for s in &shards {
+        if s.other.keys > 0 {
+            row(&mut providers, OTHER_PROVIDER);
+            let r = providers.get_mut(OTHER_PROVIDER).expect("just made");
+            r.rate += s.other.measured_rate;
+            r.backed_off += s.other.backed_off;
+            r.suspended_s = r.suspended_s.max(s.other.suspended_s);
+            if r.cause.is_none() {
+                r.cause = s.other.cause.clone();
+            }
+        }
+    }
     for v in shards.iter().flat_map(|s| &s.keys) {
         if let Some(name) = v.key.strip_prefix("provider:") {
             row(&mut providers, name);
             add_key(providers.get_mut(name).expect("just made"), v);
-        } else if v.key.starts_with("site:") {
-            row(&mut providers, OTHER_PROVIDER);
-            let r = providers.get_mut(OTHER_PROVIDER).expect("just made");
-            r.rate += v.measured_rate.unwrap_or(0.0);
-            r.backed_off += u64::from(v.backed_off);
-            r.suspended_s = r.suspended_s.max(v.suspended_s);
-            if r.cause.is_none() {
-                r.cause = v.cause.clone();
-            }
+        } else if v.key.starts_with("domain:") {
+            // A domain with its own rule: a row of its own, its key the buttons'.
+            let r = providers
+                .entry(v.key.clone())
+                .or_insert_with(|| ProviderRow {
+                    provider: v.key.clone(),
+                    key: Some(v.key.clone()),
+                    backoff_factor: 1.0,
+                    ..ProviderRow::default()
+                });
+            add_key(r, v);
         } else if let Some((source, dest)) = v
             .key
             .strip_prefix("source:")
@@ -215,5 +229,111 @@ fn add_key(r: &mut ProviderRow, v: &KeyView) {
     r.operator_rate |= v.operator_rate;
     if r.cause.is_none() {
         r.cause = v.cause.clone();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::metrics::{OtherKeys, OutcomeKey, ShardView, Tally};
+    use std::sync::Arc;
+
+    fn key(key: &str, rate: f64, backed_off: bool, cause: Option<&str>) -> KeyView {
+        KeyView {
+            key: key.into(),
+            rate: Some(rate),
+            configured_rate: Some(10.0),
+            measured_rate: Some(rate),
+            connections: 2,
+            connections_cap: Some(4),
+            backed_off,
+            backoff_factor: if backed_off { 0.5 } else { 1.0 },
+            suspended_s: 0,
+            paused: false,
+            operator_rate: false,
+            cause: cause.map(Into::into),
+            warmup: None,
+        }
+    }
+
+    #[test]
+    fn shards_fold_into_provider_and_source_rows() {
+        let b = Board::new(2);
+        for id in 0..2 {
+            let mut t = Tally::default();
+            let k = OutcomeKey {
+                outcome: Outcome::Delivered,
+                class: "",
+                provider: Arc::from("gmail"),
+                source: None,
+            };
+            t.outcome(&k, true, 1.0);
+            let mut source = key("source:192.0.2.1>provider:gmail", 3.0, false, None);
+            source.warmup = Some(WarmupView {
+                day: 2,
+                days: 30,
+                cap_today: Some(50),
+                sent_today: 20,
+            });
+            b.publish(
+                id,
+                ShardView {
+                    tally: t,
+                    ready: 5,
+                    connections: vec![(Arc::from("gmail"), 2)],
+                    keys: vec![
+                        // One shard backed off, with the reply that caused it.
+                        key(
+                            "provider:gmail",
+                            5.0,
+                            id == 1,
+                            (id == 1).then_some("421 4.7.28 slow down"),
+                        ),
+                        key("domain:example.com", 1.0, false, None),
+                        source,
+                    ],
+                    other: {
+                        let mut o = OtherKeys::default();
+                        o.add(&key("site:mx.tail.example", 1.0, true, Some("421 busy")));
+                        o
+                    },
+                    ..ShardView::default()
+                },
+            );
+        }
+        let s = status(&b, Vec::new());
+        assert_eq!(s.queue.ready, 10);
+        let gmail = s.providers.iter().find(|p| p.provider == "gmail").unwrap();
+        assert_eq!(gmail.key.as_deref(), Some("provider:gmail"));
+        assert_eq!((gmail.delivered, gmail.connections), (2, 4));
+        assert_eq!(
+            (gmail.rate, gmail.limit, gmail.configured),
+            (10.0, Some(10.0), Some(20.0))
+        );
+        assert_eq!((gmail.backed_off, gmail.backoff_factor), (1, 0.5));
+        assert_eq!(gmail.cause.as_deref(), Some("421 4.7.28 slow down"));
+        let other = s
+            .providers
+            .iter()
+            .find(|p| p.provider == OTHER_PROVIDER)
+            .unwrap();
+        assert_eq!((other.key.as_deref(), other.backed_off), (None, 2));
+        assert_eq!(other.cause.as_deref(), Some("421 busy"));
+        let domain = s
+            .providers
+            .iter()
+            .find(|p| p.provider == "domain:example.com")
+            .unwrap();
+        assert_eq!(
+            (domain.key.as_deref(), domain.rate),
+            (Some("domain:example.com"), 2.0)
+        );
+        let src = &s.sources[0];
+        assert_eq!(
+            (src.source.as_str(), src.destination.as_str()),
+            ("192.0.2.1", "provider:gmail")
+        );
+        let w = src.warmup.as_ref().unwrap();
+        assert_eq!((w.day, w.cap_today, w.sent_today), (2, Some(100), 40));
     }
 }

@@ -113,9 +113,8 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
                     ready: engine_ready,
                     reloads,
                     status,
-                    board,
                 };
-                engine::run_with(ecfg, instances, stop, false, Some(serving))
+                engine::run_with(ecfg, instances, stop, false, Some(serving), Some(board))
             })?
     };
 

@@ -84,6 +84,17 @@ pub fn start(
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_size_max))
         .with_state(Arc::new(api));
+    spawn_server(listener, addr, app, stop)
+}
+
+/// Serves `app` on `listener` (bound to `addr`) on a thread of its own, a
+/// current-thread tokio runtime, until `stop`; returns once the thread runs.
+pub fn spawn_server(
+    listener: std::net::TcpListener,
+    addr: SocketAddr,
+    app: Router,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let h = std::thread::Builder::new()
         .name("http".into())
         .spawn(move || {

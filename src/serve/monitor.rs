@@ -8,9 +8,11 @@
 //!
 //! Everything but the page's own files needs a bearer token (the API's tokens):
 //! the status lists recipients' addresses, and no state changes without one.
+//! `volley send --metrics ADDR` serves `/metrics` alone, without a token
+//! ([`serve_metrics`]).
 
 use crate::deliver::control;
-use crate::observe::metrics::EXPOSITION_CONTENT_TYPE;
+use crate::observe::metrics::{Board, EXPOSITION_CONTENT_TYPE};
 use crate::observe::status::{self, CampaignRow};
 use crate::serve::http::{authorize, error, Api};
 use axum::extract::{Path, State};
@@ -20,6 +22,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -49,6 +52,42 @@ const ASSETS: &[(&str, &str, &str)] = &[
         include_str!("page/vendor/uPlot.min.css"),
     ),
 ];
+
+/// Checks `volley send --metrics`' address: loopback alone, as nothing asks a
+/// token. Errors: another address, with the ways to reach metrics from elsewhere.
+pub fn metrics_address(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    if !addr.ip().is_loopback() {
+        anyhow::bail!(
+            "--metrics {addr}: send's metrics ask no token, so they are served on loopback alone (127.0.0.1:PORT or [::1]:PORT); put a proxy with authentication in front to reach them from elsewhere, or run `volley serve`, whose /metrics needs a token"
+        );
+    }
+    Ok(())
+}
+
+/// Serves `GET /metrics` alone from `board` on `addr` until `stop` (`volley send
+/// --metrics`): no token, as the counts hold no addresses. Errors: the address
+/// cannot be bound.
+pub fn serve_metrics(
+    addr: std::net::SocketAddr,
+    board: Arc<Board>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    metrics_address(addr)?;
+    let listener = crate::serve::http::bind(addr).map_err(|e| anyhow::anyhow!("--metrics: {e}"))?;
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let board = board.clone();
+            async move {
+                (
+                    [(header::CONTENT_TYPE, EXPOSITION_CONTENT_TYPE)],
+                    board.encode(),
+                )
+            }
+        }),
+    );
+    crate::serve::http::spawn_server(listener, addr, app, stop)
+}
 
 /// The monitor's routes, for the API's router.
 pub fn routes() -> Router<Arc<Api>> {
@@ -131,7 +170,12 @@ async fn status_json(State(api): State<Arc<Api>>, headers: HeaderMap) -> Respons
             }
         })
         .collect();
-    Json(status::status(&api.intake.board, campaigns)).into_response()
+    // It lists recipients: no cache keeps a copy.
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(status::status(&api.intake.board, campaigns)),
+    )
+        .into_response()
 }
 
 /// A queue button's request.
@@ -143,22 +187,23 @@ struct QueueRequest {
     rate: Option<String>,
 }
 
-async fn queue(
-    State(api): State<Arc<Api>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    let who = match authorize(&api, &headers) {
+async fn queue(State(api): State<Arc<Api>>, req: axum::extract::Request) -> Response {
+    // The token first: nothing of an unauthenticated body is read.
+    let who = match authorize(&api, req.headers()) {
         Ok(name) => name,
         Err(r) => return *r,
     };
-    if body.len() > QUEUE_REQUEST_OCTETS_MAX {
-        return error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("a queue request is at most {QUEUE_REQUEST_OCTETS_MAX} octets (QUEUE_REQUEST_OCTETS_MAX)"),
-            Vec::new(),
-        );
-    }
+    let read = axum::body::to_bytes(req.into_body(), QUEUE_REQUEST_OCTETS_MAX);
+    let body = match tokio::time::timeout(api.request_timeout, read).await {
+        Ok(Ok(b)) => b,
+        _ => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("a queue request is at most {QUEUE_REQUEST_OCTETS_MAX} octets (QUEUE_REQUEST_OCTETS_MAX), sent within request_timeout"),
+                Vec::new(),
+            )
+        }
+    };
     let req: QueueRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {

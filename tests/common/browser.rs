@@ -79,14 +79,20 @@ impl Browser {
             std::os::fd::AsRawFd::as_raw_fd(&cmd_read),
             std::os::fd::AsRawFd::as_raw_fd(&out_write),
         );
-        // SAFETY: only async-signal-safe dup2 between fork and exec; dup2 clears
-        // CLOEXEC on the copies at 3 and 4.
+        // SAFETY: only async-signal-safe calls (dup, dup2, fcntl) between fork and
+        // exec.
         unsafe {
             c.pre_exec(move || {
                 // The write end moved out of the way first if it sits at 3.
                 let w = if w == 3 { libc::dup(w) } else { w };
                 if w < 0 || libc::dup2(r, 3) < 0 || libc::dup2(w, 4) < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // dup2 onto itself (a pipe end already at 3 or 4) keeps CLOEXEC.
+                for fd in [3, 4] {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });

@@ -690,11 +690,18 @@ impl Limiter {
                 }
             }
         };
+        // A key gone idle keeps its last window's rate until the next message:
+        // past two windows the rate is what this window holds (nothing, idle).
+        let idle = now.duration_since(s.win_start) > RATE_WINDOW * 2;
+        let measured = match idle {
+            true => Some(s.win_count as f64 / now.duration_since(s.win_start).as_secs_f64()),
+            false => Self::measured(&s, now),
+        };
         KeyView {
             key: self.key.clone(),
             rate: pacing,
             configured_rate: s.rate,
-            measured_rate: Self::measured(&s, now),
+            measured_rate: measured,
             connections: s.conns,
             connections_cap: Some(Self::cap(&s)).filter(|c| *c != usize::MAX),
             backed_off: s.backoff.is_some(),
@@ -705,7 +712,7 @@ impl Limiter {
                 .map_or(0, |u| ceil_secs(u.duration_since(now))),
             paused: s.paused,
             operator_rate: s.operator_rate,
-            cause: s.cause.clone(),
+            cause: s.cause.as_deref().map(crate::observe::metrics::shown_reply),
             warmup: s.warm.as_ref().filter(|w| w.day != i64::MIN).map(|w| {
                 let day = (w.day - w.schedule.start_day).max(0) as u32 + 1;
                 WarmupView {
@@ -913,6 +920,13 @@ mod tests {
         assert_eq!((c.event, c.conns), ("throttled", Some(4)));
         assert!((c.rate.unwrap() - 50.0).abs() < 0.01, "{c:?}");
         assert!(l.over_cap(), "8 open, cap now 4");
+        let v = l.view(t0);
+        assert!(
+            v.backed_off && (v.backoff_factor - 0.5).abs() < 1e-9,
+            "{v:?}"
+        );
+        assert_eq!((v.connections, v.connections_cap), (8, Some(4)));
+        assert_eq!(v.cause.as_deref(), Some("421"), "the reply behind it shows");
         // Replies to messages already in flight do not halve again.
         assert!(l
             .on_throttled(t0 + Duration::from_secs(1), "421", false)
@@ -941,6 +955,11 @@ mod tests {
         assert_eq!(&rates[..3], &[(11, 63.0), (22, 78.0), (33, 90.0)]);
         assert_eq!(rates[3].0, 33 + 55, "{rates:?}");
         assert_eq!(rates.last().unwrap().1, 100.0, "{rates:?}");
+        let v = l.view(now);
+        assert!(
+            !v.backed_off && v.backoff_factor == 1.0 && v.cause.is_none(),
+            "{v:?}"
+        );
     }
 
     #[test]
@@ -951,6 +970,11 @@ mod tests {
         r.block_suspend = Some(Set::cli(Duration::from_secs(30)));
         let l = Limiter::new("provider:x".into(), &r, 1, 0, t0);
         assert_eq!(l.on_blocked(t0, "554 blocked").unwrap().event, "suspended");
+        let v = l.view(t0 + Duration::from_millis(500));
+        assert_eq!(
+            (v.suspended_s, v.cause.as_deref()),
+            (30, Some("554 blocked"))
+        );
         assert_eq!(l.connect_gate(t0), Gate::At(t0 + Duration::from_secs(30)));
         assert!(l.msg_wait(t0).is_some());
         assert_eq!(
@@ -958,6 +982,8 @@ mod tests {
             "resumed"
         );
         assert_eq!(l.connect_gate(t0 + Duration::from_secs(31)), Gate::Open);
+        let v = l.view(t0 + Duration::from_secs(31));
+        assert_eq!((v.suspended_s, v.cause), (0, None));
     }
 
     #[test]

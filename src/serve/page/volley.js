@@ -41,6 +41,7 @@ async function api(path, init) {
   opts.headers["Authorization"] = "Bearer " + token();
   const r = await fetch(path, opts);
   const body = await r.json().catch(() => ({}));
+  if (r.status === 401) clearData();
   if (!r.ok) throw new Error(body.error || r.status + " " + r.statusText);
   return body;
 }
@@ -97,6 +98,14 @@ function controlCell(row) {
   set.addEventListener("click", () => control("rate", row.key, input.value.trim() || "unlimited"));
   td.append(pause, input, set);
   return td;
+}
+
+// A refused token: nothing shown before stays on screen.
+function clearData() {
+  for (const id of ["providers", "sources", "campaigns", "bounces"]) {
+    document.querySelector("#" + id + " tbody").replaceChildren();
+  }
+  for (const v of document.querySelectorAll("#totals .value")) v.textContent = "–";
 }
 
 function fill(id, rows, make) {
