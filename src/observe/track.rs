@@ -45,6 +45,8 @@ pub const TAIL_SCAN_MAX: u64 = 1 << 20;
 pub const RUNS_MAX: usize = 8;
 /// Longest line a hit is read back with; a longer one is not a record volley wrote.
 pub const LINE_OCTETS_MAX: usize = 1 << 20;
+/// Age past which a run's .tmp file is a stopped lookup's, not one being written.
+const TMP_ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Times the generations are listed again when the log was rotated during a lookup.
 const ATTEMPTS_MAX: u32 = 5;
 /// The fingerprint's reach at each end of a run's range.
@@ -412,11 +414,15 @@ fn read_line_plain(f: &File, off: u64, buf: &mut Vec<u8>) -> std::io::Result<()>
     Ok(())
 }
 
-/// The index directory of one log, writable.
+/// The index directory of one log.
 struct IndexDir {
     dir: PathBuf,
-    /// The log's owner and group, given to what is made here when root makes it.
-    owner: Option<(u32, u32)>,
+    /// Whether runs can be written here (a `log_group` member reads the runs the
+    /// service user made, and scans what they do not cover).
+    writable: bool,
+    /// The log's owner (given to what is made here when root makes it) and group
+    /// (given whenever the maker may: it is in that group).
+    owner: (Option<u32>, Option<u32>),
 }
 
 /// One run, checked: its fence and members in memory, its entries on disk.
@@ -441,25 +447,29 @@ pub fn index_dir(log: &Path) -> PathBuf {
 
 impl IndexDir {
     /// The directory, made when missing (0750, the log's group; the log's owner when
-    /// made by root); None when it cannot be made or written.
+    /// made by root); None when it is missing and cannot be made.
     fn open(log: &Path) -> Option<IndexDir> {
         use std::os::unix::fs::PermissionsExt;
         let dir = index_dir(log);
-        let owner = std::fs::metadata(log)
-            .ok()
-            .map(|m| (m.uid(), m.gid()))
-            .filter(|_| crate::host::accounts::euid() == 0);
+        let meta = std::fs::metadata(log).ok();
+        let root = crate::host::accounts::euid() == 0;
+        let owner = (
+            meta.as_ref().map(|m| m.uid()).filter(|_| root),
+            meta.as_ref().map(|m| m.gid()),
+        );
         if !dir.is_dir() {
             std::fs::create_dir(&dir).ok()?;
             let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750));
-            if let Some((u, g)) = owner {
-                let _ = std::os::unix::fs::chown(&dir, Some(u), Some(g));
-            }
+            let _ = std::os::unix::fs::chown(&dir, owner.0, owner.1);
         }
         let probe = dir.join(format!(".probe-{}", std::process::id()));
-        File::create(&probe).ok()?;
+        let writable = File::create(&probe).is_ok();
         let _ = std::fs::remove_file(&probe);
-        Some(IndexDir { dir, owner })
+        Some(IndexDir {
+            dir,
+            writable,
+            owner,
+        })
     }
 
     fn prefix(id: (u64, u64)) -> String {
@@ -487,7 +497,7 @@ impl IndexDir {
         } else {
             (src.size - covered > TAIL_SCAN_MAX).then_some(covered)
         };
-        if let Some(from) = todo {
+        if let Some(from) = todo.filter(|_| self.writable) {
             match self.build(src, from) {
                 Ok(r) => {
                     *built += 1;
@@ -498,7 +508,7 @@ impl IndexDir {
                 Err(e) => return Err(e),
             }
         }
-        if runs.len() > RUNS_MAX {
+        if runs.len() > RUNS_MAX && self.writable {
             if let Ok(r) = self.merge(src, &runs) {
                 let old = std::mem::replace(&mut runs, vec![r]);
                 for o in old {
@@ -573,7 +583,8 @@ impl IndexDir {
     ) -> std::io::Result<Run> {
         let name = format!("{}{start:016x}-{end:016x}.run", IndexDir::prefix(src.id));
         let path = self.dir.join(&name);
-        let tmp = self.dir.join(format!("{name}.tmp"));
+        // Per process: two lookups may build the same run at once (the last rename wins).
+        let tmp = self.dir.join(format!("{name}.{}.tmp", std::process::id()));
         let mut fence_bytes = Vec::new();
         let mut body = Vec::with_capacity(entries.len() * ENTRY_OCTETS);
         for block in entries.chunks(BLOCK_ENTRIES) {
@@ -638,12 +649,12 @@ impl IndexDir {
         let _ = f.set_permissions(std::fs::Permissions::from_mode(
             crate::host::files::LOG_MODE,
         ));
-        if let Some((u, g)) = self.owner {
-            let _ = std::os::unix::fs::fchown(f, Some(u), Some(g));
-        }
+        let _ = std::os::unix::fs::fchown(f, self.owner.0, self.owner.1);
     }
 
-    /// Deletes the runs (and leftover .tmp files) of files not among `gens`.
+    /// Deletes the runs of files not among `gens`, and .tmp files left by a lookup
+    /// that stopped (older than [`TMP_ABANDONED_AFTER`]: a younger one may be another
+    /// lookup's, being written).
     fn forget_others(&self, gens: &[PathBuf]) {
         let live: Vec<String> = gens
             .iter()
@@ -655,7 +666,12 @@ impl IndexDir {
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if !live.iter().any(|p| name.starts_with(p)) || name.ends_with(".tmp") {
+            let abandoned = name.ends_with(".tmp")
+                && e.metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().unwrap_or_default() > TMP_ABANDONED_AFTER);
+            let orphan = !live.iter().any(|p| name.starts_with(p)) && !name.ends_with(".tmp");
+            if abandoned || orphan {
                 let _ = std::fs::remove_file(e.path());
             }
         }

@@ -44,7 +44,8 @@ impl Shard {
             }
         }
         let (now, now_sys) = (Instant::now(), SystemTime::now());
-        for (at, j) in self.retries.borrow().find_where(|_| true) {
+        let of_domain = |j: &Job| j.domain.eq_ignore_ascii_case(domain);
+        for (at, j) in self.retries.borrow().find_where(of_domain) {
             let when = now_sys + at.saturating_duration_since(now);
             take(j, "waiting", Some(when));
         }
