@@ -30,8 +30,8 @@ pub(crate) enum LogCmd {
 /// file), else the default.
 #[derive(clap::Args)]
 pub(crate) struct LogArg {
-    /// The accounting log [default: /var/spool/volley/accounting.jsonl, or the `log`
-    /// of --config].
+    /// The accounting log [default: the `log` of --config, else
+    /// SPOOL/accounting.jsonl; SPOOL is /var/spool/volley, or track's --spool].
     #[arg(long)]
     pub(crate) log: Option<PathBuf>,
     /// `volley serve`'s configuration file, for its `log` (and `spool`).

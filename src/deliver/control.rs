@@ -712,6 +712,28 @@ mod tests {
     }
 
     #[test]
+    fn track_names_one_address_and_maybe_a_campaign() {
+        let c = parse("track Ann@Gmail.COM spring").unwrap().unwrap();
+        assert_eq!(c.target, Target::Domain("gmail.com".into()));
+        let Action::Track(t) = c.action else {
+            panic!("a track")
+        };
+        assert_eq!(
+            (t.rcpt.as_str(), t.campaign.as_deref()),
+            ("ann@gmail.com", Some("spring"))
+        );
+        assert!(parse("track ann@gmail.com").is_ok());
+        for bad in [
+            "track",
+            "track gmail.com",
+            "track @x.test",
+            "track a@b.test c d",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn a_purge_names_a_campaign_or_a_domain_and_a_bounded_reason() {
         let c = parse("purge campaign:spring list bought by mistake")
             .unwrap()

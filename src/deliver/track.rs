@@ -21,7 +21,8 @@ pub struct Tracked {
     /// Its state per campaign, from the spool first, else its last final record.
     pub status: Vec<Status>,
     /// Where the live part came from: `daemon` (the admin socket), `spool` (read
-    /// directly: no process runs it), or `unknown: WHY`.
+    /// directly: no process runs it; `spool: there is none at PATH`), or
+    /// `unknown: WHY`.
     pub live: String,
     /// What the spool holds of it.
     pub queued: Vec<Queued>,
@@ -96,6 +97,12 @@ fn live(spool: &Path, rcpt: &str, campaign: Option<&str>) -> (String, Vec<Queued
         None => format!("track {rcpt}"),
     };
     let patience = control::TRACK_ANSWER_WAIT + std::time::Duration::from_secs(5);
+    if !spool.is_dir() {
+        return (
+            format!("spool: there is none at {}", spool.display()),
+            Vec::new(),
+        );
+    }
     let asked = match control::socket_path(spool).exists() {
         true => Some(control::request_waiting(spool, &line, patience)),
         false => None,
@@ -232,7 +239,7 @@ impl Tracked {
     /// The human answer: the state per campaign first, then every record, oldest
     /// first, one line each.
     pub fn text(&self) -> String {
-        let mut out = format!("{} (live state from the {})\n", self.rcpt, self.live);
+        let mut out = format!("{} (queue read from: {})\n", self.rcpt, self.live);
         for s in &self.status {
             out.push_str(&format!("  campaign {}: {}\n", s.campaign, s.detail));
         }
