@@ -127,12 +127,16 @@ fn live(spool: &Path, rcpt: &str, campaign: Option<&str>) -> (String, Vec<Queued
             }
         }
         // No socket, or one left by a process that is gone: the spool itself.
-        Some(Err(_)) | None => match crate::spool::peek::find_unlocked(spool, rcpt, campaign) {
+        asked => match crate::spool::peek::find_unlocked(spool, rcpt, campaign) {
             Ok(Some(q)) => ("spool".into(), q),
             Ok(None) => (
                 format!(
-                    "unknown: a process holds the spool {} but its admin socket did not answer",
-                    spool.display()
+                    "unknown: a process holds the spool {} but its admin socket did not answer{}",
+                    spool.display(),
+                    match asked {
+                        Some(Err(e)) => format!(" ({e:#})"),
+                        _ => String::new(),
+                    }
                 ),
                 Vec::new(),
             ),
