@@ -3,11 +3,13 @@ mod cli;
 use clap::{Parser, Subcommand};
 use cli::config::ConfigCmd;
 use cli::dkim::DkimCmd;
+use cli::log::LogCmd;
 use cli::queue::QueueCmd;
 use cli::send::EngineArgs;
 use cli::serve::ServeArgs;
 use cli::shaping::ShapingCmd;
 use cli::token::TokenCmd;
+use cli::track::TrackArgs;
 use cli::user::UserCmd;
 use cli::InsecureModes;
 use std::path::PathBuf;
@@ -98,6 +100,15 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         domains: usize,
     },
+    /// Where one recipient is: queued (shard, retry time, last reply) or delivered,
+    /// bounced or expired (reply, class, MX), with every accounting record of it.
+    /// Exit 0 when found, 1 when nothing is known of it.
+    Track(TrackArgs),
+    /// Views of the accounting log for other tools: `log csv`, PowerMTA's CSV.
+    Log {
+        #[command(subcommand)]
+        cmd: LogCmd,
+    },
     /// Traffic shaping rules: check a file, or show the merged rule for a domain.
     Shaping {
         #[command(subcommand)]
@@ -169,7 +180,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     insecure_modes(&cli.cmd).apply();
     if matches!(
         cli.cmd,
-        Cmd::Report { .. } | Cmd::Classify { .. } | Cmd::Check { .. } | Cmd::DnsRecords { .. }
+        Cmd::Report { .. }
+            | Cmd::Log { .. }
+            | Cmd::Track(_)
+            | Cmd::Classify { .. }
+            | Cmd::Check { .. }
+            | Cmd::DnsRecords { .. }
     ) {
         quiet_on_closed_pipe();
     }
@@ -201,6 +217,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             json,
             domains,
         } => cli::report::run(campaign, log, json, domains),
+        Cmd::Log { cmd } => cli::log::run(cmd),
+        Cmd::Track(a) => cli::track::run(a),
         Cmd::Classify { bounce_rules } => cli::classify::run(bounce_rules.as_deref()),
         Cmd::Shaping { cmd } => cli::shaping::run(cmd),
         Cmd::Serve(a) => cli::serve::run(a),

@@ -10,12 +10,14 @@ pub(crate) mod classify;
 pub(crate) mod config;
 pub(crate) mod dkim;
 pub(crate) mod dns_records;
+pub(crate) mod log;
 pub(crate) mod queue;
 pub(crate) mod report;
 pub(crate) mod send;
 pub(crate) mod serve;
 pub(crate) mod shaping;
 pub(crate) mod token;
+pub(crate) mod track;
 pub(crate) mod user;
 
 /// `--allow-insecure-modes`, on every command that reads a secret (a DKIM key, the

@@ -68,6 +68,40 @@ pub enum Action {
     /// Bounce every queued recipient of a campaign or domain (PowerMTA's `delete`,
     /// KumoMTA's admin bounce); see `Shard::purge`.
     Purge(Purge),
+    /// Where one recipient waits (`volley track`); the target is its domain.
+    Track(Track),
+}
+
+/// A question about one recipient, as it travels to the shards: each answers with
+/// what it holds of it (deliver/shard/track.rs).
+#[derive(Debug, Clone)]
+pub struct Track {
+    /// The address, lowercase.
+    pub rcpt: String,
+    /// Only this campaign's.
+    pub campaign: Option<String>,
+    /// Where each shard sends its answer; set by the admin socket.
+    pub answer: Option<Sender<Vec<crate::spool::peek::Queued>>>,
+}
+
+/// The same question, whatever channel it is answered on.
+impl PartialEq for Track {
+    fn eq(&self, other: &Track) -> bool {
+        (&self.rcpt, &self.campaign) == (&other.rcpt, &other.campaign)
+    }
+}
+
+/// How long the admin socket waits for every shard's answer to `track` (each
+/// answers on its next tick, 100 ms).
+pub const TRACK_ANSWER_WAIT: Duration = Duration::from_secs(5);
+
+/// The admin socket's answer to `track`, after `ok: ` on one line as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TrackAnswer {
+    /// Shards asked and shards that answered within [`TRACK_ANSWER_WAIT`].
+    pub shards: usize,
+    pub answered: usize,
+    pub queued: Vec<crate::spool::peek::Queued>,
 }
 
 /// An operator's purge, as it travels to the shards.
@@ -121,7 +155,7 @@ pub struct Command {
 }
 
 pub const USAGE: &str =
-    "commands: pause TARGET | resume TARGET | rate TARGET N/s|unlimited | purge campaign:ID|DOMAIN [REASON] | status; \
+    "commands: pause TARGET | resume TARGET | rate TARGET N/s|unlimited | purge campaign:ID|DOMAIN [REASON] | track ADDRESS [CAMPAIGN] | status; \
 TARGET: a domain (gmail.com or domain:gmail.com), provider:NAME, site:MX, campaign:ID or source:IP";
 
 /// Parses one command line; `Ok(None)` is `status`.
@@ -185,6 +219,24 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
                     answer: None,
                 }),
                 target,
+            }))
+        }
+        ["track", rcpt, campaign @ ..] if campaign.len() <= 1 => {
+            let Some((_, domain)) = rcpt
+                .rsplit_once('@')
+                .filter(|(l, d)| !l.is_empty() && !d.is_empty())
+            else {
+                return Err(format!(
+                    "`{rcpt}` is not an address (local@domain); track takes one recipient"
+                ));
+            };
+            Ok(Some(Command {
+                action: Action::Track(Track {
+                    rcpt: rcpt.to_lowercase(),
+                    campaign: campaign.first().map(|c| c.to_string()),
+                    answer: None,
+                }),
+                target: Target::Domain(domain.trim_end_matches('.').to_ascii_lowercase()),
             }))
         }
         _ => Err(format!("`{line}` is not a command; {USAGE}")),
@@ -479,6 +531,15 @@ fn answer(
 /// Sends `cmd` to every shard; the answer line. A purge waits for every shard's
 /// counts (at most `wait`, `PURGE_ANSWER_WAIT` on the socket) and sums them.
 fn dispatch(mut cmd: Command, line: &str, shards: &[Sender<Command>], wait: Duration) -> String {
+    if let Action::Track(t) = &mut cmd.action {
+        let (tx, rx) = crossbeam_channel::bounded(shards.len());
+        t.answer = Some(tx);
+        let answer = ask_track(cmd, shards, rx, TRACK_ANSWER_WAIT.min(wait));
+        return format!(
+            "ok: {}",
+            serde_json::to_string(&answer).expect("serialising to memory does not fail")
+        );
+    }
     let answers = match &mut cmd.action {
         Action::Purge(p) => {
             // Room for every shard's answer: a shard never waits to send it.
@@ -539,6 +600,39 @@ fn dispatch(mut cmd: Command, line: &str, shards: &[Sender<Command>], wait: Dura
         sum.in_flight,
         shards.len()
     )
+}
+
+/// Sends a `track` question to every shard and gathers their answers until `wait`.
+fn ask_track(
+    cmd: Command,
+    shards: &[Sender<Command>],
+    rx: crossbeam_channel::Receiver<Vec<crate::spool::peek::Queued>>,
+    wait: Duration,
+) -> TrackAnswer {
+    let asked = shards
+        .iter()
+        .filter(|s| s.send_timeout(cmd.clone(), Duration::from_secs(1)).is_ok())
+        .count();
+    // As for a purge: a shard that drops the question closes the channel.
+    drop(cmd);
+    let deadline = Instant::now() + wait;
+    let mut out = TrackAnswer {
+        shards: shards.len(),
+        answered: 0,
+        queued: Vec::new(),
+    };
+    while out.answered < asked {
+        match rx.recv_deadline(deadline) {
+            Ok(q) => {
+                out.queued.extend(q);
+                out.answered += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    out.queued
+        .sort_by(|a, b| (a.shard, &a.campaign).cmp(&(b.shard, &b.campaign)));
+    out
 }
 
 /// Sends one command to a running `volley send` and returns its answer.
@@ -615,6 +709,28 @@ mod tests {
             parse("pause domain:Gmail.com.").unwrap().unwrap().target,
             Target::Domain("gmail.com".into())
         );
+    }
+
+    #[test]
+    fn track_names_one_address_and_maybe_a_campaign() {
+        let c = parse("track Ann@Gmail.COM spring").unwrap().unwrap();
+        assert_eq!(c.target, Target::Domain("gmail.com".into()));
+        let Action::Track(t) = c.action else {
+            panic!("a track")
+        };
+        assert_eq!(
+            (t.rcpt.as_str(), t.campaign.as_deref()),
+            ("ann@gmail.com", Some("spring"))
+        );
+        assert!(parse("track ann@gmail.com").is_ok());
+        for bad in [
+            "track",
+            "track gmail.com",
+            "track @x.test",
+            "track a@b.test c d",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -12,4 +12,5 @@ pub mod pipeline;
 pub mod runtime;
 pub mod shard;
 pub mod tls;
+pub mod track;
 pub mod wheel;

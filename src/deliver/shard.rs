@@ -7,6 +7,7 @@
 //! replies → outcomes → group commit (accounting log first, then spool Done records).
 
 mod purge;
+mod track;
 
 use purge::PurgeRule;
 
@@ -1086,6 +1087,13 @@ impl Shard {
             }
             return;
         }
+        if let Action::Track(t) = &cmd.action {
+            if let Some(answer) = &t.answer {
+                // Room for every shard's answer, as for a purge.
+                let _ = answer.try_send(self.track(t));
+            }
+            return;
+        }
         if let Action::Purge(p) = &cmd.action {
             let counts = self.purge(&cmd.target, &p.reason);
             if let Some(answer) = &p.answer {
@@ -1117,7 +1125,9 @@ impl Shard {
                     self.log_change(&l.set_rate(share, now));
                     self.job_limits.borrow_mut().insert(key, Rc::new(l));
                 }
-                Action::PeerThrottled(_) | Action::Purge(_) => unreachable!("handled above"),
+                Action::PeerThrottled(_) | Action::Purge(_) | Action::Track(_) => {
+                    unreachable!("handled above")
+                }
             },
             Target::Destination(_) | Target::Source(_) => {
                 let mut overrides = self.overrides.borrow_mut();
@@ -1131,7 +1141,9 @@ impl Shard {
                                 shaping::share(r.per_sec(), self.cfg.shards, self.id, false)
                             }))
                     }
-                    Action::PeerThrottled(_) | Action::Purge(_) => unreachable!("handled above"),
+                    Action::PeerThrottled(_) | Action::Purge(_) | Action::Track(_) => {
+                        unreachable!("handled above")
+                    }
                 }
                 let o = o.clone();
                 drop(overrides);

@@ -83,6 +83,22 @@ impl<T> Wheel<T> {
         out
     }
 
+    /// Every item `pred` picks, with when it is due (a tracking question): O(slots +
+    /// items), as `take_where`.
+    pub fn find_where(&self, mut pred: impl FnMut(&T) -> bool) -> Vec<(Instant, &T)> {
+        let tick_ns = self.tick.as_nanos() as u64;
+        self.levels
+            .iter()
+            .flatten()
+            .flatten()
+            .filter(|(_, t)| pred(t))
+            .map(|(due, t)| {
+                let at = self.origin + Duration::from_nanos(due.saturating_mul(tick_ns));
+                (at, t)
+            })
+            .collect()
+    }
+
     /// Moves time on to `now`; returns the items that fell due, in due order per tick.
     pub fn advance(&mut self, now: Instant) -> Vec<T> {
         let target =

@@ -31,6 +31,10 @@ const NAME_ATTEMPTS_MAX: u32 = 1000;
 const SNAPSHOT_ATTEMPTS_MAX: u32 = 10;
 /// The wait before listing again, times the attempt.
 const SNAPSHOT_RETRY_WAIT: Duration = Duration::from_millis(20);
+/// Octets of the log per gzip member of a compressed generation (the members of
+/// one file read as one stream, RFC 1952 §2.2): `volley track` starts decompressing
+/// at the member that holds a record, so it reads at most this much (and a line).
+pub const GZIP_MEMBER_OCTETS: usize = 1 << 20;
 /// gzip level: 3 keeps a 1 GiB rotation to seconds of one core; JSON lines still
 /// shrink about tenfold.
 const GZIP_LEVEL: u32 = 3;
@@ -182,15 +186,38 @@ pub fn compress(plain: &Path) -> std::io::Result<()> {
     };
     out.set_permissions(meta.permissions()).map_err(ctx)?;
     std::os::unix::fs::fchown(&out, None, Some(meta.gid())).map_err(ctx)?;
-    let mut enc = flate2::write::GzEncoder::new(out, flate2::Compression::new(GZIP_LEVEL));
-    std::io::copy(&mut src, &mut enc).map_err(ctx)?;
-    let out = enc.finish().map_err(ctx)?;
+    let out = compress_members(&mut src, out).map_err(ctx)?;
     out.set_modified(meta.modified().map_err(ctx)?)
         .map_err(ctx)?;
     out.sync_all().map_err(ctx)?;
     std::fs::rename(&tmp, &gz).map_err(ctx)?;
     sync_dir(plain)?;
     std::fs::remove_file(plain).map_err(ctx)
+}
+
+/// Writes `src` to `out` as gzip members of [`GZIP_MEMBER_OCTETS`] each, extended to
+/// the end of a line (at least one member, so an empty file makes a valid gzip).
+fn compress_members(src: &mut File, mut out: File) -> std::io::Result<File> {
+    use std::io::{Read, Write};
+    let mut src = BufReader::with_capacity(1 << 16, src);
+    let mut buf = Vec::with_capacity(GZIP_MEMBER_OCTETS + 4096);
+    let mut first = true;
+    loop {
+        buf.clear();
+        (&mut src)
+            .take(GZIP_MEMBER_OCTETS as u64)
+            .read_to_end(&mut buf)?;
+        if buf.last().is_some_and(|&b| b != b'\n') {
+            src.read_until(b'\n', &mut buf)?;
+        }
+        if buf.is_empty() && !first {
+            return Ok(out);
+        }
+        first = false;
+        let mut enc = flate2::write::GzEncoder::new(&mut out, flate2::Compression::new(GZIP_LEVEL));
+        enc.write_all(&buf)?;
+        enc.finish()?;
+    }
 }
 
 /// Fsyncs the directory holding `path`, so a rename in it survives a power loss.
@@ -251,6 +278,34 @@ pub fn tidy(path: &Path, rotation: &Rotation, now: SystemTime) -> std::io::Resul
         }
     }
     Ok(to_compress)
+}
+
+/// The generation files of the log at `path` as listed now, oldest first (by last
+/// write), the file in use last when there is one; a plain rotated file and its
+/// finished `.gz` are listed once, as the plain one. Unlike [`lines`] this takes no
+/// consistent snapshot: a caller compares the identity of `path` before and after
+/// and lists again when it changed. Errors: the directory cannot be listed.
+pub fn generations(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut listed: Vec<(PathBuf, SystemTime)> = rotated(path)?
+        .into_iter()
+        .filter_map(|(p, _)| {
+            let m = std::fs::metadata(&p).ok()?;
+            m.is_file().then_some(())?;
+            Some((p, m.modified().ok()?))
+        })
+        .collect();
+    let plain: std::collections::HashSet<PathBuf> = listed.iter().map(|(p, _)| p.clone()).collect();
+    listed.retain(|(p, _)| {
+        let s = p.to_string_lossy();
+        !s.strip_suffix(".gz")
+            .is_some_and(|stem| plain.contains(Path::new(stem)))
+    });
+    listed.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+    let mut out: Vec<PathBuf> = listed.into_iter().map(|(p, _)| p).collect();
+    if path.is_file() {
+        out.push(path.to_path_buf());
+    }
+    Ok(out)
 }
 
 /// One generation of the log, opened.

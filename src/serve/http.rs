@@ -4,6 +4,8 @@
 //!   an id the daemon already has gets `409` (a client retrying after a timeout must
 //!   not send a campaign twice) unless `?new=true` asks for another instance;
 //! - `GET /api/v1/campaigns/{id}`: its counts by outcome;
+//! - `GET /api/v1/track?rcpt=ADDRESS[&campaign=ID]`: where a recipient is
+//!   (deliver::track, as `volley track --json`);
 //! - the status page, `/metrics`, the status and queue control: serve::monitor.
 //!
 //! Every request but the status page's own files needs `Authorization: Bearer
@@ -80,6 +82,7 @@ pub fn start(
     let app = Router::new()
         .route("/api/v1/inject", post(inject_campaign))
         .route("/api/v1/campaigns/{id}", get(campaign_counts))
+        .route("/api/v1/track", get(track_rcpt))
         .merge(crate::serve::monitor::routes())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_size_max))
@@ -163,7 +166,7 @@ async fn not_found(uri: axum::http::Uri) -> Response {
     error(
         StatusCode::NOT_FOUND,
         &format!(
-            "no such endpoint: {}; the API has POST /api/v1/inject, GET /api/v1/campaigns/ID, GET /api/v1/status, POST /api/v1/queue, GET /metrics and the status page at /",
+            "no such endpoint: {}; the API has POST /api/v1/inject, GET /api/v1/campaigns/ID, GET /api/v1/track?rcpt=ADDRESS, GET /api/v1/status, POST /api/v1/queue, GET /metrics and the status page at /",
             uri.path()
         ),
         Vec::new(),
@@ -339,4 +342,52 @@ async fn campaign_counts(
         "instances": list,
     }))
     .into_response()
+}
+
+/// `GET /api/v1/track?rcpt=ADDRESS[&campaign=ID]`: `volley track --json`'s answer
+/// (deliver::track: the shards asked over the admin socket, the log through its
+/// index); 404 with the same body when nothing is known, 400 without an address.
+async fn track_rcpt(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    use crate::deliver::track::{track, TrackError};
+    if let Err(r) = authorize(&api, &headers) {
+        return *r;
+    }
+    let (mut rcpt, mut campaign) = (None, None);
+    for (k, v) in form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+        match &*k {
+            "rcpt" => rcpt = Some(v.into_owned()),
+            "campaign" => campaign = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    let Some(rcpt) = rcpt else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "no recipient; ask GET /api/v1/track?rcpt=ADDRESS[&campaign=ID]",
+            Vec::new(),
+        );
+    };
+    let (spool, log) = (api.intake.spool.clone(), api.intake.log.0.clone());
+    let done = tokio::task::spawn_blocking(move || track(&spool, &log, &rcpt, campaign.as_deref()));
+    match done.await {
+        Ok(Ok(t)) if t.found() => Json(t).into_response(),
+        Ok(Ok(t)) => (StatusCode::NOT_FOUND, Json(t)).into_response(),
+        Ok(Err(e @ TrackError::NotAnAddress(_))) => {
+            error(StatusCode::BAD_REQUEST, &e.to_string(), Vec::new())
+        }
+        Ok(Err(e)) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &e.to_string(),
+            Vec::new(),
+        ),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("the tracking task failed: {e}"),
+            Vec::new(),
+        ),
+    }
 }

@@ -17,6 +17,7 @@
 
 pub mod inbox;
 pub mod ingest;
+pub mod peek;
 pub mod retention;
 
 use memmap2::MmapMut;
