@@ -8,7 +8,8 @@
 //!   tokens, SASL; `submitted`: what is done to a message before it is queued;
 //! - `http` and `inject`: the API, and a JSON body checked as a campaign directory;
 //! - `pickup`: the pickup directory;
-//! - `intake`: handing messages and campaigns to the shards, answered once durable.
+//! - `intake`: handing messages and campaigns to the shards, answered once durable;
+//! - `webhook`: the accounting records POSTed to `[[webhook]]` receivers, at least once.
 
 pub mod auth;
 pub mod config;
@@ -19,3 +20,4 @@ pub mod intake;
 pub mod pickup;
 pub mod submission;
 pub mod submitted;
+pub mod webhook;
