@@ -174,7 +174,10 @@ fn serve(mut s: TcpStream, script: &Script, got: &Mutex<Vec<Got>>) {
                 .collect::<Option<Vec<u8>>>()
         })
         .is_some_and(|tag| ring::hmac::verify(&key, body, &tag).is_ok());
-    let take = |n: &AtomicUsize| n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1)).is_ok();
+    let take = |n: &AtomicUsize| {
+        n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
+            .is_ok()
+    };
     let status = if take(&script.errors) {
         500
     } else if take(&script.resets) {
@@ -212,8 +215,7 @@ fn serve(mut s: TcpStream, script: &Script, got: &Mutex<Vec<Got>>) {
 fn config(dir: &Path, url: &str, extra: &str) -> String {
     let secret = dir.join("hook.hmac");
     std::fs::write(&secret, SECRET).unwrap();
-    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     format!(
         "{extra}\n[[webhook]]\nname = \"crm\"\nurl = \"{url}\"\nbatch_size = 10\nbatch_wait = \"200ms\"\nretry_wait_max = \"1s\"\ntimeout = \"5s\"\nhmac_secret_file = \"{}\"\n",
         secret.display()
@@ -285,7 +287,11 @@ fn records_arrive_signed_through_500s_and_a_reset_each_at_least_once() {
     r.wait_for(&bounced, &d);
     let got = r.got();
     let statuses: Vec<u16> = got.iter().map(|g| g.status).take(5).collect();
-    assert_eq!(statuses, [500, 500, 500, 0, 200], "500s, a reset, then accepted");
+    assert_eq!(
+        statuses,
+        [500, 500, 500, 0, 200],
+        "500s, a reset, then accepted"
+    );
     for g in &got {
         assert!(g.signed, "every POST carries a valid X-Volley-Signature");
         assert_eq!(g.content_type, "application/json");
@@ -299,9 +305,13 @@ fn records_arrive_signed_through_500s_and_a_reset_each_at_least_once() {
     let said = d.stop();
     assert!(said.contains("webhook crm: POST of"), "{said}");
     assert!(said.contains("500 X"), "{said}");
-    assert!(said.contains("delivered after 4 failed attempt(s)"), "{said}");
     assert!(
-        said.contains("webhook crm: posted ") && said.contains("4 failed attempt(s), 0 record(s) dead-lettered"),
+        said.contains("delivered after 4 failed attempt(s)"),
+        "{said}"
+    );
+    assert!(
+        said.contains("webhook crm: posted ")
+            && said.contains("4 failed attempt(s), 0 record(s) dead-lettered"),
         "{said}"
     );
     let cursor = env.dir.join("spool/webhooks/crm.cursor");
@@ -327,7 +337,10 @@ fn a_kill_9_mid_stream_loses_nothing_and_resends_nothing_acknowledged() {
         std::thread::sleep(Duration::from_millis(20));
     }
     d.signal(libc::SIGKILL);
-    assert!(d.wait_exit(Duration::from_secs(10)).is_none(), "killed, no exit code");
+    assert!(
+        d.wait_exit(Duration::from_secs(10)).is_none(),
+        "killed, no exit code"
+    );
     drop(d);
     r.script.status.store(0, Ordering::Relaxed);
     let d = start(&env, &cfg);
@@ -370,14 +383,23 @@ fn a_webhook_behind_the_log_follows_it_through_rotations_and_a_restart() {
         std::fs::read_dir(&spool)
             .unwrap()
             .filter(|e| {
-                let n = e.as_ref().unwrap().file_name().to_string_lossy().into_owned();
+                let n = e
+                    .as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned();
                 n.starts_with("accounting.jsonl.") && n.ends_with(".gz")
             })
             .count()
     };
     let until = Instant::now() + ARRIVAL_LIMIT;
     while rotated() < 3 {
-        assert!(Instant::now() < until, "not rotated and compressed: {}", d.stderr());
+        assert!(
+            Instant::now() < until,
+            "not rotated and compressed: {}",
+            d.stderr()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // Stopped while the receiver is down and every record is behind it, in gzipped
@@ -405,7 +427,10 @@ fn a_batch_rejected_with_a_4xx_goes_to_the_dead_letter_file_and_the_next_goes_on
     let cfg = write_config(
         &env.dir,
         &config(&env.dir, &r.url(), "")
-            .replace("batch_size = 10", "batch_size = 10\nevents = [\"Delivery\"]")
+            .replace(
+                "batch_size = 10",
+                "batch_size = 10\nevents = [\"Delivery\"]",
+            )
             .replace("\"200ms\"", "\"2s\""),
     );
     let d = start(&env, &cfg);
@@ -432,7 +457,10 @@ fn a_batch_rejected_with_a_4xx_goes_to_the_dead_letter_file_and_the_next_goes_on
         "each batch rejected five times, then dead-lettered: {got:?}"
     );
     let mode = std::fs::metadata(&dead).unwrap().permissions();
-    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
     // The receiver takes them again: the next records go on, the dead ones stay.
     r.script.status.store(0, Ordering::Relaxed);
     let more = hand_over(&env, "alive", 3);

@@ -136,7 +136,10 @@ impl Follower {
     /// file in use. When the cursor's generation is gone, reading goes on from the
     /// oldest generation written since, and [`Gone`] says so (the records after the
     /// cursor in it were not read). Errors: a generation cannot be opened or read.
-    pub fn open(log: &Path, cursor: Option<&Cursor>) -> Result<(Follower, Option<Gone>), FollowError> {
+    pub fn open(
+        log: &Path,
+        cursor: Option<&Cursor>,
+    ) -> Result<(Follower, Option<Gone>), FollowError> {
         let lerr = |err| FollowError::Log {
             path: log.into(),
             err,
@@ -149,7 +152,14 @@ impl Follower {
                 ))
             })?;
             let at = gen.cursor();
-            return Ok((Follower { log: log.into(), gen, at }, None));
+            return Ok((
+                Follower {
+                    log: log.into(),
+                    gen,
+                    at,
+                },
+                None,
+            ));
         };
         let candidates = candidates(log).map_err(lerr)?;
         if !c.first_line_sha256.is_empty() {
@@ -366,7 +376,11 @@ fn candidates(log: &Path) -> std::io::Result<Vec<(PathBuf, SystemTime)>> {
 
 /// The cursor's generation opened: the file of its name first (the usual case),
 /// then every generation, newest first, by first line.
-fn find(log: &Path, candidates: &[(PathBuf, SystemTime)], c: &Cursor) -> Result<Option<Open>, FollowError> {
+fn find(
+    log: &Path,
+    candidates: &[(PathBuf, SystemTime)],
+    c: &Cursor,
+) -> Result<Option<Open>, FollowError> {
     let named = candidates.iter().filter(|(p, _)| {
         p.file_name().is_some_and(|n| {
             let n = n.to_string_lossy();
@@ -398,12 +412,14 @@ fn open_at(log: &Path, p: &Path) -> Result<Option<Open>, FollowError> {
     let modified = std::fs::metadata(&g.path)
         .and_then(|m| m.modified())
         // Compressed and removed since it was opened: its .gz keeps the time.
-        .or_else(|_| std::fs::metadata(format!("{}.gz", g.path.display())).and_then(|m| m.modified()))
+        .or_else(|_| {
+            std::fs::metadata(format!("{}.gz", g.path.display())).and_then(|m| m.modified())
+        })
         .unwrap_or(UNIX_EPOCH);
-    let name = g
-        .path
-        .file_name()
-        .map_or_else(|| log.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let name = g.path.file_name().map_or_else(
+        || log.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
     // A name for the cursor that outlives compression: without `.gz`.
     let name = name.strip_suffix(".gz").map(String::from).unwrap_or(name);
     Ok(Some(Open {
@@ -491,7 +507,9 @@ mod tests {
                 f.cursor().store(&c).unwrap();
                 cursor_file = Some(c);
                 next_after_cursor = seen.len() as u64;
-                let stored = Cursor::load(cursor_file.as_ref().unwrap()).unwrap().unwrap();
+                let stored = Cursor::load(cursor_file.as_ref().unwrap())
+                    .unwrap()
+                    .unwrap();
                 assert_eq!(&stored, f.cursor());
                 assert!(stored.offset > 0, "{stored:?}");
                 f = Follower::open(&log, Some(&stored)).unwrap().0;
@@ -503,17 +521,28 @@ mod tests {
         assert_eq!(seen, (0..3000).collect::<Vec<_>>());
         let gz = std::fs::read_dir(&d)
             .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".gz"))
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".gz")
+            })
             .count();
         assert!(gz > 5, "rotated and compressed: {gz}");
         // From the stored cursor again, after everything was compressed: the rest.
-        let c = Cursor::load(cursor_file.as_ref().unwrap()).unwrap().unwrap();
+        let c = Cursor::load(cursor_file.as_ref().unwrap())
+            .unwrap()
+            .unwrap();
         let (mut again, gone) = Follower::open(&log, Some(&c)).unwrap();
         assert_eq!(gone, None);
         let rest = drain(&mut again);
         assert_eq!(rest.first(), Some(&next_after_cursor));
         assert_eq!(*rest.last().unwrap(), 2999);
-        assert!(rest.windows(2).all(|w| w[1] == w[0] + 1), "in order, none missing");
+        assert!(
+            rest.windows(2).all(|w| w[1] == w[0] + 1),
+            "in order, none missing"
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -527,7 +556,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(&log, "").unwrap();
         let (mut f, _) = Follower::open(&log, None).unwrap();
-        assert!(drain(&mut f).is_empty(), "a new follower starts in the file in use");
+        assert!(
+            drain(&mut f).is_empty(),
+            "a new follower starts in the file in use"
+        );
         // A cursor in `old`, after its first line; then `old` is deleted.
         let hash = first_line_sha256(&old).unwrap().unwrap();
         let modified = std::fs::metadata(&old).unwrap().modified().unwrap();

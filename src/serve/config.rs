@@ -14,8 +14,8 @@ use crate::deliver::runtime::Driver;
 use crate::host::accounts::Group;
 use crate::observe::rotation::Rotation;
 use crate::policy::retry::RetryPolicy;
-use crate::serve::webhook::{self, Webhook};
 use crate::policy::shaping::rules::{parse_per, Rule, Set};
+use crate::serve::webhook::{self, Webhook};
 use crate::smtp::client::{Timeouts, TlsMode};
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::collections::BTreeMap;
@@ -2181,7 +2181,12 @@ fn read_webhooks(doc: &mut Doc, t: &mut Table, cfg: &mut ServeConfig) {
     let items = match node.into_inner() {
         Node::Array(items) => items,
         Node::Table(_) => {
-            doc.bad(&span, "webhook", "written as [webhook]; write [[webhook]] (two brackets): there may be several".into());
+            doc.bad(
+                &span,
+                "webhook",
+                "written as [webhook]; write [[webhook]] (two brackets): there may be several"
+                    .into(),
+            );
             return;
         }
         other => {
@@ -2251,11 +2256,25 @@ fn read_webhook(
             w.events = Some(events);
         }
     }
-    if let Some(b) = t.get(doc, "batch_size", &usize_in(webhook::BATCH_RECORDS_MIN, webhook::BATCH_RECORDS_MAX)) {
+    if let Some(b) = t.get(
+        doc,
+        "batch_size",
+        &usize_in(webhook::BATCH_RECORDS_MIN, webhook::BATCH_RECORDS_MAX),
+    ) {
         w.batch_size = b;
     }
-    t.put(doc, "batch_wait", &mut w.batch_wait, &duration_in(Duration::ZERO, webhook::BATCH_WAIT_MAX));
-    t.put(doc, "timeout", &mut w.timeout, &duration_in(webhook::TIMEOUT_MIN, webhook::TIMEOUT_MAX));
+    t.put(
+        doc,
+        "batch_wait",
+        &mut w.batch_wait,
+        &duration_in(Duration::ZERO, webhook::BATCH_WAIT_MAX),
+    );
+    t.put(
+        doc,
+        "timeout",
+        &mut w.timeout,
+        &duration_in(webhook::TIMEOUT_MIN, webhook::TIMEOUT_MAX),
+    );
     t.put(
         doc,
         "retry_wait_max",
@@ -2276,7 +2295,11 @@ fn read_events(doc: &mut Doc, n: Sp<Node>) -> Option<Vec<String>> {
     let key = "webhook.events";
     let span = n.span();
     let Node::Array(items) = n.into_inner() else {
-        doc.bad(&span, key, "write a list: [\"Delivery\", \"Bounce\"]".into());
+        doc.bad(
+            &span,
+            key,
+            "write a list: [\"Delivery\", \"Bounce\"]".into(),
+        );
         return None;
     };
     let (mut out, mut ok) = (Vec::new(), true);
@@ -2285,8 +2308,12 @@ fn read_events(doc: &mut Doc, n: Sp<Node>) -> Option<Vec<String>> {
             if webhook::EVENTS.contains(&s.as_str()) {
                 return Ok(s);
             }
-            let hint = nearest(&s, &webhook::EVENTS).map_or(String::new(), |n| format!("did you mean `{n}`? "));
-            Err(format!("{s:?} is not a record type; {hint}the types are {}", webhook::EVENTS.join(", ")))
+            let hint = nearest(&s, &webhook::EVENTS)
+                .map_or(String::new(), |n| format!("did you mean `{n}`? "));
+            Err(format!(
+                "{s:?} is not a record type; {hint}the types are {}",
+                webhook::EVENTS.join(", ")
+            ))
         });
         match checked {
             Ok(s) => out.push(s),
@@ -2297,7 +2324,12 @@ fn read_events(doc: &mut Doc, n: Sp<Node>) -> Option<Vec<String>> {
         }
     }
     if ok && out.is_empty() {
-        doc.bad(&span, key, "empty: the webhook would send nothing; list record types, or remove events for all".into());
+        doc.bad(
+            &span,
+            key,
+            "empty: the webhook would send nothing; list record types, or remove events for all"
+                .into(),
+        );
         ok = false;
     }
     ok.then_some(out)
@@ -2711,9 +2743,15 @@ campaign_header = "X Campaign"
         let [crm, all] = &cfg.webhooks[..] else {
             panic!("{:?}", cfg.webhooks)
         };
-        assert_eq!(crm.events.as_deref(), Some(&["Delivery".to_string(), "Bounce".to_string()][..]));
+        assert_eq!(
+            crm.events.as_deref(),
+            Some(&["Delivery".to_string(), "Bounce".to_string()][..])
+        );
         assert_eq!((crm.batch_size, crm.batch_wait), (5, Duration::ZERO));
-        assert_eq!(crm.hmac_secret_file, Some(PathBuf::from("/etc/volley/crm.hmac")));
+        assert_eq!(
+            crm.hmac_secret_file,
+            Some(PathBuf::from("/etc/volley/crm.hmac"))
+        );
         assert_eq!(all, &Webhook::new("all", "http://127.0.0.1:9000/"));
         let p = problems(
             "[[webhook]]\nname = \"crm\"\nurl = \"ftp://x\"\nevents = [\"Delivry\"]\nbatch_size = 0\n[[webhook]]\nname = \"ok\"\nurl = \"http://a/\"\n[[webhook]]\nname = \"ok\"\nurl = \"http://b/\"\nbearer_token = \"t\"\n[[webhook]]\nurl = \"http://c/\"\n",
@@ -2729,10 +2767,22 @@ campaign_header = "X Campaign"
                 (Some(13), "webhook.name".into()),
             ]
         );
-        assert!(p[1].msg.contains("did you mean `Delivery`?"), "{}", p[1].msg);
+        assert!(
+            p[1].msg.contains("did you mean `Delivery`?"),
+            "{}",
+            p[1].msg
+        );
         assert!(p[3].msg.contains("another [[webhook]]"), "{}", p[3].msg);
-        assert!(p[4].msg.contains("did you mean `bearer_token_file`?"), "{}", p[4].msg);
-        assert!(p[5].msg.contains("missing; every [[webhook]] needs name"), "{}", p[5].msg);
+        assert!(
+            p[4].msg.contains("did you mean `bearer_token_file`?"),
+            "{}",
+            p[4].msg
+        );
+        assert!(
+            p[5].msg.contains("missing; every [[webhook]] needs name"),
+            "{}",
+            p[5].msg
+        );
     }
 
     #[test]

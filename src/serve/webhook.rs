@@ -453,7 +453,7 @@ impl Poster {
                 .hook
                 .events
                 .as_ref()
-                .is_none_or(|e| e.iter().any(|k| *k == h.kind)),
+                .is_none_or(|e| e.contains(&h.kind)),
             Err(e) => {
                 let shown = String::from_utf8_lossy(&line[..line.len().min(80)]).into_owned();
                 self.say(&format!(
@@ -547,11 +547,19 @@ impl Poster {
             Ok(r) => (r.status(), r),
             Err(ureq::Error::Status(code, r)) => (code, r),
             Err(ureq::Error::Transport(t)) => {
+                // Its Display repeats the URL, which the caller's line names already.
+                let mut reason = t.kind().to_string();
+                if let Some(m) = t.message() {
+                    reason = format!("{reason}: {m}");
+                }
+                if let Some(s) = std::error::Error::source(&t) {
+                    reason = format!("{reason} ({s})");
+                }
                 return Err(Failed {
-                    reason: t.to_string(),
+                    reason,
                     rejected: false,
                     retry_after: None,
-                })
+                });
             }
         };
         let retry_after = resp
@@ -669,7 +677,10 @@ mod tests {
         for attempt in 0..40 {
             let want = (1u64 << attempt.min(20)).min(300) as f64;
             let got = backoff(attempt, cap).as_secs_f64();
-            assert!(got >= want * 0.75 - 1e-9 && got <= (want * 1.25).min(300.0), "{attempt}: {got}");
+            assert!(
+                got >= want * 0.75 - 1e-9 && got <= (want * 1.25).min(300.0),
+                "{attempt}: {got}"
+            );
         }
     }
 
@@ -692,6 +703,8 @@ mod tests {
         assert!(check_url("https://crm.example.com/volley").is_ok());
         assert!(check_url("http://127.0.0.1:8080/").is_ok());
         assert!(check_url("ftp://x/").unwrap_err().contains("http://"));
-        assert!(check_url("crm.example.com").unwrap_err().contains("not a URL"));
+        assert!(check_url("crm.example.com")
+            .unwrap_err()
+            .contains("not a URL"));
     }
 }
