@@ -62,6 +62,11 @@ impl Drop for Receiver {
 
 impl Receiver {
     fn start(script: Script) -> Receiver {
+        Receiver::start_with(script, None)
+    }
+
+    /// As `start`, speaking HTTPS with `tls` when given.
+    fn start_with(script: Script, tls: Option<Arc<rustls::ServerConfig>>) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let r = Receiver {
@@ -75,7 +80,7 @@ impl Receiver {
             // Bounded by the test: its Drop stops it.
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((s, _)) => serve(s, &script, &got),
+                    Ok((s, _)) => serve(s, tls.clone(), &script, &got),
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
@@ -130,10 +135,28 @@ fn key(r: &serde_json::Value) -> (String, String) {
     )
 }
 
-/// Reads one request from `s` and answers it as the script says.
-fn serve(mut s: TcpStream, script: &Script, got: &Mutex<Vec<Got>>) {
-    s.set_nonblocking(false).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+/// A connection, plain or TLS.
+trait Io: Read + Write {}
+impl<T: Read + Write> Io for T {}
+
+/// Reads one request from `tcp` (over TLS with `tls`) and answers it as the script
+/// says.
+fn serve(
+    tcp: TcpStream,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    script: &Script,
+    got: &Mutex<Vec<Got>>,
+) {
+    tcp.set_nonblocking(false).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let raw = tcp.try_clone().unwrap();
+    let mut s: Box<dyn Io> = match tls {
+        Some(c) => Box::new(rustls::StreamOwned::new(
+            rustls::ServerConnection::new(c).unwrap(),
+            tcp,
+        )),
+        None => Box::new(tcp),
+    };
     let mut buf = Vec::new();
     let mut chunk = [0u8; 16 << 10];
     let head_end = loop {
@@ -182,7 +205,7 @@ fn serve(mut s: TcpStream, script: &Script, got: &Mutex<Vec<Got>>) {
         500
     } else if take(&script.resets) {
         // RST, not FIN: the client sees its connection reset with no answer.
-        socket2::SockRef::from(&s)
+        socket2::SockRef::from(&raw)
             .set_linger(Some(Duration::ZERO))
             .unwrap();
         got.lock().unwrap().push(Got {
@@ -209,6 +232,7 @@ fn serve(mut s: TcpStream, script: &Script, got: &Mutex<Vec<Got>>) {
         s,
         "HTTP/1.1 {status} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno"
     );
+    let _ = s.flush();
 }
 
 /// A webhook config: the secret file written 0600 beside it.
@@ -468,4 +492,53 @@ fn a_batch_rejected_with_a_4xx_goes_to_the_dead_letter_file_and_the_next_goes_on
     let said = d.stop();
     assert!(said.contains("rejected 5 times (400 X no)"), "{said}");
     assert!(said.contains(", 5 record(s) dead-lettered"), "{said}");
+}
+
+#[test]
+fn an_https_receiver_with_a_private_ca_gets_the_records_with_ca_file() {
+    let env = common::env("webhook-https", "");
+    // A private CA, and the receiver's certificate for 127.0.0.1 signed by it.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let r = Receiver::start_with(Script::default(), Some(Arc::new(tls)));
+    let ca_file = env.dir.join("crm-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let url = format!("https://{}/hook", r.addr);
+    let cfg = write_config(
+        &env.dir,
+        &format!(
+            "{}ca_file = \"{}\"\n",
+            config(&env.dir, &url, ""),
+            ca_file.display()
+        ),
+    );
+    let d = start(&env, &cfg);
+    let rcpts = hand_over(&env, "tls", 5);
+    r.wait_for(&want(&["Delivery"], &rcpts), &d);
+    assert!(r.got().iter().all(|g| g.signed && g.status == 200));
+    d.stop();
+    // Without ca_file the Mozilla roots do not know the CA: the POST fails, and says why.
+    let cfg = write_config(&env.dir, &config(&env.dir, &url, ""));
+    let d = start(&env, &cfg);
+    hand_over(&env, "untrusted", 1);
+    let said = d.wait_stderr("attempt 1 failed");
+    assert!(said.contains("UnknownIssuer"), "{said}");
+    d.stop();
 }

@@ -216,6 +216,8 @@ retry_wait_max = "5m"              # failed POSTs are retried after 1s, doubling
 # bearer_token_file = "/etc/volley/crm.token"   # Authorization: Bearer TOKEN (0600)
 hmac_secret_file = "/etc/volley/crm.hmac"       # X-Volley-Signature: sha256=HEX,
                                    # HMAC-SHA256 of the body (0600, 16+ octets)
+# ca_file = "/etc/volley/crm-ca.pem"  # https: trust these CAs (PEM) instead of the
+                                   # Mozilla roots (a receiver with a private CA)
 "#;
 
 /// Outbound shaping keys that set the shaping rules' `[default]`, as send's flags do.
@@ -2284,6 +2286,7 @@ fn read_webhook(
     let path = path_conv(doc.base.clone());
     w.bearer_token_file = t.get(doc, "bearer_token_file", &path);
     w.hmac_secret_file = t.get(doc, "hmac_secret_file", &path);
+    w.ca_file = t.get(doc, "ca_file", &path);
     t.finish(doc);
     w.name = name?;
     w.url = url?;

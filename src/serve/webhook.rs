@@ -13,7 +13,8 @@
 //! and the webhook goes on with the next.
 //!
 //! The HTTP client is ureq 2 (blocking, so a plain thread per webhook; rustls on ring
-//! with the Mozilla roots of webpki-roots, all built already for the rest of volley).
+//! with the Mozilla roots of webpki-roots, or the CAs of `ca_file`, all built already
+//! for the rest of volley).
 
 use crate::host::secrets::{self, Secret, SecretError};
 use crate::observe::follow::{Cursor, FollowError, Follower};
@@ -41,6 +42,10 @@ pub const BATCH_RECORDS_MIN: usize = 1;
 /// The largest `batch_size`: a record line is about 500 octets, so a POST stays
 /// under a few MB, which receivers take.
 pub const BATCH_RECORDS_MAX: usize = 10_000;
+/// Octets of records in one POST past which the batch goes at once, however few
+/// records it has: a batch of long lines stays a body receivers take (and memory
+/// stays bounded).
+pub const BATCH_OCTETS_MAX: usize = 8 << 20;
 /// How long a batch waits to fill before it goes with fewer records (`batch_wait`).
 pub const BATCH_WAIT_DEFAULT: Duration = Duration::from_secs(1);
 /// The longest `batch_wait`.
@@ -106,6 +111,9 @@ pub struct Webhook {
     /// `X-Volley-Signature: sha256=HEX`, HMAC-SHA256 of the body with this file's
     /// content as the key (a secret: 0600).
     pub hmac_secret_file: Option<PathBuf>,
+    /// CA certificates (PEM) an https receiver's certificate must chain to, instead
+    /// of the Mozilla roots: a receiver with a private CA.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Webhook {
@@ -121,6 +129,7 @@ impl Webhook {
             retry_wait_max: RETRY_WAIT_MAX_DEFAULT,
             bearer_token_file: None,
             hmac_secret_file: None,
+            ca_file: None,
         }
     }
 }
@@ -184,6 +193,12 @@ pub enum WebhookError {
         name: String,
         path: PathBuf,
         octets: usize,
+    },
+    #[error("webhook {name}: ca_file {}: {why}; give the PEM certificates of the CA that signed the receiver's certificate", path.display())]
+    Ca {
+        name: String,
+        path: PathBuf,
+        why: String,
     },
     #[error("webhook {name}: {err}")]
     Follow { name: String, err: FollowError },
@@ -341,7 +356,15 @@ fn prepare(
             h.name, g.file, g.offset, g.from
         );
     }
-    let agent = ureq::AgentBuilder::new()
+    let mut agent = ureq::AgentBuilder::new();
+    if let Some(ca) = &h.ca_file {
+        agent = agent.tls_config(tls_trusting(ca).map_err(|why| WebhookError::Ca {
+            name: name(),
+            path: ca.clone(),
+            why,
+        })?);
+    }
+    let agent = agent
         .timeout(h.timeout)
         // A redirect is a wrong URL: a rejection, not a POST turned into a GET.
         .redirects(0)
@@ -359,6 +382,28 @@ fn prepare(
         said: 0,
     };
     Ok((poster, follower))
+}
+
+/// A TLS client configuration (rustls on ring, as the rest of volley) trusting the
+/// CA certificates in the PEM file `ca` alone. Errors: why the file gives none.
+fn tls_trusting(ca: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| format!("a certificate in it is refused ({e})"))?;
+    }
+    if roots.is_empty() {
+        return Err("no certificate in it".into());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// One webhook's thread: batches from the follower, POSTed until acknowledged.
@@ -395,6 +440,7 @@ struct Head {
 impl Poster {
     fn run(mut self, mut f: Follower) {
         let mut batch: Vec<Vec<u8>> = Vec::new();
+        let mut octets = 0;
         let mut first_at = Instant::now();
         let mut saved = f.cursor().clone();
         let mut lag_at = Instant::now() - LAG_INTERVAL;
@@ -418,9 +464,11 @@ impl Poster {
                 if batch.is_empty() {
                     first_at = Instant::now();
                 }
+                octets += line.len();
                 batch.push(line.clone());
             }
             let due = batch.len() >= self.hook.batch_size
+                || octets >= BATCH_OCTETS_MAX
                 || (!batch.is_empty() && first_at.elapsed() >= self.hook.batch_wait);
             if due {
                 let at = f.cursor().clone();
@@ -429,6 +477,7 @@ impl Poster {
                     return;
                 }
                 batch.clear();
+                octets = 0;
                 self.save(&at);
                 saved = at;
             } else if !more {
@@ -554,6 +603,9 @@ impl Poster {
                 }
                 if let Some(s) = std::error::Error::source(&t) {
                     reason = format!("{reason} ({s})");
+                }
+                if reason.contains("UnknownIssuer") && self.hook.ca_file.is_none() {
+                    reason.push_str("; a receiver whose CA is private needs ca_file");
                 }
                 return Err(Failed {
                     reason,
