@@ -299,42 +299,7 @@ fn prepare(
     stop: Arc<AtomicBool>,
 ) -> Result<(Poster, Follower), WebhookError> {
     let name = || h.name.clone();
-    let secret = |path: &Path, what| {
-        secrets::read(path, what, SECRET_OCTETS_MAX)
-            .map_err(|err| WebhookError::Secret { name: name(), err })
-    };
-    let bearer = match &h.bearer_token_file {
-        Some(p) => {
-            let text = secret(p, Secret::WebhookToken)?;
-            let token = std::str::from_utf8(&text).unwrap_or("").trim();
-            if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(WebhookError::BadToken {
-                    name: name(),
-                    path: p.clone(),
-                });
-            }
-            Some(format!("Bearer {token}"))
-        }
-        None => None,
-    };
-    let hmac = match &h.hmac_secret_file {
-        Some(p) => {
-            let mut key = secret(p, Secret::WebhookHmacSecret)?;
-            // The newline an editor or `echo` ends the file with is not the secret's.
-            while key.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                key.pop();
-            }
-            if key.len() < HMAC_SECRET_OCTETS_MIN {
-                return Err(WebhookError::ShortSecret {
-                    name: name(),
-                    path: p.clone(),
-                    octets: key.len(),
-                });
-            }
-            Some(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key))
-        }
-        None => None,
-    };
+    let (bearer, hmac) = read_auth(h)?;
     let dir = dir(spool);
     std::fs::create_dir_all(&dir).map_err(|err| WebhookError::Dir {
         name: name(),
@@ -382,6 +347,48 @@ fn prepare(
         said: 0,
     };
     Ok((poster, follower))
+}
+
+/// The Authorization header's value and the HMAC key, from their files.
+fn read_auth(h: &Webhook) -> Result<(Option<String>, Option<ring::hmac::Key>), WebhookError> {
+    let name = || h.name.clone();
+    let secret = |path: &Path, what| {
+        secrets::read(path, what, SECRET_OCTETS_MAX)
+            .map_err(|err| WebhookError::Secret { name: name(), err })
+    };
+    let bearer = match &h.bearer_token_file {
+        Some(p) => {
+            let text = secret(p, Secret::WebhookToken)?;
+            let token = std::str::from_utf8(&text).unwrap_or("").trim();
+            if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(WebhookError::BadToken {
+                    name: name(),
+                    path: p.clone(),
+                });
+            }
+            Some(format!("Bearer {token}"))
+        }
+        None => None,
+    };
+    let hmac = match &h.hmac_secret_file {
+        Some(p) => {
+            let mut key = secret(p, Secret::WebhookHmacSecret)?;
+            // The newline an editor or `echo` ends the file with is not the secret's.
+            while key.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                key.pop();
+            }
+            if key.len() < HMAC_SECRET_OCTETS_MIN {
+                return Err(WebhookError::ShortSecret {
+                    name: name(),
+                    path: p.clone(),
+                    octets: key.len(),
+                });
+            }
+            Some(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key))
+        }
+        None => None,
+    };
+    Ok((bearer, hmac))
 }
 
 /// A TLS client configuration (rustls on ring, as the rest of volley) trusting the
@@ -744,6 +751,48 @@ mod tests {
             signature(&key, b"what do ya want for nothing?"),
             "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
+    }
+
+    #[test]
+    fn secrets_are_checked_and_bad_ones_named_with_their_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("volley-webhook-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: &str, mode: u32| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            p
+        };
+        let mut h = Webhook::new("crm", "https://crm.example.com/");
+        h.bearer_token_file = Some(write("token", "s3kr1t-token\n", 0o600));
+        h.hmac_secret_file = Some(write("hmac", "0123456789abcdef\n", 0o600));
+        let (bearer, hmac) = read_auth(&h).unwrap();
+        assert_eq!(bearer.as_deref(), Some("Bearer s3kr1t-token"));
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"0123456789abcdef");
+        assert_eq!(
+            signature(&hmac.unwrap(), b"x"),
+            signature(&key, b"x"),
+            "the newline is not the key's"
+        );
+        h.hmac_secret_file = Some(write("short", "0123456789\n", 0o600));
+        let e = read_auth(&h).err().unwrap().to_string();
+        assert!(
+            e.contains("short: 10 octets, under the minimum of 16"),
+            "{e}"
+        );
+        h.hmac_secret_file = None;
+        h.bearer_token_file = Some(write("spaced", "two words\n", 0o600));
+        let e = read_auth(&h).err().unwrap().to_string();
+        assert!(e.contains("spaced: not one token"), "{e}");
+        h.bearer_token_file = Some(write("open", "t\n", 0o644));
+        let e = read_auth(&h).err().unwrap().to_string();
+        assert!(
+            e.contains("webhook bearer token file") && e.contains("chmod 600"),
+            "{e}"
+        );
+        assert!(!e.contains("s3kr1t"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
