@@ -14,6 +14,7 @@
 use crate::observe::rotation::{self, Generation};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -293,6 +294,9 @@ impl Follower {
     /// a cursor counts them). A generation shorter than that (truncated by hand)
     /// leaves the follower at its end.
     fn skip_to(&mut self, offset: u64) -> Result<(), FollowError> {
+        if self.seek_plain(offset)? {
+            return Ok(());
+        }
         let mut line = Vec::new();
         while self.gen.offset < offset {
             if !self.read_line(&mut line)? {
@@ -300,6 +304,34 @@ impl Follower {
             }
         }
         Ok(())
+    }
+
+    /// A plain generation (the file in use, or rotated and not yet gzipped) at least
+    /// `offset` long: the reader is moved there at once, not read through (a 1 GiB
+    /// file would hold the start up); true when done. Its first line was hashed
+    /// when it was found, so the hash is known.
+    fn seek_plain(&mut self, offset: u64) -> Result<bool, FollowError> {
+        use std::io::{Seek, SeekFrom};
+        let g = &mut self.gen;
+        if g.g.path.extension().is_some_and(|x| x == "gz") {
+            return Ok(false);
+        }
+        let lerr = |err| FollowError::Log {
+            path: g.g.path.clone(),
+            err,
+        };
+        let mut file = std::fs::File::open(&g.g.path).map_err(lerr)?;
+        let meta = file.metadata().map_err(lerr)?;
+        if (meta.dev(), meta.ino()) != g.g.id || meta.len() < offset {
+            // Rotated or compressed since it was found, or shorter: read through.
+            return Ok(false);
+        }
+        file.seek(SeekFrom::Start(offset)).map_err(lerr)?;
+        g.g.reader = Box::new(std::io::BufReader::new(file));
+        g.first_line_sha256 = Some(self.at.first_line_sha256.clone());
+        g.offset = offset;
+        self.at = g.cursor();
+        Ok(true)
     }
 
     /// Opens the generation after the one read to its end; false: it is not there
