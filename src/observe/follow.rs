@@ -214,17 +214,26 @@ impl Follower {
             if self.read_line(out)? {
                 return Ok(true);
             }
-            if rotation::identity(&self.log) == Some(self.gen.g.id) {
+            match rotation::identity(&self.log) {
                 // The file in use: more comes later.
-                return Ok(false);
+                Some(id) if id == self.gen.g.id => return Ok(false),
+                // Renamed by logrotate, and the writer has not reopened the path
+                // yet: it still writes to this file.
+                None => return Ok(false),
+                Some(_) => {}
             }
             // Rotated, perhaps after the read above: what was written before the
-            // rotation is in the file (the writer synced it), read it first.
+            // rotation is in the file, read it first.
             if self.read_line(out)? {
                 return Ok(true);
             }
             if !self.gen.partial.is_empty() {
-                // A rotated file's last line cut off (a crash mid-write): a line.
+                // The writer writes one file at a time: once the file in use has
+                // content, this file's last line, cut off, stays so (a crash
+                // mid-write) and is a line. Until then a write may still end it.
+                if std::fs::metadata(&self.log).map_or(0, |m| m.len()) == 0 {
+                    return Ok(false);
+                }
                 out.clear();
                 out.append(&mut self.gen.partial);
                 let octets = out.len() as u64;
@@ -575,6 +584,38 @@ mod tests {
             rest.windows(2).all(|w| w[1] == w[0] + 1),
             "in order, none missing"
         );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_logrotate_rename_is_followed_to_the_new_file_after_the_last_writes_to_the_old() {
+        let d = dir("logrotate");
+        let log = d.join("acct.jsonl");
+        let append = |p: &Path, text: &str| {
+            let mut f = std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(p)
+                .unwrap();
+            f.write_all(text.as_bytes()).unwrap();
+        };
+        append(&log, "{\"n\":1}\n");
+        let (mut f, _) = Follower::open(&log, None).unwrap();
+        assert_eq!(drain(&mut f), [1]);
+        // logrotate renames it; the writer goes on in the renamed file until its
+        // SIGUSR1 reopen, and the new file appears at its next write.
+        std::fs::rename(&log, d.join("acct.jsonl.1")).unwrap();
+        append(&d.join("acct.jsonl.1"), "{\"n\":2}\n{\"n\":3");
+        assert_eq!(drain(&mut f), [2], "a line being written waits");
+        append(&d.join("acct.jsonl.1"), "}\n");
+        std::thread::sleep(Duration::from_millis(20));
+        append(&log, "{\"n\":4}\n");
+        assert_eq!(drain(&mut f), [3, 4]);
+        // A restart from here finds the new file by its first line.
+        let (mut again, gone) = Follower::open(&log, Some(f.cursor())).unwrap();
+        assert_eq!(gone, None);
+        append(&log, "{\"n\":5}\n");
+        assert_eq!(drain(&mut again), [5]);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
