@@ -9,7 +9,8 @@
 //! generation's last-write time when it was opened; the last places the cursor
 //! among the generations when its own is gone (deleted by `log_keep_days`).
 //! Generations are ordered as rotation.rs orders them: by last write, the file in
-//! use last.
+//! use last. A file renamed by logrotate is read on until the writer reopens the
+//! path (SIGUSR1) and writes there.
 
 use crate::observe::rotation::{self, Generation};
 use serde::{Deserialize, Serialize};

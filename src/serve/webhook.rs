@@ -534,6 +534,8 @@ impl Poster {
         body.push(b']');
         let n = batch.len() as u64;
         let (mut attempt, mut rejected) = (0u32, 0u32);
+        // Unbounded in count by design (a receiver down for a day gets everything
+        // when it is back); each turn waits at least a second, and a stop ends it.
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return false;
