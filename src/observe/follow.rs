@@ -589,6 +589,41 @@ mod tests {
     }
 
     #[test]
+    fn a_follower_racing_a_writer_that_rotates_gets_every_line_once_in_order() {
+        let d = dir("race");
+        let log = d.join("acct.jsonl");
+        let rotation = Rotation {
+            size_max: Some(4096),
+            ..Rotation::never()
+        };
+        let total = 20_000u64;
+        let mut w = LogWriter::open(&log, &rotation).unwrap();
+        let (mut f, _) = Follower::open(&log, None).unwrap();
+        let writer = std::thread::spawn(move || {
+            for n in 0..total {
+                w.push(&serde_json::json!({"n": n}));
+                if n % 3 == 0 {
+                    w.flush().unwrap();
+                }
+            }
+            w.flush().unwrap();
+        });
+        let mut seen = Vec::new();
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while (seen.len() as u64) < total {
+            assert!(
+                std::time::Instant::now() < until,
+                "{} of {total}",
+                seen.len()
+            );
+            seen.extend(drain(&mut f));
+        }
+        writer.join().unwrap();
+        assert_eq!(seen, (0..total).collect::<Vec<_>>());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
     fn a_logrotate_rename_is_followed_to_the_new_file_after_the_last_writes_to_the_old() {
         let d = dir("logrotate");
         let log = d.join("acct.jsonl");
