@@ -47,6 +47,10 @@ pub enum Secret {
     UsersFile,
     TokensFile,
     TlsKey,
+    /// A `[[webhook]]`'s `bearer_token_file`.
+    WebhookToken,
+    /// A `[[webhook]]`'s `hmac_secret_file`.
+    WebhookHmacSecret,
 }
 
 impl fmt::Display for Secret {
@@ -56,6 +60,8 @@ impl fmt::Display for Secret {
             Secret::UsersFile => "users file",
             Secret::TokensFile => "tokens file",
             Secret::TlsKey => "TLS private key",
+            Secret::WebhookToken => "webhook bearer token file",
+            Secret::WebhookHmacSecret => "webhook HMAC secret file",
         })
     }
 }

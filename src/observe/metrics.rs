@@ -331,13 +331,16 @@ pub struct ServiceView {
     pub injections_refused_disk: u64,
 }
 
-/// A counter some other part of the process keeps (a webhook's posts), shown as is.
-pub struct ExternalCounter {
-    /// Without `_total`, which the exposition adds.
+/// A figure another part of the process keeps (a webhook's posts and lag), read
+/// at each scrape.
+pub struct External {
+    /// A counter's without `_total`, which the exposition adds.
     pub name: &'static str,
     pub help: &'static str,
+    /// A gauge (a level) rather than a counter (a total since start).
+    pub gauge: bool,
     pub labels: Vec<(&'static str, String)>,
-    pub value: Arc<AtomicU64>,
+    pub read: Box<dyn Fn() -> u64 + Send + Sync>,
 }
 
 /// One second of the chart: totals at that second.
@@ -356,7 +359,7 @@ pub struct Board {
     injected: [AtomicU64; 4],
     service: Mutex<Option<ServiceView>>,
     history: Mutex<VecDeque<Sample>>,
-    external: Mutex<Vec<ExternalCounter>>,
+    external: Mutex<Vec<External>>,
 }
 
 impl std::fmt::Debug for Board {
@@ -393,9 +396,9 @@ impl Board {
         *self.service.lock().expect("board lock") = Some(s);
     }
 
-    /// Shows `c` in `/metrics` from now on.
-    pub fn add_counter(&self, c: ExternalCounter) {
-        self.external.lock().expect("board lock").push(c);
+    /// Shows `e` in `/metrics` from now on.
+    pub fn add_external(&self, e: External) {
+        self.external.lock().expect("board lock").push(e);
     }
 
     /// Every shard's last view, cloned.
@@ -666,23 +669,28 @@ impl Collector for Exposition {
             )?;
         }
         let external = b.external.lock().expect("board lock");
-        let mut by_name: BTreeMap<&str, Vec<&ExternalCounter>> = BTreeMap::new();
+        let mut by_name: BTreeMap<&str, Vec<&External>> = BTreeMap::new();
         for c in external.iter() {
             by_name.entry(c.name).or_default().push(c);
         }
         for (name, cs) in by_name {
-            family(
-                &mut e,
-                name,
-                cs[0].help,
-                MetricType::Counter,
-                cs.iter().map(|c| {
-                    (
-                        c.labels.clone(),
-                        ConstCounter::new(c.value.load(Ordering::Relaxed)),
-                    )
-                }),
-            )?;
+            let rows = cs.iter().map(|c| (c.labels.clone(), (c.read)()));
+            match cs[0].gauge {
+                true => family(
+                    &mut e,
+                    name,
+                    cs[0].help,
+                    MetricType::Gauge,
+                    rows.map(|(l, v)| (l, ConstGauge::new(v as i64))),
+                )?,
+                false => family(
+                    &mut e,
+                    name,
+                    cs[0].help,
+                    MetricType::Counter,
+                    rows.map(|(l, v)| (l, ConstCounter::new(v))),
+                )?,
+            }
         }
         Ok(())
     }

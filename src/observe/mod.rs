@@ -5,6 +5,7 @@
 //! Prometheus and the status page.
 
 pub mod csv;
+pub mod follow;
 pub mod log;
 pub mod logged;
 pub mod metrics;

@@ -309,15 +309,19 @@ pub fn generations(path: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// One generation of the log, opened.
-struct Generation {
-    path: PathBuf,
+pub(crate) struct Generation {
+    /// The path it was opened by (`.gz` when it had been compressed meanwhile).
+    pub(crate) path: PathBuf,
     /// The opened file's device and inode (fstat, not the path's: the path may have
     /// been rotated since).
-    id: (u64, u64),
-    reader: Box<dyn BufRead + Send>,
+    pub(crate) id: (u64, u64),
+    /// Its uncompressed content; a plain file's reader sees what is appended later.
+    pub(crate) reader: Box<dyn BufRead + Send>,
 }
 
-fn open_generation(p: &Path) -> std::io::Result<Option<Generation>> {
+/// The generation at `p` opened (its `.gz` when `p` was compressed since it was
+/// listed); None: gone. Errors: it cannot be opened, with its path.
+pub(crate) fn open_generation(p: &Path) -> std::io::Result<Option<Generation>> {
     let open = |p: &Path| -> std::io::Result<Option<Generation>> {
         let f = match File::open(p) {
             Ok(f) => f,
@@ -350,7 +354,8 @@ fn open_generation(p: &Path) -> std::io::Result<Option<Generation>> {
     }
 }
 
-fn identity(p: &Path) -> Option<(u64, u64)> {
+/// The device and inode the path `p` names now.
+pub(crate) fn identity(p: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
 }
 
@@ -385,7 +390,29 @@ pub fn lines(path: &Path) -> std::io::Result<impl Iterator<Item = std::io::Resul
 }
 
 /// A rotated file as listed: its path, last write, and device and inode.
-type Listed = (PathBuf, SystemTime, Option<(u64, u64)>);
+pub type Listed = (PathBuf, SystemTime, Option<(u64, u64)>);
+
+/// The rotated generations of the log at `path` (not the file in use), oldest first
+/// by their last write: each once (a plain file and its finished `.gz` hold the same
+/// records; the plain one is listed). Errors: the directory cannot be read.
+pub fn rotated_oldest_first(path: &Path) -> std::io::Result<Vec<Listed>> {
+    let mut listed: Vec<Listed> = rotated(path)?
+        .into_iter()
+        .filter_map(|(p, _)| {
+            let m = std::fs::metadata(&p).ok()?;
+            Some((p, m.modified().ok()?, Some((m.dev(), m.ino()))))
+        })
+        .collect();
+    let plain: std::collections::HashSet<PathBuf> =
+        listed.iter().map(|(p, _, _)| p.clone()).collect();
+    listed.retain(|(p, _, _)| {
+        let s = p.to_string_lossy();
+        !s.strip_suffix(".gz")
+            .is_some_and(|stem| plain.contains(Path::new(stem)))
+    });
+    listed.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+    Ok(listed)
+}
 
 /// A generation in a snapshot: the file in use, held open, or a rotated one, opened
 /// when the reader reaches it.
@@ -408,22 +435,7 @@ fn snapshot(path: &Path) -> std::io::Result<Vec<Gen>> {
     for attempt in 0..SNAPSHOT_ATTEMPTS_MAX {
         let started = SystemTime::now();
         let current = open_generation(path)?;
-        let mut listed: Vec<Listed> = rotated(path)?
-            .into_iter()
-            .filter_map(|(p, _)| {
-                let m = std::fs::metadata(&p).ok()?;
-                Some((p, m.modified().ok()?, Some((m.dev(), m.ino()))))
-            })
-            .collect();
-        // A plain file and its finished .gz: the same records; read the plain one.
-        let plain: std::collections::HashSet<PathBuf> =
-            listed.iter().map(|(p, _, _)| p.clone()).collect();
-        listed.retain(|(p, _, _)| {
-            let s = p.to_string_lossy();
-            !s.strip_suffix(".gz")
-                .is_some_and(|stem| plain.contains(Path::new(stem)))
-        });
-        listed.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+        let listed = rotated_oldest_first(path)?;
         let all_older = listed.iter().all(|(_, m, _)| *m < started);
         let at = current
             .as_ref()

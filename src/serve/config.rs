@@ -15,6 +15,7 @@ use crate::host::accounts::Group;
 use crate::observe::rotation::Rotation;
 use crate::policy::retry::RetryPolicy;
 use crate::policy::shaping::rules::{parse_per, Rule, Set};
+use crate::serve::webhook::{self, Webhook};
 use crate::smtp::client::{Timeouts, TlsMode};
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::collections::BTreeMap;
@@ -194,6 +195,29 @@ dir = "/var/spool/volley/pickup"   # --pickup; default SPOOL/pickup. Files moved
 scan_interval = "5s"               # (100ms to 1h)
 files_per_scan_max = 1000          # (1 to 1000000); the rest wait for the next scan
 message_size_max = "10MiB"         # (1KiB to 1GiB); a larger file is moved to DIR/bad
+
+# --- Event webhooks (repeat [[webhook]] for more; delete to turn off) -------------
+# The accounting records POSTed as they are logged: a JSON array of the log's lines.
+# At least once: a cursor (SPOOL/webhooks/NAME.cursor) moves after each 2xx.
+[[webhook]]
+name = "crm"                       # required: a-z, 0-9, '-', '_' (1 to 64); names the
+                                   # cursor, the dead letters and the metrics
+url = "https://crm.example.com/volley"  # required: http:// or https:// (Mozilla roots)
+events = ["Delivery", "TransientFailure", "Bounce", "Expiration"]   # record types
+                                   # sent, of Reception, Delivery, TransientFailure,
+                                   # Bounce, Expiration, Shaping; default all
+batch_size = 100                   # records per POST (1 to 10000)
+batch_wait = "1s"                  # ...or fewer once the first waited this (0s to 1m)
+timeout = "30s"                    # per POST, connecting included (1s to 10m)
+retry_wait_max = "5m"              # failed POSTs are retried after 1s, doubling to
+                                   # this (1s to 1h), with jitter, for ever; a batch
+                                   # rejected 5 times (3xx, 4xx but 408 and 429) goes
+                                   # to SPOOL/webhooks/NAME.dead.jsonl
+# bearer_token_file = "/etc/volley/crm.token"   # Authorization: Bearer TOKEN (0600)
+hmac_secret_file = "/etc/volley/crm.hmac"       # X-Volley-Signature: sha256=HEX,
+                                   # HMAC-SHA256 of the body (0600, 16+ octets)
+# ca_file = "/etc/volley/crm-ca.pem"  # https: trust these CAs (PEM) instead of the
+                                   # Mozilla roots (a receiver with a private CA)
 "#;
 
 /// Outbound shaping keys that set the shaping rules' `[default]`, as send's flags do.
@@ -280,6 +304,8 @@ pub struct ServeConfig {
     pub submission: Vec<Submission>,
     pub http: Option<Http>,
     pub pickup: Option<Pickup>,
+    /// `[[webhook]]`: where the accounting records are POSTed.
+    pub webhooks: Vec<Webhook>,
     /// The file read, if any (for problems found after flags are applied).
     source: Option<PathBuf>,
     /// Where each key that [`ServeConfig::check`] may cite was set ("submission.0.auth").
@@ -470,6 +496,7 @@ impl ServeConfig {
             submission: Vec::new(),
             http: None,
             pickup: None,
+            webhooks: Vec::new(),
             source: None,
             origins: BTreeMap::new(),
         }
@@ -1713,6 +1740,7 @@ fn read_all(doc: &mut Doc, entries: Entries) -> ServeConfig {
     read_delivery(doc, &mut top, &mut cfg);
     read_service(doc, &mut top, &mut cfg);
     read_listeners(doc, &mut top, &mut cfg);
+    read_webhooks(doc, &mut top, &mut cfg);
     top.finish(doc);
     cfg
 }
@@ -2146,6 +2174,170 @@ fn read_pickup(doc: &mut Doc, mut t: Table) -> Pickup {
     p
 }
 
+/// `[[webhook]]` tables; two of one name are a problem (they would share a cursor).
+fn read_webhooks(doc: &mut Doc, t: &mut Table, cfg: &mut ServeConfig) {
+    let Some(node) = t.raw(doc, "webhook") else {
+        return;
+    };
+    let span = node.span();
+    let items = match node.into_inner() {
+        Node::Array(items) => items,
+        Node::Table(_) => {
+            doc.bad(
+                &span,
+                "webhook",
+                "written as [webhook]; write [[webhook]] (two brackets): there may be several"
+                    .into(),
+            );
+            return;
+        }
+        other => {
+            doc.bad(&span, "webhook", wrong(&other, "[[webhook]] tables"));
+            return;
+        }
+    };
+    for item in items {
+        let span = item.span();
+        let Node::Table(e) = item.into_inner() else {
+            doc.bad(&span, "webhook", "write [[webhook]] tables".into());
+            continue;
+        };
+        let Some((w, name_span)) = read_webhook(doc, cfg.webhooks.len(), e, span) else {
+            continue;
+        };
+        if cfg.webhooks.iter().any(|o| o.name == w.name) {
+            doc.bad(&name_span, "webhook.name", format!(
+                "{:?} is the name of another [[webhook]]; give each its own (it names the cursor file)",
+                w.name
+            ));
+            continue;
+        }
+        cfg.webhooks.push(w);
+    }
+}
+
+/// One `[[webhook]]`, with the span of its name; None when `name` or `url` is
+/// missing or bad (its other keys are still checked).
+fn read_webhook(
+    doc: &mut Doc,
+    index: usize,
+    entries: Entries,
+    span: Range<usize>,
+) -> Option<(Webhook, Range<usize>)> {
+    let mut t = Table::new("webhook", format!("webhook.{index}."), entries, span);
+    let name_span = t
+        .entries
+        .iter()
+        .find(|(k, _)| k.get_ref() == "name")
+        .map(|(_, v)| v.span());
+    let name = t.get(doc, "name", &|n| {
+        let s = string(n)?;
+        webhook::check_name(&s).map(|()| s)
+    });
+    let url = t.get(doc, "url", &|n| {
+        let s = string(n)?;
+        webhook::check_url(&s).map(|()| s.trim().to_string())
+    });
+    for (key, eg) in [
+        ("name", "name = \"crm\""),
+        ("url", "url = \"https://crm.example.com/volley\""),
+    ] {
+        if !t.entries.iter().any(|(k, _)| k.get_ref() == key) {
+            doc.bad(
+                &t.span,
+                &format!("webhook.{key}"),
+                format!("missing; every [[webhook]] needs {eg}"),
+            );
+        }
+    }
+    let mut w = Webhook::new("", "");
+    if let Some(n) = t.raw(doc, "events") {
+        let at = doc.at(&n.span());
+        if let Some(events) = read_events(doc, n) {
+            doc.origins.insert(format!("{}events", t.origin), at);
+            w.events = Some(events);
+        }
+    }
+    if let Some(b) = t.get(
+        doc,
+        "batch_size",
+        &usize_in(webhook::BATCH_RECORDS_MIN, webhook::BATCH_RECORDS_MAX),
+    ) {
+        w.batch_size = b;
+    }
+    t.put(
+        doc,
+        "batch_wait",
+        &mut w.batch_wait,
+        &duration_in(Duration::ZERO, webhook::BATCH_WAIT_MAX),
+    );
+    t.put(
+        doc,
+        "timeout",
+        &mut w.timeout,
+        &duration_in(webhook::TIMEOUT_MIN, webhook::TIMEOUT_MAX),
+    );
+    t.put(
+        doc,
+        "retry_wait_max",
+        &mut w.retry_wait_max,
+        &duration_in(webhook::RETRY_WAIT_MAX_MIN, webhook::RETRY_WAIT_MAX_MAX),
+    );
+    let path = path_conv(doc.base.clone());
+    w.bearer_token_file = t.get(doc, "bearer_token_file", &path);
+    w.hmac_secret_file = t.get(doc, "hmac_secret_file", &path);
+    w.ca_file = t.get(doc, "ca_file", &path);
+    t.finish(doc);
+    w.name = name?;
+    w.url = url?;
+    Some((w, name_span.unwrap_or(0..0)))
+}
+
+/// `events`: a list of accounting record types, each bad one with its own line.
+fn read_events(doc: &mut Doc, n: Sp<Node>) -> Option<Vec<String>> {
+    let key = "webhook.events";
+    let span = n.span();
+    let Node::Array(items) = n.into_inner() else {
+        doc.bad(
+            &span,
+            key,
+            "write a list: [\"Delivery\", \"Bounce\"]".into(),
+        );
+        return None;
+    };
+    let (mut out, mut ok) = (Vec::new(), true);
+    for item in items {
+        let checked = string(item.get_ref()).and_then(|s| {
+            if webhook::EVENTS.contains(&s.as_str()) {
+                return Ok(s);
+            }
+            let hint = nearest(&s, &webhook::EVENTS)
+                .map_or(String::new(), |n| format!("did you mean `{n}`? "));
+            Err(format!(
+                "{s:?} is not a record type; {hint}the types are {}",
+                webhook::EVENTS.join(", ")
+            ))
+        });
+        match checked {
+            Ok(s) => out.push(s),
+            Err(msg) => {
+                doc.bad(&item.span(), key, msg);
+                ok = false;
+            }
+        }
+    }
+    if ok && out.is_empty() {
+        doc.bad(
+            &span,
+            key,
+            "empty: the webhook would send nothing; list record types, or remove events for all"
+                .into(),
+        );
+        ok = false;
+    }
+    ok.then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2546,6 +2738,61 @@ campaign_header = "X Campaign"
         );
         let p = problems(&format!("{LISTENER_FILES}[[submission]]\ntls = \"none\"\n"));
         assert_eq!(lines_keys(&p), vec![(Some(4), "submission.listen".into())]);
+    }
+
+    #[test]
+    fn webhooks_are_read_and_each_problem_named_with_its_line() {
+        let cfg = parse("[[webhook]]\nname = \"crm\"\nurl = \"https://crm.example.com/v\"\nevents = [\"Delivery\", \"Bounce\"]\nbatch_size = 5\nbatch_wait = \"0s\"\nhmac_secret_file = \"crm.hmac\"\n[[webhook]]\nname = \"all\"\nurl = \"http://127.0.0.1:9000/\"\n").unwrap();
+        let [crm, all] = &cfg.webhooks[..] else {
+            panic!("{:?}", cfg.webhooks)
+        };
+        assert_eq!(
+            crm.events.as_deref(),
+            Some(&["Delivery".to_string(), "Bounce".to_string()][..])
+        );
+        assert_eq!((crm.batch_size, crm.batch_wait), (5, Duration::ZERO));
+        assert_eq!(
+            crm.hmac_secret_file,
+            Some(PathBuf::from("/etc/volley/crm.hmac"))
+        );
+        assert_eq!(all, &Webhook::new("all", "http://127.0.0.1:9000/"));
+        let p = problems(
+            "[[webhook]]\nname = \"crm\"\nurl = \"ftp://x\"\nevents = [\"Delivry\"]\nbatch_size = 0\n[[webhook]]\nname = \"ok\"\nurl = \"http://a/\"\n[[webhook]]\nname = \"ok\"\nurl = \"http://b/\"\nbearer_token = \"t\"\n[[webhook]]\nurl = \"http://c/\"\n",
+        );
+        assert_eq!(
+            lines_keys(&p),
+            vec![
+                (Some(3), "webhook.url".into()),
+                (Some(4), "webhook.events".into()),
+                (Some(5), "webhook.batch_size".into()),
+                (Some(10), "webhook.name".into()),
+                (Some(12), "webhook.bearer_token".into()),
+                (Some(13), "webhook.name".into()),
+            ]
+        );
+        assert!(
+            p[1].msg.contains("did you mean `Delivery`?"),
+            "{}",
+            p[1].msg
+        );
+        assert!(p[3].msg.contains("another [[webhook]]"), "{}", p[3].msg);
+        assert!(
+            p[4].msg.contains("did you mean `bearer_token_file`?"),
+            "{}",
+            p[4].msg
+        );
+        assert!(
+            p[5].msg.contains("missing; every [[webhook]] needs name"),
+            "{}",
+            p[5].msg
+        );
+    }
+
+    #[test]
+    fn a_webhook_written_as_one_table_is_named() {
+        let p = problems("[webhook]\nname = \"crm\"\n");
+        assert_eq!(lines_keys(&p), vec![(Some(1), "webhook".into())]);
+        assert!(p[0].msg.contains("write [[webhook]]"), "{}", p[0].msg);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::message::campaign::Campaign;
 use crate::serve::auth::{Tokens, Users};
 use crate::serve::config::ServeConfig;
 use crate::serve::intake::Intake;
-use crate::serve::{http, pickup, submission};
+use crate::serve::{http, pickup, submission, webhook};
 use crate::spool::inbox::Inboxes;
 use crate::spool::ingest::{self, IngestError};
 use crate::spool::retention;
@@ -52,6 +52,9 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
     // Opened now, held to the end: a log volley cannot write stops the start here,
     // before READY=1, not the first shard after it.
     let _log = crate::observe::log::AccountingLog::shared(&ecfg.log_path, &ecfg.log_rotation)?;
+    // Before the engine: a webhook without a cursor starts at the beginning of the
+    // file in use, which then holds what this start logs too.
+    let webhooks = webhook::start(&cfg.webhooks, &ecfg.log_path, &ecfg.spool_dir)?;
     let hostname = ecfg.ehlo_name.clone();
     let submission_no = ingest::submission_instance(&ecfg.spool_dir, &hostname)?;
     for t in retention::at_start(
@@ -75,6 +78,9 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
         cfg.spool_free_min,
     ));
     let board = intake.board.clone();
+    for (name, stats) in webhooks.stats() {
+        webhook::add_metrics(&board, name, stats);
+    }
     let users = Arc::new(RwLock::new(load_users(cfg.users.as_deref())?));
     let tokens = Arc::new(RwLock::new(load_tokens(cfg.tokens.as_deref())?));
 
@@ -182,6 +188,10 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
             threads.push(pickup::start(pk, listeners_stop.clone())?);
             said.push(format!("pickup from {}", dir.display()));
         }
+        if !cfg.webhooks.is_empty() {
+            let names: Vec<&str> = cfg.webhooks.iter().map(|w| w.name.as_str()).collect();
+            said.push(format!("webhooks {}", names.join(", ")));
+        }
         Ok(())
     })();
     if let Err(e) = started {
@@ -245,6 +255,18 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
     let report = engine
         .join()
         .map_err(|_| anyhow::anyhow!("the engine thread panicked"))??;
+    let hooks = webhooks.stats().to_vec();
+    webhooks.stop(webhook::STOP_WAIT);
+    for (name, s) in hooks {
+        let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        eprintln!(
+            "volley serve: webhook {name}: posted {} record(s) in {} batch(es), {} failed attempt(s), {} record(s) dead-lettered",
+            n(&s.posted_records),
+            n(&s.posted_batches),
+            n(&s.failures),
+            n(&s.dead_lettered_records)
+        );
+    }
     drop(lock);
     eprintln!(
         "volley serve: stopped; delivered {}, bounced {}, expired {}, {} still queued (kept in the spool)",

@@ -9,7 +9,8 @@
 //! - `http` and `inject`: the API, and a JSON body checked as a campaign directory;
 //!   `monitor`: the status page, `/metrics` and queue control on the same listener;
 //! - `pickup`: the pickup directory;
-//! - `intake`: handing messages and campaigns to the shards, answered once durable.
+//! - `intake`: handing messages and campaigns to the shards, answered once durable;
+//! - `webhook`: the accounting records POSTed to `[[webhook]]` receivers, at least once.
 
 pub mod auth;
 pub mod config;
@@ -21,3 +22,4 @@ pub mod monitor;
 pub mod pickup;
 pub mod submission;
 pub mod submitted;
+pub mod webhook;
