@@ -317,9 +317,71 @@ fn log_rotation(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// What the metrics cost per outcome on the hot path: the shard's tally of one
+/// delivery (its counter by provider and source, TLS, the latency histogram) and
+/// one bounce (kept for the status page), and a shard's once-a-second publish.
+fn metrics_tally(c: &mut Criterion) {
+    use std::sync::Arc;
+    use volley::observe::metrics::{Board, Outcome, OutcomeKey, RecentBounce, ShardView, Tally};
+    let providers: Vec<Arc<str>> = ["google", "yahoo", "microsoft", "other"]
+        .into_iter()
+        .map(Arc::from)
+        .collect();
+    let mut g = c.benchmark_group("metrics");
+    let mut tally = Tally::default();
+    let mut i = 0usize;
+    g.bench_function("delivery counted", |b| {
+        b.iter(|| {
+            i += 1;
+            let key = OutcomeKey {
+                outcome: Outcome::Delivered,
+                class: "",
+                provider: providers[i % providers.len()].clone(),
+                source: None,
+            };
+            tally.outcome(black_box(&key), true, 0.8);
+        })
+    });
+    g.bench_function("bounce counted and kept", |b| {
+        b.iter(|| {
+            let key = OutcomeKey {
+                outcome: Outcome::Bounced,
+                class: "invalid_recipient",
+                provider: providers[0].clone(),
+                source: None,
+            };
+            tally.outcome(&key, true, 0.8);
+            tally.bounce(RecentBounce {
+                time: "2026-11-30T22:10:07.123Z".into(),
+                outcome: Outcome::Bounced,
+                campaign: "spring".into(),
+                rcpt: "someone@gmail.com".into(),
+                code: 550,
+                enhanced: Some("5.1.1".into()),
+                class: key.class,
+                reply: "5.1.1 The email account that you tried to reach does not exist.".into(),
+            });
+        })
+    });
+    let board = Board::new(2);
+    g.bench_function("publish (once a second per shard)", |b| {
+        b.iter(|| {
+            board.publish(
+                0,
+                ShardView {
+                    tally: tally.clone(),
+                    ..ShardView::default()
+                },
+            )
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     log_rotation,
+    metrics_tally,
     reply_parsing,
     spool_append,
     template_render,
