@@ -130,22 +130,31 @@ fn metrics_and_status_show_a_running_campaign_and_need_a_token() {
         let (code, _, _) = http(addr, "GET", path, Some("vly_wrong"), "");
         assert_eq!(code, 401, "{path} with a wrong token");
     }
-    let (code, head, text) = http(addr, "GET", "/metrics", Some(&token), "");
-    assert_eq!(code, 200, "{text}");
+    // Published once a second: scraped until a delivery and a bounce (10% of
+    // recipients are refused) show.
+    let bounced_of = |text: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("volley_outcomes_total{outcome=\"bounced\",class=\"invalid_recipient\",provider=\"google-sink\""))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    };
+    let delivered_series = "volley_outcomes_total{outcome=\"delivered\",class=\"\",provider=\"google-sink\",source=\"default\"}";
+    let deadline = Instant::now() + MOVE_LIMIT;
+    let (head, text) = loop {
+        let (code, head, text) = http(addr, "GET", "/metrics", Some(&token), "");
+        assert_eq!(code, 200, "{text}");
+        if sample(&text, delivered_series).unwrap_or(0.0) >= 1.0 && bounced_of(&text) >= 1.0 {
+            break (head, text);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no delivery or no bounce counted:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert!(head.contains("application/openmetrics-text"), "{head}");
     assert!(text.ends_with("# EOF\n"), "{text}");
-    let delivered = sample(
-        &text,
-        "volley_outcomes_total{outcome=\"delivered\",class=\"\",provider=\"google-sink\",source=\"default\"}",
-    )
-    .unwrap_or_else(|| panic!("no delivered counter for google-sink:\n{text}"));
-    assert!(delivered >= 1.0, "{text}");
-    let bounced: f64 = text
-        .lines()
-        .filter(|l| l.starts_with("volley_outcomes_total{outcome=\"bounced\",class=\"invalid_recipient\",provider=\"google-sink\""))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum();
-    assert!(bounced >= 1.0, "10% of recipients are refused: {text}");
+    let delivered = sample(&text, delivered_series).unwrap();
     assert_eq!(
         sample(&text, "volley_injected_recipients_total{path=\"http\"}"),
         Some(200.0),

@@ -179,6 +179,17 @@ pub fn lookup(log: &Path, rcpt: &str, campaign: Option<&str>) -> Result<Found, T
     Err(TrackError::Rotating(at()))
 }
 
+/// Extends the index of every generation of the log at `log` to its end, as a
+/// lookup does on its way (`volley serve` calls this every
+/// [`INDEX_REFRESH_INTERVAL`], so a lookup finds the index warm). Errors: as
+/// [`lookup`]'s.
+pub fn refresh(log: &Path) -> Result<(), TrackError> {
+    lookup(log, "", None).map(|_| ())
+}
+
+/// How often `volley serve` extends the log's index ([`refresh`]).
+pub const INDEX_REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn identity_of(p: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
 }

@@ -192,6 +192,10 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
             let names: Vec<&str> = cfg.webhooks.iter().map(|w| w.name.as_str()).collect();
             said.push(format!("webhooks {}", names.join(", ")));
         }
+        threads.push(index_refresher(
+            ecfg.log_path.clone(),
+            listeners_stop.clone(),
+        )?);
         Ok(())
     })();
     if let Err(e) = started {
@@ -273,6 +277,31 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
         report.delivered, report.bounced, report.expired, report.remaining
     );
     Ok(0)
+}
+
+/// Keeps the accounting log's index (`volley track`'s) extended to the log's end,
+/// every `INDEX_REFRESH_INTERVAL`, on a thread of its own until `stop`: a lookup
+/// then scans at most that long's tail. A failure is said and tried again.
+fn index_refresher(
+    log: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    use crate::observe::track;
+    std::thread::Builder::new()
+        .name("track-index".into())
+        .spawn(move || {
+            let mut at = Instant::now() + track::INDEX_REFRESH_INTERVAL;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                if Instant::now() < at {
+                    continue;
+                }
+                if let Err(e) = track::refresh(&log) {
+                    eprintln!("volley serve: the accounting log's index (volley track): {e}; tried again in a minute");
+                }
+                at = Instant::now() + track::INDEX_REFRESH_INTERVAL;
+            }
+        })
 }
 
 /// What is had with root's rights, when the daemon has them, for after the drop:
