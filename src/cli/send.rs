@@ -375,9 +375,10 @@ pub(crate) fn run(
         metrics,
     } = options;
     let max_wait: Option<Duration> = max_wait.map(Into::into);
-    if let Some(addr) = metrics {
-        volley::serve::monitor::metrics_address(addr)?;
-    }
+    let metrics = match metrics {
+        Some(addr) => Some((addr, volley::serve::monitor::bind_metrics(addr)?)),
+        None => None,
+    };
     let campaign = match Campaign::load(dir) {
         Ok(c) => c,
         Err(problems) => {
@@ -412,7 +413,13 @@ pub(crate) fn run(
         return Ok(1);
     }
     cfg.shards = lock.shards;
-    volley::host::files::make_spool_private(&cfg.spool_dir, &[cfg.log_path.clone()])?;
+    // The log and `volley track`'s index of it keep their modes (0640 and 0750,
+    // for log_group).
+    let keep = [
+        cfg.log_path.clone(),
+        volley::observe::track::index_dir(&cfg.log_path),
+    ];
+    volley::host::files::make_spool_private(&cfg.spool_dir, &keep)?;
     // Opened now, held to the end: a log that cannot be written stops send before
     // anything is queued.
     let _log = volley::observe::log::AccountingLog::shared(&cfg.log_path, &cfg.log_rotation)
@@ -509,7 +516,8 @@ pub(crate) fn run(
     let board = Arc::new(volley::observe::metrics::Board::new(cfg.shards));
     let metrics_stop = Arc::new(AtomicBool::new(false));
     let metrics_thread = match metrics {
-        Some(addr) => Some(volley::serve::monitor::serve_metrics(
+        Some((addr, listener)) => Some(volley::serve::monitor::serve_metrics(
+            listener,
             addr,
             board.clone(),
             metrics_stop.clone(),

@@ -270,6 +270,7 @@ pub fn is_unprintable(c: char) -> bool {
     c.is_control()
         || ('\u{202a}'..='\u{202e}').contains(&c)
         || ('\u{2066}'..='\u{2069}').contains(&c)
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{061c}')
 }
 
 /// Checks one operator-given word of a command line (a target): the socket's line is

@@ -68,10 +68,9 @@ pub fn track(
     campaign: Option<&str>,
 ) -> Result<Tracked, TrackError> {
     let bad = || TrackError::NotAnAddress(rcpt.to_string());
-    let ok = rcpt.rsplit_once('@').is_some_and(|(l, d)| {
-        !l.is_empty() && !d.is_empty() && control::check_word("the address", rcpt).is_ok()
-    });
-    if !ok || campaign.is_some_and(|c| control::check_word("the campaign", c).is_err()) {
+    if !is_trackable(rcpt)
+        || campaign.is_some_and(|c| control::check_word("the campaign", c).is_err())
+    {
         return Err(bad());
     }
     let (live, queued) = live(spool, rcpt, campaign);
@@ -90,6 +89,17 @@ pub fn track(
     })
 }
 
+/// Whether `rcpt` is looked up: LOCAL@DOMAIN, not `<...>` (a Message-ID's form),
+/// nothing unprintable. A quoted local part may hold a space (`"a b"@example.com`,
+/// RFC 5321 §4.1.2): the log is searched for it as it is; only the admin socket's
+/// line needs one word, so the spool is then read directly (`live`).
+fn is_trackable(rcpt: &str) -> bool {
+    rcpt.rsplit_once('@')
+        .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
+        && !rcpt.starts_with('<')
+        && !rcpt.chars().any(control::is_unprintable)
+}
+
 /// The spool's part: asked of the running process, else read directly.
 fn live(spool: &Path, rcpt: &str, campaign: Option<&str>) -> (String, Vec<Queued>) {
     let line = match campaign {
@@ -103,7 +113,8 @@ fn live(spool: &Path, rcpt: &str, campaign: Option<&str>) -> (String, Vec<Queued
             Vec::new(),
         );
     }
-    let asked = match control::socket_path(spool).exists() {
+    let one_word = control::check_word("the address", rcpt).is_ok();
+    let asked = match one_word && control::socket_path(spool).exists() {
         true => Some(control::request_waiting(spool, &line, patience)),
         false => None,
     };
@@ -266,7 +277,7 @@ impl Tracked {
                 e.reply
             ));
         }
-        out
+        crate::observe::log::escape_controls(&out).into_owned()
     }
 }
 
@@ -277,5 +288,32 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::TransientFailure => "TransientFailure",
         Kind::Bounce => "Bounce",
         Kind::Expiration => "Expiration",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_that_were_sent_to_are_trackable_and_nothing_else() {
+        for a in [
+            "ann@gmail.com",
+            "Ann@Gmail.COM",
+            "\"tempfail x\"@gmail.com",
+            "jörg@bücher.de",
+        ] {
+            assert!(is_trackable(a), "{a}");
+        }
+        for a in [
+            "<ann@gmail.com>",
+            "ann",
+            "@gmail.com",
+            "ann@",
+            "ann@gmail.com\u{200f}",
+            "a\nb@c.d",
+        ] {
+            assert!(!is_trackable(a), "{a:?}");
+        }
     }
 }

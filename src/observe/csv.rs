@@ -213,10 +213,11 @@ pub fn row(l: &Logged) -> Row {
             Some(t) => format!("{status} ({t})"),
             None => status,
         },
-        dsn_diag: match &l.enhanced {
+        dsn_diag: crate::observe::log::escape_controls(&match &l.enhanced {
             Some(e) => format!("smtp;{} {e} {}", l.code, l.reply),
             None => format!("smtp;{} {}", l.code, l.reply),
-        },
+        })
+        .replace('\n', " "),
         dsn_mta: match (&l.mx, l.mx_addr()) {
             (Some(mx), Some(ip)) => format!("{mx} ({ip})"),
             (Some(mx), None) => mx.clone(),

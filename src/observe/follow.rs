@@ -611,11 +611,29 @@ mod tests {
         let mut seen = Vec::new();
         let until = std::time::Instant::now() + Duration::from_secs(60);
         while (seen.len() as u64) < total {
-            assert!(
-                std::time::Instant::now() < until,
-                "{} of {total}",
-                seen.len()
-            );
+            if std::time::Instant::now() >= until {
+                let mut names: Vec<String> = std::fs::read_dir(&d)
+                    .unwrap()
+                    .map(|e| {
+                        let e = e.unwrap();
+                        let m = e.metadata().unwrap();
+                        format!(
+                            "{} {} {:?}",
+                            e.file_name().to_string_lossy(),
+                            m.ino(),
+                            m.modified().unwrap()
+                        )
+                    })
+                    .collect();
+                names.sort();
+                panic!(
+                    "{} of {total}; cursor {:?} gen {:?} id {:?}; files {names:#?}",
+                    seen.len(),
+                    f.cursor(),
+                    f.gen.g.path,
+                    f.gen.g.id
+                );
+            }
             seen.extend(drain(&mut f));
         }
         writer.join().unwrap();

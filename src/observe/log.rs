@@ -492,6 +492,23 @@ fn compress_loop(path: &Path, rotation: &Rotation, rx: crossbeam_channel::Receiv
     }
 }
 
+/// `s` with every control character but tab and line feed (a receiver's reply may
+/// carry ESC, BEL, backspace: terminal escapes) written as `\u{1b}`, for output
+/// an operator reads in a terminal (`volley track`, `volley log csv`).
+pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(|c| c.is_control() && c != '\t' && c != '\n') {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c.is_control() && c != '\t' && c != '\n' {
+            true => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            false => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 pub fn now_rfc3339() -> String {
     rfc3339(SystemTime::now())
 }
@@ -504,6 +521,15 @@ pub fn rfc3339(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_for_a_terminal() {
+        assert_eq!(escape_controls("550 5.1.1 no\tsuch"), "550 5.1.1 no\tsuch");
+        assert_eq!(
+            escape_controls("550 \u{1b}]0;PWNED\u{7}\u{1b}[2J a\u{8}X\n"),
+            "550 \\u{1b}]0;PWNED\\u{7}\\u{1b}[2J a\\u{8}X\n"
+        );
+    }
     use std::os::unix::fs::PermissionsExt;
 
     #[test]

@@ -360,6 +360,7 @@ pub struct Board {
     service: Mutex<Option<ServiceView>>,
     history: Mutex<VecDeque<Sample>>,
     external: Mutex<Vec<External>>,
+    started: std::time::SystemTime,
 }
 
 impl std::fmt::Debug for Board {
@@ -377,6 +378,7 @@ impl Board {
             service: Mutex::new(None),
             history: Mutex::new(VecDeque::new()),
             external: Mutex::new(Vec::new()),
+            started: std::time::SystemTime::now(),
         }
     }
 
@@ -399,6 +401,11 @@ impl Board {
     /// Shows `e` in `/metrics` from now on.
     pub fn add_external(&self, e: External) {
         self.external.lock().expect("board lock").push(e);
+    }
+
+    /// When the board was made (the process's start): every count is since then.
+    pub fn started(&self) -> std::time::SystemTime {
+        self.started
     }
 
     /// Every shard's last view, cloned.

@@ -399,10 +399,23 @@ pub fn rotated_oldest_first(path: &Path) -> std::io::Result<Vec<Listed>> {
     let mut listed: Vec<Listed> = rotated(path)?
         .into_iter()
         .filter_map(|(p, _)| {
-            let m = std::fs::metadata(&p).ok()?;
+            // Compressed between the listing and here: the plain file is gone and
+            // its .gz (not listed yet) is this generation.
+            let (p, m) = match std::fs::metadata(&p) {
+                Ok(m) => (p, m),
+                Err(_) if p.extension().is_none_or(|x| x != "gz") => {
+                    let gz = PathBuf::from(format!("{}.gz", p.display()));
+                    let m = std::fs::metadata(&gz).ok()?;
+                    (gz, m)
+                }
+                Err(_) => return None,
+            };
             Some((p, m.modified().ok()?, Some((m.dev(), m.ino()))))
         })
         .collect();
+    // A .gz listed twice (found both ways): once.
+    listed.sort_by(|a, b| a.0.cmp(&b.0));
+    listed.dedup_by(|a, b| a.0 == b.0);
     let plain: std::collections::HashSet<PathBuf> =
         listed.iter().map(|(p, _, _)| p.clone()).collect();
     listed.retain(|(p, _, _)| {
@@ -410,8 +423,28 @@ pub fn rotated_oldest_first(path: &Path) -> std::io::Result<Vec<Listed>> {
         !s.strip_suffix(".gz")
             .is_some_and(|stem| plain.contains(Path::new(stem)))
     });
-    listed.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+    listed.sort_by(|a, b| {
+        a.1.cmp(&b.1)
+            .then_with(|| same_time_order(&a.0).cmp(&same_time_order(&b.0)))
+    });
     Ok(listed)
+}
+
+/// The order of generations last written in the same clock tick (file times are
+/// as coarse as the kernel's tick, and a small `log_rotate_size` rotates faster):
+/// by rotated name, `.gz` or not, `LOG.T` before `LOG.T-001` before `LOG.T-002`
+/// (a plain name order puts `LOG.T.gz` after `LOG.T-001`).
+fn same_time_order(p: &Path) -> (String, u32) {
+    let name = p
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let stem = name.strip_suffix(".gz").unwrap_or(&name);
+    match stem.rsplit_once('-') {
+        Some((base, n)) if n.len() == 3 && n.bytes().all(|b| b.is_ascii_digit()) => {
+            (base.to_string(), n.parse().unwrap_or(0))
+        }
+        _ => (stem.to_string(), 0),
+    }
 }
 
 /// A generation in a snapshot: the file in use, held open, or a rotated one, opened
@@ -501,6 +534,31 @@ mod tests {
         std::fs::write(format!("{}.gz", first.display()), "").unwrap();
         let second = rotated_name(&p, t).unwrap();
         assert_eq!(second, PathBuf::from(format!("{}-001", first.display())));
+    }
+
+    #[test]
+    fn generations_written_in_the_same_tick_are_listed_in_rotation_order() {
+        let d = dir("tick");
+        let p = d.join("acct.jsonl");
+        let t = SystemTime::now() - Duration::from_secs(60);
+        // Rotated within one clock tick: the first already gzipped.
+        let names = [
+            "acct.jsonl.20261130T231900Z.gz",
+            "acct.jsonl.20261130T231900Z-001",
+            "acct.jsonl.20261130T231900Z-002.gz",
+            "acct.jsonl.20261130T231900Z-010",
+        ];
+        for n in names.iter().rev() {
+            let f = std::fs::File::create(d.join(n)).unwrap();
+            f.set_modified(t).unwrap();
+        }
+        let listed: Vec<String> = rotated_oldest_first(&p)
+            .unwrap()
+            .into_iter()
+            .map(|(p, _, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(listed, names);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

@@ -88,11 +88,23 @@ pub struct CampaignRow {
     pub delivered: u64,
     pub bounced: u64,
     pub expired: u64,
-    /// Not yet final.
+    /// Not yet final: recovered at the daemon's start or taken in since, less
+    /// what became final (delivered, bounced, expired count since the start).
     pub queued: u64,
-    /// Seconds to the last final outcome at the average rate since it was queued;
-    /// None when nothing is final yet, 0 when done.
+    /// Seconds to the last final outcome at the average rate since it was queued
+    /// (or since the start, for a campaign queued before it); None when nothing
+    /// is final yet, 0 when done.
     pub eta_s: Option<u64>,
+}
+
+/// Seconds until `queued` recipients are final at the rate `done` became final
+/// in `elapsed_s`: 0 when nothing is queued, None before anything is final.
+pub fn eta_s(queued: u64, done: u64, elapsed_s: f64) -> Option<u64> {
+    match (queued, done) {
+        (0, _) => Some(0),
+        (_, 0) => None,
+        (q, d) => Some((q as f64 * elapsed_s / d as f64).ceil() as u64),
+    }
 }
 
 /// Folds the board into the page's view; `campaigns` come from the daemon.

@@ -43,11 +43,16 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
     let held = privileged_start(&cfg, &ecfg)?;
     let lock = ingest::lock_spool(&ecfg.spool_dir, ecfg.shards)?;
     ecfg.shards = lock.shards;
-    // The pickup directory keeps the modes its operator gave it: other users drop into it.
-    let keep: Vec<_> = [Some(ecfg.log_path.clone()), cfg.pickup_dir()]
-        .into_iter()
-        .flatten()
-        .collect();
+    // The pickup directory keeps the modes its operator gave it: other users drop
+    // into it; the log and `volley track`'s index keep theirs, for log_group.
+    let keep: Vec<_> = [
+        Some(ecfg.log_path.clone()),
+        Some(crate::observe::track::index_dir(&ecfg.log_path)),
+        cfg.pickup_dir(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     crate::host::files::make_spool_private(&ecfg.spool_dir, &keep)?;
     // Opened now, held to the end: a log volley cannot write stops the start here,
     // before READY=1, not the first shard after it.

@@ -338,7 +338,9 @@ async fn campaign_counts(
         "campaign": id,
         "recipients": recipients,
         "outcomes": total,
-        "queued": recipients.saturating_sub(total.delivered + total.bounced + total.expired),
+        // Recovered at start or taken in since, less what became final: counts of
+        // what was final before the start are not kept.
+        "queued": total.queued,
         "instances": list,
     }))
     .into_response()

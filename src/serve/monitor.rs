@@ -53,27 +53,28 @@ const ASSETS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-/// Checks `volley send --metrics`' address: loopback alone, as nothing asks a
-/// token. Errors: another address, with the ways to reach metrics from elsewhere.
-pub fn metrics_address(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+/// Binds `volley send --metrics`' listener, before anything is queued:
+/// loopback alone, as nothing asks a token. Errors: another address (with the
+/// ways to reach metrics from elsewhere), or one that cannot be bound.
+pub fn bind_metrics(addr: std::net::SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     if !addr.ip().is_loopback() {
         anyhow::bail!(
             "--metrics {addr}: send's metrics ask no token, so they are served on loopback alone (127.0.0.1:PORT or [::1]:PORT); put a proxy with authentication in front to reach them from elsewhere, or run `volley serve`, whose /metrics needs a token"
         );
     }
-    Ok(())
+    crate::serve::http::bind(addr)
+        .map_err(|e| anyhow::anyhow!("--metrics: {e}; nothing was queued"))
 }
 
-/// Serves `GET /metrics` alone from `board` on `addr` until `stop` (`volley send
-/// --metrics`): no token, as the counts hold no addresses. Errors: the address
-/// cannot be bound.
+/// Serves `GET /metrics` alone from `board` on `listener` ([`bind_metrics`]'s, on
+/// `addr`) until `stop` (`volley send --metrics`): no token, as the counts hold
+/// no addresses.
 pub fn serve_metrics(
+    listener: std::net::TcpListener,
     addr: std::net::SocketAddr,
     board: Arc<Board>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    metrics_address(addr)?;
-    let listener = crate::serve::http::bind(addr).map_err(|e| anyhow::anyhow!("--metrics: {e}"))?;
     let app = Router::new().route(
         "/metrics",
         get(move || {
@@ -149,11 +150,9 @@ async fn status_json(State(api): State<Arc<Api>>, headers: HeaderMap) -> Respons
         .map(|i| {
             let c = i.outcomes.snapshot();
             let done = c.delivered + c.bounced + c.expired;
-            let queued = i.recipients.saturating_sub(done);
-            let elapsed = now
-                .duration_since(i.queued_at)
-                .unwrap_or_default()
-                .as_secs_f64();
+            // Counts are since the start: so is the rate behind the ETA.
+            let since = i.queued_at.max(api.intake.board.started());
+            let elapsed = now.duration_since(since).unwrap_or_default().as_secs_f64();
             CampaignRow {
                 campaign: i.settings.id.clone(),
                 instance: i.no,
@@ -161,12 +160,8 @@ async fn status_json(State(api): State<Arc<Api>>, headers: HeaderMap) -> Respons
                 delivered: c.delivered,
                 bounced: c.bounced,
                 expired: c.expired,
-                queued,
-                eta_s: match (queued, done) {
-                    (0, _) => Some(0),
-                    (_, 0) => None,
-                    (q, d) => Some((q as f64 * elapsed / d as f64).ceil() as u64),
-                },
+                queued: c.queued,
+                eta_s: status::eta_s(c.queued, done, elapsed),
             }
         })
         .collect();
@@ -196,10 +191,17 @@ async fn queue(State(api): State<Arc<Api>>, req: axum::extract::Request) -> Resp
     let read = axum::body::to_bytes(req.into_body(), QUEUE_REQUEST_OCTETS_MAX);
     let body = match tokio::time::timeout(api.request_timeout, read).await {
         Ok(Ok(b)) => b,
-        _ => {
+        Ok(Err(_)) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("a queue request is at most {QUEUE_REQUEST_OCTETS_MAX} octets (QUEUE_REQUEST_OCTETS_MAX), sent within request_timeout"),
+                &format!("a queue request is at most {QUEUE_REQUEST_OCTETS_MAX} octets (QUEUE_REQUEST_OCTETS_MAX)"),
+                Vec::new(),
+            )
+        }
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive within request_timeout; nothing was changed",
                 Vec::new(),
             )
         }

@@ -511,7 +511,7 @@ impl Poster {
                 || (!batch.is_empty() && first_at.elapsed() >= self.hook.batch_wait);
             if due {
                 let at = f.cursor().clone();
-                if !self.deliver(&batch) {
+                if !self.deliver(&batch, &f) {
                     // Stopped before it was acknowledged: sent again at the next start.
                     return;
                 }
@@ -553,8 +553,10 @@ impl Poster {
     }
 
     /// POSTs the batch until it is acknowledged or dead-lettered (true), or the
-    /// webhook is stopped (false).
-    fn deliver(&mut self, batch: &[Vec<u8>]) -> bool {
+    /// webhook is stopped (false). While it fails, the lag (what `f` has not read,
+    /// and the batch) is renewed before each wait: it grows while the receiver is
+    /// down.
+    fn deliver(&mut self, batch: &[Vec<u8>], f: &Follower) -> bool {
         let mut body = Vec::with_capacity(batch.iter().map(|l| l.len() + 1).sum::<usize>() + 2);
         body.push(b'[');
         for (i, l) in batch.iter().enumerate() {
@@ -587,6 +589,9 @@ impl Poster {
                 Err(f) => f,
             };
             self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .lag_octets
+                .store(f.lag_octets() + body.len() as u64, Ordering::Relaxed);
             rejected += u32::from(failed.rejected);
             if rejected >= REJECTED_ATTEMPTS_MAX {
                 match self.dead_letter(batch) {

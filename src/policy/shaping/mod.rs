@@ -140,6 +140,8 @@ struct State {
     paused: bool,
     win_start: Instant,
     win_count: u32,
+    /// When the last message passed (None: none yet), for the rate shown.
+    last_msg: Option<Instant>,
     observed: f64,
     warm: Option<Warm>,
     /// (shards, this shard's id): each day's cap is shared like every limit.
@@ -298,6 +300,7 @@ impl Limiter {
                 paused: false,
                 win_start: now,
                 win_count: 0,
+                last_msg: None,
                 observed: 0.0,
                 warm: rule.warmup.as_ref().map(|w| Warm {
                     schedule: w.value.clone(),
@@ -443,6 +446,7 @@ impl Limiter {
             s.win_count = 0;
         }
         s.win_count += 1;
+        s.last_msg = Some(now);
     }
 
     /// Messages per second over the last full window, or the current one so far
@@ -690,11 +694,13 @@ impl Limiter {
                 }
             }
         };
-        // A key gone idle keeps its last window's rate until the next message:
-        // past two windows the rate is what this window holds (nothing, idle).
-        let idle = now.duration_since(s.win_start) > RATE_WINDOW * 2;
+        // A key gone idle (paused, no work) keeps its last window's rate until
+        // the next message: with nothing passed for a window, it shows 0.
+        let idle = s
+            .last_msg
+            .is_none_or(|t| now.duration_since(t) > RATE_WINDOW);
         let measured = match idle {
-            true => Some(s.win_count as f64 / now.duration_since(s.win_start).as_secs_f64()),
+            true => Some(0.0),
             false => Self::measured(&s, now),
         };
         KeyView {

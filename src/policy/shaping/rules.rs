@@ -608,6 +608,17 @@ fn parse_layer(name: &str, text: &str) -> Result<Layer, Vec<Problem>> {
     let mut providers = Vec::new();
     for (pname, s) in &spec.provider {
         cx.only_in(s, true, false);
+        // The name is a `volley queue` target (provider:NAME, one word) and a
+        // metrics label: letters, digits and . _ - alone.
+        let word = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if pname.is_empty() || !pname.chars().all(word) {
+            let at = s.mx_suffixes.as_ref().map_or(0..0, |m| m.span());
+            cx.bad(
+                at,
+                "provider",
+                format!("the provider name {pname:?} is not one word of letters, digits, '.', '_' and '-'; it is what `volley queue pause provider:NAME` and the metrics' provider label name, so rename the [provider.NAME] table"),
+            );
+        }
         let suffixes: Vec<String> = s
             .mx_suffixes
             .as_ref()
@@ -896,6 +907,18 @@ mod tests {
         );
         assert!(shown[1].starts_with("r.toml:6: max_msg_rate"), "{shown:?}");
         assert!(shown[2].starts_with("r.toml:7: tls"), "{shown:?}");
+    }
+
+    #[test]
+    fn a_provider_name_must_be_one_word() {
+        let text = "[provider.\"e\\\"vil x\"]\nmx_suffixes = [\"x.test\"]\n";
+        let errs = parse_layer("r.toml", text).err().unwrap();
+        assert!(errs[0].msg.contains("not one word"), "{errs:?}");
+        assert!(parse_layer(
+            "r.toml",
+            "[provider.google-sink_2]\nmx_suffixes = [\"x.test\"]\n"
+        )
+        .is_ok());
     }
 
     #[test]
