@@ -130,6 +130,9 @@ pub struct Gone {
     pub offset: u64,
     /// The generation reading goes on from.
     pub from: String,
+    /// The cursor's generation is there but shorter than its offset (truncated,
+    /// as logrotate's copytruncate does): its length; reading goes on from its end.
+    pub shorter: Option<u64>,
 }
 
 impl Follower {
@@ -172,7 +175,13 @@ impl Follower {
                     at: c.clone(),
                 };
                 f.skip_to(c.offset)?;
-                return Ok((f, None));
+                let shorter = (f.gen.offset < c.offset).then(|| Gone {
+                    file: c.file.clone(),
+                    offset: c.offset,
+                    from: f.gen.name.clone(),
+                    shorter: Some(f.gen.offset),
+                });
+                return Ok((f, shorter));
             }
         }
         let since = UNIX_EPOCH + Duration::from_millis(c.modified_unix_ms);
@@ -190,6 +199,7 @@ impl Follower {
             file: c.file.clone(),
             offset: c.offset,
             from: gen.name.clone(),
+            shorter: None,
         });
         // Nothing of the new place read yet: a cursor taken now still says the old.
         Ok((
@@ -706,7 +716,32 @@ mod tests {
         let gone = gone.expect("said");
         assert_eq!(gone.file, "acct.jsonl.20261130T100000Z");
         assert_eq!(gone.from, "acct.jsonl.20261130T110000Z");
+        assert_eq!(gone.shorter, None);
         assert_eq!(drain(&mut f), [3, 4]);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_cursor_past_the_end_of_its_file_says_the_file_was_truncated() {
+        let d = dir("short");
+        let log = d.join("acct.jsonl");
+        std::fs::write(&log, "{\"n\":1}\n{\"n\":2}\n").unwrap();
+        let c = Cursor {
+            file: "acct.jsonl".into(),
+            first_line_sha256: first_line_sha256(&log).unwrap().unwrap(),
+            offset: 9_999,
+            modified_unix_ms: 0,
+        };
+        let (mut f, said) = Follower::open(&log, Some(&c)).unwrap();
+        let said = said.expect("the truncation is said");
+        assert_eq!((said.shorter, said.offset), (Some(16), 9_999));
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .unwrap()
+            .write_all(b"{\"n\":3}\n")
+            .unwrap();
+        assert_eq!(drain(&mut f), [3], "going on from its end");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -71,6 +71,7 @@ impl Outcome {
 /// One counter of `volley_outcomes_total`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct OutcomeKey {
+    /// Delivered, transient failure, bounced or expired.
     pub outcome: Outcome,
     /// The reply's class (classify/rules.toml); "" for a delivery.
     pub class: &'static str,
@@ -91,6 +92,7 @@ pub struct Buckets {
 }
 
 impl Buckets {
+    /// An empty histogram over `bounds` (seconds, ascending; +Inf is added).
     pub fn new(bounds: &'static [f64]) -> Buckets {
         Buckets {
             bounds,
@@ -99,12 +101,14 @@ impl Buckets {
         }
     }
 
+    /// Counts one observation of `seconds`.
     pub fn observe(&mut self, seconds: f64) {
         let i = self.bounds.partition_point(|b| *b < seconds);
         self.counts[i] += 1;
         self.sum += seconds;
     }
 
+    /// Observations counted.
     pub fn count(&self) -> u64 {
         self.counts.iter().sum()
     }
@@ -133,11 +137,17 @@ impl Buckets {
 pub struct RecentBounce {
     /// RFC 3339 UTC.
     pub time: String,
+    /// Bounced or expired.
     pub outcome: Outcome,
+    /// The campaign id it counts under.
     pub campaign: String,
+    /// The recipient's address.
     pub rcpt: String,
+    /// The reply's code (volley's own for a local or DNS outcome).
     pub code: u16,
+    /// The reply's enhanced status code (RFC 3463), when it had one.
     pub enhanced: Option<String>,
+    /// The reply's class (classify/rules.toml).
     pub class: &'static str,
     /// The reply, cut to [`REPLY_SHOWN_MAX`] octets.
     pub reply: String,
@@ -158,11 +168,15 @@ pub fn shown_reply(reply: &str) -> String {
 /// What one shard counts, on its own thread; [`ShardView`] carries a copy out.
 #[derive(Debug, Clone)]
 pub struct Tally {
+    /// Outcomes since start, by counter.
     pub outcomes: HashMap<OutcomeKey, u64>,
     /// Deliveries over TLS, by provider.
     pub delivered_tls: HashMap<Arc<str>, u64>,
+    /// Queue-to-delivery latency of deliveries, seconds.
     pub latency: Buckets,
+    /// SMTP transactions that ran to their last reply, seconds.
     pub transaction: Buckets,
+    /// The last [`RECENT_BOUNCES_MAX`] bounces and expirations, oldest first.
     pub bounces: VecDeque<RecentBounce>,
 }
 
@@ -212,6 +226,7 @@ impl Tally {
 /// metrics. Rates are messages per second, this shard's share.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct KeyView {
+    /// `provider:NAME`, `domain:NAME`, `source:IP>DEST` or `site:MX,...`.
     pub key: String,
     /// The pacing now (after any back-off or operator rate); None: unlimited.
     pub rate: Option<f64>,
@@ -219,18 +234,23 @@ pub struct KeyView {
     pub configured_rate: Option<f64>,
     /// Messages per second over the last second's window.
     pub measured_rate: Option<f64>,
+    /// Connections open for the key on this shard.
     pub connections: usize,
     /// The connection cap now (after any back-off); None: unlimited.
     pub connections_cap: Option<usize>,
+    /// A throttle reply cut its rate and connections; not yet recovered.
     pub backed_off: bool,
     /// The backed-off rate over the rate it backed off from (1 when not backed off).
     pub backoff_factor: f64,
     /// Seconds of suspension left (a `blocked` reply), 0 when not suspended.
     pub suspended_s: u64,
+    /// An operator paused it (`volley queue pause`).
     pub paused: bool,
+    /// Its rate was set by an operator (`volley queue rate`).
     pub operator_rate: bool,
     /// The receiver's reply behind the back-off or suspension in force.
     pub cause: Option<String>,
+    /// Its warm-up schedule's progress, when it has one.
     pub warmup: Option<WarmupView>,
 }
 
@@ -243,12 +263,14 @@ pub struct WarmupView {
     pub days: u32,
     /// This shard's share of today's cap; None once the schedule has run out.
     pub cap_today: Option<u32>,
+    /// Messages sent today (UTC) on this shard, earlier runs included.
     pub sent_today: u32,
 }
 
 /// What a shard publishes once a second.
 #[derive(Debug, Clone, Default)]
 pub struct ShardView {
+    /// What the shard counted since start.
     pub tally: Tally,
     /// Recipients queued for a destination now.
     pub ready: u64,
@@ -265,7 +287,9 @@ pub struct ShardView {
     pub keys: Vec<KeyView>,
     /// Every other key (one per MX set without a provider rule), folded.
     pub other: OtherKeys,
+    /// Spool segments the shard holds.
     pub spool_segments: u64,
+    /// Octets of those segments on disk.
     pub spool_bytes: u64,
 }
 
@@ -273,8 +297,11 @@ pub struct ShardView {
 /// shard, folded so that their number does not grow the metrics or the page.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct OtherKeys {
+    /// Keys folded in.
     pub keys: u64,
+    /// Of them, backed off now.
     pub backed_off: u64,
+    /// Of them, suspended now.
     pub suspended: u64,
     /// Messages per second they passed over the last second, together.
     pub measured_rate: f64,
@@ -324,10 +351,13 @@ impl Door {
 /// The daemon's own figures, renewed once a second.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ServiceView {
+    /// Free octets on the spool's file system (for an unprivileged writer).
     pub spool_free_bytes: u64,
+    /// `spool_free_min`: injection is refused below it.
     pub spool_free_min_bytes: u64,
     /// Whether injection is refused now for the disk floor.
     pub injection_refused_now: bool,
+    /// Injections refused for the disk floor since start.
     pub injections_refused_disk: u64,
 }
 
@@ -336,19 +366,26 @@ pub struct ServiceView {
 pub struct External {
     /// A counter's without `_total`, which the exposition adds.
     pub name: &'static str,
+    /// The `# HELP` text.
     pub help: &'static str,
     /// A gauge (a level) rather than a counter (a total since start).
     pub gauge: bool,
+    /// Its labels (bounded: one series per webhook).
     pub labels: Vec<(&'static str, String)>,
+    /// Reads the value at a scrape.
     pub read: Box<dyn Fn() -> u64 + Send + Sync>,
 }
 
 /// One second of the chart: totals at that second.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Sample {
+    /// Seconds since the Unix epoch.
     pub unix_s: u64,
+    /// Deliveries since start.
     pub delivered: u64,
+    /// Bounces and expirations since start.
     pub failed: u64,
+    /// Transient failures (attempts) since start.
     pub deferred: u64,
 }
 
@@ -413,6 +450,7 @@ impl Board {
         self.shards.lock().expect("board lock").clone()
     }
 
+    /// The daemon's own figures, once it has set them.
     pub fn service(&self) -> Option<ServiceView> {
         self.service.lock().expect("board lock").clone()
     }

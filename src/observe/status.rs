@@ -13,31 +13,42 @@ pub const BOUNCES_SHOWN_MAX: usize = 25;
 /// Everything the status page shows, as JSON.
 #[derive(Debug, Serialize)]
 pub struct Status {
+    /// Shard threads running.
     pub shards: usize,
     /// Recipients by outcome since start (transient_failure: attempts).
     pub totals: BTreeMap<Outcome, u64>,
+    /// Recipients queued now.
     pub queue: Queue,
     /// One sample a second, oldest first: [unix seconds, delivered, failed
     /// (bounced + expired), deferred] totals.
     pub history: Vec<[u64; 4]>,
+    /// One row per provider, domain with its own rule, and `other`, by name.
     pub providers: Vec<ProviderRow>,
+    /// One row per pool source towards a provider.
     pub sources: Vec<SourceRow>,
+    /// Campaign instances (submitted mail excepted), by number.
     pub campaigns: Vec<CampaignRow>,
+    /// The last [`BOUNCES_SHOWN_MAX`] bounces and expirations, newest first.
     pub bounces: Vec<RecentBounce>,
+    /// The disk budget, once the daemon has measured it.
     pub service: Option<ServiceView>,
 }
 
 /// Recipients queued, over every shard.
 #[derive(Debug, Default, Serialize)]
 pub struct Queue {
+    /// Ready to send.
     pub ready: u64,
+    /// Waiting for their retry time.
     pub retry: u64,
+    /// Held by an operator's pause of a domain or campaign.
     pub held: u64,
 }
 
 /// A provider (a shaping rule's), or `other` for every destination without one.
 #[derive(Debug, Default, Serialize)]
 pub struct ProviderRow {
+    /// The provider's name, `domain:NAME`, or `other`.
     pub provider: String,
     /// The key the queue buttons act on (`provider:NAME`); None for `other`, which
     /// is many keys.
@@ -48,32 +59,48 @@ pub struct ProviderRow {
     pub limit: Option<f64>,
     /// The configured rate (or the operator's); None: unlimited.
     pub configured: Option<f64>,
+    /// Connections open now.
     pub connections: u64,
+    /// The connection cap now (after any back-off); None: unlimited.
     pub connections_cap: Option<u64>,
     /// The backed-off rate over the rate it backed off from (1: not backed off).
     pub backoff_factor: f64,
     /// Keys backed off now (several for `other`).
     pub backed_off: u64,
+    /// Seconds of suspension left (blocked replies); 0: none.
     pub suspended_s: u64,
+    /// Paused by an operator.
     pub paused: bool,
+    /// Its rate set by an operator.
     pub operator_rate: bool,
     /// The receiver's reply behind a back-off or suspension in force.
     pub cause: Option<String>,
+    /// Deliveries since start.
     pub delivered: u64,
+    /// Transient failures (attempts) since start.
     pub deferred: u64,
+    /// Bounces and expirations since start.
     pub bounced: u64,
 }
 
 /// A pool source address towards one destination.
 #[derive(Debug, Serialize)]
 pub struct SourceRow {
+    /// The pool address.
     pub source: String,
+    /// The destination key it sends towards (`provider:NAME`).
     pub destination: String,
+    /// Its shaping key (`source:IP>provider:NAME`), the buttons' target.
     pub key: String,
+    /// Messages per second it passed over the last second, over every shard.
     pub rate: f64,
+    /// Backed off on some shard now.
     pub backed_off: bool,
+    /// Seconds of suspension left; 0: none.
     pub suspended_s: u64,
+    /// Paused by an operator.
     pub paused: bool,
+    /// The receiver's reply behind a back-off or suspension in force.
     pub cause: Option<String>,
     /// Summed over shards (day: the furthest).
     pub warmup: Option<WarmupView>,
@@ -82,11 +109,17 @@ pub struct SourceRow {
 /// A campaign instance's progress.
 #[derive(Debug, Serialize)]
 pub struct CampaignRow {
+    /// Its id (campaign.toml's `id`).
     pub campaign: String,
+    /// The instance number in the spool.
     pub instance: u32,
+    /// Recipients queued for it at ingest.
     pub recipients: u64,
+    /// Delivered since the daemon started.
     pub delivered: u64,
+    /// Bounced since the daemon started.
     pub bounced: u64,
+    /// Expired since the daemon started.
     pub expired: u64,
     /// Not yet final: recovered at the daemon's start or taken in since, less
     /// what became final (delivered, bounced, expired count since the start).

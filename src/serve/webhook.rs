@@ -17,7 +17,7 @@
 //! for the rest of volley).
 
 use crate::host::secrets::{self, Secret, SecretError};
-use crate::observe::follow::{Cursor, FollowError, Follower};
+use crate::observe::follow::{Cursor, FollowError, Follower, Gone};
 use crate::observe::metrics::{Board, External};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -347,11 +347,16 @@ fn prepare(
         // its first 2xx, after the log rotated, must not start in a newer file.
         follower.cursor().store(&cursor_path).map_err(follow)?;
     }
-    if let Some(g) = gone {
-        eprintln!(
+    match gone {
+        Some(g @ Gone { shorter: Some(len), .. }) => eprintln!(
+            "volley serve: webhook {}: the log file its cursor is in ({}) is {len} octets, shorter than the {} octets sent from it: it was truncated (logrotate's copytruncate is not supported); records written to it since may not be sent; going on from its end",
+            h.name, g.file, g.offset
+        ),
+        Some(g) => eprintln!(
             "volley serve: webhook {}: the log file its cursor was in ({}, {} octets sent) is gone (log_keep_days, or removed): the records after that in it, if any, were not sent; going on from {}",
             h.name, g.file, g.offset, g.from
-        );
+        ),
+        None => {}
     }
     let mut agent = ureq::AgentBuilder::new();
     if let Some(ca) = &h.ca_file {
