@@ -44,11 +44,14 @@ fn pipe() -> (OwnedFd, OwnedFd) {
 }
 
 impl Browser {
-    /// Starts chromium with its profile in `dir`; None (and a line saying the test
-    /// is skipped, which `cargo test` shows) when chromium is not installed.
+    /// Starts chromium with its profile in `dir`; None (and a line on stderr saying
+    /// the test is skipped, which `cargo test` shows) when chromium is not installed.
     pub fn start(dir: &Path, test: &str) -> Option<Browser> {
         if !Path::new(CHROMIUM).exists() {
-            println!(
+            // Straight to stderr, past the test harness's capture: a skip shows in
+            // `cargo test`'s output even when the test passes.
+            let _ = writeln!(
+                std::io::stderr(),
                 "SKIPPED {test}: {CHROMIUM} is not installed (apt-get install chromium); .ci/run installs it"
             );
             return None;
