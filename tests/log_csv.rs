@@ -4,20 +4,9 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::process::Command;
+use common::daemon::volley;
 
-fn volley(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_volley"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use std::collections::HashMap;
 
 #[test]
 fn a_delivery_and_a_bounce_come_out_as_powermta_rows() {

@@ -5,8 +5,9 @@
 
 mod common;
 
+use common::daemon::volley;
+
 use common::*;
-use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -304,18 +305,6 @@ fn pause_and_resume_take_effect_within_a_second_over_the_admin_socket() {
     );
     assert_eq!(r.delivered, 800);
     assert_eq!(env.sink.summary().counts.duplicates, 0);
-}
-
-fn volley(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_volley"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

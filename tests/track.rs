@@ -5,23 +5,12 @@
 
 mod common;
 
+use common::daemon::volley;
+
 use common::daemon::{add_token, base_args, free_port, http, wait_for, write_config, Daemon};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
-
-fn volley(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_volley"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// `volley track RCPT --json` on `spool` and `log`: the exit code and the answer.
 fn track_json(spool: &Path, log: &Path, rcpt: &str) -> (i32, serde_json::Value) {

@@ -74,6 +74,16 @@ pub fn base_args(env: &Env, spool: &Path) -> Vec<String> {
     args
 }
 
+/// `volley ARGS` run to its end: exit code (-1 for a signal), stdout, stderr.
+pub fn volley(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(VOLLEY).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// `volley` run by `sh` after `umask UMASK` (std's Command cannot set one); the
 /// caller adds volley's arguments.
 pub fn volley_under_umask(umask: &str) -> Command {
