@@ -451,3 +451,30 @@ fn send_serves_metrics_while_it_runs_and_stops_with_it() {
     assert!(err.contains("served on loopback alone"), "{err}");
     assert!(!env.dir.join("spool2").exists(), "a spool was made");
 }
+
+#[test]
+fn a_client_that_never_ends_its_headers_is_closed_and_others_are_served() {
+    let env = common::env("monitor-slowloris", "");
+    let (_d, addr, token) = daemon(&env, "10/s");
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    std::io::Write::write_all(&mut slow, b"GET /metrics HTTP/1.1\r\nHost: t\r\n").unwrap();
+    let opened = Instant::now();
+    // Served meanwhile.
+    let (code, _, _) = http(addr, "GET", "/metrics", Some(&token), "");
+    assert_eq!(code, 200);
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut slow, &mut got);
+    let held = opened.elapsed();
+    // HEADER_READ_TIMEOUT is 10 s; the read's own limit is 30 s.
+    assert!(
+        held >= Duration::from_secs(8) && held < Duration::from_secs(25),
+        "closed after {held:?}"
+    );
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+}

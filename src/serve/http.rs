@@ -90,8 +90,27 @@ pub fn start(
     spawn_server(listener, addr, app, stop)
 }
 
+/// How long a client may take to send a request's header section, each request;
+/// then its connection is closed (a client that never ends its headers must not
+/// hold a connection).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections the HTTP listener holds open at once; past it, a new one waits in
+/// the kernel's backlog until one closes.
+pub const HTTP_CONNECTIONS_MAX: usize = 1024;
+
+/// Resolves once `stop` is set (checked every 50 ms).
+async fn stopped(stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Serves `app` on `listener` (bound to `addr`) on a thread of its own, a
-/// current-thread tokio runtime, until `stop`; returns once the thread runs.
+/// current-thread tokio runtime, until `stop`; returns once the thread runs. Each
+/// connection is HTTP/1.1 with [`HEADER_READ_TIMEOUT`], at most
+/// [`HTTP_CONNECTIONS_MAX`] at once; at `stop`, connections finish the request
+/// they are in and close.
 pub fn spawn_server(
     listener: std::net::TcpListener,
     addr: SocketAddr,
@@ -105,23 +124,62 @@ pub fn spawn_server(
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            rt.block_on(async move {
-                let listener =
-                    tokio::net::TcpListener::from_std(listener).expect("listener registers");
-                let shutdown = async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                };
-                if let Err(e) = axum::serve(listener, app)
-                    .with_graceful_shutdown(shutdown)
-                    .await
-                {
-                    eprintln!("volley: http listener {addr}: {e}");
-                }
-            });
+            rt.block_on(serve_connections(listener, addr, app, stop));
         })?;
     Ok(h)
+}
+
+/// The accept loop of [`spawn_server`].
+async fn serve_connections(
+    listener: std::net::TcpListener,
+    addr: SocketAddr,
+    app: Router,
+    stop: Arc<AtomicBool>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let listener = tokio::net::TcpListener::from_std(listener).expect("listener registers");
+    let open = Arc::new(tokio::sync::Semaphore::new(HTTP_CONNECTIONS_MAX));
+    let (closing, closed) = tokio::sync::watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            p = open.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = stopped(&stop) => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of descriptors, say: said, and tried again shortly.
+                    eprintln!("volley: http listener {addr}: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&stop) => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut closed = closed.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            let mut http1 = hyper::server::conn::http1::Builder::new();
+            http1
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let conn = http1.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = closed.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+        while conns.try_join_next().is_some() {}
+    }
+    let _ = closing.send(true);
+    while conns.join_next().await.is_some() {}
 }
 
 /// A JSON error response: `{"error": what, "problems": [...]}`, with Retry-After
