@@ -15,10 +15,23 @@ use std::time::{Duration, Instant};
 const MOVE_LIMIT: Duration = Duration::from_secs(30);
 
 /// A daemon with the HTTP listener and the `google-sink` provider paced at
-/// `rate`, its address and the API token.
+/// `rate`, its address and the API token (every scope). A second token, `crm`,
+/// that may only inject, is in DIR/inject-token.
 fn daemon(env: &Env, rate: &str) -> (Daemon, SocketAddr, String) {
     let spool = env.dir.join("spool");
     let (tokens, token) = add_token(&env.dir);
+    let tokens_arg = tokens.display().to_string();
+    let (code, crm, err) = common::daemon::volley(&[
+        "token",
+        "add",
+        "crm",
+        "--tokens",
+        &tokens_arg,
+        "--scope",
+        "inject",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    std::fs::write(env.dir.join("inject-token"), crm.trim()).unwrap();
     let shaping = env.dir.join("shaping.toml");
     std::fs::write(
         &shaping,
@@ -213,10 +226,27 @@ fn metrics_and_status_show_a_running_campaign_and_need_a_token() {
     assert_eq!(b["class"], "invalid_recipient", "{s}");
     assert!(b["rcpt"].as_str().unwrap().ends_with("@gmail.com"));
 
-    // Queue control: nothing without a token, then a pause that stops the sink.
+    // Queue control: nothing without a token, nor with one that may only inject
+    // (which cannot read the status or metrics either), then a pause that stops
+    // the sink.
     let pause = r#"{"action":"pause","target":"provider:google-sink"}"#;
     let (code, _, _) = http(addr, "POST", "/api/v1/queue", None, pause);
     assert_eq!(code, 401);
+    let crm = std::fs::read_to_string(env.dir.join("inject-token")).unwrap();
+    for (method, path, body) in [
+        ("POST", "/api/v1/queue", pause),
+        ("GET", "/api/v1/status", ""),
+        ("GET", "/metrics", ""),
+    ] {
+        let (code, _, resp) = http(addr, method, path, Some(&crm), body);
+        assert_eq!(code, 403, "{path}: {resp}");
+        assert!(resp.contains("token `crm` may inject, not"), "{resp}");
+    }
+    let (code, _, resp) = http(addr, "GET", "/api/v1/campaigns/spring", Some(&crm), "");
+    assert_eq!(
+        code, 200,
+        "an injecting token reads its campaign's counts: {resp}"
+    );
     let (code, _, body) = http(
         addr,
         "POST",

@@ -12,13 +12,22 @@ pub(crate) enum TokenCmd {
         name: String,
         #[arg(long)]
         tokens: PathBuf,
+        /// What it may do, comma-separated: inject (queue campaigns, read their
+        /// counts), read (the status, metrics and tracking, which name recipients),
+        /// control (pause, resume, rates). Default: all three.
+        #[arg(long, value_name = "SCOPES", value_parser = volley::serve::auth::parse_scopes)]
+        scope: Option<u8>,
     },
 }
 
 pub(crate) fn run(cmd: TokenCmd) -> anyhow::Result<i32> {
     match cmd {
-        TokenCmd::Add { name, tokens } => {
-            let token = volley::serve::auth::add_token(&tokens, &name)?;
+        TokenCmd::Add {
+            name,
+            tokens,
+            scope,
+        } => {
+            let token = volley::serve::auth::add_token(&tokens, &name, scope)?;
             eprintln!(
                 "token {name} saved (as its SHA-256) in {}; it is shown once:",
                 tokens.display()

@@ -232,32 +232,91 @@ pub fn add_user(path: &Path, name: &str, password: &str, cram_md5: bool) -> anyh
     upsert_line(path, name, &line)
 }
 
-/// The API tokens file, loaded: each token's name and the SHA-256 of the token.
-/// `Tokens::default()` has none: every request is refused. Debug output names no
-/// digest.
+/// What an API token may do. A token line without scopes may do all three (as
+/// every token could before scopes existed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Queue campaigns (`POST /api/v1/inject`) and read their counts.
+    Inject,
+    /// Read the status, metrics and tracking, which name recipients.
+    Read,
+    /// Pause, resume and set rates (`POST /api/v1/queue`).
+    Control,
+}
+
+/// Every scope, in the order the file names them.
+pub const SCOPES: [Scope; 3] = [Scope::Inject, Scope::Read, Scope::Control];
+
+impl Scope {
+    /// Its name in the tokens file and in `volley token add --scope`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Inject => "inject",
+            Scope::Read => "read",
+            Scope::Control => "control",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// Parses `inject,read,control` (any of them, comma-separated) to a scope set.
+/// Errors: an unknown or repeated name, or none.
+pub fn parse_scopes(text: &str) -> Result<u8, String> {
+    let mut set = 0u8;
+    for word in text.split(',').map(str::trim) {
+        let Some(s) = SCOPES.iter().find(|s| s.name() == word) else {
+            return Err(format!(
+                "scope `{word}` is not one of inject, read, control"
+            ));
+        };
+        if set & s.bit() != 0 {
+            return Err(format!("scope `{word}` is named twice"));
+        }
+        set |= s.bit();
+    }
+    Ok(set)
+}
+
+/// The names of the scopes in `set`, comma-separated.
+fn scope_names(set: u8) -> String {
+    SCOPES
+        .iter()
+        .filter(|s| set & s.bit() != 0)
+        .map(|s| s.name())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The API tokens file, loaded: each token's name, the SHA-256 of the token and
+/// what it may do. `Tokens::default()` has none: every request is refused. Debug
+/// output names no digest.
 #[derive(Default)]
 pub struct Tokens {
     /// In file order; `check` compares against every entry so its time depends only on
     /// how many there are.
-    entries: Vec<(String, [u8; 32])>,
+    entries: Vec<(String, [u8; 32], u8)>,
 }
 
 impl fmt::Debug for Tokens {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<&str> = self.entries.iter().map(|(n, _)| n.as_str()).collect();
+        let names: Vec<&str> = self.entries.iter().map(|(n, _, _)| n.as_str()).collect();
         f.debug_struct("Tokens").field("names", &names).finish()
     }
 }
 
 impl Tokens {
-    /// Reads and validates a tokens file: lines `name:SHA256HEX` (64 hex digits), blank
+    /// Reads and validates a tokens file: lines `name:SHA256HEX` (64 hex digits; every
+    /// scope) or `name:SHA256HEX:SCOPES` (`inject,read,control`, any of them), blank
     /// lines and `#` comments allowed.
     ///
     /// Errors: every problem found, each as `FILE:LINE: what is wrong; what to do`
     /// (or `FILE: ...` when the file itself cannot be read).
     pub fn load(path: &Path) -> Result<Tokens, Vec<String>> {
         let text = read_bounded(path, Secret::TokensFile).map_err(|e| vec![e])?;
-        let mut entries: Vec<(String, [u8; 32])> = Vec::new();
+        let mut entries: Vec<(String, [u8; 32], u8)> = Vec::new();
         let mut errors = Vec::new();
         for (index, line) in text.lines().enumerate() {
             let at = format!("{}:{}", path.display(), index + 1);
@@ -265,10 +324,10 @@ impl Tokens {
                 continue;
             }
             match parse_token_line(line) {
-                Ok((name, _)) if entries.iter().any(|(n, _)| n == name) => errors.push(format!(
-                    "{at}: token `{name}` appears twice; delete one of the lines"
-                )),
-                Ok((name, digest)) => entries.push((name.to_owned(), digest)),
+                Ok((name, _, _)) if entries.iter().any(|(n, _, _)| n == name) => errors.push(
+                    format!("{at}: token `{name}` appears twice; delete one of the lines"),
+                ),
+                Ok((name, digest, scopes)) => entries.push((name.to_owned(), digest, scopes)),
                 Err(what) => errors.push(format!("{at}: {what}")),
             }
         }
@@ -292,14 +351,32 @@ impl Tokens {
     /// The name of the token `presented` (as the client sent it, prefix included), or
     /// None. Its SHA-256 is compared with every stored digest in constant time.
     pub fn check(&self, presented: &str) -> Option<&str> {
+        self.find(presented).map(|(name, _)| name)
+    }
+
+    /// The token `presented`'s name if it may do `scope`; else why not: `Err(None)`
+    /// for no such token, `Err(Some(what it may do))` for one without that scope.
+    pub fn check_scope(&self, presented: &str, scope: Scope) -> Result<&str, Option<String>> {
+        match self.find(presented) {
+            Some((name, set)) if set & scope.bit() != 0 => Ok(name),
+            Some((name, set)) => Err(Some(format!(
+                "token `{name}` may {}, not {}",
+                scope_names(set),
+                scope.name()
+            ))),
+            None => Err(None),
+        }
+    }
+
+    fn find(&self, presented: &str) -> Option<(&str, u8)> {
         if presented.is_empty() || presented.len() > TOKEN_OCTETS_MAX {
             return None;
         }
         let digest = sha256(presented.as_bytes());
         let mut found = None;
-        for (name, stored) in &self.entries {
+        for (name, stored, scopes) in &self.entries {
             if constant_time_eq(stored, &digest) && found.is_none() {
-                found = Some(name.as_str());
+                found = Some((name.as_str(), *scopes));
             }
         }
         found
@@ -315,14 +392,18 @@ impl Tokens {
 ///
 /// Errors: a bad name (as for `add_user`), the system RNG failing, the file unreadable
 /// or not UTF-8, any write failing.
-pub fn add_token(path: &Path, name: &str) -> anyhow::Result<String> {
+pub fn add_token(path: &Path, name: &str, scopes: Option<u8>) -> anyhow::Result<String> {
     check_name(name).map_err(|what| anyhow!("token name: {what}"))?;
     let mut random = [0u8; TOKEN_RANDOM_OCTETS];
     SystemRandom::new()
         .fill(&mut random)
         .map_err(|_| anyhow!("the system random number generator failed"))?;
     let token = format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(random));
-    let line = format!("{name}:{}", hex_lower(&sha256(token.as_bytes())));
+    let mut line = format!("{name}:{}", hex_lower(&sha256(token.as_bytes())));
+    if let Some(set) = scopes {
+        line.push(':');
+        line.push_str(&scope_names(set));
+    }
     upsert_line(path, name, &line)?;
     Ok(token)
 }
@@ -522,15 +603,19 @@ fn parse_cram_field(field: &str) -> Result<Vec<u8>, String> {
 }
 
 /// Parses `name:SHA256HEX`; the error says what is wrong and what to do.
-fn parse_token_line(line: &str) -> Result<(&str, [u8; 32]), String> {
-    let Some((name, hex)) = line.split_once(':') else {
+fn parse_token_line(line: &str) -> Result<(&str, [u8; 32], u8), String> {
+    let Some((name, rest)) = line.split_once(':') else {
         return Err("expected name:SHA256HEX; make the token again to rewrite the line".to_owned());
     };
     check_name(name).map_err(|what| format!("token name: {what}"))?;
+    let (hex, scopes) = match rest.split_once(':') {
+        Some((hex, s)) => (hex, parse_scopes(s)?),
+        None => (rest, SCOPES.iter().fold(0, |set, s| set | s.bit())),
+    };
     let digest = parse_hex_32(hex).ok_or_else(|| {
         "the digest is not 64 hex digits (a SHA-256); make the token again".to_owned()
     })?;
-    Ok((name, digest))
+    Ok((name, digest, scopes))
 }
 
 /// Why `name` is not a valid user or token name, if it is not. The text does not
@@ -849,13 +934,13 @@ mod tests {
         let dir = TempDir::new();
         let (users, tokens) = (dir.0.join("users"), dir.0.join("tokens"));
         add_user(&users, "alice", "pw", false).unwrap();
-        add_token(&tokens, "ops").unwrap();
+        add_token(&tokens, "ops", None).unwrap();
         // The service user's files (nobody here), as the unit that runs as it needs.
         for p in [&users, &tokens] {
             std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
         }
         add_user(&users, "bob", "pw2", false).unwrap();
-        add_token(&tokens, "ci").unwrap();
+        add_token(&tokens, "ci", None).unwrap();
         for p in [&users, &tokens] {
             let m = fs::metadata(p).unwrap();
             assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (65534, 65534, 0o600));
@@ -998,8 +1083,8 @@ mod tests {
     fn a_token_is_found_by_name_and_a_wrong_one_refused() {
         let dir = TempDir::new();
         let path = dir.0.join("tokens");
-        let first = add_token(&path, "crm").unwrap();
-        let second = add_token(&path, "billing").unwrap();
+        let first = add_token(&path, "crm", None).unwrap();
+        let second = add_token(&path, "billing", None).unwrap();
         assert!(first.starts_with(TOKEN_PREFIX));
         assert_eq!(first.len(), TOKEN_PREFIX.len() + 43);
         let tokens = Tokens::load(&path).unwrap();
@@ -1013,11 +1098,53 @@ mod tests {
     }
 
     #[test]
+    fn a_token_may_do_what_its_scopes_say_and_an_old_line_everything() {
+        let dir = TempDir::new();
+        let path = dir.0.join("tokens");
+        let all = add_token(&path, "ops", None).unwrap();
+        let crm = add_token(&path, "crm", Some(parse_scopes("inject").unwrap())).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("crm:") && l.ends_with(":inject")),
+            "{text}"
+        );
+        assert!(text
+            .lines()
+            .any(|l| l.starts_with("ops:") && l.matches(':').count() == 1));
+        let tokens = Tokens::load(&path).unwrap();
+        for s in SCOPES {
+            assert_eq!(tokens.check_scope(&all, s), Ok("ops"));
+        }
+        assert_eq!(tokens.check_scope(&crm, Scope::Inject), Ok("crm"));
+        assert_eq!(
+            tokens.check_scope(&crm, Scope::Control),
+            Err(Some("token `crm` may inject, not control".into()))
+        );
+        assert_eq!(tokens.check_scope("vly_nope", Scope::Read), Err(None));
+        assert_eq!(
+            parse_scopes("read,control"),
+            Ok(Scope::Read.bit() | Scope::Control.bit())
+        );
+        assert!(parse_scopes("read,read").unwrap_err().contains("twice"));
+        assert!(parse_scopes("admin").unwrap_err().contains("not one of"));
+        assert!(parse_scopes("").is_err());
+        // A hand-edited line with a bad scope is named with its line.
+        fs::write(
+            &path,
+            format!("{}:{}\n", "x", "a".repeat(64) + ":inject,everything"),
+        )
+        .unwrap();
+        let errs = Tokens::load(&path).unwrap_err();
+        assert!(errs[0].contains(":1: scope `everything`"), "{errs:?}");
+    }
+
+    #[test]
     fn making_a_token_again_revokes_the_old_one() {
         let dir = TempDir::new();
         let path = dir.0.join("tokens");
-        let old = add_token(&path, "crm").unwrap();
-        let new = add_token(&path, "crm").unwrap();
+        let old = add_token(&path, "crm", None).unwrap();
+        let new = add_token(&path, "crm", None).unwrap();
         let tokens = Tokens::load(&path).unwrap();
         assert_eq!(tokens.len(), 1);
         assert_eq!(tokens.check(&old), None);

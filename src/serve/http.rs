@@ -14,7 +14,7 @@
 
 use crate::host::privilege::{self, PrivilegeError};
 use crate::observe::metrics::Door;
-use crate::serve::auth::Tokens;
+use crate::serve::auth::{Scope, Tokens};
 use crate::serve::inject::{self, ApiProblem};
 use crate::serve::intake::Intake;
 use crate::spool::ingest::IngestError;
@@ -197,8 +197,9 @@ pub fn error(status: StatusCode, what: &str, problems: Vec<ApiProblem>) -> Respo
     r
 }
 
-/// The token's name, or the 401 to send.
-pub fn authorize(api: &Api, headers: &HeaderMap) -> Result<String, Box<Response>> {
+/// The token's name if it may do `scope`, or the response to send: 401 without a
+/// known token, 403 for a token without that scope.
+pub fn authorize(api: &Api, headers: &HeaderMap, scope: Scope) -> Result<String, Box<Response>> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -210,11 +211,24 @@ pub fn authorize(api: &Api, headers: &HeaderMap) -> Result<String, Box<Response>
             Vec::new(),
         )));
     };
-    match api.tokens.read().expect("tokens lock").check(token.trim()) {
-        Some(name) => Ok(name.to_string()),
-        None => Err(Box::new(error(
+    match api
+        .tokens
+        .read()
+        .expect("tokens lock")
+        .check_scope(token.trim(), scope)
+    {
+        Ok(name) => Ok(name.to_string()),
+        Err(None) => Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
             "the bearer token is not in the tokens file",
+            Vec::new(),
+        ))),
+        Err(Some(why)) => Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            &format!(
+                "{why}; make a token that may (`volley token add NAME --tokens FILE --scope {}`)",
+                scope.name()
+            ),
             Vec::new(),
         ))),
     }
@@ -237,7 +251,7 @@ async fn inject_campaign(State(api): State<Arc<Api>>, req: axum::extract::Reques
         .query()
         .is_some_and(|q| q.split('&').any(|p| p == "new=true" || p == "new=1"));
     // The token first: an unauthenticated client gets nothing read into memory.
-    if let Err(r) = authorize(&api, req.headers()) {
+    if let Err(r) = authorize(&api, req.headers(), Scope::Inject) {
         return *r;
     }
     let Ok(_slot) = api.in_flight.try_acquire() else {
@@ -373,7 +387,10 @@ async fn campaign_counts(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(r) = authorize(&api, &headers) {
+    // A campaign's counts: for the token that queued it, or one that may read.
+    if let Err(r) =
+        authorize(&api, &headers, Scope::Inject).or_else(|_| authorize(&api, &headers, Scope::Read))
+    {
         return *r;
     }
     let instances = api.intake.instances_of(&id);
@@ -413,7 +430,7 @@ async fn track_rcpt(
     uri: axum::http::Uri,
 ) -> Response {
     use crate::deliver::track::{track, TrackError};
-    if let Err(r) = authorize(&api, &headers) {
+    if let Err(r) = authorize(&api, &headers, Scope::Read) {
         return *r;
     }
     let (mut rcpt, mut campaign) = (None, None);

@@ -14,6 +14,7 @@
 use crate::deliver::control;
 use crate::observe::metrics::{Board, EXPOSITION_CONTENT_TYPE};
 use crate::observe::status::{self, CampaignRow};
+use crate::serve::auth::Scope;
 use crate::serve::http::{authorize, error, Api};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -130,7 +131,7 @@ async fn asset(Path(name): Path<String>) -> Response {
 }
 
 async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&api, &headers) {
+    if let Err(r) = authorize(&api, &headers, Scope::Read) {
         return *r;
     }
     let text = api.intake.board.encode();
@@ -138,7 +139,7 @@ async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
 }
 
 async fn status_json(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&api, &headers) {
+    if let Err(r) = authorize(&api, &headers, Scope::Read) {
         return *r;
     }
     let now = SystemTime::now();
@@ -184,7 +185,7 @@ struct QueueRequest {
 
 async fn queue(State(api): State<Arc<Api>>, req: axum::extract::Request) -> Response {
     // The token first: nothing of an unauthenticated body is read.
-    let who = match authorize(&api, req.headers()) {
+    let who = match authorize(&api, req.headers(), Scope::Control) {
         Ok(name) => name,
         Err(r) => return *r,
     };
