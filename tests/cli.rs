@@ -69,14 +69,7 @@ fn check_lists_every_problem_with_file_and_line() {
     ]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("nothing queued"), "{err}");
-    let acked = std::fs::read_dir(spool.join("campaigns"))
-        .map(|it| {
-            it.flatten()
-                .filter(|e| e.path().join("queued").exists())
-                .count()
-        })
-        .unwrap_or(0);
-    assert_eq!(acked, 0);
+    assert_eq!(acked_instances(&spool), 0);
 }
 
 #[test]
@@ -258,14 +251,18 @@ fn campaign_with(
     c
 }
 
+/// Campaign instances with their `queued` marker in `spool`: 0 when there is no
+/// `campaigns` directory (nothing was ever queued); any other read error fails the
+/// test rather than reading as "nothing queued".
 fn acked_instances(spool: &std::path::Path) -> usize {
-    std::fs::read_dir(spool.join("campaigns"))
-        .map(|it| {
-            it.flatten()
-                .filter(|e| e.path().join("queued").exists())
-                .count()
-        })
-        .unwrap_or(0)
+    match std::fs::read_dir(spool.join("campaigns")) {
+        Ok(it) => it
+            .map(|e| e.unwrap())
+            .filter(|e| e.path().join("queued").exists())
+            .count(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => panic!("{}: {e}", spool.join("campaigns").display()),
+    }
 }
 
 const RESET_TEMPLATE: &str =

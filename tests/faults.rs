@@ -233,16 +233,26 @@ fn dns_that_never_answers() {
         &["a@timeout.edge.test,Ann".into()],
     );
     let mut cfg = env.config();
+    // A short timeout of its own: the timeout is what this test is about.
+    cfg.dns.timeout = Duration::from_millis(300);
+    cfg.dns.attempts = 1;
     cfg.retry = volley::policy::retry::RetryPolicy::uniform(vec![Duration::from_millis(300)]);
     let log = cfg.log_path.clone();
     let r = env.send(&c, cfg);
     assert_eq!((r.expired, r.remaining), (1, 0));
     let lines = log_lines(&log);
+    let deferral = lines
+        .iter()
+        .find(|l| l["type"] == "TransientFailure")
+        .unwrap_or_else(|| panic!("no deferral: {lines:?}"));
+    assert_eq!(
+        (deferral["stage"].as_str(), deferral["enhanced"].as_str()),
+        (Some("dns"), Some("4.4.3")),
+        "{deferral}"
+    );
     assert!(
-        lines
-            .iter()
-            .any(|l| l["type"] == "TransientFailure" && l["stage"] == "dns"),
-        "{lines:?}"
+        deferral["reply"].as_str().unwrap().contains("timed out"),
+        "not a timeout: {deferral}"
     );
 }
 

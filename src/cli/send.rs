@@ -246,7 +246,10 @@ fn hand_over(
             Ok(a) => a,
             Err(e) => {
                 eprintln!("{e:#}");
-                eprintln!("volley: the running volley serve refused the campaign; nothing queued");
+                eprintln!(
+                "volley: the volley process holding spool {} refused the campaign; nothing queued",
+                spool.display()
+            );
                 return Ok(1);
             }
         };
@@ -439,6 +442,14 @@ pub(crate) fn run(
             return Ok(1);
         }
     }
+    // Taken from here on, ingest included: a first SIGINT or SIGTERM lets ingest
+    // finish (what it queued is durable) and the run then stops at once with 75; a
+    // second one ends the process, as an impatient operator expects.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 75, stop.clone())?;
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
     let mut skipped = 0u64;
     let resumed = existing
         .values()
@@ -495,10 +506,6 @@ pub(crate) fn run(
         },
     }
     let instances = Arc::new(ingest::load_instances(&cfg.spool_dir)?);
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone())?;
-    }
     volley::observe::log::reopen_on_sigusr1()?;
     if let Some(d) = max_wait {
         let stop = stop.clone();

@@ -285,6 +285,9 @@ pub fn check_word(what: &str, w: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The admin commands only `volley serve` answers (its `Extra`).
+const SERVE_ONLY: [&str; 3] = ["inject ", "inject-new ", "progress "];
+
 pub fn socket_path(spool: &Path) -> PathBuf {
     spool.join("admin.sock")
 }
@@ -512,6 +515,16 @@ fn answer(
     BufReader::new((&conn).take(4096)).read_until(b'\n', &mut octets)?;
     let line = String::from_utf8_lossy(&octets);
     if let Some(reply) = extra.and_then(|x| x(line.trim(), peer)) {
+        return (&conn).write_all(format!("{reply}\n").as_bytes());
+    }
+    // Without `extra` this is a `volley send` run: a second `send` on its spool hands
+    // its campaign over here, and must hear who holds the spool, not "not a command".
+    if extra.is_none() && SERVE_ONLY.iter().any(|w| line.trim().starts_with(w)) {
+        let reply = format!(
+            "error: this spool is in use by `volley send` (pid {}), which takes no other campaign; \
+             wait for it to end, or use another --spool",
+            std::process::id()
+        );
         return (&conn).write_all(format!("{reply}\n").as_bytes());
     }
     let reply = match parse(line.trim()) {

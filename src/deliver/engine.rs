@@ -34,6 +34,9 @@ pub struct Report {
     pub latency_ms_p90: u64,
     pub latency_ms_p99: u64,
     pub latency_ms_max: u64,
+    /// The IO driver the shards ran on: `io-uring`, `epoll`, or `mixed` (under
+    /// `--driver auto`, when some shards could not set up io_uring).
+    pub driver: &'static str,
 }
 
 impl Report {
@@ -59,8 +62,8 @@ impl Report {
             self.requeued
         );
         println!(
-            "elapsed      {:.2} s, {:.0} delivered/s",
-            self.elapsed_s, self.delivered_per_s
+            "elapsed      {:.2} s, {:.0} delivered/s, {} driver",
+            self.elapsed_s, self.delivered_per_s, self.driver
         );
         println!(
             "latency      queue→delivery p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
@@ -272,12 +275,14 @@ pub fn run_with(
     }
     let mut latency = Histogram::<u64>::new(3).expect("valid");
     let mut remaining = 0;
+    let mut drivers = Vec::new();
     let mut errors = Vec::new();
     for (id, h) in handles.into_iter().enumerate() {
         match h.join() {
             Ok(Ok(r)) => {
                 latency.add(&r.latency_ms).expect("same bounds");
                 remaining += r.remaining;
+                drivers.push(r.driver);
             }
             Ok(Err(e)) => errors.push(format!("shard {id}: {e:#}")),
             Err(_) => errors.push(format!("shard {id}: panicked")),
@@ -301,5 +306,10 @@ pub fn run_with(
         latency_ms_p90: latency.value_at_quantile(0.9),
         latency_ms_p99: latency.value_at_quantile(0.99),
         latency_ms_max: latency.max(),
+        driver: match drivers.first() {
+            Some(d) if drivers.iter().all(|x| x == d) => d.name(),
+            Some(_) => "mixed",
+            None => "none",
+        },
     })
 }

@@ -15,27 +15,51 @@ pub enum Driver {
 }
 
 /// Runs `f` to completion on a monoio runtime with the chosen driver, on this thread.
+/// Errors: the runtime cannot be built (for `IoUring`: the kernel or a seccomp
+/// filter refuses io_uring; `Auto` then falls back to epoll).
 pub fn block_on<F: Future>(driver: Driver, f: F) -> std::io::Result<F::Output> {
+    block_on_reporting(driver, f).map(|(out, _)| out)
+}
+
+/// As [`block_on`], and says which driver ran: `IoUring` or `Epoll`, never `Auto`.
+pub fn block_on_reporting<F: Future>(driver: Driver, f: F) -> std::io::Result<(F::Output, Driver)> {
     use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
+    let epoll = |f: F| -> std::io::Result<(F::Output, Driver)> {
+        Ok((
+            RuntimeBuilder::<LegacyDriver>::new()
+                .enable_timer()
+                .build()?
+                .block_on(f),
+            Driver::Epoll,
+        ))
+    };
     match driver {
-        Driver::Epoll => Ok(RuntimeBuilder::<LegacyDriver>::new()
-            .enable_timer()
-            .build()?
-            .block_on(f)),
-        Driver::IoUring => Ok(RuntimeBuilder::<IoUringDriver>::new()
-            .enable_timer()
-            .build()?
-            .block_on(f)),
+        Driver::Epoll => epoll(f),
+        Driver::IoUring => Ok((
+            RuntimeBuilder::<IoUringDriver>::new()
+                .enable_timer()
+                .build()?
+                .block_on(f),
+            Driver::IoUring,
+        )),
         Driver::Auto => match RuntimeBuilder::<IoUringDriver>::new()
             .enable_timer()
             .build()
         {
-            Ok(mut rt) => Ok(rt.block_on(f)),
-            Err(_) => Ok(RuntimeBuilder::<LegacyDriver>::new()
-                .enable_timer()
-                .build()?
-                .block_on(f)),
+            Ok(mut rt) => Ok((rt.block_on(f), Driver::IoUring)),
+            Err(_) => epoll(f),
         },
+    }
+}
+
+impl Driver {
+    /// Its name as `--driver` takes it and the report prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::Auto => "auto",
+            Driver::IoUring => "io-uring",
+            Driver::Epoll => "epoll",
+        }
     }
 }
 

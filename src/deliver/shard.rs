@@ -17,6 +17,7 @@ use crate::deliver::control::{Action, Command, Purged, Status, Target};
 use crate::deliver::dns::MxHost;
 use crate::deliver::dns::{Resolver, Route};
 use crate::deliver::pipeline::Window;
+use crate::deliver::runtime::Driver;
 use crate::deliver::wheel::Wheel;
 use crate::message::dkim::Signer;
 use crate::observe::log::{self, Kind, LogWriter};
@@ -64,6 +65,8 @@ pub struct ShardReport {
     /// Queue-to-delivery latency of delivered recipients, milliseconds.
     pub latency_ms: Histogram<u64>,
     pub remaining: u64,
+    /// The IO driver the shard ran on (`Auto` resolved).
+    pub driver: Driver,
 }
 
 /// One recipient on its way.
@@ -570,7 +573,7 @@ pub fn run(
         inst.outcomes.shard_started();
     }
     let sh = shard.clone();
-    crate::deliver::runtime::block_on(driver, async move {
+    let (ran, driver) = crate::deliver::runtime::block_on_reporting(driver, async move {
         let committer = monoio::spawn(commit_loop(sh.clone()));
         let retrier = monoio::spawn(tick_loop(sh.clone()));
         let taker = inbox.map(|rx| monoio::spawn(inbox_loop(sh.clone(), rx)));
@@ -604,11 +607,13 @@ pub fn run(
         let retry = sh.retries.borrow().len() as u64;
         sh.publish_metrics(&limiters, ready, retry, Instant::now());
         anyhow::Ok(())
-    })??;
+    })?;
+    ran?;
     let latency = shard.latency.borrow().clone();
     Ok(ShardReport {
         latency_ms: latency,
         remaining: shard.remaining.get(),
+        driver,
     })
 }
 
@@ -2036,7 +2041,6 @@ pub fn stage_name(s: Stage) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::deliver::runtime::Driver;
     use crate::spool::RecordRef;
 
     fn job() -> Job {

@@ -1,0 +1,246 @@
+//! `volley send` as an operator runs it, through the binary against the bundled sink
+//! and DNS on loopback: steered by `volley queue pause|resume|rate` while it runs,
+//! its spool refused to a second process, stopped by SIGINT and SIGTERM (exit 75,
+//! `--report-json` saying what is left), resumed by the next run with nothing sent
+//! twice, and `--new` sending it all again.
+
+mod common;
+
+use common::daemon::{base_args, volley, VOLLEY};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ROWS: usize = 300;
+/// How long any wait below may take before the test fails.
+const WAIT_LIMIT: Duration = Duration::from_secs(30);
+
+/// A background `volley send`, killed if the test fails before it ends (an orphan
+/// would hold the spool, and whatever descriptors the test harness had).
+struct Run(Option<Child>);
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Run {
+    fn signal(&self, sig: i32) {
+        let pid = self.0.as_ref().expect("running").id() as i32;
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// `volley send DIR` started in the background with `extra` flags.
+fn send(env: &common::Env, spool: &Path, dir: &Path, extra: &[&str]) -> Run {
+    Run(Some(
+        Command::new(VOLLEY)
+            .arg("send")
+            .arg(dir)
+            .arg("--quiet")
+            .args(base_args(env, spool))
+            .args(["--ehlo", "test.volley.test", "--shards", "2"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ))
+}
+
+/// Waits for `child` to exit; its code (-1 for a signal), stdout and stderr.
+fn finish(mut run: Run) -> (i32, String, String) {
+    let mut child = run.0.take().expect("running");
+    let until = Instant::now() + WAIT_LIMIT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > until {
+            let _ = child.kill();
+            panic!("volley send did not end within {WAIT_LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn accepted(env: &common::Env) -> u64 {
+    env.sink.summary().counts.rcpts_accepted
+}
+
+/// Waits until the sink has accepted more than `n` recipients; how many it has.
+fn accepted_past(env: &common::Env, n: u64, why: &str) -> u64 {
+    let until = Instant::now() + WAIT_LIMIT;
+    loop {
+        let a = accepted(env);
+        if a > n {
+            return a;
+        }
+        assert!(Instant::now() < until, "{why}: still {a} accepted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the sink's count has not moved for `quiet`; that count.
+fn settled(env: &common::Env, quiet: Duration) -> u64 {
+    let until = Instant::now() + WAIT_LIMIT;
+    let (mut last, mut since) = (accepted(env), Instant::now());
+    while since.elapsed() < quiet {
+        assert!(Instant::now() < until, "the sink never settled");
+        std::thread::sleep(Duration::from_millis(20));
+        let a = accepted(env);
+        if a != last {
+            (last, since) = (a, Instant::now());
+        }
+    }
+    last
+}
+
+/// `volley queue --spool SPOOL ARGS`: its answer, which must be a success.
+fn queue(spool: &Path, args: &[&str]) -> String {
+    let mut all = vec!["queue", "--spool", spool.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (code, out, err) = volley(&all);
+    assert_eq!(code, 0, "volley queue {args:?}: {out}{err}");
+    out
+}
+
+/// Polls `volley queue status` (each shard publishes it once a second) until
+/// `want` holds; the status that did.
+fn status_until(spool: &Path, why: &str, want: impl Fn(&str) -> bool) -> String {
+    let until = Instant::now() + WAIT_LIMIT;
+    loop {
+        let status = queue(spool, &["status"]);
+        if want(&status) {
+            return status;
+        }
+        assert!(Instant::now() < until, "{why}: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn report_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn a_running_send_is_steered_stopped_by_signals_resumed_and_sent_anew() {
+    let env = common::env("send-run", "");
+    let spool = env.dir.join("spool");
+    let log = spool.join("accounting.jsonl");
+    let rows: Vec<String> = (0..ROWS).map(|i| format!("u{i}@gmail.com,Ann")).collect();
+    let c = common::campaign(&env.dir, "spring", "", &rows);
+    let (r1, r2) = (env.dir.join("r1.json"), env.dir.join("r2.json"));
+    let paced = ["--max-msg-rate", "20/s"];
+
+    // Run 1, paced: paused and resumed through the binary.
+    let run = send(
+        &env,
+        &spool,
+        &c,
+        &[&paced[..], &["--report-json", r1.to_str().unwrap()]].concat(),
+    );
+    accepted_past(&env, 5, "the first deliveries");
+    assert!(queue(&spool, &["pause", "gmail.com"]).starts_with("ok"));
+    let held = settled(&env, Duration::from_millis(1500));
+    assert!(
+        (held as usize) < ROWS,
+        "everything went before the pause took"
+    );
+    status_until(&spool, "the pause is not in the status", |s| {
+        s.contains("domain:gmail.com paused")
+    });
+    assert!(queue(&spool, &["resume", "gmail.com"]).starts_with("ok"));
+    let resumed = accepted_past(&env, held, "deliveries after resume");
+    status_until(&spool, "the pause is still in the status", |s| {
+        !s.contains("paused")
+    });
+    assert!(queue(&spool, &["rate", "campaign:spring", "10/s"]).starts_with("ok"));
+    status_until(&spool, "the operator's rate is not in the status", |s| {
+        s.contains("campaign:spring") && s.contains("operator")
+    });
+
+    // A second process on the busy spool: refused, and told who holds it.
+    let other = common::campaign(&env.dir, "autumn", "", &rows[..3]);
+    let (code, _, err) = finish(send(&env, &spool, &other, &[]));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("in use by `volley send` (pid"), "{err}");
+    assert!(err.contains("nothing queued"), "{err}");
+    let instances = volley::spool::ingest::load_instances(&spool).unwrap();
+    assert!(
+        instances.values().all(|i| i.settings.id != "autumn"),
+        "the refused campaign is in the spool"
+    );
+
+    // SIGINT: a clean stop with 75, the rest left in the spool and said so.
+    run.signal(libc::SIGINT);
+    let (code, out, err) = finish(run);
+    assert_eq!(code, 75, "{out}{err}");
+    assert!(out.contains("still queued"), "{out}");
+    let j = report_json(&r1);
+    let left = j["remaining"].as_u64().unwrap();
+    assert!(left > 0, "{j}");
+    assert!(j["delivered"].as_u64().unwrap() >= resumed, "{j}");
+    assert_eq!(j["delivered"].as_u64().unwrap() + left, ROWS as u64, "{j}");
+
+    // Run 2 goes on where run 1 stopped; SIGTERM stops it the same way.
+    let run = send(
+        &env,
+        &spool,
+        &c,
+        &[&paced[..], &["--report-json", r2.to_str().unwrap()]].concat(),
+    );
+    let before = accepted(&env);
+    accepted_past(&env, before + 3, "the resumed run's deliveries");
+    run.signal(libc::SIGTERM);
+    let (code, out, err) = finish(run);
+    assert_eq!(code, 75, "{out}{err}");
+    let j = report_json(&r2);
+    assert_eq!(
+        j["recipients"].as_u64(),
+        Some(left),
+        "it took what was left: {j}"
+    );
+    assert!(j["remaining"].as_u64().unwrap() > 0, "{j}");
+
+    // Run 3, unpaced, finishes: every recipient delivered once in all.
+    let (code, out, err) = finish(send(&env, &spool, &c, &[]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("resuming what is left"), "{err}");
+    let lines = common::log_lines(&log);
+    let t = common::terminal_by_rcpt(&lines);
+    assert_eq!(t.len(), ROWS);
+    for (rcpt, recs) in &t {
+        assert_eq!(recs.len(), 1, "{rcpt}: {recs:?}");
+        assert_eq!(recs[0]["type"], "Delivery", "{rcpt}");
+    }
+    assert_eq!(settled(&env, Duration::from_millis(300)), ROWS as u64);
+    assert_eq!(
+        env.sink.summary().counts.duplicates,
+        0,
+        "a clean stop sent something twice"
+    );
+
+    // Sent again as it is: nothing to do. With --new: a new instance, all of it.
+    let (code, out, err) = finish(send(&env, &spool, &c, &[]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        accepted(&env),
+        ROWS as u64,
+        "a finished campaign went again"
+    );
+    let (code, out, err) = finish(send(&env, &spool, &c, &["--new"]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("queued {ROWS} recipients")), "{out}");
+    assert!(out.contains(&format!("delivered    {ROWS}")), "{out}");
+    // The sink counts a recipient it has seen before as a duplicate.
+    assert_eq!(env.sink.summary().counts.duplicates, ROWS as u64);
+}
