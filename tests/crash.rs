@@ -28,7 +28,10 @@ fn sigkill_during_delivery_loses_nothing() {
     )
     .unwrap();
     // Few connections and a small window: slow enough that the kills land mid-run.
-    let mut cfg = env.config();
+    // The bound below follows the binary's own group-commit settings (its defaults:
+    // `send` takes no commit flags), with this test's window and connections.
+    let mut cfg = volley::deliver::config::EngineConfig::new(env.dir.join("spool"));
+    cfg.shards = 2;
     let conns = 4;
     cfg.window = 2;
     let spool = cfg.spool_dir.clone();
@@ -117,4 +120,131 @@ fn sigkill_during_delivery_loses_nothing() {
         .values()
         .all(|v| v.iter().all(|r| r["type"] == "Delivery")));
     eprintln!("crash test: {kills} kills, {} sink duplicates, {duplicated_in_log} duplicated log outcomes, bound {bound}", s.counts.duplicates);
+}
+
+/// SIGKILL while bounces are recorded and their DSNs queued (`dsn = true`), the
+/// first kill within the first 30 ms (start-up and ingest): after the final run
+/// every bounced recipient has at least one DSN at the return path, and none more
+/// than one per kill beyond the first.
+#[test]
+fn sigkill_while_dsns_are_queued_loses_no_dsn() {
+    const N: u64 = 3_000;
+    let keep =
+        std::env::temp_dir().join(format!("volley-test-crash-dsn-keep-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&keep);
+    std::fs::create_dir_all(&keep).unwrap();
+    let env = env_full(
+        "crash-dsn",
+        "latency_ms = { data_end = [1, 6] }",
+        true,
+        Some(keep.clone()),
+    );
+    let dir = env.dir.join("gen");
+    gen::write_campaign(
+        &dir,
+        &gen::GenOptions {
+            recipients: N,
+            campaign_id: "crash-dsn".into(),
+            body_bytes: 1024,
+            permfail_per_mille: 100,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // DSNs to a return path on a tail domain, which the test DNS routes to the sink.
+    let toml = dir.join("campaign.toml");
+    let text = std::fs::read_to_string(&toml).unwrap().replacen(
+        "sender = \"bounces@news.volley.test\"",
+        "sender = \"bounces@shop7.tail.test\"\ndsn = true",
+        1,
+    );
+    std::fs::write(&toml, text).unwrap();
+    let spool = env.dir.join("spool");
+    let log = spool.join("accounting.jsonl");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_volley"))
+            .args(["send", dir.to_str().unwrap(), "--quiet", "--shards", "2"])
+            .args(["--spool", spool.to_str().unwrap()])
+            .args(common::daemon::sink_args(&env))
+            .args(["--ehlo", "crash.volley.test", "--retry-schedule", "1s"])
+            .args(["--max-conns-per-site", "4", "--window", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut rng = fastrand::Rng::with_seed(11);
+    let mut kills = 0;
+    for round in 0..KILLS {
+        let before = env.sink.summary().counts.rcpts_accepted;
+        let mut child = run();
+        let t = Instant::now();
+        if round == 0 {
+            std::thread::sleep(Duration::from_millis(rng.u64(1..30)));
+        } else {
+            let wait_for = Duration::from_millis(rng.u64(200..1200));
+            while (t.elapsed() < wait_for || env.sink.summary().counts.rcpts_accepted == before)
+                && child.try_wait().unwrap().is_none()
+                && t.elapsed() < Duration::from_secs(30)
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    assert!(
+        kills >= 2,
+        "the kills must land while it runs (only {kills} did)"
+    );
+    let out = run().wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "final run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let lines = log_lines(&log);
+    let t = terminal_by_rcpt(&lines);
+    let bounced: Vec<&String> = t
+        .iter()
+        .filter(|(_, v)| {
+            v.iter()
+                .any(|r| r["type"] == "Bounce" && r["campaign"] == "crash-dsn")
+        })
+        .map(|(rcpt, _)| rcpt)
+        .collect();
+    assert!(bounced.len() > 100, "only {} bounces", bounced.len());
+    // DSNs per bounced recipient, from the messages the sink kept.
+    let mut dsns: std::collections::HashMap<String, usize> = Default::default();
+    for e in std::fs::read_dir(&keep).unwrap() {
+        let m = std::fs::read_to_string(e.unwrap().path()).unwrap();
+        if !m.contains("multipart/report") {
+            continue;
+        }
+        for l in m.lines() {
+            if let Some(rcpt) = l.strip_prefix("Final-Recipient: rfc822; ") {
+                *dsns.entry(rcpt.trim().to_string()).or_default() += 1;
+            }
+        }
+    }
+    for rcpt in &bounced {
+        let n = dsns.get(rcpt.as_str()).copied().unwrap_or(0);
+        assert!(n >= 1, "{rcpt} bounced and no DSN reached the return path");
+        assert!(n <= 1 + kills, "{rcpt}: {n} DSNs after {kills} kills");
+    }
+    assert_eq!(
+        dsns.len(),
+        bounced.len(),
+        "a DSN for a recipient that did not bounce"
+    );
+    eprintln!(
+        "crash dsn test: {kills} kills, {} bounces, {} DSNs",
+        bounced.len(),
+        dsns.values().sum::<usize>()
+    );
+    let _ = std::fs::remove_dir_all(&keep);
 }
