@@ -1,7 +1,8 @@
 //! Traffic shaping against the bundled sink over loopback: rate and connection caps
 //! as the receiver sees them, back-off on throttle replies, suspension on block
-//! replies, source pools, and pause/resume/rate over the admin socket. Rates are only
-//! ever checked as upper bounds (a slow machine cannot make volley send faster).
+//! replies, source pools, and pause/resume/rate over the admin socket. A cap's time is
+//! bounded from below by the cap and from above by [`SLOWER_MAX`] times it: a limiter
+//! running at a fraction of its rate fails too, while a loaded machine still passes.
 
 mod common;
 
@@ -12,6 +13,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use volley::{message::campaign::Campaign, spool::ingest};
+
+/// How much longer than its cap allows a capped run may take.
+const SLOWER_MAX: u32 = 3;
 
 fn rows(n: usize, domain: &str) -> Vec<String> {
     (0..n)
@@ -41,12 +45,10 @@ fn rate_and_connection_caps_hold_at_the_receiver() {
     let started = Instant::now();
     let r = env.send(&c, cfg);
     assert_eq!(r.delivered, 300);
-    // 300 messages at 100/s cannot take much less than 3 s.
-    assert!(
-        started.elapsed() >= Duration::from_millis(2800),
-        "{:?}",
-        started.elapsed()
-    );
+    // 300 messages at 100/s cannot take much less than 3 s, nor much more.
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(2800), "{took:?}");
+    assert!(took <= Duration::from_secs(3) * SLOWER_MAX, "{took:?}");
     let s = env.sink.summary();
     let g = &s.per_provider["google"];
     assert!(
@@ -92,6 +94,91 @@ fn a_throttle_reply_backs_off_and_every_message_still_arrives() {
     assert!(throttled[0]["reason"].as_str().unwrap().contains("4.7.28"));
     assert!(throttled[0]["rate_per_s"].as_f64().unwrap() > 0.0);
     assert_eq!(env.sink.summary().counts.duplicates, 0);
+}
+
+/// The reaction as the receiver sees it: once the sink throttles (421 4.7.28 past
+/// its 120/s per client IP), both shards cut their rate to about `throttle_factor`
+/// of what they sent, within a second of each other (the peer signal), and ramp
+/// back up after quiet periods.
+#[test]
+fn a_throttle_cuts_both_shards_to_the_factor_and_they_ramp_back() {
+    let env = env(
+        "shaping-throttle-both",
+        "rate_per_s_per_ip = 120.0\nrate_reply = \"421 4.7.28 Gmail has detected an unusual rate of mail originating from your IP address and has rate limited it.\"",
+    );
+    let c = campaign(&env.dir, "throttle2", "", &rows(1200, "gmail.com"));
+    let mut cfg = env.config();
+    cfg.retry = volley::policy::retry::RetryPolicy::uniform(vec![Duration::from_millis(200)]);
+    cfg.shaping_file = Some(shaping_file(
+        &env,
+        "[provider.google-sink]\nmx_suffixes = [\"google.sink.test\"]\nmax_msg_rate = \"200/s\"\nthrottle_threshold = \"1/1min\"\nthrottle_factor = 0.5\nthrottle_recover = \"1s\"\n",
+    ));
+    let log = cfg.log_path.clone();
+    let r = env.send(&c, cfg);
+    assert_eq!(r.delivered, 1200);
+    let lines = log_lines(&log);
+    let time =
+        |l: &serde_json::Value| humantime::parse_rfc3339(l["time"].as_str().unwrap()).unwrap();
+    let event = |shard: u64, ev: &str| -> Vec<&serde_json::Value> {
+        shaping_records(&lines)
+            .into_iter()
+            .filter(|l| l["key"] == "provider:google-sink")
+            .filter(|l| l["shard"] == shard && l["event"] == ev)
+            .collect()
+    };
+    // Messages `shard` sent between `from` and `to`, per second: what the receiver
+    // took and what it refused (the sink's own limit would hide a rate that was
+    // never cut if only deliveries counted).
+    let rate = |shard: u64, from: std::time::SystemTime, to: std::time::SystemTime| {
+        let n = lines
+            .iter()
+            .filter(|l| l["type"] == "Delivery" || l["type"] == "TransientFailure")
+            .filter(|l| l["shard"] == shard)
+            .filter(|l| (from..to).contains(&time(l)))
+            .count();
+        n as f64 / to.duration_since(from).unwrap().as_secs_f64()
+    };
+    let first: Vec<std::time::SystemTime> = (0..2)
+        .map(|shard| {
+            let t = event(shard, "throttled");
+            assert!(!t.is_empty(), "shard {shard} never backed off: {lines:#?}");
+            time(t[0])
+        })
+        .collect();
+    let apart = first[0]
+        .duration_since(first[1])
+        .or_else(|_| first[1].duration_since(first[0]))
+        .unwrap();
+    assert!(
+        apart <= Duration::from_secs(1),
+        "shards backed off {apart:?} apart"
+    );
+    let s = Duration::from_millis(1000);
+    for shard in 0..2u64 {
+        let t = first[shard as usize];
+        let before = rate(shard, t - s, t);
+        let cut = event(shard, "throttled")[0]["rate_per_s"].as_f64().unwrap();
+        assert!(
+            (0.3 * before..=0.7 * before).contains(&cut),
+            "shard {shard}: cut to {cut}/s from {before}/s sent"
+        );
+        // At the receiver: the next second (past what was in flight) is near the cut.
+        let after = rate(
+            shard,
+            t + Duration::from_millis(200),
+            t + Duration::from_millis(1200),
+        );
+        assert!(
+            after <= 0.75 * before,
+            "shard {shard}: {after}/s after the cut, {before}/s before"
+        );
+        let ramped = event(shard, "ramped");
+        let up = ramped
+            .iter()
+            .find(|l| time(l) > t)
+            .unwrap_or_else(|| panic!("shard {shard} never ramped back: {lines:#?}"));
+        assert!(up["rate_per_s"].as_f64().unwrap() > cut, "{up}");
+    }
 }
 
 #[test]
@@ -370,11 +457,9 @@ fn a_campaign_rate_cap_holds_across_its_domains() {
     let r = env.send(&c, env.config());
     assert_eq!(r.delivered, 120);
     // 120 messages at 50/s over every domain together: not much under 2.4 s.
-    assert!(
-        started.elapsed() >= Duration::from_millis(2200),
-        "{:?}",
-        started.elapsed()
-    );
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(2200), "{took:?}");
+    assert!(took <= Duration::from_millis(2400) * SLOWER_MAX, "{took:?}");
     let s = env.sink.summary();
     let busiest = s.accepted_per_second.iter().max().unwrap();
     assert!(
