@@ -206,7 +206,7 @@ fn stall_at_mail_rcpt_and_content() {
 #[test]
 fn stall_at_ehlo_tries_as_a_failed_host() {
     let lines = run_fault("stallehlo", "127.0.0.45", Fault::StallAt("EHLO"));
-    expired_with(&lines, "timeout waiting for the reply to EHLO");
+    expired_with(&lines, "timeout waiting for the reply to Extended HELLO");
 }
 
 #[test]

@@ -576,7 +576,8 @@ async fn session(
                         return Err(failure(451, "4.7.4", format!("{host} [{addr}]: {why}")));
                     }
                     if !established {
-                        let why = error.unwrap_or_else(|| "closed before EHLO".into());
+                        let why =
+                            error.unwrap_or_else(|| "closed before the Extended HELLO".into());
                         return Err(failure(451, "4.4.2", format!("{host} [{addr}]: {why}")));
                     }
                     return Ok(());

@@ -144,8 +144,8 @@ impl std::fmt::Display for Expect {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Expect::Greeting => "greeting",
-            Expect::Ehlo => "reply to EHLO",
-            Expect::Helo => "reply to HELO",
+            Expect::Ehlo => "reply to Extended HELLO",
+            Expect::Helo => "reply to HELLO",
             Expect::StartTls => "reply to STARTTLS",
             Expect::Rset => "reply to RSET",
             Expect::Mail(_) => "reply to MAIL FROM",
@@ -708,9 +708,9 @@ impl ClientSession {
                         Expect::Helo,
                     );
                 } else if closing {
-                    self.close(Some(format!("EHLO refused: {reply}")));
+                    self.close(Some(format!("Extended HELLO refused: {reply}")));
                 } else {
-                    self.quit_with(format!("EHLO refused: {reply}"), now);
+                    self.quit_with(format!("Extended HELLO refused: {reply}"), now);
                 }
             }
             Expect::StartTls => {
@@ -734,7 +734,7 @@ impl ClientSession {
             Expect::Helo => {
                 if reply.code == 250 && self.cfg.tls == TlsMode::Required {
                     self.tls_refused = true;
-                    let why = "TLS is required and the server speaks only HELO";
+                    let why = "TLS is required and the server refused Extended HELLO, so offers no STARTTLS";
                     self.quit_with(why.into(), now);
                     return;
                 }
@@ -742,9 +742,9 @@ impl ClientSession {
                     self.caps = Caps::default();
                     self.ready();
                 } else if closing {
-                    self.close(Some(format!("HELO refused: {reply}")));
+                    self.close(Some(format!("HELLO refused: {reply}")));
                 } else {
-                    self.quit_with(format!("HELO refused: {reply}"), now);
+                    self.quit_with(format!("HELLO refused: {reply}"), now);
                 }
             }
             Expect::Rset => {}
@@ -1164,7 +1164,7 @@ mod tests {
         s.receive(b"221 bye\r\n", now);
         let ev = events(&mut s);
         assert!(
-            matches!(&ev[0], Event::Closed { error: Some(e), .. } if e.contains("HELO refused")),
+            matches!(&ev[0], Event::Closed { error: Some(e), .. } if e.contains("HELLO refused: 550 5.7.1")),
             "{ev:?}"
         );
         // A 421 greeting closes the channel itself: nothing to say.
@@ -1179,5 +1179,59 @@ mod tests {
         let mut o = Vec::new();
         dot_stuff(b".a\r\nb.\r\n.\r\n..c", &mut o);
         assert_eq!(o, b"..a\r\nb.\r\n..\r\n...c\r\n");
+    }
+
+    /// The reason a session gives for carrying no mail becomes the deferral's text, and
+    /// the classifier reads texts: volley's own words must not pull a deferral into
+    /// another class than its code gives (RFC 5321 names HELO and EHLO, and so do the
+    /// receivers' replies about the client's HELO name, which are `auth_failed`).
+    #[test]
+    fn the_reasons_a_session_gives_do_not_change_the_class() {
+        use crate::policy::classify::Classifier;
+        let now = Instant::now();
+        let required = || ClientConfig {
+            tls: TlsMode::Required,
+            ..cfg()
+        };
+        // (config, the server's replies in order, whether to time out at the end)
+        let cases: [(ClientConfig, &[&str], bool); 7] = [
+            (cfg(), &["220 hi"], true),
+            (cfg(), &["220 hi", "502 what"], true),
+            (cfg(), &["220 hi", "450 busy"], false),
+            (cfg(), &["220 hi", "502 what", "550 no"], false),
+            (required(), &["220 hi", "250 x"], false),
+            (required(), &["220 hi", "502 what", "250 x"], false),
+            (
+                required(),
+                &["220 hi", "250-x\r\n250 STARTTLS", "454 4.7.0 later"],
+                false,
+            ),
+        ];
+        let c = Classifier::shipped();
+        for (config, replies, time_out) in cases {
+            let mut s = ClientSession::new(config, now);
+            for r in replies {
+                s.receive(format!("{r}\r\n").as_bytes(), now);
+                out(&mut s);
+            }
+            if time_out {
+                s.handle_timeout(s.deadline().unwrap());
+            } else {
+                s.receive(b"221 bye\r\n", now);
+            }
+            let ev = events(&mut s);
+            let Some(Event::Closed {
+                error: Some(why),
+                tls_refused,
+                ..
+            }) = ev.last()
+            else {
+                panic!("{replies:?}: {ev:?}")
+            };
+            // As connection.rs defers a session that carried no mail.
+            let enhanced = if *tls_refused { "4.7.4" } else { "4.4.2" };
+            let class = |text: &str| c.classify(&Reply::new(451, Some(enhanced), text)).class;
+            assert_eq!(class(why), class("x"), "{why}");
+        }
     }
 }
