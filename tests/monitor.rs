@@ -290,7 +290,7 @@ fn provider_cell(name: &str, col: usize) -> String {
 #[test]
 fn the_status_page_in_chromium_shows_providers_and_its_pause_button_stops_the_sink() {
     let env = common::env("monitor-page", "rcpt_permfail = 0.05");
-    let Some(mut b) = Browser::start(&env.dir, "the_status_page_in_chromium") else {
+    let Some(mut b) = Browser::start(&env.dir) else {
         return;
     };
     let (_d, addr, token) = daemon(&env, "30/s");

@@ -172,12 +172,12 @@ fn status_field(pid: u32, field: &str) -> Vec<String> {
 }
 
 /// What each test here starts from: a service user, a second user and the test's
-/// sink and DNS (named `name`); None, after printing "SKIPPED: needs root to
-/// `why`", when not root.
+/// sink and DNS (named `name`); None, after saying it skipped ("needs root to
+/// `why`"), when not root.
 fn as_root_with_two_users(name: &str, why: &str) -> Option<(TempUser, TempUser, common::Env)> {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED: needs root to {why}");
+        common::skipped(&format!("needs root to {why}"));
         return None;
     }
     let service = TempUser::create("volley-t");

@@ -432,7 +432,7 @@ fn the_admin_socket_answers_root_the_service_user_and_its_group_alone() {
     let account = match Account::make() {
         Ok(a) => a,
         Err(why) => {
-            println!("SKIPPED: {why}");
+            common::skipped(&why);
             return;
         }
     };
@@ -553,7 +553,7 @@ fn the_admin_socket_answers_root_the_service_user_and_its_group_alone() {
         .output()
     {
         Ok(o) => assert!(o.status.success(), "a supplementary member: {}", text(&o)),
-        Err(e) => println!("SKIPPED (the supplementary-group case): no setpriv: {e}"),
+        Err(e) => common::skipped(&format!("the supplementary-group case: no setpriv: {e}")),
     }
     let o = volley(&["queue", "--spool", spool.to_str().unwrap(), "status"]);
     assert!(o.status.success(), "root still may: {}", text(&o));

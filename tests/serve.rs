@@ -123,9 +123,7 @@ fn the_listener_is_no_open_relay() {
 #[test]
 fn swaks_authenticates_with_each_mechanism_over_starttls_and_implicit_tls() {
     if Command::new("swaks").arg("--version").output().is_err() {
-        eprintln!(
-            "swaks is not installed (apt-get install swaks); skipping the independent-client test"
-        );
+        common::skipped("swaks is not installed (apt-get install swaks); .ci/run installs it");
         return;
     }
     let env = common::env("serve-swaks", "");
@@ -680,7 +678,7 @@ fn a_full_spool_refuses_injection_with_452_while_delivery_goes_on() {
         .status()
         .is_ok_and(|s| s.success());
     if !mounted {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?); the disk-full test did not run");
+        common::skipped("cannot mount a tmpfs here (not root?); the disk-full test did not run");
         return;
     }
     struct Unmount(PathBuf);

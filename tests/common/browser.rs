@@ -46,14 +46,11 @@ fn pipe() -> (OwnedFd, OwnedFd) {
 impl Browser {
     /// Starts chromium with its profile in `dir`; None (and a line on stderr saying
     /// the test is skipped, which `cargo test` shows) when chromium is not installed.
-    pub fn start(dir: &Path, test: &str) -> Option<Browser> {
+    pub fn start(dir: &Path) -> Option<Browser> {
         if !Path::new(CHROMIUM).exists() {
-            // Straight to stderr, past the test harness's capture: a skip shows in
-            // `cargo test`'s output even when the test passes.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {test}: {CHROMIUM} is not installed (apt-get install chromium); .ci/run installs it"
-            );
+            super::skipped(&format!(
+                "{CHROMIUM} is not installed (apt-get install chromium); .ci/run installs it"
+            ));
             return None;
         }
         let (cmd_read, cmd_write) = pipe();

@@ -158,6 +158,17 @@ impl Env {
     }
 }
 
+/// Says on stderr that the running test skipped a check, and why: "SKIPPED NAME: why",
+/// NAME being the test's (the harness runs each test on a thread of that name).
+/// Written to the stderr handle itself, past the harness's capture (which hides a
+/// passing test's `println!` and `eprintln!`), so a skip shows in `cargo test`'s output.
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
+
 /// A small campaign: `rows` are recipients.csv lines after the header `email,name`.
 pub fn campaign(dir: &Path, id: &str, extra_settings: &str, rows: &[String]) -> PathBuf {
     let d = dir.join(format!("campaign-{id}"));
