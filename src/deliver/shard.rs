@@ -621,7 +621,7 @@ impl Shard {
     /// Queues `job` for delivery, or, past its campaign's maximum age, expires it
     /// without another attempt (after a retry wait, or a restart after a long stop).
     fn enqueue_unless_expired(self: &Rc<Self>, mut job: Job) {
-        if SystemTime::now() < self.expire_at(&job) {
+        if !retry::is_expired(SystemTime::now(), self.expire_at(&job)) {
             self.clone().enqueue(job);
             return;
         }
@@ -1608,11 +1608,7 @@ impl Shard {
     }
 
     fn schedule_retry(&self, mut job: Job, expire_at: SystemTime, after: Duration) {
-        let delay = retry::jitter(after);
-        let until_expiry = expire_at
-            .duration_since(SystemTime::now())
-            .unwrap_or_default();
-        let wait = delay.min(until_expiry);
+        let wait = retry::wait_before_retry(retry::jitter(after), SystemTime::now(), expire_at);
         self.pending.borrow_mut().push(Pending::Deferred(
             job.rref,
             Deferral {
@@ -1928,8 +1924,8 @@ fn new_job(rref: RecordRef, instance: u32, email: &[u8]) -> Job {
     }
 }
 
-/// The shard's clock for retries and shaping.
-const TICK: Duration = Duration::from_millis(100);
+/// The shard's clock for retries and shaping: its retry wheel's slot width.
+pub const TICK: Duration = Duration::from_millis(100);
 
 /// Every 100 ms: due retries, then shaping (commands take effect within a tick).
 /// The live status is published once a second.

@@ -130,7 +130,25 @@ pub fn decide(
 
 /// ±10% so a burst of deferrals does not come back as a burst.
 pub fn jitter(d: Duration) -> Duration {
-    d.mul_f64(0.9 + fastrand::f64() * 0.2)
+    jitter_by(d, fastrand::f64())
+}
+
+/// `jitter` with its random draw `unit` (in [0, 1)) given, for a seeded caller.
+pub fn jitter_by(d: Duration, unit: f64) -> Duration {
+    d.mul_f64(0.9 + unit * 0.2)
+}
+
+/// The wait before a deferred recipient's next attempt at `now`: `delay`, cut
+/// short at its campaign's maximum age `expire_at`, where it then expires rather
+/// than waiting out a retry that could never be sent.
+pub fn wait_before_retry(delay: Duration, now: SystemTime, expire_at: SystemTime) -> Duration {
+    delay.min(expire_at.duration_since(now).unwrap_or_default())
+}
+
+/// Whether a recipient due at `now` has outlived `expire_at` and expires without
+/// another attempt.
+pub fn is_expired(now: SystemTime, expire_at: SystemTime) -> bool {
+    now >= expire_at
 }
 
 /// Parses "throttled=30s,1m" (for --retry-schedule-for).
