@@ -12,6 +12,48 @@ use volley_load::gen;
 const RECIPIENTS: u64 = 20_000;
 const KILLS: usize = 5;
 
+/// Starts `run` [`KILLS`] times and SIGKILLs each run once the sink has accepted
+/// `step` more recipients (a seeded draw): by progress, not time, so that on a busy
+/// machine or an idle one the kill lands mid-run. With `first_early`, the first run
+/// is killed 1–30 ms after it starts instead (start-up and ingest). The kills that
+/// landed; fewer than two fails the test.
+fn kill_rounds(
+    env: &Env,
+    run: impl Fn() -> std::process::Child,
+    seed: u64,
+    step: std::ops::Range<u64>,
+    first_early: bool,
+) -> usize {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut kills = 0;
+    for round in 0..KILLS {
+        let before = env.sink.summary().counts.rcpts_accepted;
+        let mut child = run();
+        let t = Instant::now();
+        if round == 0 && first_early {
+            std::thread::sleep(Duration::from_millis(rng.u64(1..30)));
+        } else {
+            let target = before + rng.u64(step.clone());
+            while env.sink.summary().counts.rcpts_accepted < target
+                && child.try_wait().unwrap().is_none()
+                && t.elapsed() < Duration::from_secs(30)
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    assert!(
+        kills >= 2,
+        "the kills must land while it runs (only {kills} did)"
+    );
+    kills
+}
+
 #[test]
 fn sigkill_during_delivery_loses_nothing() {
     // Receiver latency stretches the run so the kills land mid-delivery.
@@ -58,32 +100,7 @@ fn sigkill_during_delivery_loses_nothing() {
             .spawn()
             .unwrap()
     };
-    let mut rng = fastrand::Rng::with_seed(7);
-    let mut kills = 0;
-    for _ in 0..KILLS {
-        let before = env.sink.summary().counts.rcpts_accepted;
-        let mut child = run();
-        // Kill once it has delivered something (or after a bounded wait).
-        let wait_for = rng.u64(200..1500);
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_millis(wait_for)
-            || env.sink.summary().counts.rcpts_accepted == before
-        {
-            if child.try_wait().unwrap().is_some() || t.elapsed() > Duration::from_secs(30) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap();
-            kills += 1;
-        }
-        child.wait().unwrap();
-    }
-    assert!(
-        kills >= 2,
-        "the kills must land while it runs (only {kills} did)"
-    );
+    let kills = kill_rounds(&env, run, 7, 200..3000, false);
     let out = run().wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -173,35 +190,7 @@ fn sigkill_while_dsns_are_queued_loses_no_dsn() {
             .spawn()
             .unwrap()
     };
-    let mut rng = fastrand::Rng::with_seed(11);
-    let mut kills = 0;
-    for round in 0..KILLS {
-        let before = env.sink.summary().counts.rcpts_accepted;
-        let mut child = run();
-        let t = Instant::now();
-        if round == 0 {
-            std::thread::sleep(Duration::from_millis(rng.u64(1..30)));
-        } else {
-            // Killed by progress, not by time: a busy machine slows the run and an idle
-            // one speeds it, and either way the kill lands mid-run.
-            let target = before + rng.u64(100..400);
-            while env.sink.summary().counts.rcpts_accepted < target
-                && child.try_wait().unwrap().is_none()
-                && t.elapsed() < Duration::from_secs(30)
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap();
-            kills += 1;
-        }
-        child.wait().unwrap();
-    }
-    assert!(
-        kills >= 2,
-        "the kills must land while it runs (only {kills} did)"
-    );
+    let kills = kill_rounds(&env, run, 11, 100..400, true);
     let out = run().wait_with_output().unwrap();
     assert!(
         out.status.success(),
