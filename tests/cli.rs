@@ -751,3 +751,104 @@ fn check_says_when_the_default_ehlo_name_is_not_the_host_name() {
         );
     }
 }
+
+/// `volley report ID --log FILE` as an operator reads it (README, Commands: "a
+/// campaign's outcomes by class and by domain, from the log"), after a send with two
+/// deliveries, a bounce and an expiry: the totals line, the by-class and the
+/// by-domain tables say what the accounting log says, and `--domains 1` lists the
+/// busiest domain and says how many more there are.
+#[test]
+fn report_prints_totals_classes_and_domains_as_the_log_has_them() {
+    let env = common::env("cli-report", "");
+    let rows: Vec<String> = [
+        "u1@gmail.com",
+        "u2@yahoo.com",
+        "permfail.1@gmail.com",
+        "tempfail.1@gmail.com",
+    ]
+    .iter()
+    .map(|a| format!("{a},Ann"))
+    .collect();
+    let c = common::campaign(&env.dir, "outcomes", "expire_after = \"3s\"", &rows);
+    let spool = env.dir.join("spool");
+    let log = env.dir.join("log.jsonl");
+    let mut args = vec![
+        "send".to_string(),
+        c.display().to_string(),
+        "--quiet".into(),
+        "--log".into(),
+        log.display().to_string(),
+        "--ehlo".into(),
+        "mta.news.test".into(),
+        "--retry-schedule".into(),
+        "700ms".into(),
+    ];
+    args.extend(common::daemon::base_args(&env, &spool));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = volley(&args);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // What the log says, read here without the report's code.
+    let lines = common::log_lines(&log);
+    let of = |kind: &str| -> Vec<&serde_json::Value> {
+        lines.iter().filter(|l| l["type"] == kind).collect()
+    };
+    let (bounces, expiries, deferrals) = (of("Bounce"), of("Expiration"), of("TransientFailure"));
+    assert_eq!(
+        (of("Delivery").len(), bounces.len(), expiries.len()),
+        (2, 1, 1),
+        "{lines:?}"
+    );
+    let n = deferrals.len();
+    assert!(n >= 2, "retried before it expired: {lines:?}");
+    let bounce_class = bounces[0]["class"].as_str().unwrap();
+    // The expiry is filed by the receiver's last reply, the one each deferral had.
+    let expiry_class = expiries[0]["class"].as_str().unwrap();
+    assert!(
+        deferrals.iter().all(|d| d["class"] == expiry_class),
+        "{lines:?}"
+    );
+    assert_ne!(bounce_class, expiry_class);
+
+    let report = |extra: &[&str]| -> Vec<Vec<String>> {
+        let mut a = vec!["report", "outcomes", "--log", log.to_str().unwrap()];
+        a.extend_from_slice(extra);
+        let (code, out, err) = volley(&a);
+        assert_eq!(code, 0, "{out}{err}");
+        // Compared word by word: the columns' widths are for the eye.
+        out.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| l.split_whitespace().map(str::to_string).collect())
+            .collect()
+    };
+    let words = |s: &str| -> Vec<String> { s.split_whitespace().map(str::to_string).collect() };
+    let mut classes = [
+        format!("{bounce_class} 1 0 0"),
+        format!("{expiry_class} 0 1 {n}"),
+    ];
+    classes.sort();
+    let want: Vec<Vec<String>> = [
+        "campaign outcomes".to_string(),
+        format!("final 4: delivered 2, bounced 1, expired 1; still being retried 0; deferrals {n}"),
+        "by class bounced expired deferrals".into(),
+        classes[0].clone(),
+        classes[1].clone(),
+        "by domain (top 20) delivered bounced expired deferrals".into(),
+        format!("gmail.com 1 1 1 {n}"),
+        "yahoo.com 1 0 0 0".into(),
+    ]
+    .iter()
+    .map(|l| words(l))
+    .collect();
+    assert_eq!(report(&[]), want);
+
+    let top1 = report(&["--domains", "1"]);
+    assert_eq!(
+        top1[5..],
+        [
+            words("by domain (top 1) delivered bounced expired deferrals"),
+            words(&format!("gmail.com 1 1 1 {n}")),
+            words("... and 1 more domains (--json for all)"),
+        ]
+    );
+}

@@ -1,6 +1,7 @@
 //! Kill the engine (SIGKILL) at random points while it delivers, restart it, and
 //! check that every recipient reached exactly one terminal outcome, with duplicates
-//! only among messages that were in flight, and no more of them than the bound.
+//! only among messages that were in flight, and no more of them than the bound; and
+//! that a kill forgets at most the last second of the warm-up ledger.
 
 mod common;
 
@@ -238,4 +239,154 @@ fn sigkill_while_dsns_are_queued_loses_no_dsn() {
         dsns.values().sum::<usize>()
     );
     let _ = std::fs::remove_dir_all(&keep);
+}
+
+/// A background `volley send`, killed if the test fails before it ends (an orphan
+/// would hold the spool, and the pipes that `cargo test`, and whoever waits on it, hold).
+struct Run(Option<std::process::Child>);
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// README, Traffic shaping: the warm-up counts are "written each second and at the
+/// end of a run (a crash forgets at most the last second)". A paced warm-up send is
+/// SIGKILLed mid-run; the ledger it left must be short of what the receiver accepted
+/// by at most one second's worth, and a second run the same day, its cap set to the
+/// ledger's count + 10, sends exactly 10 more.
+#[test]
+fn a_sigkill_forgets_at_most_the_last_second_of_warm_up_counts() {
+    const RATE: u64 = 50;
+    const CONNS: u64 = 2;
+    const WINDOW: u64 = 2;
+    let env = env("crash-warmup", "");
+    let today = &humantime::format_rfc3339(std::time::SystemTime::now()).to_string()[..10];
+    // The sink's Google MX is mx.google.sink.test: a provider of the test's own.
+    let key = "source:127.0.0.2>provider:google-sink";
+    let rows: Vec<String> = (0..1000).map(|i| format!("u{i}@gmail.com,Ann")).collect();
+    let c = campaign(&env.dir, "warm", "pool = \"new\"", &rows);
+    let shaping = env.dir.join("shaping.toml");
+    let write_shaping = |cap: u64| {
+        let text = format!(
+            "[pool.new]\nsources = [{{ ip = \"127.0.0.2\" }}]\n\n\
+             [source.\"127.0.0.2\"]\nwarmup_start = \"{today}\"\nwarmup = [{cap}]\n\n\
+             [provider.google-sink]\nmx_suffixes = [\"google.sink.test\"]\nmax_msg_rate = \"{RATE}/s\"\nmax_connections = {CONNS}\n"
+        );
+        std::fs::write(&shaping, text).unwrap();
+    };
+    let spool = env.dir.join("spool");
+    let send = |extra: &[&str]| {
+        Run(Some(
+            Command::new(env!("CARGO_BIN_EXE_volley"))
+                .args(["send", c.to_str().unwrap(), "--quiet", "--shards", "1"])
+                .args(common::daemon::base_args(&env, &spool))
+                .args(["--ehlo", "crash.volley.test", "--shaping"])
+                .arg(&shaping)
+                .args(["--window", &WINDOW.to_string()])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        ))
+    };
+    // What the receiver took, a message sent again after the kill included: every
+    // send counts towards the day's cap. (Every recipient here is at the sink's Google.)
+    let accepted = || {
+        let c = env.sink.summary().counts;
+        c.rcpts_accepted + c.duplicates
+    };
+    // The sink's count once no transaction has ended for 300 ms (bounded).
+    let settled = || {
+        let (mut last, mut since) = (accepted(), Instant::now());
+        let until = Instant::now() + Duration::from_secs(10);
+        while since.elapsed() < Duration::from_millis(300) {
+            assert!(Instant::now() < until, "the sink never settled");
+            std::thread::sleep(Duration::from_millis(20));
+            if accepted() != last {
+                (last, since) = (accepted(), Instant::now());
+            }
+        }
+        last
+    };
+    let ledger = || -> (u64, String) {
+        let text = std::fs::read_to_string(spool.join("warmup.tsv")).unwrap_or_default();
+        let n = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{today}\t{key}\t")))
+            .map_or(0, |n| n.parse().unwrap());
+        (n, text)
+    };
+
+    // Run 1: a day's cap far off, paced at RATE; SIGKILL once ~2.5 s have gone out.
+    write_shaping(100_000);
+    let mut run = send(&[]);
+    let t = Instant::now();
+    while accepted() < RATE * 5 / 2 {
+        let child = run.0.as_mut().unwrap();
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run 1 ended before the kill"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "only {} accepted",
+            accepted()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut child = run.0.take().unwrap();
+    // SIGKILL: no end-of-run save.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let sent = settled();
+    let (counted, text) = ledger();
+    let ips: Vec<String> = env
+        .sink
+        .summary()
+        .connections_per_client_ip
+        .into_keys()
+        .collect();
+    assert_eq!(ips, ["127.0.0.2"], "not sent from the warm-up source");
+    // Counted at admission: the ledger may hold what was in flight and never accepted.
+    assert!(
+        counted <= sent + CONNS * WINDOW,
+        "ledger {counted}, the receiver accepted {sent}: {text}"
+    );
+    // What the ledger forgot: admitted since its last save, at most a second at RATE,
+    // and a 100 ms tick of the save loop's lateness on a busy machine.
+    assert!(
+        sent.saturating_sub(counted) <= RATE + RATE / 10,
+        "the receiver accepted {sent}, the ledger kept {counted}: it forgot more than the last second ({text:?})"
+    );
+
+    // Run 2, the same day, with a cap 10 over what the ledger kept: 10 more, no more.
+    write_shaping(counted + 10);
+    let mut run = send(&["--max-wait", "3s"]);
+    let t = Instant::now();
+    while run.0.as_mut().unwrap().try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(30), "run 2 did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = run.0.take().unwrap().wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let more = settled() - sent;
+    assert_eq!(
+        more, 10,
+        "run 2 sent {more} under a cap 10 over the ledger's {counted}"
+    );
+    assert_eq!(ledger().0, counted + 10, "{}", ledger().1);
+    eprintln!(
+        "crash warm-up test: accepted {sent}, ledger {counted} at the kill, then {more} more"
+    );
 }
