@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::daemon::Run;
 use common::*;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -239,19 +240,6 @@ fn sigkill_while_dsns_are_queued_loses_no_dsn() {
         dsns.values().sum::<usize>()
     );
     let _ = std::fs::remove_dir_all(&keep);
-}
-
-/// A background `volley send`, killed if the test fails before it ends (an orphan
-/// would hold the spool, and the pipes that `cargo test`, and whoever waits on it, hold).
-struct Run(Option<std::process::Child>);
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// README, Traffic shaping: the warm-up counts are "written each second and at the

@@ -6,35 +6,14 @@
 
 mod common;
 
-use common::daemon::{base_args, volley, VOLLEY};
+use common::daemon::{base_args, volley, Run, VOLLEY};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const ROWS: usize = 300;
 /// How long any wait below may take before the test fails.
 const WAIT_LIMIT: Duration = Duration::from_secs(30);
-
-/// A background `volley send`, killed if the test fails before it ends (an orphan
-/// would hold the spool, and whatever descriptors the test harness had).
-struct Run(Option<Child>);
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Run {
-    fn signal(&self, sig: i32) {
-        let pid = self.0.as_ref().expect("running").id() as i32;
-        // SAFETY: a signal to our own child.
-        unsafe { libc::kill(pid, sig) };
-    }
-}
 
 /// `volley send DIR` started in the background with `extra` flags.
 fn send(env: &common::Env, spool: &Path, dir: &Path, extra: &[&str]) -> Run {

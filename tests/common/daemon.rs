@@ -327,3 +327,26 @@ pub fn http(
     let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
     (status, head.to_string(), body.to_string())
 }
+
+/// A background `volley` process (a `send`), killed if the test fails before it
+/// ends: an orphan would hold the spool, and every descriptor the test harness had
+/// (a build lock among them).
+pub struct Run(pub Option<Child>);
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Run {
+    /// Sends signal `sig` (libc::SIGINT, ...) to the process.
+    pub fn signal(&self, sig: i32) {
+        let pid = self.0.as_ref().expect("running").id() as i32;
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
