@@ -321,6 +321,12 @@ impl Spool {
             .filter_map(|e| e.ok())
             .filter_map(|e| {
                 let n = e.file_name().into_string().ok()?;
+                if n.starts_with("seg-") && n.ends_with(NEW_SEGMENT_SUFFIX) {
+                    // A segment whose making a crash cut short: never renamed, never
+                    // written to.
+                    let _ = std::fs::remove_file(e.path());
+                    return None;
+                }
                 n.strip_prefix("seg-")?
                     .strip_suffix(".vspool")?
                     .parse()
@@ -343,6 +349,9 @@ impl Spool {
             std::collections::HashMap::new();
         let mut torn_at = None;
         let mut last_version = VERSION;
+        // Whether the newest segment was opened for appending (not so when the newest
+        // file was a never-written one, removed).
+        let mut appending = false;
         for (i, &no) in nos.iter().enumerate() {
             let path = spool.seg_path(no);
             let file = OpenOptions::new()
@@ -357,6 +366,15 @@ impl Spool {
                 .then(|| u32::from_le_bytes(map[8..12].try_into().unwrap()));
             match version {
                 Some(v @ 1..=VERSION) => last_version = v,
+                None if never_written(&map) => {
+                    drop(map);
+                    std::fs::remove_file(&path).map_err(io(&path, "remove"))?;
+                    eprintln!(
+                        "volley: {}: a segment made but never written (a crash while making it); removed",
+                        path.display()
+                    );
+                    continue;
+                }
                 _ => return Err(SpoolError::BadSegment { path }),
             }
             let mut off = SEG_HEADER_BYTES;
@@ -423,6 +441,7 @@ impl Spool {
                 zero_tail(&file, &mut map, off, &path)?;
                 spool.write_off = off;
                 spool.synced_off = off;
+                appending = true;
             }
             spool.segs.push_back(Segment {
                 no,
@@ -451,7 +470,7 @@ impl Spool {
         }
         match spool.segs.back() {
             None => spool.new_segment(1, segment_bytes)?,
-            Some(last) if last_version < VERSION => {
+            Some(last) if last_version < VERSION || !appending => {
                 let next = last.no + 1;
                 spool.new_segment(next, segment_bytes)?;
             }
@@ -468,7 +487,28 @@ impl Spool {
     fn seg_path(&self, no: u32) -> PathBuf {
         self.dir.join(format!("seg-{no:08}.vspool"))
     }
+}
 
+/// The name a segment is made under before it is renamed into place.
+pub const NEW_SEGMENT_SUFFIX: &str = ".new";
+
+fn new_segment_path(seg: &Path) -> PathBuf {
+    let mut name = seg.as_os_str().to_owned();
+    name.push(NEW_SEGMENT_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// Whether a segment whose header is not volley's was made but never written: all
+/// zeros where the header and the first record would be (a crash between creating
+/// the file and writing its header, as versions before the rename could leave).
+fn never_written(map: &[u8]) -> bool {
+    map.len() >= SEG_HEADER_BYTES + FRAME_BYTES
+        && map[..SEG_HEADER_BYTES + FRAME_BYTES]
+            .iter()
+            .all(|&b| b == 0)
+}
+
+impl Spool {
     fn seg_mut(&mut self, no: u32) -> Option<&mut Segment> {
         let first = self.segs.front()?.no;
         self.segs
@@ -476,23 +516,39 @@ impl Spool {
             .filter(|s| s.no == no)
     }
 
-    /// Opens segment `no`, preallocated to `bytes`.
+    /// Opens segment `no`, preallocated to `bytes`. It is made under a temporary
+    /// name ([`NEW_SEGMENT_SUFFIX`]) and renamed once its header is on disk, so a
+    /// crash while making it leaves no segment without a header (which `open` would
+    /// refuse), only a temporary file `open` removes.
     fn new_segment(&mut self, no: u32, bytes: usize) -> Result<(), SpoolError> {
         let path = self.seg_path(no);
+        let tmp = new_segment_path(&path);
+        // One left by a crash while making this very segment: it never held records.
+        let _ = std::fs::remove_file(&tmp);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(&path)
-            .map_err(io(&path, "create segment"))?;
-        preallocate(&file, bytes as u64, &path)?;
+            .open(&tmp)
+            .map_err(io(&tmp, "create segment"))?;
+        preallocate(&file, bytes as u64, &tmp)?;
         // SAFETY: as in `open`: the file is ours alone and never truncated while mapped.
-        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(io(&path, "map segment"))?;
+        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(io(&tmp, "map segment"))?;
         map[..8].copy_from_slice(MAGIC);
         map[8..12].copy_from_slice(&VERSION.to_le_bytes());
         map[12..16].copy_from_slice(&no.to_le_bytes());
         map.flush_range(0, SEG_HEADER_BYTES)
-            .map_err(io(&path, "msync"))?;
+            .map_err(io(&tmp, "msync"))?;
+        // Never over an existing segment (create_new's guarantee, kept by the rename).
+        if path.exists() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(SpoolError::Io {
+                path,
+                op: "create segment",
+                source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            });
+        }
+        std::fs::rename(&tmp, &path).map_err(io(&path, "rename new segment"))?;
         // The new file's directory entry must be durable too.
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
@@ -764,6 +820,47 @@ mod tests {
         drop(s);
         let (_, r) = Spool::open(&d, seg, &|_| true).unwrap();
         assert!(r.pending.is_empty());
+    }
+
+    /// A crash between creating a segment file and writing its header (what a SIGKILL
+    /// during ingest did before segments were renamed into place) must not stop the
+    /// next start: the never-written segment and a stale temporary are removed, what
+    /// was queued before stays pending, and appending goes on in a fresh segment.
+    #[test]
+    fn a_segment_made_but_never_written_is_removed_and_nothing_queued_is_lost() {
+        let d = dir("never-written");
+        let mut scratch = Vec::new();
+        {
+            let (mut s, _) = Spool::open(&d, 1 << 20, &|_| true).unwrap();
+            for i in 0..10 {
+                s.append_queue(&rec(i), &mut scratch).unwrap();
+            }
+            s.sync().unwrap();
+        }
+        // As the crash left them: segment 2 preallocated and all zeros, and a
+        // temporary of segment 3.
+        std::fs::write(d.join("seg-00000002.vspool"), vec![0u8; 1 << 16]).unwrap();
+        std::fs::write(d.join("seg-00000003.vspool.new"), vec![0u8; 1 << 16]).unwrap();
+        let (mut s, r) = Spool::open(&d, 1 << 20, &|_| true).unwrap();
+        assert_eq!(r.pending.len(), 10);
+        assert!(!d.join("seg-00000003.vspool.new").exists());
+        let after = s.append_queue(&rec(10), &mut scratch).unwrap();
+        assert_eq!(
+            after.seg, 2,
+            "appended in a fresh segment 2, not in the full 1"
+        );
+        s.sync().unwrap();
+        drop(s);
+        let (s, r) = Spool::open(&d, 1 << 20, &|_| true).unwrap();
+        assert_eq!(r.pending.len(), 11);
+        assert_eq!(s.read_queue(after), Some(rec(10)));
+        // A header that is neither volley's nor zeros is still refused.
+        drop(s);
+        std::fs::write(d.join("seg-00000009.vspool"), vec![7u8; 1 << 16]).unwrap();
+        assert!(matches!(
+            Spool::open(&d, 1 << 20, &|_| true),
+            Err(SpoolError::BadSegment { .. })
+        ));
     }
 
     #[test]
