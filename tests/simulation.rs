@@ -4,9 +4,14 @@
 //! own retry code with the clock passed in: the classification and retry decision
 //! (`retry::decide`), the wait cut at expiry (`retry::wait_before_retry`), the retry
 //! wheel at the shard's tick (`deliver::wheel`), and the expiry test
-//! (`retry::is_expired`). What is not yet the shard's code: the loop that picks due
-//! recipients and opens connections (sites, limiters, requeue), which this file still
-//! models (the shard reads the clock itself there). Thousands of seeds
+//! (`retry::is_expired`); every message is admitted by the destination's real
+//! limiter (`shaping::admit`, a seeded rate), which sees every reply (`observe`,
+//! `on_throttled` on a throttle reply) and the shard's tick. What is not yet the
+//! shard's code: the loop that picks due recipients and opens connections (sites,
+//! requeue), which this file still models (the shard reads the clock itself there).
+//! Besides the delivery invariants below, the rate invariants: no second with more
+//! messages than the limiter's rate allows, and none after a throttle back-off with
+//! more than its new rate. Thousands of seeds
 //! (`VOLLEY_SIM_SEEDS`, default [`SEEDS`]); each checks the invariants: exactly one
 //! terminal outcome per recipient, no attempt after a terminal outcome (so no retry of
 //! a permanent failure), no attempt before its retry time or past its expiry, every
@@ -17,10 +22,13 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 use volley::deliver::shard::TICK;
 use volley::deliver::wheel::Wheel;
+use volley::policy::classify::Class;
 use volley::policy::classify::Classifier;
 use volley::policy::retry::{
     decide, is_expired, jitter_by, wait_before_retry, Decision, RetryPolicy,
 };
+use volley::policy::shaping::rules::{parse_per, Rule, Set, Threshold};
+use volley::policy::shaping::{self, Limiter};
 use volley::smtp::client::{ClientConfig, ClientSession, Event, Timeouts, Transaction};
 use volley::smtp::server::{Behaviour, Command, Message, ServerConfig, ServerSession, Verdict};
 
@@ -124,6 +132,16 @@ struct Sim {
     rcpts: Vec<Rcpt>,
     /// The shard's retry wheel, holding recipient indexes.
     retries: Wheel<usize>,
+    /// The destination's limiter, at `rate` messages per second.
+    limiter: Limiter,
+    rate: f64,
+    /// When each message was admitted, in order.
+    admitted: Vec<Duration>,
+    /// Each throttle back-off: when, the rate it set, and how many messages had
+    /// been admitted before it.
+    backoffs: Vec<(Duration, f64, usize)>,
+    /// The last shard tick given to the limiter.
+    ticked: Duration,
     classifier: &'static Classifier,
     policy: RetryPolicy,
     server: SimServer,
@@ -138,6 +156,25 @@ impl Sim {
 
     fn sys(&self) -> SystemTime {
         self.sys_base + self.now
+    }
+
+    /// The shard's ticks up to now, as its tick loop gives them to each limiter.
+    fn tick(&mut self) {
+        while self.ticked + TICK <= self.now {
+            self.ticked += TICK;
+            let _ = self.limiter.tick(self.base + self.ticked);
+        }
+    }
+
+    /// Waits until the limiter admits a message, as the connection does, and counts it.
+    fn admit(&mut self) {
+        while let Some(at) = shaping::admit(&[&self.limiter], self.t()) {
+            self.steps += 1;
+            assert!(self.steps < STEPS_MAX, "seed {}: never admitted", self.seed);
+            self.now = self.now.max(at - self.base);
+            self.tick();
+        }
+        self.admitted.push(self.now);
     }
 
     /// Puts recipient `i` in the wheel `wait` from now, as the shard does.
@@ -172,6 +209,18 @@ impl Sim {
                 self.defer(i, wait);
             }
             _ => self.rcpts[i].terminal = Some(d),
+        }
+        // The shard's reaction to the reply (Shard::react).
+        let throttled = verdict.is_some_and(|v| v.class == Class::Throttled);
+        self.limiter.observe(self.t(), throttled);
+        if throttled {
+            if let Some(c) = self
+                .limiter
+                .on_throttled(self.t(), &reply.to_string(), false)
+            {
+                let rate = c.rate.expect("a rate was set");
+                self.backoffs.push((self.now, rate, self.admitted.len()));
+            }
         }
         let r = &self.rcpts[i];
         if reply.is_permanent() && verdict.is_some_and(|v| !v.retry) {
@@ -259,6 +308,7 @@ impl Sim {
             }
             while client.can_submit() {
                 let Some(i) = queue.pop_front() else { break };
+                self.admit();
                 let r = &self.rcpts[i];
                 assert!(
                     r.terminal.is_none(),
@@ -329,6 +379,7 @@ impl Sim {
             if open.is_empty() {
                 return;
             }
+            self.tick();
             // The retry wheel: what falls due, less what has expired, which ends
             // without another attempt.
             let mut due = Vec::new();
@@ -354,7 +405,8 @@ impl Sim {
     }
 }
 
-fn simulate(seed: u64) -> (u64, u64) {
+/// Runs seed `seed`: recipients delivered, duplicates, throttle back-offs.
+fn simulate(seed: u64) -> (u64, u64, u64) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut p = |max: f64| rng.f64() * max;
     let f = Faults {
@@ -376,11 +428,25 @@ fn simulate(seed: u64) -> (u64, u64) {
         offer_chunking: offer_pipelining && rng.bool(),
     };
     let base = Instant::now();
+    let rate = rng.u32(2..=40);
+    let rule = Rule {
+        max_msg_rate: Some(Set::cli(parse_per(&format!("{rate}/s")).unwrap())),
+        throttle_threshold: Some(Set::cli(Threshold::Count(parse_per("1/1min").unwrap()))),
+        throttle_factor: Some(Set::cli(0.5)),
+        // Longer than the window the back-off invariant looks at.
+        throttle_recover: Some(Set::cli(Duration::from_secs(10))),
+        ..Rule::default()
+    };
     let mut sim = Sim {
         seed,
         now: Duration::ZERO,
         base,
         retries: Wheel::new(TICK, base),
+        limiter: Limiter::new("provider:sim".into(), &rule, 1, 0, base),
+        rate: rate as f64,
+        admitted: Vec::new(),
+        backoffs: Vec::new(),
+        ticked: Duration::ZERO,
         sys_base: SystemTime::now(),
         rcpts: (0..RECIPIENTS)
             .map(|i| Rcpt {
@@ -406,6 +472,32 @@ fn simulate(seed: u64) -> (u64, u64) {
         sim.retries.insert(base, i);
     }
     sim.run(&scfg);
+    // The rate invariants, over every one-second window from each admission: the
+    // limiter's rate (plus its 5 ms of tolerance and the one that opens the window),
+    // and after a back-off the rate it set.
+    let most = |rate: f64| (rate * 1.005).floor() as usize + 1;
+    let second = Duration::from_secs(1);
+    for (k, &from) in sim.admitted.iter().enumerate() {
+        let n = sim.admitted[k..]
+            .iter()
+            .take_while(|&&t| t < from + second)
+            .count();
+        assert!(
+            n <= most(sim.rate),
+            "seed {seed}: {n} messages in the second from {from:?} at {}/s",
+            sim.rate
+        );
+    }
+    for &(at, rate, before) in &sim.backoffs {
+        let n = sim.admitted[before..]
+            .iter()
+            .take_while(|&&t| t < at + second)
+            .count();
+        assert!(
+            n <= most(rate),
+            "seed {seed}: {n} messages in the second after a back-off to {rate}/s at {at:?}"
+        );
+    }
     let mut delivered = 0;
     let mut duplicates = 0;
     for r in &sim.rcpts {
@@ -432,7 +524,7 @@ fn simulate(seed: u64) -> (u64, u64) {
         );
         duplicates += extra as u64;
     }
-    (delivered, duplicates)
+    (delivered, duplicates, sim.backoffs.len() as u64)
 }
 
 /// Seeds to run: `VOLLEY_SIM_SEEDS` for a long run, else [`SEEDS`].
@@ -449,14 +541,20 @@ fn seeds() -> u64 {
 fn thousands_of_seeded_fault_schedules_keep_the_invariants() {
     let seeds = seeds();
     let mut delivered = 0;
+    let mut backoffs = 0;
     let mut duplicates = 0;
     for seed in 0..seeds {
-        let (d, dup) = simulate(seed);
+        let (d, dup, b) = simulate(seed);
+        backoffs += b;
         delivered += d;
         duplicates += dup;
     }
     let total = seeds * RECIPIENTS as u64;
-    eprintln!("simulation: {seeds} seeds, {total} recipients, {delivered} delivered, {duplicates} duplicates after broken connections");
+    eprintln!("simulation: {seeds} seeds, {total} recipients, {delivered} delivered, {duplicates} duplicates after broken connections, {backoffs} throttle back-offs");
+    assert!(
+        backoffs > 0,
+        "no seed backed off: the rate invariant after a back-off went untried"
+    );
     // The faults are bounded, so most mail gets through in the end.
     assert!(delivered > total / 2, "{delivered} of {total}");
 }

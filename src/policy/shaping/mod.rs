@@ -588,13 +588,20 @@ impl Limiter {
             Some(near) if !probing => (r * RECOVER_STEP).min(near),
             _ => r * PROBE_STEP,
         });
-        let conns = (conns + 1).max((conns as f64 * RECOVER_STEP) as usize);
+        let conns = conns
+            .saturating_add(1)
+            .max((conns as f64 * RECOVER_STEP) as usize);
         let rate_back = match (up, configured) {
             (None, _) => true,
             (Some(u), Some(c)) => u >= c,
             (Some(_), None) => false,
         };
-        if rate_back && conns >= s.conns_cap {
+        // Without a configured connection cap there is none to climb back to (the
+        // back-off's cap came from what was open): the rate decides. Climbing to
+        // usize::MAX instead kept a recovered destination "backed off" for hundreds
+        // of quiet periods, and overflowed.
+        let conns_back = s.conns_cap == usize::MAX || conns >= s.conns_cap;
+        if rate_back && conns_back {
             s.backoff = None;
             if s.suspended_until.is_none() {
                 s.cause = None;
@@ -907,6 +914,45 @@ mod tests {
             now += Duration::from_micros(100);
         }
         assert!((10..=12).contains(&first), "{first}");
+    }
+
+    /// Found by the simulation: with a rate and no connection cap, a back-off
+    /// recovers once the rate is back (it used to climb the connection count towards
+    /// usize::MAX first, and overflowed).
+    #[test]
+    fn without_a_connection_cap_the_rate_decides_recovery() {
+        let t0 = Instant::now();
+        let rule = Rule {
+            max_msg_rate: Some(Set::cli(rules::parse_per("10/s").unwrap())),
+            throttle_threshold: Some(Set::cli(Threshold::Count(
+                rules::parse_per("1/1min").unwrap(),
+            ))),
+            throttle_recover: Some(Set::cli(Duration::from_secs(10))),
+            ..Rule::default()
+        };
+        let l = Limiter::new("provider:x".into(), &rule, 1, 0, t0);
+        let c = l
+            .on_throttled(t0, "421 4.7.28", false)
+            .expect("past 1/1min");
+        assert_eq!(c.event, "throttled");
+        let mut now = t0;
+        let mut events = Vec::new();
+        for _ in 0..100 {
+            now += Duration::from_secs(11);
+            if let Some(c) = l.tick(now) {
+                events.push(c.event);
+                if c.event == "recovered" {
+                    break;
+                }
+            }
+        }
+        assert_eq!(events.last(), Some(&"recovered"), "{events:?}");
+        assert!(
+            events.len() < 10,
+            "{} quiet periods to recover",
+            events.len()
+        );
+        assert!(!l.view(now).backed_off);
     }
 
     #[test]
