@@ -151,7 +151,11 @@ fn a_running_send_is_steered_stopped_by_signals_resumed_and_sent_anew() {
     let other = common::campaign(&env.dir, "autumn", "", &rows[..3]);
     let (code, _, err) = finish(send(&env, &spool, &other, &[]));
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("in use by `volley send` (pid"), "{err}");
+    assert!(err.contains("in use by volley process"), "{err}");
+    assert!(
+        err.contains("(a `volley send`, not a `volley serve`)"),
+        "{err}"
+    );
     assert!(err.contains("nothing queued"), "{err}");
     let instances = volley::spool::ingest::load_instances(&spool).unwrap();
     assert!(

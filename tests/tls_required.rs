@@ -168,7 +168,7 @@ fn run(
     let c = campaign(
         &env.dir,
         name,
-        "expire_after = \"2s\"",
+        "expire_after = \"4s\"",
         &[format!("a@{domain},Ann"), "b@shop3.tail.test,Bob".into()],
     );
     let mut cfg = env.config();
@@ -337,7 +337,7 @@ fn providers_toml_requires_tls_for_google_with_no_tls_flag() {
     let c = campaign(
         &env.dir,
         "tls-providers",
-        "expire_after = \"2s\"",
+        "expire_after = \"4s\"",
         &["a@gmail.com,Ann".into(), "b@plain.tls.test,Bob".into()],
     );
     let mut cfg = env.config();

@@ -445,9 +445,13 @@ pub(crate) fn run(
     // Taken from here on, ingest included: a first SIGINT or SIGTERM lets ingest
     // finish (what it queued is durable) and the run then stops at once with 75; a
     // second one ends the process, as an impatient operator expects.
+    // A flag of the signals' own arms the second: `stop` is also set by --max-wait,
+    // after which a signal must still get a clean stop and its report.
     let stop = Arc::new(AtomicBool::new(false));
+    let signalled = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(sig, 75, stop.clone())?;
+        signal_hook::flag::register_conditional_shutdown(sig, 75, signalled.clone())?;
+        signal_hook::flag::register(sig, signalled.clone())?;
         signal_hook::flag::register(sig, stop.clone())?;
     }
     let mut skipped = 0u64;

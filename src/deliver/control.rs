@@ -517,12 +517,13 @@ fn answer(
     if let Some(reply) = extra.and_then(|x| x(line.trim(), peer)) {
         return (&conn).write_all(format!("{reply}\n").as_bytes());
     }
-    // Without `extra` this is a `volley send` run: a second `send` on its spool hands
-    // its campaign over here, and must hear who holds the spool, not "not a command".
+    // Without `extra` this is a run that is not `volley serve` (a `volley send`, the
+    // demo): a second `send` on its spool hands its campaign over here, and must hear
+    // who holds the spool, not "not a command".
     if extra.is_none() && SERVE_ONLY.iter().any(|w| line.trim().starts_with(w)) {
         let reply = format!(
-            "error: this spool is in use by `volley send` (pid {}), which takes no other campaign; \
-             wait for it to end, or use another --spool",
+            "error: this spool is in use by volley process {} (a `volley send`, not a `volley serve`), \
+             which takes no other campaign; wait for it to end, or use another --spool",
             std::process::id()
         );
         return (&conn).write_all(format!("{reply}\n").as_bytes());

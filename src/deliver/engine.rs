@@ -34,8 +34,9 @@ pub struct Report {
     pub latency_ms_p90: u64,
     pub latency_ms_p99: u64,
     pub latency_ms_max: u64,
-    /// The IO driver the shards ran on: `io-uring`, `epoll`, or `mixed` (under
-    /// `--driver auto`, when some shards could not set up io_uring).
+    /// The IO driver the shards ran on: `io-uring`, `epoll`, `mixed` (under
+    /// `--driver auto`, when some shards could not set up io_uring), or `none` when
+    /// no shard ended cleanly (the run's error says why).
     pub driver: &'static str,
 }
 

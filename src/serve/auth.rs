@@ -348,14 +348,10 @@ impl Tokens {
         self.entries.is_empty()
     }
 
-    /// The name of the token `presented` (as the client sent it, prefix included), or
-    /// None. Its SHA-256 is compared with every stored digest in constant time.
-    pub fn check(&self, presented: &str) -> Option<&str> {
-        self.find(presented).map(|(name, _)| name)
-    }
-
-    /// The token `presented`'s name if it may do `scope`; else why not: `Err(None)`
-    /// for no such token, `Err(Some(what it may do))` for one without that scope.
+    /// The token `presented`'s name (as the client sent it, prefix included) if it
+    /// may do `scope`; else why not: `Err(None)` for no such token, `Err(Some(what
+    /// it may do))` for one without that scope. Its SHA-256 is compared with every
+    /// stored digest in constant time.
     pub fn check_scope(&self, presented: &str, scope: Scope) -> Result<&str, Option<String>> {
         match self.find(presented) {
             Some((name, set)) if set & scope.bit() != 0 => Ok(name),
@@ -602,14 +598,22 @@ fn parse_cram_field(field: &str) -> Result<Vec<u8>, String> {
     Ok(key)
 }
 
-/// Parses `name:SHA256HEX`; the error says what is wrong and what to do.
+/// Parses `name:SHA256HEX` or `name:SHA256HEX:SCOPES`; the error says what is wrong
+/// and what to do, quoting nothing of the line (see `check_name`).
 fn parse_token_line(line: &str) -> Result<(&str, [u8; 32], u8), String> {
     let Some((name, rest)) = line.split_once(':') else {
         return Err("expected name:SHA256HEX; make the token again to rewrite the line".to_owned());
     };
     check_name(name).map_err(|what| format!("token name: {what}"))?;
     let (hex, scopes) = match rest.split_once(':') {
-        Some((hex, s)) => (hex, parse_scopes(s)?),
+        Some((hex, s)) => (
+            hex,
+            parse_scopes(s).map_err(|_| {
+                "the scopes field is not a comma-separated list of inject, read and control \
+                 (each at most once); correct it or make the token again with --scope"
+                    .to_owned()
+            })?,
+        ),
         None => (rest, SCOPES.iter().fold(0, |set, s| set | s.bit())),
     };
     let digest = parse_hex_32(hex).ok_or_else(|| {
@@ -1089,10 +1093,18 @@ mod tests {
         assert_eq!(first.len(), TOKEN_PREFIX.len() + 43);
         let tokens = Tokens::load(&path).unwrap();
         assert_eq!(tokens.len(), 2);
-        assert_eq!(tokens.check(&first), Some("crm"));
-        assert_eq!(tokens.check(&second), Some("billing"));
-        assert_eq!(tokens.check(&first[..first.len() - 1]), None);
-        assert_eq!(tokens.check(""), None);
+        assert_eq!(tokens.check_scope(&first, Scope::Read).ok(), Some("crm"));
+        assert_eq!(
+            tokens.check_scope(&second, Scope::Read).ok(),
+            Some("billing")
+        );
+        assert_eq!(
+            tokens
+                .check_scope(&first[..first.len() - 1], Scope::Read)
+                .ok(),
+            None
+        );
+        assert_eq!(tokens.check_scope("", Scope::Read).ok(), None);
         let mode = fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
@@ -1129,14 +1141,16 @@ mod tests {
         assert!(parse_scopes("read,read").unwrap_err().contains("twice"));
         assert!(parse_scopes("admin").unwrap_err().contains("not one of"));
         assert!(parse_scopes("").is_err());
-        // A hand-edited line with a bad scope is named with its line.
+        // A hand-edited line with a bad scope is named with its line, and nothing of
+        // the field is quoted (it may be a secret pasted in the wrong place).
         fs::write(
             &path,
-            format!("{}:{}\n", "x", "a".repeat(64) + ":inject,everything"),
+            format!("{}:{}\n", "x", "a".repeat(64) + ":inject,s3cret"),
         )
         .unwrap();
         let errs = Tokens::load(&path).unwrap_err();
-        assert!(errs[0].contains(":1: scope `everything`"), "{errs:?}");
+        assert!(errs[0].contains(":1: the scopes field is not"), "{errs:?}");
+        assert!(!errs[0].contains("s3cret"), "{errs:?}");
     }
 
     #[test]
@@ -1147,8 +1161,8 @@ mod tests {
         let new = add_token(&path, "crm", None).unwrap();
         let tokens = Tokens::load(&path).unwrap();
         assert_eq!(tokens.len(), 1);
-        assert_eq!(tokens.check(&old), None);
-        assert_eq!(tokens.check(&new), Some("crm"));
+        assert_eq!(tokens.check_scope(&old, Scope::Read).ok(), None);
+        assert_eq!(tokens.check_scope(&new, Scope::Read).ok(), Some("crm"));
     }
 
     #[test]

@@ -387,7 +387,8 @@ async fn campaign_counts(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    // A campaign's counts: for the token that queued it, or one that may read.
+    // Any campaign's counts, for a token that may inject (an application following
+    // what it queued; tokens do not own campaigns) or read.
     if let Err(r) =
         authorize(&api, &headers, Scope::Inject).or_else(|_| authorize(&api, &headers, Scope::Read))
     {

@@ -316,15 +316,14 @@ impl Spool {
         acked: &dyn Fn(u32) -> bool,
     ) -> Result<(Spool, Recovered), SpoolError> {
         std::fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
+        let mut stale = Vec::new();
         let mut nos: Vec<u32> = std::fs::read_dir(dir)
             .map_err(io(dir, "list"))?
             .filter_map(|e| e.ok())
             .filter_map(|e| {
                 let n = e.file_name().into_string().ok()?;
                 if n.starts_with("seg-") && n.ends_with(NEW_SEGMENT_SUFFIX) {
-                    // A segment whose making a crash cut short: never renamed, never
-                    // written to.
-                    let _ = std::fs::remove_file(e.path());
+                    stale.push(e.path());
                     return None;
                 }
                 n.strip_prefix("seg-")?
@@ -334,6 +333,14 @@ impl Spool {
             })
             .collect();
         nos.sort_unstable();
+        // Segments whose making a crash cut short: never linked, never written to.
+        for path in stale {
+            std::fs::remove_file(&path).map_err(io(&path, "remove"))?;
+            eprintln!(
+                "volley: {}: a segment being made when volley stopped; removed",
+                path.display()
+            );
+        }
         let mut spool = Spool {
             dir: dir.to_path_buf(),
             segment_bytes,
@@ -359,14 +366,25 @@ impl Spool {
                 .write(true)
                 .open(&path)
                 .map_err(io(&path, "open segment"))?;
+            let empty = file.metadata().map_err(io(&path, "stat"))?.len() == 0;
             // SAFETY: the spool directory belongs to this process (the engine holds an
             // exclusive flock on it) and segment files are never truncated while mapped.
-            let map = unsafe { MmapMut::map_mut(&file) }.map_err(io(&path, "map segment"))?;
-            let version = (map.len() >= SEG_HEADER_BYTES && &map[..8] == MAGIC)
-                .then(|| u32::from_le_bytes(map[8..12].try_into().unwrap()));
-            match version {
-                Some(v @ 1..=VERSION) => last_version = v,
-                None if never_written(&map) => {
+            // An empty file cannot be mapped; it is read as no bytes at all.
+            let map = match empty {
+                true => None,
+                false => {
+                    Some(unsafe { MmapMut::map_mut(&file) }.map_err(io(&path, "map segment"))?)
+                }
+            };
+            let bytes: &[u8] = map.as_deref().unwrap_or_default();
+            let version = (bytes.len() >= SEG_HEADER_BYTES && &bytes[..8] == MAGIC)
+                .then(|| u32::from_le_bytes(bytes[8..12].try_into().unwrap()));
+            let map = match version {
+                Some(v @ 1..=VERSION) => {
+                    last_version = v;
+                    map.expect("a header was read from it")
+                }
+                None if never_written(bytes) => {
                     drop(map);
                     std::fs::remove_file(&path).map_err(io(&path, "remove"))?;
                     eprintln!(
@@ -375,8 +393,8 @@ impl Spool {
                     );
                     continue;
                 }
-                _ => return Err(SpoolError::BadSegment { path }),
-            }
+                None | Some(_) => return Err(SpoolError::BadSegment { path }),
+            };
             let mut off = SEG_HEADER_BYTES;
             let last = i + 1 == nos.len();
             loop {
@@ -489,8 +507,8 @@ impl Spool {
     }
 }
 
-/// The name a segment is made under before it is renamed into place.
-pub const NEW_SEGMENT_SUFFIX: &str = ".new";
+/// The suffix of the name a segment is made under before it is linked into place.
+const NEW_SEGMENT_SUFFIX: &str = ".new";
 
 fn new_segment_path(seg: &Path) -> PathBuf {
     let mut name = seg.as_os_str().to_owned();
@@ -499,13 +517,13 @@ fn new_segment_path(seg: &Path) -> PathBuf {
 }
 
 /// Whether a segment whose header is not volley's was made but never written: all
-/// zeros where the header and the first record would be (a crash between creating
-/// the file and writing its header, as versions before the rename could leave).
+/// zeros where the header and the first record would be, or shorter and all zeros
+/// (a crash between creating the file, sizing it and writing its header, as builds
+/// before the temporary name could leave).
 fn never_written(map: &[u8]) -> bool {
-    map.len() >= SEG_HEADER_BYTES + FRAME_BYTES
-        && map[..SEG_HEADER_BYTES + FRAME_BYTES]
-            .iter()
-            .all(|&b| b == 0)
+    map[..map.len().min(SEG_HEADER_BYTES + FRAME_BYTES)]
+        .iter()
+        .all(|&b| b == 0)
 }
 
 impl Spool {
@@ -517,39 +535,20 @@ impl Spool {
     }
 
     /// Opens segment `no`, preallocated to `bytes`. It is made under a temporary
-    /// name ([`NEW_SEGMENT_SUFFIX`]) and renamed once its header is on disk, so a
-    /// crash while making it leaves no segment without a header (which `open` would
-    /// refuse), only a temporary file `open` removes.
+    /// name (`seg-N.vspool.new`) and linked into place once its header is on disk, so
+    /// a crash while making it leaves no segment without a header (which `open` would
+    /// refuse), only a temporary file `open` removes. Errors: the file cannot be made
+    /// (the disk full: `DiskFull`), or segment `no` exists already.
     fn new_segment(&mut self, no: u32, bytes: usize) -> Result<(), SpoolError> {
         let path = self.seg_path(no);
         let tmp = new_segment_path(&path);
         // One left by a crash while making this very segment: it never held records.
         let _ = std::fs::remove_file(&tmp);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(io(&tmp, "create segment"))?;
-        preallocate(&file, bytes as u64, &tmp)?;
-        // SAFETY: as in `open`: the file is ours alone and never truncated while mapped.
-        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(io(&tmp, "map segment"))?;
-        map[..8].copy_from_slice(MAGIC);
-        map[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        map[12..16].copy_from_slice(&no.to_le_bytes());
-        map.flush_range(0, SEG_HEADER_BYTES)
-            .map_err(io(&tmp, "msync"))?;
-        // Never over an existing segment (create_new's guarantee, kept by the rename).
-        if path.exists() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(SpoolError::Io {
-                path,
-                op: "create segment",
-                source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
-            });
-        }
-        std::fs::rename(&tmp, &path).map_err(io(&path, "rename new segment"))?;
-        // The new file's directory entry must be durable too.
+        let made = self.make_segment(no, bytes, &tmp, &path);
+        // Whatever happened, the temporary name goes: linked, it is a second name.
+        let _ = std::fs::remove_file(&tmp);
+        let map = made?;
+        // The new file's directory entries must be durable too.
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io(&self.dir, "fsync directory"))?;
@@ -566,6 +565,33 @@ impl Spool {
         self.write_off = SEG_HEADER_BYTES;
         self.synced_off = SEG_HEADER_BYTES;
         Ok(())
+    }
+
+    /// Makes segment `no` at `tmp` with its header synced, then links it at `path`
+    /// (a hard link: it fails, atomically, where a segment already is).
+    fn make_segment(
+        &self,
+        no: u32,
+        bytes: usize,
+        tmp: &Path,
+        path: &Path,
+    ) -> Result<MmapMut, SpoolError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(tmp)
+            .map_err(io(tmp, "create segment"))?;
+        preallocate(&file, bytes as u64, tmp)?;
+        // SAFETY: as in `open`: the file is ours alone and never truncated while mapped.
+        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(io(tmp, "map segment"))?;
+        map[..8].copy_from_slice(MAGIC);
+        map[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        map[12..16].copy_from_slice(&no.to_le_bytes());
+        map.flush_range(0, SEG_HEADER_BYTES)
+            .map_err(io(tmp, "msync"))?;
+        std::fs::hard_link(tmp, path).map_err(io(path, "link new segment"))?;
+        Ok(map)
     }
 
     fn append(&mut self, payload: &[u8]) -> Result<RecordRef, SpoolError> {
@@ -841,9 +867,12 @@ mod tests {
         // temporary of segment 3.
         std::fs::write(d.join("seg-00000002.vspool"), vec![0u8; 1 << 16]).unwrap();
         std::fs::write(d.join("seg-00000003.vspool.new"), vec![0u8; 1 << 16]).unwrap();
+        // And one created but not yet sized (an empty file).
+        std::fs::write(d.join("seg-00000004.vspool"), b"").unwrap();
         let (mut s, r) = Spool::open(&d, 1 << 20, &|_| true).unwrap();
         assert_eq!(r.pending.len(), 10);
         assert!(!d.join("seg-00000003.vspool.new").exists());
+        assert!(!d.join("seg-00000004.vspool").exists());
         let after = s.append_queue(&rec(10), &mut scratch).unwrap();
         assert_eq!(
             after.seg, 2,

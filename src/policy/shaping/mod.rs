@@ -124,6 +124,9 @@ struct State {
     ceiling: Option<f64>,
     /// The last rate that ran a quiet period through without a throttle.
     good: Option<f64>,
+    /// Connections open when the last back-off came: without a configured cap, what
+    /// the back-off's connection cap climbs back to.
+    open_at_throttle: usize,
     msg: Option<Gcra>,
     connect: Option<Gcra>,
     conns: usize,
@@ -286,6 +289,7 @@ impl Limiter {
                 backoff: None,
                 ceiling: None,
                 good: None,
+                open_at_throttle: 0,
                 msg: rate.map(|r| Gcra::new(r, now)),
                 connect,
                 conns: 0,
@@ -531,8 +535,9 @@ impl Limiter {
             (Some(v), Some(g)) => Some(v.min(g)),
             (v, _) => v,
         };
-        let conns =
-            ((s.conns.min(Self::cap(&s)) as f64 * r.throttle_factor).floor() as usize).max(1);
+        let open = s.conns.min(Self::cap(&s));
+        s.open_at_throttle = open;
+        let conns = ((open as f64 * r.throttle_factor).floor() as usize).max(1);
         s.backoff = Some((rate, conns));
         if let Some(rate) = rate {
             s.msg = Some(Gcra::new(rate, now));
@@ -596,11 +601,14 @@ impl Limiter {
             (Some(u), Some(c)) => u >= c,
             (Some(_), None) => false,
         };
-        // Without a configured connection cap there is none to climb back to (the
-        // back-off's cap came from what was open): the rate decides. Climbing to
-        // usize::MAX instead kept a recovered destination "backed off" for hundreds
-        // of quiet periods, and overflowed.
-        let conns_back = s.conns_cap == usize::MAX || conns >= s.conns_cap;
+        // Without a configured connection cap the back-off's cap climbs back to what
+        // was open when the throttle came, not towards usize::MAX (which kept a
+        // recovered destination "backed off" for hundreds of quiet periods, and
+        // overflowed).
+        let conns_back = match s.conns_cap {
+            usize::MAX => conns >= s.open_at_throttle,
+            cap => conns >= cap,
+        };
         if rate_back && conns_back {
             s.backoff = None;
             if s.suspended_until.is_none() {
@@ -953,6 +961,35 @@ mod tests {
             events.len()
         );
         assert!(!l.view(now).backed_off);
+
+        // No rate either: 8 open at the throttle, cut to 4; the cap climbs back to 8
+        // a step per quiet period, not to unlimited at the first one.
+        let rule = Rule {
+            max_msg_rate: None,
+            ..rule
+        };
+        let l = Limiter::new("provider:y".into(), &rule, 1, 0, t0);
+        for _ in 0..8 {
+            assert!(l.connected(t0));
+        }
+        let c = l
+            .on_throttled(t0, "421 4.7.28", false)
+            .expect("past 1/1min");
+        assert_eq!(c.conns, Some(4));
+        let mut now = t0;
+        let mut caps = Vec::new();
+        for _ in 0..100 {
+            now += Duration::from_secs(11);
+            if let Some(c) = l.tick(now) {
+                caps.push((c.event, c.conns));
+                if c.event == "recovered" {
+                    break;
+                }
+            }
+        }
+        assert_eq!(caps.first(), Some(&("ramped", Some(5))), "{caps:?}");
+        assert_eq!(caps.last().map(|c| c.0), Some("recovered"), "{caps:?}");
+        assert!(caps.len() <= 5, "{caps:?}");
     }
 
     #[test]
