@@ -553,3 +553,37 @@ fn queue_status_shows_a_window_cut_down_by_closing_receivers() {
     drop(lock);
     assert_eq!(r.delivered, 600, "{r:?}");
 }
+
+/// RFC 5321 §4.5.4.1's give-up time holds for a recipient waiting in a slow queue
+/// too: at 2/s with a 2 s maximum age, what the rate cannot reach in time expires
+/// (4.4.7, never attempted) rather than being sent late. Found by the simulation.
+#[test]
+fn a_recipient_that_outlives_its_maximum_age_in_a_slow_queue_expires_unsent() {
+    let env = env("shaping-expire-queued", "");
+    let c = campaign(
+        &env.dir,
+        "slowq",
+        "expire_after = \"2s\"",
+        &rows(12, "gmail.com"),
+    );
+    let mut cfg = env.config();
+    cfg.shards = 1;
+    cfg.shaping_file = Some(shaping_file(
+        &env,
+        "[provider.google-sink]\nmx_suffixes = [\"google.sink.test\"]\nmax_msg_rate = \"2/s\"\n",
+    ));
+    let log = cfg.log_path.clone();
+    let r = env.send(&c, cfg);
+    assert_eq!(r.delivered + r.expired, 12, "{r:?}");
+    // 2 s at 2/s, and the one that opens the pace: at most 5 go.
+    assert!(r.delivered <= 5, "sent past the maximum age: {r:?}");
+    assert!(r.expired >= 7, "{r:?}");
+    assert_eq!(env.sink.summary().counts.rcpts_accepted, r.delivered);
+    for l in log_lines(&log).iter().filter(|l| l["type"] == "Expiration") {
+        assert_eq!(
+            (l["enhanced"].as_str(), l["stage"].as_str()),
+            (Some("4.4.7"), Some("local")),
+            "{l}"
+        );
+    }
+}

@@ -36,6 +36,10 @@ const SEEDS: u64 = 2000;
 /// Compiled once: the rules are the same for every seed.
 static CLASSIFIER: std::sync::OnceLock<Classifier> = std::sync::OnceLock::new();
 const RECIPIENTS: usize = 12;
+/// Recipients per seed of the loaded runs: enough that a back-off's rate, not the
+/// connection, is what paces the rest.
+const LOADED_RECIPIENTS: usize = 150;
+const LOADED_SEEDS: u64 = 100;
 const EXPIRE: Duration = Duration::from_secs(4 * 3600);
 /// Bounds every loop: a simulation that has not finished by then is a failure.
 const STEPS_MAX: usize = 200_000;
@@ -405,8 +409,9 @@ impl Sim {
     }
 }
 
-/// Runs seed `seed`: recipients delivered, duplicates, throttle back-offs.
-fn simulate(seed: u64) -> (u64, u64, u64) {
+/// Runs seed `seed` with `recipients`: recipients delivered, duplicates, throttle
+/// back-offs.
+fn simulate(seed: u64, recipients: usize) -> (u64, u64, u64) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut p = |max: f64| rng.f64() * max;
     let f = Faults {
@@ -448,7 +453,7 @@ fn simulate(seed: u64) -> (u64, u64, u64) {
         backoffs: Vec::new(),
         ticked: Duration::ZERO,
         sys_base: SystemTime::now(),
-        rcpts: (0..RECIPIENTS)
+        rcpts: (0..recipients)
             .map(|i| Rcpt {
                 addr: format!("r{i}@d{}.test", i % 3),
                 attempts: 0,
@@ -468,7 +473,7 @@ fn simulate(seed: u64) -> (u64, u64, u64) {
         steps: 0,
         rng,
     };
-    for i in 0..RECIPIENTS {
+    for i in 0..recipients {
         sim.retries.insert(base, i);
     }
     sim.run(&scfg);
@@ -544,7 +549,7 @@ fn thousands_of_seeded_fault_schedules_keep_the_invariants() {
     let mut backoffs = 0;
     let mut duplicates = 0;
     for seed in 0..seeds {
-        let (d, dup, b) = simulate(seed);
+        let (d, dup, b) = simulate(seed, RECIPIENTS);
         backoffs += b;
         delivered += d;
         duplicates += dup;
@@ -557,4 +562,18 @@ fn thousands_of_seeded_fault_schedules_keep_the_invariants() {
     );
     // The faults are bounded, so most mail gets through in the end.
     assert!(delivered > total / 2, "{delivered} of {total}");
+}
+
+/// Fewer seeds, each with enough recipients that the limiter paces the run: a
+/// back-off that logged a lower rate but kept sending at the old one breaks the
+/// invariant after the back-off (with 12 recipients the run is over too soon).
+#[test]
+fn loaded_seeds_never_pass_the_limiters_rate_nor_a_back_offs() {
+    let mut backoffs = 0;
+    for seed in 0..LOADED_SEEDS {
+        let (_, _, b) = simulate(1_000_000 + seed, LOADED_RECIPIENTS);
+        backoffs += b;
+    }
+    eprintln!("loaded simulation: {LOADED_SEEDS} seeds of {LOADED_RECIPIENTS} recipients, {backoffs} throttle back-offs");
+    assert!(backoffs > LOADED_SEEDS, "{backoffs} back-offs");
 }

@@ -620,11 +620,17 @@ pub fn run(
 impl Shard {
     /// Queues `job` for delivery, or, past its campaign's maximum age, expires it
     /// without another attempt (after a retry wait, or a restart after a long stop).
-    fn enqueue_unless_expired(self: &Rc<Self>, mut job: Job) {
+    fn enqueue_unless_expired(self: &Rc<Self>, job: Job) {
         if !retry::is_expired(SystemTime::now(), self.expire_at(&job)) {
             self.clone().enqueue(job);
             return;
         }
+        self.expire(job);
+    }
+
+    /// Records `job`'s Expiration: past its campaign's maximum age, without another
+    /// attempt.
+    fn expire(&self, mut job: Job) {
         // The Expiration reports what the receiver last said, where and when (RFC
         // 3464 §2.3.6), not words of ours; ours only when there was no attempt.
         let (reply, stage, at) = match job.last.take() {
@@ -1022,7 +1028,13 @@ impl Shard {
     /// The next batch for a connection to `site`: up to the site's and the campaign's
     /// recipients per message, of one domain and campaign, not held by a pause.
     /// Err(when) if an operator's rate for the domain or campaign holds it back.
+    /// Recipients that outlived their campaign's maximum age while they waited in the
+    /// queue (a slow rate, a pause, a suspension) are expired here, not sent.
     pub fn next_batch(&self, site: &Site) -> Result<Option<Vec<Job>>, Instant> {
+        let expired = self.take_expired(site);
+        for job in expired {
+            self.expire(job);
+        }
         let mut q = site.queue.borrow_mut();
         let now = Instant::now();
         loop {
@@ -1078,6 +1090,22 @@ impl Shard {
             in_flight.insert(j.rref, (j.instance, j.domain.clone()));
         }
         Ok(Some(jobs))
+    }
+
+    /// Takes out of `site`'s queue the recipients at its front that are past their
+    /// campaign's maximum age. Every recipient is at the front before it is sent, and
+    /// its batch-mates share its instance (and so its age), so the front is enough.
+    fn take_expired(&self, site: &Site) -> Vec<Job> {
+        let now = SystemTime::now();
+        let mut q = site.queue.borrow_mut();
+        let mut out = Vec::new();
+        while let Some(first) = q.front() {
+            if !retry::is_expired(now, self.expire_at(first)) {
+                break;
+            }
+            out.push(q.pop_front().expect("front"));
+        }
+        out
     }
 
     /// Applies an operator's command (control.rs), or another shard's back-off, on
