@@ -312,7 +312,14 @@ impl Sim {
             }
             while client.can_submit() {
                 let Some(i) = queue.pop_front() else { break };
+                // As connection.rs: the limiter's admission, then the shard's
+                // next_batch, where one that outlived its maximum age while it
+                // waited expires, unsent.
                 self.admit();
+                if is_expired(self.sys(), self.sys_base + EXPIRE) {
+                    self.rcpts[i].terminal = Some(Decision::Expired);
+                    continue;
+                }
                 let r = &self.rcpts[i];
                 assert!(
                     r.terminal.is_none(),
