@@ -539,8 +539,14 @@ impl Limiter {
         s.open_at_throttle = open;
         let conns = ((open as f64 * r.throttle_factor).floor() as usize).max(1);
         s.backoff = Some((rate, conns));
+        // The new rate keeps the schedule: a fresh GCRA would let a message go at once,
+        // right after one the old rate had just let through (found by the simulation:
+        // a second back-off passed more than either rate allows).
         if let Some(rate) = rate {
-            s.msg = Some(Gcra::new(rate, now));
+            match s.msg.as_mut() {
+                Some(g) => g.set_per_sec(rate, now),
+                None => s.msg = Some(Gcra::new(rate, now)),
+            }
         }
         s.backed_off_at = Some(now);
         s.cause = Some(reply.to_string());
