@@ -218,11 +218,21 @@ impl Sim {
         let throttled = verdict.is_some_and(|v| v.class == Class::Throttled);
         self.limiter.observe(self.t(), throttled);
         if throttled {
+            let pace = self.limiter.view(self.t()).rate;
             if let Some(c) = self
                 .limiter
                 .on_throttled(self.t(), &reply.to_string(), false)
             {
                 let rate = c.rate.expect("a rate was set");
+                // A cut to the factor (0.5) of the pace it came from, at the least
+                // (the limiter's floor is 0.01/s).
+                if let Some(p) = pace {
+                    assert!(
+                        rate <= (0.5 * p * 1.001).max(0.01),
+                        "seed {}: a back-off from {p}/s to {rate}/s is no cut to half",
+                        self.seed
+                    );
+                }
                 self.backoffs.push((self.now, rate, self.admitted.len()));
             }
         }
