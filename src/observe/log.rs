@@ -403,8 +403,10 @@ fn open_file(path: &Path, group: Option<&Group>) -> std::io::Result<Open> {
     use std::os::unix::fs::OpenOptionsExt;
     // A link is not followed (ELOOP): whoever planted it would get the records, and
     // the chmod below would land on the file it names.
+    // Read too: a record a crash cut short is found from the end (cut_torn_tail).
     let file = OpenOptions::new()
         .create(true)
+        .read(true)
         .append(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
@@ -417,6 +419,7 @@ fn open_file(path: &Path, group: Option<&Group>) -> std::io::Result<Open> {
             "another volley process writes this log; give each process (each spool) its own --log or `log`",
         ));
     }
+    cut_torn_tail(&file, path)?;
     let meta = file.metadata()?;
     let me = crate::host::accounts::euid();
     if meta.uid() != me {
@@ -455,6 +458,38 @@ fn open_file(path: &Path, group: Option<&Group>) -> std::io::Result<Open> {
         len: meta.len(),
         day,
     })
+}
+
+/// Cuts what follows the last line end of the log at `path`: a record a crash cut
+/// short while it was written. It was never committed (log lines are written before
+/// the spool's Done records), so its recipient is tried again and logged whole; left
+/// in place, the next record would be appended to it and both be unreadable. Called
+/// by the one writer (the flock is held). Errors: the file cannot be read or cut.
+fn cut_torn_tail(file: &File, path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut chunk = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let part = &mut chunk[..(end - start) as usize];
+        file.read_exact_at(part, start)?;
+        if let Some(i) = part.iter().rposition(|&b| b == b'\n') {
+            end = start + i as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    if end < len {
+        file.set_len(end)?;
+        file.sync_data()?;
+        eprintln!(
+            "volley: accounting log {}: its last {} octets were a record cut short by a crash (never committed: it is logged again when its recipient is); removed",
+            path.display(),
+            len - end
+        );
+    }
+    Ok(())
 }
 
 /// The compressor thread: tidies at start (leftovers compressed, old files
@@ -573,6 +608,34 @@ mod tests {
             let mode = std::fs::metadata(dir.join(n)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, LOG_MODE, "{n}");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A record a SIGKILL cut short is removed at the next open; the next record
+    /// starts on its own line (it was glued to the torn one, and both were lost).
+    #[test]
+    fn a_record_cut_short_by_a_crash_is_removed_at_open() {
+        let dir = std::env::temp_dir().join(format!("volley-logtorn-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("acct.jsonl");
+        std::fs::write(&path, "{\"n\":1}\n{\"n\":2,\"rcpt\":\"user12@").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(LOG_MODE)).unwrap();
+        let mut w = LogWriter::open(&path, &Rotation::never()).unwrap();
+        w.push(&serde_json::json!({"n": 3}));
+        w.flush().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"n\":1}\n{\"n\":3}\n"
+        );
+        drop(w);
+        // Only a torn line: the whole file goes; a whole last line stays.
+        std::fs::write(&path, "{\"n\":").unwrap();
+        drop(LogWriter::open(&path, &Rotation::never()).unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+        std::fs::write(&path, "{\"n\":1}\n").unwrap();
+        drop(LogWriter::open(&path, &Rotation::never()).unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"n\":1}\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -694,13 +694,22 @@ impl Poster {
 
     /// Appends the batch, one record a line, to the dead-letter file, synced.
     fn dead_letter(&self, batch: &[Vec<u8>]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
         use std::os::unix::fs::OpenOptionsExt;
         let mut f = std::fs::File::options()
             .create(true)
+            .read(true)
             .append(true)
             .mode(0o600)
             .open(&self.dead_path)?;
         let mut text = Vec::new();
+        // A batch a crash cut short ends without a line end: the next starts on a new
+        // line, or its first record would be glued to the torn one and both be lost.
+        let len = f.metadata()?.len();
+        let mut last = [0u8];
+        if len > 0 && f.read_exact_at(&mut last, len - 1).is_ok() && last[0] != b'\n' {
+            text.push(b'\n');
+        }
         for l in batch {
             text.extend_from_slice(l);
             text.push(b'\n');
