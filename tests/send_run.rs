@@ -227,3 +227,48 @@ fn a_running_send_is_steered_stopped_by_signals_resumed_and_sent_anew() {
     // The sink counts a recipient it has seen before as a duplicate.
     assert_eq!(env.sink.summary().counts.duplicates, ROWS as u64);
 }
+
+/// A signal while `send` ingests: ingest finishes (what it queued is durable and
+/// acknowledged), then the run stops at once with 75, and the next run resumes it.
+#[test]
+fn a_signal_during_ingest_lets_it_finish_then_stops_with_75() {
+    const N: u64 = 150_000;
+    let env = common::env("send-ingest-signal", "");
+    let spool = env.dir.join("spool");
+    let dir = env.dir.join("big");
+    volley_load::gen::write_campaign(
+        &dir,
+        &volley_load::gen::GenOptions {
+            recipients: N,
+            campaign_id: "big".into(),
+            body_bytes: 512,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let run = send(&env, &spool, &dir, &["--max-msg-rate", "50/s"]);
+    // Ingest has begun once the instance's directory exists, and not ended while it
+    // has no `queued` marker.
+    let idir = spool.join("campaigns").join("1");
+    let until = Instant::now() + WAIT_LIMIT;
+    while !idir.exists() {
+        assert!(Instant::now() < until, "ingest never began");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mid_ingest = !idir.join("queued").exists();
+    run.signal(libc::SIGTERM);
+    let (code, out, err) = finish(run);
+    assert_eq!(code, 75, "{out}{err}");
+    assert!(
+        out.contains(&format!("queued {N} recipients")),
+        "{out}{err}"
+    );
+    assert!(out.contains("still queued"), "{out}");
+    assert!(idir.join("queued").exists(), "acknowledged");
+    eprintln!("signal during ingest: landed mid-ingest: {mid_ingest}");
+    // The next run resumes it, queueing nothing twice.
+    let run = send(&env, &spool, &dir, &["--max-wait", "1s"]);
+    let (code, out, err) = finish(run);
+    assert_eq!(code, 75, "{out}{err}");
+    assert!(err.contains("resuming what is left"), "{err}");
+}
