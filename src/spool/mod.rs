@@ -366,35 +366,25 @@ impl Spool {
                 .write(true)
                 .open(&path)
                 .map_err(io(&path, "open segment"))?;
-            let empty = file.metadata().map_err(io(&path, "stat"))?.len() == 0;
+            // An empty file (cannot be mapped) was made and never sized.
+            if file.metadata().map_err(io(&path, "stat"))?.len() == 0 {
+                remove_never_written(&path)?;
+                continue;
+            }
             // SAFETY: the spool directory belongs to this process (the engine holds an
             // exclusive flock on it) and segment files are never truncated while mapped.
-            // An empty file cannot be mapped; it is read as no bytes at all.
-            let map = match empty {
-                true => None,
-                false => {
-                    Some(unsafe { MmapMut::map_mut(&file) }.map_err(io(&path, "map segment"))?)
-                }
-            };
-            let bytes: &[u8] = map.as_deref().unwrap_or_default();
-            let version = (bytes.len() >= SEG_HEADER_BYTES && &bytes[..8] == MAGIC)
-                .then(|| u32::from_le_bytes(bytes[8..12].try_into().unwrap()));
-            let map = match version {
-                Some(v @ 1..=VERSION) => {
-                    last_version = v;
-                    map.expect("a header was read from it")
-                }
-                None if never_written(bytes) => {
+            let map = unsafe { MmapMut::map_mut(&file) }.map_err(io(&path, "map segment"))?;
+            let version = (map.len() >= SEG_HEADER_BYTES && &map[..8] == MAGIC)
+                .then(|| u32::from_le_bytes(map[8..12].try_into().unwrap()));
+            match version {
+                Some(v @ 1..=VERSION) => last_version = v,
+                None if never_written(&map) => {
                     drop(map);
-                    std::fs::remove_file(&path).map_err(io(&path, "remove"))?;
-                    eprintln!(
-                        "volley: {}: a segment made but never written (a crash while making it); removed",
-                        path.display()
-                    );
+                    remove_never_written(&path)?;
                     continue;
                 }
-                None | Some(_) => return Err(SpoolError::BadSegment { path }),
-            };
+                _ => return Err(SpoolError::BadSegment { path }),
+            }
             let mut off = SEG_HEADER_BYTES;
             let last = i + 1 == nos.len();
             loop {
@@ -505,28 +495,7 @@ impl Spool {
     fn seg_path(&self, no: u32) -> PathBuf {
         self.dir.join(format!("seg-{no:08}.vspool"))
     }
-}
 
-/// The suffix of the name a segment is made under before it is linked into place.
-const NEW_SEGMENT_SUFFIX: &str = ".new";
-
-fn new_segment_path(seg: &Path) -> PathBuf {
-    let mut name = seg.as_os_str().to_owned();
-    name.push(NEW_SEGMENT_SUFFIX);
-    PathBuf::from(name)
-}
-
-/// Whether a segment whose header is not volley's was made but never written: all
-/// zeros where the header and the first record would be, or shorter and all zeros
-/// (a crash between creating the file, sizing it and writing its header, as builds
-/// before the temporary name could leave).
-fn never_written(map: &[u8]) -> bool {
-    map[..map.len().min(SEG_HEADER_BYTES + FRAME_BYTES)]
-        .iter()
-        .all(|&b| b == 0)
-}
-
-impl Spool {
     fn seg_mut(&mut self, no: u32) -> Option<&mut Segment> {
         let first = self.segs.front()?.no;
         self.segs
@@ -542,8 +511,6 @@ impl Spool {
     fn new_segment(&mut self, no: u32, bytes: usize) -> Result<(), SpoolError> {
         let path = self.seg_path(no);
         let tmp = new_segment_path(&path);
-        // One left by a crash while making this very segment: it never held records.
-        let _ = std::fs::remove_file(&tmp);
         let made = self.make_segment(no, bytes, &tmp, &path);
         // Whatever happened, the temporary name goes: linked, it is a second name.
         let _ = std::fs::remove_file(&tmp);
@@ -768,6 +735,35 @@ fn zero_tail(file: &File, map: &mut MmapMut, off: usize, path: &Path) -> Result<
     }
     map[off..].fill(0);
     map.flush().map_err(io(path, "msync"))
+}
+
+/// The suffix of the name a segment is made under before it is linked into place.
+const NEW_SEGMENT_SUFFIX: &str = ".new";
+
+fn new_segment_path(seg: &Path) -> PathBuf {
+    let mut name = seg.as_os_str().to_owned();
+    name.push(NEW_SEGMENT_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// Whether a segment whose header is not volley's was made but never written: all
+/// zeros where the header and the first record would be, or shorter and all zeros
+/// (a crash between creating the file, sizing it and writing its header, as builds
+/// before the temporary name could leave).
+fn never_written(map: &[u8]) -> bool {
+    map[..map.len().min(SEG_HEADER_BYTES + FRAME_BYTES)]
+        .iter()
+        .all(|&b| b == 0)
+}
+
+/// Removes a segment `never_written` found, with a notice.
+fn remove_never_written(path: &Path) -> Result<(), SpoolError> {
+    std::fs::remove_file(path).map_err(io(path, "remove"))?;
+    eprintln!(
+        "volley: {}: a segment made but never written (a crash while making it); removed",
+        path.display()
+    );
+    Ok(())
 }
 
 /// Allocates the blocks now: a sparse file would fault with SIGBUS on a full disk
