@@ -539,14 +539,8 @@ impl Limiter {
         s.open_at_throttle = open;
         let conns = ((open as f64 * r.throttle_factor).floor() as usize).max(1);
         s.backoff = Some((rate, conns));
-        // The new rate keeps the schedule: a fresh GCRA would let a message go at once,
-        // right after one the old rate had just let through (found by the simulation:
-        // a second back-off passed more than either rate allows).
-        if let Some(rate) = rate {
-            match s.msg.as_mut() {
-                Some(g) => g.set_per_sec(rate, now),
-                None => s.msg = Some(Gcra::new(rate, now)),
-            }
+        if rate.is_some() {
+            repace(&mut s.msg, rate, now);
         }
         s.backed_off_at = Some(now);
         s.cause = Some(reply.to_string());
@@ -620,7 +614,7 @@ impl Limiter {
             if s.suspended_until.is_none() {
                 s.cause = None;
             }
-            s.msg = configured.map(|c| Gcra::new(c, now));
+            repace(&mut s.msg, configured, now);
             return Some(self.change(&s, "recovered", "back to the configured limits".into()));
         }
         // An unconfigured destination stays paced at the rate that last worked,
@@ -630,8 +624,8 @@ impl Limiter {
             (u, _) => u,
         };
         s.backoff = Some((up, conns.min(s.conns_cap)));
-        if let Some(up) = up {
-            s.msg = Some(Gcra::new(up, now));
+        if up.is_some() {
+            repace(&mut s.msg, up, now);
         }
         Some(self.change(
             &s,
@@ -654,7 +648,7 @@ impl Limiter {
         s.operator_rate = true;
         s.backoff = None;
         s.cause = s.suspended_until.and(s.cause.take());
-        s.msg = per_sec.map(|r| Gcra::new(r, now));
+        repace(&mut s.msg, per_sec, now);
         self.change(&s, "rate", "operator".into())
     }
 
@@ -674,14 +668,7 @@ impl Limiter {
             s.rate = f.rate;
             // Under a back-off its own pacing goes on; it recovers towards the new rate.
             if s.backoff.is_none() {
-                s.msg = match (s.msg.take(), f.rate) {
-                    (Some(mut g), Some(r)) => {
-                        g.set_per_sec(r, now);
-                        Some(g)
-                    }
-                    (None, Some(r)) => Some(Gcra::new(r, now)),
-                    (_, None) => None,
-                };
+                repace(&mut s.msg, f.rate, now);
             }
         }
         if self.lease.is_none() {
@@ -855,6 +842,22 @@ fn today() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| (d.as_secs() / 86_400) as i64)
+}
+
+/// Paces `msg` at `rate` from `now` on (None: unpaced), keeping its schedule: the
+/// next message is due when it was, or one new interval from now if that is sooner.
+/// A fresh GCRA instead would let one go at once, right after one the old rate had
+/// just let through (the simulation found a second back-off passing more than
+/// either rate allows).
+fn repace(msg: &mut Option<Gcra>, rate: Option<f64>, now: Instant) {
+    *msg = match (msg.take(), rate) {
+        (Some(mut g), Some(r)) => {
+            g.set_per_sec(r, now);
+            Some(g)
+        }
+        (None, Some(r)) => Some(Gcra::new(r, now)),
+        (_, None) => None,
+    };
 }
 
 /// Whether every limiter of `chain` lets a message go now; if so, counts it in each.
