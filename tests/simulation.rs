@@ -20,7 +20,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
-use volley::deliver::shard::TICK;
+use volley::deliver::schedule::TICK;
 use volley::deliver::wheel::Wheel;
 use volley::policy::classify::Class;
 use volley::policy::classify::Classifier;

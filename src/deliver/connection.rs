@@ -5,9 +5,9 @@
 //! the same loop runs the bytes through rustls (itself sans-IO) on the way.
 
 use crate::deliver::explain::{self, HandshakeError, Peer, Step, TlsPolicy};
-use crate::deliver::shard::{stage_name, Attempt, Job, Shard, Site, Via};
+use crate::deliver::schedule::{when_idle, IdleConn, IdleStep, Job, Next, Site};
+use crate::deliver::shard::{stage_name, Attempt, Shard, Via};
 use crate::message::dkim::Body;
-use crate::policy::shaping;
 use crate::smtp::client::{Caps, ClientConfig, ClientSession, Event, Stage, TlsMode, Transaction};
 use crate::smtp::reply::Reply;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller};
@@ -105,7 +105,7 @@ pub async fn run(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>) {
         // "Too many connections": the receiver may still count a connection that
         // just closed (Exim frees its slot when it reaps the child); it is tried
         // again shortly rather than the whole queue deferred for a minute.
-        && !(refused_for_connections(&shard, &last) && site.refusals.again())
+        && !(refused_for_connections(&shard, &last) && site.refusals.again(Instant::now()))
     {
         // Every host failed: the whole destination waits, not message by message.
         let jobs: Vec<Job> = site.queue.borrow_mut().drain(..).collect();
@@ -386,17 +386,10 @@ async fn session(
             && s.can_submit()
             && sent < max_msgs
         {
-            if site.queue.borrow().is_empty() {
-                break;
-            }
-            if let Some(at) = shaping::admit(&chain, Instant::now()) {
-                paced = Some(at);
-                break;
-            }
-            let jobs = match shard.next_batch(site) {
-                Ok(Some(jobs)) => jobs,
-                Ok(None) => break,
-                Err(at) => {
+            let jobs = match shard.take(site, &chain) {
+                Next::Batch(jobs) => jobs,
+                Next::Empty => break,
+                Next::Paced(at) => {
                     paced = Some(at);
                     break;
                 }
@@ -417,28 +410,31 @@ async fn session(
         if closed_meanwhile {
             // Fall through to the read below.
         } else if established && s.is_idle() && s.in_flight() == 0 {
-            let queue_empty = site.queue.borrow().is_empty();
-            let since = *idle_since.get_or_insert_with(Instant::now);
-            let idle_for = since.elapsed();
-            if sent >= max_msgs
-                || caps.session_full
-                || shard.stop_requested()
+            let now = Instant::now();
+            let since = *idle_since.get_or_insert(now);
+            let idle = IdleConn {
+                sent,
+                max_msgs,
+                session_full: caps.session_full,
+                stopping: shard.stop_requested(),
                 // Over the connection cap after a back-off: this one gives way.
-                || chain.iter().any(|l| l.over_cap())
-                || ((queue_empty || paced.is_some()) && idle_for >= idle_timeout)
-            {
-                s.quit(Instant::now());
-            } else if let Some(at) = paced {
-                let wait = at
-                    .saturating_duration_since(Instant::now())
-                    .min(idle_timeout - idle_for);
-                monoio::time::sleep(wait.max(Duration::from_millis(1))).await;
-                continue;
-            } else if queue_empty {
-                let _ = monoio::time::timeout(idle_timeout - idle_for, site.idle.wait()).await;
-                continue;
-            } else {
-                continue;
+                over_cap: chain.iter().any(|l| l.over_cap()),
+                queue_empty: site.queue.borrow().is_empty(),
+                paced,
+                idle_for: now.saturating_duration_since(since),
+                idle_timeout,
+            };
+            match when_idle(&idle, now) {
+                IdleStep::Quit => s.quit(now),
+                IdleStep::Sleep(until) => {
+                    monoio::time::sleep(until.saturating_duration_since(now)).await;
+                    continue;
+                }
+                IdleStep::AwaitWork(at_most) => {
+                    let _ = monoio::time::timeout(at_most, site.idle.wait()).await;
+                    continue;
+                }
+                IdleStep::Again => continue,
             }
         } else {
             idle_since = None;

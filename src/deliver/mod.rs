@@ -10,6 +10,7 @@ pub mod engine;
 pub mod explain;
 pub mod pipeline;
 pub mod runtime;
+pub mod schedule;
 pub mod shard;
 pub mod tls;
 pub mod track;

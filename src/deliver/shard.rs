@@ -16,18 +16,18 @@ use crate::deliver::connection;
 use crate::deliver::control::{Action, Command, Purged, Status, Target};
 use crate::deliver::dns::MxHost;
 use crate::deliver::dns::{Resolver, Route};
-use crate::deliver::pipeline::Window;
 use crate::deliver::runtime::Driver;
-use crate::deliver::wheel::Wheel;
+use crate::deliver::schedule::{
+    self, unix_ms, Campaigns, Job, Next, Now, Scheduler, Site, Source, Take, TICK,
+};
 use crate::message::dkim::Signer;
 use crate::observe::log::{self, Kind, LogWriter};
 use crate::observe::metrics::{self, Board, Outcome, OutcomeKey, RecentBounce, ShardView, Tally};
 use crate::policy::classify::{Class, Classifier};
 use crate::policy::retry::{self, Decision};
-use crate::policy::shaping::rules::{BlockScope, PoolSource, Rule, Rules, Set};
-use crate::policy::shaping::{self, Change, Gate, Limiter};
+use crate::policy::shaping::rules::{Rule, Rules, Set};
+use crate::policy::shaping::{self, Change, Limiter};
 use crate::smtp::client::Stage;
-use crate::smtp::client::TlsMode;
 use crate::smtp::reply::Reply;
 use crate::spool::inbox::Inbound;
 use crate::spool::ingest::{shard_dir, Instance, Instances};
@@ -35,13 +35,11 @@ use crate::spool::{Deferral, LastReply, RecordRef, Spool, Terminal};
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use std::cell::{Cell, Ref, RefCell};
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::future::Future;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Counters the `send` progress bar reads; updated per commit batch.
@@ -69,19 +67,6 @@ pub struct ShardReport {
     pub driver: Driver,
 }
 
-/// One recipient on its way.
-#[derive(Debug, Clone)]
-pub struct Job {
-    pub rref: RecordRef,
-    pub instance: u32,
-    pub domain: Rc<str>,
-    pub attempts: u32,
-    /// Connection breaks before a reply; see `EngineConfig::requeues_max`.
-    pub requeues: u32,
-    /// The reply of its last attempt, for the Expiration record and its DSN.
-    pub last: Option<Rc<LastReply>>,
-}
-
 /// Who a recipient's record is logged as: the address, its campaign, the sender.
 struct Envelope {
     rcpt: String,
@@ -99,186 +84,6 @@ pub struct Via<'a> {
     pub source: Option<std::net::IpAddr>,
     /// The site's `provider` label (`Site::provider`).
     pub provider: &'a Arc<str>,
-}
-
-/// A destination: the MX host set that one or more domains route to, sent to from
-/// one source pool (and, for a domain with its own shaping rule, that domain alone).
-pub struct Site {
-    pub key: String,
-    /// The metrics' `provider` label: the provider rule's name, or "other".
-    pub provider: Arc<str>,
-    pub hosts: Rc<[MxHost]>,
-    pub queue: RefCell<VecDeque<Job>>,
-    pub conns: Cell<usize>,
-    /// The domain the site was made for (its rules are looked up by it).
-    domain: Rc<str>,
-    /// Session settings: default, then provider, then domain rule (replaced on reload).
-    rule: RefCell<Rule>,
-    /// Destination limiters (provider or MX set, then the domain's own): every
-    /// message and connection passes each.
-    pub limits: Vec<Rc<Limiter>>,
-    /// The pool's source addresses, each with its limiter towards this destination;
-    /// empty: the host's default address.
-    pub sources: Vec<Source>,
-    /// Transactions pipelined per connection; shrinks when the receiver cuts them off.
-    pub window: Window,
-    /// Connections with nothing to send wait here until the queue has work again.
-    pub idle: Idle,
-    /// Recipients per transaction the receiver took before answering 452 4.5.3
-    /// (usize::MAX until it does): the rest of the site's transactions stay under it.
-    rcpt_limit: Cell<usize>,
-    /// Connections in a row every host refused for its connection limit.
-    pub refusals: Refusals,
-}
-
-/// Connections refused in a row for the receiver's connection limit ("421 too many
-/// connections"), and when to try again. Up to CONNECT_REFUSALS_MAX in a row are
-/// retried after CONNECT_REFUSAL_BACKOFF, doubling; the next defers the site's queue.
-#[derive(Default)]
-pub struct Refusals {
-    in_a_row: Cell<u32>,
-    retry_at: Cell<Option<Instant>>,
-}
-
-/// Refusals for a connection limit retried before the site's queue is deferred.
-pub const CONNECT_REFUSALS_MAX: u32 = 3;
-/// The first wait after such a refusal; each further one doubles it.
-pub const CONNECT_REFUSAL_BACKOFF: Duration = Duration::from_millis(500);
-
-impl Refusals {
-    /// Counts a refusal; true (and a time to retry set) while under the limit,
-    /// false (and the count reset) when the queue should be deferred instead.
-    pub fn again(&self) -> bool {
-        let n = self.in_a_row.get() + 1;
-        if n > CONNECT_REFUSALS_MAX {
-            self.clear();
-            return false;
-        }
-        self.in_a_row.set(n);
-        let wait = CONNECT_REFUSAL_BACKOFF * (1 << (n - 1));
-        self.retry_at.set(Some(Instant::now() + wait));
-        true
-    }
-
-    /// A connection got through.
-    pub fn clear(&self) {
-        self.in_a_row.set(0);
-        self.retry_at.set(None);
-    }
-
-    fn waiting(&self, now: Instant) -> bool {
-        self.retry_at.get().is_some_and(|t| t > now)
-    }
-}
-
-/// Where a site's idle connections wait for work. They used to poll the queue every
-/// 10 ms: with hundreds of connections that was tens of thousands of wakeups a second
-/// while a destination's queue stood empty (waiting on retries, or done).
-#[derive(Default)]
-pub struct Idle {
-    waiting: RefCell<Vec<Waker>>,
-    /// Counts wake-ups, so a waiter knows whether one happened since it began.
-    wakes: Cell<u64>,
-}
-
-impl Idle {
-    /// Wakes every waiting connection (called when the queue stops being empty, and
-    /// on a stop request so they can quit).
-    pub fn wake_all(&self) {
-        self.wakes.set(self.wakes.get() + 1);
-        for w in self.waiting.borrow_mut().drain(..) {
-            w.wake();
-        }
-    }
-
-    /// Resolves at the next `wake_all`.
-    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
-        let seen = self.wakes.get();
-        std::future::poll_fn(move |cx| {
-            if self.wakes.get() != seen {
-                return Poll::Ready(());
-            }
-            let mut waiting = self.waiting.borrow_mut();
-            if !waiting.iter().any(|w| w.will_wake(cx.waker())) {
-                waiting.push(cx.waker().clone());
-            }
-            Poll::Pending
-        })
-    }
-
-    /// Puts `job` on `queue`, waking the idle connections if it was empty.
-    fn push(&self, queue: &RefCell<VecDeque<Job>>, job: Job, front: bool) {
-        let mut q = queue.borrow_mut();
-        let was_empty = q.is_empty();
-        if front {
-            q.push_front(job);
-        } else {
-            q.push_back(job);
-        }
-        drop(q);
-        if was_empty {
-            self.wake_all();
-        }
-    }
-}
-
-pub struct Source {
-    pub addr: PoolSource,
-    pub limit: Rc<Limiter>,
-}
-
-impl Site {
-    pub fn max_msgs_per_conn(&self) -> usize {
-        self.rule
-            .borrow()
-            .max_msgs_per_conn
-            .as_ref()
-            .map_or(1000, |v| v.value as usize)
-    }
-    /// Recipients per transaction: the rule's, or fewer once the receiver said so.
-    pub fn max_rcpt_per_msg(&self) -> usize {
-        self.rule
-            .borrow()
-            .max_rcpt_per_msg
-            .as_ref()
-            .map_or(100, |v| v.value as usize)
-            .min(self.rcpt_limit.get())
-    }
-    /// The receiver took only `accepted` (≥ 1) recipients of a transaction before
-    /// saying "too many recipients" (RFC 5321 §4.5.3.1.10).
-    pub fn learn_rcpt_limit(&self, accepted: usize) {
-        assert!(accepted >= 1, "a limit is learned from what was accepted");
-        self.rcpt_limit.set(self.rcpt_limit.get().min(accepted));
-    }
-    pub fn idle_timeout(&self) -> Duration {
-        self.rule
-            .borrow()
-            .idle_timeout
-            .as_ref()
-            .map_or(Duration::from_secs(5), |v| v.value)
-    }
-    pub fn tls(&self) -> TlsMode {
-        self.rule
-            .borrow()
-            .tls
-            .as_ref()
-            .map_or(TlsMode::Opportunistic, |v| v.value)
-    }
-    pub fn tls_verify(&self) -> bool {
-        self.rule
-            .borrow()
-            .tls_verify
-            .as_ref()
-            .is_some_and(|v| v.value)
-    }
-    /// Limiters a message sent from `source` passes.
-    pub fn chain(&self, source: Option<usize>) -> Vec<&Limiter> {
-        let mut c: Vec<&Limiter> = self.limits.iter().map(|l| &**l).collect();
-        if let Some(i) = source {
-            c.push(&self.sources[i].limit);
-        }
-        c
-    }
 }
 
 enum DomainState {
@@ -340,11 +145,9 @@ pub struct Shard {
     limiters: RefCell<HashMap<String, Rc<Limiter>>>,
     /// Operator overrides by target key, applied to limiters made later too.
     overrides: RefCell<HashMap<String, Override>>,
-    /// Operator rates for a domain or campaign (`rate campaign:x 10/s`).
-    job_limits: RefCell<HashMap<String, Rc<Limiter>>>,
-    /// Paused domains and campaigns (`domain:x`, `campaign:x`), and the jobs they hold.
-    paused: RefCell<HashSet<String>>,
-    held: RefCell<Vec<Job>>,
+    /// Queues, retries, pauses and operator rates of domains and campaigns: what
+    /// goes when (schedule.rs).
+    sched: Scheduler,
     control: Receiver<Command>,
     /// Every shard's command channel, for back-offs all shards share.
     peers: Vec<Sender<Command>>,
@@ -353,8 +156,6 @@ pub struct Shard {
     board: Arc<Board>,
     /// What this shard counted, published to `board` with the status.
     tally: RefCell<Tally>,
-    /// Deferred recipients until their retry time (or expiry).
-    retries: RefCell<Wheel<Job>>,
     /// Recipients a connection took for a transaction, until their outcome is
     /// recorded or they are put back: by Queue record, their instance and domain.
     /// At most the open connections' windows of transactions' recipients.
@@ -500,16 +301,13 @@ pub fn run(
         leases,
         limiters: RefCell::new(HashMap::new()),
         overrides: RefCell::new(HashMap::new()),
-        job_limits: RefCell::new(job_limits),
-        paused: RefCell::new(HashSet::new()),
-        held: RefCell::new(Vec::new()),
+        sched: Scheduler::new(Instant::now(), cfg.window, cfg.requeues_max, job_limits),
         control,
         peers,
         signers: RefCell::new(signers),
         status,
         board,
         tally: RefCell::new(Tally::default()),
-        retries: RefCell::new(Wheel::new(TICK, Instant::now())),
         in_flight: RefCell::new(HashMap::new()),
         purges: RefCell::new(Vec::new()),
         remaining: Cell::new(recovered.pending.len() as u64),
@@ -578,14 +376,15 @@ pub fn run(
         let retrier = monoio::spawn(tick_loop(sh.clone()));
         let taker = inbox.map(|rx| monoio::spawn(inbox_loop(sh.clone(), rx)));
         // A recipient deferred before the restart waits out its retry time.
-        let (now, now_ms) = (Instant::now(), unix_ms(SystemTime::now()));
+        let now = Now::read();
+        let now_ms = unix_ms(now.wall);
         for (job, due_ms) in jobs {
             match due_ms.filter(|&d| d > now_ms) {
                 Some(d) => {
-                    let at = now + Duration::from_millis(d - now_ms);
-                    sh.retries.borrow_mut().insert(at, job);
+                    let at = now.at + Duration::from_millis(d - now_ms);
+                    sh.sched.hold_until(at, job);
                 }
-                None => sh.enqueue_unless_expired(job),
+                None => sh.enqueue_unless_expired(job, now.wall),
             }
         }
         committer.await?;
@@ -604,7 +403,7 @@ pub fn run(
             .values()
             .map(|s| s.queue.borrow().len() as u64)
             .sum();
-        let retry = sh.retries.borrow().len() as u64;
+        let retry = sh.sched.waiting() as u64;
         sh.publish_metrics(&limiters, ready, retry, Instant::now());
         anyhow::Ok(())
     })?;
@@ -618,10 +417,10 @@ pub fn run(
 }
 
 impl Shard {
-    /// Queues `job` for delivery, or, past its campaign's maximum age, expires it
-    /// without another attempt (after a retry wait, or a restart after a long stop).
-    fn enqueue_unless_expired(self: &Rc<Self>, job: Job) {
-        if !retry::is_expired(SystemTime::now(), self.expire_at(&job)) {
+    /// Queues `job` for delivery, or, past its campaign's maximum age at `now`,
+    /// expires it without another attempt (a restart after a long stop).
+    fn enqueue_unless_expired(self: &Rc<Self>, job: Job, now: SystemTime) {
+        if !schedule::is_expired(&**self, &job, now) {
             self.clone().enqueue(job);
             return;
         }
@@ -672,16 +471,6 @@ impl Shard {
         Ref::map(self.instances.borrow(), |m| &*m[&no])
     }
 
-    /// When `job` expires: its instance's expiry, or for a submitted message, its
-    /// own (the submission instance lives as long as the spool).
-    fn expire_at(&self, job: &Job) -> SystemTime {
-        let inst = self.instance(job.instance);
-        if !inst.submission {
-            return inst.expire_at;
-        }
-        self.queued_at(&inst, job.rref) + inst.settings.expire_after()
-    }
-
     /// When the recipient at `rref` was queued: its instance's time, or for a
     /// submitted message the time in its record.
     fn queued_at(&self, inst: &Instance, rref: RecordRef) -> SystemTime {
@@ -726,7 +515,7 @@ impl Shard {
                     }
                 };
                 drop(domains);
-                site.idle.push(&site.queue, job, false);
+                self.sched.enqueue(&site, job);
                 self.ensure_connections(&site);
             }
             Some(DomainState::Failed {
@@ -864,21 +653,19 @@ impl Shard {
                 }
             })
             .collect();
-        let site = Rc::new(Site {
-            key: key.clone(),
-            provider: Arc::from(provider.map_or(metrics::OTHER_PROVIDER, |p| p.name.as_str())),
+        let mut site = Site::new(
+            key.clone(),
+            Rc::from(domain),
             hosts,
-            queue: RefCell::new(VecDeque::new()),
-            conns: Cell::new(0),
-            domain: Rc::from(domain),
-            rule: RefCell::new(rules.effective(domain, provider)),
+            rules.effective(domain, provider),
             limits,
             sources,
-            window: Window::new(self.cfg.window),
-            idle: Idle::default(),
-            rcpt_limit: Cell::new(usize::MAX),
-            refusals: Refusals::default(),
-        });
+            self.cfg.window,
+        );
+        if let Some(p) = provider {
+            site.provider = Arc::from(p.name.as_str());
+        }
+        let site = Rc::new(site);
         self.sites.borrow_mut().insert(key, site.clone());
         site
     }
@@ -912,92 +699,36 @@ impl Shard {
         l
     }
 
-    /// Opens connections for a site while it has more queued work than its open
-    /// connections are taking, as far as its limiters allow (the tick tries again).
+    /// Opens the connections `site` gets now (`Scheduler::connections_to_open`).
     pub fn ensure_connections(self: &Rc<Self>, site: &Rc<Site>) {
-        if self.stop_requested() || site.refusals.waiting(Instant::now()) {
+        if self.stop_requested() {
             return;
         }
-        loop {
-            let conns = site.conns.get();
-            let queued = site.queue.borrow().len();
-            if queued == 0 || (conns > 0 && queued <= conns * self.cfg.window) {
-                return;
-            }
-            let now = Instant::now();
-            if site
-                .limits
-                .iter()
-                .any(|l| l.connect_gate(now) != Gate::Open)
-            {
-                return;
-            }
-            let source = if site.sources.is_empty() {
-                None
-            } else {
-                match pick_source(&site.sources, now) {
-                    Some(i) => Some(i),
-                    None => return,
-                }
-            };
-            let chain = site.chain(source);
-            if let Some(full) = chain.iter().position(|l| !l.connected(now)) {
-                // Another shard took the last lease of a cap held over all shards.
-                for l in &chain[..full] {
-                    l.disconnected();
-                }
-                return;
-            }
-            site.conns.set(conns + 1);
+        let mut rng = fastrand::Rng::new();
+        for source in self
+            .sched
+            .connections_to_open(site, Instant::now(), &mut rng)
+        {
             monoio::spawn(connection::run(self.clone(), site.clone(), source));
         }
     }
 
     /// A connection from `source` to `site` ended.
     pub fn connection_closed(&self, site: &Site, source: Option<usize>) {
-        for l in site.chain(source) {
-            l.disconnected();
-        }
-        site.conns.set(site.conns.get() - 1);
+        self.sched.connection_closed(site, source);
     }
 
-    /// Backs off or suspends on a `throttled` or `blocked` reply. A throttle is the
-    /// receiver's view of the sending IP: with a pool it applies to that source
-    /// towards this destination, else to the destination.
-    /// Every reply (`class` None for a success) counts towards a share threshold.
+    /// Shaping's reaction to a reply (`Scheduler::react`): its change logged, a
+    /// throttle back-off told to the other shards.
     pub fn react(&self, site: &Site, source: Option<usize>, class: Option<Class>, reply: &Reply) {
-        let dest = &site.limits[0];
-        let src = source.map(|i| &site.sources[i].limit);
-        let now = Instant::now();
-        src.unwrap_or(dest)
-            .observe(now, class == Some(Class::Throttled));
-        let Some(class @ (Class::Throttled | Class::Blocked)) = class else {
-            return;
-        };
-        let text = reply.to_string();
-        let change = match class {
-            Class::Throttled => {
-                let l = src.unwrap_or(dest);
-                let c = l.on_throttled(now, &text, false);
-                if c.is_some() {
-                    self.tell_peers(Command {
-                        action: Action::PeerThrottled(format!("shard {}: {text}", self.id)),
-                        target: Target::Destination(l.key.clone()),
-                    });
-                }
-                c
-            }
-            Class::Blocked => {
-                let scope = site.rule.borrow().block_scope.as_ref().map(|s| s.value);
-                let l = match (scope, src) {
-                    (Some(BlockScope::Source), Some(src)) => src,
-                    _ => dest,
-                };
-                l.on_blocked(now, &text)
-            }
-            _ => None,
-        };
-        if let Some(c) = change {
+        let r = self.sched.react(site, source, class, reply, Instant::now());
+        if let Some(key) = r.tell_peers {
+            self.tell_peers(Command {
+                action: Action::PeerThrottled(format!("shard {}: {reply}", self.id)),
+                target: Target::Destination(key),
+            });
+        }
+        if let Some(c) = r.change {
             self.log_change(&c);
         }
     }
@@ -1025,87 +756,22 @@ impl Shard {
         });
     }
 
-    /// The next batch for a connection to `site`: up to the site's and the campaign's
-    /// recipients per message, of one domain and campaign, not held by a pause.
-    /// Err(when) if an operator's rate for the domain or campaign holds it back.
-    /// Recipients that outlived their campaign's maximum age while they waited in the
-    /// queue (a slow rate, a pause, a suspension) are expired here, not sent.
-    pub fn next_batch(&self, site: &Site) -> Result<Option<Vec<Job>>, Instant> {
-        let expired = self.take_expired(site);
+    /// What a connection on `site` whose messages pass `chain` sends next
+    /// (`Scheduler::take`): recipients that outlived their campaign's maximum age
+    /// while they waited in the queue (a slow rate, a pause, a suspension) are
+    /// expired here, not sent; a batch is in flight until its outcome is recorded.
+    pub fn take(&self, site: &Site, chain: &[&Limiter]) -> Next {
+        let Take { expired, next } = self.sched.take(site, chain, self, Now::read());
         for job in expired {
             self.expire(job);
         }
-        let mut q = site.queue.borrow_mut();
-        let now = Instant::now();
-        loop {
-            let Some(first) = q.front() else {
-                return Ok(None);
-            };
-            let inst = self.instance(first.instance);
-            let campaign = &inst.settings.id;
-            let paused = self.paused.borrow();
-            if !paused.is_empty()
-                && (paused.contains(&format!("domain:{}", first.domain))
-                    || paused.contains(&format!("campaign:{campaign}")))
-            {
-                self.held.borrow_mut().push(q.pop_front().expect("front"));
-                continue;
-            }
-            let limits = self.job_limits.borrow();
-            if !limits.is_empty() {
-                let chain: Vec<&Limiter> = [
-                    limits.get(&format!("domain:{}", first.domain)),
-                    limits.get(&format!("campaign:{campaign}")),
-                ]
-                .into_iter()
-                .flatten()
-                .map(|l| &**l)
-                .collect();
-                if let Some(at) = shaping::admit(&chain, now) {
-                    return Err(at);
-                }
-            }
-            break;
-        }
-        let first = q.pop_front().expect("checked");
-        let inst = self.instance(first.instance);
-        // A submitted message is its own: one per transaction.
-        let max = match inst.submission {
-            true => 1,
-            false => inst.settings.max_rcpt_per_msg as usize,
-        }
-        .min(site.max_rcpt_per_msg());
-        drop(inst);
-        let mut jobs = vec![first];
-        while jobs.len() < max {
-            match q.front() {
-                Some(j) if j.domain == jobs[0].domain && j.instance == jobs[0].instance => {
-                    jobs.push(q.pop_front().expect("front"))
-                }
-                _ => break,
+        if let Next::Batch(jobs) = &next {
+            let mut in_flight = self.in_flight.borrow_mut();
+            for j in jobs {
+                in_flight.insert(j.rref, (j.instance, j.domain.clone()));
             }
         }
-        let mut in_flight = self.in_flight.borrow_mut();
-        for j in &jobs {
-            in_flight.insert(j.rref, (j.instance, j.domain.clone()));
-        }
-        Ok(Some(jobs))
-    }
-
-    /// Takes out of `site`'s queue the recipients at its front that are past their
-    /// campaign's maximum age. Every recipient is at the front before it is sent, and
-    /// its batch-mates share its instance (and so its age), so the front is enough.
-    fn take_expired(&self, site: &Site) -> Vec<Job> {
-        let now = SystemTime::now();
-        let mut q = site.queue.borrow_mut();
-        let mut out = Vec::new();
-        while let Some(first) = q.front() {
-            if !retry::is_expired(now, self.expire_at(first)) {
-                break;
-            }
-            out.push(q.pop_front().expect("front"));
-        }
-        out
+        next
     }
 
     /// Applies an operator's command (control.rs), or another shard's back-off, on
@@ -1137,13 +803,9 @@ impl Shard {
         }
         match &cmd.target {
             Target::Domain(_) | Target::Campaign(_) => match &cmd.action {
-                Action::Pause => {
-                    self.paused.borrow_mut().insert(key);
-                }
+                Action::Pause => self.sched.pause(key),
                 Action::Resume => {
-                    self.paused.borrow_mut().remove(&key);
-                    let held = std::mem::take(&mut *self.held.borrow_mut());
-                    for job in held {
+                    for job in self.sched.resume(&key) {
                         self.clone().enqueue(job);
                     }
                 }
@@ -1156,7 +818,7 @@ impl Shard {
                         .as_ref()
                         .map(|r| shaping::share(r.per_sec(), self.cfg.shards, self.id, false));
                     self.log_change(&l.set_rate(share, now));
-                    self.job_limits.borrow_mut().insert(key, Rc::new(l));
+                    self.sched.set_job_limit(key, l);
                 }
                 Action::PeerThrottled(_) | Action::Purge(_) | Action::Track(_) => {
                     unreachable!("handled above")
@@ -1228,12 +890,7 @@ impl Shard {
         }
         if publish {
             let mut lines: Vec<String> = limiters.iter().filter_map(|l| l.status(now)).collect();
-            lines.extend(
-                self.job_limits
-                    .borrow()
-                    .values()
-                    .filter_map(|l| l.status(now)),
-            );
+            self.sched.status(now, &mut lines);
             for site in self.sites.borrow().values() {
                 lines.extend(site.window.status(&site.key));
                 if site.rcpt_limit.get() != usize::MAX {
@@ -1244,22 +901,13 @@ impl Shard {
                     ));
                 }
             }
-            for p in self.paused.borrow().iter() {
-                lines.push(format!("{p} paused"));
-            }
-            if !self.held.borrow().is_empty() {
-                lines.push(format!(
-                    "{} recipients held by pauses",
-                    self.held.borrow().len()
-                ));
-            }
             let ready: usize = self
                 .sites
                 .borrow()
                 .values()
                 .map(|s| s.queue.borrow().len())
                 .sum();
-            let waiting = self.retries.borrow().len();
+            let waiting = self.sched.waiting();
             if ready + waiting > 0 {
                 lines.push(format!(
                     "queue: {ready} recipients ready to send, {waiting} waiting to retry"
@@ -1295,7 +943,7 @@ impl Shard {
                 tally: self.tally.borrow().clone(),
                 ready,
                 retry,
-                held: self.held.borrow().len() as u64,
+                held: self.sched.held.borrow().len() as u64,
                 connections: connections.into_iter().collect(),
                 windows: windows.into_iter().collect(),
                 keys,
@@ -1347,19 +995,16 @@ impl Shard {
     /// Puts jobs whose connection broke before a reply back at the front of their
     /// queue, or defers them once they have been requeued too often.
     pub fn requeue(self: &Rc<Self>, site: &Rc<Site>, jobs: Vec<Job>, why: &str, via: Option<&Via>) {
+        let jobs: Vec<Job> = jobs
+            .into_iter()
+            .filter(|j| !self.purged_on_return(j))
+            .collect();
+        self.progress
+            .requeued
+            .fetch_add(jobs.len() as u64, Ordering::Relaxed);
         let reply = Reply::new(451, Some("4.4.2"), why);
-        for mut job in jobs.into_iter().rev() {
-            if self.purged_on_return(&job) {
-                continue;
-            }
-            self.progress.requeued.fetch_add(1, Ordering::Relaxed);
-            job.requeues += 1;
-            if job.requeues > self.cfg.requeues_max {
-                job.requeues = 0;
-                self.outcome(job, &reply, "connect", via, None);
-            } else {
-                site.idle.push(&site.queue, job, true);
-            }
+        for job in self.sched.requeue(site, jobs) {
+            self.outcome(job, &reply, "connect", via, None);
         }
     }
 
@@ -1369,12 +1014,11 @@ impl Shard {
     /// delivered, or from a connection that had delivered and now closes; a fresh
     /// connection's refusal counts an attempt instead.
     pub fn send_again(&self, site: &Site, jobs: Vec<Job>) {
-        for job in jobs.into_iter().rev() {
-            if self.purged_on_return(&job) {
-                continue;
-            }
-            site.idle.push(&site.queue, job, true);
-        }
+        let jobs = jobs
+            .into_iter()
+            .filter(|j| !self.purged_on_return(j))
+            .collect();
+        self.sched.send_again(site, jobs);
     }
 
     /// Records one recipient's reply. `permanent` overrides the reply code's class
@@ -1635,18 +1279,16 @@ impl Shard {
         }
     }
 
-    fn schedule_retry(&self, mut job: Job, expire_at: SystemTime, after: Duration) {
-        let wait = retry::wait_before_retry(retry::jitter(after), SystemTime::now(), expire_at);
-        self.pending.borrow_mut().push(Pending::Deferred(
-            job.rref,
-            Deferral {
-                attempts: job.attempts,
-                due_unix_ms: unix_ms(SystemTime::now() + wait),
-                last: job.last.clone(),
-            },
-        ));
-        job.requeues = 0;
-        self.retries.borrow_mut().insert(Instant::now() + wait, job);
+    /// Defers `job` for `after` (jittered, cut at expiry): the wheel now, its
+    /// Defer record at the next commit.
+    fn schedule_retry(&self, job: Job, expire_at: SystemTime, after: Duration) {
+        let rref = job.rref;
+        let record = self
+            .sched
+            .defer(job, after, fastrand::f64(), expire_at, Now::read());
+        self.pending
+            .borrow_mut()
+            .push(Pending::Deferred(rref, record));
     }
 
     /// Writes outcomes: log lines first, then Done records (see log.rs for why).
@@ -1748,6 +1390,31 @@ impl Shard {
         let deadline = Instant::now() + self.cfg.shutdown_grace;
         while sites.iter().any(|s| s.conns.get() > 0) && Instant::now() < deadline {
             monoio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Campaigns for Shard {
+    /// Its instance's expiry, or for a submitted message, its own (the submission
+    /// instance lives as long as the spool).
+    fn expire_at(&self, job: &Job) -> SystemTime {
+        let inst = self.instance(job.instance);
+        if !inst.submission {
+            return inst.expire_at;
+        }
+        self.queued_at(&inst, job.rref) + inst.settings.expire_after()
+    }
+
+    fn with_id<R>(&self, instance: u32, f: impl FnOnce(&str) -> R) -> R {
+        f(&self.instance(instance).settings.id)
+    }
+
+    fn rcpts_per_msg(&self, instance: u32) -> usize {
+        let inst = self.instance(instance);
+        // A submitted message is its own: one per transaction.
+        match inst.submission {
+            true => 1,
+            false => inst.settings.max_rcpt_per_msg as usize,
         }
     }
 }
@@ -1915,11 +1582,8 @@ impl Shard {
                 }
             }
         }
-        self.job_limits.borrow_mut().extend(campaign_limits(
-            std::iter::once(&inst),
-            &self.cfg,
-            self.id,
-        ));
+        self.sched
+            .add_job_limits(campaign_limits(std::iter::once(&inst), &self.cfg, self.id));
         self.instances.borrow_mut().insert(no, inst.clone());
         let jobs = self.staged.borrow_mut().remove(&no).unwrap_or_default();
         self.start_jobs(jobs);
@@ -1952,9 +1616,6 @@ fn new_job(rref: RecordRef, instance: u32, email: &[u8]) -> Job {
     }
 }
 
-/// The shard's clock for retries and shaping: its retry wheel's slot width.
-pub const TICK: Duration = Duration::from_millis(100);
-
 /// Every 100 ms: due retries, then shaping (commands take effect within a tick).
 /// The live status is published once a second.
 async fn tick_loop(sh: Rc<Shard>) {
@@ -1973,9 +1634,12 @@ async fn tick_loop(sh: Rc<Shard>) {
         }
         let fresh = std::mem::take(&mut *sh.fresh.borrow_mut());
         sh.start_jobs(fresh);
-        let due = sh.retries.borrow_mut().advance(Instant::now());
+        let (due, expired) = sh.sched.due(&*sh, Now::read());
         for job in due {
-            sh.enqueue_unless_expired(job);
+            sh.clone().enqueue(job);
+        }
+        for job in expired {
+            sh.expire(job);
         }
     }
 }
@@ -2000,33 +1664,6 @@ fn campaign_limits<'a>(
             Some((key, Rc::new(l)))
         })
         .collect()
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Weighted random choice among the sources that may open a connection now.
-fn pick_source(sources: &[Source], now: Instant) -> Option<usize> {
-    let open: Vec<(usize, u32)> = sources
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.limit.connect_gate(now) == Gate::Open)
-        .map(|(i, s)| (i, s.addr.weight))
-        .collect();
-    let total: u32 = open.iter().map(|(_, w)| w).sum();
-    if total == 0 {
-        return None;
-    }
-    let mut r = fastrand::u32(0..total);
-    for (i, w) in open {
-        if r < w {
-            return Some(i);
-        }
-        r -= w;
-    }
-    None
 }
 
 /// How an outcome came about, besides the reply (see `Shard::record`).
@@ -2059,50 +1696,5 @@ pub fn stage_name(s: Stage) -> &'static str {
         Stage::Rcpt => "rcpt",
         Stage::Data => "data",
         Stage::Local => "local",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::spool::RecordRef;
-
-    fn job() -> Job {
-        Job {
-            rref: RecordRef { seg: 0, off: 0 },
-            instance: 0,
-            domain: Rc::from("example.test"),
-            attempts: 0,
-            requeues: 0,
-            last: None,
-        }
-    }
-
-    #[test]
-    fn an_idle_connection_waits_until_work_arrives_and_no_longer() {
-        crate::deliver::runtime::block_on(Driver::Auto, async {
-            let idle = Rc::new(Idle::default());
-            let queue = Rc::new(RefCell::new(VecDeque::new()));
-            let quiet = monoio::time::timeout(Duration::from_millis(50), idle.wait()).await;
-            assert!(quiet.is_err(), "nothing queued: still waiting");
-            let waiter = {
-                let (idle, queue) = (idle.clone(), queue.clone());
-                monoio::spawn(async move {
-                    idle.wait().await;
-                    queue.borrow().len()
-                })
-            };
-            monoio::time::sleep(Duration::from_millis(20)).await;
-            idle.push(&queue, job(), false);
-            let seen = monoio::time::timeout(Duration::from_secs(1), waiter).await;
-            assert_eq!(seen, Ok(1), "woken by the first job, and it is there");
-            // More work on a queue that is not empty wakes nobody: whoever is
-            // taking from it is not idle.
-            let again = idle.wait();
-            idle.push(&queue, job(), true);
-            let still = monoio::time::timeout(Duration::from_millis(50), again).await;
-            assert!(still.is_err());
-        })
-        .unwrap();
     }
 }

@@ -134,7 +134,7 @@ impl Shard {
             *q = kept;
             out.extend(taken);
         }
-        let mut held = self.held.borrow_mut();
+        let mut held = self.sched.held.borrow_mut();
         let (taken, kept): (Vec<Job>, Vec<Job>) = held.drain(..).partition(takes);
         *held = kept;
         out.extend(taken);
@@ -146,7 +146,7 @@ impl Shard {
                 out.extend(taken);
             }
         }
-        out.extend(self.retries.borrow_mut().take_where(takes));
+        out.extend(self.sched.retries.borrow_mut().take_where(takes));
         out
     }
 

@@ -34,7 +34,8 @@ impl Shard {
                 .iter()
                 .for_each(|j| take(j, "ready", None));
         }
-        self.held
+        self.sched
+            .held
             .borrow()
             .iter()
             .for_each(|j| take(j, "paused", None));
@@ -45,7 +46,7 @@ impl Shard {
         }
         let (now, now_sys) = (Instant::now(), SystemTime::now());
         let of_domain = |j: &Job| j.domain.eq_ignore_ascii_case(domain);
-        for (at, j) in self.retries.borrow().find_where(of_domain) {
+        for (at, j) in self.sched.retries.borrow().find_where(of_domain) {
             let when = now_sys + at.saturating_duration_since(now);
             take(j, "waiting", Some(when));
         }

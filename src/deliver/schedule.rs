@@ -1,0 +1,784 @@
+//! What goes when, without IO: a shard's queue per site, the retry wheel, the
+//! operator's pauses and rates for domains and campaigns, the connections a site
+//! gets, what a connection takes next and when it closes, and the reaction to a
+//! throttle or block. Every function is given the time (`Now`) and does no IO, no
+//! logging and no spool writes: the shard (shard.rs, connection.rs) reads the clock,
+//! does the IO and records outcomes; tests/simulation.rs drives the same functions
+//! on a simulated clock over a simulated network.
+
+use crate::deliver::dns::MxHost;
+use crate::deliver::pipeline::Window;
+use crate::deliver::wheel::Wheel;
+use crate::policy::classify::Class;
+use crate::policy::retry;
+use crate::policy::shaping::rules::{BlockScope, PoolSource, Rule};
+use crate::policy::shaping::{self, Change, Gate, Limiter};
+use crate::smtp::client::TlsMode;
+use crate::smtp::reply::Reply;
+use crate::spool::{Deferral, LastReply, RecordRef};
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant, SystemTime};
+
+/// The shard's clock for retries and shaping: its retry wheel's slot width and the
+/// period of its tick (due retries, limiter recoveries, operator commands).
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// The time a scheduling step runs at, on both clocks: `at` for waits and pacing,
+/// `wall` for what is written down (retry due times, expiry).
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub at: Instant,
+    pub wall: SystemTime,
+}
+
+impl Now {
+    /// The system's clocks now.
+    pub fn read() -> Now {
+        Now {
+            at: Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One recipient on its way.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub rref: RecordRef,
+    pub instance: u32,
+    pub domain: Rc<str>,
+    pub attempts: u32,
+    /// Connection breaks before a reply; see `EngineConfig::requeues_max`.
+    pub requeues: u32,
+    /// The reply of its last attempt, for the Expiration record and its DSN.
+    pub last: Option<Rc<LastReply>>,
+}
+
+/// What the scheduler needs to know of a recipient's campaign instance: the shard's
+/// instances and spool answer it, a simulation its own.
+pub trait Campaigns {
+    /// When `job` expires: its campaign's maximum age after it was queued.
+    fn expire_at(&self, job: &Job) -> SystemTime;
+    /// `f` of instance `instance`'s campaign id (the `campaign:ID` of pauses and rates).
+    fn with_id<R>(&self, instance: u32, f: impl FnOnce(&str) -> R) -> R;
+    /// Recipients per transaction the instance allows (1 for a submitted message).
+    fn rcpts_per_msg(&self, instance: u32) -> usize;
+}
+
+/// A destination: the MX host set that one or more domains route to, sent to from
+/// one source pool (and, for a domain with its own shaping rule, that domain alone).
+pub struct Site {
+    pub key: String,
+    /// The metrics' `provider` label: the provider rule's name, or "other".
+    pub provider: Arc<str>,
+    pub hosts: Rc<[MxHost]>,
+    pub queue: RefCell<VecDeque<Job>>,
+    pub conns: Cell<usize>,
+    /// The domain the site was made for (its rules are looked up by it).
+    pub(crate) domain: Rc<str>,
+    /// Session settings: default, then provider, then domain rule (replaced on reload).
+    pub(crate) rule: RefCell<Rule>,
+    /// Destination limiters (provider or MX set, then the domain's own): every
+    /// message and connection passes each.
+    pub limits: Vec<Rc<Limiter>>,
+    /// The pool's source addresses, each with its limiter towards this destination;
+    /// empty: the host's default address.
+    pub sources: Vec<Source>,
+    /// Transactions pipelined per connection; shrinks when the receiver cuts them off.
+    pub window: Window,
+    /// Connections with nothing to send wait here until the queue has work again.
+    pub idle: Idle,
+    /// Recipients per transaction the receiver took before answering 452 4.5.3
+    /// (usize::MAX until it does): the rest of the site's transactions stay under it.
+    pub(crate) rcpt_limit: Cell<usize>,
+    /// Connections in a row every host refused for its connection limit.
+    pub refusals: Refusals,
+}
+
+/// A pool's source address and its limiter towards one destination.
+pub struct Source {
+    pub addr: PoolSource,
+    pub limit: Rc<Limiter>,
+}
+
+impl Site {
+    /// A site `key` for `domain` on `hosts`, with its session `rule`, destination
+    /// limiters `limits` (at least one: the first is the destination's), pool
+    /// `sources` and a pipelining window of at most `window` transactions. Its
+    /// `provider` label is "other" until the caller names one.
+    pub fn new(
+        key: String,
+        domain: Rc<str>,
+        hosts: Rc<[MxHost]>,
+        rule: Rule,
+        limits: Vec<Rc<Limiter>>,
+        sources: Vec<Source>,
+        window: usize,
+    ) -> Site {
+        assert!(!limits.is_empty(), "a site has its destination's limiter");
+        Site {
+            key,
+            provider: Arc::from(crate::observe::metrics::OTHER_PROVIDER),
+            hosts,
+            queue: RefCell::new(VecDeque::new()),
+            conns: Cell::new(0),
+            domain,
+            rule: RefCell::new(rule),
+            limits,
+            sources,
+            window: Window::new(window),
+            idle: Idle::default(),
+            rcpt_limit: Cell::new(usize::MAX),
+            refusals: Refusals::default(),
+        }
+    }
+
+    pub fn max_msgs_per_conn(&self) -> usize {
+        self.rule
+            .borrow()
+            .max_msgs_per_conn
+            .as_ref()
+            .map_or(1000, |v| v.value as usize)
+    }
+    /// Recipients per transaction: the rule's, or fewer once the receiver said so.
+    pub fn max_rcpt_per_msg(&self) -> usize {
+        self.rule
+            .borrow()
+            .max_rcpt_per_msg
+            .as_ref()
+            .map_or(100, |v| v.value as usize)
+            .min(self.rcpt_limit.get())
+    }
+    /// The receiver took only `accepted` (≥ 1) recipients of a transaction before
+    /// saying "too many recipients" (RFC 5321 §4.5.3.1.10).
+    pub fn learn_rcpt_limit(&self, accepted: usize) {
+        assert!(accepted >= 1, "a limit is learned from what was accepted");
+        self.rcpt_limit.set(self.rcpt_limit.get().min(accepted));
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        self.rule
+            .borrow()
+            .idle_timeout
+            .as_ref()
+            .map_or(Duration::from_secs(5), |v| v.value)
+    }
+    pub fn tls(&self) -> TlsMode {
+        self.rule
+            .borrow()
+            .tls
+            .as_ref()
+            .map_or(TlsMode::Opportunistic, |v| v.value)
+    }
+    pub fn tls_verify(&self) -> bool {
+        self.rule
+            .borrow()
+            .tls_verify
+            .as_ref()
+            .is_some_and(|v| v.value)
+    }
+    /// Limiters a message sent from `source` passes.
+    pub fn chain(&self, source: Option<usize>) -> Vec<&Limiter> {
+        let mut c: Vec<&Limiter> = self.limits.iter().map(|l| &**l).collect();
+        if let Some(i) = source {
+            c.push(&self.sources[i].limit);
+        }
+        c
+    }
+}
+
+/// Connections refused in a row for the receiver's connection limit ("421 too many
+/// connections"), and when to try again. Up to CONNECT_REFUSALS_MAX in a row are
+/// retried after CONNECT_REFUSAL_BACKOFF, doubling; the next defers the site's queue.
+#[derive(Default)]
+pub struct Refusals {
+    in_a_row: Cell<u32>,
+    retry_at: Cell<Option<Instant>>,
+}
+
+/// Refusals for a connection limit retried before the site's queue is deferred.
+pub const CONNECT_REFUSALS_MAX: u32 = 3;
+/// The first wait after such a refusal; each further one doubles it.
+pub const CONNECT_REFUSAL_BACKOFF: Duration = Duration::from_millis(500);
+
+impl Refusals {
+    /// Counts a refusal at `now`; true (and a time to retry set) while under the
+    /// limit, false (and the count reset) when the queue should be deferred instead.
+    pub fn again(&self, now: Instant) -> bool {
+        let n = self.in_a_row.get() + 1;
+        if n > CONNECT_REFUSALS_MAX {
+            self.clear();
+            return false;
+        }
+        self.in_a_row.set(n);
+        let wait = CONNECT_REFUSAL_BACKOFF * (1 << (n - 1));
+        self.retry_at.set(Some(now + wait));
+        true
+    }
+
+    /// A connection got through.
+    pub fn clear(&self) {
+        self.in_a_row.set(0);
+        self.retry_at.set(None);
+    }
+
+    fn waiting(&self, now: Instant) -> bool {
+        self.retry_at.get().is_some_and(|t| t > now)
+    }
+}
+
+/// Where a site's idle connections wait for work. They used to poll the queue every
+/// 10 ms: with hundreds of connections that was tens of thousands of wakeups a second
+/// while a destination's queue stood empty (waiting on retries, or done).
+#[derive(Default)]
+pub struct Idle {
+    waiting: RefCell<Vec<Waker>>,
+    /// Counts wake-ups, so a waiter knows whether one happened since it began.
+    wakes: Cell<u64>,
+}
+
+impl Idle {
+    /// Wakes every waiting connection (called when the queue stops being empty, and
+    /// on a stop request so they can quit).
+    pub fn wake_all(&self) {
+        self.wakes.set(self.wakes.get() + 1);
+        for w in self.waiting.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Resolves at the next `wake_all`.
+    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
+        let seen = self.wakes.get();
+        std::future::poll_fn(move |cx| {
+            if self.wakes.get() != seen {
+                return Poll::Ready(());
+            }
+            let mut waiting = self.waiting.borrow_mut();
+            if !waiting.iter().any(|w| w.will_wake(cx.waker())) {
+                waiting.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+    }
+
+    /// Wake-ups so far: a connection that saw this number change has work to look at.
+    pub fn wakes(&self) -> u64 {
+        self.wakes.get()
+    }
+
+    /// Puts `job` on `queue`, waking the idle connections if it was empty.
+    fn push(&self, queue: &RefCell<VecDeque<Job>>, job: Job, front: bool) {
+        let mut q = queue.borrow_mut();
+        let was_empty = q.is_empty();
+        if front {
+            q.push_front(job);
+        } else {
+            q.push_back(job);
+        }
+        drop(q);
+        if was_empty {
+            self.wake_all();
+        }
+    }
+}
+
+/// What a connection takes from its site's queue next (`Scheduler::take`).
+pub struct Take {
+    /// Recipients at the queue's front past their campaign's maximum age: to be
+    /// recorded as expired, never sent.
+    pub expired: Vec<Job>,
+    pub next: Next,
+}
+
+pub enum Next {
+    /// One transaction's recipients: one domain, one campaign instance.
+    Batch(Vec<Job>),
+    /// A limiter holds the next message back until then.
+    Paced(Instant),
+    /// Nothing to send (an empty queue, or all of it held by a pause).
+    Empty,
+}
+
+/// What an established connection with nothing in flight does next
+/// (`when_idle`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum IdleStep {
+    /// QUIT and close (RFC 5321 §4.1.1.10).
+    Quit,
+    /// Sleep until then: a limiter paces the next message.
+    Sleep(Instant),
+    /// Wait for work on the site's queue (`Idle::wait`), at most this long.
+    AwaitWork(Duration),
+    /// There is work: take it.
+    Again,
+}
+
+/// What `when_idle` weighs for one connection.
+pub struct IdleConn {
+    /// Transactions this connection carried, against the site's `max_msgs`.
+    pub sent: usize,
+    pub max_msgs: usize,
+    /// The receiver takes no more recipients on this session.
+    pub session_full: bool,
+    /// The shard is stopping or has nothing left.
+    pub stopping: bool,
+    /// A limiter of the connection's chain is over its connection cap (a back-off).
+    pub over_cap: bool,
+    pub queue_empty: bool,
+    /// When a limiter lets the next message go, if one holds it.
+    pub paced: Option<Instant>,
+    /// Since the connection became idle.
+    pub idle_for: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// An idle connection's next step at `now`: it closes once it has carried its
+/// maximum, the session is full, the shard stops, its limiter is over a lowered
+/// connection cap, or it has waited `idle_timeout` with nothing it may send.
+pub fn when_idle(c: &IdleConn, now: Instant) -> IdleStep {
+    let nothing = c.queue_empty || c.paced.is_some();
+    if c.sent >= c.max_msgs
+        || c.session_full
+        || c.stopping
+        || c.over_cap
+        || (nothing && c.idle_for >= c.idle_timeout)
+    {
+        return IdleStep::Quit;
+    }
+    let left = c.idle_timeout - c.idle_for;
+    match c.paced {
+        Some(at) => {
+            let wait = at.saturating_duration_since(now).min(left);
+            IdleStep::Sleep(now + wait.max(Duration::from_millis(1)))
+        }
+        None if c.queue_empty => IdleStep::AwaitWork(left),
+        None => IdleStep::Again,
+    }
+}
+
+/// A reply's effect on shaping (`Scheduler::react`).
+#[derive(Default)]
+pub struct Reaction {
+    /// A back-off, recovery or suspension to log.
+    pub change: Option<Change>,
+    /// A throttle back-off every other shard should take too: its limiter's key.
+    pub tell_peers: Option<String>,
+}
+
+/// A shard's schedule: the retry wheel, the pauses and operator rates of domains and
+/// campaigns with the recipients the pauses hold, and its limits on requeues.
+pub struct Scheduler {
+    /// Deferred recipients until their retry time (or expiry).
+    pub(crate) retries: RefCell<Wheel<Job>>,
+    /// Paused domains and campaigns (`domain:x`, `campaign:x`).
+    paused: RefCell<HashSet<String>>,
+    /// Recipients a pause took out of their site's queue.
+    pub(crate) held: RefCell<Vec<Job>>,
+    /// Operator rates and campaigns' own `max_msg_rate`, by `domain:x` or `campaign:x`.
+    job_limits: RefCell<HashMap<String, Rc<Limiter>>>,
+    /// Transactions a connection pipelines at most (`--window`).
+    window: usize,
+    /// Breaks before a reply a recipient is put back for, before one is an attempt.
+    requeues_max: u32,
+}
+
+impl Scheduler {
+    /// A schedule whose wheel starts at `origin`, for connections of `window`
+    /// transactions, putting a recipient back up to `requeues_max` times, with the
+    /// campaigns' own rates `job_limits`.
+    pub fn new(
+        origin: Instant,
+        window: usize,
+        requeues_max: u32,
+        job_limits: HashMap<String, Rc<Limiter>>,
+    ) -> Scheduler {
+        Scheduler {
+            retries: RefCell::new(Wheel::new(TICK, origin)),
+            paused: RefCell::new(HashSet::new()),
+            held: RefCell::new(Vec::new()),
+            job_limits: RefCell::new(job_limits),
+            window,
+            requeues_max,
+        }
+    }
+
+    /// Puts `job` at the back of `site`'s queue.
+    pub fn enqueue(&self, site: &Site, job: Job) {
+        site.idle.push(&site.queue, job, false);
+    }
+
+    /// Holds `job` in the retry wheel until `at` (a recovered deferral).
+    pub fn hold_until(&self, at: Instant, job: Job) {
+        self.retries.borrow_mut().insert(at, job);
+    }
+
+    /// Defers `job`: it waits `after`, jittered by `unit` (in [0, 1): ±10%) and cut
+    /// short at `expire_at`, in the retry wheel. The Defer record for the spool.
+    pub fn defer(
+        &self,
+        mut job: Job,
+        after: Duration,
+        unit: f64,
+        expire_at: SystemTime,
+        now: Now,
+    ) -> Deferral {
+        let wait = retry::wait_before_retry(retry::jitter_by(after, unit), now.wall, expire_at);
+        let record = Deferral {
+            attempts: job.attempts,
+            due_unix_ms: unix_ms(now.wall + wait),
+            last: job.last.clone(),
+        };
+        job.requeues = 0;
+        self.retries.borrow_mut().insert(now.at + wait, job);
+        record
+    }
+
+    /// The deferred recipients due at `now`: (to queue again, expired). One that
+    /// outlived its campaign's maximum age expires without another attempt.
+    pub fn due(&self, campaigns: &impl Campaigns, now: Now) -> (Vec<Job>, Vec<Job>) {
+        let due = self.retries.borrow_mut().advance(now.at);
+        due.into_iter()
+            .partition(|j| !retry::is_expired(now.wall, campaigns.expire_at(j)))
+    }
+
+    /// Recipients waiting for their retry time.
+    pub fn waiting(&self) -> usize {
+        self.retries.borrow().len()
+    }
+
+    /// What a connection on `site` whose messages pass `chain` sends next at `now`.
+    /// A limiter's admission is taken for the batch it returns.
+    pub fn take(
+        &self,
+        site: &Site,
+        chain: &[&Limiter],
+        campaigns: &impl Campaigns,
+        now: Now,
+    ) -> Take {
+        let expired = take_expired(site, campaigns, now.wall);
+        let next = if site.queue.borrow().is_empty() {
+            Next::Empty
+        } else if let Some(at) = shaping::admit(chain, now.at) {
+            Next::Paced(at)
+        } else {
+            self.next_batch(site, campaigns, now.at)
+        };
+        Take { expired, next }
+    }
+
+    /// The next batch on `site`: up to the site's and the campaign's recipients per
+    /// message, of one domain and campaign, not held by a pause.
+    fn next_batch(&self, site: &Site, campaigns: &impl Campaigns, now: Instant) -> Next {
+        let mut q = site.queue.borrow_mut();
+        loop {
+            let Some(first) = q.front() else {
+                return Next::Empty;
+            };
+            let paused = self.paused.borrow();
+            let limits = self.job_limits.borrow();
+            if paused.is_empty() && limits.is_empty() {
+                break;
+            }
+            let (domain, campaign) = (
+                format!("domain:{}", first.domain),
+                campaigns.with_id(first.instance, |id| format!("campaign:{id}")),
+            );
+            if paused.contains(&domain) || paused.contains(&campaign) {
+                self.held.borrow_mut().push(q.pop_front().expect("front"));
+                continue;
+            }
+            let chain: Vec<&Limiter> = [limits.get(&domain), limits.get(&campaign)]
+                .into_iter()
+                .flatten()
+                .map(|l| &**l)
+                .collect();
+            if let Some(at) = shaping::admit(&chain, now) {
+                return Next::Paced(at);
+            }
+            break;
+        }
+        let first = q.pop_front().expect("checked");
+        let max = campaigns
+            .rcpts_per_msg(first.instance)
+            .min(site.max_rcpt_per_msg());
+        let mut jobs = vec![first];
+        while jobs.len() < max {
+            match q.front() {
+                Some(j) if j.domain == jobs[0].domain && j.instance == jobs[0].instance => {
+                    jobs.push(q.pop_front().expect("front"))
+                }
+                _ => break,
+            }
+        }
+        Next::Batch(jobs)
+    }
+
+    /// Puts `jobs`, which a broken connection cut off before any reply, back at the
+    /// front of `site`'s queue without counting an attempt. Those put back more than
+    /// `requeues_max` times are returned (their count reset), to be recorded as a
+    /// deferral: a receiver that always breaks the connection cannot loop them.
+    pub fn requeue(&self, site: &Site, jobs: Vec<Job>) -> Vec<Job> {
+        let mut over = Vec::new();
+        for mut job in jobs.into_iter().rev() {
+            job.requeues += 1;
+            if job.requeues > self.requeues_max {
+                job.requeues = 0;
+                over.push(job);
+            } else {
+                site.idle.push(&site.queue, job, true);
+            }
+        }
+        over
+    }
+
+    /// Puts `jobs` the receiver had no room for (its cap on recipients per
+    /// transaction or per session) back at the front of `site`'s queue, with no
+    /// attempt counted. The caller makes sure this cannot loop: it is called after a
+    /// transaction that delivered, or from a connection that had delivered and now
+    /// closes; a fresh connection's refusal counts an attempt instead.
+    pub fn send_again(&self, site: &Site, jobs: Vec<Job>) {
+        for job in jobs.into_iter().rev() {
+            site.idle.push(&site.queue, job, true);
+        }
+    }
+
+    /// The connections to open for `site` at `now`, each from the pool source it
+    /// names (None: the host's default address): while its queue holds more than its
+    /// open connections' windows take, as far as its limiters allow, and not while
+    /// a refusal for the receiver's connection limit is waited out. Each is counted
+    /// in the site and its limiters (`connection_closed` undoes it); `rng` picks
+    /// among weighted sources.
+    pub fn connections_to_open(
+        &self,
+        site: &Site,
+        now: Instant,
+        rng: &mut fastrand::Rng,
+    ) -> Vec<Option<usize>> {
+        let mut open = Vec::new();
+        if site.refusals.waiting(now) {
+            return open;
+        }
+        loop {
+            let conns = site.conns.get();
+            let queued = site.queue.borrow().len();
+            if queued == 0 || (conns > 0 && queued <= conns * self.window) {
+                return open;
+            }
+            if site
+                .limits
+                .iter()
+                .any(|l| l.connect_gate(now) != Gate::Open)
+            {
+                return open;
+            }
+            let source = if site.sources.is_empty() {
+                None
+            } else {
+                match pick_source(&site.sources, now, rng) {
+                    Some(i) => Some(i),
+                    None => return open,
+                }
+            };
+            let chain = site.chain(source);
+            if let Some(full) = chain.iter().position(|l| !l.connected(now)) {
+                // Another shard took the last lease of a cap held over all shards.
+                for l in &chain[..full] {
+                    l.disconnected();
+                }
+                return open;
+            }
+            site.conns.set(conns + 1);
+            open.push(source);
+        }
+    }
+
+    /// A connection from `source` to `site` ended.
+    pub fn connection_closed(&self, site: &Site, source: Option<usize>) {
+        for l in site.chain(source) {
+            l.disconnected();
+        }
+        site.conns.set(site.conns.get() - 1);
+    }
+
+    /// Shaping's view of a reply at `now` over a connection from `source` to
+    /// `site`: every reply (`class` None for a success) counts towards a share
+    /// threshold; a `throttled` one backs off (with a pool, the source towards this
+    /// destination: the receiver's view is of the sending IP), a `blocked` one
+    /// suspends (the source when the rule's block scope says so).
+    pub fn react(
+        &self,
+        site: &Site,
+        source: Option<usize>,
+        class: Option<Class>,
+        reply: &Reply,
+        now: Instant,
+    ) -> Reaction {
+        let dest = &site.limits[0];
+        let src = source.map(|i| &site.sources[i].limit);
+        src.unwrap_or(dest)
+            .observe(now, class == Some(Class::Throttled));
+        match class {
+            Some(Class::Throttled) => {
+                let l = src.unwrap_or(dest);
+                let change = l.on_throttled(now, &reply.to_string(), false);
+                Reaction {
+                    tell_peers: change.is_some().then(|| l.key.clone()),
+                    change,
+                }
+            }
+            Some(Class::Blocked) => {
+                let scope = site.rule.borrow().block_scope.as_ref().map(|s| s.value);
+                let l = match (scope, src) {
+                    (Some(BlockScope::Source), Some(src)) => src,
+                    _ => dest,
+                };
+                Reaction {
+                    change: l.on_blocked(now, &reply.to_string()),
+                    tell_peers: None,
+                }
+            }
+            _ => Reaction::default(),
+        }
+    }
+
+    /// Pauses `key` (`domain:x` or `campaign:x`): its recipients are held as they
+    /// reach their queue's front.
+    pub fn pause(&self, key: String) {
+        self.paused.borrow_mut().insert(key);
+    }
+
+    /// Resumes `key`; the held recipients, to be routed again (those of other
+    /// pauses are held again).
+    pub fn resume(&self, key: &str) -> Vec<Job> {
+        self.paused.borrow_mut().remove(key);
+        std::mem::take(&mut *self.held.borrow_mut())
+    }
+
+    /// Sets the rate limiter of `key` (`domain:x` or `campaign:x`).
+    pub fn set_job_limit(&self, key: String, limiter: Limiter) {
+        self.job_limits.borrow_mut().insert(key, Rc::new(limiter));
+    }
+
+    /// Adds campaigns' own rate limiters (a campaign that starts while running).
+    pub fn add_job_limits(&self, limits: HashMap<String, Rc<Limiter>>) {
+        self.job_limits.borrow_mut().extend(limits);
+    }
+
+    /// Status lines at `now`: operator rates, pauses and what they hold.
+    pub fn status(&self, now: Instant, lines: &mut Vec<String>) {
+        lines.extend(
+            self.job_limits
+                .borrow()
+                .values()
+                .filter_map(|l| l.status(now)),
+        );
+        for p in self.paused.borrow().iter() {
+            lines.push(format!("{p} paused"));
+        }
+        if !self.held.borrow().is_empty() {
+            lines.push(format!(
+                "{} recipients held by pauses",
+                self.held.borrow().len()
+            ));
+        }
+    }
+}
+
+/// Whether `job` has outlived its campaign's maximum age at `now`.
+pub fn is_expired(campaigns: &impl Campaigns, job: &Job, now: SystemTime) -> bool {
+    retry::is_expired(now, campaigns.expire_at(job))
+}
+
+/// Takes out of `site`'s queue the recipients at its front that are past their
+/// campaign's maximum age at `now`. Every recipient is at the front before it is
+/// sent, and its batch-mates share its instance (and so its age), so the front is
+/// enough.
+fn take_expired(site: &Site, campaigns: &impl Campaigns, now: SystemTime) -> Vec<Job> {
+    let mut q = site.queue.borrow_mut();
+    let mut out = Vec::new();
+    while let Some(first) = q.front() {
+        if !is_expired(campaigns, first, now) {
+            break;
+        }
+        out.push(q.pop_front().expect("front"));
+    }
+    out
+}
+
+/// Weighted random choice among the sources that may open a connection at `now`.
+fn pick_source(sources: &[Source], now: Instant, rng: &mut fastrand::Rng) -> Option<usize> {
+    let open: Vec<(usize, u32)> = sources
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.limit.connect_gate(now) == Gate::Open)
+        .map(|(i, s)| (i, s.addr.weight))
+        .collect();
+    let total: u32 = open.iter().map(|(_, w)| w).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut r = rng.u32(0..total);
+    for (i, w) in open {
+        if r < w {
+            return Some(i);
+        }
+        r -= w;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deliver::runtime::Driver;
+
+    fn job() -> Job {
+        Job {
+            rref: RecordRef { seg: 0, off: 0 },
+            instance: 0,
+            domain: Rc::from("example.test"),
+            attempts: 0,
+            requeues: 0,
+            last: None,
+        }
+    }
+
+    #[test]
+    fn an_idle_connection_waits_until_work_arrives_and_no_longer() {
+        crate::deliver::runtime::block_on(Driver::Auto, async {
+            let idle = Rc::new(Idle::default());
+            let queue = Rc::new(RefCell::new(VecDeque::new()));
+            let quiet = monoio::time::timeout(Duration::from_millis(50), idle.wait()).await;
+            assert!(quiet.is_err(), "nothing queued: still waiting");
+            let waiter = {
+                let (idle, queue) = (idle.clone(), queue.clone());
+                monoio::spawn(async move {
+                    idle.wait().await;
+                    queue.borrow().len()
+                })
+            };
+            monoio::time::sleep(Duration::from_millis(20)).await;
+            idle.push(&queue, job(), false);
+            let seen = monoio::time::timeout(Duration::from_secs(1), waiter).await;
+            assert_eq!(seen, Ok(1), "woken by the first job, and it is there");
+            // More work on a queue that is not empty wakes nobody: whoever is
+            // taking from it is not idle.
+            let again = idle.wait();
+            idle.push(&queue, job(), true);
+            let still = monoio::time::timeout(Duration::from_millis(50), again).await;
+            assert!(still.is_err());
+        })
+        .unwrap();
+    }
+}
