@@ -1,36 +1,42 @@
 //! A deterministic simulation: the real SMTP client state machine talks to the real
 //! sink server state machine over a simulated network (random splits, latency, drops,
-//! stalls, garbage) on a simulated clock. The recipients are scheduled by the shard's
-//! own retry code with the clock passed in: the classification and retry decision
-//! (`retry::decide`), the wait cut at expiry (`retry::wait_before_retry`), the retry
-//! wheel at the shard's tick (`deliver::wheel`), and the expiry test
-//! (`retry::is_expired`); every message is admitted by the destination's real
-//! limiter (`shaping::admit`, a seeded rate), which sees every reply (`observe`,
-//! `on_throttled` on a throttle reply) and the shard's tick. What is not yet the
-//! shard's code: the loop that picks due recipients and opens connections (sites,
-//! requeue), which this file still models (the shard reads the clock itself there).
-//! Besides the delivery invariants below, the rate invariants: no second with more
-//! messages than the limiter's rate allows, and none after a throttle back-off with
-//! more than its new rate. Thousands of seeds
-//! (`VOLLEY_SIM_SEEDS`, default [`SEEDS`]); each checks the invariants: exactly one
-//! terminal outcome per recipient, no attempt after a terminal outcome (so no retry of
-//! a permanent failure), no attempt before its retry time or past its expiry, every
-//! delivery seen by the server, and duplicates only where a connection broke after
-//! the server accepted.
+//! stalls, garbage) on a simulated clock, and the recipients are scheduled by the
+//! shard's own scheduler (src/deliver/schedule.rs) with that clock passed in: the
+//! site's queue, the connections it gets under its limiter's cap
+//! (`connections_to_open`), what each connection takes next under the limiter's rate
+//! and which recipients expire at the queue's front (`take`), when an idle
+//! connection closes (`when_idle`), requeues after a broken connection (`requeue`),
+//! the retry wheel (`defer`, `due`), and shaping's reaction to each reply (`react`);
+//! the retry decision is the shard's `retry::decide`. Several connections run at
+//! once, each turn at the earliest of their next events and the shard's 100 ms tick.
+//! What stays the shard's own (IO, the accounting log, the spool) is not here.
+//!
+//! Thousands of seeds (`VOLLEY_SIM_SEEDS`, default [`SEEDS`]); each checks: exactly
+//! one terminal outcome per recipient, no attempt after it (so no retry of a
+//! permanent failure), none before the retry time the scheduler wrote in its Defer
+//! record, and that time no sooner than the retry delay allows; none past expiry, and
+//! nothing expired before it; every delivery seen by the server, duplicates only where
+//! a connection broke after the server accepted; batches of one domain within the
+//! campaign's recipients per message; never more connections than the limiter's cap;
+//! no second with more messages than the limiter's rate, and none after a throttle
+//! back-off with more than its new rate.
 
-use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant, SystemTime};
-use volley::deliver::schedule::TICK;
-use volley::deliver::wheel::Wheel;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use volley::deliver::dns::MxHost;
+use volley::deliver::schedule::{
+    when_idle, Campaigns, IdleConn, IdleStep, Job, Next, Now, Scheduler, Site, Take, TICK,
+};
 use volley::policy::classify::Class;
 use volley::policy::classify::Classifier;
-use volley::policy::retry::{
-    decide, is_expired, jitter_by, wait_before_retry, Decision, RetryPolicy,
-};
+use volley::policy::retry::{decide, Decision, RetryPolicy};
 use volley::policy::shaping::rules::{parse_per, Rule, Set, Threshold};
-use volley::policy::shaping::{self, Limiter};
+use volley::policy::shaping::Limiter;
 use volley::smtp::client::{ClientConfig, ClientSession, Event, Timeouts, Transaction};
+use volley::smtp::reply::Reply;
 use volley::smtp::server::{Behaviour, Command, Message, ServerConfig, ServerSession, Verdict};
+use volley::spool::RecordRef;
 
 const SEEDS: u64 = 2000;
 /// Compiled once: the rules are the same for every seed.
@@ -41,6 +47,8 @@ const RECIPIENTS: usize = 12;
 const LOADED_RECIPIENTS: usize = 150;
 const LOADED_SEEDS: u64 = 100;
 const EXPIRE: Duration = Duration::from_secs(4 * 3600);
+/// Breaks before a reply a recipient is put back for (the engine's default).
+const REQUEUES_MAX: u32 = 3;
 /// Bounds every loop: a simulation that has not finished by then is a failure.
 const STEPS_MAX: usize = 200_000;
 
@@ -119,32 +127,83 @@ impl Behaviour for SimServer {
 struct Rcpt {
     addr: String,
     attempts: u32,
-    /// When the schedule said it may be tried again (the wheel must not return it
-    /// earlier).
+    /// When the scheduler said it may be tried again (the Defer record's due time):
+    /// no attempt may come earlier.
     next_at: Duration,
     terminal: Option<Decision>,
     /// Transactions aborted after being sent (the server may have accepted them).
     aborts: u32,
 }
 
-struct Sim {
+/// The campaign every simulated recipient belongs to, as the scheduler asks of it.
+struct Campaign {
+    expire_at: SystemTime,
+    rcpts_per_msg: usize,
+}
+
+impl Campaigns for Campaign {
+    fn expire_at(&self, _: &Job) -> SystemTime {
+        self.expire_at
+    }
+    fn with_id<R>(&self, _: u32, f: impl FnOnce(&str) -> R) -> R {
+        f("sim")
+    }
+    fn rcpts_per_msg(&self, _: u32) -> usize {
+        self.rcpts_per_msg
+    }
+}
+
+/// One simulated connection: the real client session, the real server session, and
+/// the bytes between them on their way.
+struct Conn<'c> {
+    client: ClientSession,
+    server: ServerSession<'c>,
+    /// Server bytes on their way to the client, arriving at `arrive_at`.
+    to_client: Vec<u8>,
+    arrive_at: Duration,
+    /// The server stopped answering: only the client's timeout ends this.
+    stalled: bool,
+    server_closed: bool,
+    established: bool,
+    inflight: HashMap<u64, Vec<Job>>,
+    /// Transactions carried, against the site's maximum per connection.
+    sent: usize,
+    idle_since: Option<Duration>,
+    /// Waiting for work on the site's queue (`IdleStep::AwaitWork`).
+    awaiting: bool,
+    /// When this connection next has something to do.
+    wake_at: Duration,
+    /// Transactions lost to the connection breaking, for the site's window.
+    cut_off: usize,
+}
+
+struct Sim<'c> {
     seed: u64,
     rng: fastrand::Rng,
     now: Duration,
     base: Instant,
     sys_base: SystemTime,
     rcpts: Vec<Rcpt>,
-    /// The shard's retry wheel, holding recipient indexes.
-    retries: Wheel<usize>,
-    /// The destination's limiter, at `rate` messages per second.
-    limiter: Limiter,
+    /// The shard's schedule: retry wheel, requeues, what a connection takes next.
+    sched: Scheduler,
+    /// The one destination every recipient's domain routes to.
+    site: Site,
+    campaign: Campaign,
+    /// The destination's limiter (the site's first), at `rate` messages per second
+    /// and at most `max_conns` connections.
+    limiter: Rc<Limiter>,
     rate: f64,
+    max_conns: usize,
+    /// The most connections open at once.
+    most_conns: usize,
+    conns: Vec<Conn<'c>>,
+    scfg: &'c ServerConfig,
     /// When each message was admitted, in order.
     admitted: Vec<Duration>,
     /// Each throttle back-off: when, the rate it set, and how many messages had
     /// been admitted before it.
     backoffs: Vec<(Duration, f64, usize)>,
-    /// The last shard tick given to the limiter.
+    /// The last shard tick.
     ticked: Duration,
     classifier: &'static Classifier,
     policy: RetryPolicy,
@@ -153,7 +212,7 @@ struct Sim {
     steps: usize,
 }
 
-impl Sim {
+impl<'c> Sim<'c> {
     fn t(&self) -> Instant {
         self.base + self.now
     }
@@ -162,175 +221,269 @@ impl Sim {
         self.sys_base + self.now
     }
 
-    /// The shard's ticks up to now, as its tick loop gives them to each limiter.
+    fn at(&self) -> Now {
+        Now {
+            at: self.t(),
+            wall: self.sys(),
+        }
+    }
+
+    fn step(&mut self) {
+        self.steps += 1;
+        assert!(
+            self.steps < STEPS_MAX,
+            "seed {}: simulation did not finish",
+            self.seed
+        );
+    }
+
+    fn all_terminal(&self) -> bool {
+        self.rcpts.iter().all(|r| r.terminal.is_some())
+    }
+
+    /// The shard's tick: limiter recoveries, due retries (the expired end without
+    /// another attempt), then connections for what is queued.
     fn tick(&mut self) {
-        while self.ticked + TICK <= self.now {
-            self.ticked += TICK;
-            let _ = self.limiter.tick(self.base + self.ticked);
+        let now = self.at();
+        let _ = self.limiter.tick(now.at);
+        let (due, expired) = self.sched.due(&self.campaign, now);
+        for job in expired {
+            assert!(
+                self.sys() >= self.campaign.expire_at,
+                "seed {}: expired before its time",
+                self.seed
+            );
+            self.terminal(&job, Decision::Expired);
         }
-    }
-
-    /// Waits until the limiter admits a message, as the connection does, and counts it.
-    fn admit(&mut self) {
-        while let Some(at) = shaping::admit(&[&self.limiter], self.t()) {
-            self.steps += 1;
-            assert!(self.steps < STEPS_MAX, "seed {}: never admitted", self.seed);
-            self.now = self.now.max(at - self.base);
-            self.tick();
+        for job in due {
+            let r = &self.rcpts[job.rref.off as usize];
+            assert!(
+                self.now >= r.next_at,
+                "seed {}: {} came out of the retry wheel at {:?}, before its retry time {:?}",
+                self.seed,
+                r.addr,
+                self.now,
+                r.next_at
+            );
+            self.sched.enqueue(&self.site, job);
         }
-        self.admitted.push(self.now);
+        self.open_connections();
     }
 
-    /// Puts recipient `i` in the wheel `wait` from now, as the shard does.
-    fn defer(&mut self, i: usize, wait: Duration) {
-        self.rcpts[i].next_at = self.now + wait;
-        self.retries.insert(self.t() + wait, i);
+    /// Opens what the scheduler says the site gets (`Shard::ensure_connections`).
+    fn open_connections(&mut self) {
+        if self.all_terminal() {
+            return;
+        }
+        let opened = self
+            .sched
+            .connections_to_open(&self.site, self.t(), &mut self.rng);
+        for source in opened {
+            assert_eq!(source, None, "the simulated site has no pool");
+            let cfg = ClientConfig {
+                ehlo_name: "sim.test".into(),
+                timeouts: Timeouts::default(),
+                window: self.window,
+                tls: volley::smtp::client::TlsMode::Disabled,
+            };
+            let server = ServerSession::new(self.scfg);
+            let greeting = server.greeting();
+            let latency = self.latency();
+            self.conns.push(Conn {
+                client: ClientSession::new(cfg, self.t()),
+                server,
+                to_client: greeting,
+                arrive_at: self.now + latency,
+                stalled: false,
+                server_closed: false,
+                established: false,
+                inflight: HashMap::new(),
+                sent: 0,
+                idle_since: None,
+                awaiting: false,
+                wake_at: self.now + latency,
+                cut_off: 0,
+            });
+        }
+        self.most_conns = self.most_conns.max(self.conns.len());
+        assert!(
+            self.site.conns.get() == self.conns.len() && self.conns.len() <= self.max_conns,
+            "seed {}: {} connections open (the site counts {}) over a cap of {}",
+            self.seed,
+            self.conns.len(),
+            self.site.conns.get(),
+            self.max_conns
+        );
     }
 
-    fn outcome(&mut self, i: usize, reply: &volley::smtp::reply::Reply) {
+    fn latency(&mut self) -> Duration {
+        Duration::from_millis(self.rng.u64(0..20))
+    }
+
+    fn terminal(&mut self, job: &Job, d: Decision) {
         let seed = self.seed;
-        let r = &mut self.rcpts[i];
+        let r = &mut self.rcpts[job.rref.off as usize];
         assert!(
             r.terminal.is_none(),
-            "seed {seed}: {} got a reply after its terminal outcome",
+            "seed {seed}: {} got a second terminal outcome",
             r.addr
         );
-        r.attempts += 1;
+        r.terminal = Some(d);
+    }
+
+    /// Records a reply as the shard does (`Shard::record`, then `Shard::react`): the
+    /// retry decision, a retry through the scheduler's wheel, shaping's reaction.
+    fn outcome(&mut self, mut job: Job, reply: &Reply) {
+        let seed = self.seed;
+        let i = job.rref.off as usize;
+        assert!(
+            self.rcpts[i].terminal.is_none(),
+            "seed {seed}: {} got a reply after its terminal outcome",
+            self.rcpts[i].addr
+        );
+        job.attempts += 1;
+        self.rcpts[i].attempts = job.attempts;
         let verdict = (!reply.is_positive()).then(|| self.classifier.classify(reply));
+        let expire_at = self.campaign.expire_at;
         let d = decide(
             reply,
             verdict,
             None,
             &self.policy,
-            r.attempts,
-            self.sys_base + self.now,
-            self.sys_base + EXPIRE,
+            job.attempts,
+            self.sys(),
+            expire_at,
         );
         match d {
             Decision::Retry(after) => {
-                let delay = jitter_by(after, self.rng.f64());
-                let wait = wait_before_retry(delay, self.sys(), self.sys_base + EXPIRE);
-                self.defer(i, wait);
+                let unit = self.rng.f64();
+                let record = self.sched.defer(job, after, unit, expire_at, self.at());
+                let due = Duration::from_millis(record.due_unix_ms)
+                    .saturating_sub(self.sys_base.duration_since(UNIX_EPOCH).unwrap());
+                // At least the delay less its jitter, or until the expiry if sooner
+                // (a millisecond of rounding in the record).
+                let least = after
+                    .mul_f64(0.9)
+                    .min(EXPIRE.saturating_sub(self.now))
+                    .saturating_sub(Duration::from_millis(1));
+                assert!(
+                    due >= self.now + least,
+                    "seed {seed}: a retry after {after:?} is due at {due:?}, at {:?}",
+                    self.now
+                );
+                self.rcpts[i].next_at = due;
             }
-            _ => self.rcpts[i].terminal = Some(d),
+            _ => self.terminal(&job, d),
         }
-        // The shard's reaction to the reply (Shard::react).
-        let throttled = verdict.is_some_and(|v| v.class == Class::Throttled);
-        self.limiter.observe(self.t(), throttled);
-        if throttled {
-            let pace = self.limiter.view(self.t()).rate;
-            if let Some(c) = self
-                .limiter
-                .on_throttled(self.t(), &reply.to_string(), false)
-            {
-                let rate = c.rate.expect("a rate was set");
-                // A cut to the factor (0.5) of the pace it came from, at the least
-                // (the limiter's floor is 0.01/s).
-                if let Some(p) = pace {
-                    assert!(
-                        rate <= (0.5 * p * 1.001).max(0.01),
-                        "seed {}: a back-off from {p}/s to {rate}/s is no cut to half",
-                        self.seed
-                    );
-                }
-                self.backoffs.push((self.now, rate, self.admitted.len()));
-            }
-        }
-        let r = &self.rcpts[i];
         if reply.is_permanent() && verdict.is_some_and(|v| !v.retry) {
             assert_eq!(
-                r.terminal,
+                self.rcpts[i].terminal,
                 Some(Decision::Bounced),
                 "seed {seed}: a permanent failure must bounce"
             );
         }
+        let class = verdict.map(|v| v.class);
+        let pace = self.limiter.view(self.t()).rate;
+        let reaction = self.sched.react(&self.site, None, class, reply, self.t());
+        if let (Some(Class::Throttled), Some(c)) = (class, reaction.change) {
+            let rate = c.rate.expect("a rate was set");
+            // A cut to the factor (0.5) of the pace it came from, at the least (the
+            // limiter's floor is 0.01/s).
+            if let Some(p) = pace {
+                assert!(
+                    rate <= (0.5 * p * 1.001).max(0.01),
+                    "seed {seed}: a back-off from {p}/s to {rate}/s is no cut to half"
+                );
+            }
+            self.backoffs.push((self.now, rate, self.admitted.len()));
+        }
     }
 
-    /// One connection carrying the recipients in `due`.
-    fn connection(&mut self, scfg: &ServerConfig, due: Vec<usize>) {
-        let cfg = ClientConfig {
-            ehlo_name: "sim.test".into(),
-            timeouts: Timeouts::default(),
-            window: self.window,
-            tls: volley::smtp::client::TlsMode::Disabled,
-        };
-        let mut client = ClientSession::new(cfg, self.t());
-        let mut server = ServerSession::new(scfg);
-        let mut to_client = server.greeting();
-        let mut queue: VecDeque<usize> = due.into();
-        let mut inflight: HashMap<u64, usize> = HashMap::new();
-        let mut next_id = 0u64;
-        let (mut stalled, mut server_closed) = (false, false);
-        loop {
-            self.steps += 1;
-            assert!(
-                self.steps < STEPS_MAX,
-                "seed {}: simulation did not finish",
-                self.seed
-            );
-            // Server → client, split at random points, after some latency.
-            if !to_client.is_empty() && !stalled {
-                self.now += Duration::from_millis(self.rng.u64(0..20));
-                if self.rng.f64() < self.server.f.garbage {
-                    to_client = b"HTTP/1.1 502 Bad Gateway\r\n".to_vec();
-                }
-                let bytes = std::mem::take(&mut to_client);
-                let mut rest = &bytes[..];
-                while !rest.is_empty() {
-                    let n = self.rng.usize(1..=rest.len());
-                    client.receive(&rest[..n], self.t());
-                    rest = &rest[n..];
-                }
-                if server_closed || self.rng.f64() < self.server.f.drop {
-                    client.connection_lost("simulated drop");
-                }
+    /// One turn of connection `c`, as connection.rs's loop: read what arrived, handle
+    /// the session's events, take work from the site's queue, decide what an idle
+    /// connection does, write. Returns the connection unless it closed.
+    fn turn(&mut self, mut c: Conn<'c>) -> Option<Conn<'c>> {
+        // Server → client, split at random points.
+        if !c.to_client.is_empty() && !c.stalled && c.arrive_at <= self.now {
+            if self.rng.f64() < self.server.f.garbage {
+                c.to_client = b"HTTP/1.1 502 Bad Gateway\r\n".to_vec();
             }
-            while let Some(ev) = client.poll_event() {
-                match ev {
-                    Event::Ready => {}
-                    Event::StartTls => unreachable!("TLS is disabled in the simulation"),
-                    Event::TxDone { id, replies } => {
-                        let i = inflight.remove(&id).expect("known transaction");
-                        assert_eq!(replies.len(), 1);
-                        self.outcome(i, &replies[0].1);
+            let bytes = std::mem::take(&mut c.to_client);
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                let n = self.rng.usize(1..=rest.len());
+                c.client.receive(&rest[..n], self.t());
+                rest = &rest[n..];
+            }
+            if c.server_closed || self.rng.f64() < self.server.f.drop {
+                c.client.connection_lost("simulated drop");
+            }
+        } else if c.client.deadline().is_some_and(|d| d <= self.t()) {
+            c.client.handle_timeout(self.t());
+        }
+        while let Some(ev) = c.client.poll_event() {
+            match ev {
+                Event::Ready => c.established = true,
+                Event::StartTls => unreachable!("TLS is disabled in the simulation"),
+                Event::TxDone { id, replies } => {
+                    let jobs = c.inflight.remove(&id).expect("known transaction");
+                    assert_eq!(replies.len(), jobs.len(), "a reply per recipient");
+                    self.site.window.answered();
+                    for (job, (_, reply)) in jobs.into_iter().zip(replies) {
+                        self.outcome(job, &reply);
                     }
-                    Event::TxAborted { id, .. } => {
-                        // Put back for the next connection without counting an attempt,
-                        // as the shard does; after a few, it counts as a deferral.
-                        let i = inflight.remove(&id).expect("known transaction");
-                        self.rcpts[i].aborts += 1;
-                        if self.rcpts[i].aborts % 4 == 0 {
-                            let r = volley::smtp::reply::Reply::new(
-                                451,
-                                Some("4.4.2"),
-                                "connection lost",
-                            );
-                            self.outcome(i, &r);
-                        } else {
-                            self.defer(i, Duration::from_secs(1));
-                        }
+                }
+                Event::TxAborted { id, .. } => {
+                    // Back to the queue's front without an attempt, as the shard
+                    // does; one put back too often is a deferral.
+                    let jobs = c.inflight.remove(&id).expect("known transaction");
+                    c.cut_off += 1;
+                    for j in &jobs {
+                        self.rcpts[j.rref.off as usize].aborts += 1;
                     }
-                    Event::Closed { .. } => {}
+                    let over = self.sched.requeue(&self.site, jobs);
+                    let lost = Reply::new(451, Some("4.4.2"), "connection lost");
+                    for job in over {
+                        self.outcome(job, &lost);
+                    }
                 }
+                Event::Closed { .. } => self.site.window.cut_off(c.cut_off),
             }
-            if client.is_closed() {
-                // Whatever was not submitted waits for the next connection.
-                for i in queue {
-                    self.defer(i, Duration::from_secs(1));
-                }
-                return;
+        }
+        if c.client.is_closed() {
+            self.sched.connection_closed(&self.site, None);
+            return None;
+        }
+        // Fill the window from the site's queue, as fast as its limiters allow.
+        // The site's chain for a connection with no pool source (`Site::chain`).
+        let limits = self.site.limits.clone();
+        let chain: Vec<&Limiter> = limits.iter().map(|l| &**l).collect();
+        let mut paced = None;
+        c.client.set_window(self.site.window.get());
+        let max_msgs = self.site.max_msgs_per_conn();
+        while c.established && c.client.can_submit() && c.sent < max_msgs {
+            let now = self.at();
+            let Take { expired, next } = self.sched.take(&self.site, &chain, &self.campaign, now);
+            for job in expired {
+                assert!(
+                    self.sys() >= self.campaign.expire_at,
+                    "seed {}: expired before its time",
+                    self.seed
+                );
+                self.terminal(&job, Decision::Expired);
             }
-            while client.can_submit() {
-                let Some(i) = queue.pop_front() else { break };
-                // As connection.rs: the limiter's admission, then the shard's
-                // next_batch, where one that outlived its maximum age while it
-                // waited expires, unsent.
-                self.admit();
-                if is_expired(self.sys(), self.sys_base + EXPIRE) {
-                    self.rcpts[i].terminal = Some(Decision::Expired);
-                    continue;
+            let jobs = match next {
+                Next::Batch(jobs) => jobs,
+                Next::Paced(at) => {
+                    paced = Some(at);
+                    break;
                 }
-                let r = &self.rcpts[i];
+                Next::Empty => break,
+            };
+            self.admitted.push(self.now);
+            let mut rcpts = Vec::new();
+            for j in &jobs {
+                let r = &self.rcpts[j.rref.off as usize];
                 assert!(
                     r.terminal.is_none(),
                     "seed {}: attempt after a terminal outcome",
@@ -338,97 +491,193 @@ impl Sim {
                 );
                 assert!(
                     self.now >= r.next_at,
-                    "seed {}: attempt before its retry time",
-                    self.seed
+                    "seed {}: attempt at {:?} before its retry time {:?}",
+                    self.seed,
+                    self.now,
+                    r.next_at
                 );
                 assert!(
                     self.now < EXPIRE,
                     "seed {}: attempt past the expiry",
                     self.seed
                 );
-                next_id += 1;
-                inflight.insert(next_id, i);
-                let tx = Transaction {
-                    id: next_id,
-                    from: "b@sim.test".into(),
-                    rcpts: vec![r.addr.clone()],
-                    content: format!("Subject: {i}\r\n\r\n.hello\r\n").into_bytes(),
-                };
-                client.submit(tx, self.t());
+                assert!(
+                    j.domain == jobs[0].domain,
+                    "seed {}: a batch of two domains",
+                    self.seed
+                );
+                rcpts.push(r.addr.clone());
             }
-            if client.is_idle() && client.in_flight() == 0 && queue.is_empty() {
-                client.quit(self.t());
+            assert!(jobs.len() <= self.campaign.rcpts_per_msg);
+            let id = self.admitted.len() as u64;
+            let tx = Transaction {
+                id,
+                from: "b@sim.test".into(),
+                rcpts,
+                content: format!("Subject: {id}\r\n\r\n.hello\r\n").into_bytes(),
+            };
+            c.inflight.insert(id, jobs);
+            c.client.submit(tx, self.t());
+            c.sent += 1;
+        }
+        if c.established && c.client.is_idle() && c.client.in_flight() == 0 {
+            let since = *c.idle_since.get_or_insert(self.now);
+            let idle = IdleConn {
+                sent: c.sent,
+                max_msgs,
+                session_full: false,
+                stopping: self.all_terminal(),
+                over_cap: chain.iter().any(|l| l.over_cap()),
+                queue_empty: self.site.queue.borrow().is_empty(),
+                paced,
+                idle_for: self.now - since,
+                idle_timeout: self.site.idle_timeout(),
+            };
+            match when_idle(&idle, self.t()) {
+                IdleStep::Quit => c.client.quit(self.t()),
+                IdleStep::Sleep(until) => {
+                    c.wake_at = until - self.base;
+                    return Some(c);
+                }
+                IdleStep::AwaitWork(at_most) => {
+                    c.awaiting = true;
+                    c.wake_at = self.now + at_most;
+                    return Some(c);
+                }
+                IdleStep::Again => {
+                    c.wake_at = self.now + Duration::from_millis(1);
+                    return Some(c);
+                }
             }
-            let out = client.take_output();
-            if !out.is_empty() {
-                let mut rest = &out[..];
-                while !rest.is_empty() && !server_closed {
-                    let n = self.rng.usize(1..=rest.len());
-                    let o = server.feed(&rest[..n], &mut self.server);
-                    to_client.extend_from_slice(&o.write);
-                    server_closed |= o.close;
-                    rest = &rest[n..];
-                }
-                if self.rng.f64() < self.server.f.stall {
-                    stalled = true;
-                }
-                if server_closed && to_client.is_empty() {
-                    client.connection_lost("server closed");
-                }
-            } else if to_client.is_empty() || stalled {
-                // Waiting on a server that says nothing: time passes until the client's timeout.
-                let d = client
-                    .deadline()
-                    .expect("a client waiting on a reply has a deadline");
-                self.now = self.now.max(d - self.base);
-                client.handle_timeout(self.t());
+        } else {
+            c.idle_since = None;
+        }
+        // Client → server, split at random points; the answer comes after a latency.
+        let out = c.client.take_output();
+        if !out.is_empty() {
+            let mut rest = &out[..];
+            while !rest.is_empty() && !c.server_closed {
+                let n = self.rng.usize(1..=rest.len());
+                let o = c.server.feed(&rest[..n], &mut self.server);
+                c.to_client.extend_from_slice(&o.write);
+                c.server_closed |= o.close;
+                rest = &rest[n..];
+            }
+            c.arrive_at = self.now + self.latency();
+            if self.rng.f64() < self.server.f.stall {
+                c.stalled = true;
+            }
+            if c.server_closed && c.to_client.is_empty() {
+                c.client.connection_lost("server closed");
             }
         }
+        c.wake_at = if c.client.is_closed() {
+            self.now
+        } else if !c.to_client.is_empty() && !c.stalled {
+            c.arrive_at
+        } else {
+            // Waiting on a server that says nothing: until the client's timeout.
+            c.client
+                .deadline()
+                .expect("a client waiting on a reply has a deadline")
+                - self.base
+        };
+        Some(c)
     }
 
-    fn run(&mut self, scfg: &ServerConfig) {
+    /// Runs until every recipient has its outcome and every connection is closed:
+    /// at each step the earliest of the shard's next tick and the connections' next
+    /// turns. With nothing open and nothing queued, time skips to the next retry.
+    fn run(&mut self) {
+        for (i, r) in self.rcpts.iter().enumerate() {
+            let job = Job {
+                rref: RecordRef {
+                    seg: 0,
+                    off: i as u32,
+                },
+                instance: 0,
+                domain: Rc::from(r.addr.rsplit('@').next().expect("an address")),
+                attempts: 0,
+                requeues: 0,
+                last: None,
+            };
+            self.sched.enqueue(&self.site, job);
+        }
+        self.open_connections();
         loop {
-            self.steps += 1;
-            assert!(
-                self.steps < STEPS_MAX,
-                "seed {}: simulation did not finish",
-                self.seed
-            );
-            let open: Vec<usize> = (0..self.rcpts.len())
-                .filter(|&i| self.rcpts[i].terminal.is_none())
-                .collect();
-            if open.is_empty() {
+            self.step();
+            if self.all_terminal() && self.conns.is_empty() {
                 return;
             }
-            self.tick();
-            // The retry wheel: what falls due, less what has expired, which ends
-            // without another attempt.
-            let mut due = Vec::new();
-            for i in self.retries.advance(self.t()) {
-                if is_expired(self.sys(), self.sys_base + EXPIRE) {
-                    self.rcpts[i].terminal = Some(Decision::Expired);
-                } else {
-                    due.push(i);
+            if !self.site.queue.borrow().is_empty() {
+                for c in self.conns.iter_mut().filter(|c| c.awaiting) {
+                    c.awaiting = false;
+                    c.wake_at = self.now;
                 }
             }
-            if due.is_empty() {
-                // On to the earliest retry time, then tick by tick as the shard does.
-                let next = open
+            let quiet = self.conns.is_empty() && self.site.queue.borrow().is_empty();
+            if quiet {
+                // Nothing can happen before the next retry is due: skip the ticks
+                // between (a limiter's recovery needs only the last of them).
+                let next = self
+                    .rcpts
                     .iter()
-                    .map(|&i| self.rcpts[i].next_at)
+                    .filter(|r| r.terminal.is_none())
+                    .map(|r| r.next_at)
                     .min()
-                    .expect("open is not empty");
-                self.now = self.now.max(next).max(self.now + TICK);
+                    .expect("a recipient is open");
+                let ticks = next.saturating_sub(self.ticked).as_millis() / TICK.as_millis();
+                if ticks > 1 {
+                    self.ticked += TICK * (ticks - 1) as u32;
+                }
+            }
+            let next_tick = self.ticked + TICK;
+            let (k, wake) = match self.conns.iter().enumerate().min_by_key(|(_, c)| c.wake_at) {
+                Some((k, c)) => (Some(k), c.wake_at),
+                None => (None, Duration::MAX),
+            };
+            if next_tick <= wake {
+                self.now = self.now.max(next_tick);
+                self.ticked = next_tick;
+                self.tick();
                 continue;
             }
-            self.connection(scfg, due);
+            self.now = self.now.max(wake);
+            let c = self.conns.swap_remove(k.expect("a connection is next"));
+            if let Some(c) = self.turn(c) {
+                self.conns.push(c);
+            } else {
+                self.open_connections();
+            }
         }
     }
 }
 
-/// Runs seed `seed` with `recipients`: recipients delivered, duplicates, throttle
-/// back-offs.
-fn simulate(seed: u64, recipients: usize) -> (u64, u64, u64) {
+/// What one seed's run came to.
+#[derive(Default)]
+struct Summary {
+    delivered: u64,
+    expired: u64,
+    /// Acceptances by the server after the first, each after a broken connection.
+    duplicates: u64,
+    /// Throttle back-offs.
+    backoffs: u64,
+    /// The most connections open at once.
+    most_conns: usize,
+}
+
+impl Summary {
+    fn add(&mut self, o: Summary) {
+        self.delivered += o.delivered;
+        self.expired += o.expired;
+        self.duplicates += o.duplicates;
+        self.backoffs += o.backoffs;
+        self.most_conns = self.most_conns.max(o.most_conns);
+    }
+}
+
+/// Runs seed `seed` with `recipients`.
+fn simulate(seed: u64, recipients: usize) -> Summary {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut p = |max: f64| rng.f64() * max;
     let f = Faults {
@@ -451,25 +700,54 @@ fn simulate(seed: u64, recipients: usize) -> (u64, u64, u64) {
     };
     let base = Instant::now();
     let rate = rng.u32(2..=40);
+    let max_conns = rng.u32(1..=4);
     let rule = Rule {
         max_msg_rate: Some(Set::cli(parse_per(&format!("{rate}/s")).unwrap())),
+        max_connections: Some(Set::cli(max_conns)),
+        max_msgs_per_conn: Some(Set::cli(rng.u32(1..=40))),
         throttle_threshold: Some(Set::cli(Threshold::Count(parse_per("1/1min").unwrap()))),
         throttle_factor: Some(Set::cli(0.5)),
         // Longer than the window the back-off invariant looks at.
         throttle_recover: Some(Set::cli(Duration::from_secs(10))),
         ..Rule::default()
     };
+    let window = rng.usize(1..=8);
+    let limiter = Rc::new(Limiter::new("provider:sim".into(), &rule, 1, 0, base));
+    let hosts: Rc<[MxHost]> = Rc::from(vec![MxHost {
+        name: "mx.sim.test".into(),
+        preference: 10,
+        addrs: vec![std::net::Ipv4Addr::LOCALHOST.into()],
+    }]);
+    let site = Site::new(
+        "|mx.sim.test".into(),
+        Rc::from("d0.test"),
+        hosts,
+        rule,
+        vec![limiter.clone()],
+        Vec::new(),
+        window,
+    );
+    let sys_base = SystemTime::now();
     let mut sim = Sim {
         seed,
         now: Duration::ZERO,
         base,
-        retries: Wheel::new(TICK, base),
-        limiter: Limiter::new("provider:sim".into(), &rule, 1, 0, base),
+        sched: Scheduler::new(base, window, REQUEUES_MAX, HashMap::new()),
+        site,
+        campaign: Campaign {
+            expire_at: sys_base + EXPIRE,
+            rcpts_per_msg: rng.usize(1..=3),
+        },
+        limiter,
+        max_conns: max_conns as usize,
+        most_conns: 0,
+        conns: Vec::new(),
+        scfg: &scfg,
         rate: rate as f64,
         admitted: Vec::new(),
         backoffs: Vec::new(),
         ticked: Duration::ZERO,
-        sys_base: SystemTime::now(),
+        sys_base,
         rcpts: (0..recipients)
             .map(|i| Rcpt {
                 addr: format!("r{i}@d{}.test", i % 3),
@@ -486,14 +764,11 @@ fn simulate(seed: u64, recipients: usize) -> (u64, u64, u64) {
             f,
             accepted: HashMap::new(),
         },
-        window: rng.usize(1..=8),
+        window,
         steps: 0,
         rng,
     };
-    for i in 0..recipients {
-        sim.retries.insert(base, i);
-    }
-    sim.run(&scfg);
+    sim.run();
     // The rate invariants, over every one-second window from each admission: the
     // limiter's rate (plus its 5 ms of tolerance and the one that opens the window),
     // and after a back-off the rate it set.
@@ -525,19 +800,23 @@ fn simulate(seed: u64, recipients: usize) -> (u64, u64, u64) {
             &sim.admitted[before..(before + n)]
         );
     }
-    let mut delivered = 0;
-    let mut duplicates = 0;
+    let mut sum = Summary {
+        backoffs: sim.backoffs.len() as u64,
+        most_conns: sim.most_conns,
+        ..Summary::default()
+    };
     for r in &sim.rcpts {
         let accepted = sim.server.accepted.get(&r.addr).copied().unwrap_or(0);
         match r.terminal {
             Some(Decision::Delivered) => {
-                delivered += 1;
+                sum.delivered += 1;
                 assert!(
                     accepted >= 1,
                     "seed {seed}: {} delivered but the server never accepted it",
                     r.addr
                 );
             }
+            Some(Decision::Expired) => sum.expired += 1,
             Some(_) => {}
             None => panic!("seed {seed}: {} has no terminal outcome", r.addr),
         }
@@ -549,9 +828,9 @@ fn simulate(seed: u64, recipients: usize) -> (u64, u64, u64) {
             r.addr,
             r.aborts
         );
-        duplicates += extra as u64;
+        sum.duplicates += extra as u64;
     }
-    (delivered, duplicates, sim.backoffs.len() as u64)
+    sum
 }
 
 /// Seeds to run: `VOLLEY_SIM_SEEDS` for a long run, else [`SEEDS`].
@@ -567,23 +846,25 @@ fn seeds() -> u64 {
 #[test]
 fn thousands_of_seeded_fault_schedules_keep_the_invariants() {
     let seeds = seeds();
-    let mut delivered = 0;
-    let mut backoffs = 0;
-    let mut duplicates = 0;
+    let mut sum = Summary::default();
     for seed in 0..seeds {
-        let (d, dup, b) = simulate(seed, RECIPIENTS);
-        backoffs += b;
-        delivered += d;
-        duplicates += dup;
+        sum.add(simulate(seed, RECIPIENTS));
     }
     let total = seeds * RECIPIENTS as u64;
-    eprintln!("simulation: {seeds} seeds, {total} recipients, {delivered} delivered, {duplicates} duplicates after broken connections, {backoffs} throttle back-offs");
+    eprintln!(
+        "simulation: {seeds} seeds, {total} recipients, {} delivered, {} expired, {} duplicates after broken connections, {} throttle back-offs, at most {} connections at once",
+        sum.delivered, sum.expired, sum.duplicates, sum.backoffs, sum.most_conns
+    );
     assert!(
-        backoffs > 0,
+        sum.backoffs > 0,
         "no seed backed off: the rate invariant after a back-off went untried"
     );
+    assert!(
+        sum.most_conns > 1,
+        "no seed opened a second connection: the connection cap went untried"
+    );
     // The faults are bounded, so most mail gets through in the end.
-    assert!(delivered > total / 2, "{delivered} of {total}");
+    assert!(sum.delivered > total / 2, "{} of {total}", sum.delivered);
 }
 
 /// Fewer seeds, each with enough recipients that the limiter paces the run: a
@@ -591,11 +872,13 @@ fn thousands_of_seeded_fault_schedules_keep_the_invariants() {
 /// invariant after the back-off (with 12 recipients the run is over too soon).
 #[test]
 fn loaded_seeds_never_pass_the_limiters_rate_nor_a_back_offs() {
-    let mut backoffs = 0;
+    let mut sum = Summary::default();
     for seed in 0..LOADED_SEEDS {
-        let (_, _, b) = simulate(1_000_000 + seed, LOADED_RECIPIENTS);
-        backoffs += b;
+        sum.add(simulate(1_000_000 + seed, LOADED_RECIPIENTS));
     }
-    eprintln!("loaded simulation: {LOADED_SEEDS} seeds of {LOADED_RECIPIENTS} recipients, {backoffs} throttle back-offs");
-    assert!(backoffs > LOADED_SEEDS, "{backoffs} back-offs");
+    eprintln!(
+        "loaded simulation: {LOADED_SEEDS} seeds of {LOADED_RECIPIENTS} recipients, {} throttle back-offs, {} expired, at most {} connections at once",
+        sum.backoffs, sum.expired, sum.most_conns
+    );
+    assert!(sum.backoffs > LOADED_SEEDS, "{} back-offs", sum.backoffs);
 }

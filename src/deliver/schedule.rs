@@ -272,11 +272,6 @@ impl Idle {
         })
     }
 
-    /// Wake-ups so far: a connection that saw this number change has work to look at.
-    pub fn wakes(&self) -> u64 {
-        self.wakes.get()
-    }
-
     /// Puts `job` on `queue`, waking the idle connections if it was empty.
     fn push(&self, queue: &RefCell<VecDeque<Job>>, job: Job, front: bool) {
         let mut q = queue.borrow_mut();
