@@ -351,7 +351,7 @@ pub fn when_idle(c: &IdleConn, now: Instant) -> IdleStep {
     {
         return IdleStep::Quit;
     }
-    let left = c.idle_timeout - c.idle_for;
+    let left = c.idle_timeout.saturating_sub(c.idle_for);
     match c.paced {
         Some(at) => {
             let wait = at.saturating_duration_since(now).min(left);
@@ -775,5 +775,61 @@ mod tests {
             assert!(still.is_err());
         })
         .unwrap();
+    }
+
+    #[test]
+    fn an_idle_connection_quits_sleeps_waits_or_takes_work() {
+        let now = Instant::now();
+        let idle = |queue_empty, paced, idle_for| IdleConn {
+            sent: 3,
+            max_msgs: 10,
+            session_full: false,
+            stopping: false,
+            over_cap: false,
+            queue_empty,
+            paced,
+            idle_for: Duration::from_secs(idle_for),
+            idle_timeout: Duration::from_secs(5),
+        };
+        let soon = now + Duration::from_secs(1);
+        assert_eq!(
+            when_idle(&idle(true, None, 1), now),
+            IdleStep::AwaitWork(Duration::from_secs(4))
+        );
+        assert_eq!(when_idle(&idle(true, None, 5), now), IdleStep::Quit);
+        assert_eq!(
+            when_idle(&idle(false, Some(soon), 1), now),
+            IdleStep::Sleep(soon)
+        );
+        // A pace beyond the idle time left: it wakes to close, not to send.
+        let late = now + Duration::from_secs(60);
+        assert_eq!(
+            when_idle(&idle(false, Some(late), 2), now),
+            IdleStep::Sleep(now + Duration::from_secs(3))
+        );
+        assert_eq!(when_idle(&idle(false, Some(soon), 5), now), IdleStep::Quit);
+        // Work waiting, however long it sat idle (no overflow of the time left).
+        assert_eq!(when_idle(&idle(false, None, 1), now), IdleStep::Again);
+        assert_eq!(when_idle(&idle(false, None, 9), now), IdleStep::Again);
+        for quits in [
+            IdleConn {
+                sent: 10,
+                ..idle(false, None, 0)
+            },
+            IdleConn {
+                session_full: true,
+                ..idle(false, None, 0)
+            },
+            IdleConn {
+                stopping: true,
+                ..idle(false, None, 0)
+            },
+            IdleConn {
+                over_cap: true,
+                ..idle(false, None, 0)
+            },
+        ] {
+            assert_eq!(when_idle(&quits, now), IdleStep::Quit);
+        }
     }
 }
