@@ -49,6 +49,8 @@ const LOADED_SEEDS: u64 = 100;
 const EXPIRE: Duration = Duration::from_secs(4 * 3600);
 /// Breaks before a reply a recipient is put back for (the engine's default).
 const REQUEUES_MAX: u32 = 3;
+/// What an operator pauses in some seeds.
+const PAUSED: &str = "domain:d1.test";
 /// Bounds every loop: a simulation that has not finished by then is a failure.
 const STEPS_MAX: usize = 200_000;
 
@@ -193,6 +195,14 @@ struct Sim<'c> {
     /// and at most `max_conns` connections.
     limiter: Rc<Limiter>,
     rate: f64,
+    /// The campaign's own rate (`campaign:sim`), if it has one.
+    campaign_rate: Option<f64>,
+    /// An operator's pause of `domain:d1.test` from then until then, and whether it
+    /// is on.
+    pause: Option<(Duration, Duration)>,
+    paused: bool,
+    /// Recipients the pause held, routed again when it ended.
+    resumed: u64,
     max_conns: usize,
     /// The most connections open at once.
     most_conns: usize,
@@ -246,6 +256,21 @@ impl<'c> Sim<'c> {
     fn tick(&mut self) {
         let now = self.at();
         let _ = self.limiter.tick(now.at);
+        // The operator's pause and resume, applied at the tick as the shard applies
+        // commands; what the pause held is routed again.
+        if let Some((from, to)) = self.pause {
+            if !self.paused && self.now >= from && self.now < to {
+                self.sched.pause(PAUSED.into());
+                self.paused = true;
+            } else if self.now >= to {
+                self.pause = None;
+                self.paused = false;
+                for job in self.sched.resume(PAUSED) {
+                    self.resumed += 1;
+                    self.sched.enqueue(&self.site, job);
+                }
+            }
+        }
         let (due, expired) = self.sched.due(&self.campaign, now);
         for job in expired {
             assert!(
@@ -502,6 +527,11 @@ impl<'c> Sim<'c> {
                     self.seed
                 );
                 assert!(
+                    !(self.paused && format!("domain:{}", j.domain) == PAUSED),
+                    "seed {}: an attempt to a paused domain",
+                    self.seed
+                );
+                assert!(
                     j.domain == jobs[0].domain,
                     "seed {}: a batch of two domains",
                     self.seed
@@ -664,6 +694,8 @@ struct Summary {
     backoffs: u64,
     /// The most connections open at once.
     most_conns: usize,
+    /// Recipients an operator's pause held.
+    held: u64,
 }
 
 impl Summary {
@@ -673,6 +705,7 @@ impl Summary {
         self.duplicates += o.duplicates;
         self.backoffs += o.backoffs;
         self.most_conns = self.most_conns.max(o.most_conns);
+        self.held += o.held;
     }
 }
 
@@ -728,11 +761,27 @@ fn simulate(seed: u64, recipients: usize) -> Summary {
         window,
     );
     let sys_base = SystemTime::now();
+    // A third of the seeds have a campaign rate, a third an operator's pause of up
+    // to 20 s starting in the first 10 s.
+    let campaign_rate = (rng.u32(0..3) == 0).then(|| rng.u32(1..=10));
+    let mut job_limits = HashMap::new();
+    if let Some(r) = campaign_rate {
+        let rule = Rule {
+            max_msg_rate: Some(Set::cli(parse_per(&format!("{r}/s")).unwrap())),
+            ..Rule::default()
+        };
+        let l = Limiter::new("campaign:sim".into(), &rule, 1, 0, base);
+        job_limits.insert("campaign:sim".to_string(), Rc::new(l));
+    }
+    let pause = (rng.u32(0..3) == 0).then(|| {
+        let from = Duration::from_millis(rng.u64(0..10_000));
+        (from, from + Duration::from_millis(rng.u64(100..20_000)))
+    });
     let mut sim = Sim {
         seed,
         now: Duration::ZERO,
         base,
-        sched: Scheduler::new(base, window, REQUEUES_MAX, HashMap::new()),
+        sched: Scheduler::new(base, window, REQUEUES_MAX, job_limits),
         site,
         campaign: Campaign {
             expire_at: sys_base + EXPIRE,
@@ -744,6 +793,10 @@ fn simulate(seed: u64, recipients: usize) -> Summary {
         conns: Vec::new(),
         scfg: &scfg,
         rate: rate as f64,
+        campaign_rate: campaign_rate.map(f64::from),
+        pause,
+        paused: false,
+        resumed: 0,
         admitted: Vec::new(),
         backoffs: Vec::new(),
         ticked: Duration::ZERO,
@@ -779,10 +832,10 @@ fn simulate(seed: u64, recipients: usize) -> Summary {
             .iter()
             .take_while(|&&t| t < from + second)
             .count();
+        let rate = sim.campaign_rate.map_or(sim.rate, |c| c.min(sim.rate));
         assert!(
-            n <= most(sim.rate),
-            "seed {seed}: {n} messages in the second from {from:?} at {}/s",
-            sim.rate
+            n <= most(rate),
+            "seed {seed}: {n} messages in the second from {from:?} at {rate}/s"
         );
     }
     // A back-off holds until a quiet `throttle_recover` (10 s) has passed: over those
@@ -803,6 +856,7 @@ fn simulate(seed: u64, recipients: usize) -> Summary {
     let mut sum = Summary {
         backoffs: sim.backoffs.len() as u64,
         most_conns: sim.most_conns,
+        held: sim.resumed,
         ..Summary::default()
     };
     for r in &sim.rcpts {
@@ -852,8 +906,12 @@ fn thousands_of_seeded_fault_schedules_keep_the_invariants() {
     }
     let total = seeds * RECIPIENTS as u64;
     eprintln!(
-        "simulation: {seeds} seeds, {total} recipients, {} delivered, {} expired, {} duplicates after broken connections, {} throttle back-offs, at most {} connections at once",
-        sum.delivered, sum.expired, sum.duplicates, sum.backoffs, sum.most_conns
+        "simulation: {seeds} seeds, {total} recipients, {} delivered, {} expired, {} duplicates after broken connections, {} throttle back-offs, at most {} connections at once, {} held by a pause",
+        sum.delivered, sum.expired, sum.duplicates, sum.backoffs, sum.most_conns, sum.held
+    );
+    assert!(
+        sum.held > 0,
+        "no pause held anything: the pause went untried"
     );
     assert!(
         sum.backoffs > 0,

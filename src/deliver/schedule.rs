@@ -452,8 +452,11 @@ impl Scheduler {
         self.retries.borrow().len()
     }
 
-    /// What a connection on `site` whose messages pass `chain` sends next at `now`.
-    /// A limiter's admission is taken for the batch it returns.
+    /// What a connection on `site` whose messages pass `chain` sends next at `now`:
+    /// up to the site's and the campaign's recipients per message, of one domain and
+    /// campaign, not held by a pause. The message is admitted by `chain` and by the
+    /// operator's rate for its domain or campaign together, so a limiter that holds it
+    /// back spends no other's admission.
     pub fn take(
         &self,
         site: &Site,
@@ -462,26 +465,25 @@ impl Scheduler {
         now: Now,
     ) -> Take {
         let expired = take_expired(site, campaigns, now.wall);
-        let next = if site.queue.borrow().is_empty() {
-            Next::Empty
-        } else if let Some(at) = shaping::admit(chain, now.at) {
-            Next::Paced(at)
-        } else {
-            self.next_batch(site, campaigns, now.at)
-        };
+        let next = self.next_batch(site, chain, campaigns, now.at);
         Take { expired, next }
     }
 
-    /// The next batch on `site`: up to the site's and the campaign's recipients per
-    /// message, of one domain and campaign, not held by a pause.
-    fn next_batch(&self, site: &Site, campaigns: &impl Campaigns, now: Instant) -> Next {
+    fn next_batch(
+        &self,
+        site: &Site,
+        chain: &[&Limiter],
+        campaigns: &impl Campaigns,
+        now: Instant,
+    ) -> Next {
         let mut q = site.queue.borrow_mut();
+        let paused = self.paused.borrow();
+        let limits = self.job_limits.borrow();
+        let mut admitting: Vec<&Limiter> = chain.to_vec();
         loop {
             let Some(first) = q.front() else {
                 return Next::Empty;
             };
-            let paused = self.paused.borrow();
-            let limits = self.job_limits.borrow();
             if paused.is_empty() && limits.is_empty() {
                 break;
             }
@@ -493,15 +495,16 @@ impl Scheduler {
                 self.held.borrow_mut().push(q.pop_front().expect("front"));
                 continue;
             }
-            let chain: Vec<&Limiter> = [limits.get(&domain), limits.get(&campaign)]
-                .into_iter()
-                .flatten()
-                .map(|l| &**l)
-                .collect();
-            if let Some(at) = shaping::admit(&chain, now) {
-                return Next::Paced(at);
-            }
+            admitting.extend(
+                [limits.get(&domain), limits.get(&campaign)]
+                    .into_iter()
+                    .flatten()
+                    .map(|l| &**l),
+            );
             break;
+        }
+        if let Some(at) = shaping::admit(&admitting, now) {
+            return Next::Paced(at);
         }
         let first = q.pop_front().expect("checked");
         let max = campaigns
