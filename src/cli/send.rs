@@ -239,8 +239,9 @@ fn hand_over(
     let abs = dir
         .canonicalize()
         .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-    let verb = if new { "inject-new" } else { "inject" };
-    let line = format!("{verb} {}", abs.display());
+    use volley::deliver::control::{INJECT, INJECT_NEW};
+    let verb = if new { INJECT_NEW } else { INJECT };
+    let line = format!("{verb}{}", abs.display());
     let answer =
         match volley::deliver::control::request_waiting(spool, &line, Duration::from_secs(600)) {
             Ok(a) => a,
@@ -286,7 +287,10 @@ fn hand_over(
         b
     });
     let counts = loop {
-        let a = volley::deliver::control::request(spool, &format!("progress {instance}"))?;
+        let a = volley::deliver::control::request(
+            spool,
+            &format!("{}{instance}", volley::deliver::control::PROGRESS),
+        )?;
         // "ok: delivered D bounced B expired E deferrals T queued Q running S/N"
         let n: Vec<u64> = a
             .split(|c: char| c.is_whitespace() || c == '/')

@@ -16,7 +16,7 @@ pub(crate) enum TokenCmd {
         /// counts), read (the status, metrics and tracking, which name recipients),
         /// control (pause, resume, rates). Default: all three.
         #[arg(long, value_name = "SCOPES", value_parser = volley::serve::auth::parse_scopes)]
-        scope: Option<u8>,
+        scope: Option<volley::serve::auth::Scopes>,
     },
 }
 

@@ -285,8 +285,14 @@ pub fn check_word(what: &str, w: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The admin commands only `volley serve` answers (its `Extra`).
-const SERVE_ONLY: [&str; 3] = ["inject ", "inject-new ", "progress "];
+/// `inject DIR`: queue the campaign at DIR (`volley serve` only, its `Extra`).
+pub const INJECT: &str = "inject ";
+/// `inject-new DIR`: queue it again as a new instance (`volley serve` only).
+pub const INJECT_NEW: &str = "inject-new ";
+/// `progress N`: campaign instance N's counts (`volley serve` only).
+pub const PROGRESS: &str = "progress ";
+/// The admin commands only `volley serve` answers.
+const SERVE_ONLY: [&str; 3] = [INJECT, INJECT_NEW, PROGRESS];
 
 pub fn socket_path(spool: &Path) -> PathBuf {
     spool.join("admin.sock")

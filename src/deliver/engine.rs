@@ -37,7 +37,7 @@ pub struct Report {
     /// The IO driver the shards ran on: `io-uring`, `epoll`, `mixed` (under
     /// `--driver auto`, when some shards could not set up io_uring), or `none` when
     /// no shard ended cleanly (the run's error says why).
-    pub driver: &'static str,
+    pub driver: String,
 }
 
 impl Report {
@@ -308,9 +308,9 @@ pub fn run_with(
         latency_ms_p99: latency.value_at_quantile(0.99),
         latency_ms_max: latency.max(),
         driver: match drivers.first() {
-            Some(d) if drivers.iter().all(|x| x == d) => d.name(),
-            Some(_) => "mixed",
-            None => "none",
+            Some(d) if drivers.iter().all(|x| x == d) => d.to_string(),
+            Some(_) => "mixed".into(),
+            None => "none".into(),
         },
     })
 }

@@ -52,13 +52,14 @@ pub fn block_on_reporting<F: Future>(driver: Driver, f: F) -> std::io::Result<(F
     }
 }
 
-impl Driver {
-    /// Its name as `--driver` takes it and the report prints it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Driver::Auto => "auto",
-            Driver::IoUring => "io-uring",
-            Driver::Epoll => "epoll",
+/// Its name as `--driver` takes it and the report prints it (clap's, from the
+/// variant's name).
+impl std::fmt::Display for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum;
+        match self.to_possible_value() {
+            Some(v) => f.write_str(v.get_name()),
+            None => unreachable!("every driver is a --driver value"),
         }
     }
 }

@@ -262,32 +262,47 @@ impl Scope {
     }
 }
 
+/// A set of scopes: what one token may do. Displays as the tokens file names it
+/// (`inject,read`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scopes(u8);
+
+impl Scopes {
+    /// Every scope: a token line that names none (made before scopes existed).
+    pub const ALL: Scopes = Scopes((1 << SCOPES.len()) - 1);
+
+    pub fn contains(self, scope: Scope) -> bool {
+        self.0 & scope.bit() != 0
+    }
+}
+
+impl fmt::Display for Scopes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = SCOPES
+            .iter()
+            .filter(|s| self.contains(**s))
+            .map(|s| s.name())
+            .collect();
+        f.write_str(&names.join(","))
+    }
+}
+
 /// Parses `inject,read,control` (any of them, comma-separated) to a scope set.
 /// Errors: an unknown or repeated name, or none.
-pub fn parse_scopes(text: &str) -> Result<u8, String> {
-    let mut set = 0u8;
+pub fn parse_scopes(text: &str) -> Result<Scopes, String> {
+    let mut set = Scopes(0);
     for word in text.split(',').map(str::trim) {
         let Some(s) = SCOPES.iter().find(|s| s.name() == word) else {
             return Err(format!(
                 "scope `{word}` is not one of inject, read, control"
             ));
         };
-        if set & s.bit() != 0 {
+        if set.contains(*s) {
             return Err(format!("scope `{word}` is named twice"));
         }
-        set |= s.bit();
+        set.0 |= s.bit();
     }
     Ok(set)
-}
-
-/// The names of the scopes in `set`, comma-separated.
-fn scope_names(set: u8) -> String {
-    SCOPES
-        .iter()
-        .filter(|s| set & s.bit() != 0)
-        .map(|s| s.name())
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// The API tokens file, loaded: each token's name, the SHA-256 of the token and
@@ -297,7 +312,7 @@ fn scope_names(set: u8) -> String {
 pub struct Tokens {
     /// In file order; `check` compares against every entry so its time depends only on
     /// how many there are.
-    entries: Vec<(String, [u8; 32], u8)>,
+    entries: Vec<(String, [u8; 32], Scopes)>,
 }
 
 impl fmt::Debug for Tokens {
@@ -316,7 +331,7 @@ impl Tokens {
     /// (or `FILE: ...` when the file itself cannot be read).
     pub fn load(path: &Path) -> Result<Tokens, Vec<String>> {
         let text = read_bounded(path, Secret::TokensFile).map_err(|e| vec![e])?;
-        let mut entries: Vec<(String, [u8; 32], u8)> = Vec::new();
+        let mut entries: Vec<(String, [u8; 32], Scopes)> = Vec::new();
         let mut errors = Vec::new();
         for (index, line) in text.lines().enumerate() {
             let at = format!("{}:{}", path.display(), index + 1);
@@ -354,17 +369,16 @@ impl Tokens {
     /// stored digest in constant time.
     pub fn check_scope(&self, presented: &str, scope: Scope) -> Result<&str, Option<String>> {
         match self.find(presented) {
-            Some((name, set)) if set & scope.bit() != 0 => Ok(name),
+            Some((name, set)) if set.contains(scope) => Ok(name),
             Some((name, set)) => Err(Some(format!(
-                "token `{name}` may {}, not {}",
-                scope_names(set),
+                "token `{name}` may {set}, not {}",
                 scope.name()
             ))),
             None => Err(None),
         }
     }
 
-    fn find(&self, presented: &str) -> Option<(&str, u8)> {
+    fn find(&self, presented: &str) -> Option<(&str, Scopes)> {
         if presented.is_empty() || presented.len() > TOKEN_OCTETS_MAX {
             return None;
         }
@@ -388,7 +402,7 @@ impl Tokens {
 ///
 /// Errors: a bad name (as for `add_user`), the system RNG failing, the file unreadable
 /// or not UTF-8, any write failing.
-pub fn add_token(path: &Path, name: &str, scopes: Option<u8>) -> anyhow::Result<String> {
+pub fn add_token(path: &Path, name: &str, scopes: Option<Scopes>) -> anyhow::Result<String> {
     check_name(name).map_err(|what| anyhow!("token name: {what}"))?;
     let mut random = [0u8; TOKEN_RANDOM_OCTETS];
     SystemRandom::new()
@@ -397,8 +411,7 @@ pub fn add_token(path: &Path, name: &str, scopes: Option<u8>) -> anyhow::Result<
     let token = format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(random));
     let mut line = format!("{name}:{}", hex_lower(&sha256(token.as_bytes())));
     if let Some(set) = scopes {
-        line.push(':');
-        line.push_str(&scope_names(set));
+        line.push_str(&format!(":{set}"));
     }
     upsert_line(path, name, &line)?;
     Ok(token)
@@ -600,7 +613,7 @@ fn parse_cram_field(field: &str) -> Result<Vec<u8>, String> {
 
 /// Parses `name:SHA256HEX` or `name:SHA256HEX:SCOPES`; the error says what is wrong
 /// and what to do, quoting nothing of the line (see `check_name`).
-fn parse_token_line(line: &str) -> Result<(&str, [u8; 32], u8), String> {
+fn parse_token_line(line: &str) -> Result<(&str, [u8; 32], Scopes), String> {
     let Some((name, rest)) = line.split_once(':') else {
         return Err("expected name:SHA256HEX; make the token again to rewrite the line".to_owned());
     };
@@ -614,7 +627,7 @@ fn parse_token_line(line: &str) -> Result<(&str, [u8; 32], u8), String> {
                     .to_owned()
             })?,
         ),
-        None => (rest, SCOPES.iter().fold(0, |set, s| set | s.bit())),
+        None => (rest, Scopes::ALL),
     };
     let digest = parse_hex_32(hex).ok_or_else(|| {
         "the digest is not 64 hex digits (a SHA-256); make the token again".to_owned()
@@ -1134,10 +1147,11 @@ mod tests {
             Err(Some("token `crm` may inject, not control".into()))
         );
         assert_eq!(tokens.check_scope("vly_nope", Scope::Read), Err(None));
-        assert_eq!(
-            parse_scopes("read,control"),
-            Ok(Scope::Read.bit() | Scope::Control.bit())
-        );
+        let set = parse_scopes("read,control").unwrap();
+        assert!(set.contains(Scope::Read) && set.contains(Scope::Control));
+        assert!(!set.contains(Scope::Inject));
+        assert_eq!(set.to_string(), "read,control");
+        assert_eq!(Scopes::ALL.to_string(), "inject,read,control");
         assert!(parse_scopes("read,read").unwrap_err().contains("twice"));
         assert!(parse_scopes("admin").unwrap_err().contains("not one of"));
         assert!(parse_scopes("").is_err());

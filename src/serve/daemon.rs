@@ -494,13 +494,13 @@ fn admin_commands(intake: Arc<Intake>) -> control::Extra {
                 Err(e) => format!("error: campaign refused, nothing queued: {e}"),
             }
         };
-        if let Some(dir) = line.strip_prefix("inject ") {
+        if let Some(dir) = line.strip_prefix(control::INJECT) {
             return Some(inject(dir, false));
         }
-        if let Some(dir) = line.strip_prefix("inject-new ") {
+        if let Some(dir) = line.strip_prefix(control::INJECT_NEW) {
             return Some(inject(dir, true));
         }
-        let no = line.strip_prefix("progress ")?;
+        let no = line.strip_prefix(control::PROGRESS)?;
         Some(
             match no
                 .trim()
