@@ -272,3 +272,66 @@ fn a_signal_during_ingest_lets_it_finish_then_stops_with_75() {
     assert_eq!(code, 75, "{out}{err}");
     assert!(err.contains("resuming what is left"), "{err}");
 }
+
+/// A second signal ends `send` at once (the first asked for a clean stop, which an
+/// impatient operator does not wait for): exit 75 with no report, and, as after a
+/// crash, the next run delivers everything, sending again at most what was not yet
+/// committed.
+#[test]
+fn a_second_signal_ends_send_at_once_and_the_next_run_loses_nothing() {
+    // Replies to the data come late, so the clean stop waits for them (in flight).
+    let env = common::env(
+        "send-second-signal",
+        "latency_ms = { data_end = [800, 1000] }",
+    );
+    let spool = env.dir.join("spool");
+    const N: usize = 100;
+    let rows: Vec<String> = (0..N).map(|i| format!("u{i}@gmail.com,Ann")).collect();
+    let c = common::campaign(&env.dir, "twice", "", &rows);
+    let report = env.dir.join("report.json");
+    let run = send(
+        &env,
+        &spool,
+        &c,
+        &["--report-json", report.to_str().unwrap()],
+    );
+    accepted_past(&env, 10, "the first deliveries");
+    // Signals sent back to back may arrive as one (a pending signal is a bit, not
+    // a count): signal until the process is gone; the first one handled asks for
+    // the clean stop, the next ends it.
+    let mut run = run;
+    let until = Instant::now() + WAIT_LIMIT;
+    let mut signals = 0;
+    while run.0.as_mut().unwrap().try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < until,
+            "volley send outlived {signals} signals"
+        );
+        run.signal(libc::SIGTERM);
+        signals += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, out, err) = finish(run);
+    let first = accepted(&env);
+    assert_eq!(code, 75, "{out}{err}");
+    // The clean stop's report never came: the process ended before it.
+    assert!(!out.contains("still queued"), "{out}");
+    assert!(
+        !report.exists(),
+        "a report was written: it did not end at once"
+    );
+    let (code, out, err) = finish(send(&env, &spool, &c, &[]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("resuming what is left"), "{err}");
+    assert_eq!(
+        settled(&env, Duration::from_millis(300)),
+        N as u64,
+        "every recipient reached the sink: {out}{err}"
+    );
+    // Sent twice at most what the first run had sent when it ended.
+    let twice = env.sink.summary().counts.duplicates;
+    assert!(twice <= first, "{twice} sent twice, {first} sent before the end");
+    let lines = common::log_lines(&spool.join("accounting.jsonl"));
+    let t = common::terminal_by_rcpt(&lines);
+    assert_eq!(t.len(), N, "every recipient has its outcome in the log");
+}
