@@ -330,7 +330,10 @@ fn a_second_signal_ends_send_at_once_and_the_next_run_loses_nothing() {
     );
     // Sent twice at most what the first run had sent when it ended.
     let twice = env.sink.summary().counts.duplicates;
-    assert!(twice <= first, "{twice} sent twice, {first} sent before the end");
+    assert!(
+        twice <= first,
+        "{twice} sent twice, {first} sent before the end"
+    );
     let lines = common::log_lines(&spool.join("accounting.jsonl"));
     let t = common::terminal_by_rcpt(&lines);
     assert_eq!(t.len(), N, "every recipient has its outcome in the log");

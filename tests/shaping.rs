@@ -156,7 +156,21 @@ fn a_throttle_cuts_both_shards_to_the_factor_and_they_ramp_back() {
     let s = Duration::from_millis(1000);
     for shard in 0..2u64 {
         let t = first[shard as usize];
-        let before = rate(shard, t - s, t);
+        // The second before the back-off, or less when the shard began sending later
+        // (an empty stretch would read as a slower pace than the limiter's).
+        let began = lines
+            .iter()
+            .filter(|l| l["type"] == "Delivery" || l["type"] == "TransientFailure")
+            .filter(|l| l["shard"] == shard)
+            .map(time)
+            .min()
+            .expect("the shard sent");
+        let from = (t - s).max(began);
+        assert!(
+            t.duration_since(from).unwrap() >= Duration::from_millis(200),
+            "shard {shard} backed off within 200 ms of its first message: no pace to compare"
+        );
+        let before = rate(shard, from, t);
         let cut = event(shard, "throttled")[0]["rate_per_s"].as_f64().unwrap();
         assert!(
             (0.3 * before..=0.7 * before).contains(&cut),
