@@ -483,6 +483,48 @@ fn a_campaign_rate_cap_holds_across_its_domains() {
     );
 }
 
+/// A campaign held back by its own rate holds back no other to the same domain:
+/// the slow one's recipients, queued first, go behind the fast one's while they wait.
+#[test]
+fn a_campaign_held_back_by_its_own_rate_holds_back_no_other() {
+    let env = env("shaping-campaign-behind", "");
+    let slow = campaign(
+        &env.dir,
+        "slow",
+        "max_msg_rate = \"2/s\"",
+        &rows(40, "gmail.com"),
+    );
+    let fast_rows: Vec<String> = (0..200)
+        .map(|i| format!("fast{i}@gmail.com,Fast {i}"))
+        .collect();
+    let fast = campaign(&env.dir, "fast", "", &fast_rows);
+    let cfg = env.config();
+    let log = cfg.log_path.clone();
+    for c in [&slow, &fast] {
+        let c = Campaign::load(c).unwrap_or_else(|p| panic!("{p:?}"));
+        ingest::ingest(&c, &cfg.spool_dir, cfg.shards, cfg.segment_bytes).unwrap();
+    }
+    // Stopped after 4 s: the slow campaign has sent ~8, the fast one everything.
+    env.send_for(None, cfg, Some(Duration::from_secs(4)));
+    let lines = log_lines(&log);
+    let delivered = |campaign: &str| {
+        lines
+            .iter()
+            .filter(|l| l["type"] == "Delivery" && l["campaign"] == campaign)
+            .count()
+    };
+    assert_eq!(
+        delivered("fast"),
+        200,
+        "the fast campaign waited behind the slow one"
+    );
+    let slow_sent = delivered("slow");
+    assert!(
+        (1..=12).contains(&slow_sent),
+        "{slow_sent} of the slow campaign in 4 s at 2/s"
+    );
+}
+
 #[test]
 fn a_warm_up_cap_holds_over_the_day_across_runs() {
     let env = env("shaping-warmup", "");

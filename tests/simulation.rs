@@ -19,7 +19,10 @@
 //! a connection broke after the server accepted; batches of one domain within the
 //! campaign's recipients per message; never more connections than the limiter's cap;
 //! no second with more messages than the limiter's rate, and none after a throttle
-//! back-off with more than its new rate.
+//! back-off with more than its new rate. A third of the seeds give the main campaign
+//! a rate of its own (no second over it, and a wait only when nothing queued may go,
+//! so the second campaign's quarter of the recipients is never held back by it), and
+//! a third pause a domain for a while (no attempt to it meanwhile).
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -147,8 +150,8 @@ impl Campaigns for Campaign {
     fn expire_at(&self, _: &Job) -> SystemTime {
         self.expire_at
     }
-    fn with_id<R>(&self, _: u32, f: impl FnOnce(&str) -> R) -> R {
-        f("sim")
+    fn with_id<R>(&self, instance: u32, f: impl FnOnce(&str) -> R) -> R {
+        f(if instance == 0 { "sim" } else { "other" })
     }
     fn rcpts_per_msg(&self, _: u32) -> usize {
         self.rcpts_per_msg
@@ -210,6 +213,8 @@ struct Sim<'c> {
     scfg: &'c ServerConfig,
     /// When each message was admitted, in order.
     admitted: Vec<Duration>,
+    /// When each message of the campaign with a rate (instance 0) was admitted.
+    admitted_rated: Vec<Duration>,
     /// Each throttle back-off: when, the rate it set, and how many messages had
     /// been admitted before it.
     backoffs: Vec<(Duration, f64, usize)>,
@@ -338,6 +343,26 @@ impl<'c> Sim<'c> {
             self.conns.len(),
             self.site.conns.get(),
             self.max_conns
+        );
+    }
+
+    /// After `take` said to wait: when the destination's limiters would let a
+    /// message go, nothing in the queue may go, so none of it is of the campaign
+    /// without a rate (a campaign held back by its own rate holds back no other).
+    fn paced_only_when_nothing_may_go(&self) {
+        let t = self.t();
+        if self.site.limits.iter().any(|l| l.msg_wait(t).is_some()) {
+            return;
+        }
+        let q = self.site.queue.borrow();
+        let free = q.iter().find(|j| {
+            j.instance == 1 && !(self.paused && format!("domain:{}", j.domain) == PAUSED)
+        });
+        assert!(
+            free.is_none(),
+            "seed {}: told to wait with {:?} of the unlimited campaign queued",
+            self.seed,
+            free
         );
     }
 
@@ -500,12 +525,16 @@ impl<'c> Sim<'c> {
             let jobs = match next {
                 Next::Batch(jobs) => jobs,
                 Next::Paced(at) => {
+                    self.paced_only_when_nothing_may_go();
                     paced = Some(at);
                     break;
                 }
                 Next::Empty => break,
             };
             self.admitted.push(self.now);
+            if jobs[0].instance == 0 {
+                self.admitted_rated.push(self.now);
+            }
             let mut rcpts = Vec::new();
             for j in &jobs {
                 let r = &self.rcpts[j.rref.off as usize];
@@ -625,7 +654,9 @@ impl<'c> Sim<'c> {
                     seg: 0,
                     off: i as u32,
                 },
-                instance: 0,
+                // Every fourth recipient is of a second campaign, with no rate of
+                // its own.
+                instance: u32::from(i % 4 == 3),
                 domain: Rc::from(r.addr.rsplit('@').next().expect("an address")),
                 attempts: 0,
                 requeues: 0,
@@ -798,6 +829,7 @@ fn simulate(seed: u64, recipients: usize) -> Summary {
         paused: false,
         resumed: 0,
         admitted: Vec::new(),
+        admitted_rated: Vec::new(),
         backoffs: Vec::new(),
         ticked: Duration::ZERO,
         sys_base,
@@ -827,16 +859,22 @@ fn simulate(seed: u64, recipients: usize) -> Summary {
     // and after a back-off the rate it set.
     let most = |rate: f64| (rate * 1.005).floor() as usize + 1;
     let second = Duration::from_secs(1);
-    for (k, &from) in sim.admitted.iter().enumerate() {
-        let n = sim.admitted[k..]
-            .iter()
-            .take_while(|&&t| t < from + second)
-            .count();
-        let rate = sim.campaign_rate.map_or(sim.rate, |c| c.min(sim.rate));
-        assert!(
-            n <= most(rate),
-            "seed {seed}: {n} messages in the second from {from:?} at {rate}/s"
-        );
+    let rates = [
+        (&sim.admitted, Some(sim.rate)),
+        (&sim.admitted_rated, sim.campaign_rate),
+    ];
+    for (admitted, rate) in rates {
+        let Some(rate) = rate else { continue };
+        for (k, &from) in admitted.iter().enumerate() {
+            let n = admitted[k..]
+                .iter()
+                .take_while(|&&t| t < from + second)
+                .count();
+            assert!(
+                n <= most(rate),
+                "seed {seed}: {n} messages in the second from {from:?} at {rate}/s"
+            );
+        }
     }
     // A back-off holds until a quiet `throttle_recover` (10 s) has passed: over those
     // 10 s (a second back-off only lowers the rate further), its rate bounds them.

@@ -104,6 +104,9 @@ pub struct Site {
     pub(crate) rcpt_limit: Cell<usize>,
     /// Connections in a row every host refused for its connection limit.
     pub refusals: Refusals,
+    /// Its TLS requirement comes from the domain's MTA-STS policy in enforce mode
+    /// (for the reasons a failure is logged with).
+    pub mta_sts: bool,
 }
 
 /// A pool's source address and its limiter towards one destination.
@@ -141,6 +144,7 @@ impl Site {
             idle: Idle::default(),
             rcpt_limit: Cell::new(usize::MAX),
             refusals: Refusals::default(),
+            mta_sts: false,
         }
     }
 
@@ -456,7 +460,9 @@ impl Scheduler {
     /// up to the site's and the campaign's recipients per message, of one domain and
     /// campaign, not held by a pause. The message is admitted by `chain` and by the
     /// operator's rate for its domain or campaign together, so a limiter that holds it
-    /// back spends no other's admission.
+    /// back spends no other's admission. A recipient its own domain's or campaign's
+    /// rate holds back goes behind the rest of the queue (in order with its own), so
+    /// a slow campaign does not hold back another to the same destination.
     pub fn take(
         &self,
         site: &Site,
@@ -480,6 +486,9 @@ impl Scheduler {
         let paused = self.paused.borrow();
         let limits = self.job_limits.borrow();
         let mut admitting: Vec<&Limiter> = chain.to_vec();
+        // Recipients moved behind the rest, and the earliest their rates let one go:
+        // once every one was moved, none may go yet.
+        let (mut moved, mut earliest): (usize, Option<Instant>) = (0, None);
         loop {
             let Some(first) = q.front() else {
                 return Next::Empty;
@@ -495,12 +504,28 @@ impl Scheduler {
                 self.held.borrow_mut().push(q.pop_front().expect("front"));
                 continue;
             }
-            admitting.extend(
-                [limits.get(&domain), limits.get(&campaign)]
-                    .into_iter()
-                    .flatten()
-                    .map(|l| &**l),
-            );
+            let own: Vec<&Limiter> = [limits.get(&domain), limits.get(&campaign)]
+                .into_iter()
+                .flatten()
+                .map(|l| &**l)
+                .collect();
+            if let Some(at) = own.iter().filter_map(|l| l.msg_wait(now)).max() {
+                let soonest = earliest.map_or(at, |e| e.min(at));
+                earliest = Some(soonest);
+                // The run at the front of this domain and campaign instance shares
+                // these rates: it moves behind the rest at once (one memmove).
+                let run = q
+                    .iter()
+                    .take_while(|j| j.domain == first.domain && j.instance == first.instance)
+                    .count();
+                if moved + run >= q.len() {
+                    return Next::Paced(soonest);
+                }
+                q.rotate_left(run);
+                moved += run;
+                continue;
+            }
+            admitting.extend(own);
             break;
         }
         if let Some(at) = shaping::admit(&admitting, now) {
