@@ -114,6 +114,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ShapingCmd,
     },
+    /// TLS towards a domain: `tls show`, the effective policy (shaping rules, MTA-STS)
+    /// and where it came from.
+    Tls {
+        #[command(subcommand)]
+        cmd: cli::tls::TlsCmd,
+    },
     /// The MTA as a service: SMTP submission, HTTP API and pickup directory feeding
     /// the shards, until SIGTERM (SIGHUP reloads shaping and bounce rules, users and
     /// tokens).
@@ -221,6 +227,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Track(a) => cli::track::run(a),
         Cmd::Classify { bounce_rules } => cli::classify::run(bounce_rules.as_deref()),
         Cmd::Shaping { cmd } => cli::shaping::run(cmd),
+        Cmd::Tls { cmd } => cli::tls::run(cmd),
         Cmd::Serve(a) => cli::serve::run(a),
         Cmd::Config { cmd } => cli::config::run(cmd),
         Cmd::User { cmd } => cli::user::run(cmd),

@@ -16,6 +16,7 @@ pub(crate) mod report;
 pub(crate) mod send;
 pub(crate) mod serve;
 pub(crate) mod shaping;
+pub(crate) mod tls;
 pub(crate) mod token;
 pub(crate) mod track;
 pub(crate) mod user;

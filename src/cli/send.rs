@@ -87,6 +87,19 @@ pub(crate) struct EngineArgs {
     /// Verify MX certificates against the Mozilla roots (webpki-roots) and the MX name.
     #[arg(long)]
     tls_verify: bool,
+    /// A PEM file of CA certificates trusted besides webpki-roots' wherever a
+    /// certificate is verified (MTA-STS policy hosts, --tls-verify, enforced
+    /// policies): a private CA.
+    #[arg(long, value_name = "FILE")]
+    tls_roots: Option<PathBuf>,
+    /// Ignore MTA-STS policies (RFC 8461); by default a domain's policy in enforce
+    /// mode is honoured (TLS, verified, to the MX hosts it names, or nothing).
+    #[arg(long)]
+    no_mta_sts: bool,
+    /// The HTTPS port MTA-STS policies are fetched from (443; the tests' policy
+    /// server listens elsewhere).
+    #[arg(long, default_value_t = 443, hide = true)]
+    mta_sts_port: u16,
     /// A group whose members may use the admin socket (`volley queue`) besides root
     /// and the user running send: the socket is made 0660 and the group's, the spool
     /// 0710. Default: root and that user alone (0600).
@@ -147,6 +160,9 @@ impl EngineArgs {
         d.tls_verify = self.tls_verify.then(|| Set::cli(true));
         c.dns.server = self.dns;
         c.smtp_port = self.smtp_port;
+        c.mta_sts = !self.no_mta_sts;
+        c.https_port = self.mta_sts_port;
+        c.tls_roots = self.tls_roots;
         if let Some(e) = ehlo_name(self.ehlo.as_deref())? {
             c.ehlo_name = e;
         }

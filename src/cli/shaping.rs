@@ -81,7 +81,7 @@ fn lookup_mx(domain: &str, server: Option<std::net::SocketAddr>) -> anyhow::Resu
         server,
         ..Default::default()
     };
-    let resolver = volley::deliver::dns::Resolver::start(&cfg)?;
+    let resolver = volley::deliver::dns::Resolver::start(&cfg, None)?;
     let answer =
         volley::deliver::runtime::block_on(
             Driver::Auto,

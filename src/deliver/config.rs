@@ -57,6 +57,14 @@ pub struct EngineConfig {
     /// How long a campaign instance whose recipients are all final keeps its copy
     /// in the spool before it is pruned (spool/retention.rs); its accounting stays.
     pub spool_retention: Duration,
+    /// Honour MTA-STS policies (RFC 8461): on unless `--no-mta-sts` (mta_sts.rs).
+    pub mta_sts: bool,
+    /// The HTTPS port of `mta-sts.DOMAIN` policy hosts: 443 (another in tests).
+    pub https_port: u16,
+    /// CA certificates trusted besides webpki-roots' when a certificate is verified
+    /// (an MTA-STS policy host, an MX under `tls_verify` or an enforced policy): a PEM
+    /// file (`--tls-roots`), for a private CA and for tests.
+    pub tls_roots: Option<PathBuf>,
 }
 
 impl EngineConfig {
@@ -87,6 +95,9 @@ impl EngineConfig {
             shutdown_grace: Duration::from_secs(5),
             admin_group: None,
             spool_retention: crate::spool::retention::SPOOL_RETENTION_DEFAULT,
+            mta_sts: true,
+            https_port: 443,
+            tls_roots: None,
         }
     }
 

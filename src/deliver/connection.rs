@@ -499,6 +499,7 @@ async fn session(
                     let policy = TlsPolicy {
                         required: tls == TlsMode::Required,
                         verify: site.tls_verify(),
+                        mta_sts: site.mta_sts,
                     };
                     let conn =
                         rustls::ClientConnection::new(shard.tls_config(site.tls_verify()), name)

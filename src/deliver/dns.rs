@@ -1,8 +1,11 @@
 //! MX resolution on its own thread: hickory-resolver needs tokio, the shards run
 //! monoio. Shards send a domain over a channel and await a oneshot answer; each
-//! shard caches answers until their TTL runs out.
+//! shard caches answers until their TTL runs out. With MTA-STS on, each answer also
+//! carries the domain's policy (mta_sts.rs: its TXT record looked up alongside the
+//! MX, its policy fetched on a blocking thread of this runtime when new).
 
 use crate::deliver::explain::{self, DnsProblem};
+use crate::deliver::mta_sts::{self, Policies, Record, Step, Sts, StsSettings};
 use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig, ResolverOpts};
 use hickory_resolver::error::{ResolveError, ResolveErrorKind};
 use hickory_resolver::proto::error::ProtoErrorKind;
@@ -10,7 +13,7 @@ use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::TokioAsyncResolver;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 
 /// Lookups in progress at once on the resolver thread.
@@ -41,6 +44,8 @@ pub enum Route {
 pub struct Answer {
     pub route: Route,
     pub valid_until: Instant,
+    /// The domain's MTA-STS policy (`Sts::None` when MTA-STS is off).
+    pub sts: Sts,
 }
 
 struct Request {
@@ -73,7 +78,10 @@ impl Default for DnsConfig {
 }
 
 impl Resolver {
-    pub fn start(cfg: &DnsConfig) -> anyhow::Result<Resolver> {
+    /// Starts the resolver thread asking `cfg`'s nameserver; with `sts`, MTA-STS
+    /// policies are looked up and fetched with each MX lookup. Errors: no
+    /// nameserver given and /etc/resolv.conf unreadable, the thread not started.
+    pub fn start(cfg: &DnsConfig, sts: Option<StsSettings>) -> anyhow::Result<Resolver> {
         let (config, mut opts) = match cfg.server {
             Some(addr) => (
                 ResolverConfig::from_parts(
@@ -102,12 +110,23 @@ impl Resolver {
                     .expect("tokio runtime");
                 rt.block_on(async move {
                     let resolver = Arc::new(TokioAsyncResolver::tokio(config, opts));
+                    let policies = sts.map(|s| Arc::new(Policies::new(s)));
                     let permits = Arc::new(tokio::sync::Semaphore::new(LOOKUPS_IN_FLIGHT_MAX));
                     while let Some(req) = rx.recv().await {
                         let r = resolver.clone();
+                        let policies = policies.clone();
                         let permit = permits.clone().acquire_owned().await.expect("never closed");
                         tokio::spawn(async move {
-                            let answer = resolve(&r, &req.domain).await;
+                            let (mut answer, sts) = match &policies {
+                                Some(p) => {
+                                    tokio::join!(
+                                        resolve(&r, &req.domain),
+                                        sts_of(&r, p, &req.domain)
+                                    )
+                                }
+                                None => (resolve(&r, &req.domain).await, Sts::None),
+                            };
+                            answer.sts = sts;
                             let _ = req.reply.send(answer);
                             drop(permit);
                         });
@@ -124,6 +143,7 @@ impl Resolver {
                 explain::dns(domain, &DnsProblem::ResolverDown(why.into())).to_string(),
             ),
             valid_until: Instant::now() + TEMPFAIL_CACHE,
+            sts: Sts::None,
         };
         if self
             .tx
@@ -162,6 +182,7 @@ async fn resolve(r: &TokioAsyncResolver, domain: &str) -> Answer {
                 return Answer {
                     route: Route::NullMx,
                     valid_until,
+                    sts: Sts::None,
                 };
             }
             recs.retain(|(_, h)| !h.is_empty());
@@ -193,11 +214,13 @@ async fn resolve(r: &TokioAsyncResolver, domain: &str) -> Answer {
                         explain::dns(domain, &DnsProblem::MxWithoutAddresses(names)).to_string(),
                     ),
                     valid_until: now + TEMPFAIL_CACHE,
+                    sts: Sts::None,
                 };
             }
             Answer {
                 route: Route::Hosts(hosts),
                 valid_until,
+                sts: Sts::None,
             }
         }
         Err(e) => match e.kind() {
@@ -210,6 +233,7 @@ async fn resolve(r: &TokioAsyncResolver, domain: &str) -> Answer {
                     explain::dns(domain, &DnsProblem::NoSuchDomain).to_string(),
                 ),
                 valid_until: now + Duration::from_secs(negative_ttl.unwrap_or(300).into()),
+                sts: Sts::None,
             },
             ResolveErrorKind::NoRecordsFound {
                 response_code: ResponseCode::NoError,
@@ -218,6 +242,7 @@ async fn resolve(r: &TokioAsyncResolver, domain: &str) -> Answer {
             _ => Answer {
                 route: Route::TempFail(explain::dns(domain, &lookup_failed(&e)).to_string()),
                 valid_until: now + TEMPFAIL_CACHE,
+                sts: Sts::None,
             },
         },
     }
@@ -252,6 +277,7 @@ async fn implicit_mx(r: &TokioAsyncResolver, domain: &str, fqdn: &str) -> Answer
                 preference: 0,
                 addrs: ips.iter().collect(),
             }]),
+            sts: Sts::None,
         },
         Err(e) => match e.kind() {
             ResolveErrorKind::NoRecordsFound {
@@ -262,11 +288,60 @@ async fn implicit_mx(r: &TokioAsyncResolver, domain: &str, fqdn: &str) -> Answer
                     explain::dns(domain, &DnsProblem::NoRecords).to_string(),
                 ),
                 valid_until: now + Duration::from_secs(300),
+                sts: Sts::None,
             },
             _ => Answer {
                 route: Route::TempFail(explain::dns(domain, &lookup_failed(&e)).to_string()),
                 valid_until: now + TEMPFAIL_CACHE,
+                sts: Sts::None,
             },
         },
     }
+}
+
+/// The MTA-STS policy in force for `domain`: its `_mta-sts` TXT record, and when
+/// its id is new, the policy fetched (mta-sts.DOMAIN resolved here, the HTTPS
+/// request on a blocking thread).
+async fn sts_of(r: &TokioAsyncResolver, policies: &Arc<Policies>, domain: &str) -> Sts {
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    let record = match r.txt_lookup(format!("_mta-sts.{domain}.").as_str()).await {
+        Ok(txt) => Record::Texts(
+            txt.iter()
+                .map(|t| {
+                    // A record's strings are one text (RFC 7208 §3.3's rule, RFC 8461 §3.1).
+                    t.txt_data()
+                        .iter()
+                        .map(|s| String::from_utf8_lossy(s))
+                        .collect::<String>()
+                })
+                .collect(),
+        ),
+        Err(e) => match e.kind() {
+            ResolveErrorKind::NoRecordsFound {
+                response_code: ResponseCode::NXDomain | ResponseCode::NoError,
+                ..
+            } => Record::Texts(Vec::new()),
+            _ => Record::Failed(
+                explain::dns(&format!("_mta-sts.{domain}"), &lookup_failed(&e)).to_string(),
+            ),
+        },
+    };
+    let gate = policies.gate(&domain);
+    let _one_at_a_time = gate.lock().await;
+    let id = match policies.begin(&domain, record, SystemTime::now()) {
+        Step::Done(sts) => return sts,
+        Step::Fetch(id) => id,
+    };
+    let host = format!("mta-sts.{domain}");
+    let body = match r.lookup_ip(format!("{host}.").as_str()).await {
+        Ok(ips) => {
+            let addrs: Vec<IpAddr> = ips.iter().collect();
+            let (p, d) = (policies.clone(), domain.clone());
+            tokio::task::spawn_blocking(move || mta_sts::fetch(&d, &addrs, p.settings()))
+                .await
+                .unwrap_or_else(|e| Err(format!("the fetch failed: {e}")))
+        }
+        Err(e) => Err(explain::dns(&host, &lookup_failed(&e)).to_string()),
+    };
+    policies.fetched(&domain, id, body, SystemTime::now())
 }

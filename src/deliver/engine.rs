@@ -150,8 +150,19 @@ pub fn run_with(
         )
         .map_err(|e| anyhow::anyhow!(e))?,
     );
+    let tls_roots = match &cfg.tls_roots {
+        Some(path) => crate::deliver::tls::read_roots(path)
+            .map_err(|why| anyhow::anyhow!("--tls-roots {}: {why}", path.display()))?,
+        None => Vec::new(),
+    };
+    let tls_roots = Arc::new(tls_roots);
+    let sts = cfg.mta_sts.then(|| crate::deliver::mta_sts::StsSettings {
+        cache_dir: Some(cfg.spool_dir.join("mta-sts")),
+        https_port: cfg.https_port,
+        tls: crate::deliver::tls::client_config(true, &tls_roots),
+    });
     let cfg = Arc::new(cfg);
-    let resolver = Resolver::start(&cfg.dns)?;
+    let resolver = Resolver::start(&cfg.dns, sts)?;
     let classifier = Arc::new(crate::policy::classify::load(cfg.bounce_rules.as_deref())?);
     let status = serving
         .as_ref()
@@ -196,6 +207,7 @@ pub fn run_with(
             warmup: warmup.clone(),
             leases: leases.clone(),
             resolver: resolver.clone(),
+            tls_roots: tls_roots.clone(),
             progress: p.clone(),
             control,
             peers: senders.clone(),

@@ -83,6 +83,9 @@ pub struct TlsPolicy {
     pub required: bool,
     /// `tls_verify`: the certificate is checked against the Mozilla roots.
     pub verify: bool,
+    /// Both come from the domain's MTA-STS policy in enforce mode (RFC 8461), not
+    /// from the operator's rules.
+    pub mta_sts: bool,
 }
 
 /// What ended a TLS handshake before it completed.
@@ -256,7 +259,9 @@ pub fn handshake_failed(peer: Peer, e: &HandshakeError, policy: TlsPolicy) -> Se
 /// STARTTLS, so the reply classifier files it under `policy` whatever words of the
 /// receiver's or a library's the sentence carries ("malformed", "AccessDenied").
 fn after_tls(policy: TlsPolicy, fix: &str) -> String {
-    if policy.required {
+    if policy.mta_sts {
+        format!("{fix}. The domain's MTA-STS policy (enforce) requires TLS (STARTTLS) with a valid certificate for the MX name (RFC 8461 §4.2), so volley retries later and never sends in clear or over unverified TLS")
+    } else if policy.required {
         format!("{fix}. TLS (STARTTLS) is required for this destination, so volley retries later and never sends in clear")
     } else {
         format!("{fix}. volley tries the same host again without STARTTLS")
@@ -342,7 +347,7 @@ pub fn tls_failed(peer: Option<Peer>, e: &rustls::Error, policy: Option<TlsPolic
         None => format!("{fix}. volley sends the messages in flight again on a new connection"),
         Some(p) => {
             let mut a = after_tls(p, &fix);
-            if p.verify && matches!(e, E::InvalidCertificate(_)) {
+            if p.verify && !p.mta_sts && matches!(e, E::InvalidCertificate(_)) {
                 a.push_str(". With tls_verify off for this destination volley would deliver over unverified TLS");
             }
             a
@@ -578,10 +583,12 @@ mod tests {
     const REQUIRED_VERIFIED: TlsPolicy = TlsPolicy {
         required: true,
         verify: true,
+        mta_sts: false,
     };
     const OPPORTUNISTIC: TlsPolicy = TlsPolicy {
         required: false,
         verify: false,
+        mta_sts: false,
     };
 
     fn cert(c: CertificateError) -> String {

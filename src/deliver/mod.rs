@@ -8,6 +8,7 @@ pub mod control;
 pub mod dns;
 pub mod engine;
 pub mod explain;
+pub mod mta_sts;
 pub mod pipeline;
 pub mod runtime;
 pub mod schedule;

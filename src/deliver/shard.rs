@@ -16,6 +16,7 @@ use crate::deliver::connection;
 use crate::deliver::control::{Action, Command, Purged, Status, Target};
 use crate::deliver::dns::MxHost;
 use crate::deliver::dns::{Resolver, Route};
+use crate::deliver::mta_sts::Sts;
 use crate::deliver::runtime::Driver;
 use crate::deliver::schedule::{
     self, unix_ms, Campaigns, Job, Next, Now, Scheduler, Site, Source, Take, TICK,
@@ -28,6 +29,7 @@ use crate::policy::retry::{self, Decision};
 use crate::policy::shaping::rules::{Rule, Rules, Set};
 use crate::policy::shaping::{self, Change, Limiter};
 use crate::smtp::client::Stage;
+use crate::smtp::client::TlsMode;
 use crate::smtp::reply::Reply;
 use crate::spool::inbox::Inbound;
 use crate::spool::ingest::{shard_dir, Instance, Instances};
@@ -93,6 +95,9 @@ enum DomainState {
         /// The domain's site per source pool.
         sites: Vec<(Option<String>, Rc<Site>)>,
         until: Instant,
+        /// An MTA-STS policy in enforce mode holds (`hosts` are those it allows):
+        /// TLS with a verified certificate, to those hosts only.
+        enforced: bool,
     },
     /// Permanent (null MX, no such domain) or temporary DNS failure, until the TTL ends.
     Failed {
@@ -186,6 +191,8 @@ pub struct Links {
     /// Connection caps smaller than the shard count, held over all shards.
     pub leases: Arc<shaping::Leases>,
     pub resolver: Resolver,
+    /// CA certificates trusted besides webpki-roots' (`--tls-roots`).
+    pub tls_roots: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
     pub progress: Arc<Progress>,
     pub control: Receiver<Command>,
     pub peers: Vec<Sender<Command>>,
@@ -252,6 +259,7 @@ pub fn run(
         warmup,
         leases,
         resolver,
+        tls_roots,
         progress,
         control,
         peers,
@@ -286,8 +294,8 @@ pub fn run(
         fresh: RefCell::new(Vec::new()),
         serving: inbox.is_some(),
         classifier: RefCell::new(classifier),
-        tls: crate::deliver::tls::client_config(false),
-        tls_verified: crate::deliver::tls::client_config(true),
+        tls: crate::deliver::tls::client_config(false, &[]),
+        tls_verified: crate::deliver::tls::client_config(true, &tls_roots),
         resolver,
         spool: RefCell::new(spool),
         log: RefCell::new(log),
@@ -495,6 +503,7 @@ impl Shard {
                 hosts,
                 sites,
                 until,
+                enforced,
             }) if *until > now => {
                 let inst = self.instance(job.instance);
                 let pool = inst
@@ -508,8 +517,12 @@ impl Shard {
                 let site = match sites.iter().find(|(p, _)| p.as_ref() == pool) {
                     Some((_, site)) => site.clone(),
                     None => {
-                        let site =
-                            self.site_for(&job.domain, pool.map(String::as_str), hosts.clone());
+                        let site = self.site_for(
+                            &job.domain,
+                            pool.map(String::as_str),
+                            hosts.clone(),
+                            *enforced,
+                        );
                         sites.push((pool.cloned(), site.clone()));
                         site
                     }
@@ -543,14 +556,25 @@ impl Shard {
             (Reply::new(code, Some(enhanced), why), permanent)
         };
         let (state, route) = match answer.route {
-            Route::Hosts(hosts) => (
-                DomainState::Routed {
-                    hosts: hosts.into(),
-                    sites: Vec::new(),
-                    until,
-                },
-                Ok(()),
-            ),
+            Route::Hosts(hosts) => match sts_hosts(&domain, hosts, &answer.sts) {
+                Ok((hosts, enforced)) => (
+                    DomainState::Routed {
+                        hosts: hosts.into(),
+                        sites: Vec::new(),
+                        until,
+                        enforced,
+                    },
+                    Ok(()),
+                ),
+                Err(reply) => (
+                    DomainState::Failed {
+                        reply: reply.clone(),
+                        permanent: false,
+                        until,
+                    },
+                    Err((reply, false)),
+                ),
+            },
             Route::NullMx => {
                 let why = crate::deliver::explain::dns(
                     &domain,
@@ -609,8 +633,17 @@ impl Shard {
     }
 
     /// The site for `domain` routed to `hosts`, sent from `pool`: shared by every
-    /// domain on the same MX hosts unless the domain has its own rule.
-    fn site_for(&self, domain: &str, pool: Option<&str>, hosts: Rc<[MxHost]>) -> Rc<Site> {
+    /// domain on the same MX hosts unless the domain has its own rule. Under an
+    /// `enforced` MTA-STS policy TLS is required and the certificate verified,
+    /// whatever the rules say (a site of its own: another domain on those hosts
+    /// may have no policy).
+    fn site_for(
+        &self,
+        domain: &str,
+        pool: Option<&str>,
+        hosts: Rc<[MxHost]>,
+        enforced: bool,
+    ) -> Rc<Site> {
         let mx = hosts
             .iter()
             .map(|h| h.name.as_str())
@@ -619,9 +652,10 @@ impl Shard {
         let rules = self.rules.borrow().clone();
         let own = rules.domains.get(domain);
         let key = format!(
-            "{}|{}|{mx}",
+            "{}|{}|{mx}{}",
             pool.unwrap_or(""),
-            if own.is_some() { domain } else { "" }
+            if own.is_some() { domain } else { "" },
+            if enforced { "|mta-sts" } else { "" }
         );
         if let Some(site) = self.sites.borrow().get(&key) {
             return site.clone();
@@ -653,11 +687,20 @@ impl Shard {
                 }
             })
             .collect();
+        let mut rule = rules.effective(domain, provider);
+        if enforced {
+            let from: Arc<str> = Arc::from("MTA-STS policy (enforce)");
+            rule.tls = Some(Set {
+                value: TlsMode::Required,
+                from: from.clone(),
+            });
+            rule.tls_verify = Some(Set { value: true, from });
+        }
         let mut site = Site::new(
             key.clone(),
             Rc::from(domain),
             hosts,
-            rules.effective(domain, provider),
+            rule,
             limits,
             sources,
             self.cfg.window,
@@ -665,6 +708,7 @@ impl Shard {
         if let Some(p) = provider {
             site.provider = Arc::from(p.name.as_str());
         }
+        site.mta_sts = enforced;
         let site = Rc::new(site);
         self.sites.borrow_mut().insert(key, site.clone());
         site
@@ -1392,6 +1436,34 @@ impl Shard {
             monoio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+}
+
+/// The MX hosts `domain` may be sent to under its MTA-STS view `sts`, and whether a
+/// policy in enforce mode holds (RFC 8461 §4.1, §5): only the hosts its `mx`
+/// patterns allow. Err: none is allowed, the deferral every recipient gets (class
+/// `policy`: nothing goes in clear or elsewhere).
+fn sts_hosts(domain: &str, hosts: Vec<MxHost>, sts: &Sts) -> Result<(Vec<MxHost>, bool), Reply> {
+    let Some(c) = sts
+        .policy()
+        .filter(|c| c.policy.mode == crate::policy::mta_sts::Mode::Enforce)
+    else {
+        return Ok((hosts, false));
+    };
+    let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
+    let allowed: Vec<MxHost> = hosts
+        .into_iter()
+        .filter(|h| c.policy.allows(&h.name))
+        .collect();
+    if allowed.is_empty() {
+        let why = format!(
+            "the MTA-STS policy of {domain} (id {}, enforce) allows MX {}; none of its MX hosts ({}) matches, so nothing is sent (RFC 8461 §4.1); the domain's MX records or its policy must change",
+            c.id,
+            c.policy.mx.join(" "),
+            names.join(", ")
+        );
+        return Err(Reply::new(451, Some("4.7.5"), &why));
+    }
+    Ok((allowed, true))
 }
 
 impl Campaigns for Shard {

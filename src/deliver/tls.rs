@@ -2,9 +2,11 @@
 //! per shard so its session cache gives resumption to every connection to a host.
 //!
 //! Opportunistic TLS (RFC 7435) does not verify certificates: most MX certificates
-//! would fail, and an unverified TLS session still beats clear text. With `verify`,
-//! the MX host name is checked against the Mozilla roots shipped by webpki-roots (not
-//! the system store, so behaviour does not depend on the host's ca-certificates).
+//! would fail, and an unverified TLS session still beats clear text. With `verify`
+//! (a rule's `tls_verify`, an MTA-STS policy in enforce mode), the MX host name is
+//! checked against the Mozilla roots shipped by webpki-roots (not the system store, so
+//! behaviour does not depend on the host's ca-certificates) and the operator's own
+//! (`--tls-roots`, for a private CA and for tests).
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -12,7 +14,11 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use std::sync::Arc;
 
-pub fn client_config(verify: bool) -> Arc<rustls::ClientConfig> {
+/// The client settings: certificates verified (webpki-roots and `extra_roots`) or not.
+pub fn client_config(
+    verify: bool,
+    extra_roots: &[CertificateDer<'static>],
+) -> Arc<rustls::ClientConfig> {
     let mut provider = rustls::crypto::ring::default_provider();
     // AES-128-GCM first, as Go and BoringSSL order it; receivers' TLS (OpenSSL's by
     // default, rustls's) takes the client's order. The AES-256 suites' SHA-384 key
@@ -26,9 +32,9 @@ pub fn client_config(verify: bool) -> Arc<rustls::ClientConfig> {
         .with_safe_default_protocol_versions()
         .expect("ring supports TLS 1.2 and 1.3");
     let cfg = if verify {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        builder.with_root_certificates(roots).with_no_client_auth()
+        builder
+            .with_root_certificates(roots(extra_roots))
+            .with_no_client_auth()
     } else {
         builder
             .dangerous()
@@ -36,6 +42,35 @@ pub fn client_config(verify: bool) -> Arc<rustls::ClientConfig> {
             .with_no_client_auth()
     };
     Arc::new(cfg)
+}
+
+/// The Mozilla roots of webpki-roots and `extra`.
+pub fn roots(extra: &[CertificateDer<'static>]) -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    // Each was checked when the file was read.
+    let _ = roots.add_parsable_certificates(extra.iter().cloned());
+    roots
+}
+
+/// The certificates of a PEM file of CA certificates (`--tls-roots`, a webhook's
+/// `ca_file`). Errors, as a phrase: unreadable, a certificate rustls refuses as a
+/// trust anchor, or no certificate in it.
+pub fn read_roots(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut certs = Vec::new();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| e.to_string())? {
+        let cert = cert.map_err(|e| e.to_string())?;
+        let mut check = rustls::RootCertStore::empty();
+        check
+            .add(cert.clone())
+            .map_err(|e| format!("a certificate in it is refused ({e})"))?;
+        certs.push(cert);
+    }
+    if certs.is_empty() {
+        return Err("no certificate in it".into());
+    }
+    Ok(certs)
 }
 
 fn is_aes128_gcm(s: rustls::CipherSuite) -> bool {

@@ -54,6 +54,15 @@ pub enum DirError {
     },
 }
 
+/// Replaces `path` with `contents` whole: written to `PATH.tmp`, then renamed over
+/// it, so a reader or a crash sees the old file or the new one, never half of one.
+/// Errors: the write or the rename failed.
+pub fn replace_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Checks a directory volley writes into (the spool, the accounting log's), as sshd's
 /// StrictModes checks a home: it must belong to the user volley runs as and be
 /// writable by nobody else. Otherwise that owner, or anyone who may write there,

@@ -86,6 +86,11 @@ smtp_port = 25                     # --smtp-port; the port dialled at the MX
                                    # the next message waits for its slot
 # tls = "opportunistic"            # outbound STARTTLS: opportunistic | required | disabled
 # tls_verify = false               # verify MX certificates (Mozilla roots, MX name)
+mta_sts = true                     # honour MTA-STS (RFC 8461): a policy in enforce mode
+                                   # means TLS, verified, to the MX hosts it names, or
+                                   # nothing (deferred, class policy); `volley tls show`
+# tls_roots = "/etc/volley/ca.pem" # CAs (PEM) trusted besides the Mozilla roots wherever
+                                   # a certificate is verified (a private CA)
 window = 8                         # pipelined transactions per connection (1 to 256);
                                    # at it, no more are sent until one finishes
 retry_schedule = "5m,10m,20m,40m,1h,2h,4h"   # --retry-schedule: for every reply class
@@ -261,6 +266,10 @@ pub struct ServeConfig {
     /// `dns`, `dns_timeout`, `dns_attempts`.
     pub dns: DnsConfig,
     pub smtp_port: u16,
+    /// Honour MTA-STS policies (the engine's `mta_sts`).
+    pub mta_sts: bool,
+    /// CAs trusted besides webpki-roots' (the engine's `tls_roots`).
+    pub tls_roots: Option<PathBuf>,
     /// None: the host name (the engine's default, as for `send` without `--ehlo`).
     pub ehlo_name: Option<String>,
     pub dkim_dir: PathBuf,
@@ -469,6 +478,8 @@ impl ServeConfig {
             driver: e.driver,
             dns: e.dns,
             smtp_port: e.smtp_port,
+            mta_sts: e.mta_sts,
+            tls_roots: None,
             ehlo_name: None,
             dkim_dir: e.dkim_dir,
             shaping: None,
@@ -649,6 +660,9 @@ impl ServeConfig {
             shutdown_grace: self.shutdown_grace,
             admin_group: self.admin_group.clone(),
             spool_retention: self.spool_retention,
+            mta_sts: self.mta_sts,
+            https_port: base.https_port,
+            tls_roots: self.tls_roots.clone(),
         }
     }
 
@@ -1755,6 +1769,7 @@ fn read_paths(doc: &mut Doc, t: &mut Table, cfg: &mut ServeConfig) {
         ("log", &mut cfg.log),
         ("shaping", &mut cfg.shaping),
         ("bounce_rules", &mut cfg.bounce_rules),
+        ("tls_roots", &mut cfg.tls_roots),
         ("users", &mut cfg.users),
         ("tokens", &mut cfg.tokens),
         ("tls_cert", &mut cfg.tls_cert),
@@ -1814,6 +1829,7 @@ fn read_delivery(doc: &mut Doc, t: &mut Table, cfg: &mut ServeConfig) {
         int_in(1, 65535)(n).map(|p| p as u16)
     });
     cfg.ehlo_name = t.get(doc, "ehlo_name", &ehlo);
+    t.put(doc, "mta_sts", &mut cfg.mta_sts, &boolean);
     read_shaping_defaults(doc, t, &mut cfg.shaping_defaults);
     t.put(doc, "window", &mut cfg.window, &usize_in(1, 256));
     read_retry(doc, t, &mut cfg.retry);

@@ -431,16 +431,8 @@ fn read_auth(h: &Webhook) -> Result<(Option<String>, Option<ring::hmac::Key>), W
 /// A TLS client configuration (rustls on ring, as the rest of volley) trusting the
 /// CA certificates in the PEM file `ca` alone. Errors: why the file gives none.
 fn tls_trusting(ca: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer};
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
-        roots
-            .add(cert.map_err(|e| e.to_string())?)
-            .map_err(|e| format!("a certificate in it is refused ({e})"))?;
-    }
-    if roots.is_empty() {
-        return Err("no certificate in it".into());
-    }
+    roots.add_parsable_certificates(crate::deliver::tls::read_roots(ca)?);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

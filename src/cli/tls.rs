@@ -1,0 +1,170 @@
+//! `volley tls show DOMAIN`: the TLS a delivery to a domain gets, and why: the
+//! shaping rules' `tls` and `tls_verify` with where each came from, and the domain's
+//! MTA-STS policy looked up and fetched now (and the one a spool keeps), with the MX
+//! hosts it allows. Writes nothing.
+
+use clap::Subcommand;
+use std::path::PathBuf;
+use volley::deliver::dns::{DnsConfig, Resolver, Route};
+use volley::deliver::mta_sts::{self, Cached, Sts, StsSettings};
+use volley::deliver::runtime::Driver;
+use volley::policy::mta_sts::Mode;
+use volley::policy::shaping::rules::{Rule, Rules};
+
+#[derive(Subcommand)]
+pub(crate) enum TlsCmd {
+    /// The effective TLS policy for DOMAIN and its sources: shaping rules and
+    /// MTA-STS (record id, mode, mx patterns, max_age, when fetched or cached).
+    Show {
+        domain: String,
+        /// Your rules file, as given to `send --shaping`.
+        #[arg(long)]
+        shaping: Option<PathBuf>,
+        /// Nameserver (ADDR:PORT); default /etc/resolv.conf.
+        #[arg(long)]
+        dns: Option<std::net::SocketAddr>,
+        /// CA certificates trusted besides webpki-roots' (as `send --tls-roots`).
+        #[arg(long, value_name = "FILE")]
+        tls_roots: Option<PathBuf>,
+        /// A spool whose cached MTA-STS policy to show too (read, never written).
+        #[arg(long)]
+        spool: Option<PathBuf>,
+        /// The HTTPS port of the policy host (443).
+        #[arg(long, default_value_t = 443, hide = true)]
+        mta_sts_port: u16,
+    },
+}
+
+pub(crate) fn run(cmd: TlsCmd) -> anyhow::Result<i32> {
+    let TlsCmd::Show {
+        domain,
+        shaping,
+        dns,
+        tls_roots,
+        spool,
+        mta_sts_port,
+    } = cmd;
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    let rules = match Rules::load(shaping.as_deref(), &Rule::default()) {
+        Ok(r) => r,
+        Err(problems) => {
+            for p in &problems {
+                eprintln!("{p}");
+            }
+            return Ok(1);
+        }
+    };
+    let roots = match &tls_roots {
+        Some(p) => volley::deliver::tls::read_roots(p)
+            .map_err(|why| anyhow::anyhow!("--tls-roots {}: {why}", p.display()))?,
+        None => Vec::new(),
+    };
+    let settings = StsSettings {
+        cache_dir: None,
+        https_port: mta_sts_port,
+        tls: volley::deliver::tls::client_config(true, &roots),
+    };
+    let resolver = Resolver::start(
+        &DnsConfig {
+            server: dns,
+            ..Default::default()
+        },
+        Some(settings),
+    )?;
+    let d = domain.clone();
+    let answer =
+        volley::deliver::runtime::block_on(Driver::Auto, async move { resolver.lookup(&d).await })?;
+    let hosts: Vec<String> = match &answer.route {
+        Route::Hosts(h) => h.iter().map(|h| h.name.clone()).collect(),
+        Route::NullMx => anyhow::bail!("{domain} has a null MX: it takes no mail"),
+        Route::NoSuchDomain(why) | Route::TempFail(why) => anyhow::bail!("{why}"),
+    };
+    println!("domain          {domain}");
+    println!("MX              {}", hosts.join(", "));
+    let provider = rules.provider_for(hosts.iter().map(String::as_str));
+    let rule = rules.effective(&domain, provider);
+    let (tls, tls_from) = rule
+        .tls
+        .as_ref()
+        .map_or(("opportunistic".to_string(), "default".to_string()), |s| {
+            (format!("{:?}", s.value).to_lowercase(), s.from.to_string())
+        });
+    let (verify, verify_from) = rule
+        .tls_verify
+        .as_ref()
+        .map_or((false, "default".to_string()), |s| {
+            (s.value, s.from.to_string())
+        });
+    println!("shaping rules   tls {tls} ({tls_from}), tls_verify {verify} ({verify_from})");
+    let enforced = match &answer.sts {
+        Sts::None => {
+            println!("MTA-STS         none (no _mta-sts record)");
+            None
+        }
+        Sts::Unavailable(why) => {
+            println!("MTA-STS         none in force: {why}");
+            None
+        }
+        Sts::Policy { cached, note } => {
+            println!("MTA-STS         {}", describe(cached));
+            println!(
+                "                fetched now from https://mta-sts.{domain}/.well-known/mta-sts.txt"
+            );
+            if let Some(n) = note {
+                println!("                {n}");
+            }
+            let allowed: Vec<&str> = hosts
+                .iter()
+                .filter(|h| cached.policy.allows(h))
+                .map(String::as_str)
+                .collect();
+            println!(
+                "                MX it allows: {}",
+                if allowed.is_empty() {
+                    "none".to_string()
+                } else {
+                    allowed.join(", ")
+                }
+            );
+            (cached.policy.mode == Mode::Enforce).then_some(allowed)
+        }
+    };
+    if let Some(dir) = spool {
+        match mta_sts::read_cached(&dir.join("mta-sts"), &domain) {
+            Some(c) => println!(
+                "spool's cache   {} ({})",
+                describe(&c),
+                if c.valid_at(std::time::SystemTime::now()) {
+                    "valid"
+                } else {
+                    "expired"
+                }
+            ),
+            None => println!("spool's cache   no policy of {domain}"),
+        }
+    }
+    println!("DANE            not checked (volley does not do DANE yet)");
+    match enforced {
+        Some(allowed) if allowed.is_empty() => println!(
+            "in effect       nothing is sent: no MX host matches the enforced policy (deferred, class policy)"
+        ),
+        Some(allowed) => println!(
+            "in effect       TLS required, certificate verified for the MX name, to {} only (MTA-STS enforce)",
+            allowed.join(", ")
+        ),
+        None => println!(
+            "in effect       tls {tls}, certificate {} (shaping rules)",
+            if verify { "verified" } else { "not verified" }
+        ),
+    }
+    Ok(0)
+}
+
+fn describe(c: &Cached) -> String {
+    format!(
+        "id {}, {}; fetched {}",
+        c.id,
+        c.policy,
+        humantime::format_rfc3339_seconds(c.fetched_at)
+    )
+}

@@ -1,0 +1,441 @@
+//! MTA-STS policies for the shards (RFC 8461 §3, §5), found on the resolver thread
+//! with each MX lookup: the `_mta-sts` TXT record; a policy whose id is new is
+//! fetched over HTTPS (a certificate valid for mta-sts.DOMAIN, no redirects, at most
+//! [`POLICY_OCTETS_MAX`], within [`FETCH_TIMEOUT`], served as text/plain), then kept
+//! in memory and under the spool (`mta-sts/DOMAIN`) until its `max_age` ends.
+//!
+//! No downgrade by a failed fetch: while a cached policy is valid it stays in force
+//! whatever the record or the fetch says (§5.1), and a new id whose fetch fails
+//! keeps the old policy. With no valid cached policy, a record whose policy cannot be
+//! had means no policy (§3.3: delivery goes on as before); the reason is kept for
+//! `volley tls show` and the log.
+
+use crate::host::files::replace_file;
+use crate::policy::mta_sts::{announcing, parse_policy, Policy, POLICY_OCTETS_MAX};
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long a policy fetch may take, connection and body included.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where and how policies are fetched and kept.
+#[derive(Clone)]
+pub struct StsSettings {
+    /// Cached policies, one file per domain (`SPOOL/mta-sts`); None: in memory only
+    /// (`volley tls show`, which writes nothing).
+    pub cache_dir: Option<PathBuf>,
+    /// The HTTPS port of `mta-sts.DOMAIN`: 443 (another in tests).
+    pub https_port: u16,
+    /// Verifies the policy host's certificate (webpki-roots and `--tls-roots`).
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+/// A policy in force, with the record id it was fetched for and when.
+#[derive(Debug, Clone)]
+pub struct Cached {
+    pub id: String,
+    pub policy: Policy,
+    pub fetched_at: SystemTime,
+}
+
+impl Cached {
+    /// Whether its `max_age` has not run out at `now`.
+    pub fn valid_at(&self, now: SystemTime) -> bool {
+        now < self.fetched_at + self.policy.max_age
+    }
+}
+
+/// The MTA-STS view of a domain at one lookup.
+#[derive(Debug, Clone)]
+pub enum Sts {
+    /// No policy: no `_mta-sts` record and none cached.
+    None,
+    /// A policy in force; `note` says when it is a cached one kept over a record or
+    /// fetch that failed.
+    Policy {
+        cached: Cached,
+        note: Option<String>,
+    },
+    /// A record announces a policy that could not be had and none is cached: no
+    /// policy in force (RFC 8461 §3.3), for this reason.
+    Unavailable(String),
+}
+
+impl Sts {
+    /// The policy in force, if any.
+    pub fn policy(&self) -> Option<&Cached> {
+        match self {
+            Sts::Policy { cached, .. } => Some(cached),
+            _ => None,
+        }
+    }
+}
+
+/// What a TXT lookup of `_mta-sts.DOMAIN` gave.
+pub enum Record {
+    /// The TXT records there (none: NXDOMAIN or no TXT).
+    Texts(Vec<String>),
+    /// The lookup failed (SERVFAIL, timeout): nothing is known.
+    Failed(String),
+}
+
+/// The policies found so far, by domain, in memory and on disk.
+pub struct Policies {
+    settings: StsSettings,
+    memory: Mutex<HashMap<String, Cached>>,
+    /// One lookup at a time per domain, so shards asking together fetch a new
+    /// policy once (one entry per domain seen, as the shards' DNS caches hold).
+    gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Policies {
+    pub fn new(settings: StsSettings) -> Policies {
+        Policies {
+            settings,
+            memory: Mutex::new(HashMap::new()),
+            gates: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The gate a lookup of `domain` holds while it decides and fetches.
+    pub fn gate(&self, domain: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.gates
+            .lock()
+            .expect("policies lock")
+            .entry(domain.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// The settings the policies are fetched with.
+    pub fn settings(&self) -> &StsSettings {
+        &self.settings
+    }
+
+    /// The cached policy of `domain` still valid at `now`: from memory, or from the
+    /// spool after a restart.
+    pub fn cached(&self, domain: &str, now: SystemTime) -> Option<Cached> {
+        let mut memory = self.memory.lock().expect("policies lock");
+        if let Some(c) = memory.get(domain).filter(|c| c.valid_at(now)) {
+            return Some(c.clone());
+        }
+        let c = read_cached(self.settings.cache_dir.as_deref()?, domain)?;
+        if !c.valid_at(now) {
+            return None;
+        }
+        memory.insert(domain.to_string(), c.clone());
+        Some(c)
+    }
+
+    /// Keeps `c` for `domain`, on disk too (a failed write costs a refetch after a
+    /// restart, nothing more).
+    pub fn keep(&self, domain: &str, c: Cached, body: &[u8]) {
+        if let Some(dir) = &self.settings.cache_dir {
+            write_cached(dir, domain, &c, body);
+        }
+        self.memory
+            .lock()
+            .expect("policies lock")
+            .insert(domain.to_string(), c);
+    }
+
+    /// The policy in force for `domain` given its `_mta-sts` `record` at `now`, or
+    /// the id whose policy must be fetched first (then [`Policies::fetched`]).
+    pub fn begin(&self, domain: &str, record: Record, now: SystemTime) -> Step {
+        let cached = self.cached(domain, now);
+        let kept = |cached: Cached, why: String| Sts::Policy {
+            cached,
+            note: Some(format!("{why}; the cached policy stays in force")),
+        };
+        let found = match record {
+            Record::Failed(why) => Err(format!("the _mta-sts lookup failed ({why})")),
+            Record::Texts(texts) => announcing(&texts).map_err(|e| e.to_string()),
+        };
+        Step::Done(match (found, cached) {
+            (Ok(Some(id)), Some(c)) if c.id == id => Sts::Policy {
+                cached: c,
+                note: None,
+            },
+            (Ok(Some(id)), _) => return Step::Fetch(id),
+            (Ok(None), Some(c)) => kept(c, "no _mta-sts record now".into()),
+            (Ok(None), None) => Sts::None,
+            (Err(why), Some(c)) => kept(c, why),
+            (Err(why), None) => Sts::Unavailable(why),
+        })
+    }
+
+    /// The policy in force for `domain` once the policy of record id `id` was
+    /// fetched (`body`, or why not) at `now`: the new one when it parses, else the
+    /// cached one while it is valid, else none.
+    pub fn fetched(
+        &self,
+        domain: &str,
+        id: String,
+        body: Result<Vec<u8>, String>,
+        now: SystemTime,
+    ) -> Sts {
+        let parsed = body.and_then(|body| {
+            parse_policy(&body)
+                .map(|policy| (policy, body))
+                .map_err(|e| e.to_string())
+        });
+        match parsed {
+            Ok((policy, body)) => {
+                let c = Cached {
+                    id,
+                    policy,
+                    fetched_at: now,
+                };
+                self.keep(domain, c.clone(), &body);
+                Sts::Policy {
+                    cached: c,
+                    note: None,
+                }
+            }
+            Err(why) => {
+                let why = format!("the policy for id {id} could not be had: {why}");
+                match self.cached(domain, now) {
+                    Some(c) => Sts::Policy {
+                        cached: c,
+                        note: Some(format!("{why}; the cached policy stays in force")),
+                    },
+                    None => Sts::Unavailable(why),
+                }
+            }
+        }
+    }
+}
+
+/// What `Policies::begin` found.
+pub enum Step {
+    Done(Sts),
+    /// The record's id is not the cached policy's: fetch this id's policy.
+    Fetch(String),
+}
+
+/// Fetches `https://mta-sts.DOMAIN/.well-known/mta-sts.txt` from `addrs` (the policy
+/// host's addresses, resolved by the caller's DNS). Blocking. Errors, as a phrase: a
+/// transport or certificate failure, a status other than 200 (a redirect is not
+/// followed, RFC 8461 §3.3), another media type than text/plain, a body over
+/// [`POLICY_OCTETS_MAX`].
+pub fn fetch(domain: &str, addrs: &[IpAddr], settings: &StsSettings) -> Result<Vec<u8>, String> {
+    let host = format!("mta-sts.{domain}");
+    if addrs.is_empty() {
+        return Err(format!("{host} has no address"));
+    }
+    let port = settings.https_port;
+    let to: Vec<SocketAddr> = addrs.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
+    let agent = ureq::AgentBuilder::new()
+        .tls_config(settings.tls.clone())
+        .redirects(0)
+        .timeout(FETCH_TIMEOUT)
+        .resolver(move |_: &str| Ok(to.clone()))
+        .build();
+    let url = match port {
+        443 => format!("https://{host}/.well-known/mta-sts.txt"),
+        p => format!("https://{host}:{p}/.well-known/mta-sts.txt"),
+    };
+    let response = match agent.get(&url).call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(code, r)) => {
+            return Err(format!("{url} answered {code} {}", r.status_text()))
+        }
+        Err(ureq::Error::Transport(t)) => {
+            let mut why = t.kind().to_string();
+            if let Some(m) = t.message() {
+                why = format!("{why}: {m}");
+            }
+            if let Some(s) = std::error::Error::source(&t) {
+                why = format!("{why}: {s}");
+            }
+            return Err(format!("{url}: {why}"));
+        }
+    };
+    match response.status() {
+        200 => {}
+        code @ 300..=399 => {
+            return Err(format!(
+                "{url} answered {code}, a redirect, which is not followed (RFC 8461 §3.3)"
+            ))
+        }
+        code => return Err(format!("{url} answered {code} {}", response.status_text())),
+    }
+    if response.content_type() != "text/plain" {
+        return Err(format!(
+            "{url} is served as {}, not text/plain (RFC 8461 §3.2)",
+            response.content_type()
+        ));
+    }
+    let mut body = Vec::new();
+    response
+        .into_reader()
+        .take(POLICY_OCTETS_MAX as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| format!("{url}: reading the policy: {e}"))?;
+    if body.len() > POLICY_OCTETS_MAX {
+        return Err(format!("{url} is over {POLICY_OCTETS_MAX} octets"));
+    }
+    Ok(body)
+}
+
+/// The file a domain's policy is kept in; None for a name that could not be a file
+/// name safely (it is then kept in memory only).
+fn cache_file(dir: &std::path::Path, domain: &str) -> Option<PathBuf> {
+    let ok = !domain.is_empty()
+        && !domain.starts_with('.')
+        && !domain.contains("..")
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    ok.then(|| dir.join(domain))
+}
+
+/// The file: `id ID`, `fetched UNIX_SECONDS`, then the policy as it was served.
+fn write_cached(dir: &std::path::Path, domain: &str, c: &Cached, body: &[u8]) {
+    let Some(path) = cache_file(dir, domain) else {
+        return;
+    };
+    let secs = c
+        .fetched_at
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let mut text = format!("id {}\nfetched {secs}\n", c.id).into_bytes();
+    text.extend_from_slice(body);
+    if let Err(e) = std::fs::create_dir_all(dir).and_then(|_| replace_file(&path, &text)) {
+        eprintln!(
+            "volley: MTA-STS: cannot keep the policy of {domain} in {}: {e}",
+            path.display()
+        );
+    }
+}
+
+/// The policy kept for `domain` in `dir` (a spool's `mta-sts`), parsed again as if
+/// it had just been fetched, valid or not; None when there is none or it does not
+/// read back.
+pub fn read_cached(dir: &std::path::Path, domain: &str) -> Option<Cached> {
+    let text = std::fs::read(cache_file(dir, domain)?).ok()?;
+    let mut parts = text.splitn(3, |&b| b == b'\n');
+    let id = std::str::from_utf8(parts.next()?)
+        .ok()?
+        .strip_prefix("id ")?;
+    let secs: u64 = std::str::from_utf8(parts.next()?)
+        .ok()?
+        .strip_prefix("fetched ")?
+        .parse()
+        .ok()?;
+    let policy = parse_policy(parts.next()?).ok()?;
+    Some(Cached {
+        id: id.to_string(),
+        policy,
+        fetched_at: UNIX_EPOCH + Duration::from_secs(secs),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policies(dir: &std::path::Path) -> Policies {
+        Policies::new(StsSettings {
+            cache_dir: Some(dir.to_path_buf()),
+            https_port: 443,
+            tls: crate::deliver::tls::client_config(true, &[]),
+        })
+    }
+
+    const ENFORCE: &[u8] = b"version: STSv1\nmode: enforce\nmx: mx.example.test\nmax_age: 3600\n";
+    const TESTING: &[u8] = b"version: STSv1\nmode: testing\nmx: mx.example.test\nmax_age: 3600\n";
+
+    fn record(id: &str) -> Record {
+        Record::Texts(vec![format!("v=STSv1; id={id}")])
+    }
+
+    /// As the resolver thread does: begin, and fetch when told to.
+    fn decide(
+        p: &Policies,
+        d: &str,
+        r: Record,
+        now: SystemTime,
+        fetch: impl FnOnce() -> Result<Vec<u8>, String>,
+    ) -> Sts {
+        match p.begin(d, r, now) {
+            Step::Done(s) => s,
+            Step::Fetch(id) => p.fetched(d, id, fetch(), now),
+        }
+    }
+
+    #[test]
+    fn a_cached_policy_outlives_failures_and_a_new_id_replaces_it() {
+        let dir = std::env::temp_dir().join(format!("volley-sts-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let p = policies(&dir);
+        let t0 = SystemTime::now();
+        let d = "example.test";
+        // No record, nothing cached: no policy.
+        assert!(matches!(
+            decide(&p, d, Record::Texts(vec![]), t0, || unreachable!()),
+            Sts::None
+        ));
+        // A record whose fetch fails, nothing cached: no policy, and why.
+        let s = decide(&p, d, record("a1"), t0, || Err("refused".into()));
+        assert!(
+            matches!(&s, Sts::Unavailable(why) if why.contains("refused")),
+            "{s:?}"
+        );
+        // Fetched and kept.
+        let s = decide(&p, d, record("a1"), t0, || Ok(ENFORCE.to_vec()));
+        assert_eq!(s.policy().unwrap().id, "a1");
+        // The same id: the cache, no fetch.
+        let s = decide(&p, d, record("a1"), t0, || unreachable!());
+        assert!(matches!(&s, Sts::Policy { note: None, .. }));
+        // Every failure keeps the cached policy in force, saying why.
+        for (r, fetch) in [
+            (Record::Failed("SERVFAIL".into()), None),
+            (Record::Texts(vec![]), None),
+            (
+                Record::Texts(vec!["v=STSv1; id=a1".into(), "v=STSv1; id=a2".into()]),
+                None,
+            ),
+            (record("a2"), Some("timed out")),
+            (record("a3"), Some("")),
+        ] {
+            let s = decide(&p, d, r, t0, || match fetch {
+                Some("") => Ok(b"not a policy".to_vec()),
+                Some(why) => Err(why.to_string()),
+                None => unreachable!("no fetch"),
+            });
+            match s {
+                Sts::Policy {
+                    cached,
+                    note: Some(why),
+                } => {
+                    assert_eq!(cached.id, "a1");
+                    assert!(why.contains("stays in force"), "{why}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // A new id that fetches replaces it; after a restart it is read back from disk.
+        let s = decide(&p, d, record("b2"), t0, || Ok(TESTING.to_vec()));
+        assert_eq!(s.policy().unwrap().id, "b2");
+        let again = policies(&dir);
+        let c = again.cached(d, t0).expect("kept on disk");
+        assert_eq!(
+            (c.id.as_str(), c.policy.mode),
+            ("b2", crate::policy::mta_sts::Mode::Testing)
+        );
+        // Past its max_age it is gone: a failed fetch then means no policy.
+        let later = t0 + Duration::from_secs(3601);
+        assert!(again.cached(d, later).is_none());
+        let s = decide(&again, d, record("b2"), later, || Err("refused".into()));
+        assert!(matches!(s, Sts::Unavailable(_)), "{s:?}");
+        // A name that is no safe file name is kept in memory only.
+        assert!(cache_file(&dir, "../etc").is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,460 @@
+//! MTA-STS (RFC 8461) over loopback: the bundled DNS publishes `_mta-sts` records,
+//! a policy server of this file's own serves the policy over HTTPS, and the sink
+//! presents certificates; all under a test CA given as `tls_roots`. Cases: enforce
+//! with a matching MX and a verifiable certificate (delivered over TLS), an MX the
+//! policy does not name and a certificate that does not verify (deferred, class
+//! policy, nothing accepted), testing mode (delivered as before), a new id replacing
+//! the cached policy, a fetch failure with and without a cached policy, a redirect
+//! not followed, and `volley tls show`.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The sink's Google MX: gmail.com routes to it.
+const MX: &str = "gmail-smtp-in.l.google.sink.test";
+/// How long a policy server runs at most.
+const SERVER_LIFE: Duration = Duration::from_secs(120);
+/// A run that has not ended by then is stopped (the assertions then fail).
+const RUN_LIMIT: Duration = Duration::from_secs(30);
+
+/// A test CA and what it signs.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+    /// The CA certificate as a PEM file: the `tls_roots`.
+    file: PathBuf,
+}
+
+fn ca(dir: &Path, name: &str) -> Ca {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let file = dir.join(format!("{name}.pem"));
+    std::fs::write(&file, cert.pem()).unwrap();
+    Ca { cert, key, file }
+}
+
+/// A certificate for `host` signed by `ca`, written as PEM files (the key 0600).
+fn issue(
+    ca: &Ca,
+    dir: &Path,
+    host: &str,
+) -> (PathBuf, PathBuf, rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![host.to_string()])
+        .unwrap()
+        .signed_by(&key, &ca.cert, &ca.key)
+        .unwrap();
+    let (c, k) = (
+        dir.join(format!("{host}.pem")),
+        dir.join(format!("{host}.key")),
+    );
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (c, k, cert, key)
+}
+
+/// What the policy server answers: a status line, a media type and a body.
+#[derive(Clone)]
+struct Answer {
+    status: &'static str,
+    content_type: &'static str,
+    body: String,
+}
+
+fn policy(mode: &str, mx: &str) -> Answer {
+    Answer {
+        status: "200 OK",
+        content_type: "text/plain",
+        body: format!("version: STSv1\r\nmode: {mode}\r\nmx: {mx}\r\nmax_age: 86400\r\n"),
+    }
+}
+
+/// An HTTPS server for `https://mta-sts.gmail.com/.well-known/mta-sts.txt` on
+/// 127.0.0.1, answering what `answer` holds; counts the requests.
+struct PolicyServer {
+    port: u16,
+    answer: Arc<Mutex<Answer>>,
+    requests: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for PolicyServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl PolicyServer {
+    fn start(cert: rcgen::Certificate, key: rcgen::KeyPair, answer: Answer) -> PolicyServer {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![cert.der().clone()],
+                    rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+                )
+                .unwrap(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let answer = Arc::new(Mutex::new(answer));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, n, s) = (answer.clone(), requests.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let until = Instant::now() + SERVER_LIFE;
+            while !s.load(Ordering::Relaxed) && Instant::now() < until {
+                let Ok((tcp, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                tcp.set_nonblocking(false).unwrap();
+                tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let conn = rustls::ServerConnection::new(tls.clone()).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                    match tls.read(&mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => break,
+                    }
+                }
+                if !head.starts_with(b"GET /.well-known/mta-sts.txt ") {
+                    continue;
+                }
+                n.fetch_add(1, Ordering::Relaxed);
+                let Answer {
+                    status,
+                    content_type,
+                    body,
+                } = a.lock().unwrap().clone();
+                let response = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nLocation: https://elsewhere.test/\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(response.as_bytes());
+                let _ = tls.flush();
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            }
+        });
+        PolicyServer {
+            port,
+            answer,
+            requests,
+            stop,
+        }
+    }
+
+    fn serve(&self, a: Answer) {
+        *self.answer.lock().unwrap() = a;
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+/// The sink with a certificate for the MX signed by `signer`, the DNS publishing
+/// gmail.com's `_mta-sts` record `id` and the policy host, a policy server under
+/// `ca` answering `answer`.
+struct World {
+    env: Env,
+    server: PolicyServer,
+    ca: Ca,
+    pki: PathBuf,
+}
+
+fn world(name: &str, signer: Option<&str>, id: &str, answer: Answer) -> World {
+    let pki = std::env::temp_dir().join(format!("volley-test-sts-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pki);
+    std::fs::create_dir_all(&pki).unwrap();
+    let ca = ca(&pki, "ca");
+    let other = ca_other(&pki);
+    let sink_ca = match signer {
+        Some("other") => &other,
+        _ => &ca,
+    };
+    let (cert_file, key_file, _, _) = issue(sink_ca, &pki, MX);
+    let env = env_with_certificate(name, cert_file, key_file);
+    let (_, _, cert, key) = issue(&ca, &pki, "mta-sts.gmail.com");
+    let server = PolicyServer::start(cert, key, answer);
+    {
+        let mut z = env.dns.zone.write().unwrap();
+        z.set_a("mta-sts.gmail.com", "127.0.0.1".parse().unwrap());
+    }
+    let w = World {
+        env,
+        server,
+        ca,
+        pki,
+    };
+    w.publish(id);
+    w
+}
+
+/// A second CA, which the run does not trust.
+fn ca_other(dir: &Path) -> Ca {
+    ca(dir, "other-ca")
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pki);
+    }
+}
+
+impl World {
+    fn publish(&self, id: &str) {
+        self.env
+            .dns
+            .zone
+            .write()
+            .unwrap()
+            .set_txt("_mta-sts.gmail.com", vec![format!("v=STSv1; id={id};")]);
+    }
+
+    fn config(&self) -> volley::deliver::config::EngineConfig {
+        let mut cfg = self.env.config();
+        cfg.tls_roots = Some(self.ca.file.clone());
+        cfg.https_port = self.server.port;
+        cfg
+    }
+
+    /// Sends `n` recipients at gmail.com as campaign `id` to the end: the log's
+    /// records of that campaign and the sink's accepted count after it. A campaign
+    /// that is to be deferred expires after 2 s, so the run ends and leaves nothing
+    /// queued for the next.
+    fn send(&self, id: &str, n: usize, deferred: bool) -> (Vec<serde_json::Value>, u64) {
+        let rows: Vec<String> = (0..n).map(|i| format!("{id}{i}@gmail.com,Ann")).collect();
+        let settings = if deferred {
+            "expire_after = \"2s\""
+        } else {
+            ""
+        };
+        let c = campaign(&self.env.dir, id, settings, &rows);
+        let cfg = self.config();
+        let log = cfg.log_path.clone();
+        self.env.send_for(Some(&c), cfg, Some(RUN_LIMIT));
+        let lines = log_lines(&log)
+            .into_iter()
+            .filter(|l| l["campaign"] == id)
+            .collect();
+        (lines, self.env.sink.summary().counts.rcpts_accepted)
+    }
+}
+
+/// Nothing delivered, and every attempt a deferral of class policy whose reply
+/// contains each of `words`.
+fn all_deferred(lines: &[serde_json::Value], words: &[&str]) {
+    assert!(
+        lines.iter().all(|l| l["type"] != "Delivery"),
+        "delivered: {lines:#?}"
+    );
+    let deferrals: Vec<_> = lines
+        .iter()
+        .filter(|l| l["type"] == "TransientFailure")
+        .collect();
+    assert!(!deferrals.is_empty(), "no deferral: {lines:#?}");
+    for l in deferrals {
+        assert_eq!(l["class"], "policy", "{l}");
+        assert_eq!(l["enhanced"], "4.7.5", "{l}");
+        let reply = l["reply"].as_str().unwrap();
+        for w in words {
+            assert!(reply.contains(w), "{w:?} not in {reply:?}");
+        }
+    }
+}
+
+#[test]
+fn an_enforced_policy_sends_verified_tls_to_the_mx_it_names_and_nothing_elsewhere() {
+    let w = world(
+        "sts-enforce",
+        None,
+        "1",
+        policy("enforce", "*.l.google.sink.test"),
+    );
+    let (lines, accepted) = w.send("match", 5, false);
+    assert_eq!(accepted, 5, "{lines:#?}");
+    for l in &lines {
+        assert_eq!(l["type"], "Delivery", "{l}");
+        assert!(l["tls"].as_str().is_some_and(|t| t.contains("TLS")), "{l}");
+    }
+    assert_eq!(w.server.requests(), 1, "fetched once");
+    // Kept under the spool with its id.
+    let kept = std::fs::read_to_string(w.env.dir.join("spool/mta-sts/gmail.com")).unwrap();
+    assert!(kept.starts_with("id 1\n"), "{kept}");
+
+    // A new id whose policy names other MX hosts: fetched, and nothing is sent.
+    w.server.serve(policy("enforce", "mx.elsewhere.test"));
+    w.publish("2");
+    let (lines, after) = w.send("elsewhere", 3, true);
+    assert_eq!(after, accepted, "sent to an MX the policy does not name");
+    all_deferred(
+        &lines,
+        &[
+            "MTA-STS policy of gmail.com (id 2, enforce)",
+            MX,
+            "RFC 8461",
+        ],
+    );
+    assert_eq!(w.server.requests(), 2);
+
+    // The same policy in testing mode: delivered as before (id 3).
+    w.server.serve(policy("testing", "mx.elsewhere.test"));
+    w.publish("3");
+    let (lines, after) = w.send("testing", 3, false);
+    assert_eq!(after, accepted + 3, "{lines:#?}");
+
+    // `volley tls show` says what is in force, and where it came from.
+    let (code, out, err) = common::daemon::volley(&[
+        "tls",
+        "show",
+        "gmail.com",
+        "--dns",
+        &w.env.dns.addr.to_string(),
+        "--tls-roots",
+        w.ca.file.to_str().unwrap(),
+        "--mta-sts-port",
+        &w.server.port.to_string(),
+        "--spool",
+        w.env.dir.join("spool").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    for words in [
+        &format!("MX              {MX}")[..],
+        "MTA-STS         id 3, mode testing, mx mx.elsewhere.test, max_age 86400 s",
+        "MX it allows: none",
+        "spool's cache   id 3",
+        "in effect       tls opportunistic",
+    ] {
+        assert!(out.contains(words), "{words:?} not in:\n{out}");
+    }
+}
+
+#[test]
+fn an_enforced_policy_refuses_a_certificate_it_cannot_verify() {
+    // The sink's certificate is signed by a CA the run does not trust.
+    let w = world("sts-badcert", Some("other"), "1", policy("enforce", MX));
+    let (lines, accepted) = w.send("untrusted", 3, true);
+    assert_eq!(
+        accepted, 0,
+        "delivered over a certificate that does not verify"
+    );
+    all_deferred(
+        &lines,
+        &[
+            MX,
+            "signature that does not verify",
+            "MTA-STS policy (enforce) requires TLS",
+        ],
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| !l["reply"].as_str().unwrap().contains("tls_verify off")),
+        "advice the operator cannot take under a domain's policy"
+    );
+    // In testing mode the same receiver gets the mail (opportunistic TLS).
+    w.server.serve(policy("testing", MX));
+    w.publish("2");
+    let (_, accepted) = w.send("testing", 3, false);
+    assert_eq!(accepted, 3);
+}
+
+#[test]
+fn a_failed_fetch_keeps_a_cached_policy_and_without_one_there_is_none() {
+    let unavailable = Answer {
+        status: "404 Not Found",
+        content_type: "text/plain",
+        body: "no".into(),
+    };
+    let w = world("sts-fetch", None, "1", unavailable);
+    // No policy to be had, none cached: delivered as without MTA-STS.
+    let (_, accepted) = w.send("nopolicy", 3, false);
+    assert_eq!(accepted, 3);
+    // A policy that would stop everything, fetched and cached (id 2).
+    w.server.serve(policy("enforce", "mx.elsewhere.test"));
+    w.publish("2");
+    let (lines, after) = w.send("cached", 2, true);
+    assert_eq!(after, accepted);
+    all_deferred(&lines, &["id 2, enforce"]);
+    // A new id whose fetch fails (a redirect, then a 500, then the wrong media
+    // type): the cached policy stays in force, and nothing is sent.
+    for (i, answer) in [
+        Answer {
+            status: "301 Moved Permanently",
+            content_type: "text/plain",
+            body: String::new(),
+        },
+        Answer {
+            status: "500 Internal Server Error",
+            content_type: "text/plain",
+            body: String::new(),
+        },
+        Answer {
+            content_type: "text/html",
+            ..policy("none", "mx.elsewhere.test")
+        },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        w.server.serve(answer);
+        w.publish(&format!("9{i}"));
+        let (lines, after) = w.send(&format!("failed{i}"), 2, true);
+        assert_eq!(after, accepted, "a failed fetch let mail through");
+        all_deferred(&lines, &["id 2, enforce"]);
+    }
+    // `tls show` (no cache of its own) says why none is in force.
+    let (code, out, err) = common::daemon::volley(&[
+        "tls",
+        "show",
+        "gmail.com",
+        "--dns",
+        &w.env.dns.addr.to_string(),
+        "--tls-roots",
+        w.ca.file.to_str().unwrap(),
+        "--mta-sts-port",
+        &w.server.port.to_string(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("none in force: the policy for id 92 could not be had")
+            && out.contains("not text/plain"),
+        "{out}"
+    );
+    w.server.serve(Answer {
+        status: "301 Moved Permanently",
+        content_type: "text/plain",
+        body: String::new(),
+    });
+    let (_, out, _) = common::daemon::volley(&[
+        "tls",
+        "show",
+        "gmail.com",
+        "--dns",
+        &w.env.dns.addr.to_string(),
+        "--tls-roots",
+        w.ca.file.to_str().unwrap(),
+        "--mta-sts-port",
+        &w.server.port.to_string(),
+    ]);
+    assert!(out.contains("a redirect, which is not followed"), "{out}");
+}
