@@ -500,10 +500,12 @@ fn a_campaign_held_back_by_its_own_rate_holds_back_no_other() {
     let fast = campaign(&env.dir, "fast", "", &fast_rows);
     let cfg = env.config();
     let log = cfg.log_path.clone();
+    let lock = ingest::lock_spool(&cfg.spool_dir, cfg.shards).unwrap();
     for c in [&slow, &fast] {
         let c = Campaign::load(c).unwrap_or_else(|p| panic!("{p:?}"));
         ingest::ingest(&c, &cfg.spool_dir, cfg.shards, cfg.segment_bytes).unwrap();
     }
+    drop(lock);
     // Stopped after 4 s: the slow campaign has sent ~8, the fast one everything.
     env.send_for(None, cfg, Some(Duration::from_secs(4)));
     let lines = log_lines(&log);
