@@ -6,11 +6,12 @@
 
 use crate::deliver::explain::{self, DnsProblem};
 use crate::deliver::mta_sts::{self, Policies, Record, Step, Sts, StsSettings};
-use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig, ResolverOpts};
-use hickory_resolver::error::{ResolveError, ResolveErrorKind};
-use hickory_resolver::proto::error::ProtoErrorKind;
+use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError, NoRecords};
 use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::TokioAsyncResolver;
+use hickory_resolver::proto::rr::RData;
+use hickory_resolver::TokioResolver;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -83,14 +84,16 @@ impl Resolver {
     /// nameserver given and /etc/resolv.conf unreadable, the thread not started.
     pub fn start(cfg: &DnsConfig, sts: Option<StsSettings>) -> anyhow::Result<Resolver> {
         let (config, mut opts) = match cfg.server {
-            Some(addr) => (
-                ResolverConfig::from_parts(
-                    None,
-                    vec![],
-                    NameServerConfigGroup::from_ips_clear(&[addr.ip()], addr.port(), true),
-                ),
-                ResolverOpts::default(),
-            ),
+            Some(addr) => {
+                let mut server = NameServerConfig::udp_and_tcp(addr.ip());
+                for c in &mut server.connections {
+                    c.port = addr.port();
+                }
+                (
+                    ResolverConfig::from_parts(None, vec![], vec![server]),
+                    ResolverOpts::default(),
+                )
+            }
             None => hickory_resolver::system_conf::read_system_conf().map_err(|e| {
                 anyhow::anyhow!("cannot read /etc/resolv.conf: {e}; give --dns ADDR:PORT")
             })?,
@@ -109,7 +112,20 @@ impl Resolver {
                     .build()
                     .expect("tokio runtime");
                 rt.block_on(async move {
-                    let resolver = Arc::new(TokioAsyncResolver::tokio(config, opts));
+                    let resolver = match TokioResolver::builder_with_config(
+                        config,
+                        TokioRuntimeProvider::default(),
+                    )
+                    .with_options(opts)
+                    .build()
+                    {
+                        Ok(r) => Arc::new(r),
+                        Err(e) => {
+                            // Every request is answered with the reason (lookup's `failed`).
+                            eprintln!("volley: the resolver could not start: {e}");
+                            return;
+                        }
+                    };
                     let policies = sts.map(|s| Arc::new(Policies::new(s)));
                     let permits = Arc::new(tokio::sync::Semaphore::new(LOOKUPS_IN_FLIGHT_MAX));
                     while let Some(req) = rx.recv().await {
@@ -160,22 +176,24 @@ impl Resolver {
     }
 }
 
-async fn resolve(r: &TokioAsyncResolver, domain: &str) -> Answer {
+async fn resolve(r: &TokioResolver, domain: &str) -> Answer {
     let fqdn = format!("{}.", domain.trim_end_matches('.'));
     let now = Instant::now();
     match r.mx_lookup(fqdn.as_str()).await {
         Ok(mx) => {
             let valid_until = mx.valid_until();
             let mut recs: Vec<(u16, String)> = mx
+                .answers()
                 .iter()
-                .map(|m| {
-                    (
-                        m.preference(),
-                        m.exchange()
+                .filter_map(|rec| match &rec.data {
+                    RData::MX(m) => Some((
+                        m.preference,
+                        m.exchange
                             .to_ascii()
                             .trim_end_matches('.')
                             .to_ascii_lowercase(),
-                    )
+                    )),
+                    _ => None,
                 })
                 .collect();
             if recs.len() == 1 && recs[0].1.is_empty() {
@@ -223,22 +241,22 @@ async fn resolve(r: &TokioAsyncResolver, domain: &str) -> Answer {
                 sts: Sts::None,
             }
         }
-        Err(e) => match e.kind() {
-            ResolveErrorKind::NoRecordsFound {
+        Err(e) => match no_records(&e) {
+            Some(NoRecords {
                 response_code: ResponseCode::NXDomain,
                 negative_ttl,
                 ..
-            } => Answer {
+            }) => Answer {
                 route: Route::NoSuchDomain(
                     explain::dns(domain, &DnsProblem::NoSuchDomain).to_string(),
                 ),
                 valid_until: now + Duration::from_secs(negative_ttl.unwrap_or(300).into()),
                 sts: Sts::None,
             },
-            ResolveErrorKind::NoRecordsFound {
+            Some(NoRecords {
                 response_code: ResponseCode::NoError,
                 ..
-            } => implicit_mx(r, domain, &fqdn).await,
+            }) => implicit_mx(r, domain, &fqdn).await,
             _ => Answer {
                 route: Route::TempFail(explain::dns(domain, &lookup_failed(&e)).to_string()),
                 valid_until: now + TEMPFAIL_CACHE,
@@ -248,18 +266,24 @@ async fn resolve(r: &TokioAsyncResolver, domain: &str) -> Answer {
     }
 }
 
+/// The "no records" answer an error carries (NXDOMAIN, or NOERROR with none of the
+/// type asked for), if it is one.
+fn no_records(e: &NetError) -> Option<&NoRecords> {
+    match e {
+        NetError::Dns(DnsError::NoRecordsFound(n)) => Some(n),
+        _ => None,
+    }
+}
+
 /// A failed lookup that says nothing about the domain itself: the DNS answered with
 /// an error code, did not answer, or could not be asked.
-fn lookup_failed(e: &ResolveError) -> DnsProblem {
-    match e.kind() {
-        ResolveErrorKind::NoRecordsFound { response_code, .. } => {
-            DnsProblem::ServerFailed(format!("{response_code:?}").to_uppercase())
-        }
-        ResolveErrorKind::Timeout => DnsProblem::TimedOut,
-        ResolveErrorKind::Proto(p) if matches!(p.kind(), ProtoErrorKind::Timeout) => {
-            DnsProblem::TimedOut
-        }
-        ResolveErrorKind::NoConnections => {
+fn lookup_failed(e: &NetError) -> DnsProblem {
+    let code = |c: &ResponseCode| DnsProblem::ServerFailed(format!("{c:?}").to_uppercase());
+    match e {
+        NetError::Dns(DnsError::NoRecordsFound(n)) => code(&n.response_code),
+        NetError::Dns(DnsError::ResponseCode(c)) => code(c),
+        NetError::Timeout => DnsProblem::TimedOut,
+        NetError::NoConnections => {
             DnsProblem::ResolverDown("no nameserver could be reached".into())
         }
         _ => DnsProblem::ResolverDown(e.to_string()),
@@ -267,7 +291,7 @@ fn lookup_failed(e: &ResolveError) -> DnsProblem {
 }
 
 /// No MX records: the domain's own address is the implicit MX (RFC 5321 §5.1).
-async fn implicit_mx(r: &TokioAsyncResolver, domain: &str, fqdn: &str) -> Answer {
+async fn implicit_mx(r: &TokioResolver, domain: &str, fqdn: &str) -> Answer {
     let now = Instant::now();
     match r.lookup_ip(fqdn).await {
         Ok(ips) => Answer {
@@ -279,11 +303,11 @@ async fn implicit_mx(r: &TokioAsyncResolver, domain: &str, fqdn: &str) -> Answer
             }]),
             sts: Sts::None,
         },
-        Err(e) => match e.kind() {
-            ResolveErrorKind::NoRecordsFound {
+        Err(e) => match no_records(&e) {
+            Some(NoRecords {
                 response_code: ResponseCode::NXDomain | ResponseCode::NoError,
                 ..
-            } => Answer {
+            }) => Answer {
                 route: Route::NoSuchDomain(
                     explain::dns(domain, &DnsProblem::NoRecords).to_string(),
                 ),
@@ -302,25 +326,29 @@ async fn implicit_mx(r: &TokioAsyncResolver, domain: &str, fqdn: &str) -> Answer
 /// The MTA-STS policy in force for `domain`: its `_mta-sts` TXT record, and when
 /// its id is new, the policy fetched (mta-sts.DOMAIN resolved here, the HTTPS
 /// request on a blocking thread).
-async fn sts_of(r: &TokioAsyncResolver, policies: &Arc<Policies>, domain: &str) -> Sts {
+async fn sts_of(r: &TokioResolver, policies: &Arc<Policies>, domain: &str) -> Sts {
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
     let record = match r.txt_lookup(format!("_mta-sts.{domain}.").as_str()).await {
         Ok(txt) => Record::Texts(
-            txt.iter()
-                .map(|t| {
+            txt.answers()
+                .iter()
+                .filter_map(|rec| match &rec.data {
                     // A record's strings are one text (RFC 7208 §3.3's rule, RFC 8461 §3.1).
-                    t.txt_data()
-                        .iter()
-                        .map(|s| String::from_utf8_lossy(s))
-                        .collect::<String>()
+                    RData::TXT(t) => Some(
+                        t.txt_data
+                            .iter()
+                            .map(|s| String::from_utf8_lossy(s))
+                            .collect::<String>(),
+                    ),
+                    _ => None,
                 })
                 .collect(),
         ),
-        Err(e) => match e.kind() {
-            ResolveErrorKind::NoRecordsFound {
+        Err(e) => match no_records(&e) {
+            Some(NoRecords {
                 response_code: ResponseCode::NXDomain | ResponseCode::NoError,
                 ..
-            } => Record::Texts(Vec::new()),
+            }) => Record::Texts(Vec::new()),
             _ => Record::Failed(
                 explain::dns(&format!("_mta-sts.{domain}"), &lookup_failed(&e)).to_string(),
             ),
