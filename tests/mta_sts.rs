@@ -182,6 +182,11 @@ struct World {
 }
 
 fn world(name: &str, signer: Option<&str>, id: &str, answer: Answer) -> World {
+    world_with(name, signer, true, id, answer)
+}
+
+/// As `world`; without `starttls` the sink offers no STARTTLS.
+fn world_with(name: &str, signer: Option<&str>, starttls: bool, id: &str, answer: Answer) -> World {
     let pki = std::env::temp_dir().join(format!("volley-test-sts-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&pki);
     std::fs::create_dir_all(&pki).unwrap();
@@ -192,7 +197,10 @@ fn world(name: &str, signer: Option<&str>, id: &str, answer: Answer) -> World {
         _ => &ca,
     };
     let (cert_file, key_file, _, _) = issue(sink_ca, &pki, MX);
-    let env = env_with_certificate(name, cert_file, key_file);
+    let env = match starttls {
+        true => env_with_certificate(name, cert_file, key_file),
+        false => env_with(name, "", false),
+    };
     let (_, _, cert, key) = issue(&ca, &pki, "mta-sts.gmail.com");
     let server = PolicyServer::start(cert, key, answer);
     {
@@ -260,9 +268,14 @@ impl World {
     }
 }
 
-/// Nothing delivered, and every attempt a deferral of class policy whose reply
-/// contains each of `words`.
+/// Nothing delivered, and every attempt a deferral of class policy, 4.7.5, whose
+/// reply contains each of `words`.
 fn all_deferred(lines: &[serde_json::Value], words: &[&str]) {
+    all_deferred_as(lines, "4.7.5", words)
+}
+
+/// As `all_deferred`, with the enhanced status code `enhanced`.
+fn all_deferred_as(lines: &[serde_json::Value], enhanced: &str, words: &[&str]) {
     assert!(
         lines.iter().all(|l| l["type"] != "Delivery"),
         "delivered: {lines:#?}"
@@ -274,7 +287,7 @@ fn all_deferred(lines: &[serde_json::Value], words: &[&str]) {
     assert!(!deferrals.is_empty(), "no deferral: {lines:#?}");
     for l in deferrals {
         assert_eq!(l["class"], "policy", "{l}");
-        assert_eq!(l["enhanced"], "4.7.5", "{l}");
+        assert_eq!(l["enhanced"], enhanced, "{l}");
         let reply = l["reply"].as_str().unwrap();
         for w in words {
             assert!(reply.contains(w), "{w:?} not in {reply:?}");
@@ -457,4 +470,13 @@ fn a_failed_fetch_keeps_a_cached_policy_and_without_one_there_is_none() {
         &w.server.port.to_string(),
     ]);
     assert!(out.contains("a redirect, which is not followed"), "{out}");
+}
+
+#[test]
+fn an_enforced_policy_sends_nothing_to_a_receiver_without_starttls() {
+    // STARTTLS stripped (or never offered): nothing goes in clear.
+    let w = world_with("sts-nostarttls", None, false, "1", policy("enforce", MX));
+    let (lines, accepted) = w.send("stripped", 3, true);
+    assert_eq!(accepted, 0, "sent in clear under an enforced policy");
+    all_deferred_as(&lines, "4.7.4", &[MX]);
 }

@@ -21,6 +21,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long a policy fetch may take, connection and body included.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a failed fetch, how long the same record id is not fetched again (the
+/// failure stands meanwhile): a policy host that hangs costs one fetch per id per
+/// period, not one per MX lookup.
+pub const FETCH_AGAIN_AFTER: Duration = Duration::from_secs(300);
+/// The longest a shard keeps a routing decided by an MTA-STS policy (an enforced
+/// site, or "no MX matches") before it looks the policy up again, whatever the MX
+/// TTL: a domain that fixes its policy is heard within minutes (RFC 8461 §5: check
+/// for a new policy before a failure is final).
+pub const STS_RECHECK: Duration = Duration::from_secs(300);
 
 /// Where and how policies are fetched and kept.
 #[derive(Clone)]
@@ -90,6 +99,8 @@ pub struct Policies {
     /// One lookup at a time per domain, so shards asking together fetch a new
     /// policy once (one entry per domain seen, as the shards' DNS caches hold).
     gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The last failed fetch per domain: its record id, when, and why.
+    failed: Mutex<HashMap<String, (String, SystemTime, String)>>,
 }
 
 impl Policies {
@@ -98,6 +109,7 @@ impl Policies {
             settings,
             memory: Mutex::new(HashMap::new()),
             gates: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -160,7 +172,13 @@ impl Policies {
                 cached: c,
                 note: None,
             },
-            (Ok(Some(id)), _) => return Step::Fetch(id),
+            (Ok(Some(id)), cached) => match self.recent_failure(domain, &id, now) {
+                None => return Step::Fetch(id),
+                Some(why) => match cached {
+                    Some(c) => kept(c, why),
+                    None => Sts::Unavailable(why),
+                },
+            },
             (Ok(None), Some(c)) => kept(c, "no _mta-sts record now".into()),
             (Ok(None), None) => Sts::None,
             (Err(why), Some(c)) => kept(c, why),
@@ -185,6 +203,7 @@ impl Policies {
         });
         match parsed {
             Ok((policy, body)) => {
+                self.failed.lock().expect("policies lock").remove(domain);
                 let c = Cached {
                     id,
                     policy,
@@ -198,6 +217,10 @@ impl Policies {
             }
             Err(why) => {
                 let why = format!("the policy for id {id} could not be had: {why}");
+                self.failed
+                    .lock()
+                    .expect("policies lock")
+                    .insert(domain.to_string(), (id, now, why.clone()));
                 match self.cached(domain, now) {
                     Some(c) => Sts::Policy {
                         cached: c,
@@ -207,6 +230,23 @@ impl Policies {
                 }
             }
         }
+    }
+}
+
+impl Policies {
+    /// Why the fetch of `domain`'s policy `id` failed, if it did less than
+    /// [`FETCH_AGAIN_AFTER`] before `now`.
+    fn recent_failure(&self, domain: &str, id: &str, now: SystemTime) -> Option<String> {
+        let failed = self.failed.lock().expect("policies lock");
+        let (fid, at, why) = failed.get(domain)?;
+        let recent = now.duration_since(*at).unwrap_or_default() < FETCH_AGAIN_AFTER;
+        (fid == id && recent).then(|| {
+            format!(
+                "{why} (at {}; not fetched again for {} s)",
+                humantime::format_rfc3339_seconds(*at),
+                FETCH_AGAIN_AFTER.as_secs()
+            )
+        })
     }
 }
 
@@ -264,10 +304,19 @@ pub fn fetch(domain: &str, addrs: &[IpAddr], settings: &StsSettings) -> Result<V
         }
         code => return Err(format!("{url} answered {code} {}", response.status_text())),
     }
-    if response.content_type() != "text/plain" {
+    // The media type without parameters, case aside; a missing header is no
+    // text/plain (ureq's content_type() would say it is).
+    let media = response.header("content-type").map(|v| {
+        v.split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase()
+    });
+    if media.as_deref() != Some("text/plain") {
         return Err(format!(
             "{url} is served as {}, not text/plain (RFC 8461 §3.2)",
-            response.content_type()
+            media.as_deref().unwrap_or("no Content-Type")
         ));
     }
     let mut body = Vec::new();
@@ -382,7 +431,7 @@ mod tests {
             Sts::None
         ));
         // A record whose fetch fails, nothing cached: no policy, and why.
-        let s = decide(&p, d, record("a1"), t0, || Err("refused".into()));
+        let s = decide(&p, d, record("a0"), t0, || Err("refused".into()));
         assert!(
             matches!(&s, Sts::Unavailable(why) if why.contains("refused")),
             "{s:?}"
@@ -434,6 +483,20 @@ mod tests {
         assert!(again.cached(d, later).is_none());
         let s = decide(&again, d, record("b2"), later, || Err("refused".into()));
         assert!(matches!(s, Sts::Unavailable(_)), "{s:?}");
+        // A failed id is not fetched again for FETCH_AGAIN_AFTER; then it is.
+        let s = decide(&again, d, record("c3"), later, || Err("hangs".into()));
+        assert!(matches!(s, Sts::Unavailable(_)));
+        let s = decide(&again, d, record("c3"), later, || {
+            unreachable!("fetched again")
+        });
+        assert!(
+            matches!(&s, Sts::Unavailable(why) if why.contains("not fetched again")),
+            "{s:?}"
+        );
+        let s = decide(&again, d, record("c3"), later + FETCH_AGAIN_AFTER, || {
+            Ok(ENFORCE.to_vec())
+        });
+        assert_eq!(s.policy().unwrap().id, "c3");
         // A name that is no safe file name is kept in memory only.
         assert!(cache_file(&dir, "../etc").is_none());
         let _ = std::fs::remove_dir_all(&dir);

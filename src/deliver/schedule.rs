@@ -104,8 +104,8 @@ pub struct Site {
     pub(crate) rcpt_limit: Cell<usize>,
     /// Connections in a row every host refused for its connection limit.
     pub refusals: Refusals,
-    /// Its TLS requirement comes from the domain's MTA-STS policy in enforce mode
-    /// (for the reasons a failure is logged with).
+    /// An MTA-STS policy in enforce mode holds for its domains: TLS is required
+    /// and the certificate verified (`tls`, `tls_verify`), whatever the rules say.
     pub mta_sts: bool,
 }
 
@@ -177,19 +177,27 @@ impl Site {
             .as_ref()
             .map_or(Duration::from_secs(5), |v| v.value)
     }
+    /// STARTTLS: required under an enforced MTA-STS policy, whatever the rules say
+    /// (a reload replaces the rule, never this); else the rule's.
     pub fn tls(&self) -> TlsMode {
+        if self.mta_sts {
+            return TlsMode::Required;
+        }
         self.rule
             .borrow()
             .tls
             .as_ref()
             .map_or(TlsMode::Opportunistic, |v| v.value)
     }
+    /// Whether the certificate is verified: always under an enforced MTA-STS policy.
     pub fn tls_verify(&self) -> bool {
-        self.rule
-            .borrow()
-            .tls_verify
-            .as_ref()
-            .is_some_and(|v| v.value)
+        self.mta_sts
+            || self
+                .rule
+                .borrow()
+                .tls_verify
+                .as_ref()
+                .is_some_and(|v| v.value)
     }
     /// Limiters a message sent from `source` passes.
     pub fn chain(&self, source: Option<usize>) -> Vec<&Limiter> {
@@ -859,5 +867,37 @@ mod tests {
         ] {
             assert_eq!(when_idle(&quits, now), IdleStep::Quit);
         }
+    }
+
+    #[test]
+    fn an_enforced_mta_sts_policy_outlasts_any_rule() {
+        use crate::policy::shaping::rules::Set;
+        let limiter = Rc::new(Limiter::new(
+            "site:mx".into(),
+            &Rule::default(),
+            1,
+            0,
+            Instant::now(),
+        ));
+        let rule = Rule {
+            tls: Some(Set::cli(TlsMode::Disabled)),
+            tls_verify: Some(Set::cli(false)),
+            ..Rule::default()
+        };
+        let mut site = Site::new(
+            "|mx".into(),
+            Rc::from("example.test"),
+            Rc::from(Vec::new()),
+            rule.clone(),
+            vec![limiter],
+            Vec::new(),
+            8,
+        );
+        assert_eq!((site.tls(), site.tls_verify()), (TlsMode::Disabled, false));
+        site.mta_sts = true;
+        assert_eq!((site.tls(), site.tls_verify()), (TlsMode::Required, true));
+        // A reload (SIGHUP) replaces the rule; the policy still holds.
+        *site.rule.borrow_mut() = rule;
+        assert_eq!((site.tls(), site.tls_verify()), (TlsMode::Required, true));
     }
 }

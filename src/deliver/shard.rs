@@ -29,7 +29,6 @@ use crate::policy::retry::{self, Decision};
 use crate::policy::shaping::rules::{Rule, Rules, Set};
 use crate::policy::shaping::{self, Change, Limiter};
 use crate::smtp::client::Stage;
-use crate::smtp::client::TlsMode;
 use crate::smtp::reply::Reply;
 use crate::spool::inbox::Inbound;
 use crate::spool::ingest::{shard_dir, Instance, Instances};
@@ -556,25 +555,29 @@ impl Shard {
             (Reply::new(code, Some(enhanced), why), permanent)
         };
         let (state, route) = match answer.route {
-            Route::Hosts(hosts) => match sts_hosts(&domain, hosts, &answer.sts) {
-                Ok((hosts, enforced)) => (
-                    DomainState::Routed {
-                        hosts: hosts.into(),
-                        sites: Vec::new(),
-                        until,
-                        enforced,
-                    },
-                    Ok(()),
-                ),
-                Err(reply) => (
-                    DomainState::Failed {
-                        reply: reply.clone(),
-                        permanent: false,
-                        until,
-                    },
-                    Err((reply, false)),
-                ),
-            },
+            Route::Hosts(hosts) => {
+                // A routing an MTA-STS policy decided is looked up again soon.
+                let sts_until = until.min(Instant::now() + crate::deliver::mta_sts::STS_RECHECK);
+                match sts_hosts(&domain, hosts, &answer.sts) {
+                    Ok((hosts, enforced)) => (
+                        DomainState::Routed {
+                            hosts: hosts.into(),
+                            sites: Vec::new(),
+                            until: if enforced { sts_until } else { until },
+                            enforced,
+                        },
+                        Ok(()),
+                    ),
+                    Err(reply) => (
+                        DomainState::Failed {
+                            reply: reply.clone(),
+                            permanent: false,
+                            until: sts_until,
+                        },
+                        Err((reply, false)),
+                    ),
+                }
+            }
             Route::NullMx => {
                 let why = crate::deliver::explain::dns(
                     &domain,
@@ -687,20 +690,11 @@ impl Shard {
                 }
             })
             .collect();
-        let mut rule = rules.effective(domain, provider);
-        if enforced {
-            let from: Arc<str> = Arc::from("MTA-STS policy (enforce)");
-            rule.tls = Some(Set {
-                value: TlsMode::Required,
-                from: from.clone(),
-            });
-            rule.tls_verify = Some(Set { value: true, from });
-        }
         let mut site = Site::new(
             key.clone(),
             Rc::from(domain),
             hosts,
-            rule,
+            rules.effective(domain, provider),
             limits,
             sources,
             self.cfg.window,
