@@ -50,6 +50,9 @@ const RECIPIENTS: usize = 12;
 const LOADED_RECIPIENTS: usize = 150;
 const LOADED_SEEDS: u64 = 100;
 const EXPIRE: Duration = Duration::from_secs(4 * 3600);
+/// The second campaign's maximum age: its recipients expire at fronts the first's
+/// do not.
+const OTHER_EXPIRE: Duration = Duration::from_secs(3600);
 /// Breaks before a reply a recipient is put back for (the engine's default).
 const REQUEUES_MAX: u32 = 3;
 /// What an operator pauses in some seeds.
@@ -140,15 +143,26 @@ struct Rcpt {
     aborts: u32,
 }
 
-/// The campaign every simulated recipient belongs to, as the scheduler asks of it.
+/// The two campaigns the simulated recipients belong to, as the scheduler asks of
+/// them: instance 0 ("sim") and instance 1 ("other"), which expires sooner.
 struct Campaign {
     expire_at: SystemTime,
+    other_expire_at: SystemTime,
     rcpts_per_msg: usize,
 }
 
+impl Campaign {
+    fn expire_at_of(&self, instance: u32) -> SystemTime {
+        match instance {
+            0 => self.expire_at,
+            _ => self.other_expire_at,
+        }
+    }
+}
+
 impl Campaigns for Campaign {
-    fn expire_at(&self, _: &Job) -> SystemTime {
-        self.expire_at
+    fn expire_at(&self, job: &Job) -> SystemTime {
+        self.expire_at_of(job.instance)
     }
     fn with_id<R>(&self, instance: u32, f: impl FnOnce(&str) -> R) -> R {
         f(if instance == 0 { "sim" } else { "other" })
@@ -200,6 +214,8 @@ struct Sim<'c> {
     rate: f64,
     /// The campaign's own rate (`campaign:sim`), if it has one.
     campaign_rate: Option<f64>,
+    /// That rate's limiter, as the scheduler holds it.
+    campaign_limiter: Option<Rc<Limiter>>,
     /// An operator's pause of `domain:d1.test` from then until then, and whether it
     /// is on.
     pause: Option<(Duration, Duration)>,
@@ -279,7 +295,7 @@ impl<'c> Sim<'c> {
         let (due, expired) = self.sched.due(&self.campaign, now);
         for job in expired {
             assert!(
-                self.sys() >= self.campaign.expire_at,
+                self.sys() >= self.campaign.expire_at_of(job.instance),
                 "seed {}: expired before its time",
                 self.seed
             );
@@ -394,7 +410,7 @@ impl<'c> Sim<'c> {
         job.attempts += 1;
         self.rcpts[i].attempts = job.attempts;
         let verdict = (!reply.is_positive()).then(|| self.classifier.classify(reply));
-        let expire_at = self.campaign.expire_at;
+        let expire_at = self.campaign.expire_at_of(job.instance);
         let d = decide(
             reply,
             verdict,
@@ -414,7 +430,7 @@ impl<'c> Sim<'c> {
                 // (a millisecond of rounding in the record).
                 let least = after
                     .mul_f64(0.9)
-                    .min(EXPIRE.saturating_sub(self.now))
+                    .min(expire_at.duration_since(self.sys()).unwrap_or_default())
                     .saturating_sub(Duration::from_millis(1));
                 assert!(
                     due >= self.now + least,
@@ -513,14 +529,30 @@ impl<'c> Sim<'c> {
         let max_msgs = self.site.max_msgs_per_conn();
         while c.established && c.client.can_submit() && c.sent < max_msgs {
             let now = self.at();
+            // Whether the rated campaign has recipients set aside that its rate lets go
+            // now: then they go first (it is held back, never starved).
+            // (A pause may hold them, and some may have outlived their age.)
+            let rated_may_go = !self.paused
+                && self.campaign_limiter.as_ref().is_some_and(|l| {
+                    l.msg_wait(now.at).is_none()
+                        && self.site.queued() > self.site.queue.borrow().len()
+                });
             let Take { expired, next } = self.sched.take(&self.site, &chain, &self.campaign, now);
+            let rated_expired = expired.iter().any(|j| j.instance == 0);
             for job in expired {
                 assert!(
-                    self.sys() >= self.campaign.expire_at,
+                    self.sys() >= self.campaign.expire_at_of(job.instance),
                     "seed {}: expired before its time",
                     self.seed
                 );
                 self.terminal(&job, Decision::Expired);
+            }
+            if let (true, false, Next::Batch(jobs)) = (rated_may_go, rated_expired, &next) {
+                assert_eq!(
+                    jobs[0].instance, 0,
+                    "seed {}: the rated campaign's set-aside recipients were passed over while its rate let them go",
+                    self.seed
+                );
             }
             let jobs = match next {
                 Next::Batch(jobs) => jobs,
@@ -551,8 +583,13 @@ impl<'c> Sim<'c> {
                     r.next_at
                 );
                 assert!(
-                    self.now < EXPIRE,
+                    self.sys() < self.campaign.expire_at_of(j.instance),
                     "seed {}: attempt past the expiry",
+                    self.seed
+                );
+                assert!(
+                    j.instance == jobs[0].instance,
+                    "seed {}: a batch of two campaigns",
                     self.seed
                 );
                 assert!(
@@ -801,8 +838,8 @@ fn simulate(seed: u64, recipients: usize) -> Summary {
             max_msg_rate: Some(Set::cli(parse_per(&format!("{r}/s")).unwrap())),
             ..Rule::default()
         };
-        let l = Limiter::new("campaign:sim".into(), &rule, 1, 0, base);
-        job_limits.insert("campaign:sim".to_string(), Rc::new(l));
+        let l = Rc::new(Limiter::new("campaign:sim".into(), &rule, 1, 0, base));
+        job_limits.insert("campaign:sim".to_string(), l);
     }
     let pause = (rng.u32(0..3) == 0).then(|| {
         let from = Duration::from_millis(rng.u64(0..10_000));
@@ -812,10 +849,11 @@ fn simulate(seed: u64, recipients: usize) -> Summary {
         seed,
         now: Duration::ZERO,
         base,
-        sched: Scheduler::new(base, window, REQUEUES_MAX, job_limits),
+        sched: Scheduler::new(base, window, REQUEUES_MAX, job_limits.clone()),
         site,
         campaign: Campaign {
             expire_at: sys_base + EXPIRE,
+            other_expire_at: sys_base + OTHER_EXPIRE,
             rcpts_per_msg: rng.usize(1..=3),
         },
         limiter,
@@ -825,6 +863,7 @@ fn simulate(seed: u64, recipients: usize) -> Summary {
         scfg: &scfg,
         rate: rate as f64,
         campaign_rate: campaign_rate.map(f64::from),
+        campaign_limiter: job_limits.get("campaign:sim").cloned(),
         pause,
         paused: false,
         resumed: 0,

@@ -108,7 +108,7 @@ pub async fn run(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>) {
         && !(refused_for_connections(&shard, &last) && site.refusals.again(Instant::now()))
     {
         // Every host failed: the whole destination waits, not message by message.
-        let jobs: Vec<Job> = site.queue.borrow_mut().drain(..).collect();
+        let jobs = site.take_queued();
         let text = format!(
             "no MX host took the mail; the last failure: {}",
             last.reply.text
@@ -419,7 +419,7 @@ async fn session(
                 stopping: shard.stop_requested(),
                 // Over the connection cap after a back-off: this one gives way.
                 over_cap: chain.iter().any(|l| l.over_cap()),
-                queue_empty: site.queue.borrow().is_empty(),
+                queue_empty: site.queued() == 0,
                 paced,
                 idle_for: now.saturating_duration_since(since),
                 idle_timeout,

@@ -84,6 +84,10 @@ pub struct Site {
     pub provider: Arc<str>,
     pub hosts: Rc<[MxHost]>,
     pub queue: RefCell<VecDeque<Job>>,
+    /// Runs of recipients their own domain's or campaign's rate holds back, set
+    /// aside so the rest of the queue goes at the destination's rate; served first,
+    /// in turn, whenever their rate allows (`Scheduler::take`).
+    pub(crate) parked: RefCell<VecDeque<Parked>>,
     pub conns: Cell<usize>,
     /// The domain the site was made for (its rules are looked up by it).
     pub(crate) domain: Rc<str>,
@@ -107,6 +111,13 @@ pub struct Site {
     /// An MTA-STS policy in enforce mode holds for its domains: TLS is required
     /// and the certificate verified (`tls`, `tls_verify`), whatever the rules say.
     pub mta_sts: bool,
+}
+
+/// Recipients of one domain and campaign instance held back by their own rate.
+pub(crate) struct Parked {
+    pub(crate) domain: Rc<str>,
+    pub(crate) instance: u32,
+    pub(crate) jobs: VecDeque<Job>,
 }
 
 /// A pool's source address and its limiter towards one destination.
@@ -135,6 +146,7 @@ impl Site {
             provider: Arc::from(crate::observe::metrics::OTHER_PROVIDER),
             hosts,
             queue: RefCell::new(VecDeque::new()),
+            parked: RefCell::new(VecDeque::new()),
             conns: Cell::new(0),
             domain,
             rule: RefCell::new(rule),
@@ -199,6 +211,51 @@ impl Site {
                 .as_ref()
                 .is_some_and(|v| v.value)
     }
+    /// Recipients waiting to be sent: its queue and its parked runs.
+    pub fn queued(&self) -> usize {
+        self.queue.borrow().len()
+            + self
+                .parked
+                .borrow()
+                .iter()
+                .map(|p| p.jobs.len())
+                .sum::<usize>()
+    }
+
+    /// Takes every recipient waiting to be sent (its queue and parked runs).
+    pub fn take_queued(&self) -> Vec<Job> {
+        let mut out: Vec<Job> = self.queue.borrow_mut().drain(..).collect();
+        for p in self.parked.borrow_mut().drain(..) {
+            out.extend(p.jobs);
+        }
+        out
+    }
+
+    /// Takes the waiting recipients `takes` picks, keeping the others in order.
+    pub fn take_where(&self, takes: impl Fn(&Job) -> bool) -> Vec<Job> {
+        let mut out = Vec::new();
+        let mut q = self.queue.borrow_mut();
+        let (taken, kept): (VecDeque<Job>, VecDeque<Job>) = q.drain(..).partition(&takes);
+        *q = kept;
+        out.extend(taken);
+        let mut parked = self.parked.borrow_mut();
+        for p in parked.iter_mut() {
+            let (taken, kept): (VecDeque<Job>, VecDeque<Job>) = p.jobs.drain(..).partition(&takes);
+            p.jobs = kept;
+            out.extend(taken);
+        }
+        parked.retain(|p| !p.jobs.is_empty());
+        out
+    }
+
+    /// Calls `f` with each waiting recipient (its queue, then its parked runs).
+    pub fn for_each_queued(&self, mut f: impl FnMut(&Job)) {
+        self.queue.borrow().iter().for_each(&mut f);
+        for p in self.parked.borrow().iter() {
+            p.jobs.iter().for_each(&mut f);
+        }
+    }
+
     /// Limiters a message sent from `source` passes.
     pub fn chain(&self, source: Option<usize>) -> Vec<&Limiter> {
         let mut c: Vec<&Limiter> = self.limits.iter().map(|l| &**l).collect();
@@ -468,9 +525,11 @@ impl Scheduler {
     /// up to the site's and the campaign's recipients per message, of one domain and
     /// campaign, not held by a pause. The message is admitted by `chain` and by the
     /// operator's rate for its domain or campaign together, so a limiter that holds it
-    /// back spends no other's admission. A recipient its own domain's or campaign's
-    /// rate holds back goes behind the rest of the queue (in order with its own), so
-    /// a slow campaign does not hold back another to the same destination.
+    /// back spends no other's admission. A run of recipients its own domain's or
+    /// campaign's rate holds back is parked beside the queue (`Site::parked`), so a
+    /// slow campaign holds back no other to the same destination, and is served
+    /// first whenever its rate allows, so it is not starved either. Every recipient
+    /// that reaches a front past its campaign's maximum age is returned as expired.
     pub fn take(
         &self,
         site: &Site,
@@ -478,8 +537,8 @@ impl Scheduler {
         campaigns: &impl Campaigns,
         now: Now,
     ) -> Take {
-        let expired = take_expired(site, campaigns, now.wall);
-        let next = self.next_batch(site, chain, campaigns, now.at);
+        let mut expired = Vec::new();
+        let next = self.next_batch(site, chain, campaigns, now, &mut expired);
         Take { expired, next }
     }
 
@@ -488,71 +547,100 @@ impl Scheduler {
         site: &Site,
         chain: &[&Limiter],
         campaigns: &impl Campaigns,
-        now: Instant,
+        now: Now,
+        expired: &mut Vec<Job>,
     ) -> Next {
-        let mut q = site.queue.borrow_mut();
         let paused = self.paused.borrow();
         let limits = self.job_limits.borrow();
-        let mut admitting: Vec<&Limiter> = chain.to_vec();
-        // Recipients moved behind the rest, and the earliest their rates let one go:
-        // once every one was moved, none may go yet.
-        let (mut moved, mut earliest): (usize, Option<Instant>) = (0, None);
-        loop {
-            let Some(first) = q.front() else {
-                return Next::Empty;
+        // The limiters of a run's own domain and campaign, and whether a pause holds it.
+        let own = |domain: &str, instance: u32| {
+            let keys = [
+                format!("domain:{domain}"),
+                campaigns.with_id(instance, |id| format!("campaign:{id}")),
+            ];
+            let held = keys.iter().any(|k| paused.contains(k));
+            let own: Vec<&Limiter> = keys
+                .iter()
+                .filter_map(|k| limits.get(k))
+                .map(|l| &**l)
+                .collect();
+            (held, own)
+        };
+        // The soonest a rate lets a held-back run go.
+        let mut earliest: Option<Instant> = None;
+        // Parked runs first, in turn: the first its rates let go.
+        let mut parked = site.parked.borrow_mut();
+        for _ in 0..parked.len() {
+            let mut run = parked.pop_front().expect("counted");
+            take_expired(&mut run.jobs, campaigns, now.wall, expired);
+            let Some(first) = run.jobs.front() else {
+                continue;
             };
-            if paused.is_empty() && limits.is_empty() {
-                break;
+            let (held, own) = own(&first.domain, first.instance);
+            if held {
+                self.held.borrow_mut().extend(run.jobs);
+                continue;
             }
-            let (domain, campaign) = (
-                format!("domain:{}", first.domain),
-                campaigns.with_id(first.instance, |id| format!("campaign:{id}")),
-            );
-            if paused.contains(&domain) || paused.contains(&campaign) {
+            if let Some(at) = own.iter().filter_map(|l| l.msg_wait(now.at)).max() {
+                earliest = Some(earliest.map_or(at, |e| e.min(at)));
+                parked.push_back(run);
+                continue;
+            }
+            let admitting: Vec<&Limiter> = chain.iter().copied().chain(own).collect();
+            if let Some(at) = shaping::admit(&admitting, now.at) {
+                parked.push_front(run);
+                return Next::Paced(at);
+            }
+            let jobs = batch(&mut run.jobs, site, campaigns);
+            if !run.jobs.is_empty() {
+                parked.push_back(run);
+            }
+            return Next::Batch(jobs);
+        }
+        let mut q = site.queue.borrow_mut();
+        loop {
+            take_expired(&mut q, campaigns, now.wall, expired);
+            let Some(first) = q.front() else {
+                return earliest.map_or(Next::Empty, Next::Paced);
+            };
+            let (domain, instance) = (first.domain.clone(), first.instance);
+            let (held, own) = if paused.is_empty() && limits.is_empty() {
+                (false, Vec::new())
+            } else {
+                own(&domain, instance)
+            };
+            if held {
                 self.held.borrow_mut().push(q.pop_front().expect("front"));
                 continue;
             }
-            let own: Vec<&Limiter> = [limits.get(&domain), limits.get(&campaign)]
-                .into_iter()
-                .flatten()
-                .map(|l| &**l)
-                .collect();
-            if let Some(at) = own.iter().filter_map(|l| l.msg_wait(now)).max() {
-                let soonest = earliest.map_or(at, |e| e.min(at));
-                earliest = Some(soonest);
-                // The run at the front of this domain and campaign instance shares
-                // these rates: it moves behind the rest at once (one memmove).
-                let run = q
+            if let Some(at) = own.iter().filter_map(|l| l.msg_wait(now.at)).max() {
+                // The run at the front shares these rates: parked whole, beside its
+                // earlier ones of the same domain and instance if there are any.
+                earliest = Some(earliest.map_or(at, |e| e.min(at)));
+                let n = q
                     .iter()
-                    .take_while(|j| j.domain == first.domain && j.instance == first.instance)
+                    .take_while(|j| j.domain == domain && j.instance == instance)
                     .count();
-                if moved + run >= q.len() {
-                    return Next::Paced(soonest);
+                let run: Vec<Job> = q.drain(..n).collect();
+                match parked
+                    .iter_mut()
+                    .find(|p| p.domain == domain && p.instance == instance)
+                {
+                    Some(p) => p.jobs.extend(run),
+                    None => parked.push_back(Parked {
+                        domain,
+                        instance,
+                        jobs: run.into(),
+                    }),
                 }
-                q.rotate_left(run);
-                moved += run;
                 continue;
             }
-            admitting.extend(own);
-            break;
-        }
-        if let Some(at) = shaping::admit(&admitting, now) {
-            return Next::Paced(at);
-        }
-        let first = q.pop_front().expect("checked");
-        let max = campaigns
-            .rcpts_per_msg(first.instance)
-            .min(site.max_rcpt_per_msg());
-        let mut jobs = vec![first];
-        while jobs.len() < max {
-            match q.front() {
-                Some(j) if j.domain == jobs[0].domain && j.instance == jobs[0].instance => {
-                    jobs.push(q.pop_front().expect("front"))
-                }
-                _ => break,
+            let admitting: Vec<&Limiter> = chain.iter().copied().chain(own).collect();
+            if let Some(at) = shaping::admit(&admitting, now.at) {
+                return Next::Paced(at);
             }
+            return Next::Batch(batch(&mut q, site, campaigns));
         }
-        Next::Batch(jobs)
     }
 
     /// Puts `jobs`, which a broken connection cut off before any reply, back at the
@@ -602,7 +690,8 @@ impl Scheduler {
         }
         loop {
             let conns = site.conns.get();
-            let queued = site.queue.borrow().len();
+            // Parked runs wait on their own rate: they need a connection, not more.
+            let queued = site.queue.borrow().len() + usize::from(!site.parked.borrow().is_empty());
             if queued == 0 || (conns > 0 && queued <= conns * self.window) {
                 return open;
             }
@@ -731,20 +820,38 @@ pub fn is_expired(campaigns: &impl Campaigns, job: &Job, now: SystemTime) -> boo
     retry::is_expired(now, campaigns.expire_at(job))
 }
 
-/// Takes out of `site`'s queue the recipients at its front that are past their
-/// campaign's maximum age at `now`. Every recipient is at the front before it is
-/// sent, and its batch-mates share its instance (and so its age), so the front is
-/// enough.
-fn take_expired(site: &Site, campaigns: &impl Campaigns, now: SystemTime) -> Vec<Job> {
-    let mut q = site.queue.borrow_mut();
-    let mut out = Vec::new();
-    while let Some(first) = q.front() {
-        if !is_expired(campaigns, first, now) {
-            break;
-        }
+/// Moves the recipients at the front of `q` that are past their campaign's maximum
+/// age at `now` to `out`. Every recipient reaches a front before it is sent, and its
+/// batch-mates share its instance (and so its age), so the front is enough.
+fn take_expired(
+    q: &mut VecDeque<Job>,
+    campaigns: &impl Campaigns,
+    now: SystemTime,
+    out: &mut Vec<Job>,
+) {
+    while q.front().is_some_and(|j| is_expired(campaigns, j, now)) {
         out.push(q.pop_front().expect("front"));
     }
-    out
+}
+
+/// One transaction's recipients from the front of `q`: its first and those after it
+/// of the same domain and instance, up to the campaign's and the site's recipients per
+/// message.
+fn batch(q: &mut VecDeque<Job>, site: &Site, campaigns: &impl Campaigns) -> Vec<Job> {
+    let first = q.pop_front().expect("a front to take");
+    let max = campaigns
+        .rcpts_per_msg(first.instance)
+        .min(site.max_rcpt_per_msg());
+    let mut jobs = vec![first];
+    while jobs.len() < max {
+        match q.front() {
+            Some(j) if j.domain == jobs[0].domain && j.instance == jobs[0].instance => {
+                jobs.push(q.pop_front().expect("front"))
+            }
+            _ => break,
+        }
+    }
+    jobs
 }
 
 /// Weighted random choice among the sources that may open a connection at `now`.

@@ -36,7 +36,7 @@ use crate::spool::{Deferral, LastReply, RecordRef, Spool, Terminal};
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use std::cell::{Cell, Ref, RefCell};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -404,12 +404,7 @@ pub fn run(
         sh.commit(true)?;
         // The last outcomes reach the metrics too.
         let limiters: Vec<Rc<Limiter>> = sh.limiters.borrow().values().cloned().collect();
-        let ready = sh
-            .sites
-            .borrow()
-            .values()
-            .map(|s| s.queue.borrow().len() as u64)
-            .sum();
+        let ready = sh.sites.borrow().values().map(|s| s.queued() as u64).sum();
         let retry = sh.sched.waiting() as u64;
         sh.publish_metrics(&limiters, ready, retry, Instant::now());
         anyhow::Ok(())
@@ -920,7 +915,7 @@ impl Shard {
             .sites
             .borrow()
             .values()
-            .filter(|s| !s.queue.borrow().is_empty())
+            .filter(|s| s.queued() > 0)
             .cloned()
             .collect();
         for site in &sites {
@@ -939,12 +934,7 @@ impl Shard {
                     ));
                 }
             }
-            let ready: usize = self
-                .sites
-                .borrow()
-                .values()
-                .map(|s| s.queue.borrow().len())
-                .sum();
+            let ready: usize = self.sites.borrow().values().map(|s| s.queued()).sum();
             let waiting = self.sched.waiting();
             if ready + waiting > 0 {
                 lines.push(format!(

@@ -129,10 +129,7 @@ impl Shard {
     fn take_queued(&self, takes: impl Fn(&Job) -> bool + Copy) -> Vec<Job> {
         let mut out: Vec<Job> = Vec::new();
         for site in self.sites.borrow().values() {
-            let mut q = site.queue.borrow_mut();
-            let (taken, kept): (VecDeque<Job>, VecDeque<Job>) = q.drain(..).partition(takes);
-            *q = kept;
-            out.extend(taken);
+            out.extend(site.take_where(takes));
         }
         let mut held = self.sched.held.borrow_mut();
         let (taken, kept): (Vec<Job>, Vec<Job>) = held.drain(..).partition(takes);

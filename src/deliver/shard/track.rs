@@ -29,10 +29,7 @@ impl Shard {
             }
         };
         for site in self.sites.borrow().values() {
-            site.queue
-                .borrow()
-                .iter()
-                .for_each(|j| take(j, "ready", None));
+            site.for_each_queued(|j| take(j, "ready", None));
         }
         self.sched
             .held
