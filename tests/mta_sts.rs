@@ -238,6 +238,27 @@ impl World {
             .set_txt("_mta-sts.gmail.com", vec![format!("v=STSv1; id={id};")]);
     }
 
+    /// `volley tls show gmail.com` against this world, with its spool's cache or not.
+    fn tls_show(&self, with_spool: bool) -> (i32, String, String) {
+        let (dns, port) = (self.env.dns.addr.to_string(), self.server.port.to_string());
+        let spool = self.env.dir.join("spool");
+        let mut args = vec![
+            "tls",
+            "show",
+            "gmail.com",
+            "--dns",
+            &dns,
+            "--tls-roots",
+            self.ca.file.to_str().unwrap(),
+            "--mta-sts-port",
+            &port,
+        ];
+        if with_spool {
+            args.extend(["--spool", spool.to_str().unwrap()]);
+        }
+        common::daemon::volley(&args)
+    }
+
     fn config(&self) -> volley::deliver::config::EngineConfig {
         let mut cfg = self.env.config();
         cfg.tls_roots = Some(self.ca.file.clone());
@@ -336,19 +357,7 @@ fn an_enforced_policy_sends_verified_tls_to_the_mx_it_names_and_nothing_elsewher
     assert_eq!(after, accepted + 3, "{lines:#?}");
 
     // `volley tls show` says what is in force, and where it came from.
-    let (code, out, err) = common::daemon::volley(&[
-        "tls",
-        "show",
-        "gmail.com",
-        "--dns",
-        &w.env.dns.addr.to_string(),
-        "--tls-roots",
-        w.ca.file.to_str().unwrap(),
-        "--mta-sts-port",
-        &w.server.port.to_string(),
-        "--spool",
-        w.env.dir.join("spool").to_str().unwrap(),
-    ]);
+    let (code, out, err) = w.tls_show(true);
     assert_eq!(code, 0, "{out}{err}");
     for words in [
         &format!("MX              {MX}")[..],
@@ -436,17 +445,7 @@ fn a_failed_fetch_keeps_a_cached_policy_and_without_one_there_is_none() {
         all_deferred(&lines, &["id 2, enforce"]);
     }
     // `tls show` (no cache of its own) says why none is in force.
-    let (code, out, err) = common::daemon::volley(&[
-        "tls",
-        "show",
-        "gmail.com",
-        "--dns",
-        &w.env.dns.addr.to_string(),
-        "--tls-roots",
-        w.ca.file.to_str().unwrap(),
-        "--mta-sts-port",
-        &w.server.port.to_string(),
-    ]);
+    let (code, out, err) = w.tls_show(false);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains("none in force: the policy for id 92 could not be had")
@@ -458,17 +457,7 @@ fn a_failed_fetch_keeps_a_cached_policy_and_without_one_there_is_none() {
         content_type: "text/plain",
         body: String::new(),
     });
-    let (_, out, _) = common::daemon::volley(&[
-        "tls",
-        "show",
-        "gmail.com",
-        "--dns",
-        &w.env.dns.addr.to_string(),
-        "--tls-roots",
-        w.ca.file.to_str().unwrap(),
-        "--mta-sts-port",
-        &w.server.port.to_string(),
-    ]);
+    let (_, out, _) = w.tls_show(false);
     assert!(out.contains("a redirect, which is not followed"), "{out}");
 }
 

@@ -294,12 +294,7 @@ impl<'c> Sim<'c> {
         }
         let (due, expired) = self.sched.due(&self.campaign, now);
         for job in expired {
-            assert!(
-                self.sys() >= self.campaign.expire_at_of(job.instance),
-                "seed {}: expired before its time",
-                self.seed
-            );
-            self.terminal(&job, Decision::Expired);
+            self.expired(&job);
         }
         for job in due {
             let r = &self.rcpts[job.rref.off as usize];
@@ -384,6 +379,16 @@ impl<'c> Sim<'c> {
 
     fn latency(&mut self) -> Duration {
         Duration::from_millis(self.rng.u64(0..20))
+    }
+
+    /// `job` expired: never before its campaign's maximum age.
+    fn expired(&mut self, job: &Job) {
+        assert!(
+            self.sys() >= self.campaign.expire_at_of(job.instance),
+            "seed {}: expired before its time",
+            self.seed
+        );
+        self.terminal(job, Decision::Expired);
     }
 
     fn terminal(&mut self, job: &Job, d: Decision) {
@@ -540,12 +545,7 @@ impl<'c> Sim<'c> {
             let Take { expired, next } = self.sched.take(&self.site, &chain, &self.campaign, now);
             let rated_expired = expired.iter().any(|j| j.instance == 0);
             for job in expired {
-                assert!(
-                    self.sys() >= self.campaign.expire_at_of(job.instance),
-                    "seed {}: expired before its time",
-                    self.seed
-                );
-                self.terminal(&job, Decision::Expired);
+                self.expired(&job);
             }
             if let (true, false, Next::Batch(jobs)) = (rated_may_go, rated_expired, &next) {
                 assert_eq!(

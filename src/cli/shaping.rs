@@ -52,14 +52,8 @@ pub(crate) fn run(cmd: ShapingCmd) -> anyhow::Result<i32> {
             source,
         } => {
             let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-            let rules = match Rules::load(shaping.as_deref(), &Rule::default()) {
-                Ok(r) => r,
-                Err(problems) => {
-                    for p in &problems {
-                        eprintln!("{p}");
-                    }
-                    return Ok(1);
-                }
+            let Some(rules) = rules_or_say(shaping.as_deref()) else {
+                return Ok(1);
             };
             let mx = if mx.is_empty() {
                 lookup_mx(&domain, dns)?
@@ -71,6 +65,20 @@ pub(crate) fn run(cmd: ShapingCmd) -> anyhow::Result<i32> {
                 volley::policy::shaping::show(&rules, &domain, &mx, source)
             );
             Ok(0)
+        }
+    }
+}
+
+/// The shaping rules with the operator's file `shaping`, as a send merges them;
+/// None after printing each problem with its file and line.
+pub(crate) fn rules_or_say(shaping: Option<&std::path::Path>) -> Option<Rules> {
+    match Rules::load(shaping, &Rule::default()) {
+        Ok(r) => Some(r),
+        Err(problems) => {
+            for p in &problems {
+                eprintln!("{p}");
+            }
+            None
         }
     }
 }

@@ -9,7 +9,6 @@ use volley::deliver::dns::{DnsConfig, Resolver, Route};
 use volley::deliver::mta_sts::{self, Cached, Sts, StsSettings};
 use volley::deliver::runtime::Driver;
 use volley::policy::mta_sts::Mode;
-use volley::policy::shaping::rules::{Rule, Rules};
 
 #[derive(Subcommand)]
 pub(crate) enum TlsCmd {
@@ -45,14 +44,8 @@ pub(crate) fn run(cmd: TlsCmd) -> anyhow::Result<i32> {
         mta_sts_port,
     } = cmd;
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-    let rules = match Rules::load(shaping.as_deref(), &Rule::default()) {
-        Ok(r) => r,
-        Err(problems) => {
-            for p in &problems {
-                eprintln!("{p}");
-            }
-            return Ok(1);
-        }
+    let Some(rules) = super::shaping::rules_or_say(shaping.as_deref()) else {
+        return Ok(1);
     };
     let roots = match &tls_roots {
         Some(p) => volley::deliver::tls::read_roots(p)

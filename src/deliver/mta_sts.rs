@@ -284,16 +284,7 @@ pub fn fetch(domain: &str, addrs: &[IpAddr], settings: &StsSettings) -> Result<V
         Err(ureq::Error::Status(code, r)) => {
             return Err(format!("{url} answered {code} {}", r.status_text()))
         }
-        Err(ureq::Error::Transport(t)) => {
-            let mut why = t.kind().to_string();
-            if let Some(m) = t.message() {
-                why = format!("{why}: {m}");
-            }
-            if let Some(s) = std::error::Error::source(&t) {
-                why = format!("{why}: {s}");
-            }
-            return Err(format!("{url}: {why}"));
-        }
+        Err(ureq::Error::Transport(t)) => return Err(format!("{url}: {}", transport_failed(&t))),
     };
     match response.status() {
         200 => {}
@@ -329,6 +320,20 @@ pub fn fetch(domain: &str, addrs: &[IpAddr], settings: &StsSettings) -> Result<V
         return Err(format!("{url} is over {POLICY_OCTETS_MAX} octets"));
     }
     Ok(body)
+}
+
+/// Why an HTTP request got no answer, in words: the kind, ureq's message and the
+/// cause (a certificate's fault, say), without the URL, which the caller's sentence
+/// names already.
+pub fn transport_failed(t: &ureq::Transport) -> String {
+    let mut why = t.kind().to_string();
+    if let Some(m) = t.message() {
+        why = format!("{why}: {m}");
+    }
+    if let Some(s) = std::error::Error::source(t) {
+        why = format!("{why} ({s})");
+    }
+    why
 }
 
 /// The file a domain's policy is kept in; None for a name that could not be a file

@@ -639,14 +639,7 @@ impl Poster {
             Ok(r) => (r.status(), r),
             Err(ureq::Error::Status(code, r)) => (code, r),
             Err(ureq::Error::Transport(t)) => {
-                // Its Display repeats the URL, which the caller's line names already.
-                let mut reason = t.kind().to_string();
-                if let Some(m) = t.message() {
-                    reason = format!("{reason}: {m}");
-                }
-                if let Some(s) = std::error::Error::source(&t) {
-                    reason = format!("{reason} ({s})");
-                }
+                let mut reason = crate::deliver::mta_sts::transport_failed(&t);
                 if reason.contains("UnknownIssuer") && self.hook.ca_file.is_none() {
                     reason.push_str("; a receiver whose CA is private needs ca_file");
                 }
