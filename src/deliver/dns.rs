@@ -328,35 +328,57 @@ async fn implicit_mx(r: &TokioResolver, domain: &str, fqdn: &str) -> Answer {
 /// request on a blocking thread).
 async fn sts_of(r: &TokioResolver, policies: &Arc<Policies>, domain: &str) -> Sts {
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    let gate = policies.gate(&domain);
+    let _one_at_a_time = gate.lock().await;
+    if policies.known_absent(&domain, Instant::now()) {
+        return Sts::None;
+    }
+    // Until when "no record" may be believed: the answer's TTL, or the negative one.
+    let mut absent_until = None;
     let record = match r.txt_lookup(format!("_mta-sts.{domain}.").as_str()).await {
-        Ok(txt) => Record::Texts(
-            txt.answers()
-                .iter()
-                .filter_map(|rec| match &rec.data {
-                    // A record's strings are one text (RFC 7208 §3.3's rule, RFC 8461 §3.1).
-                    RData::TXT(t) => Some(
-                        t.txt_data
-                            .iter()
-                            .map(|s| String::from_utf8_lossy(s))
-                            .collect::<String>(),
-                    ),
-                    _ => None,
-                })
-                .collect(),
-        ),
+        Ok(txt) => {
+            absent_until = Some(txt.valid_until());
+            Record::Texts(
+                txt.answers()
+                    .iter()
+                    .filter_map(|rec| match &rec.data {
+                        // A record's strings are one text (RFC 7208 §3.3's rule, RFC 8461 §3.1).
+                        RData::TXT(t) => Some(
+                            t.txt_data
+                                .iter()
+                                .map(|s| String::from_utf8_lossy(s))
+                                .collect::<String>(),
+                        ),
+                        _ => None,
+                    })
+                    .collect(),
+            )
+        }
         Err(e) => match no_records(&e) {
-            Some(NoRecords {
-                response_code: ResponseCode::NXDomain | ResponseCode::NoError,
-                ..
-            }) => Record::Texts(Vec::new()),
+            Some(
+                n @ NoRecords {
+                    response_code: ResponseCode::NXDomain | ResponseCode::NoError,
+                    ..
+                },
+            ) => {
+                let ttl = n.negative_ttl.map_or(mta_sts::ABSENT_TTL_DEFAULT, |t| {
+                    Duration::from_secs(t.into())
+                });
+                absent_until = Some(Instant::now() + ttl);
+                Record::Texts(Vec::new())
+            }
             _ => Record::Failed(
                 explain::dns(&format!("_mta-sts.{domain}"), &lookup_failed(&e)).to_string(),
             ),
         },
     };
-    let gate = policies.gate(&domain);
-    let _one_at_a_time = gate.lock().await;
     let id = match policies.begin(&domain, record, SystemTime::now()) {
+        Step::Done(Sts::None) => {
+            if let Some(until) = absent_until {
+                policies.note_absent(&domain, until);
+            }
+            return Sts::None;
+        }
         Step::Done(sts) => return sts,
         Step::Fetch(id) => id,
     };

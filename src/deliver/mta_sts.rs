@@ -17,7 +17,7 @@ use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How long a policy fetch may take, connection and body included.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -25,6 +25,13 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// failure stands meanwhile): a policy host that hangs costs one fetch per id per
 /// period, not one per MX lookup.
 pub const FETCH_AGAIN_AFTER: Duration = Duration::from_secs(300);
+/// How long "no `_mta-sts` record" is believed when the answer gives no negative
+/// TTL; [`ABSENT_TTL_MAX`] caps any TTL given.
+pub const ABSENT_TTL_DEFAULT: Duration = Duration::from_secs(300);
+/// The longest "no `_mta-sts` record" is believed, whatever the TTL: a domain that
+/// publishes a policy is heard within the hour.
+pub const ABSENT_TTL_MAX: Duration = Duration::from_secs(3600);
+
 /// The longest a shard keeps a routing decided by an MTA-STS policy (an enforced
 /// site, or "no MX matches") before it looks the policy up again, whatever the MX
 /// TTL: a domain that fixes its policy is heard within minutes (RFC 8461 §5: check
@@ -101,6 +108,10 @@ pub struct Policies {
     gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The last failed fetch per domain: its record id, when, and why.
     failed: Mutex<HashMap<String, (String, SystemTime, String)>>,
+    /// Domains with no `_mta-sts` record and no policy held, until when that is
+    /// believed: every shard's MX lookup of such a domain costs one TXT query, not
+    /// one each.
+    absent: Mutex<HashMap<String, Instant>>,
 }
 
 impl Policies {
@@ -110,7 +121,31 @@ impl Policies {
             memory: Mutex::new(HashMap::new()),
             gates: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
+            absent: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether `domain` is known to have no record and no policy at `now`.
+    pub fn known_absent(&self, domain: &str, now: Instant) -> bool {
+        let mut absent = self.absent.lock().expect("policies lock");
+        match absent.get(domain) {
+            Some(until) if *until > now => true,
+            Some(_) => {
+                absent.remove(domain);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// `domain` has no record and no policy, believed until `until` (at most
+    /// [`ABSENT_TTL_MAX`] from now).
+    pub fn note_absent(&self, domain: &str, until: Instant) {
+        let until = until.min(Instant::now() + ABSENT_TTL_MAX);
+        self.absent
+            .lock()
+            .expect("policies lock")
+            .insert(domain.to_string(), until);
     }
 
     /// The gate a lookup of `domain` holds while it decides and fetches.
