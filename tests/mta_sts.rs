@@ -362,7 +362,7 @@ fn an_enforced_policy_sends_verified_tls_to_the_mx_it_names_and_nothing_elsewher
     for words in [
         &format!("MX              {MX}")[..],
         "MTA-STS         id 3, mode testing, mx mx.elsewhere.test, max_age 86400 s",
-        "MX it allows: none",
+        "MX it allows    none (policy id 3)",
         "spool's cache   id 3",
         "in effect       tls opportunistic",
     ] {
@@ -448,10 +448,19 @@ fn a_failed_fetch_keeps_a_cached_policy_and_without_one_there_is_none() {
     let (code, out, err) = w.tls_show(false);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains("none in force: the policy for id 92 could not be had")
+        out.contains("none fetched now: the policy for id 92 could not be had")
             && out.contains("not text/plain"),
         "{out}"
     );
+    // With the spool, what the daemon does: its cached policy (id 2) is in force.
+    let (_, out, _) = w.tls_show(true);
+    for words in [
+        "spool's cache   id 2, mode enforce",
+        "MX it allows    none (policy id 2)",
+        "in effect       nothing is sent",
+    ] {
+        assert!(out.contains(words), "{words:?} not in:\n{out}");
+    }
     w.server.serve(Answer {
         status: "301 Moved Permanently",
         content_type: "text/plain",

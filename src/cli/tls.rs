@@ -89,15 +89,21 @@ pub(crate) fn run(cmd: TlsCmd) -> anyhow::Result<i32> {
             (s.value, s.from.to_string())
         });
     println!("shaping rules   tls {tls} ({tls_from}), tls_verify {verify} ({verify_from})");
-    let enforced = match &answer.sts {
-        Sts::None => {
-            println!("MTA-STS         none (no _mta-sts record)");
-            None
-        }
-        Sts::Unavailable(why) => {
-            println!("MTA-STS         none in force: {why}");
-            None
-        }
+    let spool_cached = spool
+        .as_ref()
+        .map(|dir| mta_sts::read_cached(&dir.join("mta-sts"), &domain));
+    // The policy in force: the one fetched now, or else the spool's while it is valid
+    // (a daemon keeps it over a failed fetch).
+    let now = std::time::SystemTime::now();
+    let in_force: Option<&Cached> = answer.sts.policy().or_else(|| {
+        spool_cached
+            .as_ref()
+            .and_then(Option::as_ref)
+            .filter(|c| c.valid_at(now))
+    });
+    match &answer.sts {
+        Sts::None => println!("MTA-STS         none (no _mta-sts record)"),
+        Sts::Unavailable(why) => println!("MTA-STS         none fetched now: {why}"),
         Sts::Policy { cached, note } => {
             println!("MTA-STS         {}", describe(cached));
             println!(
@@ -106,38 +112,37 @@ pub(crate) fn run(cmd: TlsCmd) -> anyhow::Result<i32> {
             if let Some(n) = note {
                 println!("                {n}");
             }
-            let allowed: Vec<&str> = hosts
-                .iter()
-                .filter(|h| cached.policy.allows(h))
-                .map(String::as_str)
-                .collect();
-            println!(
-                "                MX it allows: {}",
-                if allowed.is_empty() {
-                    "none".to_string()
-                } else {
-                    allowed.join(", ")
-                }
-            );
-            (cached.policy.mode == Mode::Enforce).then_some(allowed)
         }
-    };
-    if let Some(dir) = spool {
-        match mta_sts::read_cached(&dir.join("mta-sts"), &domain) {
+    }
+    if let Some(c) = &spool_cached {
+        match c {
             Some(c) => println!(
                 "spool's cache   {} ({})",
-                describe(&c),
-                if c.valid_at(std::time::SystemTime::now()) {
-                    "valid"
-                } else {
-                    "expired"
-                }
+                describe(c),
+                if c.valid_at(now) { "valid" } else { "expired" }
             ),
             None => println!("spool's cache   no policy of {domain}"),
         }
     }
+    let enforced = in_force.map(|c| {
+        let allowed: Vec<&str> = hosts
+            .iter()
+            .filter(|h| c.policy.allows(h))
+            .map(String::as_str)
+            .collect();
+        println!(
+            "MX it allows    {} (policy id {})",
+            if allowed.is_empty() {
+                "none".to_string()
+            } else {
+                allowed.join(", ")
+            },
+            c.id
+        );
+        (c.policy.mode == Mode::Enforce).then_some(allowed)
+    });
     println!("DANE            not checked (volley does not do DANE yet)");
-    match enforced {
+    match enforced.flatten() {
         Some(allowed) if allowed.is_empty() => println!(
             "in effect       nothing is sent: no MX host matches the enforced policy (deferred, class policy)"
         ),

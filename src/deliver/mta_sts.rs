@@ -25,6 +25,10 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// failure stands meanwhile): a policy host that hangs costs one fetch per id per
 /// period, not one per MX lookup.
 pub const FETCH_AGAIN_AFTER: Duration = Duration::from_secs(300);
+/// How long a policy in force is used before it is fetched again with an unchanged
+/// id (or half its `max_age`, if sooner); a failed refresh keeps it.
+pub const REFRESH_AFTER: Duration = Duration::from_secs(86_400);
+
 /// How long "no `_mta-sts` record" is believed when the answer gives no negative
 /// TTL; [`ABSENT_TTL_MAX`] caps any TTL given.
 pub const ABSENT_TTL_DEFAULT: Duration = Duration::from_secs(300);
@@ -62,6 +66,15 @@ impl Cached {
     /// Whether its `max_age` has not run out at `now`.
     pub fn valid_at(&self, now: SystemTime) -> bool {
         now < self.fetched_at + self.policy.max_age
+    }
+
+    /// Whether it is due to be fetched again at `now`, its id unchanged: after
+    /// [`REFRESH_AFTER`] or half its `max_age`, so a policy in force is renewed long
+    /// before it could lapse (RFC 8461 §5.1: a policy that expires while its host is
+    /// unreachable would leave the domain unprotected).
+    pub fn due_for_refresh(&self, now: SystemTime) -> bool {
+        let age = now.duration_since(self.fetched_at).unwrap_or_default();
+        age >= REFRESH_AFTER.min(self.policy.max_age / 2)
     }
 }
 
@@ -203,7 +216,7 @@ impl Policies {
             Record::Texts(texts) => announcing(&texts).map_err(|e| e.to_string()),
         };
         Step::Done(match (found, cached) {
-            (Ok(Some(id)), Some(c)) if c.id == id => Sts::Policy {
+            (Ok(Some(id)), Some(c)) if c.id == id && !c.due_for_refresh(now) => Sts::Policy {
                 cached: c,
                 note: None,
             },
@@ -537,6 +550,29 @@ mod tests {
             Ok(ENFORCE.to_vec())
         });
         assert_eq!(s.policy().unwrap().id, "c3");
+        // Half its max_age on, a policy in force is fetched again, the id unchanged; a
+        // failed refresh keeps it, a good one renews it.
+        let renewed = decide(
+            &again,
+            d,
+            record("c3"),
+            later + FETCH_AGAIN_AFTER,
+            || unreachable!(),
+        );
+        assert!(
+            matches!(&renewed, Sts::Policy { note: None, .. }),
+            "{renewed:?}"
+        );
+        let half = later + FETCH_AGAIN_AFTER + Duration::from_secs(1800);
+        let s = decide(&again, d, record("c3"), half, || Err("down".into()));
+        assert!(
+            matches!(&s, Sts::Policy { note: Some(why), .. } if why.contains("down")),
+            "{s:?}"
+        );
+        let s = decide(&again, d, record("c3"), half + FETCH_AGAIN_AFTER, || {
+            Ok(TESTING.to_vec())
+        });
+        assert_eq!(s.policy().unwrap().fetched_at, half + FETCH_AGAIN_AFTER);
         // A name that is no safe file name is kept in memory only.
         assert!(cache_file(&dir, "../etc").is_none());
         let _ = std::fs::remove_dir_all(&dir);
