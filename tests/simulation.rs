@@ -188,8 +188,9 @@ struct Conn<'c> {
     /// Transactions carried, against the site's maximum per connection.
     sent: usize,
     idle_since: Option<Duration>,
-    /// Waiting for work on the site's queue (`IdleStep::AwaitWork`).
-    awaiting: bool,
+    /// Waiting for work on the site's queue (`IdleStep::AwaitWork`): the site's
+    /// `Idle` wake-up count when it began, as `Idle::wait` remembers it.
+    awaiting: Option<u64>,
     /// When this connection next has something to do.
     wake_at: Duration,
     /// Transactions lost to the connection breaking, for the site's window.
@@ -341,7 +342,7 @@ impl<'c> Sim<'c> {
                 inflight: HashMap::new(),
                 sent: 0,
                 idle_since: None,
-                awaiting: false,
+                awaiting: None,
                 wake_at: self.now + latency,
                 cut_off: 0,
             });
@@ -636,7 +637,7 @@ impl<'c> Sim<'c> {
                     return Some(c);
                 }
                 IdleStep::AwaitWork(at_most) => {
-                    c.awaiting = true;
+                    c.awaiting = Some(self.site.idle.wakes());
                     c.wake_at = self.now + at_most;
                     return Some(c);
                 }
@@ -707,10 +708,22 @@ impl<'c> Sim<'c> {
             if self.all_terminal() && self.conns.is_empty() {
                 return;
             }
-            if !self.site.queue.borrow().is_empty() {
-                for c in self.conns.iter_mut().filter(|c| c.awaiting) {
-                    c.awaiting = false;
-                    c.wake_at = self.now;
+            // Waiting connections wake as `Idle::wait` does: at the site's next
+            // `wake_all`. One still waiting with work queued missed its wake-up.
+            let wakes = self.site.idle.wakes();
+            for c in self.conns.iter_mut() {
+                match c.awaiting {
+                    Some(seen) if seen != wakes => {
+                        c.awaiting = None;
+                        c.wake_at = self.now;
+                    }
+                    Some(_) => assert!(
+                        self.site.queue.borrow().is_empty(),
+                        "seed {}: a connection waits for work with {} queued: a lost wake-up",
+                        self.seed,
+                        self.site.queue.borrow().len()
+                    ),
+                    None => {}
                 }
             }
             let quiet = self.conns.is_empty() && self.site.queue.borrow().is_empty();

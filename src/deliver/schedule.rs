@@ -341,6 +341,11 @@ impl Idle {
         })
     }
 
+    /// Wake-ups so far (`wait` resolves once this has changed since it began).
+    pub fn wakes(&self) -> u64 {
+        self.wakes.get()
+    }
+
     /// Puts `job` on `queue`, waking the idle connections if it was empty.
     fn push(&self, queue: &RefCell<VecDeque<Job>>, job: Job, front: bool) {
         let mut q = queue.borrow_mut();
