@@ -96,6 +96,11 @@ pub(crate) struct EngineArgs {
     /// mode is honoured (TLS, verified, to the MX hosts it names, or nothing).
     #[arg(long)]
     no_mta_sts: bool,
+    /// Count TLS sessions to domains with an MTA-STS policy for TLS-RPT (RFC 8460)
+    /// under SPOOL/tls-rpt, a ledger per UTC day; a `volley serve` on this spool
+    /// sends each day's reports once the day has ended.
+    #[arg(long)]
+    tls_rpt: bool,
     /// The HTTPS port MTA-STS policies are fetched from (443; the tests' policy
     /// server listens elsewhere).
     #[arg(long, default_value_t = 443, hide = true)]
@@ -161,6 +166,11 @@ impl EngineArgs {
         c.dns.server = self.dns;
         c.smtp_port = self.smtp_port;
         c.mta_sts = !self.no_mta_sts;
+        anyhow::ensure!(
+            !(self.tls_rpt && self.no_mta_sts),
+            "--tls-rpt counts sessions under MTA-STS policies: it cannot go with --no-mta-sts"
+        );
+        c.tls_rpt = self.tls_rpt;
         c.https_port = self.mta_sts_port;
         c.tls_roots = self.tls_roots;
         if let Some(e) = ehlo_name(self.ehlo.as_deref())? {

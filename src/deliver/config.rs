@@ -65,6 +65,9 @@ pub struct EngineConfig {
     /// (an MTA-STS policy host, an MX under `tls_verify` or an enforced policy): a PEM
     /// file (`--tls-roots`), for a private CA and for tests.
     pub tls_roots: Option<PathBuf>,
+    /// Count TLS sessions to domains with an MTA-STS policy for TLS-RPT (RFC 8460;
+    /// tls_rpt.rs): off in `send` unless `--tls-rpt`, on in `serve`. Needs `mta_sts`.
+    pub tls_rpt: bool,
 }
 
 impl EngineConfig {
@@ -98,6 +101,7 @@ impl EngineConfig {
             mta_sts: true,
             https_port: 443,
             tls_roots: None,
+            tls_rpt: false,
         }
     }
 

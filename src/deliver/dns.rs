@@ -5,7 +5,7 @@
 //! MX, its policy fetched on a blocking thread of this runtime when new).
 
 use crate::deliver::explain::{self, DnsProblem};
-use crate::deliver::mta_sts::{self, Policies, Record, Step, Sts, StsSettings};
+use crate::deliver::mta_sts::{self, NoPolicy, Policies, Record, Step, Sts, StsSettings};
 use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError, NoRecords};
@@ -83,26 +83,7 @@ impl Resolver {
     /// policies are looked up and fetched with each MX lookup. Errors: no
     /// nameserver given and /etc/resolv.conf unreadable, the thread not started.
     pub fn start(cfg: &DnsConfig, sts: Option<StsSettings>) -> anyhow::Result<Resolver> {
-        let (config, mut opts) = match cfg.server {
-            Some(addr) => {
-                let mut server = NameServerConfig::udp_and_tcp(addr.ip());
-                for c in &mut server.connections {
-                    c.port = addr.port();
-                }
-                (
-                    ResolverConfig::from_parts(None, vec![], vec![server]),
-                    ResolverOpts::default(),
-                )
-            }
-            None => hickory_resolver::system_conf::read_system_conf().map_err(|e| {
-                anyhow::anyhow!("cannot read /etc/resolv.conf: {e}; give --dns ADDR:PORT")
-            })?,
-        };
-        opts.timeout = cfg.timeout;
-        opts.attempts = cfg.attempts;
-        // Names are absolute: never append search domains to a recipient's domain.
-        opts.ndots = 0;
-        opts.cache_size = 0;
+        let (config, opts) = settings(cfg)?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
         std::thread::Builder::new()
             .name("volley-dns".into())
@@ -112,13 +93,7 @@ impl Resolver {
                     .build()
                     .expect("tokio runtime");
                 rt.block_on(async move {
-                    let resolver = match TokioResolver::builder_with_config(
-                        config,
-                        TokioRuntimeProvider::default(),
-                    )
-                    .with_options(opts)
-                    .build()
-                    {
+                    let resolver = match build(config, opts) {
                         Ok(r) => Arc::new(r),
                         Err(e) => {
                             // Every request is answered with the reason (lookup's `failed`).
@@ -173,6 +148,104 @@ impl Resolver {
         }
         rx.await
             .unwrap_or_else(|_| failed("resolver dropped the request"))
+    }
+}
+
+/// The nameserver and options of `cfg`: its server, or /etc/resolv.conf's; names
+/// are absolute and nothing is cached here (the shards cache by TTL). Errors: no
+/// server given and /etc/resolv.conf unreadable.
+fn settings(cfg: &DnsConfig) -> anyhow::Result<(ResolverConfig, ResolverOpts)> {
+    let (config, mut opts) = match cfg.server {
+        Some(addr) => {
+            let mut server = NameServerConfig::udp_and_tcp(addr.ip());
+            for c in &mut server.connections {
+                c.port = addr.port();
+            }
+            (
+                ResolverConfig::from_parts(None, vec![], vec![server]),
+                ResolverOpts::default(),
+            )
+        }
+        None => hickory_resolver::system_conf::read_system_conf().map_err(|e| {
+            anyhow::anyhow!("cannot read /etc/resolv.conf: {e}; give --dns ADDR:PORT")
+        })?,
+    };
+    opts.timeout = cfg.timeout;
+    opts.attempts = cfg.attempts;
+    // Names are absolute: never append search domains to a recipient's domain.
+    opts.ndots = 0;
+    opts.cache_size = 0;
+    Ok((config, opts))
+}
+
+fn build(config: ResolverConfig, opts: ResolverOpts) -> Result<TokioResolver, NetError> {
+    TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+        .with_options(opts)
+        .build()
+}
+
+/// The texts of a TXT answer, one per record: a record's strings are one text
+/// (RFC 7208 §3.3's rule, RFC 8461 §3.1, RFC 8460 §3).
+fn texts(txt: &hickory_resolver::lookup::Lookup) -> Vec<String> {
+    txt.answers()
+        .iter()
+        .filter_map(|rec| match &rec.data {
+            RData::TXT(t) => Some(
+                t.txt_data
+                    .iter()
+                    .map(|s| String::from_utf8_lossy(s))
+                    .collect::<String>(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Lookups for work off the shards (TLS-RPT's `_smtp._tls` records and report
+/// hosts), each a blocking call on a runtime of its own.
+pub struct BlockingResolver {
+    rt: tokio::runtime::Runtime,
+    resolver: TokioResolver,
+}
+
+impl BlockingResolver {
+    /// A resolver asking `cfg`'s nameserver. Errors: as [`Resolver::start`].
+    pub fn new(cfg: &DnsConfig) -> anyhow::Result<BlockingResolver> {
+        let (config, opts) = settings(cfg)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let resolver = rt.block_on(async { build(config, opts) })?;
+        Ok(BlockingResolver { rt, resolver })
+    }
+
+    /// The TXT texts at `name` (none: NXDOMAIN or no TXT). Errors: the lookup
+    /// failed (SERVFAIL, timeout), as a sentence.
+    pub fn txt(&self, name: &str) -> Result<Vec<String>, String> {
+        let fqdn = format!("{}.", name.trim_end_matches('.'));
+        match self.rt.block_on(self.resolver.txt_lookup(fqdn.as_str())) {
+            Ok(txt) => Ok(texts(&txt)),
+            Err(e)
+                if no_records(&e).is_some_and(|n| {
+                    matches!(
+                        n.response_code,
+                        ResponseCode::NXDomain | ResponseCode::NoError
+                    )
+                }) =>
+            {
+                Ok(Vec::new())
+            }
+            Err(e) => Err(explain::dns(name, &lookup_failed(&e)).to_string()),
+        }
+    }
+
+    /// The addresses of `host`. Errors: none, or the lookup failed, as a sentence.
+    pub fn ips(&self, host: &str) -> Result<Vec<IpAddr>, String> {
+        let fqdn = format!("{}.", host.trim_end_matches('.'));
+        match self.rt.block_on(self.resolver.lookup_ip(fqdn.as_str())) {
+            Ok(ips) => Ok(ips.iter().collect()),
+            Err(e) => Err(explain::dns(host, &lookup_failed(&e)).to_string()),
+        }
     }
 }
 
@@ -338,21 +411,7 @@ async fn sts_of(r: &TokioResolver, policies: &Arc<Policies>, domain: &str) -> St
     let record = match r.txt_lookup(format!("_mta-sts.{domain}.").as_str()).await {
         Ok(txt) => {
             absent_until = Some(txt.valid_until());
-            Record::Texts(
-                txt.answers()
-                    .iter()
-                    .filter_map(|rec| match &rec.data {
-                        // A record's strings are one text (RFC 7208 §3.3's rule, RFC 8461 §3.1).
-                        RData::TXT(t) => Some(
-                            t.txt_data
-                                .iter()
-                                .map(|s| String::from_utf8_lossy(s))
-                                .collect::<String>(),
-                        ),
-                        _ => None,
-                    })
-                    .collect(),
-            )
+            Record::Texts(texts(&txt))
         }
         Err(e) => match no_records(&e) {
             Some(
@@ -389,9 +448,11 @@ async fn sts_of(r: &TokioResolver, policies: &Arc<Policies>, domain: &str) -> St
             let (p, d) = (policies.clone(), domain.clone());
             tokio::task::spawn_blocking(move || mta_sts::fetch(&d, &addrs, p.settings()))
                 .await
-                .unwrap_or_else(|e| Err(format!("the fetch failed: {e}")))
+                .unwrap_or_else(|e| Err(NoPolicy::fetch_error(format!("the fetch failed: {e}"))))
         }
-        Err(e) => Err(explain::dns(&host, &lookup_failed(&e)).to_string()),
+        Err(e) => Err(NoPolicy::fetch_error(
+            explain::dns(&host, &lookup_failed(&e)).to_string(),
+        )),
     };
     policies.fetched(&domain, id, body, SystemTime::now())
 }

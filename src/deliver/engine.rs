@@ -161,6 +161,12 @@ pub fn run_with(
         https_port: cfg.https_port,
         tls: crate::deliver::tls::client_config(true, &tls_roots),
     });
+    let tls_rpt = match cfg.tls_rpt && cfg.mta_sts {
+        true => Some(Arc::new(crate::deliver::tls_rpt::Recorder::open(
+            &cfg.spool_dir,
+        )?)),
+        false => None,
+    };
     let cfg = Arc::new(cfg);
     let resolver = Resolver::start(&cfg.dns, sts)?;
     let classifier = Arc::new(crate::policy::classify::load(cfg.bounce_rules.as_deref())?);
@@ -214,6 +220,7 @@ pub fn run_with(
             dkim: dkim.clone(),
             status: status.clone(),
             board: board.clone(),
+            tls_rpt: tls_rpt.clone(),
             stop: stop.clone(),
             inbox,
             reloads: reloads.clone(),
@@ -247,11 +254,17 @@ pub fn run_with(
         b
     });
     let sum = |f: fn(&Progress) -> u64| progress.iter().map(|p| f(p)).sum::<u64>();
-    let save_warmup = || {
+    let save_ledgers = || {
         if let Err(e) = warmup.save() {
             eprintln!(
                 "volley: {}: {e}; today's warm-up counts may be lost",
                 cfg.spool_dir.join("warmup.tsv").display()
+            );
+        }
+        if let Some(Err(e)) = tls_rpt.as_ref().map(|r| r.save()) {
+            eprintln!(
+                "volley: {}: {e}; today's TLS-RPT counts may be lost",
+                cfg.spool_dir.join(crate::deliver::tls_rpt::DIR).display()
             );
         }
     };
@@ -260,7 +273,7 @@ pub fn run_with(
         std::thread::sleep(Duration::from_millis(100));
         ticks += 1;
         if ticks % 10 == 0 {
-            save_warmup();
+            save_ledgers();
         }
         if let Some(b) = &bar {
             b.set_length(sum(|p| p.recovered.load(Ordering::Relaxed)));
@@ -301,7 +314,7 @@ pub fn run_with(
             Err(_) => errors.push(format!("shard {id}: panicked")),
         }
     }
-    save_warmup();
+    save_ledgers();
     anyhow::ensure!(errors.is_empty(), "{}", errors.join("; "));
     let elapsed = started.elapsed().as_secs_f64();
     let delivered = sum(|p| p.delivered.load(Ordering::Relaxed));

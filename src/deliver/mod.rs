@@ -14,5 +14,6 @@ pub mod runtime;
 pub mod schedule;
 pub mod shard;
 pub mod tls;
+pub mod tls_rpt;
 pub mod track;
 pub mod wheel;

@@ -12,6 +12,7 @@
 
 use crate::host::files::replace_file;
 use crate::policy::mta_sts::{announcing, parse_policy, Policy, POLICY_OCTETS_MAX};
+use crate::policy::tls_rpt::ResultType;
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
@@ -91,7 +92,39 @@ pub enum Sts {
     },
     /// A record announces a policy that could not be had and none is cached: no
     /// policy in force (RFC 8461 §3.3), for this reason.
-    Unavailable(String),
+    Unavailable(NoPolicy),
+}
+
+/// Why a domain's policy could not be had, and the TLS-RPT result type that says
+/// so (RFC 8460 §4.3.2.1).
+#[derive(Debug, Clone)]
+pub struct NoPolicy {
+    pub result: ResultType,
+    pub why: String,
+}
+
+impl NoPolicy {
+    /// The policy could not be fetched (`sts-policy-fetch-error`).
+    pub fn fetch_error(why: impl Into<String>) -> NoPolicy {
+        NoPolicy {
+            result: ResultType::StsPolicyFetchError,
+            why: why.into(),
+        }
+    }
+
+    /// The record or the policy is not valid (`sts-policy-invalid`).
+    pub fn invalid(why: impl Into<String>) -> NoPolicy {
+        NoPolicy {
+            result: ResultType::StsPolicyInvalid,
+            why: why.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for NoPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
 }
 
 impl Sts {
@@ -120,7 +153,7 @@ pub struct Policies {
     /// policy once (one entry per domain seen, as the shards' DNS caches hold).
     gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The last failed fetch per domain: its record id, when, and why.
-    failed: Mutex<HashMap<String, (String, SystemTime, String)>>,
+    failed: Mutex<HashMap<String, (String, SystemTime, NoPolicy)>>,
     /// Domains with no `_mta-sts` record and no policy held, until when that is
     /// believed: every shard's MX lookup of such a domain costs one TXT query, not
     /// one each.
@@ -207,13 +240,17 @@ impl Policies {
     /// the id whose policy must be fetched first (then [`Policies::fetched`]).
     pub fn begin(&self, domain: &str, record: Record, now: SystemTime) -> Step {
         let cached = self.cached(domain, now);
-        let kept = |cached: Cached, why: String| Sts::Policy {
+        let kept = |cached: Cached, why: NoPolicy| Sts::Policy {
             cached,
             note: Some(format!("{why}; the cached policy stays in force")),
         };
         let found = match record {
-            Record::Failed(why) => Err(format!("the _mta-sts lookup failed ({why})")),
-            Record::Texts(texts) => announcing(&texts).map_err(|e| e.to_string()),
+            Record::Failed(why) => Err(NoPolicy::fetch_error(format!(
+                "the _mta-sts lookup failed ({why})"
+            ))),
+            Record::Texts(texts) => {
+                announcing(&texts).map_err(|e| NoPolicy::invalid(e.to_string()))
+            }
         };
         Step::Done(match (found, cached) {
             (Ok(Some(id)), Some(c)) if c.id == id && !c.due_for_refresh(now) => Sts::Policy {
@@ -227,7 +264,7 @@ impl Policies {
                     None => Sts::Unavailable(why),
                 },
             },
-            (Ok(None), Some(c)) => kept(c, "no _mta-sts record now".into()),
+            (Ok(None), Some(c)) => kept(c, NoPolicy::fetch_error("no _mta-sts record now")),
             (Ok(None), None) => Sts::None,
             (Err(why), Some(c)) => kept(c, why),
             (Err(why), None) => Sts::Unavailable(why),
@@ -241,13 +278,13 @@ impl Policies {
         &self,
         domain: &str,
         id: String,
-        body: Result<Vec<u8>, String>,
+        body: Result<Vec<u8>, NoPolicy>,
         now: SystemTime,
     ) -> Sts {
         let parsed = body.and_then(|body| {
             parse_policy(&body)
                 .map(|policy| (policy, body))
-                .map_err(|e| e.to_string())
+                .map_err(|e| NoPolicy::invalid(e.to_string()))
         });
         match parsed {
             Ok((policy, body)) => {
@@ -263,8 +300,11 @@ impl Policies {
                     note: None,
                 }
             }
-            Err(why) => {
-                let why = format!("the policy for id {id} could not be had: {why}");
+            Err(NoPolicy { result, why }) => {
+                let why = NoPolicy {
+                    result,
+                    why: format!("the policy for id {id} could not be had: {why}"),
+                };
                 self.failed
                     .lock()
                     .expect("policies lock")
@@ -284,16 +324,17 @@ impl Policies {
 impl Policies {
     /// Why the fetch of `domain`'s policy `id` failed, if it did less than
     /// [`FETCH_AGAIN_AFTER`] before `now`.
-    fn recent_failure(&self, domain: &str, id: &str, now: SystemTime) -> Option<String> {
+    fn recent_failure(&self, domain: &str, id: &str, now: SystemTime) -> Option<NoPolicy> {
         let failed = self.failed.lock().expect("policies lock");
         let (fid, at, why) = failed.get(domain)?;
         let recent = now.duration_since(*at).unwrap_or_default() < FETCH_AGAIN_AFTER;
-        (fid == id && recent).then(|| {
-            format!(
+        (fid == id && recent).then(|| NoPolicy {
+            result: why.result,
+            why: format!(
                 "{why} (at {}; not fetched again for {} s)",
                 humantime::format_rfc3339_seconds(*at),
                 FETCH_AGAIN_AFTER.as_secs()
-            )
+            ),
         })
     }
 }
@@ -310,10 +351,19 @@ pub enum Step {
 /// transport or certificate failure, a status other than 200 (a redirect is not
 /// followed, RFC 8461 §3.3), another media type than text/plain, a body over
 /// [`POLICY_OCTETS_MAX`].
-pub fn fetch(domain: &str, addrs: &[IpAddr], settings: &StsSettings) -> Result<Vec<u8>, String> {
+pub fn fetch(domain: &str, addrs: &[IpAddr], settings: &StsSettings) -> Result<Vec<u8>, NoPolicy> {
+    fetch_policy(domain, addrs, settings).map_err(|(result, why)| NoPolicy { result, why })
+}
+
+fn fetch_policy(
+    domain: &str,
+    addrs: &[IpAddr],
+    settings: &StsSettings,
+) -> Result<Vec<u8>, (ResultType, String)> {
+    let failed = |why: String| (ResultType::StsPolicyFetchError, why);
     let host = format!("mta-sts.{domain}");
     if addrs.is_empty() {
-        return Err(format!("{host} has no address"));
+        return Err(failed(format!("{host} has no address")));
     }
     let port = settings.https_port;
     let to: Vec<SocketAddr> = addrs.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
@@ -330,18 +380,30 @@ pub fn fetch(domain: &str, addrs: &[IpAddr], settings: &StsSettings) -> Result<V
     let response = match agent.get(&url).call() {
         Ok(r) => r,
         Err(ureq::Error::Status(code, r)) => {
-            return Err(format!("{url} answered {code} {}", r.status_text()))
+            return Err(failed(format!("{url} answered {code} {}", r.status_text())))
         }
-        Err(ureq::Error::Transport(t)) => return Err(format!("{url}: {}", transport_failed(&t))),
+        Err(ureq::Error::Transport(t)) => {
+            // A certificate the policy host cannot prove is its own (RFC 8460 §4.3.2.1).
+            let result = match certificate_refused(&t) {
+                true => ResultType::StsWebpkiInvalid,
+                false => ResultType::StsPolicyFetchError,
+            };
+            return Err((result, format!("{url}: {}", transport_failed(&t))));
+        }
     };
     match response.status() {
         200 => {}
         code @ 300..=399 => {
-            return Err(format!(
+            return Err(failed(format!(
                 "{url} answered {code}, a redirect, which is not followed (RFC 8461 §3.3)"
-            ))
+            )))
         }
-        code => return Err(format!("{url} answered {code} {}", response.status_text())),
+        code => {
+            return Err(failed(format!(
+                "{url} answered {code} {}",
+                response.status_text()
+            )))
+        }
     }
     // The media type without parameters, case aside; a missing header is no
     // text/plain (ureq's content_type() would say it is).
@@ -353,19 +415,22 @@ pub fn fetch(domain: &str, addrs: &[IpAddr], settings: &StsSettings) -> Result<V
             .to_ascii_lowercase()
     });
     if media.as_deref() != Some("text/plain") {
-        return Err(format!(
+        return Err(failed(format!(
             "{url} is served as {}, not text/plain (RFC 8461 §3.2)",
             media.as_deref().unwrap_or("no Content-Type")
-        ));
+        )));
     }
     let mut body = Vec::new();
     response
         .into_reader()
         .take(POLICY_OCTETS_MAX as u64 + 1)
         .read_to_end(&mut body)
-        .map_err(|e| format!("{url}: reading the policy: {e}"))?;
+        .map_err(|e| failed(format!("{url}: reading the policy: {e}")))?;
     if body.len() > POLICY_OCTETS_MAX {
-        return Err(format!("{url} is over {POLICY_OCTETS_MAX} octets"));
+        return Err((
+            ResultType::StsPolicyInvalid,
+            format!("{url} is over {POLICY_OCTETS_MAX} octets"),
+        ));
     }
     Ok(body)
 }
@@ -373,6 +438,18 @@ pub fn fetch(domain: &str, addrs: &[IpAddr], settings: &StsSettings) -> Result<V
 /// Why an HTTP request got no answer, in words: the kind, ureq's message and the
 /// cause (a certificate's fault, say), without the URL, which the caller's sentence
 /// names already.
+/// Whether a transport failure is rustls refusing the server's certificate.
+fn certificate_refused(t: &ureq::Transport) -> bool {
+    let mut cause = std::error::Error::source(t);
+    while let Some(c) = cause {
+        if let Some(rustls::Error::InvalidCertificate(_)) = c.downcast_ref::<rustls::Error>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 pub fn transport_failed(t: &ureq::Transport) -> String {
     let mut why = t.kind().to_string();
     if let Some(m) = t.message() {
@@ -467,7 +544,7 @@ mod tests {
     ) -> Sts {
         match p.begin(d, r, now) {
             Step::Done(s) => s,
-            Step::Fetch(id) => p.fetched(d, id, fetch(), now),
+            Step::Fetch(id) => p.fetched(d, id, fetch().map_err(NoPolicy::fetch_error), now),
         }
     }
 
@@ -486,7 +563,7 @@ mod tests {
         // A record whose fetch fails, nothing cached: no policy, and why.
         let s = decide(&p, d, record("a0"), t0, || Err("refused".into()));
         assert!(
-            matches!(&s, Sts::Unavailable(why) if why.contains("refused")),
+            matches!(&s, Sts::Unavailable(why) if why.why.contains("refused")),
             "{s:?}"
         );
         // Fetched and kept.
@@ -543,7 +620,7 @@ mod tests {
             unreachable!("fetched again")
         });
         assert!(
-            matches!(&s, Sts::Unavailable(why) if why.contains("not fetched again")),
+            matches!(&s, Sts::Unavailable(why) if why.why.contains("not fetched again")),
             "{s:?}"
         );
         let s = decide(&again, d, record("c3"), later + FETCH_AGAIN_AFTER, || {

@@ -108,9 +108,21 @@ pub struct Site {
     pub(crate) rcpt_limit: Cell<usize>,
     /// Connections in a row every host refused for its connection limit.
     pub refusals: Refusals,
-    /// An MTA-STS policy in enforce mode holds for its domains: TLS is required
-    /// and the certificate verified (`tls`, `tls_verify`), whatever the rules say.
-    pub mta_sts: bool,
+    /// The MTA-STS policy of the site's domain, if one is in force (RFC 8461): in
+    /// enforce mode TLS is required and the certificate verified (`tls`,
+    /// `tls_verify`), whatever the rules say; in either mode the sessions are
+    /// counted for TLS-RPT.
+    pub sts: Option<Rc<StsSite>>,
+}
+
+/// The MTA-STS policy a site's sessions are held to (RFC 8461 §5) and reported
+/// under (RFC 8460 §4.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StsSite {
+    /// The policy domain: the site's own (a site under a policy serves one domain).
+    pub domain: Rc<str>,
+    pub mode: crate::policy::mta_sts::Mode,
+    pub applied: crate::policy::tls_rpt::Applied,
 }
 
 /// Recipients of one domain and campaign instance held back by their own rate.
@@ -156,7 +168,7 @@ impl Site {
             idle: Idle::default(),
             rcpt_limit: Cell::new(usize::MAX),
             refusals: Refusals::default(),
-            mta_sts: false,
+            sts: None,
         }
     }
 
@@ -192,7 +204,7 @@ impl Site {
     /// STARTTLS: required under an enforced MTA-STS policy, whatever the rules say
     /// (a reload replaces the rule, never this); else the rule's.
     pub fn tls(&self) -> TlsMode {
-        if self.mta_sts {
+        if self.enforced() {
             return TlsMode::Required;
         }
         self.rule
@@ -201,9 +213,15 @@ impl Site {
             .as_ref()
             .map_or(TlsMode::Opportunistic, |v| v.value)
     }
+    /// Whether an MTA-STS policy in enforce mode holds.
+    pub fn enforced(&self) -> bool {
+        self.sts
+            .as_ref()
+            .is_some_and(|s| s.mode == crate::policy::mta_sts::Mode::Enforce)
+    }
     /// Whether the certificate is verified: always under an enforced MTA-STS policy.
     pub fn tls_verify(&self) -> bool {
-        self.mta_sts
+        self.enforced()
             || self
                 .rule
                 .borrow()
@@ -1006,7 +1024,16 @@ mod tests {
             8,
         );
         assert_eq!((site.tls(), site.tls_verify()), (TlsMode::Disabled, false));
-        site.mta_sts = true;
+        let policy = crate::policy::mta_sts::Policy {
+            mode: crate::policy::mta_sts::Mode::Enforce,
+            mx: vec!["mx".into()],
+            max_age: Duration::from_secs(60),
+        };
+        site.sts = Some(Rc::new(StsSite {
+            domain: Rc::from("example.test"),
+            mode: policy.mode,
+            applied: crate::policy::tls_rpt::Applied::sts(&policy),
+        }));
         assert_eq!((site.tls(), site.tls_verify()), (TlsMode::Required, true));
         // A reload (SIGHUP) replaces the rule; the policy still holds.
         *site.rule.borrow_mut() = rule;

@@ -19,8 +19,9 @@ use crate::deliver::dns::{Resolver, Route};
 use crate::deliver::mta_sts::Sts;
 use crate::deliver::runtime::Driver;
 use crate::deliver::schedule::{
-    self, unix_ms, Campaigns, Job, Next, Now, Scheduler, Site, Source, Take, TICK,
+    self, unix_ms, Campaigns, Job, Next, Now, Scheduler, Site, Source, StsSite, Take, TICK,
 };
+use crate::deliver::tls_rpt::Recorder;
 use crate::message::dkim::Signer;
 use crate::observe::log::{self, Kind, LogWriter};
 use crate::observe::metrics::{self, Board, Outcome, OutcomeKey, RecentBounce, ShardView, Tally};
@@ -94,9 +95,9 @@ enum DomainState {
         /// The domain's site per source pool.
         sites: Vec<(Option<String>, Rc<Site>)>,
         until: Instant,
-        /// An MTA-STS policy in enforce mode holds (`hosts` are those it allows):
-        /// TLS with a verified certificate, to those hosts only.
-        enforced: bool,
+        /// The MTA-STS policy in force, if any: under enforce, `hosts` are those it
+        /// allows, and TLS with a verified certificate is required to them.
+        sts: Option<Rc<StsSite>>,
     },
     /// Permanent (null MX, no such domain) or temporary DNS failure, until the TTL ends.
     Failed {
@@ -134,6 +135,10 @@ pub struct Shard {
     classifier: RefCell<Arc<Classifier>>,
     tls: Arc<rustls::ClientConfig>,
     tls_verified: Arc<rustls::ClientConfig>,
+    /// Checks the certificates of sessions under a testing MTA-STS policy, which
+    /// go over unverified TLS, for the TLS report.
+    tls_check: Arc<rustls::client::WebPkiServerVerifier>,
+    tls_rpt: Option<Arc<Recorder>>,
     resolver: Resolver,
     pub spool: RefCell<Spool>,
     log: RefCell<LogWriter>,
@@ -200,6 +205,8 @@ pub struct Links {
     pub status: Arc<Status>,
     /// Where the shard publishes its metrics once a second.
     pub board: Arc<Board>,
+    /// Counts TLS sessions to domains with an MTA-STS policy (TLS-RPT); None: off.
+    pub tls_rpt: Option<Arc<Recorder>>,
     pub stop: Arc<AtomicBool>,
     /// New work while running (`serve`); None: the shard ends when its recovered
     /// recipients are all done.
@@ -265,6 +272,7 @@ pub fn run(
         dkim,
         status,
         board,
+        tls_rpt,
         stop,
         inbox,
         reloads,
@@ -295,6 +303,8 @@ pub fn run(
         classifier: RefCell::new(classifier),
         tls: crate::deliver::tls::client_config(false, &[]),
         tls_verified: crate::deliver::tls::client_config(true, &tls_roots),
+        tls_check: crate::deliver::tls::verifier(&tls_roots),
+        tls_rpt,
         resolver,
         spool: RefCell::new(spool),
         log: RefCell::new(log),
@@ -497,7 +507,7 @@ impl Shard {
                 hosts,
                 sites,
                 until,
-                enforced,
+                sts,
             }) if *until > now => {
                 let inst = self.instance(job.instance);
                 let pool = inst
@@ -515,7 +525,7 @@ impl Shard {
                             &job.domain,
                             pool.map(String::as_str),
                             hosts.clone(),
-                            *enforced,
+                            sts.clone(),
                         );
                         sites.push((pool.cloned(), site.clone()));
                         site
@@ -553,13 +563,13 @@ impl Shard {
             Route::Hosts(hosts) => {
                 // A routing an MTA-STS policy decided is looked up again soon.
                 let sts_until = until.min(Instant::now() + crate::deliver::mta_sts::STS_RECHECK);
-                match sts_hosts(&domain, hosts, &answer.sts) {
-                    Ok((hosts, enforced)) => (
+                match self.sts_hosts(&domain, hosts, &answer.sts) {
+                    Ok((hosts, sts)) => (
                         DomainState::Routed {
                             hosts: hosts.into(),
                             sites: Vec::new(),
-                            until: if enforced { sts_until } else { until },
-                            enforced,
+                            until: if sts.is_some() { sts_until } else { until },
+                            sts,
                         },
                         Ok(()),
                     ),
@@ -631,16 +641,16 @@ impl Shard {
     }
 
     /// The site for `domain` routed to `hosts`, sent from `pool`: shared by every
-    /// domain on the same MX hosts unless the domain has its own rule. Under an
-    /// `enforced` MTA-STS policy TLS is required and the certificate verified,
-    /// whatever the rules say (a site of its own: another domain on those hosts
-    /// may have no policy).
+    /// domain on the same MX hosts unless the domain has its own rule or an
+    /// MTA-STS policy (`sts`): its sessions are the policy's (under enforce, TLS
+    /// required and the certificate verified, whatever the rules say) and are
+    /// counted for the domain's TLS report.
     fn site_for(
         &self,
         domain: &str,
         pool: Option<&str>,
         hosts: Rc<[MxHost]>,
-        enforced: bool,
+        sts: Option<Rc<StsSite>>,
     ) -> Rc<Site> {
         let mx = hosts
             .iter()
@@ -652,8 +662,15 @@ impl Shard {
         let key = format!(
             "{}|{}|{mx}{}",
             pool.unwrap_or(""),
-            if own.is_some() { domain } else { "" },
-            if enforced { "|mta-sts" } else { "" }
+            if own.is_some() || sts.is_some() {
+                domain
+            } else {
+                ""
+            },
+            match &sts {
+                Some(p) => format!("|mta-sts {}", p.mode.name()),
+                None => String::new(),
+            }
         );
         if let Some(site) = self.sites.borrow().get(&key) {
             return site.clone();
@@ -697,7 +714,7 @@ impl Shard {
         if let Some(p) = provider {
             site.provider = Arc::from(p.name.as_str());
         }
-        site.mta_sts = enforced;
+        site.sts = sts;
         let site = Rc::new(site);
         self.sites.borrow_mut().insert(key, site.clone());
         site
@@ -1422,32 +1439,116 @@ impl Shard {
     }
 }
 
-/// The MX hosts `domain` may be sent to under its MTA-STS view `sts`, and whether a
-/// policy in enforce mode holds (RFC 8461 §4.1, §5): only the hosts its `mx`
-/// patterns allow. Err: none is allowed, the deferral every recipient gets (class
-/// `policy`: nothing goes in clear or elsewhere).
-fn sts_hosts(domain: &str, hosts: Vec<MxHost>, sts: &Sts) -> Result<(Vec<MxHost>, bool), Reply> {
-    let Some(c) = sts
-        .policy()
-        .filter(|c| c.policy.mode == crate::policy::mta_sts::Mode::Enforce)
-    else {
-        return Ok((hosts, false));
-    };
-    let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
-    let allowed: Vec<MxHost> = hosts
-        .into_iter()
-        .filter(|h| c.policy.allows(&h.name))
-        .collect();
-    if allowed.is_empty() {
+impl Shard {
+    /// The MX hosts `domain` may be sent to under its MTA-STS view `sts`, and the
+    /// policy in force (RFC 8461 §4.1, §5): under enforce only the hosts its `mx`
+    /// patterns allow; under testing all of them. Err: none is allowed under
+    /// enforce, the deferral every recipient gets (class `policy`: nothing goes in
+    /// clear or elsewhere). A policy that could not be had, or hosts it does not
+    /// allow, count as a failed session in the domain's TLS report.
+    fn sts_hosts(
+        &self,
+        domain: &str,
+        hosts: Vec<MxHost>,
+        sts: &Sts,
+    ) -> Result<(Vec<MxHost>, Option<Rc<StsSite>>), Reply> {
+        use crate::policy::mta_sts::Mode;
+        use crate::policy::tls_rpt::{Applied, Failure, ResultType};
+        let failure = |result, why: String| Failure {
+            result_type: result,
+            sending_mta_ip: None,
+            receiving_mx_hostname: None,
+            receiving_ip: None,
+            failure_reason_code: Some(why.chars().take(200).collect()),
+        };
+        let c = match sts {
+            Sts::Policy { cached, .. } if cached.policy.mode != Mode::None => cached,
+            Sts::Unavailable(no) => {
+                if let Some(r) = &self.tls_rpt {
+                    r.failure(
+                        domain,
+                        &Applied::sts_unavailable(),
+                        failure(no.result, no.why.clone()),
+                    );
+                }
+                return Ok((hosts, None));
+            }
+            _ => return Ok((hosts, None)),
+        };
+        let site = Rc::new(StsSite {
+            domain: Rc::from(domain),
+            mode: c.policy.mode,
+            applied: Applied::sts(&c.policy),
+        });
+        let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
+        let (allowed, others): (Vec<MxHost>, Vec<MxHost>) =
+            hosts.into_iter().partition(|h| c.policy.allows(&h.name));
+        if !allowed.is_empty() {
+            return Ok((allowed, Some(site)));
+        }
         let why = format!(
-            "the MTA-STS policy of {domain} (id {}, enforce) allows MX {}; none of its MX hosts ({}) matches, so nothing is sent (RFC 8461 §4.1); the domain's MX records or its policy must change",
+            "the MTA-STS policy of {domain} (id {}, {}) allows MX {}; none of its MX hosts ({}) matches",
             c.id,
+            c.policy.mode.name(),
             c.policy.mx.join(" "),
             names.join(", ")
         );
-        return Err(Reply::new(451, Some("4.7.5"), &why));
+        if let Some(r) = &self.tls_rpt {
+            r.failure(
+                domain,
+                &site.applied,
+                failure(ResultType::ValidationFailure, why.clone()),
+            );
+        }
+        match c.policy.mode {
+            // Testing: delivered as before; the report says what enforce would stop.
+            Mode::Testing => Ok((others, Some(site))),
+            _ => Err(Reply::new(
+                451,
+                Some("4.7.5"),
+                &format!("{why}, so nothing is sent (RFC 8461 §4.1); the domain's MX records or its policy must change"),
+            )),
+        }
     }
-    Ok((allowed, true))
+
+    /// Counts a TLS session to `site`'s policy domain for its TLS report (RFC 8460
+    /// §4.4): one that met the policy, or one that failed it as `failed`. Nothing
+    /// when the site has no policy or TLS-RPT is off.
+    pub fn count_tls_session(&self, site: &Site, failed: Option<crate::policy::tls_rpt::Failure>) {
+        let (Some(r), Some(sts)) = (&self.tls_rpt, &site.sts) else {
+            return;
+        };
+        match failed {
+            None => r.success(&sts.domain, &sts.applied),
+            Some(f) => r.failure(&sts.domain, &sts.applied, f),
+        }
+    }
+
+    /// Checks the certificate `conn`'s receiver presented against `host`, as an
+    /// enforce policy would have (webpki-roots and `--tls-roots`). Err: why not.
+    pub fn check_certificate(
+        &self,
+        conn: &rustls::ClientConnection,
+        host: &str,
+    ) -> Result<(), rustls::Error> {
+        use rustls::client::danger::ServerCertVerifier;
+        let certs = conn
+            .peer_certificates()
+            .filter(|c| !c.is_empty())
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)
+        })?;
+        self.tls_check
+            .verify_server_cert(
+                &certs[0],
+                &certs[1..],
+                &name,
+                &[],
+                rustls::pki_types::UnixTime::now(),
+            )
+            .map(|_| ())
+    }
 }
 
 impl Campaigns for Shard {

@@ -44,6 +44,19 @@ pub fn client_config(
     Arc::new(cfg)
 }
 
+/// A certificate check against webpki-roots and `extra_roots`, the one verified
+/// sessions make, for use after a handshake that did not verify.
+pub fn verifier(
+    extra_roots: &[CertificateDer<'static>],
+) -> Arc<rustls::client::WebPkiServerVerifier> {
+    rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots(extra_roots)),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .expect("webpki-roots are valid trust anchors")
+}
+
 /// The Mozilla roots of webpki-roots and `extra`.
 pub fn roots(extra: &[CertificateDer<'static>]) -> rustls::RootCertStore {
     let mut roots = rustls::RootCertStore::empty();

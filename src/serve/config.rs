@@ -91,6 +91,14 @@ mta_sts = true                     # honour MTA-STS (RFC 8461): a policy in enfo
                                    # nothing (deferred, class policy); `volley tls show`
 # tls_roots = "/etc/volley/ca.pem" # CAs (PEM) trusted besides the Mozilla roots wherever
                                    # a certificate is verified (a private CA)
+tls_rpt = true                     # TLS-RPT (RFC 8460): count TLS sessions to domains
+                                   # with an MTA-STS policy per UTC day, and send each
+                                   # domain its daily report where its _smtp._tls record
+                                   # asks (https POST, or a DKIM-signed mail)
+# tls_rpt_org = "HOSTNAME"         # the report's organization-name
+# tls_rpt_contact = "postmaster@HOSTNAME"   # the report's contact-info
+# tls_rpt_from = "tlsrpt-noreply@HOSTNAME"  # From of mailed reports, signed with its
+                                   # domain's key under dkim_dir (no key: https only)
 window = 8                         # pipelined transactions per connection (1 to 256);
                                    # at it, no more are sent until one finishes
 retry_schedule = "5m,10m,20m,40m,1h,2h,4h"   # --retry-schedule: for every reply class
@@ -270,6 +278,8 @@ pub struct ServeConfig {
     pub mta_sts: bool,
     /// CAs trusted besides webpki-roots' (the engine's `tls_roots`).
     pub tls_roots: Option<PathBuf>,
+    /// `tls_rpt`, `tls_rpt_org`, `tls_rpt_contact`, `tls_rpt_from`.
+    pub tls_rpt: TlsRpt,
     /// None: the host name (the engine's default, as for `send` without `--ehlo`).
     pub ehlo_name: Option<String>,
     pub dkim_dir: PathBuf,
@@ -319,6 +329,30 @@ pub struct ServeConfig {
     source: Option<PathBuf>,
     /// Where each key that [`ServeConfig::check`] may cite was set ("submission.0.auth").
     origins: BTreeMap<String, At>,
+}
+
+/// TLS reports (RFC 8460; deliver/tls_rpt.rs): counted and sent unless `tls_rpt =
+/// false`. Each None: from the host name (`ehlo_name`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsRpt {
+    pub enabled: bool,
+    /// `organization-name`; None: the host name.
+    pub org: Option<String>,
+    /// `contact-info`; None: postmaster@ the host name.
+    pub contact: Option<String>,
+    /// The From of mailed reports; None: tlsrpt-noreply@ the host name.
+    pub from: Option<String>,
+}
+
+impl Default for TlsRpt {
+    fn default() -> TlsRpt {
+        TlsRpt {
+            enabled: true,
+            org: None,
+            contact: None,
+            from: None,
+        }
+    }
 }
 
 /// One SMTP submission listener (`[[submission]]`).
@@ -480,6 +514,7 @@ impl ServeConfig {
             smtp_port: e.smtp_port,
             mta_sts: e.mta_sts,
             tls_roots: None,
+            tls_rpt: TlsRpt::default(),
             ehlo_name: None,
             dkim_dir: e.dkim_dir,
             shaping: None,
@@ -663,6 +698,7 @@ impl ServeConfig {
             mta_sts: self.mta_sts,
             https_port: base.https_port,
             tls_roots: self.tls_roots.clone(),
+            tls_rpt: self.tls_rpt.enabled && self.mta_sts,
         }
     }
 
@@ -1830,6 +1866,27 @@ fn read_delivery(doc: &mut Doc, t: &mut Table, cfg: &mut ServeConfig) {
     });
     cfg.ehlo_name = t.get(doc, "ehlo_name", &ehlo);
     t.put(doc, "mta_sts", &mut cfg.mta_sts, &boolean);
+    t.put(doc, "tls_rpt", &mut cfg.tls_rpt.enabled, &boolean);
+    let text = |n: &Node| {
+        let v = string(n)?;
+        match v.trim().is_empty() || v.contains(['\r', '\n']) {
+            true => Err("write a non-empty text on one line".to_string()),
+            false => Ok(v),
+        }
+    };
+    cfg.tls_rpt.org = t.get(doc, "tls_rpt_org", &text);
+    cfg.tls_rpt.contact = t.get(doc, "tls_rpt_contact", &text);
+    cfg.tls_rpt.from = t.get(doc, "tls_rpt_from", &|n: &Node| {
+        let v = text(n)?;
+        match v.split_once('@') {
+            Some((l, d)) if !l.is_empty() && d.contains('.') && !v.contains(['<', '>', ' ']) => {
+                Ok(v)
+            }
+            _ => Err(format!(
+                "{v:?} is not an address; write e.g. \"tlsrpt-noreply@mta.example.com\""
+            )),
+        }
+    });
     read_shaping_defaults(doc, t, &mut cfg.shaping_defaults);
     t.put(doc, "window", &mut cfg.window, &usize_in(1, 256));
     read_retry(doc, t, &mut cfg.retry);

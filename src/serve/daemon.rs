@@ -16,7 +16,7 @@ use crate::message::campaign::Campaign;
 use crate::serve::auth::{Tokens, Users};
 use crate::serve::config::ServeConfig;
 use crate::serve::intake::Intake;
-use crate::serve::{http, pickup, submission, webhook};
+use crate::serve::{http, pickup, submission, tls_reports, webhook};
 use crate::spool::inbox::Inboxes;
 use crate::spool::ingest::{self, IngestError};
 use crate::spool::retention;
@@ -196,6 +196,20 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<i32> {
         if !cfg.webhooks.is_empty() {
             let names: Vec<&str> = cfg.webhooks.iter().map(|w| w.name.as_str()).collect();
             said.push(format!("webhooks {}", names.join(", ")));
+        }
+        if ecfg.tls_rpt {
+            let (reporting, note) = tls_reports::reporting(&cfg, &hostname)?;
+            if let Some(n) = note {
+                eprintln!("volley serve: warning: {n}");
+            }
+            let sender = tls_reports::Sender {
+                spool_dir: ecfg.spool_dir.clone(),
+                reporting,
+                dns: ecfg.dns.clone(),
+                intake: intake.clone(),
+            };
+            threads.push(tls_reports::start(sender, listeners_stop.clone())?);
+            said.push("TLS reports".into());
         }
         threads.push(index_refresher(
             ecfg.log_path.clone(),

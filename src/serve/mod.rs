@@ -10,7 +10,8 @@
 //!   `monitor`: the status page, `/metrics` and queue control on the same listener;
 //! - `pickup`: the pickup directory;
 //! - `intake`: handing messages and campaigns to the shards, answered once durable;
-//! - `webhook`: the accounting records POSTed to `[[webhook]]` receivers, at least once.
+//! - `webhook`: the accounting records POSTed to `[[webhook]]` receivers, at least once;
+//! - `tls_reports`: the daily TLS-RPT reports (RFC 8460) sent once each day ends.
 
 pub mod auth;
 pub mod config;
@@ -22,4 +23,5 @@ pub mod monitor;
 pub mod pickup;
 pub mod submission;
 pub mod submitted;
+pub mod tls_reports;
 pub mod webhook;
