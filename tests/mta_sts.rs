@@ -64,6 +64,13 @@ fn issue(
     (c, k, cert, key)
 }
 
+/// A request the server took: its head and body.
+type Post = (String, Vec<u8>);
+
+/// A tally of today's TLS-RPT ledger: the policy's mode line, successful and failed
+/// sessions, and the failure rows as (result type, MX).
+type Tally = (String, u64, u64, Vec<(String, String)>);
+
 /// What the policy server answers: a status line, a media type and a body.
 #[derive(Clone)]
 struct Answer {
@@ -86,6 +93,8 @@ struct PolicyServer {
     port: u16,
     answer: Arc<Mutex<Answer>>,
     requests: Arc<AtomicUsize>,
+    /// The POSTs it took: head and body.
+    posts: Arc<Mutex<Vec<Post>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -115,7 +124,13 @@ impl PolicyServer {
         let answer = Arc::new(Mutex::new(answer));
         let requests = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (a, n, s) = (answer.clone(), requests.clone(), stop.clone());
+        let posts = Arc::new(Mutex::new(Vec::new()));
+        let (a, n, s, p) = (
+            answer.clone(),
+            requests.clone(),
+            stop.clone(),
+            posts.clone(),
+        );
         std::thread::spawn(move || {
             let until = Instant::now() + SERVER_LIFE;
             while !s.load(Ordering::Relaxed) && Instant::now() < until {
@@ -134,6 +149,27 @@ impl PolicyServer {
                         Ok(1) => head.push(byte[0]),
                         _ => break,
                     }
+                }
+                if head.starts_with(b"POST ") {
+                    // A TLS report (RFC 8460 §5.4): kept with its head.
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let length = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse::<usize>().ok())?
+                        })
+                        .unwrap_or(0);
+                    let mut body = vec![0u8; length.min(1 << 20)];
+                    if tls.read_exact(&mut body).is_ok() {
+                        p.lock().unwrap().push((head, body));
+                    }
+                    let _ = tls.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    let _ = tls.flush();
+                    continue;
                 }
                 if !head.starts_with(b"GET /.well-known/mta-sts.txt ") {
                     continue;
@@ -158,6 +194,7 @@ impl PolicyServer {
             port,
             answer,
             requests,
+            posts,
             stop,
         }
     }
@@ -197,8 +234,10 @@ fn world_with(name: &str, signer: Option<&str>, starttls: bool, id: &str, answer
         _ => &ca,
     };
     let (cert_file, key_file, _, _) = issue(sink_ca, &pki, MX);
+    let keep = pki.join("kept");
+    std::fs::create_dir_all(&keep).unwrap();
     let env = match starttls {
-        true => env_with_certificate(name, cert_file, key_file),
+        true => env_with_certificate(name, cert_file, key_file, Some(keep)),
         false => env_with(name, "", false),
     };
     let (_, _, cert, key) = issue(&ca, &pki, "mta-sts.gmail.com");
@@ -263,7 +302,57 @@ impl World {
         let mut cfg = self.env.config();
         cfg.tls_roots = Some(self.ca.file.clone());
         cfg.https_port = self.server.port;
+        cfg.tls_rpt = true;
         cfg
+    }
+
+    /// Today's TLS-RPT ledger: gmail.com's tallies.
+    fn tallies(&self) -> Vec<Tally> {
+        let today = volley::deliver::tls_rpt::date_of(std::time::SystemTime::now());
+        let path = self.env.dir.join(format!("spool/tls-rpt/{today}.json"));
+        let day: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let Some(policies) = day["domains"]["gmail.com"].as_array() else {
+            return Vec::new();
+        };
+        policies
+            .iter()
+            .map(|p| {
+                let (applied, t) = (&p[0], &p[1]);
+                let mode = applied["policy_string"][1].as_str().unwrap_or("none");
+                let rows = t["failures"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| {
+                        let f = &r[0];
+                        (
+                            f["result_type"].as_str().unwrap().to_string(),
+                            f["receiving_mx_hostname"]
+                                .as_str()
+                                .unwrap_or("")
+                                .to_string(),
+                        )
+                    })
+                    .collect();
+                (
+                    mode.to_string(),
+                    t["successful"].as_u64().unwrap(),
+                    t["failed"].as_u64().unwrap(),
+                    rows,
+                )
+            })
+            .collect()
+    }
+
+    /// The tally under the policy whose mode line is `mode` ("mode: enforce").
+    fn tally(&self, mode: &str) -> (u64, u64, Vec<(String, String)>) {
+        let all = self.tallies();
+        let (_, ok, failed, rows) = all
+            .iter()
+            .find(|t| t.0 == mode)
+            .unwrap_or_else(|| panic!("no tally under {mode:?}: {all:?}"));
+        (*ok, *failed, rows.clone())
     }
 
     /// Sends `n` recipients at gmail.com as campaign `id` to the end: the log's
@@ -331,6 +420,9 @@ fn an_enforced_policy_sends_verified_tls_to_the_mx_it_names_and_nothing_elsewher
         assert!(l["tls"].as_str().is_some_and(|t| t.contains("TLS")), "{l}");
     }
     assert_eq!(w.server.requests(), 1, "fetched once");
+    // Each session met the policy, and the TLS report counts it (RFC 8460 §4.4).
+    let (ok, failed, _) = w.tally("mode: enforce");
+    assert!(ok >= 1 && failed == 0, "{:?}", w.tallies());
     // Kept under the spool with its id.
     let kept = std::fs::read_to_string(w.env.dir.join("spool/mta-sts/gmail.com")).unwrap();
     assert!(kept.starts_with("id 1\n"), "{kept}");
@@ -355,6 +447,15 @@ fn an_enforced_policy_sends_verified_tls_to_the_mx_it_names_and_nothing_elsewher
     w.publish("3");
     let (lines, after) = w.send("testing", 3, false);
     assert_eq!(after, accepted + 3, "{lines:#?}");
+    // The report tells the domain what enforce would have stopped: its MX is not
+    // one the policy names; under enforce (id 2) the same.
+    let tallies = w.tallies();
+    for mode in ["mode: enforce", "mode: testing"] {
+        let mismatched = tallies.iter().any(|(m, _, failed, rows)| {
+            m == mode && *failed >= 1 && rows.iter().any(|(r, _)| r == "validation-failure")
+        });
+        assert!(mismatched, "{mode}: {tallies:?}");
+    }
 
     // `volley tls show` says what is in force, and where it came from.
     let (code, out, err) = w.tls_show(true);
@@ -393,11 +494,20 @@ fn an_enforced_policy_refuses_a_certificate_it_cannot_verify() {
             .all(|l| !l["reply"].as_str().unwrap().contains("tls_verify off")),
         "advice the operator cannot take under a domain's policy"
     );
-    // In testing mode the same receiver gets the mail (opportunistic TLS).
+    let not_trusted = |rows: &[(String, String)]| {
+        rows.iter()
+            .any(|(r, mx)| r == "certificate-not-trusted" && mx == MX)
+    };
+    let (ok, failed, rows) = w.tally("mode: enforce");
+    assert!(ok == 0 && failed >= 1 && not_trusted(&rows), "{rows:?}");
+    // In testing mode the same receiver gets the mail (opportunistic TLS), and the
+    // report says the certificate would not have done under enforce.
     w.server.serve(policy("testing", MX));
     w.publish("2");
     let (_, accepted) = w.send("testing", 3, false);
     assert_eq!(accepted, 3);
+    let (ok, failed, rows) = w.tally("mode: testing");
+    assert!(ok == 0 && failed >= 1 && not_trusted(&rows), "{rows:?}");
 }
 
 #[test]
@@ -408,9 +518,16 @@ fn a_failed_fetch_keeps_a_cached_policy_and_without_one_there_is_none() {
         body: "no".into(),
     };
     let w = world("sts-fetch", None, "1", unavailable);
-    // No policy to be had, none cached: delivered as without MTA-STS.
+    // No policy to be had, none cached: delivered as without MTA-STS, and the
+    // domain's report says its policy could not be fetched (RFC 8460 §4.3.2.1).
     let (_, accepted) = w.send("nopolicy", 3, false);
     assert_eq!(accepted, 3);
+    let (_, failed, rows) = w.tally("none");
+    assert!(failed >= 1, "{rows:?}");
+    assert!(
+        rows.iter().all(|(r, _)| r == "sts-policy-fetch-error"),
+        "{rows:?}"
+    );
     // A policy that would stop everything, fetched and cached (id 2).
     w.server.serve(policy("enforce", "mx.elsewhere.test"));
     w.publish("2");
@@ -477,4 +594,256 @@ fn an_enforced_policy_sends_nothing_to_a_receiver_without_starttls() {
     let (lines, accepted) = w.send("stripped", 3, true);
     assert_eq!(accepted, 0, "sent in clear under an enforced policy");
     all_deferred_as(&lines, "4.7.4", &[MX]);
+    let (ok, failed, rows) = w.tally("mode: enforce");
+    assert!(ok == 0 && failed >= 1, "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|(r, mx)| r == "starttls-not-supported" && mx == MX),
+        "{rows:?}"
+    );
+    // Under testing the mail goes in clear, and the report says STARTTLS was missing.
+    w.server.serve(policy("testing", MX));
+    w.publish("2");
+    let (_, accepted) = w.send("clear", 2, false);
+    assert_eq!(accepted, 2);
+    let (_, failed, rows) = w.tally("mode: testing");
+    assert!(failed >= 1, "{rows:?}");
+    assert!(
+        rows.iter().all(|(r, _)| r == "starttls-not-supported"),
+        "{rows:?}"
+    );
+}
+
+/// Checks TLS reports with Python's standard library alone, against RFC 8460 §4.4's
+/// JSON schema and §5's transports: argv[1] a POSTed body (gzip), argv[2] a mailed
+/// report (.eml), argv[3] the DKIM record of its signer (checked with dkimpy when it
+/// is installed). Prints one line per report, `ok DOMAIN SUCCESSES FAILURES`, and
+/// `dkim pass|fail|skipped`.
+const REPORT_CHECK: &str = r#"
+import email, gzip, ipaddress, json, re, sys
+from email import policy
+
+RESULT_TYPES = {"starttls-not-supported", "certificate-host-mismatch",
+    "certificate-expired", "certificate-not-trusted", "validation-failure",
+    "tlsa-invalid", "dnssec-invalid", "dane-required", "sts-policy-fetch-error",
+    "sts-policy-invalid", "sts-webpki-invalid"}
+STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+def need(cond, what):
+    if not cond:
+        raise SystemExit("not RFC 8460: " + what)
+
+def check(report):
+    need(set(report) <= {"organization-name", "date-range", "contact-info",
+        "report-id", "policies"}, "top-level keys %s" % sorted(report))
+    for k in ("organization-name", "contact-info", "report-id"):
+        need(isinstance(report.get(k), str) and report[k], k)
+    dr = report.get("date-range")
+    need(isinstance(dr, dict) and set(dr) == {"start-datetime", "end-datetime"}, "date-range")
+    need(all(STAMP.match(dr[k]) for k in dr), "date-range times")
+    need(dr["start-datetime"] < dr["end-datetime"], "date-range order")
+    pols = report.get("policies")
+    need(isinstance(pols, list) and pols, "policies")
+    ok = failed = 0
+    for p in pols:
+        need(set(p) <= {"policy", "summary", "failure-details"} and "policy" in p
+            and "summary" in p, "policy keys")
+        pol = p["policy"]
+        need(pol.get("policy-type") in ("tlsa", "sts", "no-policy-found"), "policy-type")
+        need(isinstance(pol.get("policy-domain"), str), "policy-domain")
+        for k in ("policy-string", "mx-host"):
+            if k in pol:
+                need(isinstance(pol[k], list) and all(isinstance(x, str) for x in pol[k]), k)
+        s = p["summary"]
+        for k in ("total-successful-session-count", "total-failure-session-count"):
+            need(isinstance(s.get(k), int) and s[k] >= 0, k)
+        ok += s["total-successful-session-count"]
+        failed += s["total-failure-session-count"]
+        rows = 0
+        for f in p.get("failure-details", []):
+            need(f.get("result-type") in RESULT_TYPES, "result-type %r" % f.get("result-type"))
+            need(isinstance(f.get("failed-session-count"), int), "failed-session-count")
+            rows += f["failed-session-count"]
+            for k in ("sending-mta-ip", "receiving-ip"):
+                if k in f:
+                    ipaddress.ip_address(f[k])
+            for k in ("receiving-mx-hostname", "failure-reason-code"):
+                if k in f:
+                    need(isinstance(f[k], str), k)
+        need(rows <= s["total-failure-session-count"], "failure rows over the summary")
+    return pols[0]["policy"]["policy-domain"], ok, failed
+
+posted = json.loads(gzip.decompress(open(sys.argv[1], "rb").read()))
+print("ok %s %d %d" % check(posted))
+
+raw = open(sys.argv[2], "rb").read()
+msg = email.message_from_bytes(raw, policy=policy.default)
+need(msg.get_content_type() == "multipart/report", "Content-Type")
+need(msg.get_param("report-type") == "tlsrpt", "report-type")
+domain = msg["TLS-Report-Domain"]
+need(domain and msg["TLS-Report-Submitter"], "TLS-Report-Domain/Submitter")
+need(msg["Subject"].startswith("Report Domain: %s Submitter: " % domain), "Subject")
+parts = [p for p in msg.iter_parts() if p.get_content_type() == "application/tlsrpt+gzip"]
+need(len(parts) == 1, "one application/tlsrpt+gzip part")
+need(re.match(r"^[^!]+!%s!\d+!\d+\.json\.gz$" % re.escape(domain), parts[0].get_filename() or ""),
+    "file name %r" % parts[0].get_filename())
+mailed = json.loads(gzip.decompress(parts[0].get_payload(decode=True)))
+print("ok %s %d %d" % check(mailed))
+need(mailed == posted, "the mailed report differs from the posted one")
+try:
+    import dkim
+except ImportError:
+    print("dkim skipped")
+else:
+    record = sys.argv[3].encode()
+    good = dkim.verify(raw, dnsfunc=lambda name, timeout=5: record)
+    print("dkim " + ("pass" if good else "fail"))
+"#;
+
+#[test]
+fn the_daemon_sends_each_ended_days_report_once_by_https_and_as_signed_mail() {
+    let w = world("sts-report", None, "1", policy("enforce", MX));
+    let (_, accepted) = w.send("counted", 3, false);
+    assert_eq!(accepted, 3);
+    let (ok, _, _) = w.tally("mode: enforce");
+    // The day ends: today's ledger becomes yesterday's.
+    let tls_rpt = w.env.dir.join("spool/tls-rpt");
+    let now = std::time::SystemTime::now();
+    let today = volley::deliver::tls_rpt::date_of(now);
+    let yesterday = volley::deliver::tls_rpt::date_of(now - Duration::from_secs(86_400));
+    let mut day: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tls_rpt.join(format!("{today}.json"))).unwrap())
+            .unwrap();
+    day["date"] = yesterday.clone().into();
+    let ended = tls_rpt.join(format!("{yesterday}.json"));
+    std::fs::write(&ended, day.to_string()).unwrap();
+    std::fs::remove_file(tls_rpt.join(format!("{today}.json"))).unwrap();
+
+    // gmail.com asks for its reports by HTTPS and by mail.
+    let (_, _, cert, key) = issue(&w.ca, &w.pki, "reports.gmail.com");
+    let reports = PolicyServer::start(cert, key, policy("enforce", MX));
+    {
+        let mut z = w.env.dns.zone.write().unwrap();
+        z.set_a("reports.gmail.com", "127.0.0.1".parse().unwrap());
+        z.set_txt(
+            "_smtp._tls.gmail.com",
+            vec![format!(
+                "v=TLSRPTv1; rua=https://reports.gmail.com:{}/tlsrpt,mailto:tlsrpt@gmail.com",
+                reports.port
+            )],
+        );
+    }
+    // The reports' From domain has a DKIM key.
+    let keys = w.pki.join("dkim");
+    let (code, zone, err) = common::daemon::volley(&[
+        "dkim",
+        "keygen",
+        "--type",
+        "ed25519",
+        "--domain",
+        "reports.volley.test",
+        "--selector",
+        "s1",
+        "--out",
+        keys.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let record: String = zone.split('"').skip(1).step_by(2).collect();
+    assert!(record.starts_with("v=DKIM1"), "{zone}");
+    let config = common::daemon::write_config(
+        &w.env.dir,
+        &format!(
+            "tls_roots = \"{}\"\ndkim_dir = \"{}\"\ntls_rpt_from = \"tlsrpt@reports.volley.test\"\ntls_rpt_org = \"Volley Test\"\n",
+            w.ca.file.display(),
+            keys.display()
+        ),
+    );
+    let spool = w.env.dir.join("spool");
+    let mut args = vec!["--config".into(), config.display().to_string()];
+    args.extend(common::daemon::base_args(&w.env, &spool));
+    let kept = w.pki.join("kept");
+    let mailed = |kept: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(kept)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                std::fs::read_to_string(p).is_ok_and(|t| t.contains("TLS-Report-Domain: gmail.com"))
+            })
+            .collect()
+    };
+    let d = common::daemon::Daemon::start(&w.env.dir, &args);
+    let limit = Duration::from_secs(30);
+    let every = Duration::from_millis(50);
+    common::daemon::wait_for(
+        limit,
+        every,
+        || (reports.posts.lock().unwrap().len() == 1 && mailed(&kept).len() == 1).then_some(()),
+        || format!("no report posted and mailed; serve said:\n{}", d.stderr()),
+    );
+    let said = d.stop();
+    assert!(
+        said.contains("report queued for mailto:tlsrpt@gmail.com"),
+        "{said}"
+    );
+    assert!(
+        said.contains("report posted to https://reports.gmail.com"),
+        "{said}"
+    );
+    assert!(!ended.exists(), "the day is not marked done");
+    let sent = std::fs::read_to_string(tls_rpt.join("sent.tsv")).unwrap();
+    assert_eq!(sent.matches("\tdone\n").count(), 2, "{sent}");
+
+    // A crash that lost the day's done mark sends nothing twice.
+    std::fs::copy(ended.with_extension("json.done"), &ended).unwrap();
+    let d = common::daemon::Daemon::start(&w.env.dir, &args);
+    common::daemon::wait_for(
+        limit,
+        every,
+        || (!ended.exists()).then_some(()),
+        || {
+            format!(
+                "the day was not looked at again; serve said:\n{}",
+                d.stderr()
+            )
+        },
+    );
+    d.stop();
+    assert_eq!(reports.posts.lock().unwrap().len(), 1, "posted twice");
+    assert_eq!(mailed(&kept).len(), 1, "mailed twice");
+
+    // What went out is RFC 8460's report, the same both ways, and the mail is signed.
+    let (head, body) = reports.posts.lock().unwrap()[0].clone();
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/tlsrpt+gzip"),
+        "{head}"
+    );
+    assert!(head.starts_with("POST /tlsrpt "), "{head}");
+    let posted = w.pki.join("posted.json.gz");
+    std::fs::write(&posted, &body).unwrap();
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", REPORT_CHECK])
+        .arg(&posted)
+        .arg(&mailed(&kept)[0])
+        .arg(&record)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let want = format!("ok gmail.com {ok} 0");
+    assert_eq!(
+        stdout.matches(&want).count(),
+        2,
+        "{want:?} twice in:\n{stdout}"
+    );
+    match stdout.lines().last() {
+        Some("dkim pass") => {}
+        Some("dkim skipped") => {
+            common::skipped("dkimpy is not installed: the report's signature was not checked")
+        }
+        other => panic!("{other:?}: {stdout}"),
+    }
 }

@@ -116,7 +116,7 @@ fn a_ca_certificate_as_the_server_certificate_is_explained_in_the_log() {
     // A key others may read is refused at load (host/secrets.rs).
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let env = env_with_certificate("tls-ca-cert", cert_file, key_file);
+    let env = env_with_certificate("tls-ca-cert", cert_file, key_file, None);
     let (r, lines, accepted) = run_in(env, "tls-ca-cert", TlsMode::Required, true);
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!((r.delivered, accepted), (0, 0));

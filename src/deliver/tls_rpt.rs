@@ -263,7 +263,13 @@ fn report_domain(
             },
         };
         let (state, line) = match result {
-            Ok(()) => ("done", format!("{date} {domain}: report sent to {target}")),
+            Ok(()) => {
+                let how = match uri {
+                    Rua::Https(_) => "posted to",
+                    Rua::Mailto(_) => "queued for",
+                };
+                ("done", format!("{date} {domain}: report {how} {target}"))
+            }
             Err(why) => {
                 let n = sent.failures(date, domain, &target) + 1;
                 let last = n >= ATTEMPTS_MAX;

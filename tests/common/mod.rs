@@ -58,9 +58,10 @@ pub fn env_full(name: &str, behaviour: &str, starttls: bool, keep: Option<PathBu
     start_env(name, behaviour, starttls, keep, None)
 }
 
-/// As `env` (STARTTLS offered), the sink serving this PEM certificate chain and key.
-pub fn env_with_certificate(name: &str, cert: PathBuf, key: PathBuf) -> Env {
-    start_env(name, "", true, None, Some((cert, key)))
+/// As `env` (STARTTLS offered), the sink serving this PEM certificate chain and key;
+/// with `keep`, it keeps every message it accepts there as a .eml file.
+pub fn env_with_certificate(name: &str, cert: PathBuf, key: PathBuf, keep: Option<PathBuf>) -> Env {
+    start_env(name, "", true, keep, Some((cert, key)))
 }
 
 fn start_env(
