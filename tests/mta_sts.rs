@@ -793,23 +793,34 @@ fn the_daemon_sends_each_ended_days_report_once_by_https_and_as_signed_mail() {
     let sent = std::fs::read_to_string(tls_rpt.join("sent.tsv")).unwrap();
     assert_eq!(sent.matches("\tdone\n").count(), 2, "{sent}");
 
-    // A crash that lost the day's done mark sends nothing twice.
-    std::fs::copy(ended.with_extension("json.done"), &ended).unwrap();
-    let d = common::daemon::Daemon::start(&w.env.dir, &args);
-    common::daemon::wait_for(
-        limit,
-        every,
-        || (!ended.exists()).then_some(()),
-        || {
-            format!(
-                "the day was not looked at again; serve said:\n{}",
-                d.stderr()
-            )
-        },
-    );
-    d.stop();
-    assert_eq!(reports.posts.lock().unwrap().len(), 1, "posted twice");
-    assert_eq!(mailed(&kept).len(), 1, "mailed twice");
+    // A crash that lost the day's done mark sends nothing twice; nor one in the
+    // middle of sending (each send's `begun` line synced, its `done` not written).
+    for crash in ["after the sends", "during the sends"] {
+        std::fs::copy(ended.with_extension("json.done"), &ended).unwrap();
+        if crash == "during the sends" {
+            let begun = sent.replace("\tdone\n", "\tbegun\n");
+            std::fs::write(tls_rpt.join("sent.tsv"), begun).unwrap();
+        }
+        let d = common::daemon::Daemon::start(&w.env.dir, &args);
+        common::daemon::wait_for(
+            limit,
+            every,
+            || (!ended.exists()).then_some(()),
+            || {
+                format!(
+                    "the day was not looked at again; serve said:\n{}",
+                    d.stderr()
+                )
+            },
+        );
+        d.stop();
+        assert_eq!(
+            reports.posts.lock().unwrap().len(),
+            1,
+            "posted twice {crash}"
+        );
+        assert_eq!(mailed(&kept).len(), 1, "mailed twice {crash}");
+    }
 
     // What went out is RFC 8460's report, the same both ways, and the mail is signed.
     let (head, body) = reports.posts.lock().unwrap()[0].clone();
