@@ -617,7 +617,8 @@ fn an_enforced_policy_sends_nothing_to_a_receiver_without_starttls() {
 /// Checks TLS reports with Python's standard library alone, against RFC 8460 §4.4's
 /// JSON schema and §5's transports: argv[1] a POSTed body (gzip), argv[2] a mailed
 /// report (.eml), argv[3] the DKIM record of its signer (checked with dkimpy when it
-/// is installed). Prints one line per report, `ok DOMAIN SUCCESSES FAILURES`, and
+/// is installed). Prints one line per report, `ok DOMAIN SUCCESSES FAILURES, N
+/// failure rows`, and
 /// `dkim pass|fail|skipped`.
 const REPORT_CHECK: &str = r#"
 import email, gzip, ipaddress, json, re, sys
@@ -644,23 +645,31 @@ def check(report):
     need(dr["start-datetime"] < dr["end-datetime"], "date-range order")
     pols = report.get("policies")
     need(isinstance(pols, list) and pols, "policies")
-    ok = failed = 0
+    ok = failed = details = 0
     for p in pols:
         need(set(p) <= {"policy", "summary", "failure-details"} and "policy" in p
             and "summary" in p, "policy keys")
         pol = p["policy"]
+        need(set(pol) <= {"policy-type", "policy-string", "policy-domain", "mx-host"},
+            "policy keys %s" % sorted(pol))
         need(pol.get("policy-type") in ("tlsa", "sts", "no-policy-found"), "policy-type")
         need(isinstance(pol.get("policy-domain"), str), "policy-domain")
         for k in ("policy-string", "mx-host"):
             if k in pol:
                 need(isinstance(pol[k], list) and all(isinstance(x, str) for x in pol[k]), k)
         s = p["summary"]
+        need(set(s) == {"total-successful-session-count", "total-failure-session-count"},
+            "summary keys %s" % sorted(s))
         for k in ("total-successful-session-count", "total-failure-session-count"):
             need(isinstance(s.get(k), int) and s[k] >= 0, k)
         ok += s["total-successful-session-count"]
         failed += s["total-failure-session-count"]
         rows = 0
         for f in p.get("failure-details", []):
+            need(set(f) <= {"result-type", "sending-mta-ip", "receiving-mx-hostname",
+                "receiving-mx-helo", "receiving-ip", "failed-session-count",
+                "additional-information", "failure-reason-code"},
+                "failure-details keys %s" % sorted(f))
             need(f.get("result-type") in RESULT_TYPES, "result-type %r" % f.get("result-type"))
             need(isinstance(f.get("failed-session-count"), int), "failed-session-count")
             rows += f["failed-session-count"]
@@ -671,10 +680,11 @@ def check(report):
                 if k in f:
                     need(isinstance(f[k], str), k)
         need(rows <= s["total-failure-session-count"], "failure rows over the summary")
-    return pols[0]["policy"]["policy-domain"], ok, failed
+        details += len(p.get("failure-details", []))
+    return pols[0]["policy"]["policy-domain"], ok, failed, details
 
 posted = json.loads(gzip.decompress(open(sys.argv[1], "rb").read()))
-print("ok %s %d %d" % check(posted))
+print("ok %s %d %d, %d failure rows" % check(posted))
 
 raw = open(sys.argv[2], "rb").read()
 msg = email.message_from_bytes(raw, policy=policy.default)
@@ -688,7 +698,7 @@ need(len(parts) == 1, "one application/tlsrpt+gzip part")
 need(re.match(r"^[^!]+!%s!\d+!\d+\.json\.gz$" % re.escape(domain), parts[0].get_filename() or ""),
     "file name %r" % parts[0].get_filename())
 mailed = json.loads(gzip.decompress(parts[0].get_payload(decode=True)))
-print("ok %s %d %d" % check(mailed))
+print("ok %s %d %d, %d failure rows" % check(mailed))
 need(mailed == posted, "the mailed report differs from the posted one")
 try:
     import dkim
@@ -705,7 +715,16 @@ fn the_daemon_sends_each_ended_days_report_once_by_https_and_as_signed_mail() {
     let w = world("sts-report", None, "1", policy("enforce", MX));
     let (_, accepted) = w.send("counted", 3, false);
     assert_eq!(accepted, 3);
-    let (ok, _, _) = w.tally("mode: enforce");
+    // A testing policy whose MX patterns match nothing: failures to report too.
+    w.server.serve(policy("testing", "mx.elsewhere.test"));
+    w.publish("2");
+    let (_, accepted) = w.send("mismatched", 2, false);
+    assert_eq!(accepted, 5);
+    let tallies = w.tallies();
+    let ok: u64 = tallies.iter().map(|t| t.1).sum();
+    let failed: u64 = tallies.iter().map(|t| t.2).sum();
+    let rows: usize = tallies.iter().map(|t| t.3.len()).sum();
+    assert!(failed >= 1 && rows >= 1, "{tallies:?}");
     // The day ends: today's ledger becomes yesterday's.
     let tls_rpt = w.env.dir.join("spool/tls-rpt");
     let now = std::time::SystemTime::now();
@@ -844,7 +863,7 @@ fn the_daemon_sends_each_ended_days_report_once_by_https_and_as_signed_mail() {
         String::from_utf8_lossy(&out.stderr),
     );
     assert!(out.status.success(), "{stdout}{stderr}");
-    let want = format!("ok gmail.com {ok} 0");
+    let want = format!("ok gmail.com {ok} {failed}, {rows} failure rows");
     assert_eq!(
         stdout.matches(&want).count(),
         2,
