@@ -725,11 +725,12 @@ fn the_daemon_sends_each_ended_days_report_once_by_https_and_as_signed_mail() {
     let failed: u64 = tallies.iter().map(|t| t.2).sum();
     let rows: usize = tallies.iter().map(|t| t.3.len()).sum();
     assert!(failed >= 1 && rows >= 1, "{tallies:?}");
-    // The day ends: today's ledger becomes yesterday's.
+    // The day ends: today's ledger becomes that of the day before yesterday (a day's
+    // reports wait SEND_AFTER_DAY_END past its midnight).
     let tls_rpt = w.env.dir.join("spool/tls-rpt");
     let now = std::time::SystemTime::now();
     let today = volley::deliver::tls_rpt::date_of(now);
-    let yesterday = volley::deliver::tls_rpt::date_of(now - Duration::from_secs(86_400));
+    let yesterday = volley::deliver::tls_rpt::date_of(now - Duration::from_secs(2 * 86_400));
     let mut day: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tls_rpt.join(format!("{today}.json"))).unwrap())
             .unwrap();
@@ -810,14 +811,14 @@ fn the_daemon_sends_each_ended_days_report_once_by_https_and_as_signed_mail() {
     );
     assert!(!ended.exists(), "the day is not marked done");
     let sent = std::fs::read_to_string(tls_rpt.join("sent.tsv")).unwrap();
-    assert_eq!(sent.matches("\tdone\n").count(), 2, "{sent}");
+    assert_eq!(sent.matches("\tdone\t").count(), 2, "{sent}");
 
     // A crash that lost the day's done mark sends nothing twice; nor one in the
     // middle of sending (each send's `begun` line synced, its `done` not written).
     for crash in ["after the sends", "during the sends"] {
         std::fs::copy(ended.with_extension("json.done"), &ended).unwrap();
         if crash == "during the sends" {
-            let begun = sent.replace("\tdone\n", "\tbegun\n");
+            let begun = sent.replace("\tdone\t", "\tbegun\t");
             std::fs::write(tls_rpt.join("sent.tsv"), begun).unwrap();
         }
         let d = common::daemon::Daemon::start(&w.env.dir, &args);

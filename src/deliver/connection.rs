@@ -7,8 +7,9 @@
 use crate::deliver::explain::{self, HandshakeError, Peer, Step, TlsPolicy};
 use crate::deliver::schedule::{when_idle, IdleConn, IdleStep, Job, Next, Site};
 use crate::deliver::shard::{stage_name, Attempt, Shard, Via};
+use crate::deliver::tls_rpt::result_of_certificate;
 use crate::message::dkim::Body;
-use crate::policy::tls_rpt::{Failure as TlsFailure, ResultType};
+use crate::policy::tls_rpt::ResultType;
 use crate::smtp::client::{Caps, ClientConfig, ClientSession, Event, Stage, TlsMode, Transaction};
 use crate::smtp::reply::Reply;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller};
@@ -336,20 +337,8 @@ fn tls_summary(link: &Link) -> Option<String> {
     Some(format!("{version} {cipher}{resumed}"))
 }
 
-/// A failed TLS session as TLS-RPT reports it (RFC 8460 §4.3): `result`, where
-/// it happened, and the error's own words, short.
-fn tls_failure(result: ResultType, via: &Via, why: Option<String>) -> TlsFailure {
-    TlsFailure {
-        result_type: result,
-        sending_mta_ip: via.source,
-        receiving_mx_hostname: Some(via.mx.to_string()),
-        receiving_ip: Some(via.ip.ip()),
-        failure_reason_code: why.map(|why| why.chars().take(TLS_REASON_CHARS_MAX).collect()),
-    }
-}
-
-/// The longest failure reason a TLS report carries.
-const TLS_REASON_CHARS_MAX: usize = 200;
+/// A session without TLS where a policy asked for it (RFC 8460 §4.3.1).
+const STARTTLS_MISSING: ResultType = ResultType::StarttlsNotSupported;
 
 /// Runs one SMTP session. Ok when it was established (whatever happened to the
 /// messages); Err with the reason when it never got past greeting, EHLO or TLS.
@@ -510,8 +499,8 @@ async fn session(
                     // A testing policy's receiver without STARTTLS gets the mail in
                     // clear, and the domain hears of it (RFC 8460 §4.3.1).
                     if tls_info.is_none() && tls != TlsMode::Disabled {
-                        let failed = tls_failure(ResultType::StarttlsNotSupported, &via, None);
-                        shard.count_tls_session(site, Some(failed));
+                        let why = "no STARTTLS offered".to_string();
+                        shard.count_tls_session(site, &via, Err((STARTTLS_MISSING, why)));
                     }
                 }
                 Event::StartTls => {
@@ -539,30 +528,26 @@ async fn session(
                         Ok(l) => {
                             if site.sts.is_some() {
                                 // Verified already under enforce; checked here under testing.
-                                let refused = match (site.enforced(), &l) {
-                                    (false, Link::Tls(c)) => shard.check_certificate(c, host).err(),
-                                    _ => None,
+                                let checked = match (site.enforced(), &l) {
+                                    (false, Link::Tls(c)) => shard.check_certificate(c, host),
+                                    _ => Ok(()),
                                 };
-                                let failed = refused.map(|e| {
-                                    let why = e.to_string();
-                                    tls_failure(ResultType::of_certificate(&e), &via, Some(why))
-                                });
-                                shard.count_tls_session(site, failed);
+                                let outcome =
+                                    checked.map_err(|e| (result_of_certificate(&e), e.to_string()));
+                                shard.count_tls_session(site, &via, outcome);
                             }
                             link = l;
                             tls_info = tls_summary(&link);
                             s.tls_established(Instant::now());
                         }
                         Err(e) => {
-                            let (result, why) = match &e {
-                                HandshakeError::Tls(e) => {
-                                    (ResultType::of_certificate(e), e.to_string())
-                                }
-                                other => (ResultType::ValidationFailure, format!("{other:?}")),
+                            let said = explain::handshake_failed(peer, &e, policy);
+                            let result = match &e {
+                                HandshakeError::Tls(e) => result_of_certificate(e),
+                                _ => ResultType::ValidationFailure,
                             };
-                            let failed = tls_failure(result, &via, Some(why));
-                            shard.count_tls_session(site, Some(failed));
-                            let why = explain::handshake_failed(peer, &e, policy).to_string();
+                            shard.count_tls_session(site, &via, Err((result, said.what.clone())));
+                            let why = said.to_string();
                             // Required TLS is a policy failure; opportunistic TLS tries again in clear.
                             return Err(Failure {
                                 reply: Reply::new(451, Some("4.7.5"), &why),
@@ -613,9 +598,8 @@ async fn session(
                         site.window.cut_off(cut_off);
                     }
                     if tls_refused {
-                        let failed = tls_failure(ResultType::StarttlsNotSupported, &via, None);
-                        shard.count_tls_session(site, Some(failed));
                         let why = error.unwrap_or_default();
+                        shard.count_tls_session(site, &via, Err((STARTTLS_MISSING, why.clone())));
                         return Err(failure(451, "4.7.4", format!("{host} [{addr}]: {why}")));
                     }
                     if !established {

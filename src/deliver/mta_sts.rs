@@ -97,9 +97,11 @@ pub enum Sts {
 
 /// Why a domain's policy could not be had, and the TLS-RPT result type that says
 /// so (RFC 8460 §4.3.2.1).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NoPolicy {
-    pub result: ResultType,
+    /// None: the `_mta-sts` lookup itself failed, so whether the domain has a
+    /// policy is not known (nothing is reported).
+    pub result: Option<ResultType>,
     pub why: String,
 }
 
@@ -107,7 +109,7 @@ impl NoPolicy {
     /// The policy could not be fetched (`sts-policy-fetch-error`).
     pub fn fetch_error(why: impl Into<String>) -> NoPolicy {
         NoPolicy {
-            result: ResultType::StsPolicyFetchError,
+            result: Some(ResultType::StsPolicyFetchError),
             why: why.into(),
         }
     }
@@ -115,7 +117,15 @@ impl NoPolicy {
     /// The record or the policy is not valid (`sts-policy-invalid`).
     pub fn invalid(why: impl Into<String>) -> NoPolicy {
         NoPolicy {
-            result: ResultType::StsPolicyInvalid,
+            result: Some(ResultType::StsPolicyInvalid),
+            why: why.into(),
+        }
+    }
+
+    /// The `_mta-sts` lookup failed (SERVFAIL, timeout).
+    pub fn lookup_failed(why: impl Into<String>) -> NoPolicy {
+        NoPolicy {
+            result: None,
             why: why.into(),
         }
     }
@@ -245,7 +255,7 @@ impl Policies {
             note: Some(format!("{why}; the cached policy stays in force")),
         };
         let found = match record {
-            Record::Failed(why) => Err(NoPolicy::fetch_error(format!(
+            Record::Failed(why) => Err(NoPolicy::lookup_failed(format!(
                 "the _mta-sts lookup failed ({why})"
             ))),
             Record::Texts(texts) => {
@@ -352,7 +362,10 @@ pub enum Step {
 /// followed, RFC 8461 §3.3), another media type than text/plain, a body over
 /// [`POLICY_OCTETS_MAX`].
 pub fn fetch(domain: &str, addrs: &[IpAddr], settings: &StsSettings) -> Result<Vec<u8>, NoPolicy> {
-    fetch_policy(domain, addrs, settings).map_err(|(result, why)| NoPolicy { result, why })
+    fetch_policy(domain, addrs, settings).map_err(|(result, why)| NoPolicy {
+        result: Some(result),
+        why,
+    })
 }
 
 fn fetch_policy(
@@ -435,9 +448,6 @@ fn fetch_policy(
     Ok(body)
 }
 
-/// Why an HTTP request got no answer, in words: the kind, ureq's message and the
-/// cause (a certificate's fault, say), without the URL, which the caller's sentence
-/// names already.
 /// Whether a transport failure is rustls refusing the server's certificate.
 fn certificate_refused(t: &ureq::Transport) -> bool {
     let mut cause = std::error::Error::source(t);
@@ -450,6 +460,9 @@ fn certificate_refused(t: &ureq::Transport) -> bool {
     false
 }
 
+/// Why an HTTP request got no answer, in words: the kind, ureq's message and the
+/// cause (a certificate's fault, say), without the URL, which the caller's sentence
+/// names already.
 pub fn transport_failed(t: &ureq::Transport) -> String {
     let mut why = t.kind().to_string();
     if let Some(m) = t.message() {

@@ -121,8 +121,36 @@ pub struct Site {
 pub struct StsSite {
     /// The policy domain: the site's own (a site under a policy serves one domain).
     pub domain: Rc<str>,
-    pub mode: crate::policy::mta_sts::Mode,
+    pub held: StsHeld,
+    /// The policy as its TLS report names it.
     pub applied: crate::policy::tls_rpt::Applied,
+}
+
+/// What a domain's MTA-STS record led to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StsHeld {
+    /// A policy in force (enforce or testing): its record id and the policy.
+    Policy(String, crate::policy::mta_sts::Policy),
+    /// The record announces a policy that could not be had (none held): sent as
+    /// without one, each session reported as this failure (TLS-RPT on only).
+    Unavailable(crate::deliver::mta_sts::NoPolicy),
+}
+
+impl StsSite {
+    /// Whether the policy is in force in enforce mode.
+    pub fn enforced(&self) -> bool {
+        matches!(&self.held, StsHeld::Policy(_, p) if p.mode == crate::policy::mta_sts::Mode::Enforce)
+    }
+
+    /// What sets its site apart from others on the same MX hosts: the mode and
+    /// record id (a new policy makes a new site, so a session is never counted
+    /// under the policy before it).
+    pub fn key(&self) -> String {
+        match &self.held {
+            StsHeld::Policy(id, p) => format!("mta-sts {} {id}", p.mode.name()),
+            StsHeld::Unavailable(_) => "mta-sts unavailable".into(),
+        }
+    }
 }
 
 /// Recipients of one domain and campaign instance held back by their own rate.
@@ -215,9 +243,7 @@ impl Site {
     }
     /// Whether an MTA-STS policy in enforce mode holds.
     pub fn enforced(&self) -> bool {
-        self.sts
-            .as_ref()
-            .is_some_and(|s| s.mode == crate::policy::mta_sts::Mode::Enforce)
+        self.sts.as_ref().is_some_and(|s| s.enforced())
     }
     /// Whether the certificate is verified: always under an enforced MTA-STS policy.
     pub fn tls_verify(&self) -> bool {
@@ -1031,8 +1057,8 @@ mod tests {
         };
         site.sts = Some(Rc::new(StsSite {
             domain: Rc::from("example.test"),
-            mode: policy.mode,
             applied: crate::policy::tls_rpt::Applied::sts(&policy),
+            held: StsHeld::Policy("1".into(), policy),
         }));
         assert_eq!((site.tls(), site.tls_verify()), (TlsMode::Required, true));
         // A reload (SIGHUP) replaces the rule; the policy still holds.

@@ -19,7 +19,7 @@ use crate::deliver::dns::{Resolver, Route};
 use crate::deliver::mta_sts::Sts;
 use crate::deliver::runtime::Driver;
 use crate::deliver::schedule::{
-    self, unix_ms, Campaigns, Job, Next, Now, Scheduler, Site, Source, StsSite, Take, TICK,
+    self, unix_ms, Campaigns, Job, Next, Now, Scheduler, Site, Source, StsHeld, StsSite, Take, TICK,
 };
 use crate::deliver::tls_rpt::Recorder;
 use crate::message::dkim::Signer;
@@ -668,7 +668,7 @@ impl Shard {
                 ""
             },
             match &sts {
-                Some(p) => format!("|mta-sts {}", p.mode.name()),
+                Some(p) => format!("|{}", p.key()),
                 None => String::new(),
             }
         );
@@ -1441,11 +1441,11 @@ impl Shard {
 
 impl Shard {
     /// The MX hosts `domain` may be sent to under its MTA-STS view `sts`, and the
-    /// policy in force (RFC 8461 §4.1, §5): under enforce only the hosts its `mx`
-    /// patterns allow; under testing all of them. Err: none is allowed under
-    /// enforce, the deferral every recipient gets (class `policy`: nothing goes in
-    /// clear or elsewhere). A policy that could not be had, or hosts it does not
-    /// allow, count as a failed session in the domain's TLS report.
+    /// policy its site is under (RFC 8461 §4.1, §5): under enforce only the hosts
+    /// its `mx` patterns allow; under testing, or a policy announced but not had
+    /// (TLS-RPT on), all of them. Err: none is allowed under enforce, the deferral
+    /// every recipient gets (class `policy`: nothing goes in clear or elsewhere),
+    /// counted as a `validation-failure` in the domain's TLS report once per lookup.
     fn sts_hosts(
         &self,
         domain: &str,
@@ -1454,73 +1454,105 @@ impl Shard {
     ) -> Result<(Vec<MxHost>, Option<Rc<StsSite>>), Reply> {
         use crate::policy::mta_sts::Mode;
         use crate::policy::tls_rpt::{Applied, Failure, ResultType};
-        let failure = |result, why: String| Failure {
-            result_type: result,
-            sending_mta_ip: None,
-            receiving_mx_hostname: None,
-            receiving_ip: None,
-            failure_reason_code: Some(why.chars().take(200).collect()),
-        };
-        let c = match sts {
-            Sts::Policy { cached, .. } if cached.policy.mode != Mode::None => cached,
-            Sts::Unavailable(no) => {
-                if let Some(r) = &self.tls_rpt {
-                    r.failure(
-                        domain,
-                        &Applied::sts_unavailable(),
-                        failure(no.result, no.why.clone()),
-                    );
-                }
-                return Ok((hosts, None));
+        let reporting = self.tls_rpt.is_some();
+        let (held, applied) = match sts {
+            Sts::Policy { cached, .. }
+                if cached.policy.mode == Mode::Enforce
+                    || (cached.policy.mode == Mode::Testing && reporting) =>
+            {
+                let applied = Applied::sts(&cached.policy);
+                (
+                    StsHeld::Policy(cached.id.clone(), cached.policy.clone()),
+                    applied,
+                )
+            }
+            Sts::Unavailable(no) if no.result.is_some() && reporting => {
+                (StsHeld::Unavailable(no.clone()), Applied::sts_unavailable())
             }
             _ => return Ok((hosts, None)),
         };
         let site = Rc::new(StsSite {
             domain: Rc::from(domain),
-            mode: c.policy.mode,
-            applied: Applied::sts(&c.policy),
+            held,
+            applied,
         });
+        let StsHeld::Policy(id, policy) = &site.held else {
+            return Ok((hosts, Some(site)));
+        };
+        if policy.mode == Mode::Testing {
+            // Sent as before; each session to a host it does not name is reported.
+            return Ok((hosts, Some(site)));
+        }
         let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
-        let (allowed, others): (Vec<MxHost>, Vec<MxHost>) =
-            hosts.into_iter().partition(|h| c.policy.allows(&h.name));
+        let allowed: Vec<MxHost> = hosts
+            .into_iter()
+            .filter(|h| policy.allows(&h.name))
+            .collect();
         if !allowed.is_empty() {
             return Ok((allowed, Some(site)));
         }
         let why = format!(
-            "the MTA-STS policy of {domain} (id {}, {}) allows MX {}; none of its MX hosts ({}) matches",
-            c.id,
-            c.policy.mode.name(),
-            c.policy.mx.join(" "),
+            "the MTA-STS policy of {domain} (id {id}, enforce) allows MX {}; none of its MX hosts ({}) matches",
+            policy.mx.join(" "),
             names.join(", ")
         );
         if let Some(r) = &self.tls_rpt {
             r.failure(
                 domain,
                 &site.applied,
-                failure(ResultType::ValidationFailure, why.clone()),
+                Failure::of(ResultType::ValidationFailure, &why),
             );
         }
-        match c.policy.mode {
-            // Testing: delivered as before; the report says what enforce would stop.
-            Mode::Testing => Ok((others, Some(site))),
-            _ => Err(Reply::new(
-                451,
-                Some("4.7.5"),
-                &format!("{why}, so nothing is sent (RFC 8461 §4.1); the domain's MX records or its policy must change"),
-            )),
-        }
+        Err(Reply::new(
+            451,
+            Some("4.7.5"),
+            &format!("{why}, so nothing is sent (RFC 8461 §4.1); the domain's MX records or its policy must change"),
+        ))
     }
 
-    /// Counts a TLS session to `site`'s policy domain for its TLS report (RFC 8460
-    /// §4.4): one that met the policy, or one that failed it as `failed`. Nothing
-    /// when the site has no policy or TLS-RPT is off.
-    pub fn count_tls_session(&self, site: &Site, failed: Option<crate::policy::tls_rpt::Failure>) {
+    /// Counts a TLS session over `via` to `site`'s policy domain for its TLS report
+    /// (RFC 8460 §4.4): `outcome` is Ok when TLS met the policy, else its result
+    /// type and reason. A session under a policy that could not be had is that
+    /// failure, and one under testing to a host the policy does not name is a
+    /// `validation-failure`, whatever TLS did. Nothing when the site has no policy
+    /// or TLS-RPT is off.
+    pub fn count_tls_session(
+        &self,
+        site: &Site,
+        via: &Via,
+        outcome: Result<(), (crate::policy::tls_rpt::ResultType, String)>,
+    ) {
+        use crate::policy::tls_rpt::{reason, Failure, ResultType};
         let (Some(r), Some(sts)) = (&self.tls_rpt, &site.sts) else {
             return;
         };
-        match failed {
-            None => r.success(&sts.domain, &sts.applied),
-            Some(f) => r.failure(&sts.domain, &sts.applied, f),
+        let outcome = match &sts.held {
+            StsHeld::Unavailable(no) => match no.result {
+                Some(t) => Err((t, no.why.clone())),
+                None => return,
+            },
+            StsHeld::Policy(_, p) if !p.allows(via.mx) => Err((
+                ResultType::ValidationFailure,
+                format!(
+                    "{} is not one of the policy's MX hosts ({})",
+                    via.mx,
+                    p.mx.join(" ")
+                ),
+            )),
+            StsHeld::Policy(..) => outcome,
+        };
+        match outcome {
+            Ok(()) => r.success(&sts.domain, &sts.applied),
+            Err((result, why)) => {
+                let failure = Failure {
+                    result_type: result,
+                    sending_mta_ip: via.source,
+                    receiving_mx_hostname: Some(via.mx.to_string()),
+                    receiving_ip: Some(via.ip.ip()),
+                    failure_reason_code: Some(reason(&why)),
+                };
+                r.failure(&sts.domain, &sts.applied, failure);
+            }
         }
     }
 

@@ -15,8 +15,12 @@ pub const DOMAINS_PER_DAY_MAX: usize = 100_000;
 /// Distinct failure rows (result type, MX, addresses) kept per policy per day; more
 /// are added to the summary's failure count only (§4.4 allows a summary alone).
 pub const FAILURE_ROWS_MAX: usize = 100;
-/// The longest `_smtp._tls` record honoured, and the most report URIs taken from it.
+/// The most report URIs taken from a `_smtp._tls` record; the rest are ignored.
 pub const RUA_MAX: usize = 8;
+/// The longest `failure-reason-code` a report carries, in characters.
+pub const REASON_CHARS_MAX: usize = 200;
+/// The longest report address taken from a record (RFC 5321 §4.5.3.1.3's path).
+pub const MAILTO_OCTETS_MAX: usize = 254;
 
 /// The result types of RFC 8460 §4.3 that volley can meet today (DANE's come with
 /// DANE).
@@ -42,34 +46,13 @@ pub enum ResultType {
     StsWebpkiInvalid,
 }
 
-impl ResultType {
-    /// The result type of a certificate that rustls refused (RFC 8460 §4.3.1).
-    pub fn of_certificate(e: &rustls::Error) -> ResultType {
-        use rustls::CertificateError as C;
-        match e {
-            rustls::Error::InvalidCertificate(c) => match c {
-                C::NotValidForName | C::NotValidForNameContext { .. } => {
-                    ResultType::CertificateHostMismatch
-                }
-                C::Expired
-                | C::ExpiredContext { .. }
-                | C::NotValidYet
-                | C::NotValidYetContext { .. } => ResultType::CertificateExpired,
-                C::UnknownIssuer | C::BadSignature | C::Revoked => {
-                    ResultType::CertificateNotTrusted
-                }
-                _ => ResultType::ValidationFailure,
-            },
-            _ => ResultType::ValidationFailure,
-        }
-    }
-}
-
 /// The kind of policy a session was under (§4.3 `policy-type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PolicyType {
+    /// An MTA-STS policy (RFC 8461), or one its record announced.
     Sts,
+    /// No policy (RFC 8460 §4.3 `no-policy-found`).
     NoPolicyFound,
 }
 
@@ -78,7 +61,9 @@ pub enum PolicyType {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Applied {
     pub policy_type: PolicyType,
+    /// The policy's text, a line each (empty when none could be had).
     pub policy_string: Vec<String>,
+    /// The policy's MX patterns (`mx.example.com`, `*.example.net`).
     pub mx_host: Vec<String>,
 }
 
@@ -114,10 +99,31 @@ pub struct Failure {
     pub result_type: ResultType,
     /// The address volley sent from, when it chose one (a pool's source).
     pub sending_mta_ip: Option<IpAddr>,
+    /// The MX host the session was with; None when there was no session.
     pub receiving_mx_hostname: Option<String>,
+    /// Its address.
     pub receiving_ip: Option<IpAddr>,
-    /// Volley's own words for it, short (§4.3 `failure-reason-code`).
+    /// Volley's own words for it, at most [`REASON_CHARS_MAX`] characters (§4.3
+    /// `failure-reason-code`).
     pub failure_reason_code: Option<String>,
+}
+
+impl Failure {
+    /// A failure of type `result` with no session details, for `why`.
+    pub fn of(result: ResultType, why: &str) -> Failure {
+        Failure {
+            result_type: result,
+            sending_mta_ip: None,
+            receiving_mx_hostname: None,
+            receiving_ip: None,
+            failure_reason_code: Some(reason(why)),
+        }
+    }
+}
+
+/// `why` cut to [`REASON_CHARS_MAX`] characters.
+pub fn reason(why: &str) -> String {
+    why.chars().take(REASON_CHARS_MAX).collect()
 }
 
 /// The sessions under one policy of one domain on one day.
@@ -191,23 +197,6 @@ impl Day {
         };
         t.failed += 1;
         t.add_row(failure, 1);
-    }
-
-    /// Adds `other`'s counts (the same day, from before a restart) to this day's.
-    pub fn merge(&mut self, other: Day) {
-        self.not_counted += other.not_counted;
-        for (domain, policies) in other.domains {
-            for (policy, t) in policies {
-                let Some(mine) = self.tally(&domain, &policy) else {
-                    continue;
-                };
-                mine.successful += t.successful;
-                mine.failed += t.failed;
-                for (f, n) in t.failures {
-                    mine.add_row(f, n);
-                }
-            }
-        }
     }
 
     /// The aggregate report of `domain` for this day (RFC 8460 §4.3, §4.4), or None
@@ -341,9 +330,15 @@ pub fn rua_of(records: &[String]) -> Result<Vec<Rua>, String> {
         .split(',')
         .map(str::trim)
         .filter_map(|u| {
+            // A URI with a control character or a space is refused whole: it
+            // would end in a header field or a ledger line (RFC 8460 §3 URIs have
+            // none).
+            if u.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return None;
+            }
             if let Some(addr) = strip_scheme(u, "mailto:") {
                 let addr = percent_decoded(addr.split('?').next().unwrap_or(addr));
-                addr.contains('@').then_some(Rua::Mailto(addr))
+                is_mailbox(&addr).then_some(Rua::Mailto(addr))
             } else {
                 strip_scheme(u, "https:").map(|_| Rua::Https(u.to_string()))
             }
@@ -356,6 +351,20 @@ pub fn rua_of(records: &[String]) -> Result<Vec<Rua>, String> {
         ));
     }
     Ok(uris)
+}
+
+/// A plain `local@domain` address: printable ASCII without spaces, quotes,
+/// brackets or separators, one `@`, at most [`MAILTO_OCTETS_MAX`] octets.
+fn is_mailbox(a: &str) -> bool {
+    let Some((local, domain)) = a.split_once('@') else {
+        return false;
+    };
+    a.len() <= MAILTO_OCTETS_MAX
+        && !local.is_empty()
+        && domain.contains('.')
+        && !domain.contains('@')
+        && a.bytes()
+            .all(|b| b.is_ascii_graphic() && !b"<>()[]\\,;:\"".contains(&b))
 }
 
 fn strip_scheme<'a>(uri: &'a str, scheme: &str) -> Option<&'a str> {
@@ -420,12 +429,6 @@ mod tests {
         assert_eq!((t.successful, t.failed), (2, 3));
         assert_eq!(t.failures.len(), 2);
         assert_eq!(t.failures[0].1, 2);
-        // A restart's counts of the same day add up.
-        let mut again = Day::new("2026-12-01".into());
-        again.merge(d.clone());
-        again.merge(d);
-        let t = &again.domains["example.com"][0].1;
-        assert_eq!((t.successful, t.failed, t.failures[0].1), (4, 6, 4));
     }
 
     #[test]
@@ -475,9 +478,9 @@ mod tests {
     fn the_record_gives_its_mailto_and_https_uris() {
         let r = |s: &str| rua_of(&[s.to_string()]);
         assert_eq!(
-            r("v=TLSRPTv1; rua=mailto:tls%2Creports@example.com,https://r.example.com/v1").unwrap(),
+            r("v=TLSRPTv1; rua=mailto:tls%2Breports@example.com,https://r.example.com/v1").unwrap(),
             vec![
-                Rua::Mailto("tls,reports@example.com".into()),
+                Rua::Mailto("tls+reports@example.com".into()),
                 Rua::Https("https://r.example.com/v1".into())
             ]
         );
@@ -491,15 +494,18 @@ mod tests {
         assert!(r("v=TLSRPTv1;").unwrap_err().contains("no rua="));
         let two = vec!["v=TLSRPTv1; rua=mailto:a@x.example".to_string(); 2];
         assert!(rua_of(&two).unwrap_err().contains("exactly one"));
-    }
-
-    #[test]
-    fn refused_certificates_map_to_their_result_types() {
-        use rustls::CertificateError as C;
-        let t = |c| ResultType::of_certificate(&rustls::Error::InvalidCertificate(c));
-        assert_eq!(t(C::NotValidForName), ResultType::CertificateHostMismatch);
-        assert_eq!(t(C::Expired), ResultType::CertificateExpired);
-        assert_eq!(t(C::UnknownIssuer), ResultType::CertificateNotTrusted);
-        assert_eq!(t(C::BadEncoding), ResultType::ValidationFailure);
+        // What would end in a header field or a ledger line is refused.
+        for bad in [
+            "mailto:a@x.example%0D%0ABcc:b@y.example",
+            "mailto:a@x.example%09x",
+            "mailto:\"a b\"@x.example",
+            "mailto:a<b>@x.example",
+            "mailto:a@x.example\tdone",
+            "https://r.example/a\r\nb",
+            "https://r.example/a b",
+        ] {
+            let e = r(&format!("v=TLSRPTv1; rua={bad}")).unwrap_err();
+            assert!(e.contains("no mailto: or https:"), "{bad}: {e}");
+        }
     }
 }

@@ -57,8 +57,8 @@ pub fn start(s: Sender, stop: Arc<AtomicBool>) -> anyhow::Result<std::thread::Jo
                 }
             };
             while !stop.load(Ordering::Relaxed) {
-                let today = tls_rpt::date_of(SystemTime::now());
-                match tls_rpt::send_due(&s.spool_dir, &today, &s.reporting, &dns, &*s.intake) {
+                let now = SystemTime::now();
+                match tls_rpt::send_due(&s.spool_dir, now, &s.reporting, &dns, &*s.intake, &stop) {
                     Ok(lines) => lines
                         .iter()
                         .for_each(|l| eprintln!("volley serve: tls-rpt: {l}")),
@@ -84,7 +84,7 @@ pub fn reporting(
     cfg: &crate::serve::config::ServeConfig,
     hostname: &str,
 ) -> anyhow::Result<(Reporting, Option<String>)> {
-    use crate::message::dkim::{find_keys, KeyError, Signer, DEFAULT_HEADERS};
+    use crate::message::dkim::{find_keys, KeyError, Signer};
     use crate::policy::tls_rpt::Organization;
     let t = &cfg.tls_rpt;
     let from = t
@@ -93,7 +93,10 @@ pub fn reporting(
         .unwrap_or_else(|| format!("tlsrpt-noreply@{hostname}"));
     let domain = from.rsplit_once('@').map_or("", |(_, d)| d).to_string();
     let (signer, note) = match find_keys(&cfg.dkim_dir, &domain, None) {
-        Ok(keys) => (Some(Signer::load(&domain, &keys, DEFAULT_HEADERS)?), None),
+        Ok(keys) => {
+            let signer = Signer::load(&domain, &keys, &tls_rpt::signed_headers())?;
+            (Some(signer), None)
+        }
         Err(e @ KeyError::NoKeys { .. }) => (
             None,
             Some(format!(
