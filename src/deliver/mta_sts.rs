@@ -380,12 +380,7 @@ fn fetch_policy(
     }
     let port = settings.https_port;
     let to: Vec<SocketAddr> = addrs.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
-    let agent = ureq::AgentBuilder::new()
-        .tls_config(settings.tls.clone())
-        .redirects(0)
-        .timeout(FETCH_TIMEOUT)
-        .resolver(move |_: &str| Ok(to.clone()))
-        .build();
+    let agent = pinned_agent(settings.tls.clone(), FETCH_TIMEOUT, to);
     let url = match port {
         443 => format!("https://{host}/.well-known/mta-sts.txt"),
         p => format!("https://{host}:{p}/.well-known/mta-sts.txt"),
@@ -446,6 +441,22 @@ fn fetch_policy(
         ));
     }
     Ok(body)
+}
+
+/// A blocking HTTPS client that connects only to `addrs` (resolved by volley's own
+/// DNS, not the system's), verifies with `tls`, follows no redirect and gives up
+/// after `timeout`, connection and body included.
+pub fn pinned_agent(
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+    addrs: Vec<SocketAddr>,
+) -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .tls_config(tls)
+        .redirects(0)
+        .timeout(timeout)
+        .resolver(move |_: &str| Ok(addrs.clone()))
+        .build()
 }
 
 /// Whether a transport failure is rustls refusing the server's certificate.

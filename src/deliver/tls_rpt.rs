@@ -503,12 +503,7 @@ fn post(url: &str, gz: &[u8], r: &Reporting, dns: &BlockingResolver) -> Result<(
         .into_iter()
         .map(|ip| SocketAddr::new(ip, port))
         .collect();
-    let agent = ureq::AgentBuilder::new()
-        .tls_config(r.tls.clone())
-        .redirects(0)
-        .timeout(POST_TIMEOUT)
-        .resolver(move |_: &str| Ok(addrs.clone()))
-        .build();
+    let agent = crate::deliver::mta_sts::pinned_agent(r.tls.clone(), POST_TIMEOUT, addrs);
     match agent
         .post(url)
         .set("Content-Type", "application/tlsrpt+gzip")
