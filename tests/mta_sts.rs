@@ -791,6 +791,18 @@ fn the_daemon_sends_each_ended_days_report_once_by_https_and_as_signed_mail() {
             })
             .collect()
     };
+    // gmail.com's policy now refuses its own MX (the one held, id 2, made enforce):
+    // its mail is deferred, but a TLS report goes all the same and its session is
+    // not counted (RFC 8460 §5.3.1).
+    let secs = now.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    std::fs::write(
+        w.env.dir.join("spool/mta-sts/gmail.com"),
+        format!(
+            "id 2\nfetched {secs}\n{}",
+            policy("enforce", "mx.elsewhere.test").body
+        ),
+    )
+    .unwrap();
     let d = common::daemon::Daemon::start(&w.env.dir, &args);
     let limit = Duration::from_secs(30);
     let every = Duration::from_millis(50);
@@ -804,6 +816,11 @@ fn the_daemon_sends_each_ended_days_report_once_by_https_and_as_signed_mail() {
     assert!(
         said.contains("report queued for mailto:tlsrpt@gmail.com"),
         "{said}"
+    );
+    let tallies = w.tallies();
+    assert!(
+        tallies.iter().all(|t| t.1 == 0),
+        "the report's session counted: {tallies:?}"
     );
     assert!(
         said.contains("report posted to https://reports.gmail.com"),

@@ -92,12 +92,18 @@ enum DomainState {
     Resolving(Vec<Job>),
     Routed {
         hosts: Rc<[MxHost]>,
+        /// Every MX host, whatever a policy allows: where TLS reports may go (RFC
+        /// 8460 §5.3.1).
+        all: Rc<[MxHost]>,
         /// The domain's site per source pool.
         sites: Vec<(Option<String>, Rc<Site>)>,
         until: Instant,
         /// The MTA-STS policy in force, if any: under enforce, `hosts` are those it
         /// allows, and TLS with a verified certificate is required to them.
         sts: Option<Rc<StsSite>>,
+        /// An enforced policy allows none of the MX hosts: mail is deferred with
+        /// this reply (TLS reports still go).
+        refused: Option<Reply>,
     },
     /// Permanent (null MX, no such domain) or temporary DNS failure, until the TTL ends.
     Failed {
@@ -505,9 +511,11 @@ impl Shard {
             Some(DomainState::Resolving(waiting)) => waiting.push(job),
             Some(DomainState::Routed {
                 hosts,
+                all,
                 sites,
                 until,
                 sts,
+                refused,
             }) if *until > now => {
                 let inst = self.instance(job.instance);
                 let pool = inst
@@ -516,8 +524,24 @@ impl Shard {
                     .as_ref()
                     .or(self.rules.borrow().default_pool.as_ref())
                     .cloned();
+                let report = inst.submission && self.is_tls_report(&job);
                 drop(inst);
                 let pool = pool.as_ref();
+                if report && (sts.is_some() || refused.is_some()) {
+                    // Delivered despite the domain's policy, uncounted (RFC 8460 §5.3.1).
+                    let site =
+                        self.site_for(&job.domain, pool.map(String::as_str), all.clone(), None);
+                    drop(domains);
+                    self.sched.enqueue(&site, job);
+                    self.ensure_connections(&site);
+                    return;
+                }
+                if let Some(reply) = refused {
+                    let reply = reply.clone();
+                    drop(domains);
+                    self.outcome(job, &reply, "dns", None, Some(false));
+                    return;
+                }
                 let site = match sites.iter().find(|(p, _)| p.as_ref() == pool) {
                     Some((_, site)) => site.clone(),
                     None => {
@@ -563,25 +587,27 @@ impl Shard {
             Route::Hosts(hosts) => {
                 // A routing an MTA-STS policy decided is looked up again soon.
                 let sts_until = until.min(Instant::now() + crate::deliver::mta_sts::STS_RECHECK);
-                match self.sts_hosts(&domain, hosts, &answer.sts) {
-                    Ok((hosts, sts)) => (
-                        DomainState::Routed {
-                            hosts: hosts.into(),
-                            sites: Vec::new(),
-                            until: if sts.is_some() { sts_until } else { until },
-                            sts,
-                        },
-                        Ok(()),
-                    ),
-                    Err(reply) => (
-                        DomainState::Failed {
-                            reply: reply.clone(),
-                            permanent: false,
-                            until: sts_until,
-                        },
-                        Err((reply, false)),
-                    ),
-                }
+                let all: Rc<[MxHost]> = hosts.clone().into();
+                let state = match self.sts_hosts(&domain, hosts, &answer.sts) {
+                    Ok((hosts, sts)) => DomainState::Routed {
+                        hosts: hosts.into(),
+                        all,
+                        sites: Vec::new(),
+                        until: if sts.is_some() { sts_until } else { until },
+                        sts,
+                        refused: None,
+                    },
+                    // Each job is deferred as it is routed, but a TLS report.
+                    Err(reply) => DomainState::Routed {
+                        hosts: Rc::from(Vec::new()),
+                        all,
+                        sites: Vec::new(),
+                        until: sts_until,
+                        sts: None,
+                        refused: Some(reply),
+                    },
+                };
+                (state, Ok(()))
             }
             Route::NullMx => {
                 let why = crate::deliver::explain::dns(
@@ -638,6 +664,12 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// Whether `job` (of the submission instance) is one of volley's own TLS reports.
+    fn is_tls_report(&self, job: &Job) -> bool {
+        use crate::spool::ingest::{ROUTE_TLS_REPORT, SUBMITTED_ROUTE};
+        self.spool.borrow().queue_value(job.rref, SUBMITTED_ROUTE) == Some(ROUTE_TLS_REPORT)
     }
 
     /// The site for `domain` routed to `hosts`, sent from `pool`: shared by every

@@ -66,6 +66,9 @@ pub struct Submitted {
     pub campaign: Option<String>,
     /// The message as it is to be sent (CRLF line ends, headers prepared).
     pub message: Vec<u8>,
+    /// Volley's own TLS report (serve/tls_reports.rs), routed past the recipient
+    /// domain's MTA-STS policy (`ingest::ROUTE_TLS_REPORT`); false for mail taken in.
+    pub tls_report: bool,
 }
 
 impl Intake {
@@ -163,16 +166,22 @@ impl Intake {
         let records = m
             .recipients
             .iter()
-            .map(|r| QueueRecord {
-                instance: self.submission,
-                line: 0,
-                values: vec![
+            .map(|r| {
+                let mut values = vec![
                     r.as_bytes().to_vec(),
                     m.sender.as_bytes().to_vec(),
                     campaign.as_bytes().to_vec(),
                     queued_at.as_bytes().to_vec(),
                     m.message.clone(),
-                ],
+                ];
+                if m.tls_report {
+                    values.push(ingest::ROUTE_TLS_REPORT.to_vec());
+                }
+                QueueRecord {
+                    instance: self.submission,
+                    line: 0,
+                    values,
+                }
             })
             .collect();
         self.inboxes

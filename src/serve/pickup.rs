@@ -203,6 +203,7 @@ fn queue_file(p: &Pickup, path: &Path) -> Result<(), Refused> {
             recipients: file.recipients,
             campaign: prepared.campaign,
             message: prepared.message,
+            tls_report: false,
         })
         .map_err(|e| {
             let soon = matches!(e, inbox::InboxError::Full(..));

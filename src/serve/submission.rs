@@ -444,6 +444,7 @@ fn prepare(
         recipients,
         campaign: prepared.campaign,
         message: prepared.message,
+        tls_report: false,
     })
 }
 

@@ -27,6 +27,7 @@ impl Mailer for Intake {
                 recipients: vec![to.to_string()],
                 campaign: Some(TLS_RPT_CAMPAIGN.into()),
                 message,
+                tls_report: true,
             })
             .map_err(|e| e.to_string())?;
         inbox::wait(answer).map_err(|e| e.to_string())

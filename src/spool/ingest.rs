@@ -177,6 +177,13 @@ pub const SUBMITTED_CAMPAIGN: usize = 2;
 pub const SUBMITTED_QUEUED_AT: usize = 3;
 /// The message itself, as it is to be sent (headers already prepared).
 pub const SUBMITTED_MESSAGE: usize = 4;
+/// How it is routed, when not as every message: [`ROUTE_TLS_REPORT`] for volley's
+/// own TLS reports. Only volley sets it (records taken in have five values).
+pub const SUBMITTED_ROUTE: usize = 5;
+/// A TLS report (RFC 8460 §5.3.1): delivered despite the recipient domain's
+/// MTA-STS policy (to any of its MX hosts, TLS as the rules say), its session not
+/// counted in the next report.
+pub const ROUTE_TLS_REPORT: &[u8] = b"tls-report";
 /// The columns of the submission instance's recipients.csv header.
 pub const SUBMITTED_COLUMNS: [&str; 5] = ["email", "sender", "campaign", "queued_at_ms", "message"];
 /// The file that marks an instance directory as the submission instance.
