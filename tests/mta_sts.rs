@@ -828,7 +828,9 @@ fn the_daemon_sends_each_ended_days_report_once_by_https_and_as_signed_mail() {
     );
     assert!(!ended.exists(), "the day is not marked done");
     let sent = std::fs::read_to_string(tls_rpt.join("sent.tsv")).unwrap();
-    assert_eq!(sent.matches("\tdone\t").count(), 2, "{sent}");
+    // Each URI's send, then the domain finished for the day.
+    assert_eq!(sent.matches("\tdone\t").count(), 3, "{sent}");
+    assert!(sent.contains("\tgmail.com\t*\tdone\t"), "{sent}");
 
     // A crash that lost the day's done mark sends nothing twice; nor one in the
     // middle of sending (each send's `begun` line synced, its `done` not written).

@@ -126,6 +126,10 @@ pub struct StsSite {
     pub applied: crate::policy::tls_rpt::Applied,
 }
 
+/// A TLS session's outcome as a report counts it: Ok when it met the policy, else
+/// its result type and reason.
+pub type TlsOutcome = Result<(), (crate::policy::tls_rpt::ResultType, String)>;
+
 /// What a domain's MTA-STS record led to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StsHeld {
@@ -140,6 +144,26 @@ impl StsSite {
     /// Whether the policy is in force in enforce mode.
     pub fn enforced(&self) -> bool {
         matches!(&self.held, StsHeld::Policy(_, p) if p.mode == crate::policy::mta_sts::Mode::Enforce)
+    }
+
+    /// How a session to `mx` whose TLS came to `outcome` (Ok: met the policy, else
+    /// the result type and reason) counts in the domain's report (RFC 8460 §4.3):
+    /// under a policy that could not be had, as that failure whatever TLS did (None:
+    /// whether there is a policy is not known, so nothing); under a policy, to a
+    /// host it does not name (testing sends there), as a `validation-failure`.
+    pub fn session(&self, mx: &str, outcome: TlsOutcome) -> Option<TlsOutcome> {
+        use crate::policy::tls_rpt::ResultType;
+        match &self.held {
+            StsHeld::Unavailable(no) => no.result.map(|t| Err((t, no.why.clone()))),
+            StsHeld::Policy(_, p) if !p.allows(mx) => Some(Err((
+                ResultType::ValidationFailure,
+                format!(
+                    "{mx} is not one of the policy's MX hosts ({})",
+                    p.mx.join(" ")
+                ),
+            ))),
+            StsHeld::Policy(..) => Some(outcome),
+        }
     }
 
     /// What sets its site apart from others on the same MX hosts: the mode and
@@ -1023,6 +1047,44 @@ mod tests {
         ] {
             assert_eq!(when_idle(&quits, now), IdleStep::Quit);
         }
+    }
+
+    #[test]
+    fn a_session_counts_under_its_policy_as_the_report_should_say() {
+        use crate::deliver::mta_sts::NoPolicy;
+        use crate::policy::mta_sts::{Mode, Policy};
+        use crate::policy::tls_rpt::{Applied, ResultType};
+        let site = |held| StsSite {
+            domain: Rc::from("example.test"),
+            held,
+            applied: Applied::sts_unavailable(),
+        };
+        let testing = site(StsHeld::Policy(
+            "1".into(),
+            Policy {
+                mode: Mode::Testing,
+                mx: vec!["*.example.test".into()],
+                max_age: Duration::from_secs(60),
+            },
+        ));
+        let bad_cert = || Err((ResultType::CertificateExpired, "expired".to_string()));
+        assert_eq!(testing.session("mx.example.test", Ok(())), Some(Ok(())));
+        assert_eq!(
+            testing.session("mx.example.test", bad_cert()),
+            Some(bad_cert())
+        );
+        let elsewhere = testing.session("mx.elsewhere.test", Ok(()));
+        assert!(
+            matches!(&elsewhere, Some(Err((ResultType::ValidationFailure, why))) if why.contains("mx.elsewhere.test")),
+            "{elsewhere:?}"
+        );
+        let unavailable = site(StsHeld::Unavailable(NoPolicy::invalid("no version")));
+        assert_eq!(
+            unavailable.session("mx.example.test", Ok(())),
+            Some(Err((ResultType::StsPolicyInvalid, "no version".into())))
+        );
+        let unknown = site(StsHeld::Unavailable(NoPolicy::lookup_failed("SERVFAIL")));
+        assert_eq!(unknown.session("mx.example.test", Ok(())), None);
     }
 
     #[test]

@@ -19,7 +19,8 @@ use crate::deliver::dns::{Resolver, Route};
 use crate::deliver::mta_sts::Sts;
 use crate::deliver::runtime::Driver;
 use crate::deliver::schedule::{
-    self, unix_ms, Campaigns, Job, Next, Now, Scheduler, Site, Source, StsHeld, StsSite, Take, TICK,
+    self, unix_ms, Campaigns, Job, Next, Now, Scheduler, Site, Source, StsHeld, StsSite, Take,
+    TlsOutcome, TICK,
 };
 use crate::deliver::tls_rpt::Recorder;
 use crate::message::dkim::Signer;
@@ -1543,39 +1544,17 @@ impl Shard {
     }
 
     /// Counts a TLS session over `via` to `site`'s policy domain for its TLS report
-    /// (RFC 8460 §4.4): `outcome` is Ok when TLS met the policy, else its result
-    /// type and reason. A session under a policy that could not be had is that
-    /// failure, and one under testing to a host the policy does not name is a
-    /// `validation-failure`, whatever TLS did. Nothing when the site has no policy
-    /// or TLS-RPT is off.
-    pub fn count_tls_session(
-        &self,
-        site: &Site,
-        via: &Via,
-        outcome: Result<(), (crate::policy::tls_rpt::ResultType, String)>,
-    ) {
-        use crate::policy::tls_rpt::{reason, Failure, ResultType};
+    /// (RFC 8460 §4.4), as `StsSite::session` judges `outcome`. Nothing when the
+    /// site has no policy or TLS-RPT is off.
+    pub fn count_tls_session(&self, site: &Site, via: &Via, outcome: TlsOutcome) {
+        use crate::policy::tls_rpt::{reason, Failure};
         let (Some(r), Some(sts)) = (&self.tls_rpt, &site.sts) else {
             return;
         };
-        let outcome = match &sts.held {
-            StsHeld::Unavailable(no) => match no.result {
-                Some(t) => Err((t, no.why.clone())),
-                None => return,
-            },
-            StsHeld::Policy(_, p) if !p.allows(via.mx) => Err((
-                ResultType::ValidationFailure,
-                format!(
-                    "{} is not one of the policy's MX hosts ({})",
-                    via.mx,
-                    p.mx.join(" ")
-                ),
-            )),
-            StsHeld::Policy(..) => outcome,
-        };
-        match outcome {
-            Ok(()) => r.success(&sts.domain, &sts.applied),
-            Err((result, why)) => {
+        match sts.session(via.mx, outcome) {
+            None => {}
+            Some(Ok(())) => r.success(&sts.domain, &sts.applied),
+            Some(Err((result, why))) => {
                 let failure = Failure {
                     result_type: result,
                     sending_mta_ip: via.source,

@@ -31,8 +31,11 @@ pub const ATTEMPTS_MAX: u32 = 5;
 /// The wait after a report's first refusal; each next wait is four times longer
 /// (10 min, 40 min, 2 h 40 min, 10 h 40 min: the last try about 14 h after the first).
 pub const RETRY_FIRST_AFTER: Duration = Duration::from_secs(600);
-/// Days a ledger waits for its reports: one whose `_smtp._tls` lookups keep failing
-/// is given up after this many days (RFC 8460 §4.1 reports are daily).
+/// Days a ledger waits for its reports: a domain whose `_smtp._tls` lookups keep
+/// failing is given up after this many days, and a day older than this (a ledger
+/// `send --tls-rpt` wrote with no serve to send it) is not reported (RFC 8460 §4.1
+/// reports are daily). Less than [`KEEP_DAYS`], so no day still open loses its
+/// `sent.tsv` lines.
 pub const DAYS_KEPT_MAX: u64 = 7;
 /// How long after its end a day's reports are sent: the engine writes a day's last
 /// counts within a second of midnight; this leaves room for a slow disk or a stall.
@@ -65,10 +68,10 @@ pub fn result_of_certificate(e: &rustls::Error) -> ResultType {
     }
 }
 
-/// Today's counts, and a day that ended and is not written yet.
+/// Today's counts, and the days that ended and are not written yet.
 struct Ledger {
     day: Day,
-    ended: Option<Day>,
+    ended: Vec<Day>,
 }
 
 /// Today's sessions, counted by every shard.
@@ -101,7 +104,7 @@ impl Recorder {
             dir,
             ledger: Mutex::new(Ledger {
                 day: day.unwrap_or_else(|| Day::new(today)),
-                ended: None,
+                ended: Vec::new(),
             }),
             changed: AtomicBool::new(false),
             writer: Mutex::new(()),
@@ -110,51 +113,71 @@ impl Recorder {
 
     /// Counts a session to `domain` that met `policy`.
     pub fn success(&self, domain: &str, policy: &Applied) {
-        self.with_today(SystemTime::now(), |d| d.success(domain, policy));
+        self.count(None, |d| d.success(domain, policy));
     }
 
     /// Counts a session to `domain` that failed `policy`, as `failure`.
     pub fn failure(&self, domain: &str, policy: &Applied, failure: Failure) {
-        self.with_today(SystemTime::now(), |d| d.failure(domain, policy, failure));
+        self.count(None, |d| d.failure(domain, policy, failure));
     }
 
-    /// Runs `f` on the counts of the day of `now`; a new day sets the last aside
-    /// for the next save.
-    fn with_today(&self, now: SystemTime, f: impl FnOnce(&mut Day)) {
-        let today = date_of(now);
+    /// Runs `f` on the current day's counts, after starting the day of `at` (None:
+    /// the clock, read under the lock, so shards counting at midnight agree).
+    fn count(&self, at: Option<SystemTime>, f: impl FnOnce(&mut Day)) {
         let mut l = self.ledger.lock().expect("tls-rpt lock");
-        if l.day.date != today {
-            let ended = std::mem::replace(&mut l.day, Day::new(today));
-            // Two midnights between saves cannot happen: saves come each second.
-            l.ended = Some(ended);
-            self.changed.store(true, Ordering::Relaxed);
-        }
+        Self::roll(&mut l, at.unwrap_or_else(SystemTime::now));
         f(&mut l.day);
         self.changed.store(true, Ordering::Relaxed);
     }
 
-    /// Writes the counts durably if they changed since the last save: a day that
-    /// ended (first), then today's. Called once a second; it also starts a new day
-    /// at midnight, so a day's last counts are on disk within a second of its end.
-    pub fn save(&self) -> std::io::Result<()> {
-        self.with_today(SystemTime::now(), |_| {});
-        let _one = self.writer.lock().expect("tls-rpt writer lock");
-        if !self.changed.swap(false, Ordering::Relaxed) {
-            return Ok(());
+    /// Starts the day of `now` if it is later than the current one, setting the
+    /// current one aside to be written (a clock stepped back counts on in the
+    /// later day). True when it did.
+    fn roll(l: &mut Ledger, now: SystemTime) -> bool {
+        let today = date_of(now);
+        if today <= l.day.date {
+            return false;
         }
+        let ended = std::mem::replace(&mut l.day, Day::new(today));
+        l.ended.push(ended);
+        true
+    }
+
+    /// Writes the counts durably if they changed since the last save: the days that
+    /// ended (first), then the current one. Called once a second; it also starts a
+    /// new day at midnight, so a day's last counts are on disk within a second of
+    /// its end. On an error what was not written is kept for the next save.
+    pub fn save(&self) -> std::io::Result<()> {
+        self.save_at(SystemTime::now())
+    }
+
+    fn save_at(&self, now: SystemTime) -> std::io::Result<()> {
+        let _one = self.writer.lock().expect("tls-rpt writer lock");
         let (ended, day) = {
             let mut l = self.ledger.lock().expect("tls-rpt lock");
-            (l.ended.take(), l.day.clone())
-        };
-        for d in ended.iter().chain([&day]) {
-            if d.domains.is_empty() && d.not_counted == 0 {
-                continue;
+            let rolled = Self::roll(&mut l, now);
+            if !self.changed.swap(false, Ordering::Relaxed) && !rolled {
+                return Ok(());
             }
-            let json = serde_json::to_vec(d).map_err(std::io::Error::other)?;
-            crate::spool::ingest::write_durably(&day_file(&self.dir, &d.date), &json)
-                .map_err(std::io::Error::other)?;
+            (std::mem::take(&mut l.ended), l.day.clone())
+        };
+        let mut written = 0;
+        let result = ended.iter().chain([&day]).try_for_each(|d| {
+            if !d.domains.is_empty() || d.not_counted > 0 {
+                let json = serde_json::to_vec(d).map_err(std::io::Error::other)?;
+                crate::spool::ingest::write_durably(&day_file(&self.dir, &d.date), &json)
+                    .map_err(std::io::Error::other)?;
+            }
+            written += 1;
+            Ok(())
+        });
+        if result.is_err() {
+            let mut l = self.ledger.lock().expect("tls-rpt lock");
+            let unwritten: Vec<Day> = ended.into_iter().skip(written).collect();
+            l.ended.splice(0..0, unwritten);
+            self.changed.store(true, Ordering::Relaxed);
         }
-        Ok(())
+        result
     }
 }
 
@@ -241,7 +264,10 @@ pub fn send_due(
     };
     for done in names.iter().filter_map(|n| n.strip_suffix(".json.done")) {
         if days_between(done, &today) > KEEP_DAYS {
-            let _ = std::fs::remove_file(dir.join(format!("{done}.json.done")));
+            let path = dir.join(format!("{done}.json.done"));
+            if let Err(e) = std::fs::remove_file(&path) {
+                lines.push(format!("{}: not removed: {e}", path.display()));
+            }
         }
     }
     let mut days: Vec<&str> = names
@@ -261,20 +287,34 @@ pub fn send_due(
                 continue;
             }
         };
-        let give_up = days_between(date, &today) > DAYS_KEPT_MAX;
+        let age = days_between(date, &today);
         let mut all_done = true;
         for domain in day.domains.keys() {
             if stop.load(Ordering::Relaxed) {
                 return Ok(lines);
+            }
+            let finished = (date.to_string(), domain.clone(), FINISHED.to_string());
+            if sent.state(&finished) == State::Done {
+                continue;
+            }
+            if age > DAYS_KEPT_MAX {
+                lines.push(format!(
+                    "{date} {domain}: not reported: the day is over {DAYS_KEPT_MAX} days old"
+                ));
+                continue;
             }
             let s = Send {
                 day: &day,
                 domain,
                 now,
             };
-            let done = s.report(r, dns, mailer, &mut sent, give_up);
-            all_done &= done.finished;
+            let done = s.report(r, dns, mailer, &mut sent, age == DAYS_KEPT_MAX);
             lines.extend(done.lines);
+            if !done.finished {
+                all_done = false;
+            } else if let Err(e) = sent.write(&finished, State::Done, now) {
+                lines.push(format!("{date} {domain}: {e}"));
+            }
         }
         if all_done {
             let from = day_file(&dir, date);
@@ -345,8 +385,8 @@ impl Send<'_> {
                 State::Begun | State::Done => continue,
                 State::Failed(n, _) if n >= ATTEMPTS_MAX => continue,
                 State::Failed(n, at) => {
-                    let wait = RETRY_FIRST_AFTER * 4u32.pow(n - 1);
-                    if self.now < at + wait {
+                    let wait = RETRY_FIRST_AFTER * 4u32.pow(n.saturating_sub(1).min(8));
+                    if at.checked_add(wait).is_some_and(|due| self.now < due) {
                         finished = false;
                         continue;
                     }
@@ -392,7 +432,8 @@ impl Send<'_> {
                 }
             };
             if let Err(e) = sent.write(&key, state, self.now) {
-                lines.push(format!("{date} {domain} {target}: {e}"));
+                // Its begun line stands: counted as sent, never tried again.
+                lines.push(format!("{date} {domain} {target}: {e}; counted as sent"));
             }
             lines.push(line);
         }
@@ -530,6 +571,10 @@ enum State {
 
 type Key = (String, String, String);
 
+/// The target of a `sent.tsv` line that says a domain's report for the day is
+/// finished (every URI sent to, or given up): the domain is not looked up again.
+const FINISHED: &str = "*";
+
 /// Where each report of each day went: `sent.tsv`, a line per step
 /// (`date \t domain \t target \t begun|done|failed \t unix seconds`), the last of a
 /// key deciding. Lines of days older than [`KEEP_DAYS`] are dropped when it is read.
@@ -564,7 +609,9 @@ impl Sent {
             }
             kept.push_str(l);
             kept.push('\n');
-            let at = UNIX_EPOCH + Duration::from_secs(at.parse().unwrap_or(0));
+            let at = UNIX_EPOCH
+                .checked_add(Duration::from_secs(at.parse().unwrap_or(0)))
+                .unwrap_or(UNIX_EPOCH);
             let key = (date.to_string(), domain.to_string(), target.to_string());
             let s = match state {
                 "begun" => State::Begun,
@@ -700,20 +747,27 @@ mod tests {
             mx: vec!["mx.example.com".into()],
             max_age: Duration::from_secs(86_400),
         });
-        // Sessions late on 2026-11-30, then one just after its midnight.
-        let late = UNIX_EPOCH + Duration::from_secs(1_796_083_199);
-        assert_eq!(date_of(late), "2026-11-30");
-        r.with_today(late, |d| d.success("example.com", &policy));
-        r.with_today(late, |d| d.success("example.com", &policy));
-        r.with_today(late + Duration::from_secs(2), |d| {
-            d.success("example.org", &policy)
-        });
-        r.save().unwrap();
-        let ended = read_day(&dir, "2026-11-30")
+        // A day far ahead, then sessions late on it and just after its midnight; a
+        // shard that read the clock a moment earlier counts in the later day.
+        let late = UNIX_EPOCH + Duration::from_secs(4_102_444_799);
+        assert_eq!(date_of(late), "2099-12-31");
+        r.count(Some(late), |d| d.success("example.com", &policy));
+        r.count(Some(late), |d| d.success("example.com", &policy));
+        let next = late + Duration::from_secs(2);
+        r.count(Some(next), |d| d.success("example.org", &policy));
+        r.count(Some(late), |d| d.success("example.net", &policy));
+        r.save_at(next).unwrap();
+        let ended = read_day(&dir, "2099-12-31")
             .unwrap()
             .expect("the ended day");
         assert_eq!(ended.domains["example.com"][0].1.successful, 2);
-        assert!(!ended.domains.contains_key("example.org"));
+        assert_eq!(ended.domains.len(), 1, "{ended:?}");
+        let new = read_day(&dir, "2100-01-01").unwrap().expect("the new day");
+        assert_eq!(new.domains.len(), 2, "{new:?}");
+        // Nothing changed: nothing is written.
+        std::fs::remove_file(day_file(&dir, "2100-01-01")).unwrap();
+        r.save_at(next).unwrap();
+        assert!(!day_file(&dir, "2100-01-01").exists());
         let _ = std::fs::remove_dir_all(&spool);
     }
 }
