@@ -88,17 +88,21 @@ smtp_port = 25                     # --smtp-port; the port dialled at the MX
 # tls_verify = false               # verify MX certificates (Mozilla roots, MX name)
 mta_sts = true                     # honour MTA-STS (RFC 8461): a policy in enforce mode
                                    # means TLS, verified, to the MX hosts it names, or
-                                   # nothing (deferred, class policy); `volley tls show`
+                                   # nothing (deferred, class policy); see what a domain
+                                   # gets with `volley tls show DOMAIN`
 # tls_roots = "/etc/volley/ca.pem" # CAs (PEM) trusted besides the Mozilla roots wherever
                                    # a certificate is verified (a private CA)
 tls_rpt = true                     # TLS-RPT (RFC 8460): count TLS sessions to domains
                                    # with an MTA-STS policy per UTC day, and send each
                                    # domain its daily report where its _smtp._tls record
-                                   # asks (https POST, or a DKIM-signed mail)
-# tls_rpt_org = "HOSTNAME"         # the report's organization-name
-# tls_rpt_contact = "postmaster@HOSTNAME"   # the report's contact-info
-# tls_rpt_from = "tlsrpt-noreply@HOSTNAME"  # From of mailed reports, signed with its
-                                   # domain's key under dkim_dir (no key: https only)
+                                   # asks (https POST, or a DKIM-signed mail); off with
+                                   # mta_sts = false
+# tls_rpt_org = "EHLO_NAME"        # the report's organization-name (EHLO_NAME: ehlo_name,
+                                   # or the host name)
+# tls_rpt_contact = "postmaster@EHLO_NAME"  # the report's contact-info
+# tls_rpt_from = "tlsrpt-noreply@EHLO_NAME" # From of mailed reports, signed with every
+                                   # key of its domain under dkim_dir (no key: mailto:
+                                   # reports fail, https: ones go)
 window = 8                         # pipelined transactions per connection (1 to 256);
                                    # at it, no more are sent until one finishes
 retry_schedule = "5m,10m,20m,40m,1h,2h,4h"   # --retry-schedule: for every reply class
