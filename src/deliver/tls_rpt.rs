@@ -381,19 +381,19 @@ impl Send<'_> {
                 Rua::Https(u) => u.clone(),
             };
             let key = (date.clone(), domain.to_string(), target.clone());
-            let failures = match sent.state(&key) {
+            let failures = sent.refusals(&key);
+            match sent.state(&key) {
                 State::Begun | State::Done => continue,
-                State::Failed(n, _) if n >= ATTEMPTS_MAX => continue,
-                State::Failed(n, at) => {
-                    let wait = RETRY_FIRST_AFTER * 4u32.pow(n.saturating_sub(1).min(8));
+                State::Failed(_) if failures >= ATTEMPTS_MAX => continue,
+                State::Failed(at) => {
+                    let wait = RETRY_FIRST_AFTER * 4u32.pow(failures.saturating_sub(1).min(8));
                     if at.checked_add(wait).is_some_and(|due| self.now < due) {
                         finished = false;
                         continue;
                     }
-                    n
                 }
-                State::None => 0,
-            };
+                State::None => {}
+            }
             if let Err(e) = sent.write(&key, State::Begun, self.now) {
                 lines.push(format!("{date} {domain} {target}: not sent: {e}"));
                 finished = false;
@@ -426,7 +426,7 @@ impl Send<'_> {
                         "tried again later"
                     };
                     (
-                        State::Failed(n, self.now),
+                        State::Failed(self.now),
                         format!("{date} {domain}: report to {target} failed ({why}); attempt {n} of {ATTEMPTS_MAX}, {what}"),
                     )
                 }
@@ -445,7 +445,6 @@ impl Send<'_> {
     /// TLS-Report-Domain and TLS-Report-Submitter fields, DKIM-signed. Errors: no
     /// key to sign with, an address the queue would not take, signing failed.
     fn mail(&self, to: &str, gz: &[u8], r: &Reporting) -> Result<Vec<u8>, String> {
-        use base64::Engine;
         let (day, domain) = (self.day, self.domain);
         let Some(signer) = &r.signer else {
             return Err(format!(
@@ -466,12 +465,6 @@ impl Send<'_> {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
         let boundary = format!("tlsrpt-{begin}-{stamp}");
-        let b64 = base64::engine::general_purpose::STANDARD.encode(gz);
-        let mut wrapped = String::new();
-        for chunk in b64.as_bytes().chunks(76) {
-            wrapped.push_str(std::str::from_utf8(chunk).expect("base64 is ASCII"));
-            wrapped.push_str("\r\n");
-        }
         let text = format!(
             "From: {from}\r\n\
              To: {to}\r\n\
@@ -495,15 +488,15 @@ impl Send<'_> {
              Content-Transfer-Encoding: base64\r\n\
              Content-Disposition: attachment;\r\n \
              filename=\"{file}\"\r\n\
-             \r\n\
-             {wrapped}\
-             --{boundary}--\r\n",
+             \r\n",
             from = r.from,
             date = crate::message::dsn::rfc5322_date(self.now),
             date_id = day.date,
             file = file_name(submitter, domain, begin, end),
         );
         let mut message = text.into_bytes();
+        crate::message::mime::seven_bit::base64_lines(gz, &mut message);
+        message.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
         let header = signer
             .sign(&mut message, crate::message::dkim::Body::Varies)
             .map_err(|e| format!("DKIM signing failed: {e}"))?;
@@ -565,8 +558,8 @@ enum State {
     /// counts as sent.
     Begun,
     Done,
-    /// Refused this many times, the last at that time.
-    Failed(u32, SystemTime),
+    /// Refused, the last time then (how often: `Sent::refusals`).
+    Failed(SystemTime),
 }
 
 type Key = (String, String, String);
@@ -617,9 +610,8 @@ impl Sent {
                 "begun" => State::Begun,
                 "done" => State::Done,
                 "failed" => {
-                    let n = refusals.entry(key.clone()).or_default();
-                    *n += 1;
-                    State::Failed(*n, at)
+                    *refusals.entry(key.clone()).or_default() += 1;
+                    State::Failed(at)
                 }
                 _ => continue,
             };
@@ -646,6 +638,11 @@ impl Sent {
         *self.states.get(key).unwrap_or(&State::None)
     }
 
+    /// How often the report to `key`'s target was refused.
+    fn refusals(&self, key: &Key) -> u32 {
+        self.refusals.get(key).copied().unwrap_or(0)
+    }
+
     /// Appends a step and syncs it. Errors name the file.
     fn write(&mut self, key: &Key, state: State, now: SystemTime) -> Result<(), String> {
         let word = match state {
@@ -663,15 +660,10 @@ impl Sent {
             .write_all(line.as_bytes())
             .and_then(|()| self.file.sync_data())
             .map_err(|e| format!("{}: {e}", self.path.display()))?;
-        let next = match state {
-            State::Failed(..) => {
-                let n = self.refusals.entry(key.clone()).or_default();
-                *n += 1;
-                State::Failed(*n, now)
-            }
-            other => other,
-        };
-        self.states.insert(key.clone(), next);
+        if let State::Failed(_) = state {
+            *self.refusals.entry(key.clone()).or_default() += 1;
+        }
+        self.states.insert(key.clone(), state);
         Ok(())
     }
 }
@@ -705,7 +697,7 @@ mod tests {
         s.write(&a, State::Begun, t).unwrap();
         for _ in 0..2 {
             s.write(&b, State::Begun, t).unwrap();
-            s.write(&b, State::Failed(0, t), t).unwrap();
+            s.write(&b, State::Failed(t), t).unwrap();
         }
         // A crash mid-write leaves a torn line; a line of a day long gone is dropped.
         let path = dir.join("sent.tsv");
@@ -720,7 +712,7 @@ mod tests {
         drop(f);
         let s = Sent::open(&dir, today).unwrap();
         assert_eq!(s.state(&a), State::Begun, "cut off mid-send counts as sent");
-        assert_eq!(s.state(&b), State::Failed(2, t));
+        assert_eq!((s.state(&b), s.refusals(&b)), (State::Failed(t), 2));
         assert_eq!(
             s.state(&key("2026-10-01", "https://old.example/")),
             State::None

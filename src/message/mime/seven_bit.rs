@@ -548,7 +548,7 @@ fn quoted_printable_line(line: &[u8], out: &mut Vec<u8>) {
 
 /// Appends `body` base64 encoded (RFC 2045 §6.8) in lines of [`BASE64_LINE_CHARS`],
 /// ending in CRLF if `body` did (so a message that ended in CRLF still does).
-fn base64_lines(body: &[u8], out: &mut Vec<u8>) {
+pub fn base64_lines(body: &[u8], out: &mut Vec<u8>) {
     let text = base64::engine::general_purpose::STANDARD.encode(body);
     for (i, line) in text.as_bytes().chunks(BASE64_LINE_CHARS).enumerate() {
         if i > 0 {
