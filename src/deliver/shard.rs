@@ -525,10 +525,13 @@ impl Shard {
                     .as_ref()
                     .or(self.rules.borrow().default_pool.as_ref())
                     .cloned();
-                let report = inst.submission && self.is_tls_report(&job);
+                // Read from the spool only where a policy could hold a report back.
+                let report = (sts.is_some() || refused.is_some())
+                    && inst.submission
+                    && self.is_tls_report(&job);
                 drop(inst);
                 let pool = pool.as_ref();
-                if report && (sts.is_some() || refused.is_some()) {
+                if report {
                     // Delivered despite the domain's policy, uncounted (RFC 8460 §5.3.1).
                     let site =
                         self.site_for(&job.domain, pool.map(String::as_str), all.clone(), None);
@@ -1516,14 +1519,12 @@ impl Shard {
             // Sent as before; each session to a host it does not name is reported.
             return Ok((hosts, Some(site)));
         }
-        let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
-        let allowed: Vec<MxHost> = hosts
-            .into_iter()
-            .filter(|h| policy.allows(&h.name))
-            .collect();
+        let (allowed, others): (Vec<MxHost>, Vec<MxHost>) =
+            hosts.into_iter().partition(|h| policy.allows(&h.name));
         if !allowed.is_empty() {
             return Ok((allowed, Some(site)));
         }
+        let names: Vec<&str> = others.iter().map(|h| h.name.as_str()).collect();
         let why = format!(
             "the MTA-STS policy of {domain} (id {id}, enforce) allows MX {}; none of its MX hosts ({}) matches",
             policy.mx.join(" "),
