@@ -76,10 +76,13 @@ impl Ledger {
         }
     }
 
-    /// Counts one message sent for `key` on `day`.
+    /// Counts one message sent for `key` on `day`. The ledger's day only moves
+    /// forward: a shard that read the clock just before midnight, after another
+    /// started the new day, counts in the new day (one message more today, never
+    /// the new day's counts wiped).
     pub fn add(&self, key: &str, day: i64) {
         let mut sent = self.sent.lock().expect("ledger lock");
-        if sent.0 != day {
+        if day > sent.0 {
             *sent = (day, HashMap::new());
         }
         match sent.1.get_mut(key) {
@@ -125,6 +128,22 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_count_from_just_before_midnight_keeps_the_new_days() {
+        let dir = std::env::temp_dir().join(format!("volley-warmup-day-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let l = Ledger::load(&dir).unwrap();
+        let day = l.day;
+        l.add("k", day + 1);
+        l.add("k", day + 1);
+        l.add("k", day);
+        let sent = l.sent.lock().unwrap();
+        assert_eq!((sent.0, sent.1["k"]), (day + 1, 3));
+        drop(sent);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn counts_add_up_over_runs_and_only_today_counts() {
