@@ -831,6 +831,7 @@ fn simulate(seed: u64, recipients: usize) -> Summary {
         name: "mx.sim.test".into(),
         preference: 10,
         addrs: vec![std::net::Ipv4Addr::LOCALHOST.into()],
+        dane: Default::default(),
     }]);
     let site = Site::new(
         "|mx.sim.test".into(),

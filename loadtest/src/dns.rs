@@ -1,16 +1,25 @@
-//! The test DNS server: authoritative answers (hickory-server) that route every
-//! generated domain to its provider's sink address, plus the edge cases a sender
-//! must handle. Runs on its own thread with a current-thread tokio runtime, so tests
-//! can start it in-process next to the sink.
+//! The test DNS server: authoritative answers that route every generated domain to
+//! its provider's sink address, plus the edge cases a sender must handle. Runs on its
+//! own thread with a current-thread tokio runtime, so tests can start it in-process
+//! next to the sink.
+//!
+//! It serves the whole tree as one DNSSEC-signed root zone (RFC 4033-4035): to a
+//! query with the DO bit, each answer comes with its RRSIG, made with the server's
+//! own Ed25519 key, and an empty answer with an NSEC at the name asked ("black lies",
+//! minimally covering, so nothing needs sorting). A validating resolver given
+//! [`DnsServer::trust_anchor`] finds every name secure, except: names under a zone
+//! made [`Zone::set_unsigned`] (an insecure delegation: NS at its apex, no DS), names
+//! made [`Zone::set_bogus`] (their signatures broken) and names made
+//! [`Zone::set_servfail`]. Queries without DO get plain answers, as before.
 
 use crate::profile::Profile;
-use hickory_proto::op::{Header, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{MX, TXT};
-use hickory_proto::rr::{Name, RData, Record, RecordType};
-use hickory_server::authority::MessageResponseBuilder;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::ServerFuture;
-use std::collections::HashMap;
+use hickory_proto::dnssec::crypto::Ed25519SigningKey;
+use hickory_proto::dnssec::rdata::{DNSSECRData, DNSKEY, NSEC, RRSIG};
+use hickory_proto::dnssec::{DnssecSigner, SigningKey};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{MX, NS, TLSA, TXT};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordSet, RecordType};
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
@@ -40,6 +49,14 @@ pub struct Zone {
     mx_suffix: Vec<(String, String)>,
     a: HashMap<String, IpAddr>,
     txt: HashMap<String, Vec<String>>,
+    /// TLSA records (RFC 6698) by owner, e.g. `_25._tcp.mx.example.test`.
+    tlsa: HashMap<String, Vec<TLSA>>,
+    /// Apexes of zones served unsigned, each an insecure delegation from the root.
+    unsigned: Vec<String>,
+    /// Names whose signatures are broken: a validator finds them bogus.
+    bogus: HashSet<String>,
+    /// Names answered SERVFAIL, whatever the type asked.
+    servfail: HashSet<String>,
 }
 
 impl Zone {
@@ -90,6 +107,27 @@ impl Zone {
         self.txt.insert(name.to_ascii_lowercase(), text);
     }
 
+    /// Publishes TLSA records at `name` (`_25._tcp.HOST` for an MX host, RFC 7672).
+    pub fn set_tlsa(&mut self, name: &str, records: Vec<TLSA>) {
+        self.tlsa.insert(name.to_ascii_lowercase(), records);
+    }
+
+    /// Serves `zone` and the names under it unsigned, delegated without a DS: a
+    /// validator proves them insecure.
+    pub fn set_unsigned(&mut self, zone: &str) {
+        self.unsigned.push(zone.to_ascii_lowercase());
+    }
+
+    /// Breaks the signatures of `name`'s records: a validator finds them bogus.
+    pub fn set_bogus(&mut self, name: &str) {
+        self.bogus.insert(name.to_ascii_lowercase());
+    }
+
+    /// Answers every query for `name` with SERVFAIL.
+    pub fn set_servfail(&mut self, name: &str) {
+        self.servfail.insert(name.to_ascii_lowercase());
+    }
+
     fn mx_of(&self, name: &str) -> Option<Vec<(u16, String)>> {
         if let Some(mx) = self.mx.get(name) {
             return Some(mx.clone());
@@ -101,16 +139,115 @@ impl Zone {
     }
 
     fn exists(&self, name: &str) -> bool {
-        self.mx_of(name).is_some() || self.a.contains_key(name) || self.txt.contains_key(name)
+        self.mx_of(name).is_some()
+            || self.a.contains_key(name)
+            || self.txt.contains_key(name)
+            || self.tlsa.contains_key(name)
+            || self.unsigned.iter().any(|z| z == name)
+    }
+
+    /// The unsigned zone `name` is in, if any.
+    fn unsigned_zone(&self, name: &str) -> Option<&str> {
+        self.unsigned
+            .iter()
+            .find(|z| name == z.as_str() || name.ends_with(&format!(".{z}")))
+            .map(String::as_str)
+    }
+
+    /// The types at `name`, for an NSEC's type bit map.
+    fn types_at(&self, name: &str) -> Vec<RecordType> {
+        let mut types = Vec::new();
+        if self.mx_of(name).is_some() {
+            types.push(RecordType::MX);
+        }
+        match self.a.get(name) {
+            Some(IpAddr::V4(_)) => types.push(RecordType::A),
+            Some(IpAddr::V6(_)) => types.push(RecordType::AAAA),
+            None => {}
+        }
+        if self.txt.contains_key(name) {
+            types.push(RecordType::TXT);
+        }
+        if self.tlsa.contains_key(name) {
+            types.push(RecordType::TLSA);
+        }
+        if self.unsigned.iter().any(|z| z == name) {
+            types.push(RecordType::NS);
+        }
+        types
+    }
+}
+
+
+/// How long the test zone's signatures are valid from an hour before they are made.
+const SIGNATURE_VALIDITY: Duration = Duration::from_secs(2 * 86_400);
+
+/// The key the whole tree is signed with: the root zone's only DNSKEY, a key-signing
+/// and zone-signing key in one (flags 257, algorithm 15, Ed25519).
+struct Signer {
+    signer: DnssecSigner,
+    dnskey: DNSKEY,
+}
+
+impl Signer {
+    fn new() -> anyhow::Result<Signer> {
+        let der = Ed25519SigningKey::generate_pkcs8()?;
+        let key = Ed25519SigningKey::from_pkcs8(&der)?;
+        let dnskey = DNSKEY::new(true, true, false, key.to_public_key()?);
+        let signer = DnssecSigner::new(
+            dnskey.clone(),
+            Box::new(key),
+            Name::root(),
+            SIGNATURE_VALIDITY,
+        );
+        Ok(Signer { signer, dnskey })
+    }
+
+    fn dnskey_record(&self) -> Record {
+        Record::from_rdata(
+            Name::root(),
+            TTL_S,
+            RData::DNSSEC(DNSSECRData::DNSKEY(self.dnskey.clone())),
+        )
+    }
+
+    /// The RRSIG over `records`, one RRset; with `broken`, its signature corrupted.
+    fn sign(&self, records: &[Record], broken: bool) -> Option<Record> {
+        let first = records.first()?;
+        let mut set = RecordSet::with_ttl(first.name.clone(), first.record_type(), first.ttl);
+        set.set_records(records.to_vec());
+        let inception = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+        let mut rrsig = RRSIG::from_rrset(&set, DNSClass::IN, inception, &self.signer).ok()?;
+        if broken {
+            let mut sig = rrsig.sig().to_vec();
+            sig[0] ^= 0xff;
+            rrsig = RRSIG::from_sig(rrsig.input().clone(), sig);
+        }
+        Some(Record::from_rdata(
+            first.name.clone(),
+            first.ttl,
+            RData::DNSSEC(DNSSECRData::RRSIG(rrsig)),
+        ))
     }
 }
 
 pub struct DnsServer {
     pub addr: SocketAddr,
     pub zone: Arc<RwLock<Zone>>,
+    signer: Arc<Signer>,
 }
 
-/// Starts serving `zone` on `addr` (UDP and TCP; port 0 picks a free port).
+impl DnsServer {
+    /// The trust anchor for this server's signed answers: its root DNSKEY as one
+    /// zone-file line (`. 300 IN DNSKEY 257 3 15 BASE64`), the form hickory's
+    /// `TrustAnchors` and volley's `--dnssec-trust-anchor` read (RFC 4033 §3.1).
+    pub fn trust_anchor(&self) -> String {
+        format!("{}\n", self.signer.dnskey_record())
+    }
+}
+
+/// Starts serving `zone` on `addr` (UDP and TCP; port 0 picks a free port), signed
+/// with a key made now.
 pub fn start(addr: SocketAddr, zone: Zone) -> anyhow::Result<DnsServer> {
     anyhow::ensure!(
         addr.ip().is_loopback(),
@@ -121,7 +258,11 @@ pub fn start(addr: SocketAddr, zone: Zone) -> anyhow::Result<DnsServer> {
     udp.set_nonblocking(true)?;
     tcp.set_nonblocking(true)?;
     let zone = Arc::new(RwLock::new(zone));
-    let handler = Handler { zone: zone.clone() };
+    let signer = Arc::new(Signer::new()?);
+    let handler = Arc::new(Handler {
+        zone: zone.clone(),
+        signer: signer.clone(),
+    });
     std::thread::Builder::new()
         .name("test-dns".into())
         .spawn(move || {
@@ -129,19 +270,76 @@ pub fn start(addr: SocketAddr, zone: Zone) -> anyhow::Result<DnsServer> {
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            rt.block_on(async move {
-                let mut server = ServerFuture::new(handler);
-                server.register_socket(tokio::net::UdpSocket::from_std(udp).expect("udp socket"));
-                server.register_listener(
-                    tokio::net::TcpListener::from_std(tcp).expect("tcp listener"),
-                    Duration::from_secs(5),
-                );
-                if let Err(e) = server.block_until_done().await {
-                    eprintln!("volley-load dns: {e}");
-                }
-            });
+            rt.block_on(serve(udp, tcp, handler));
         })?;
-    Ok(DnsServer { addr, zone })
+    Ok(DnsServer { addr, zone, signer })
+}
+
+/// Answers on both sockets until the process ends.
+async fn serve(udp: std::net::UdpSocket, tcp: std::net::TcpListener, handler: Arc<Handler>) {
+    let udp = Arc::new(tokio::net::UdpSocket::from_std(udp).expect("udp socket"));
+    let tcp = tokio::net::TcpListener::from_std(tcp).expect("tcp listener");
+    let h = handler.clone();
+    tokio::spawn(async move {
+        loop {
+            match tcp.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_tcp(stream, h.clone()));
+                }
+                Err(e) => {
+                    eprintln!("volley-load dns: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    });
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let (n, peer) = match udp.recv_from(&mut buf).await {
+            Ok(got) => got,
+            Err(e) => {
+                eprintln!("volley-load dns: receive: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let (query, h, u) = (buf[..n].to_vec(), handler.clone(), udp.clone());
+        tokio::spawn(async move {
+            if let Some(reply) = h.respond(&query, true).await {
+                if let Err(e) = u.send_to(&reply, peer).await {
+                    eprintln!("volley-load dns: cannot send response: {e}");
+                }
+            }
+        });
+    }
+}
+
+/// How long a TCP connection may sit between queries.
+const TCP_IDLE: Duration = Duration::from_secs(5);
+
+/// Length-prefixed queries on one TCP connection (RFC 1035 §4.2.2), until EOF or
+/// TCP_IDLE.
+async fn serve_tcp(mut stream: tokio::net::TcpStream, handler: Arc<Handler>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let mut query = vec![0u8; u16::from_be_bytes(len) as usize];
+        if stream.read_exact(&mut query).await.is_err() {
+            return;
+        }
+        let Some(reply) = handler.respond(&query, false).await else {
+            return;
+        };
+        let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&reply);
+        if stream.write_all(&framed).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// UDP and TCP on the same port. With port 0 the UDP port picked may be taken for
@@ -166,71 +364,134 @@ fn bind_pair(addr: SocketAddr) -> anyhow::Result<(std::net::UdpSocket, std::net:
 
 struct Handler {
     zone: Arc<RwLock<Zone>>,
+    signer: Arc<Signer>,
 }
 
-#[async_trait::async_trait]
-impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler>(
-        &self,
-        request: &Request,
-        mut response: R,
-    ) -> ResponseInfo {
-        let builder = MessageResponseBuilder::from_message_request(request);
-        let info = request.request_info();
-        let mut header = Header::response_from_request(info.header);
-        header.set_authoritative(true);
-        if info.header.message_type() != MessageType::Query
-            || info.header.op_code() != OpCode::Query
-        {
-            let msg = builder.error_msg(info.header, ResponseCode::NotImp);
-            return response
-                .send_response(msg)
-                .await
-                .unwrap_or_else(send_failed);
+impl Handler {
+    /// The response to the query in `bytes`, encoded; None for no response at all
+    /// (undecodable, or the TIMEOUT name). Over UDP, a response longer than the
+    /// client takes is sent truncated (TC), for it to ask again over TCP.
+    async fn respond(&self, bytes: &[u8], udp: bool) -> Option<Vec<u8>> {
+        let request = Message::from_vec(bytes).ok()?;
+        let mut response = Message::response(request.metadata.id, request.metadata.op_code);
+        response.metadata.authoritative = true;
+        response.metadata.recursion_desired = request.metadata.recursion_desired;
+        let dnssec_ok = request.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok);
+        let max_payload = request.edns.as_ref().map_or(512, |e| e.max_payload().max(512));
+        if request.edns.is_some() {
+            let mut edns = Edns::new();
+            edns.set_max_payload(1232);
+            edns.set_dnssec_ok(dnssec_ok);
+            response.set_edns(edns);
         }
-        let qname = info
-            .query
+        let query = match (
+            request.metadata.message_type,
+            request.metadata.op_code,
+            request.queries.first(),
+        ) {
+            (MessageType::Query, OpCode::Query, Some(q)) => q.clone(),
+            _ => {
+                response.metadata.response_code = ResponseCode::NotImp;
+                return encode(&response, udp, max_payload);
+            }
+        };
+        response.add_query(query.clone());
+        let qname = query
             .name()
             .to_string()
             .trim_end_matches('.')
             .to_ascii_lowercase();
-        let qtype = info.query.query_type();
         if qname == TIMEOUT {
             // Never answer: the resolver must time out. Bounded so the task ends.
             tokio::time::sleep(Duration::from_secs(120)).await;
-            return ResponseInfo::from(header);
+            return None;
         }
-        if qname == SERVFAIL {
-            let msg = builder.error_msg(info.header, ResponseCode::ServFail);
-            return response
-                .send_response(msg)
-                .await
-                .unwrap_or_else(send_failed);
-        }
-        let name = Name::from(info.query.name().clone());
-        let records = {
+        {
             let zone = self.zone.read().unwrap();
-            zone.exists(&qname)
-                .then(|| answer(&zone, &qname, qtype, &name))
-        };
-        let Some(records) = records else {
-            header.set_response_code(ResponseCode::NXDomain);
-            let msg = builder.build_no_records(header);
-            return response
-                .send_response(msg)
-                .await
-                .unwrap_or_else(send_failed);
-        };
-        let msg = builder.build(header, records.iter(), &[], &[], &[]);
-        response
-            .send_response(msg)
-            .await
-            .unwrap_or_else(send_failed)
+            if qname == SERVFAIL || zone.servfail.contains(&qname) {
+                response.metadata.response_code = ResponseCode::ServFail;
+            } else {
+                self.fill(&zone, &mut response, &qname, query.query_type(), query.name(), dnssec_ok);
+            }
+        }
+        encode(&response, udp, max_payload)
     }
+
+    /// The answer to `qname` `qtype`, signed when the client asked (DO) and the name
+    /// is in the signed tree.
+    fn fill(
+        &self,
+        zone: &Zone,
+        response: &mut Message,
+        qname: &str,
+        qtype: RecordType,
+        name: &Name,
+        dnssec_ok: bool,
+    ) {
+        // A DS at an unsigned zone's apex is the parent's, signed: it proves the
+        // delegation insecure (RFC 4035 §5.2).
+        let parent_side =
+            qtype == RecordType::DS && zone.unsigned.iter().any(|z| z.as_str() == qname);
+        let signed = dnssec_ok && (parent_side || zone.unsigned_zone(qname).is_none());
+        let records = match qtype {
+            _ if parent_side => Vec::new(),
+            RecordType::DNSKEY if qname.is_empty() => vec![self.signer.dnskey_record()],
+            _ => answer(zone, qname, qtype, name),
+        };
+        if records.is_empty() && !signed && !qname.is_empty() && !zone.exists(qname) {
+            response.metadata.response_code = ResponseCode::NXDomain;
+            return;
+        }
+        let broken = zone.bogus.contains(qname);
+        if signed && records.is_empty() {
+            // No data: an NSEC at the name asked lists what is there (a name that
+            // does not exist gets one too, listing nothing: a "black lie").
+            let types = if parent_side {
+                vec![RecordType::NS]
+            } else {
+                zone.types_at(qname)
+            };
+            let next = name
+                .prepend_label(hickory_proto::rr::domain::Label::from_raw_bytes(&[0]).expect("a label"))
+                .unwrap_or_else(|_| name.clone());
+            let nsec = Record::from_rdata(
+                name.clone(),
+                TTL_S,
+                RData::DNSSEC(DNSSECRData::NSEC(NSEC::new_cover_self(next, types))),
+            );
+            let sig = self.signer.sign(std::slice::from_ref(&nsec), broken);
+            response.add_authority(nsec);
+            response.add_authorities(sig);
+            return;
+        }
+        let sig = match signed {
+            true => self.signer.sign(&records, broken),
+            false => None,
+        };
+        response.add_answers(records);
+        response.add_answers(sig);
+    }
+}
+
+/// The message's wire form; over UDP one longer than `max_payload` is sent
+/// truncated instead.
+fn encode(msg: &Message, udp: bool, max_payload: u16) -> Option<Vec<u8>> {
+    let bytes = match msg.to_vec() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("volley-load dns: cannot encode a response: {e}");
+            return None;
+        }
+    };
+    if udp && bytes.len() > usize::from(max_payload) {
+        return msg.truncate().to_vec().ok();
+    }
+    Some(bytes)
 }
 
 fn answer(zone: &Zone, qname: &str, qtype: RecordType, name: &Name) -> Vec<Record> {
     let mut out = Vec::new();
+    let record = |data| Record::from_rdata(name.clone(), TTL_S, data);
     match qtype {
         RecordType::MX => {
             for (pref, host) in zone.mx_of(qname).unwrap_or_default() {
@@ -239,48 +500,35 @@ fn answer(zone: &Zone, qname: &str, qtype: RecordType, name: &Name) -> Vec<Recor
                 } else {
                     Name::from_str(&format!("{host}.")).unwrap_or_else(|_| Name::root())
                 };
-                out.push(Record::from_rdata(
-                    name.clone(),
-                    TTL_S,
-                    RData::MX(MX::new(pref, exchange)),
-                ));
+                out.push(record(RData::MX(MX::new(pref, exchange))));
             }
         }
         RecordType::A => {
             if let Some(IpAddr::V4(ip)) = zone.a.get(qname) {
-                out.push(Record::from_rdata(
-                    name.clone(),
-                    TTL_S,
-                    RData::A((*ip).into()),
-                ));
+                out.push(record(RData::A((*ip).into())));
             }
         }
         RecordType::AAAA => {
             if let Some(IpAddr::V6(ip)) = zone.a.get(qname) {
-                out.push(Record::from_rdata(
-                    name.clone(),
-                    TTL_S,
-                    RData::AAAA((*ip).into()),
-                ));
+                out.push(record(RData::AAAA((*ip).into())));
             }
         }
         RecordType::TXT => {
             if let Some(t) = zone.txt.get(qname) {
-                out.push(Record::from_rdata(
-                    name.clone(),
-                    TTL_S,
-                    RData::TXT(TXT::new(t.clone())),
-                ));
+                out.push(record(RData::TXT(TXT::new(t.clone()))));
+            }
+        }
+        RecordType::TLSA => {
+            for t in zone.tlsa.get(qname).into_iter().flatten() {
+                out.push(record(RData::TLSA(t.clone())));
+            }
+        }
+        RecordType::NS if zone.unsigned.iter().any(|z| z.as_str() == qname) => {
+            if let Ok(ns) = Name::from_str(&format!("ns.{qname}.")) {
+                out.push(record(RData::NS(NS(ns))));
             }
         }
         _ => {}
     }
     out
-}
-
-fn send_failed(e: std::io::Error) -> ResponseInfo {
-    eprintln!("volley-load dns: cannot send response: {e}");
-    let mut h = Header::new();
-    h.set_response_code(ResponseCode::ServFail);
-    ResponseInfo::from(h)
 }

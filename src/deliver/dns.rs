@@ -2,15 +2,19 @@
 //! monoio. Shards send a domain over a channel and await a oneshot answer; each
 //! shard caches answers until their TTL runs out. With MTA-STS on, each answer also
 //! carries the domain's policy (mta_sts.rs: its TXT record looked up alongside the
-//! MX, its policy fetched on a blocking thread of this runtime when new).
+//! MX, its policy fetched on a blocking thread of this runtime when new). With DANE
+//! on, each MX host's addresses and TLSA records are looked up again with a
+//! validating resolver (dane.rs says what the answers mean).
 
+use crate::deliver::dane::{Dane, DaneHost, Tlsa};
 use crate::deliver::explain::{self, DnsProblem};
 use crate::deliver::mta_sts::{self, NoPolicy, Policies, Record, Step, Sts, StsSettings};
 use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError, NoRecords};
 use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::proto::rr::RData;
+use hickory_resolver::proto::dnssec::TrustAnchors;
+use hickory_resolver::proto::rr::{self as dns_rr, RData, RecordType};
 use hickory_resolver::TokioResolver;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -27,6 +31,8 @@ pub struct MxHost {
     pub name: String,
     pub preference: u16,
     pub addrs: Vec<IpAddr>,
+    /// What DANE asks of this host (`Dane::None` with DANE off).
+    pub dane: Dane,
 }
 
 #[derive(Debug, Clone)]
@@ -66,6 +72,41 @@ pub struct DnsConfig {
     pub server: Option<SocketAddr>,
     pub timeout: Duration,
     pub attempts: usize,
+    /// DANE (RFC 7672): None is off.
+    pub dane: Option<DaneSettings>,
+}
+
+/// DANE's DNSSEC settings.
+#[derive(Debug, Clone, Default)]
+pub struct DaneSettings {
+    /// A file of DNSKEY records in zone-file form to trust instead of the IANA root
+    /// zone's keys (a private signed zone, the tests' DNS). None: the root's.
+    pub trust_anchor: Option<std::path::PathBuf>,
+}
+
+impl DaneSettings {
+    /// The trust anchors to validate with. Errors: the file is unreadable, or holds
+    /// no DNSKEY record hickory can read.
+    pub fn anchors(&self) -> anyhow::Result<Arc<TrustAnchors>> {
+        let Some(path) = &self.trust_anchor else {
+            return Ok(Arc::new(TrustAnchors::default()));
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            anyhow::anyhow!("dnssec_trust_anchor {}: cannot read it: {e}", path.display())
+        })?;
+        let anchors: TrustAnchors = text.parse().map_err(|e| {
+            anyhow::anyhow!(
+                "dnssec_trust_anchor {}: {e}; give DNSKEY records as a zone file writes them (\". 3600 IN DNSKEY 257 3 15 BASE64\")",
+                path.display()
+            )
+        })?;
+        anyhow::ensure!(
+            !anchors.is_empty(),
+            "dnssec_trust_anchor {}: no DNSKEY record in it; give DNSKEY records as a zone file writes them",
+            path.display()
+        );
+        Ok(Arc::new(anchors))
+    }
 }
 
 impl Default for DnsConfig {
@@ -74,6 +115,7 @@ impl Default for DnsConfig {
             server: None,
             timeout: Duration::from_secs(5),
             attempts: 2,
+            dane: None,
         }
     }
 }
@@ -84,6 +126,7 @@ impl Resolver {
     /// nameserver given and /etc/resolv.conf unreadable, the thread not started.
     pub fn start(cfg: &DnsConfig, sts: Option<StsSettings>) -> anyhow::Result<Resolver> {
         let (config, opts) = settings(cfg)?;
+        let anchors = cfg.dane.as_ref().map(DaneSettings::anchors).transpose()?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
         std::thread::Builder::new()
             .name("volley-dns".into())
@@ -93,8 +136,12 @@ impl Resolver {
                     .build()
                     .expect("tokio runtime");
                 rt.block_on(async move {
-                    let resolver = match build(config, opts) {
-                        Ok(r) => Arc::new(r),
+                    let built = build(config.clone(), opts.clone()).and_then(|r| {
+                        let v = anchors.map(|a| validating(config, opts, a)).transpose()?;
+                        Ok((Arc::new(r), v.map(Arc::new)))
+                    });
+                    let (resolver, validator) = match built {
+                        Ok(r) => r,
                         Err(e) => {
                             // Every request is answered with the reason (lookup's `failed`).
                             eprintln!("volley: the resolver could not start: {e}");
@@ -105,17 +152,20 @@ impl Resolver {
                     let permits = Arc::new(tokio::sync::Semaphore::new(LOOKUPS_IN_FLIGHT_MAX));
                     while let Some(req) = rx.recv().await {
                         let r = resolver.clone();
+                        let v = validator.clone();
                         let policies = policies.clone();
                         let permit = permits.clone().acquire_owned().await.expect("never closed");
                         tokio::spawn(async move {
                             let (mut answer, sts) = match &policies {
                                 Some(p) => {
                                     tokio::join!(
-                                        resolve(&r, &req.domain),
+                                        resolve(&r, v.as_deref(), &req.domain),
                                         sts_of(&r, p, &req.domain)
                                     )
                                 }
-                                None => (resolve(&r, &req.domain).await, Sts::None),
+                                None => {
+                                    (resolve(&r, v.as_deref(), &req.domain).await, Sts::None)
+                                }
                             };
                             answer.sts = sts;
                             let _ = req.reply.send(answer);
@@ -184,6 +234,92 @@ fn build(config: ResolverConfig, opts: ResolverOpts) -> Result<TokioResolver, Ne
         .build()
 }
 
+/// A resolver that validates every answer from `anchors` down (RFC 4035 §5), for
+/// DANE. It caches, unlike the other: a validation asks for each zone's DNSKEY and
+/// DS records, which would otherwise be asked again for every host.
+fn validating(
+    config: ResolverConfig,
+    mut opts: ResolverOpts,
+    anchors: Arc<TrustAnchors>,
+) -> Result<TokioResolver, NetError> {
+    opts.cache_size = VALIDATING_CACHE_ENTRIES;
+    TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+        .with_options(opts)
+        .with_trust_anchor(anchors)
+        .build()
+}
+
+/// Answers the validating resolver keeps (its own cache, by TTL).
+const VALIDATING_CACHE_ENTRIES: u64 = 4096;
+
+/// What DANE asks of MX host `host`, from validated lookups: its TLSA records
+/// count only when its addresses are secure (RFC 7672 §2.2.2) and the records are
+/// too. A lookup that fails validation or does not complete makes the host
+/// `Failed`, never plain (§2.2: no downgrade).
+pub async fn dane_of(v: &TokioResolver, host: &str) -> Dane {
+    let failed = |what: &str, e: &NetError| {
+        let why = match e {
+            NetError::Dns(DnsError::DnssecBogus) => {
+                "failed DNSSEC validation (bogus)".to_string()
+            }
+            e => explain::dns(host, &lookup_failed(e)).to_string(),
+        };
+        Dane::Failed(format!(
+            "DANE: the {what} of {host} could not be had securely: {why}; the host is not tried until it can (RFC 7672 §2.2)"
+        ))
+    };
+    let absent = |e: &NetError| {
+        no_records(e).is_some_and(|n| {
+            matches!(
+                n.response_code,
+                ResponseCode::NXDomain | ResponseCode::NoError
+            )
+        })
+    };
+    let fqdn = format!("{}.", host.trim_end_matches('.'));
+    match v.lookup_ip(fqdn.as_str()).await {
+        Ok(ips) if all_secure(ips.as_lookup().answers(), &[RecordType::A, RecordType::AAAA]) => {}
+        Ok(_) => return Dane::None,
+        Err(e) if absent(&e) => return Dane::None,
+        Err(e) => return failed("address records", &e),
+    }
+    let name = format!("_25._tcp.{fqdn}");
+    let tlsa = match v.lookup(name.as_str(), RecordType::TLSA).await {
+        Ok(l) => l,
+        Err(e) if absent(&e) => return Dane::None,
+        Err(e) => return failed("TLSA records", &e),
+    };
+    if !all_secure(tlsa.answers(), &[RecordType::TLSA]) {
+        return Dane::None;
+    }
+    let records: Vec<Tlsa> = tlsa
+        .answers()
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::TLSA(t) => Some(Tlsa {
+                usage: t.cert_usage.into(),
+                selector: t.selector.into(),
+                matching: t.matching.into(),
+                data: t.cert_data.clone(),
+            }),
+            _ => None,
+        })
+        .collect();
+    if records.is_empty() {
+        return Dane::None;
+    }
+    Dane::Tlsa(Arc::new(DaneHost::new(host, records)))
+}
+
+/// Whether the answer holds records of `types` and each is DNSSEC-secure.
+fn all_secure(answers: &[dns_rr::Record], types: &[RecordType]) -> bool {
+    let mut of_type = answers
+        .iter()
+        .filter(|r| types.contains(&r.record_type()))
+        .peekable();
+    of_type.peek().is_some() && of_type.all(|r| r.proof.is_secure())
+}
+
 /// The texts of a TXT answer, one per record: a record's strings are one text
 /// (RFC 7208 §3.3's rule, RFC 8461 §3.1, RFC 8460 §3).
 fn texts(txt: &hickory_resolver::lookup::Lookup) -> Vec<String> {
@@ -249,7 +385,7 @@ impl BlockingResolver {
     }
 }
 
-async fn resolve(r: &TokioResolver, domain: &str) -> Answer {
+async fn resolve(r: &TokioResolver, v: Option<&TokioResolver>, domain: &str) -> Answer {
     let fqdn = format!("{}.", domain.trim_end_matches('.'));
     let now = Instant::now();
     match r.mx_lookup(fqdn.as_str()).await {
@@ -292,10 +428,15 @@ async fn resolve(r: &TokioResolver, domain: &str) -> Answer {
                     Err(_) => Vec::new(),
                 };
                 if !addrs.is_empty() {
+                    let dane = match v {
+                        Some(v) => dane_of(v, &name).await,
+                        None => Dane::None,
+                    };
                     hosts.push(MxHost {
                         name,
                         preference,
                         addrs,
+                        dane,
                     });
                 }
             }
@@ -329,7 +470,7 @@ async fn resolve(r: &TokioResolver, domain: &str) -> Answer {
             Some(NoRecords {
                 response_code: ResponseCode::NoError,
                 ..
-            }) => implicit_mx(r, domain, &fqdn).await,
+            }) => implicit_mx(r, v, domain, &fqdn).await,
             _ => Answer {
                 route: Route::TempFail(explain::dns(domain, &lookup_failed(&e)).to_string()),
                 valid_until: now + TEMPFAIL_CACHE,
@@ -364,7 +505,12 @@ fn lookup_failed(e: &NetError) -> DnsProblem {
 }
 
 /// No MX records: the domain's own address is the implicit MX (RFC 5321 §5.1).
-async fn implicit_mx(r: &TokioResolver, domain: &str, fqdn: &str) -> Answer {
+async fn implicit_mx(
+    r: &TokioResolver,
+    v: Option<&TokioResolver>,
+    domain: &str,
+    fqdn: &str,
+) -> Answer {
     let now = Instant::now();
     match r.lookup_ip(fqdn).await {
         Ok(ips) => Answer {
@@ -373,6 +519,10 @@ async fn implicit_mx(r: &TokioResolver, domain: &str, fqdn: &str) -> Answer {
                 name: domain.to_string(),
                 preference: 0,
                 addrs: ips.iter().collect(),
+                dane: match v {
+                    Some(v) => dane_of(v, domain).await,
+                    None => Dane::None,
+                },
             }]),
             sts: Sts::None,
         },

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod connection;
 pub mod control;
+pub mod dane;
 pub mod dns;
 pub mod engine;
 pub mod explain;

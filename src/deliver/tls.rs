@@ -6,7 +6,8 @@
 //! (a rule's `tls_verify`, an MTA-STS policy in enforce mode), the MX host name is
 //! checked against the Mozilla roots shipped by webpki-roots (not the system store, so
 //! behaviour does not depend on the host's ca-certificates) and the operator's own
-//! (`--tls-roots`, for a private CA and for tests).
+//! (`--tls-roots`, for a private CA and for tests). An MX host with DANE TLSA
+//! records gets settings of its own, checked against those records (dane.rs).
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -19,15 +20,7 @@ pub fn client_config(
     verify: bool,
     extra_roots: &[CertificateDer<'static>],
 ) -> Arc<rustls::ClientConfig> {
-    let mut provider = rustls::crypto::ring::default_provider();
-    // AES-128-GCM first, as Go and BoringSSL order it; receivers' TLS (OpenSSL's by
-    // default, rustls's) takes the client's order. The AES-256 suites' SHA-384 key
-    // schedule has no x86 instructions; with AES-256's extra rounds it cost volley 12%
-    // more CPU at one message per connection, and the receiver 14%.
-    provider
-        .cipher_suites
-        .sort_by_key(|s| !is_aes128_gcm(s.suite()));
-    let provider = Arc::new(provider);
+    let provider = provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .expect("ring supports TLS 1.2 and 1.3");
@@ -42,6 +35,30 @@ pub fn client_config(
             .with_no_client_auth()
     };
     Arc::new(cfg)
+}
+
+/// The client settings with `verifier` as the certificate check (DANE's, dane.rs).
+pub fn client_config_verified_by(verifier: Arc<dyn ServerCertVerifier>) -> Arc<rustls::ClientConfig> {
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports TLS 1.2 and 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Arc::new(cfg)
+}
+
+/// ring, its AES-128-GCM suites first.
+pub fn provider() -> Arc<CryptoProvider> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    // AES-128-GCM first, as Go and BoringSSL order it; receivers' TLS (OpenSSL's by
+    // default, rustls's) takes the client's order. The AES-256 suites' SHA-384 key
+    // schedule has no x86 instructions; with AES-256's extra rounds it cost volley 12%
+    // more CPU at one message per connection, and the receiver 14%.
+    provider
+        .cipher_suites
+        .sort_by_key(|s| !is_aes128_gcm(s.suite()));
+    Arc::new(provider)
 }
 
 /// A certificate check against webpki-roots and `extra_roots`, the one verified
