@@ -96,6 +96,15 @@ pub(crate) struct EngineArgs {
     /// mode is honoured (TLS, verified, to the MX hosts it names, or nothing).
     #[arg(long)]
     no_mta_sts: bool,
+    /// Honour DANE (RFC 7672): an MX host with DNSSEC-signed TLSA records gets mail
+    /// only over TLS with a certificate they name; a bogus or failed lookup defers
+    /// the host. Needs a nameserver that returns DNSSEC records.
+    #[arg(long)]
+    dane: bool,
+    /// DNSKEY records (zone-file lines) to validate DNSSEC from instead of the IANA
+    /// root keys (a private signed zone). Only with --dane.
+    #[arg(long, value_name = "FILE", requires = "dane")]
+    dnssec_trust_anchor: Option<PathBuf>,
     /// Count TLS sessions to domains with an MTA-STS policy for TLS-RPT (RFC 8460)
     /// under SPOOL/tls-rpt, a ledger per UTC day; a `volley serve` on this spool
     /// sends each day's reports once the day has ended.
@@ -164,6 +173,9 @@ impl EngineArgs {
         d.tls = self.tls.map(Set::cli);
         d.tls_verify = self.tls_verify.then(|| Set::cli(true));
         c.dns.server = self.dns;
+        c.dns.dane = self.dane.then_some(volley::deliver::dns::DaneSettings {
+            trust_anchor: self.dnssec_trust_anchor,
+        });
         c.smtp_port = self.smtp_port;
         c.mta_sts = !self.no_mta_sts;
         anyhow::ensure!(

@@ -1,11 +1,13 @@
 //! `volley tls show DOMAIN`: the TLS a delivery to a domain gets, and why: the
 //! shaping rules' `tls` and `tls_verify` with where each came from, and the domain's
 //! MTA-STS policy looked up and fetched now (and the one a spool keeps), with the MX
-//! hosts it allows. Writes nothing.
+//! hosts it allows, and with `--dane` each MX host's TLSA records and their DNSSEC
+//! status. Writes nothing.
 
 use clap::Subcommand;
 use std::path::PathBuf;
-use volley::deliver::dns::{DnsConfig, Resolver, Route};
+use volley::deliver::dane::Dane;
+use volley::deliver::dns::{DaneSettings, DnsConfig, MxHost, Resolver, Route};
 use volley::deliver::mta_sts::{self, Cached, Sts, StsSettings};
 use volley::deliver::runtime::Driver;
 use volley::policy::mta_sts::Mode;
@@ -13,7 +15,8 @@ use volley::policy::mta_sts::Mode;
 #[derive(Subcommand)]
 pub(crate) enum TlsCmd {
     /// The effective TLS policy for DOMAIN and its sources: shaping rules and
-    /// MTA-STS (record id, mode, mx patterns, max_age, when fetched or cached).
+    /// MTA-STS (record id, mode, mx patterns, max_age, when fetched or cached), and
+    /// with --dane each MX host's TLSA records (RFC 7672).
     Show {
         domain: String,
         /// Your rules file, as given to `send --shaping`.
@@ -31,6 +34,13 @@ pub(crate) enum TlsCmd {
         /// The HTTPS port of the policy host (443).
         #[arg(long, default_value_t = 443, hide = true)]
         mta_sts_port: u16,
+        /// Look up each MX host's TLSA records with DNSSEC validation (as `send --dane`).
+        #[arg(long)]
+        dane: bool,
+        /// DNSKEY records to validate from instead of the IANA root keys (as `send
+        /// --dnssec-trust-anchor`).
+        #[arg(long, value_name = "FILE", requires = "dane")]
+        dnssec_trust_anchor: Option<PathBuf>,
     },
 }
 
@@ -42,6 +52,8 @@ pub(crate) fn run(cmd: TlsCmd) -> anyhow::Result<i32> {
         tls_roots,
         spool,
         mta_sts_port,
+        dane,
+        dnssec_trust_anchor,
     } = cmd;
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
     let Some(rules) = super::shaping::rules_or_say(shaping.as_deref()) else {
@@ -60,6 +72,9 @@ pub(crate) fn run(cmd: TlsCmd) -> anyhow::Result<i32> {
     let resolver = Resolver::start(
         &DnsConfig {
             server: dns,
+            dane: dane.then_some(DaneSettings {
+                trust_anchor: dnssec_trust_anchor,
+            }),
             ..Default::default()
         },
         Some(settings),
@@ -67,11 +82,12 @@ pub(crate) fn run(cmd: TlsCmd) -> anyhow::Result<i32> {
     let d = domain.clone();
     let answer =
         volley::deliver::runtime::block_on(Driver::Auto, async move { resolver.lookup(&d).await })?;
-    let hosts: Vec<String> = match &answer.route {
-        Route::Hosts(h) => h.iter().map(|h| h.name.clone()).collect(),
+    let mx: Vec<MxHost> = match &answer.route {
+        Route::Hosts(h) => h.clone(),
         Route::NullMx => anyhow::bail!("{domain} has a null MX: it takes no mail"),
         Route::NoSuchDomain(why) | Route::TempFail(why) => anyhow::bail!("{why}"),
     };
+    let hosts: Vec<String> = mx.iter().map(|h| h.name.clone()).collect();
     println!("domain          {domain}");
     println!("MX              {}", hosts.join(", "));
     let provider = rules.provider_for(hosts.iter().map(String::as_str));
@@ -141,7 +157,32 @@ pub(crate) fn run(cmd: TlsCmd) -> anyhow::Result<i32> {
         );
         (c.policy.mode == Mode::Enforce).then_some(allowed)
     });
-    println!("DANE            not checked (volley does not do DANE yet)");
+    let mut label = "DANE           ";
+    for h in &mx {
+        let what = match (&h.dane, dane) {
+            (_, false) => "not checked (give --dane)".to_string(),
+            (Dane::Tlsa(d), true) => format!("TLSA {} (DNSSEC secure)", d.describe()),
+            (Dane::None, true) => {
+                "none (no TLSA records, or its zone is not DNSSEC-signed)".to_string()
+            }
+            (Dane::Failed(why), true) => why.clone(),
+        };
+        println!("{label} {}: {what}", h.name);
+        label = "               ";
+    }
+    for h in &mx {
+        if let Dane::Tlsa(d) = &h.dane {
+            println!(
+                "in effect       {}: TLS required, {} (DANE, before MTA-STS)",
+                h.name,
+                if d.verifies() {
+                    "certificate checked against its TLSA records"
+                } else {
+                    "certificate not checked (no usable TLSA record)"
+                }
+            );
+        }
+    }
     match enforced.flatten() {
         Some(allowed) if allowed.is_empty() => println!(
             "in effect       nothing is sent: no MX host matches the enforced policy (deferred, class policy)"

@@ -4,6 +4,8 @@
 //! the connection has carried its maximum, or the server goes away. After STARTTLS
 //! the same loop runs the bytes through rustls (itself sans-IO) on the way.
 
+use crate::deliver::dane::Dane;
+use crate::deliver::dns::MxHost;
 use crate::deliver::explain::{self, HandshakeError, Peer, Step, TlsPolicy};
 use crate::deliver::schedule::{when_idle, IdleConn, IdleStep, Job, Next, Site};
 use crate::deliver::shard::{stage_name, Attempt, Shard, Via};
@@ -41,20 +43,26 @@ fn failure(code: u16, enhanced: &str, why: String) -> Failure {
 /// address); the shard spawned it and counted it in the site's limiters.
 pub async fn run(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>) {
     let port = shard.cfg.smtp_port;
-    let targets: Vec<(&str, SocketAddr)> = site
+    let targets: Vec<(&MxHost, SocketAddr)> = site
         .hosts
         .iter()
-        .flat_map(|h| {
-            h.addrs
-                .iter()
-                .map(move |ip| (h.name.as_str(), SocketAddr::new(*ip, port)))
-        })
+        .flat_map(|h| h.addrs.iter().map(move |ip| (h, SocketAddr::new(*ip, port))))
         .collect();
     let mut last = failure(451, "4.4.1", "no address to connect to".into());
     let mut delivered_any = false;
     let from = source.map(|i| &site.sources[i].addr);
-    'targets: for (host, addr) in targets {
+    'targets: for (mx, addr) in targets {
+        let host = mx.name.as_str();
         let mut tls = site.tls();
+        match &mx.dane {
+            // Not tried without DANE's answer (RFC 7672 §2.2); the next host may do.
+            Dane::Failed(why) => {
+                last = failure(451, "4.7.5", why.clone());
+                continue 'targets;
+            }
+            Dane::Tlsa(_) => tls = TlsMode::Required,
+            Dane::None => {}
+        }
         // At most twice per address: once as configured, once in clear after a failed
         // opportunistic handshake.
         for _ in 0..2 {
@@ -78,7 +86,7 @@ pub async fn run(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>) {
                 }
             };
             let _ = stream.set_nodelay(true);
-            match session(&shard, &site, source, stream, host, addr, tls).await {
+            match session(&shard, &site, source, stream, mx, addr, tls).await {
                 Ok(()) => {
                     delivered_any = true;
                     break 'targets;
@@ -347,11 +355,19 @@ async fn session(
     site: &Rc<Site>,
     source: Option<usize>,
     mut stream: TcpStream,
-    host: &str,
+    mx: &MxHost,
     addr: SocketAddr,
     tls: TlsMode,
 ) -> Result<(), Failure> {
     let cfg = &shard.cfg;
+    let host = mx.name.as_str();
+    // A host with TLSA records is DANE's: its certificate check is theirs, and the
+    // domain's MTA-STS policy does not apply to it (RFC 8461 §2).
+    let dane = match &mx.dane {
+        Dane::Tlsa(d) => Some(d),
+        _ => None,
+    };
+    let sts_counted = site.sts.is_some() && dane.is_none();
     let ehlo_name = source
         .and_then(|i| site.sources[i].addr.ehlo.clone())
         .unwrap_or_else(|| cfg.ehlo_name.clone());
@@ -498,7 +514,7 @@ async fn session(
                     established = true;
                     // A testing policy's receiver without STARTTLS gets the mail in
                     // clear, and the domain hears of it (RFC 8460 §4.3.1).
-                    if tls_info.is_none() && tls != TlsMode::Disabled {
+                    if tls_info.is_none() && tls != TlsMode::Disabled && sts_counted {
                         let why = "no STARTTLS offered".to_string();
                         shard.count_tls_session(site, &via, Err((STARTTLS_MISSING, why)));
                     }
@@ -511,11 +527,15 @@ async fn session(
                     let peer = Peer { host, addr };
                     let policy = TlsPolicy {
                         required: tls == TlsMode::Required,
-                        verify: site.tls_verify(),
-                        mta_sts: site.enforced(),
+                        verify: dane.map_or(site.tls_verify(), |d| d.verifies()),
+                        mta_sts: site.enforced() && dane.is_none(),
+                        dane: dane.is_some(),
                     };
-                    let conn =
-                        rustls::ClientConnection::new(shard.tls_config(site.tls_verify()), name)
+                    let config = match dane {
+                        Some(d) => d.config.clone(),
+                        None => shard.tls_config(site.tls_verify()),
+                    };
+                    let conn = rustls::ClientConnection::new(config, name)
                             .map_err(|e| {
                                 let why = explain::tls_failed(Some(peer), &e, Some(policy));
                                 failure(451, "4.7.5", why.to_string())
@@ -526,7 +546,7 @@ async fn session(
                     conn.set_buffer_limit(None);
                     match handshake(&mut stream, conn, cfg.timeouts.ehlo).await {
                         Ok(l) => {
-                            if site.sts.is_some() {
+                            if sts_counted {
                                 // Verified already under enforce; checked here under testing.
                                 let checked = match (site.enforced(), &l) {
                                     (false, Link::Tls(c)) => shard.check_certificate(c, host),
@@ -546,7 +566,9 @@ async fn session(
                                 HandshakeError::Tls(e) => result_of_certificate(e),
                                 _ => ResultType::ValidationFailure,
                             };
-                            shard.count_tls_session(site, &via, Err((result, said.what.clone())));
+                            if sts_counted {
+                                shard.count_tls_session(site, &via, Err((result, said.what.clone())));
+                            }
                             let why = said.to_string();
                             // Required TLS is a policy failure; opportunistic TLS tries again in clear.
                             return Err(Failure {
@@ -599,7 +621,9 @@ async fn session(
                     }
                     if tls_refused {
                         let why = error.unwrap_or_default();
-                        shard.count_tls_session(site, &via, Err((STARTTLS_MISSING, why.clone())));
+                        if sts_counted {
+                            shard.count_tls_session(site, &via, Err((STARTTLS_MISSING, why.clone())));
+                        }
                         return Err(failure(451, "4.7.4", format!("{host} [{addr}]: {why}")));
                     }
                     if !established {

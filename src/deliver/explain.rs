@@ -9,6 +9,7 @@
 //! "blocked", "too many", ...): a test holds every sentence to the class its code alone
 //! would give, except the TLS ones, which must read as `policy` under 4.7.x.
 
+use crate::deliver::dane::TlsaMismatch;
 use std::fmt;
 use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr};
@@ -86,6 +87,9 @@ pub struct TlsPolicy {
     /// Both come from the domain's MTA-STS policy in enforce mode (RFC 8461), not
     /// from the operator's rules.
     pub mta_sts: bool,
+    /// Both come from the MX host's DNSSEC-signed TLSA records (RFC 7672), which
+    /// take precedence over MTA-STS.
+    pub dane: bool,
 }
 
 /// What ended a TLS handshake before it completed.
@@ -259,7 +263,9 @@ pub fn handshake_failed(peer: Peer, e: &HandshakeError, policy: TlsPolicy) -> Se
 /// STARTTLS, so the reply classifier files it under `policy` whatever words of the
 /// receiver's or a library's the sentence carries ("malformed", "AccessDenied").
 fn after_tls(policy: TlsPolicy, fix: &str) -> String {
-    if policy.mta_sts {
+    if policy.dane {
+        format!("{fix}. The MX host's DNSSEC-signed TLSA records require TLS (STARTTLS) with a certificate they name (RFC 7672 §2.2), so volley retries later and never sends in clear or over unverified TLS")
+    } else if policy.mta_sts {
         format!("{fix}. The domain's MTA-STS policy (enforce) requires TLS (STARTTLS) with a valid certificate for the MX name (RFC 8461 §4.2), so volley retries later and never sends in clear or over unverified TLS")
     } else if policy.required {
         format!("{fix}. TLS (STARTTLS) is required for this destination, so volley retries later and never sends in clear")
@@ -430,6 +436,11 @@ fn certificate(c: &rustls::CertificateError) -> (String, String, &'static str) {
             "UnsupportedSignatureAlgorithm".into(),
             "the receiver must use a certificate signed with RSA, ECDSA or Ed25519 and SHA-2",
         ),
+        C::Other(o) if o.0.downcast_ref::<TlsaMismatch>().is_some() => (
+            format!("matches none of its TLSA records: {o}"),
+            "TlsaMismatch".into(),
+            "the receiver's TLSA records (_25._tcp.HOST) must name the certificate or key it serves, or it must serve the one they name (RFC 7672 §3)",
+        ),
         C::Other(o) => match o.0.downcast_ref::<webpki::Error>() {
             Some(w) => webpki_error(w),
             None => ("failed verification".into(), o.to_string(), CHAIN),
@@ -584,11 +595,13 @@ mod tests {
         required: true,
         verify: true,
         mta_sts: false,
+        dane: false,
     };
     const OPPORTUNISTIC: TlsPolicy = TlsPolicy {
         required: false,
         verify: false,
         mta_sts: false,
+        dane: false,
     };
 
     fn cert(c: CertificateError) -> String {

@@ -92,6 +92,13 @@ mta_sts = true                     # honour MTA-STS (RFC 8461): a policy in enfo
                                    # gets with `volley tls show DOMAIN`
 # tls_roots = "/etc/volley/ca.pem" # CAs (PEM) trusted besides the Mozilla roots wherever
                                    # a certificate is verified (a private CA)
+# dane = false                     # honour DANE (RFC 7672): an MX host whose DNSSEC-signed
+                                   # TLSA records exist gets mail only over TLS with a
+                                   # certificate they name; a bogus or failed lookup
+                                   # defers the host. Needs a nameserver that returns
+                                   # DNSSEC records (volley validates them itself)
+# dnssec_trust_anchor = "/etc/volley/root.key"  # DNSKEY records (zone-file lines) to
+                                   # validate from instead of the IANA root keys
 tls_rpt = true                     # TLS-RPT (RFC 8460): count TLS sessions to domains
                                    # with an MTA-STS policy per UTC day, and send each
                                    # domain its daily report where its _smtp._tls record
@@ -1870,6 +1877,12 @@ fn read_delivery(doc: &mut Doc, t: &mut Table, cfg: &mut ServeConfig) {
     });
     cfg.ehlo_name = t.get(doc, "ehlo_name", &ehlo);
     t.put(doc, "mta_sts", &mut cfg.mta_sts, &boolean);
+    let mut dane = false;
+    t.put(doc, "dane", &mut dane, &boolean);
+    let anchor = t.get(doc, "dnssec_trust_anchor", &path_conv(doc.base.clone()));
+    cfg.dns.dane = dane.then_some(crate::deliver::dns::DaneSettings {
+        trust_anchor: anchor,
+    });
     t.put(doc, "tls_rpt", &mut cfg.tls_rpt.enabled, &boolean);
     let text = |n: &Node| {
         let v = string(n)?;
