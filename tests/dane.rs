@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::pki::{ca, issue};
 use common::*;
 use std::path::{Path, PathBuf};
 use volley::deliver::dane::Dane;
@@ -136,4 +137,165 @@ fn answers_signed_by_a_key_not_trusted_are_not_believed() {
         Dane::Failed(why) => assert!(why.contains("bogus"), "{why}"),
         other => panic!("{other:?}"),
     }
+}
+
+/// The sink presenting a chain (a certificate for MX, then its CA's) from a test CA
+/// volley does not trust, the test DNS signed, its key the trust anchor.
+struct World {
+    env: Env,
+    anchor: PathBuf,
+    /// The sink certificate's SubjectPublicKeyInfo and its CA's certificate (DER).
+    leaf_spki: Vec<u8>,
+    ca_der: Vec<u8>,
+    pki: PathBuf,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pki);
+    }
+}
+
+fn world(name: &str, starttls: bool) -> World {
+    let pki = std::env::temp_dir().join(format!("volley-test-{name}-pki-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pki);
+    std::fs::create_dir_all(&pki).unwrap();
+    let ca = ca(&pki, "ca");
+    let (cert_file, key_file, cert, key) = issue(&ca, &pki, MX);
+    std::fs::write(&cert_file, format!("{}{}", cert.pem(), ca.cert.pem())).unwrap();
+    let env = match starttls {
+        true => env_with_certificate(name, cert_file, key_file, None),
+        false => env_with(name, "", false),
+    };
+    let anchor = trust_anchor(&env.dns, &env.dir);
+    World {
+        anchor,
+        leaf_spki: key.public_key_der(),
+        ca_der: ca.cert.der().to_vec(),
+        env,
+        pki,
+    }
+}
+
+fn sha256(b: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, b).as_ref().to_vec()
+}
+
+impl World {
+    /// Publishes `records` as the MX host's TLSA RRset.
+    fn publish(&self, records: Vec<hickory_resolver::proto::rr::rdata::TLSA>) {
+        let mut z = self.env.dns.zone.write().unwrap();
+        z.set_tlsa(&format!("_25._tcp.{MX}"), records);
+    }
+
+    fn send(&self, id: &str, n: usize, deferred: bool) -> (Vec<serde_json::Value>, u64) {
+        let mut cfg = self.env.config();
+        cfg.dns.dane = Some(DaneSettings {
+            trust_anchor: Some(self.anchor.clone()),
+        });
+        send_to_gmail(&self.env, cfg, id, n, deferred)
+    }
+}
+
+fn delivered_over_tls(lines: &[serde_json::Value], n: usize) {
+    let delivered: Vec<_> = lines.iter().filter(|l| l["type"] == "Delivery").collect();
+    assert_eq!(delivered.len(), n, "{lines:#?}");
+    for l in delivered {
+        assert!(l["tls"].as_str().is_some_and(|t| t.contains("TLS")), "{l}");
+    }
+}
+
+#[test]
+fn dane_ee_and_dane_ta_records_that_match_get_the_mail_over_tls() {
+    let w = world("dane-match", true);
+    // DANE-EE: the key's SHA-256, no name or CA check (the CA is trusted nowhere).
+    w.publish(vec![tlsa(3, 1, 1, sha256(&w.leaf_spki))]);
+    let (lines, accepted) = w.send("ee", 3, false);
+    assert_eq!(accepted, 3, "{lines:#?}");
+    delivered_over_tls(&lines, 3);
+    // DANE-TA: the CA's certificate, which the chain must lead to for the MX name.
+    w.publish(vec![tlsa(2, 0, 1, sha256(&w.ca_der))]);
+    let (lines, accepted) = w.send("ta", 2, false);
+    assert_eq!(accepted, 5, "{lines:#?}");
+    delivered_over_tls(&lines, 2);
+    // One record of several matching is enough.
+    w.publish(vec![
+        tlsa(3, 1, 1, vec![9; 32]),
+        tlsa(3, 0, 2, vec![9; 64]),
+        tlsa(3, 1, 0, w.leaf_spki.clone()),
+    ]);
+    let (lines, accepted) = w.send("some", 1, false);
+    assert_eq!(accepted, 6, "{lines:#?}");
+    delivered_over_tls(&lines, 1);
+}
+
+#[test]
+fn a_certificate_no_tlsa_record_names_gets_nothing_in_clear_or_otherwise() {
+    let w = world("dane-mismatch", true);
+    w.publish(vec![tlsa(3, 1, 1, vec![9; 32]), tlsa(2, 0, 1, vec![9; 32])]);
+    let (lines, accepted) = w.send("ee", 2, true);
+    assert_eq!(accepted, 0, "{lines:#?}");
+    all_deferred_as(&lines, "4.7.5", &[MX, "TLSA", "RFC 7672"]);
+    // A DANE-TA record naming a CA the chain does not lead to for this name: the
+    // CA's key (not its certificate) under the wrong matching type.
+    w.publish(vec![tlsa(2, 1, 2, sha256(&w.ca_der))]);
+    let (lines, accepted) = w.send("ta", 1, true);
+    assert_eq!(accepted, 0, "{lines:#?}");
+    all_deferred_as(&lines, "4.7.5", &[MX, "TLSA"]);
+}
+
+#[test]
+fn bogus_or_failed_tlsa_lookups_defer_the_host_and_proven_absence_does_not() {
+    let w = world("dane-bogus", true);
+    w.publish(vec![tlsa(3, 1, 1, sha256(&w.leaf_spki))]);
+    w.env
+        .dns
+        .zone
+        .write()
+        .unwrap()
+        .set_bogus(&format!("_25._tcp.{MX}"));
+    let (lines, accepted) = w.send("bogus", 2, true);
+    assert_eq!(accepted, 0, "{lines:#?}");
+    all_deferred_as(&lines, "4.7.5", &[MX, "TLSA records", "bogus"]);
+    w.env
+        .dns
+        .zone
+        .write()
+        .unwrap()
+        .set_servfail(&format!("_25._tcp.{MX}"));
+    let (lines, accepted) = w.send("servfail", 1, true);
+    assert_eq!(accepted, 0, "{lines:#?}");
+    all_deferred_as(&lines, "4.7.5", &[MX, "SERVFAIL"]);
+}
+
+#[test]
+fn a_host_without_tlsa_records_or_in_an_insecure_zone_gets_ordinary_tls() {
+    let w = world("dane-none", true);
+    let (lines, accepted) = w.send("none", 2, false);
+    assert_eq!(accepted, 2, "{lines:#?}");
+    delivered_over_tls(&lines, 2);
+    // TLSA records that do not match, in a zone DNSSEC proves unsigned: not DANE's.
+    {
+        let mut z = w.env.dns.zone.write().unwrap();
+        z.set_unsigned("sink.test");
+    }
+    w.publish(vec![tlsa(3, 1, 1, vec![9; 32])]);
+    let (lines, accepted) = w.send("insecure", 1, false);
+    assert_eq!(accepted, 3, "{lines:#?}");
+    delivered_over_tls(&lines, 1);
+}
+
+#[test]
+fn unusable_records_still_require_tls_and_a_dane_host_without_starttls_gets_nothing() {
+    let w = world("dane-unusable", true);
+    // PKIX-EE only: not usable for SMTP; TLS still required, the certificate unchecked.
+    w.publish(vec![tlsa(1, 1, 1, vec![9; 32])]);
+    let (lines, accepted) = w.send("unusable", 1, false);
+    assert_eq!(accepted, 1, "{lines:#?}");
+    delivered_over_tls(&lines, 1);
+    let plain = world("dane-plain", false);
+    plain.publish(vec![tlsa(3, 1, 1, vec![9; 32])]);
+    let (lines, accepted) = plain.send("plain", 2, true);
+    assert_eq!(accepted, 0, "{lines:#?}");
+    all_deferred_as(&lines, "4.7.4", &[MX]);
 }

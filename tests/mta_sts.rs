@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::pki::{ca, issue, Ca};
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -21,48 +22,6 @@ use std::time::{Duration, Instant};
 const MX: &str = "gmail-smtp-in.l.google.sink.test";
 /// How long a policy server runs at most.
 const SERVER_LIFE: Duration = Duration::from_secs(120);
-/// A run that has not ended by then is stopped (the assertions then fail).
-const RUN_LIMIT: Duration = Duration::from_secs(30);
-
-/// A test CA and what it signs.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: rcgen::KeyPair,
-    /// The CA certificate as a PEM file: the `tls_roots`.
-    file: PathBuf,
-}
-
-fn ca(dir: &Path, name: &str) -> Ca {
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    let file = dir.join(format!("{name}.pem"));
-    std::fs::write(&file, cert.pem()).unwrap();
-    Ca { cert, key, file }
-}
-
-/// A certificate for `host` signed by `ca`, written as PEM files (the key 0600).
-fn issue(
-    ca: &Ca,
-    dir: &Path,
-    host: &str,
-) -> (PathBuf, PathBuf, rcgen::Certificate, rcgen::KeyPair) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec![host.to_string()])
-        .unwrap()
-        .signed_by(&key, &ca.cert, &ca.key)
-        .unwrap();
-    let (c, k) = (
-        dir.join(format!("{host}.pem")),
-        dir.join(format!("{host}.key")),
-    );
-    std::fs::write(&c, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
-    (c, k, cert, key)
-}
 
 /// A request the server took: its head and body.
 type Post = (String, Vec<u8>);
@@ -360,21 +319,7 @@ impl World {
     /// that is to be deferred expires after 2 s, so the run ends and leaves nothing
     /// queued for the next.
     fn send(&self, id: &str, n: usize, deferred: bool) -> (Vec<serde_json::Value>, u64) {
-        let rows: Vec<String> = (0..n).map(|i| format!("{id}{i}@gmail.com,Ann")).collect();
-        let settings = if deferred {
-            "expire_after = \"2s\""
-        } else {
-            ""
-        };
-        let c = campaign(&self.env.dir, id, settings, &rows);
-        let cfg = self.config();
-        let log = cfg.log_path.clone();
-        self.env.send_for(Some(&c), cfg, Some(RUN_LIMIT));
-        let lines = log_lines(&log)
-            .into_iter()
-            .filter(|l| l["campaign"] == id)
-            .collect();
-        (lines, self.env.sink.summary().counts.rcpts_accepted)
+        send_to_gmail(&self.env, self.config(), id, n, deferred)
     }
 }
 
@@ -384,26 +329,6 @@ fn all_deferred(lines: &[serde_json::Value], words: &[&str]) {
     all_deferred_as(lines, "4.7.5", words)
 }
 
-/// As `all_deferred`, with the enhanced status code `enhanced`.
-fn all_deferred_as(lines: &[serde_json::Value], enhanced: &str, words: &[&str]) {
-    assert!(
-        lines.iter().all(|l| l["type"] != "Delivery"),
-        "delivered: {lines:#?}"
-    );
-    let deferrals: Vec<_> = lines
-        .iter()
-        .filter(|l| l["type"] == "TransientFailure")
-        .collect();
-    assert!(!deferrals.is_empty(), "no deferral: {lines:#?}");
-    for l in deferrals {
-        assert_eq!(l["class"], "policy", "{l}");
-        assert_eq!(l["enhanced"], enhanced, "{l}");
-        let reply = l["reply"].as_str().unwrap();
-        for w in words {
-            assert!(reply.contains(w), "{w:?} not in {reply:?}");
-        }
-    }
-}
 
 #[test]
 fn an_enforced_policy_sends_verified_tls_to_the_mx_it_names_and_nothing_elsewhere() {

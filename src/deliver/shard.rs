@@ -1519,8 +1519,11 @@ impl Shard {
             // Sent as before; each session to a host it does not name is reported.
             return Ok((hosts, Some(site)));
         }
-        let (allowed, others): (Vec<MxHost>, Vec<MxHost>) =
-            hosts.into_iter().partition(|h| policy.allows(&h.name));
+        // A host with DNSSEC-signed TLSA records is DANE's, whatever the policy
+        // names (RFC 8461 §2).
+        let (allowed, others): (Vec<MxHost>, Vec<MxHost>) = hosts
+            .into_iter()
+            .partition(|h| policy.allows(&h.name) || h.dane.applies());
         if !allowed.is_empty() {
             return Ok((allowed, Some(site)));
         }

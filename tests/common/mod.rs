@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod daemon;
+pub mod pki;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -223,4 +224,56 @@ pub fn terminal_by_rcpt(lines: &[serde_json::Value]) -> HashMap<String, Vec<serd
         }
     }
     m
+}
+
+/// How long a send to gmail.com runs at most ([`send_to_gmail`]); one not ended by
+/// then is stopped (the assertions then fail).
+pub const SEND_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Sends `n` recipients at gmail.com as campaign `id` with `cfg`, to the end: the
+/// log's records of that campaign and the sink's accepted count after it. A
+/// campaign that is to be `deferred` expires after 2 s, so the run ends and leaves
+/// nothing queued for the next.
+pub fn send_to_gmail(
+    env: &Env,
+    cfg: EngineConfig,
+    id: &str,
+    n: usize,
+    deferred: bool,
+) -> (Vec<serde_json::Value>, u64) {
+    let rows: Vec<String> = (0..n).map(|i| format!("{id}{i}@gmail.com,Ann")).collect();
+    let settings = if deferred {
+        "expire_after = \"2s\""
+    } else {
+        ""
+    };
+    let c = campaign(&env.dir, id, settings, &rows);
+    let log = cfg.log_path.clone();
+    env.send_for(Some(&c), cfg, Some(SEND_LIMIT));
+    let lines = log_lines(&log)
+        .into_iter()
+        .filter(|l| l["campaign"] == id)
+        .collect();
+    (lines, env.sink.summary().counts.rcpts_accepted)
+}
+
+/// As `all_deferred`, with the enhanced status code `enhanced`.
+pub fn all_deferred_as(lines: &[serde_json::Value], enhanced: &str, words: &[&str]) {
+    assert!(
+        lines.iter().all(|l| l["type"] != "Delivery"),
+        "delivered: {lines:#?}"
+    );
+    let deferrals: Vec<_> = lines
+        .iter()
+        .filter(|l| l["type"] == "TransientFailure")
+        .collect();
+    assert!(!deferrals.is_empty(), "no deferral: {lines:#?}");
+    for l in deferrals {
+        assert_eq!(l["class"], "policy", "{l}");
+        assert_eq!(l["enhanced"], enhanced, "{l}");
+        let reply = l["reply"].as_str().unwrap();
+        for w in words {
+            assert!(reply.contains(w), "{w:?} not in {reply:?}");
+        }
+    }
 }
