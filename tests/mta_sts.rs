@@ -822,3 +822,45 @@ fn the_daemon_sends_each_ended_days_report_once_by_https_and_as_signed_mail() {
         other => panic!("{other:?}: {stdout}"),
     }
 }
+
+#[test]
+fn a_host_with_dane_records_is_left_to_dane_by_an_enforced_policy() {
+    // The policy names another MX and the sink's CA is trusted nowhere, so MTA-STS
+    // alone sends nothing; the host's signed TLSA record naming its certificate
+    // takes precedence (RFC 8461 §2).
+    let w = world(
+        "sts-dane",
+        Some("other"),
+        "1",
+        policy("enforce", "mx.elsewhere.test"),
+    );
+    use rustls::pki_types::pem::PemObject;
+    let cert = rustls::pki_types::CertificateDer::from_pem_file(w.pki.join(format!("{MX}.pem")))
+        .unwrap();
+    let sha256 = ring::digest::digest(&ring::digest::SHA256, &cert);
+    w.env.dns.zone.write().unwrap().set_tlsa(
+        &format!("_25._tcp.{MX}"),
+        vec![hickory_resolver::proto::rr::rdata::TLSA::new(
+            3.into(),
+            0.into(),
+            1.into(),
+            sha256.as_ref().to_vec(),
+        )],
+    );
+    let anchor = w.pki.join("trust-anchor.txt");
+    std::fs::write(&anchor, w.env.dns.trust_anchor()).unwrap();
+    let mut cfg = w.config();
+    cfg.dns.dane = Some(volley::deliver::dns::DaneSettings {
+        trust_anchor: Some(anchor),
+    });
+    let (lines, accepted) = send_to_gmail(&w.env, cfg, "dane", 2, false);
+    assert_eq!(accepted, 2, "{lines:#?}");
+    for l in &lines {
+        assert_eq!(l["type"], "Delivery", "{l}");
+        assert!(l["tls"].as_str().is_some_and(|t| t.contains("TLS")), "{l}");
+    }
+    // Without DANE the same policy sends nothing.
+    let (lines, accepted) = w.send("sts-only", 1, true);
+    assert_eq!(accepted, 2, "{lines:#?}");
+    all_deferred(&lines, &["mx.elsewhere.test"]);
+}
