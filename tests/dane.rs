@@ -48,8 +48,18 @@ fn dane_of(dns: &DnsServer, anchor: &Path, domain: &str) -> Vec<(String, Dane)> 
     }
 }
 
-fn tlsa(usage: u8, selector: u8, matching: u8, data: Vec<u8>) -> hickory_resolver::proto::rr::rdata::TLSA {
-    hickory_resolver::proto::rr::rdata::TLSA::new(usage.into(), selector.into(), matching.into(), data)
+fn tlsa(
+    usage: u8,
+    selector: u8,
+    matching: u8,
+    data: Vec<u8>,
+) -> hickory_resolver::proto::rr::rdata::TLSA {
+    hickory_resolver::proto::rr::rdata::TLSA::new(
+        usage.into(),
+        selector.into(),
+        matching.into(),
+        data,
+    )
 }
 
 #[test]
@@ -76,8 +86,14 @@ fn validated_lookups_tell_secure_insecure_bogus_and_failed_tlsa_apart() {
         z.set_bogus("mx.bogus-a.test");
         z.set_servfail("_25._tcp.mx.servfail.test");
         z.set_unsigned("insecure.test");
-        z.set_tlsa("_25._tcp.mx.insecure.test", vec![tlsa(3, 1, 1, vec![7; 32])]);
-        z.set_tlsa("_25._tcp.mx.unusable.test", vec![tlsa(1, 1, 1, vec![7; 32])]);
+        z.set_tlsa(
+            "_25._tcp.mx.insecure.test",
+            vec![tlsa(3, 1, 1, vec![7; 32])],
+        );
+        z.set_tlsa(
+            "_25._tcp.mx.unusable.test",
+            vec![tlsa(1, 1, 1, vec![7; 32])],
+        );
     }
     let one = |domain: &str| {
         let mut hosts = dane_of(&env.dns, &anchor, domain);
@@ -178,7 +194,9 @@ fn world(name: &str, starttls: bool) -> World {
 }
 
 fn sha256(b: &[u8]) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA256, b).as_ref().to_vec()
+    ring::digest::digest(&ring::digest::SHA256, b)
+        .as_ref()
+        .to_vec()
 }
 
 impl World {

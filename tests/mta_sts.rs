@@ -329,7 +329,6 @@ fn all_deferred(lines: &[serde_json::Value], words: &[&str]) {
     all_deferred_as(lines, "4.7.5", words)
 }
 
-
 #[test]
 fn an_enforced_policy_sends_verified_tls_to_the_mx_it_names_and_nothing_elsewhere() {
     let w = world(
@@ -835,8 +834,8 @@ fn a_host_with_dane_records_is_left_to_dane_by_an_enforced_policy() {
         policy("enforce", "mx.elsewhere.test"),
     );
     use rustls::pki_types::pem::PemObject;
-    let cert = rustls::pki_types::CertificateDer::from_pem_file(w.pki.join(format!("{MX}.pem")))
-        .unwrap();
+    let cert =
+        rustls::pki_types::CertificateDer::from_pem_file(w.pki.join(format!("{MX}.pem"))).unwrap();
     let sha256 = ring::digest::digest(&ring::digest::SHA256, &cert);
     w.env.dns.zone.write().unwrap().set_tlsa(
         &format!("_25._tcp.{MX}"),

@@ -178,7 +178,6 @@ impl Zone {
     }
 }
 
-
 /// How long the test zone's signatures are valid from an hour before they are made.
 const SIGNATURE_VALIDITY: Duration = Duration::from_secs(2 * 86_400);
 
@@ -377,7 +376,10 @@ impl Handler {
         response.metadata.authoritative = true;
         response.metadata.recursion_desired = request.metadata.recursion_desired;
         let dnssec_ok = request.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok);
-        let max_payload = request.edns.as_ref().map_or(512, |e| e.max_payload().max(512));
+        let max_payload = request
+            .edns
+            .as_ref()
+            .map_or(512, |e| e.max_payload().max(512));
         if request.edns.is_some() {
             let mut edns = Edns::new();
             edns.set_max_payload(1232);
@@ -411,7 +413,14 @@ impl Handler {
             if qname == SERVFAIL || zone.servfail.contains(&qname) {
                 response.metadata.response_code = ResponseCode::ServFail;
             } else {
-                self.fill(&zone, &mut response, &qname, query.query_type(), query.name(), dnssec_ok);
+                self.fill(
+                    &zone,
+                    &mut response,
+                    &qname,
+                    query.query_type(),
+                    query.name(),
+                    dnssec_ok,
+                );
             }
         }
         encode(&response, udp, max_payload)
@@ -452,7 +461,9 @@ impl Handler {
                 zone.types_at(qname)
             };
             let next = name
-                .prepend_label(hickory_proto::rr::domain::Label::from_raw_bytes(&[0]).expect("a label"))
+                .prepend_label(
+                    hickory_proto::rr::domain::Label::from_raw_bytes(&[0]).expect("a label"),
+                )
                 .unwrap_or_else(|_| name.clone());
             let nsec = Record::from_rdata(
                 name.clone(),

@@ -46,7 +46,11 @@ pub async fn run(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>) {
     let targets: Vec<(&MxHost, SocketAddr)> = site
         .hosts
         .iter()
-        .flat_map(|h| h.addrs.iter().map(move |ip| (h, SocketAddr::new(*ip, port))))
+        .flat_map(|h| {
+            h.addrs
+                .iter()
+                .map(move |ip| (h, SocketAddr::new(*ip, port)))
+        })
         .collect();
     let mut last = failure(451, "4.4.1", "no address to connect to".into());
     let mut delivered_any = false;
@@ -535,11 +539,10 @@ async fn session(
                         Some(d) => d.config.clone(),
                         None => shard.tls_config(site.tls_verify()),
                     };
-                    let conn = rustls::ClientConnection::new(config, name)
-                            .map_err(|e| {
-                                let why = explain::tls_failed(Some(peer), &e, Some(policy));
-                                failure(451, "4.7.5", why.to_string())
-                            })?;
+                    let conn = rustls::ClientConnection::new(config, name).map_err(|e| {
+                        let why = explain::tls_failed(Some(peer), &e, Some(policy));
+                        failure(451, "4.7.5", why.to_string())
+                    })?;
                     let mut conn = conn;
                     // The session's own window bounds what is written; rustls must not
                     // refuse a pipelined batch over its default 64 KiB.
@@ -567,7 +570,11 @@ async fn session(
                                 _ => ResultType::ValidationFailure,
                             };
                             if sts_counted {
-                                shard.count_tls_session(site, &via, Err((result, said.what.clone())));
+                                shard.count_tls_session(
+                                    site,
+                                    &via,
+                                    Err((result, said.what.clone())),
+                                );
                             }
                             let why = said.to_string();
                             // Required TLS is a policy failure; opportunistic TLS tries again in clear.
@@ -622,7 +629,11 @@ async fn session(
                     if tls_refused {
                         let why = error.unwrap_or_default();
                         if sts_counted {
-                            shard.count_tls_session(site, &via, Err((STARTTLS_MISSING, why.clone())));
+                            shard.count_tls_session(
+                                site,
+                                &via,
+                                Err((STARTTLS_MISSING, why.clone())),
+                            );
                         }
                         return Err(failure(451, "4.7.4", format!("{host} [{addr}]: {why}")));
                     }

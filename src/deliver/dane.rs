@@ -295,7 +295,9 @@ mod tests {
     use super::*;
 
     fn sha256(b: &[u8]) -> Vec<u8> {
-        ring::digest::digest(&ring::digest::SHA256, b).as_ref().to_vec()
+        ring::digest::digest(&ring::digest::SHA256, b)
+            .as_ref()
+            .to_vec()
     }
 
     #[test]

@@ -12,8 +12,8 @@ use crate::deliver::mta_sts::{self, NoPolicy, Policies, Record, Step, Sts, StsSe
 use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError, NoRecords};
-use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::dnssec::TrustAnchors;
+use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{self as dns_rr, RData, RecordType};
 use hickory_resolver::TokioResolver;
 use std::net::{IpAddr, SocketAddr};
@@ -92,7 +92,10 @@ impl DaneSettings {
             return Ok(Arc::new(TrustAnchors::default()));
         };
         let text = std::fs::read_to_string(path).map_err(|e| {
-            anyhow::anyhow!("dnssec_trust_anchor {}: cannot read it: {e}", path.display())
+            anyhow::anyhow!(
+                "dnssec_trust_anchor {}: cannot read it: {e}",
+                path.display()
+            )
         })?;
         let anchors: TrustAnchors = text.parse().map_err(|e| {
             anyhow::anyhow!(
@@ -163,9 +166,7 @@ impl Resolver {
                                         sts_of(&r, p, &req.domain)
                                     )
                                 }
-                                None => {
-                                    (resolve(&r, v.as_deref(), &req.domain).await, Sts::None)
-                                }
+                                None => (resolve(&r, v.as_deref(), &req.domain).await, Sts::None),
                             };
                             answer.sts = sts;
                             let _ = req.reply.send(answer);
@@ -259,9 +260,7 @@ const VALIDATING_CACHE_ENTRIES: u64 = 4096;
 pub async fn dane_of(v: &TokioResolver, host: &str) -> Dane {
     let failed = |what: &str, e: &NetError| {
         let why = match e {
-            NetError::Dns(DnsError::DnssecBogus) => {
-                "failed DNSSEC validation (bogus)".to_string()
-            }
+            NetError::Dns(DnsError::DnssecBogus) => "failed DNSSEC validation (bogus)".to_string(),
             e => explain::dns(host, &lookup_failed(e)).to_string(),
         };
         Dane::Failed(format!(
@@ -278,7 +277,11 @@ pub async fn dane_of(v: &TokioResolver, host: &str) -> Dane {
     };
     let fqdn = format!("{}.", host.trim_end_matches('.'));
     match v.lookup_ip(fqdn.as_str()).await {
-        Ok(ips) if all_secure(ips.as_lookup().answers(), &[RecordType::A, RecordType::AAAA]) => {}
+        Ok(ips)
+            if all_secure(
+                ips.as_lookup().answers(),
+                &[RecordType::A, RecordType::AAAA],
+            ) => {}
         Ok(_) => return Dane::None,
         Err(e) if absent(&e) => return Dane::None,
         Err(e) => return failed("address records", &e),

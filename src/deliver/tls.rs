@@ -38,7 +38,9 @@ pub fn client_config(
 }
 
 /// The client settings with `verifier` as the certificate check (DANE's, dane.rs).
-pub fn client_config_verified_by(verifier: Arc<dyn ServerCertVerifier>) -> Arc<rustls::ClientConfig> {
+pub fn client_config_verified_by(
+    verifier: Arc<dyn ServerCertVerifier>,
+) -> Arc<rustls::ClientConfig> {
     let cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("ring supports TLS 1.2 and 1.3")

@@ -41,4 +41,3 @@ pub fn issue(
     std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
     (c, k, cert, key)
 }
-
