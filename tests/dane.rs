@@ -211,7 +211,49 @@ impl World {
         cfg.dns.dane = Some(DaneSettings {
             trust_anchor: Some(self.anchor.clone()),
         });
+        cfg.tls_rpt = true;
         send_to_gmail(&self.env, cfg, id, n, deferred)
+    }
+
+    /// Today's TLS-RPT tallies of gmail.com under DANE: per TLSA RRset (its
+    /// records), the successful and failed sessions and the failure rows' result
+    /// types.
+    fn tallies(&self) -> Vec<(Vec<String>, u64, u64, Vec<String>)> {
+        let today = volley::deliver::tls_rpt::date_of(std::time::SystemTime::now());
+        let path = self.env.dir.join(format!("spool/tls-rpt/{today}.json"));
+        let day: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let policies = day["domains"]["gmail.com"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        policies
+            .iter()
+            .filter(|p| p[0]["policy_type"] == "tlsa")
+            .map(|p| {
+                let (applied, t) = (&p[0], &p[1]);
+                assert_eq!(applied["mx_host"][0], MX, "{applied}");
+                let strings = |v: &serde_json::Value| -> Vec<String> {
+                    v.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|s| s.as_str().unwrap().to_string())
+                        .collect()
+                };
+                let rows = t["failures"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r[0]["result_type"].as_str().unwrap().to_string())
+                    .collect();
+                (
+                    strings(&applied["policy_string"]),
+                    t["successful"].as_u64().unwrap(),
+                    t["failed"].as_u64().unwrap(),
+                    rows,
+                )
+            })
+            .collect()
     }
 }
 
@@ -245,6 +287,18 @@ fn dane_ee_and_dane_ta_records_that_match_get_the_mail_over_tls() {
     let (lines, accepted) = w.send("some", 1, false);
     assert_eq!(accepted, 6, "{lines:#?}");
     delivered_over_tls(&lines, 1);
+    // Each RRset is a policy of its own in the domain's TLS report, every session
+    // under it successful.
+    let tallies = w.tallies();
+    assert_eq!(tallies.len(), 3, "{tallies:?}");
+    let ee = format!("3 1 1 {}", hex(&sha256(&w.leaf_spki)));
+    let under_ee = tallies.iter().find(|t| t.0 == vec![ee.clone()]).unwrap();
+    assert!(under_ee.1 >= 1 && under_ee.2 == 0, "{tallies:?}");
+    assert!(tallies.iter().all(|t| t.1 >= 1 && t.2 == 0), "{tallies:?}");
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02X}")).collect()
 }
 
 #[test]
@@ -260,6 +314,13 @@ fn a_certificate_no_tlsa_record_names_gets_nothing_in_clear_or_otherwise() {
     let (lines, accepted) = w.send("ta", 1, true);
     assert_eq!(accepted, 0, "{lines:#?}");
     all_deferred_as(&lines, "4.7.5", &[MX, "TLSA"]);
+    // Reported as tlsa-invalid, under each RRset.
+    let tallies = w.tallies();
+    assert_eq!(tallies.len(), 2, "{tallies:?}");
+    for t in &tallies {
+        assert!(t.1 == 0 && t.2 >= 1, "{tallies:?}");
+        assert!(t.3.iter().all(|r| r == "tlsa-invalid"), "{tallies:?}");
+    }
 }
 
 #[test]
@@ -284,6 +345,15 @@ fn bogus_or_failed_tlsa_lookups_defer_the_host_and_proven_absence_does_not() {
     let (lines, accepted) = w.send("servfail", 1, true);
     assert_eq!(accepted, 0, "{lines:#?}");
     all_deferred_as(&lines, "4.7.5", &[MX, "SERVFAIL"]);
+    // Both reported as dnssec-invalid, with no records to name.
+    let tallies = w.tallies();
+    assert_eq!(tallies.len(), 1, "{tallies:?}");
+    let (records, ok, failed, rows) = &tallies[0];
+    assert!(
+        records.is_empty() && *ok == 0 && *failed >= 2,
+        "{tallies:?}"
+    );
+    assert!(rows.iter().all(|r| r == "dnssec-invalid"), "{tallies:?}");
 }
 
 #[test]
@@ -316,4 +386,9 @@ fn unusable_records_still_require_tls_and_a_dane_host_without_starttls_gets_noth
     let (lines, accepted) = plain.send("plain", 2, true);
     assert_eq!(accepted, 0, "{lines:#?}");
     all_deferred_as(&lines, "4.7.4", &[MX]);
+    let tallies = plain.tallies();
+    assert!(
+        tallies.len() == 1 && tallies[0].3.iter().all(|r| r == "starttls-not-supported"),
+        "{tallies:?}"
+    );
 }

@@ -7,7 +7,7 @@
 use crate::deliver::dane::Dane;
 use crate::deliver::dns::MxHost;
 use crate::deliver::explain::{self, HandshakeError, Peer, Step, TlsPolicy};
-use crate::deliver::schedule::{when_idle, IdleConn, IdleStep, Job, Next, Site};
+use crate::deliver::schedule::{when_idle, IdleConn, IdleStep, Job, Next, Site, TlsOutcome};
 use crate::deliver::shard::{stage_name, Attempt, Shard, Via};
 use crate::deliver::tls_rpt::result_of_certificate;
 use crate::message::dkim::Body;
@@ -43,8 +43,8 @@ fn failure(code: u16, enhanced: &str, why: String) -> Failure {
 /// address); the shard spawned it and counted it in the site's limiters.
 pub async fn run(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>) {
     let port = shard.cfg.smtp_port;
-    let targets: Vec<(&MxHost, SocketAddr)> = site
-        .hosts
+    let hosts = site.hosts();
+    let targets: Vec<(&MxHost, SocketAddr)> = hosts
         .iter()
         .flat_map(|h| {
             h.addrs
@@ -61,6 +61,15 @@ pub async fn run(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>) {
         match &mx.dane {
             // Not tried without DANE's answer (RFC 7672 §2.2); the next host may do.
             Dane::Failed(why) => {
+                let via = Via {
+                    mx: host,
+                    ip: addr,
+                    tls: None,
+                    source: source.map(|i| site.sources[i].addr.ip),
+                    provider: &site.provider,
+                };
+                let outcome = Err((ResultType::DnssecInvalid, why.clone()));
+                shard.count_dane_session(&site, &via, &[], outcome);
                 last = failure(451, "4.7.5", why.clone());
                 continue 'targets;
             }
@@ -371,7 +380,11 @@ async fn session(
         Dane::Tlsa(d) => Some(d),
         _ => None,
     };
-    let sts_counted = site.sts.is_some() && dane.is_none();
+    // Where the session counts for TLS-RPT: under DANE, or the domain's policy.
+    let count = |via: &Via, outcome: TlsOutcome| match dane {
+        Some(d) => shard.count_dane_session(site, via, &d.records, outcome),
+        None => shard.count_tls_session(site, via, outcome),
+    };
     let ehlo_name = source
         .and_then(|i| site.sources[i].addr.ehlo.clone())
         .unwrap_or_else(|| cfg.ehlo_name.clone());
@@ -518,9 +531,9 @@ async fn session(
                     established = true;
                     // A testing policy's receiver without STARTTLS gets the mail in
                     // clear, and the domain hears of it (RFC 8460 §4.3.1).
-                    if tls_info.is_none() && tls != TlsMode::Disabled && sts_counted {
+                    if tls_info.is_none() && tls != TlsMode::Disabled {
                         let why = "no STARTTLS offered".to_string();
-                        shard.count_tls_session(site, &via, Err((STARTTLS_MISSING, why)));
+                        count(&via, Err((STARTTLS_MISSING, why)));
                     }
                 }
                 Event::StartTls => {
@@ -549,16 +562,17 @@ async fn session(
                     conn.set_buffer_limit(None);
                     match handshake(&mut stream, conn, cfg.timeouts.ehlo).await {
                         Ok(l) => {
-                            if sts_counted {
-                                // Verified already under enforce; checked here under testing.
-                                let checked = match (site.enforced(), &l) {
-                                    (false, Link::Tls(c)) => shard.check_certificate(c, host),
-                                    _ => Ok(()),
-                                };
-                                let outcome =
-                                    checked.map_err(|e| (result_of_certificate(&e), e.to_string()));
-                                shard.count_tls_session(site, &via, outcome);
-                            }
+                            // Verified already under enforce and DANE; checked here
+                            // under testing.
+                            let checked = match (site.enforced() || dane.is_some(), &l) {
+                                (false, Link::Tls(c)) if site.sts.is_some() => {
+                                    shard.check_certificate(c, host)
+                                }
+                                _ => Ok(()),
+                            };
+                            let outcome =
+                                checked.map_err(|e| (result_of_certificate(&e), e.to_string()));
+                            count(&via, outcome);
                             link = l;
                             tls_info = tls_summary(&link);
                             s.tls_established(Instant::now());
@@ -569,13 +583,7 @@ async fn session(
                                 HandshakeError::Tls(e) => result_of_certificate(e),
                                 _ => ResultType::ValidationFailure,
                             };
-                            if sts_counted {
-                                shard.count_tls_session(
-                                    site,
-                                    &via,
-                                    Err((result, said.what.clone())),
-                                );
-                            }
+                            count(&via, Err((result, said.what.clone())));
                             let why = said.to_string();
                             // Required TLS is a policy failure; opportunistic TLS tries again in clear.
                             return Err(Failure {
@@ -628,13 +636,7 @@ async fn session(
                     }
                     if tls_refused {
                         let why = error.unwrap_or_default();
-                        if sts_counted {
-                            shard.count_tls_session(
-                                site,
-                                &via,
-                                Err((STARTTLS_MISSING, why.clone())),
-                            );
-                        }
+                        count(&via, Err((STARTTLS_MISSING, why.clone())));
                         return Err(failure(451, "4.7.4", format!("{host} [{addr}]: {why}")));
                     }
                     if !established {

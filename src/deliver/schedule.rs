@@ -82,7 +82,9 @@ pub struct Site {
     pub key: String,
     /// The metrics' `provider` label: the provider rule's name, or "other".
     pub provider: Arc<str>,
-    pub hosts: Rc<[MxHost]>,
+    /// The MX hosts as last resolved: the names are the key's, the addresses and
+    /// DANE's answers are the latest lookup's ([`Site::refresh_hosts`]).
+    hosts: RefCell<Rc<[MxHost]>>,
     pub queue: RefCell<VecDeque<Job>>,
     /// Runs of recipients their own domain's or campaign's rate holds back, set
     /// aside so the rest of the queue goes at the destination's rate; served first,
@@ -113,6 +115,10 @@ pub struct Site {
     /// `tls_verify`), whatever the rules say; in either mode the sessions are
     /// counted for TLS-RPT.
     pub sts: Option<Rc<StsSite>>,
+    /// The site serves its domain alone so that sessions to its hosts under DANE
+    /// count for the domain's TLS report (TLS-RPT on, a host with TLSA records or a
+    /// failed DANE lookup).
+    pub dane_reported: bool,
 }
 
 /// The MTA-STS policy a site's sessions are held to (RFC 8461 §5) and reported
@@ -208,7 +214,7 @@ impl Site {
         Site {
             key,
             provider: Arc::from(crate::observe::metrics::OTHER_PROVIDER),
-            hosts,
+            hosts: RefCell::new(hosts),
             queue: RefCell::new(VecDeque::new()),
             parked: RefCell::new(VecDeque::new()),
             conns: Cell::new(0),
@@ -221,6 +227,20 @@ impl Site {
             rcpt_limit: Cell::new(usize::MAX),
             refusals: Refusals::default(),
             sts: None,
+            dane_reported: false,
+        }
+    }
+
+    /// The MX hosts, as last resolved.
+    pub fn hosts(&self) -> Rc<[MxHost]> {
+        self.hosts.borrow().clone()
+    }
+
+    /// Takes `hosts`, a later lookup of the site's MX names: new addresses and DANE
+    /// answers (a TLSA rollover) apply from the next connection on.
+    pub fn refresh_hosts(&self, hosts: &Rc<[MxHost]>) {
+        if !Rc::ptr_eq(&self.hosts.borrow(), hosts) {
+            *self.hosts.borrow_mut() = hosts.clone();
         }
     }
 

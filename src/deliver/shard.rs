@@ -14,6 +14,7 @@ use purge::PurgeRule;
 use crate::deliver::config::EngineConfig;
 use crate::deliver::connection;
 use crate::deliver::control::{Action, Command, Purged, Status, Target};
+use crate::deliver::dane::Dane;
 use crate::deliver::dns::MxHost;
 use crate::deliver::dns::{Resolver, Route};
 use crate::deliver::mta_sts::Sts;
@@ -695,10 +696,12 @@ impl Shard {
             .join(",");
         let rules = self.rules.borrow().clone();
         let own = rules.domains.get(domain);
+        let dane_reported =
+            self.tls_rpt.is_some() && hosts.iter().any(|h| !matches!(h.dane, Dane::None));
         let key = format!(
-            "{}|{}|{mx}{}",
+            "{}|{}|{mx}{}{}",
             pool.unwrap_or(""),
-            if own.is_some() || sts.is_some() {
+            if own.is_some() || sts.is_some() || dane_reported {
                 domain
             } else {
                 ""
@@ -706,9 +709,11 @@ impl Shard {
             match &sts {
                 Some(p) => format!("|{}", p.key()),
                 None => String::new(),
-            }
+            },
+            if dane_reported { "|dane" } else { "" }
         );
         if let Some(site) = self.sites.borrow().get(&key) {
+            site.refresh_hosts(&hosts);
             return site.clone();
         }
         let provider = rules.provider_for(hosts.iter().map(|h| h.name.as_str()));
@@ -751,6 +756,7 @@ impl Shard {
             site.provider = Arc::from(p.name.as_str());
         }
         site.sts = sts;
+        site.dane_reported = dane_reported;
         let site = Rc::new(site);
         self.sites.borrow_mut().insert(key, site.clone());
         site
@@ -1042,7 +1048,7 @@ impl Shard {
         let now = Instant::now();
         let sites: Vec<Rc<Site>> = self.sites.borrow().values().cloned().collect();
         for site in &sites {
-            let provider = rules.provider_for(site.hosts.iter().map(|h| h.name.as_str()));
+            let provider = rules.provider_for(site.hosts().iter().map(|h| h.name.as_str()));
             let dest_rule = rules.default.merged(provider.map(|p| &p.rule));
             let mut changes = Vec::new();
             for l in &site.limits {
@@ -1567,6 +1573,38 @@ impl Shard {
                     failure_reason_code: Some(reason(&why)),
                 };
                 r.failure(&sts.domain, &sts.applied, failure);
+            }
+        }
+    }
+
+    /// Counts a TLS session over `via` to a host under DANE, whose TLSA records are
+    /// `records` (none: they could not be had), for the report of `site`'s domain
+    /// (RFC 8460 §4.3, policy type `tlsa`). Nothing when the site does not report
+    /// DANE (TLS-RPT off).
+    pub fn count_dane_session(
+        &self,
+        site: &Site,
+        via: &Via,
+        records: &[crate::deliver::dane::Tlsa],
+        outcome: TlsOutcome,
+    ) {
+        use crate::policy::tls_rpt::{reason, Applied, Failure};
+        let Some(r) = self.tls_rpt.as_ref().filter(|_| site.dane_reported) else {
+            return;
+        };
+        let records: Vec<String> = records.iter().map(ToString::to_string).collect();
+        let applied = Applied::tlsa(via.mx, &records);
+        match outcome {
+            Ok(()) => r.success(&site.domain, &applied),
+            Err((result, why)) => {
+                let failure = Failure {
+                    result_type: result,
+                    sending_mta_ip: via.source,
+                    receiving_mx_hostname: Some(via.mx.to_string()),
+                    receiving_ip: Some(via.ip.ip()),
+                    failure_reason_code: Some(reason(&why)),
+                };
+                r.failure(&site.domain, &applied, failure);
             }
         }
     }

@@ -52,6 +52,9 @@ pub fn date_of(t: SystemTime) -> String {
 /// The result type of a certificate that rustls refused (RFC 8460 §4.3.1).
 pub fn result_of_certificate(e: &rustls::Error) -> ResultType {
     use rustls::CertificateError as C;
+    if crate::deliver::dane::is_tlsa_mismatch(e) {
+        return ResultType::TlsaInvalid;
+    }
     match e {
         rustls::Error::InvalidCertificate(c) => match c {
             C::NotValidForName | C::NotValidForNameContext { .. } => {

@@ -1,5 +1,5 @@
 //! SMTP TLS Reporting (RFC 8460): what each TLS session to a domain with an MTA-STS
-//! policy came to, counted per policy domain and UTC day, the `_smtp._tls` record
+//! policy, or to an MX host with DANE TLSA records, came to, counted per policy domain and UTC day, the `_smtp._tls` record
 //! that says where the domain wants its report, and the aggregate report (§4) built
 //! from a day's counts. Pure data; the counting in the shards, the ledger on disk and
 //! the sending are deliver/tls_rpt.rs.
@@ -22,8 +22,8 @@ pub const REASON_CHARS_MAX: usize = 200;
 /// The longest report address taken from a record (RFC 5321 §4.5.3.1.3's path).
 pub const MAILTO_OCTETS_MAX: usize = 254;
 
-/// The result types of RFC 8460 §4.3 that volley can meet today (DANE's come with
-/// DANE).
+/// The result types of RFC 8460 §4.3 that volley can meet (`dane-required` is for
+/// a sender that demands DANE of every host; volley does not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ResultType {
@@ -44,6 +44,11 @@ pub enum ResultType {
     StsPolicyInvalid,
     /// The policy host's certificate was not valid (§4.3.2.1).
     StsWebpkiInvalid,
+    /// The certificate matched none of the host's TLSA records (§4.3.2.2).
+    TlsaInvalid,
+    /// No valid TLSA records could be had: the lookup was bogus or failed
+    /// (§4.3.2.2).
+    DnssecInvalid,
 }
 
 /// The kind of policy a session was under (§4.3 `policy-type`).
@@ -52,6 +57,8 @@ pub enum ResultType {
 pub enum PolicyType {
     /// An MTA-STS policy (RFC 8461), or one its record announced.
     Sts,
+    /// An MX host's DANE TLSA records (RFC 7672).
+    Tlsa,
     /// No policy (RFC 8460 §4.3 `no-policy-found`).
     NoPolicyFound,
 }
@@ -80,6 +87,16 @@ impl Applied {
             policy_type: PolicyType::Sts,
             policy_string: lines,
             mx_host: p.mx.clone(),
+        }
+    }
+
+    /// MX host `host`'s TLSA records, each as a zone file writes it (`3 1 1 AB…`);
+    /// none when they could not be had.
+    pub fn tlsa(host: &str, records: &[String]) -> Applied {
+        Applied {
+            policy_type: PolicyType::Tlsa,
+            policy_string: records.to_vec(),
+            mx_host: vec![host.to_string()],
         }
     }
 
