@@ -166,6 +166,9 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
     if opts.scenario == "dkim" {
         return crate::dkim_bench::run(opts);
     }
+    if opts.scenario == "dane" {
+        return crate::dane_bench::run(opts);
+    }
     if opts.scenario == "submission" {
         return crate::submission_bench::run(opts);
     }
@@ -439,17 +442,23 @@ pub(crate) struct Target {
 }
 
 pub(crate) fn target(opts: &BenchOptions, profile: &str) -> anyhow::Result<Target> {
-    target_with(opts, Profile::load(profile)?)
+    target_with(opts, Profile::load(profile)?, None)
 }
 
-fn target_with(opts: &BenchOptions, mut p: Profile) -> anyhow::Result<Target> {
+/// The sink running `p` (serving the PEM certificate chain and key of `tls_files`,
+/// else a self-signed certificate) and the test DNS routing to it.
+pub(crate) fn target_with(
+    opts: &BenchOptions,
+    mut p: Profile,
+    tls_files: Option<(PathBuf, PathBuf)>,
+) -> anyhow::Result<Target> {
     p.set_port(0);
     let sink = Sink::start(SinkOptions {
         profile: p,
         threads: opts.sink_threads,
         driver: Driver::Auto,
         keep: None,
-        tls_files: None,
+        tls_files,
     })?;
     let dns = dns::start(
         "127.0.0.1:0".parse().expect("valid"),
@@ -620,8 +629,21 @@ pub(crate) fn run_volley(
     work: &Path,
     extra: &[&str],
 ) -> anyhow::Result<(Result, Summary)> {
+    let t = target_with(opts, p, None)?;
+    run_volley_on(opts, profile, t, n, campaign, work, extra)
+}
+
+/// As [`run_volley`], against the sink and DNS of `t`.
+pub(crate) fn run_volley_on(
+    opts: &BenchOptions,
+    profile: &str,
+    t: Target,
+    n: u64,
+    campaign: &Path,
+    work: &Path,
+    extra: &[&str],
+) -> anyhow::Result<(Result, Summary)> {
     let bin = volley_binary(opts)?;
-    let t = target_with(opts, p)?;
     let spool = work.join("volley-spool");
     let _ = std::fs::remove_dir_all(&spool);
     let mut cmd = Command::new(&bin);

@@ -107,6 +107,21 @@ impl Zone {
         self.txt.insert(name.to_ascii_lowercase(), text);
     }
 
+    /// Every MX host name the zone routes to, sorted (not the null MX's).
+    pub fn mx_hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = self
+            .mx
+            .values()
+            .flatten()
+            .map(|(_, h)| h.clone())
+            .chain(self.mx_suffix.iter().map(|(_, h)| h.clone()))
+            .filter(|h| !h.is_empty())
+            .collect();
+        hosts.sort();
+        hosts.dedup();
+        hosts
+    }
+
     /// Publishes TLSA records at `name` (`_25._tcp.HOST` for an MX host, RFC 7672).
     pub fn set_tlsa(&mut self, name: &str, records: Vec<TLSA>) {
         self.tlsa.insert(name.to_ascii_lowercase(), records);

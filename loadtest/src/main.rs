@@ -104,7 +104,8 @@ enum Cmd {
     Bench {
         /// smoke (2,000 messages), accept-all (100,000), realistic (100,000, volley only),
         /// shaping (volley's rate/connection caps and 421 back-off as the sink sees them),
-        /// dkim (TLS and DKIM signing against the plain rate),
+        /// dkim (TLS and DKIM signing against the plain rate), dane (opportunistic
+        /// STARTTLS against --dane with a signed TLSA record at every MX host; 50,000),
         /// submission (durable intake over SMTP: volley serve against Postfix's smtpd,
         /// both fed by smtp-source -s 50 -l 10000; 100,000 messages),
         /// or sink (volley-load sink against Postfix's smtp-sink, both driven by smtp-source).
