@@ -11,6 +11,7 @@ mod common;
 
 use common::pki::{ca, issue};
 use common::*;
+use hickory_resolver::proto::rr::RecordType;
 use std::path::{Path, PathBuf};
 use volley::deliver::dane::Dane;
 use volley::deliver::dns::{DaneSettings, DnsConfig, Resolver, Route};
@@ -28,6 +29,14 @@ fn trust_anchor(dns: &DnsServer, dir: &Path) -> PathBuf {
 
 /// What DANE makes of `domain`'s MX hosts: (host, Dane) in order.
 fn dane_of(dns: &DnsServer, anchor: &Path, domain: &str) -> Vec<(String, Dane)> {
+    match route_of(dns, anchor, domain) {
+        Route::Hosts(h) => h.into_iter().map(|h| (h.name, h.dane)).collect(),
+        other => panic!("{domain}: {other:?}"),
+    }
+}
+
+/// `domain`'s route, looked up with DANE on.
+fn route_of(dns: &DnsServer, anchor: &Path, domain: &str) -> Route {
     let cfg = DnsConfig {
         server: Some(dns.addr),
         timeout: std::time::Duration::from_secs(2),
@@ -41,11 +50,7 @@ fn dane_of(dns: &DnsServer, anchor: &Path, domain: &str) -> Vec<(String, Dane)> 
         .enable_all()
         .build()
         .unwrap();
-    let answer = rt.block_on(r.lookup(domain));
-    match answer.route {
-        Route::Hosts(h) => h.into_iter().map(|h| (h.name, h.dane)).collect(),
-        other => panic!("{domain}: {other:?}"),
-    }
+    rt.block_on(r.lookup(domain)).route
 }
 
 fn tlsa(
@@ -77,6 +82,8 @@ fn validated_lookups_tell_secure_insecure_bogus_and_failed_tlsa_apart() {
             ("plain.test", "mx.plain.test"),
             ("d.insecure.test", "mx.insecure.test"),
             ("unusable.test", "mx.unusable.test"),
+            ("bogus-mx.test", "mx.bogus-mx.test"),
+            ("bogus-a4.test", "mx.bogus-a4.test"),
         ] {
             z.set_mx(domain, vec![(10, host.into())]);
             z.set_a(host, sink_ip);
@@ -94,6 +101,9 @@ fn validated_lookups_tell_secure_insecure_bogus_and_failed_tlsa_apart() {
             "_25._tcp.mx.unusable.test",
             vec![tlsa(1, 1, 1, vec![7; 32])],
         );
+        // A bogus MX record set, and a bogus A beside a secure denial of AAAA.
+        z.set_bogus_type("bogus-mx.test", RecordType::MX);
+        z.set_bogus_type("mx.bogus-a4.test", RecordType::A);
     }
     let one = |domain: &str| {
         let mut hosts = dane_of(&env.dns, &anchor, domain);
@@ -115,13 +125,6 @@ fn validated_lookups_tell_secure_insecure_bogus_and_failed_tlsa_apart() {
         ),
         other => panic!("bogus.test: {other:?}"),
     }
-    match one("bogus-a.test") {
-        Dane::Failed(why) => assert!(
-            why.contains("address records of mx.bogus-a.test") && why.contains("bogus"),
-            "{why}"
-        ),
-        other => panic!("bogus-a.test: {other:?}"),
-    }
     match one("servfail.test") {
         Dane::Failed(why) => assert!(why.contains("SERVFAIL"), "{why}"),
         other => panic!("servfail.test: {other:?}"),
@@ -132,10 +135,22 @@ fn validated_lookups_tell_secure_insecure_bogus_and_failed_tlsa_apart() {
         Dane::Tlsa(h) => assert!(!h.verifies()),
         other => panic!("unusable.test: {other:?}"),
     }
+    // Neither forged answer is believed: the domain waits (RFC 7672 §2.2.1).
+    for domain in ["bogus-mx.test", "bogus-a.test", "bogus-a4.test"] {
+        match route_of(&env.dns, &anchor, domain) {
+            Route::TempFail(why) => assert!(
+                why.contains(domain) && why.contains("failed DNSSEC validation"),
+                "{why}"
+            ),
+            other => panic!("{domain}: {other:?}"),
+        }
+    }
 }
 
 #[test]
-fn answers_signed_by_a_key_not_trusted_are_not_believed() {
+fn a_nameserver_whose_answers_do_not_validate_is_refused_at_start() {
+    // Signed by a key that is not the trust anchor: as a nameserver that strips
+    // DNSSEC records would, it would make every lookup bogus and defer all mail.
     let env = env("dane-untrusted", "");
     let stranger = volley_load::dns::start(
         "127.0.0.1:0".parse().unwrap(),
@@ -143,16 +158,37 @@ fn answers_signed_by_a_key_not_trusted_are_not_believed() {
     )
     .unwrap();
     let anchor = trust_anchor(&stranger, &env.dir);
-    env.dns
-        .zone
-        .write()
-        .unwrap()
-        .set_tlsa(&format!("_25._tcp.{MX}"), vec![tlsa(3, 1, 1, vec![7; 32])]);
-    let hosts = dane_of(&env.dns, &anchor, "gmail.com");
-    match &hosts[0].1 {
-        Dane::Failed(why) => assert!(why.contains("bogus"), "{why}"),
-        other => panic!("{other:?}"),
-    }
+    let cfg = DnsConfig {
+        server: Some(env.dns.addr),
+        timeout: std::time::Duration::from_secs(2),
+        attempts: 2,
+        dane: Some(DaneSettings {
+            trust_anchor: Some(anchor),
+        }),
+    };
+    let e = Resolver::start(&cfg, None).err().expect("refused");
+    let e = e.to_string();
+    assert!(
+        e.contains("DANE needs DNSSEC") && e.contains("bogus") && e.contains("dnssec_trust_anchor"),
+        "{e}"
+    );
+    // A trust anchor file that is not one says so.
+    let bad = env.dir.join("not-an-anchor.txt");
+    std::fs::write(&bad, "hello\n").unwrap();
+    let cfg = DnsConfig {
+        dane: Some(DaneSettings {
+            trust_anchor: Some(bad.clone()),
+        }),
+        ..cfg
+    };
+    let e = Resolver::start(&cfg, None)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains(bad.to_str().unwrap()) && e.contains("DNSKEY"),
+        "{e}"
+    );
 }
 
 /// The sink presenting a chain (a certificate for MX, then its CA's) from a test CA
@@ -173,11 +209,16 @@ impl Drop for World {
 }
 
 fn world(name: &str, starttls: bool) -> World {
+    world_for(name, starttls, MX)
+}
+
+/// As `world`, the sink's certificate issued for `leaf_host`.
+fn world_for(name: &str, starttls: bool, leaf_host: &str) -> World {
     let pki = std::env::temp_dir().join(format!("volley-test-{name}-pki-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&pki);
     std::fs::create_dir_all(&pki).unwrap();
     let ca = ca(&pki, "ca");
-    let (cert_file, key_file, cert, key) = issue(&ca, &pki, MX);
+    let (cert_file, key_file, cert, key) = issue(&ca, &pki, leaf_host);
     std::fs::write(&cert_file, format!("{}{}", cert.pem(), ca.cert.pem())).unwrap();
     let env = match starttls {
         true => env_with_certificate(name, cert_file, key_file, None),
@@ -308,18 +349,27 @@ fn a_certificate_no_tlsa_record_names_gets_nothing_in_clear_or_otherwise() {
     let (lines, accepted) = w.send("ee", 2, true);
     assert_eq!(accepted, 0, "{lines:#?}");
     all_deferred_as(&lines, "4.7.5", &[MX, "TLSA", "RFC 7672"]);
-    // A DANE-TA record naming a CA the chain does not lead to for this name: the
-    // CA's key (not its certificate) under the wrong matching type.
-    w.publish(vec![tlsa(2, 1, 2, sha256(&w.ca_der))]);
-    let (lines, accepted) = w.send("ta", 1, true);
+    // A DANE-TA record of the CA, but the certificate it issued is for another
+    // name: the chain must be valid for the MX host name (RFC 7672 §3.2.2).
+    let other = world_for("dane-othername", true, "mx.elsewhere.test");
+    other.publish(vec![tlsa(2, 0, 1, sha256(&other.ca_der))]);
+    let (lines, accepted) = other.send("ta", 1, true);
     assert_eq!(accepted, 0, "{lines:#?}");
-    all_deferred_as(&lines, "4.7.5", &[MX, "TLSA"]);
-    // Reported as tlsa-invalid, under each RRset.
-    let tallies = w.tallies();
-    assert_eq!(tallies.len(), 2, "{tallies:?}");
-    for t in &tallies {
-        assert!(t.1 == 0 && t.2 >= 1, "{tallies:?}");
-        assert!(t.3.iter().all(|r| r == "tlsa-invalid"), "{tallies:?}");
+    all_deferred_as(&lines, "4.7.5", &[MX, "TLSA", "chain"]);
+    // The same certificate named by a DANE-EE record: no name check (§3.1.1).
+    other.publish(vec![tlsa(3, 1, 1, sha256(&other.leaf_spki))]);
+    let (lines, accepted) = other.send("ee-other", 1, false);
+    assert_eq!(accepted, 1, "{lines:#?}");
+    // Reported as tlsa-invalid, under the RRset.
+    for tallies in [w.tallies(), other.tallies()] {
+        let under_ta = tallies
+            .iter()
+            .filter(|t| t.0[0].starts_with("3 1 1 09") || t.0[0].starts_with("2 0 1"));
+        for t in under_ta {
+            assert!(t.1 == 0 && t.2 >= 1, "{tallies:?}");
+            assert!(t.3.iter().all(|r| r == "tlsa-invalid"), "{tallies:?}");
+        }
+        assert!(tallies.iter().any(|t| t.2 >= 1), "{tallies:?}");
     }
 }
 
@@ -391,4 +441,39 @@ fn unusable_records_still_require_tls_and_a_dane_host_without_starttls_gets_noth
         tallies.len() == 1 && tallies[0].3.iter().all(|r| r == "starttls-not-supported"),
         "{tallies:?}"
     );
+}
+
+#[test]
+fn a_tlsa_rollover_applies_once_the_records_are_looked_up_again() {
+    // The records name another key at first: every attempt is deferred. Then the
+    // receiver publishes its own; with a 1 s TTL the next lookup brings them, and the
+    // site the domain already had must use them, not the hosts it was made with.
+    let w = world("dane-rollover", true);
+    w.env.dns.zone.write().unwrap().set_ttl(1);
+    w.publish(vec![tlsa(3, 1, 1, vec![9; 32])]);
+    let zone = w.env.dns.zone.clone();
+    let right = tlsa(3, 1, 1, sha256(&w.leaf_spki));
+    let rollover = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        zone.write()
+            .unwrap()
+            .set_tlsa(&format!("_25._tcp.{MX}"), vec![right]);
+    });
+    let mut cfg = w.env.config();
+    cfg.dns.dane = Some(DaneSettings {
+        trust_anchor: Some(w.anchor.clone()),
+    });
+    cfg.retry =
+        volley::policy::retry::RetryPolicy::uniform(vec![std::time::Duration::from_secs(1)]);
+    let (lines, accepted) = send_to_gmail(&w.env, cfg, "roll", 3, false);
+    rollover.join().unwrap();
+    assert_eq!(accepted, 3, "{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["type"] == "TransientFailure"
+                && l["reply"].as_str().unwrap().contains("TLSA")),
+        "no attempt before the rollover: {lines:#?}"
+    );
+    delivered_over_tls(&lines, 3);
 }

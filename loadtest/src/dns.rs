@@ -53,10 +53,13 @@ pub struct Zone {
     tlsa: HashMap<String, Vec<TLSA>>,
     /// Apexes of zones served unsigned, each an insecure delegation from the root.
     unsigned: Vec<String>,
-    /// Names whose signatures are broken: a validator finds them bogus.
-    bogus: HashSet<String>,
+    /// Names whose signatures are broken, of one type or (None) all: a validator
+    /// finds them bogus.
+    bogus: HashMap<String, Option<RecordType>>,
     /// Names answered SERVFAIL, whatever the type asked.
     servfail: HashSet<String>,
+    /// The TTL of every answer but the root's DNSKEY; None: [`TTL_S`].
+    ttl: Option<u32>,
 }
 
 impl Zone {
@@ -107,6 +110,12 @@ impl Zone {
         self.txt.insert(name.to_ascii_lowercase(), text);
     }
 
+    /// Gives every answer (but the root's DNSKEY) a TTL of `secs`, for a test of
+    /// what changes when records do.
+    pub fn set_ttl(&mut self, secs: u32) {
+        self.ttl = Some(secs);
+    }
+
     /// Every MX host name the zone routes to, sorted (not the null MX's).
     pub fn mx_hosts(&self) -> Vec<String> {
         let mut hosts: Vec<String> = self
@@ -133,9 +142,16 @@ impl Zone {
         self.unsigned.push(zone.to_ascii_lowercase());
     }
 
-    /// Breaks the signatures of `name`'s records: a validator finds them bogus.
+    /// Breaks the signatures of `name`'s records, denials included: a validator
+    /// finds them bogus.
     pub fn set_bogus(&mut self, name: &str) {
-        self.bogus.insert(name.to_ascii_lowercase());
+        self.bogus.insert(name.to_ascii_lowercase(), None);
+    }
+
+    /// Breaks the signatures of `name`'s records of type `rtype` alone (its other
+    /// answers stay secure, an AAAA denial beside a bogus A, say).
+    pub fn set_bogus_type(&mut self, name: &str, rtype: RecordType) {
+        self.bogus.insert(name.to_ascii_lowercase(), Some(rtype));
     }
 
     /// Answers every query for `name` with SERVFAIL.
@@ -466,7 +482,10 @@ impl Handler {
             response.metadata.response_code = ResponseCode::NXDomain;
             return;
         }
-        let broken = zone.bogus.contains(qname);
+        let broken = zone
+            .bogus
+            .get(qname)
+            .is_some_and(|t| t.is_none_or(|t| t == qtype));
         if signed && records.is_empty() {
             // No data: an NSEC at the name asked lists what is there (a name that
             // does not exist gets one too, listing nothing: a "black lie").
@@ -482,7 +501,7 @@ impl Handler {
                 .unwrap_or_else(|_| name.clone());
             let nsec = Record::from_rdata(
                 name.clone(),
-                TTL_S,
+                zone.ttl.unwrap_or(TTL_S),
                 RData::DNSSEC(DNSSECRData::NSEC(NSEC::new_cover_self(next, types))),
             );
             let sig = self.signer.sign(std::slice::from_ref(&nsec), broken);
@@ -517,7 +536,7 @@ fn encode(msg: &Message, udp: bool, max_payload: u16) -> Option<Vec<u8>> {
 
 fn answer(zone: &Zone, qname: &str, qtype: RecordType, name: &Name) -> Vec<Record> {
     let mut out = Vec::new();
-    let record = |data| Record::from_rdata(name.clone(), TTL_S, data);
+    let record = |data| Record::from_rdata(name.clone(), zone.ttl.unwrap_or(TTL_S), data);
     match qtype {
         RecordType::MX => {
             for (pref, host) in zone.mx_of(qname).unwrap_or_default() {

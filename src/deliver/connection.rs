@@ -377,7 +377,8 @@ async fn session(
     // A host with TLSA records is DANE's: its certificate check is theirs, and the
     // domain's MTA-STS policy does not apply to it (RFC 8461 §2).
     let dane = match &mx.dane {
-        Dane::Tlsa(d) => Some(d),
+        // Unusable records authenticate nothing: an enforced policy's check stays.
+        Dane::Tlsa(d) if d.verifies() || !site.enforced() => Some(d),
         _ => None,
     };
     // Where the session counts for TLS-RPT: under DANE, or the domain's policy.

@@ -16,8 +16,11 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use std::fmt;
 use std::sync::Arc;
 
-/// Certificate usages (RFC 6698 §2.1.1; RFC 7218's names).
+/// Certificate usage 2, DANE-TA: the record names a trust anchor of the chain
+/// the server presents (RFC 6698 §2.1.1; RFC 7218's name).
 pub const DANE_TA: u8 = 2;
+/// Certificate usage 3, DANE-EE: the record names the server's own certificate
+/// or key (RFC 6698 §2.1.1; RFC 7218's name).
 pub const DANE_EE: u8 = 3;
 
 /// One TLSA record (RFC 6698 §2.1): usage, selector, matching type, data.
@@ -29,14 +32,23 @@ pub struct Tlsa {
     pub selector: u8,
     /// 0 the data itself, 1 its SHA-256, 2 its SHA-512.
     pub matching: u8,
+    /// The certificate association data: what `selector` selects, as `matching`
+    /// gives it (DER, or a 32- or 64-octet digest).
     pub data: Vec<u8>,
 }
 
 impl Tlsa {
     /// Whether SMTP may use it: DANE-TA or DANE-EE, with a known selector and
-    /// matching type. PKIX-TA and PKIX-EE are unusable for SMTP (RFC 7672 §3.1.3).
+    /// matching type, and a digest of its type's length. PKIX-TA and PKIX-EE are
+    /// unusable for SMTP (RFC 7672 §3.1.3); so is a malformed record (RFC 7671 §4).
     pub fn usable(&self) -> bool {
-        matches!(self.usage, DANE_TA | DANE_EE) && self.selector <= 1 && self.matching <= 2
+        let length_ok = match self.matching {
+            0 => !self.data.is_empty(),
+            1 => self.data.len() == 32,
+            2 => self.data.len() == 64,
+            _ => false,
+        };
+        matches!(self.usage, DANE_TA | DANE_EE) && self.selector <= 1 && length_ok
     }
 
     /// Whether `cert` (DER) is what this record names: the certificate or its
@@ -90,9 +102,10 @@ pub enum Dane {
 }
 
 impl Dane {
-    /// Whether the host's TLS is DANE's to decide: it has secure TLSA records.
-    pub fn applies(&self) -> bool {
-        matches!(self, Dane::Tlsa(_))
+    /// Whether DANE authenticates the host: it has secure TLSA records and one is
+    /// usable.
+    pub fn authenticates(&self) -> bool {
+        matches!(self, Dane::Tlsa(d) if d.verifies())
     }
 }
 
@@ -153,8 +166,10 @@ impl DaneHost {
 /// `tlsa-invalid`).
 #[derive(Debug)]
 pub struct TlsaMismatch {
+    /// The MX host name.
     pub host: String,
-    pub records: usize,
+    /// How many usable records were tried.
+    pub usable: usize,
     /// Why a DANE-TA record that matched a certificate in the chain still failed.
     pub chain: Option<String>,
 }
@@ -164,7 +179,7 @@ impl fmt::Display for TlsaMismatch {
         write!(
             f,
             "the certificate of {} matches none of its {} usable TLSA records (RFC 7672 §3)",
-            self.host, self.records
+            self.host, self.usable
         )?;
         if let Some(why) = &self.chain {
             write!(f, "; the chain to its DANE-TA certificate failed: {why}")?;
@@ -239,7 +254,7 @@ impl ServerCertVerifier for DaneVerifier {
         Err(rustls::Error::InvalidCertificate(
             rustls::CertificateError::Other(rustls::OtherError(Arc::new(TlsaMismatch {
                 host: self.host.clone(),
-                records: self.records.len(),
+                usable: self.records.len(),
                 chain,
             }))),
         ))
@@ -334,14 +349,19 @@ mod tests {
             usage,
             selector,
             matching,
-            data: vec![1],
+            data: vec![1; 32],
         };
         assert!(rec(3, 1, 1).usable());
-        assert!(rec(2, 0, 2).usable());
+        assert!(rec(2, 0, 1).usable());
+        assert!(rec(2, 0, 0).usable());
         assert!(!rec(0, 1, 1).usable(), "PKIX-TA");
         assert!(!rec(1, 1, 1).usable(), "PKIX-EE");
         assert!(!rec(3, 2, 1).usable());
         assert!(!rec(3, 1, 3).usable());
-        assert_eq!(rec(3, 1, 1).to_string(), "3 1 1 01");
+        assert!(!rec(3, 1, 2).usable(), "a SHA-512 record of 32 octets");
+        assert_eq!(
+            rec(3, 1, 1).to_string(),
+            format!("3 1 1 {}", "01".repeat(32))
+        );
     }
 }

@@ -25,6 +25,8 @@ use tokio::sync::{mpsc, oneshot};
 const LOOKUPS_IN_FLIGHT_MAX: usize = 256;
 /// How long a temporary failure is cached, so a dead DNS is not hammered.
 pub const TEMPFAIL_CACHE: Duration = Duration::from_secs(30);
+/// The longest a DANE answer is held when its records give no shorter TTL.
+const ANSWER_HELD_MAX: Duration = Duration::from_secs(86_400);
 
 #[derive(Debug, Clone)]
 pub struct MxHost {
@@ -53,6 +55,10 @@ pub struct Answer {
     pub valid_until: Instant,
     /// The domain's MTA-STS policy (`Sts::None` when MTA-STS is off).
     pub sts: Sts,
+    /// The MX records were DNSSEC-secure (DANE on): a host under DANE may then
+    /// override the MTA-STS policy's `mx` patterns (RFC 8461 §2), which a forged
+    /// MX record must not.
+    pub mx_secure: bool,
 }
 
 struct Request {
@@ -130,6 +136,9 @@ impl Resolver {
     pub fn start(cfg: &DnsConfig, sts: Option<StsSettings>) -> anyhow::Result<Resolver> {
         let (config, opts) = settings(cfg)?;
         let anchors = cfg.dane.as_ref().map(DaneSettings::anchors).transpose()?;
+        if let Some(a) = &anchors {
+            probe(&config, &opts, a)?;
+        }
         let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
         std::thread::Builder::new()
             .name("volley-dns".into())
@@ -140,7 +149,9 @@ impl Resolver {
                     .expect("tokio runtime");
                 rt.block_on(async move {
                     let built = build(config.clone(), opts.clone()).and_then(|r| {
-                        let v = anchors.map(|a| validating(config, opts, a)).transpose()?;
+                        let v = anchors
+                            .map(|a| Validator::new(config, opts, a))
+                            .transpose()?;
                         Ok((Arc::new(r), v.map(Arc::new)))
                     });
                     let (resolver, validator) = match built {
@@ -186,6 +197,7 @@ impl Resolver {
             ),
             valid_until: Instant::now() + TEMPFAIL_CACHE,
             sts: Sts::None,
+            mx_secure: false,
         };
         if self
             .tx
@@ -235,92 +247,222 @@ fn build(config: ResolverConfig, opts: ResolverOpts) -> Result<TokioResolver, Ne
         .build()
 }
 
-/// A resolver that validates every answer from `anchors` down (RFC 4035 §5), for
-/// DANE. It caches, unlike the other: a validation asks for each zone's DNSKEY and
-/// DS records, which would otherwise be asked again for every host.
-fn validating(
-    config: ResolverConfig,
-    mut opts: ResolverOpts,
-    anchors: Arc<TrustAnchors>,
-) -> Result<TokioResolver, NetError> {
-    opts.cache_size = VALIDATING_CACHE_ENTRIES;
-    TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
-        .with_options(opts)
-        .with_trust_anchor(anchors)
-        .build()
-}
-
 /// Answers the validating resolver keeps (its own cache, by TTL).
 const VALIDATING_CACHE_ENTRIES: u64 = 4096;
+/// MX hosts whose DANE settings are kept for reuse; when full, the next new one
+/// clears them (each is made again on its next lookup).
+const DANE_HOSTS_MAX: usize = 10_000;
 
-/// What DANE asks of MX host `host`, from validated lookups: its TLSA records
-/// count only when its addresses are secure (RFC 7672 §2.2.2) and the records are
-/// too. A lookup that fails validation or does not complete makes the host
-/// `Failed`, never plain (§2.2: no downgrade).
-pub async fn dane_of(v: &TokioResolver, host: &str) -> Dane {
+/// DANE's lookups: a resolver that validates every answer from the trust anchors
+/// down (RFC 4035 §5), and the settings made for each MX host with TLSA records,
+/// reused while its records are unchanged, so every domain on the host shares its
+/// TLS session cache (settings made anew per domain lookup would make each
+/// connection a full handshake).
+struct Validator {
+    resolver: TokioResolver,
+    hosts: std::sync::Mutex<std::collections::HashMap<String, Arc<DaneHost>>>,
+}
+
+impl Validator {
+    /// The resolver caches, unlike the other: a validation asks for each zone's
+    /// DNSKEY and DS records, which would otherwise be asked again for every host.
+    fn new(
+        config: ResolverConfig,
+        mut opts: ResolverOpts,
+        anchors: Arc<TrustAnchors>,
+    ) -> Result<Validator, NetError> {
+        opts.cache_size = VALIDATING_CACHE_ENTRIES;
+        let resolver = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+            .with_options(opts)
+            .with_trust_anchor(anchors)
+            .build()?;
+        Ok(Validator {
+            resolver,
+            hosts: Default::default(),
+        })
+    }
+
+    /// What DANE asks of MX host `host` whose addresses were (or were not) all
+    /// DNSSEC-secure ([`tlsa_of`]), its settings reused while its records are the
+    /// same, and until when the answer holds.
+    async fn dane_of(&self, host: &str, addresses_secure: bool) -> (Dane, Instant) {
+        let (records, until) = match tlsa_of(&self.resolver, host, addresses_secure).await {
+            (Ok(Some(records)), until) => (records, until),
+            (Ok(None), until) => return (Dane::None, until),
+            (Err(why), _) => return (Dane::Failed(why), Instant::now() + TEMPFAIL_CACHE),
+        };
+        let mut hosts = self.hosts.lock().expect("not poisoned");
+        if let Some(kept) = hosts.get(host).filter(|k| k.records == records) {
+            return (Dane::Tlsa(kept.clone()), until);
+        }
+        if hosts.len() >= DANE_HOSTS_MAX {
+            hosts.clear();
+        }
+        let made = Arc::new(DaneHost::new(host, records));
+        hosts.insert(host.to_string(), made.clone());
+        (Dane::Tlsa(made), until)
+    }
+}
+
+/// Checks that validation works through this nameserver: the root zone's DNSKEY
+/// RRset must come back signed by a trust anchor. A nameserver that strips DNSSEC
+/// records would make every MX lookup bogus and defer all mail. Errors: what came
+/// back instead, and what to do.
+fn probe(
+    config: &ResolverConfig,
+    opts: &ResolverOpts,
+    anchors: &Arc<TrustAnchors>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let v = rt.block_on(async { Validator::new(config.clone(), opts.clone(), anchors.clone()) })?;
+    let answer = rt.block_on(v.resolver.lookup(".", RecordType::DNSKEY));
+    let why = match answer {
+        Ok(l) if all_secure(l.answers(), &[RecordType::DNSKEY]) => return Ok(()),
+        Ok(_) => "the root zone's DNSKEY records came back unsigned".to_string(),
+        Err(NetError::Dns(DnsError::DnssecBogus)) => {
+            "the root zone's DNSKEY records did not validate against the trust anchor (bogus)"
+                .to_string()
+        }
+        Err(e) => explain::dns(".", &lookup_failed(&e)).to_string(),
+    };
+    anyhow::bail!(
+        "DANE needs DNSSEC, and {why}: use a nameserver that returns DNSSEC records (DO bit), give the trust anchor of the zone it serves (dnssec_trust_anchor), or turn DANE off"
+    )
+}
+
+/// MX host `host`'s TLSA records, from validated lookups, and until when the
+/// answer holds (its records' TTLs). They count only when the host's addresses are
+/// secure (RFC 7672 §2.2.2) and the records are too; Ok(None): no DANE (insecure
+/// addresses or records, or none, proven by a signed NSEC or NSEC3). Err: a lookup
+/// failed validation or did not complete, or its denial was not signed, as a
+/// sentence: the host is not tried, never tried without DANE (§2.2: no downgrade).
+async fn tlsa_of(
+    v: &TokioResolver,
+    host: &str,
+    addresses_secure: bool,
+) -> (Result<Option<Vec<Tlsa>>, String>, Instant) {
     let failed = |what: &str, e: &NetError| {
         let why = match e {
             NetError::Dns(DnsError::DnssecBogus) => "failed DNSSEC validation (bogus)".to_string(),
+            e if no_records(e).is_some() => {
+                "a denial that is not DNSSEC-signed (NSEC or NSEC3)".to_string()
+            }
             e => explain::dns(host, &lookup_failed(e)).to_string(),
         };
-        Dane::Failed(format!(
+        format!(
             "DANE: the {what} of {host} could not be had securely: {why}; the host is not tried until it can (RFC 7672 §2.2)"
-        ))
+        )
     };
-    let absent = |e: &NetError| {
-        no_records(e).is_some_and(|n| {
-            matches!(
-                n.response_code,
-                ResponseCode::NXDomain | ResponseCode::NoError
-            )
-        })
-    };
+    // Bounded by the MX and address answers' TTLs where the caller takes the least.
+    let until = Instant::now() + ANSWER_HELD_MAX;
+    if !addresses_secure {
+        return (Ok(None), until);
+    }
     let fqdn = format!("{}.", host.trim_end_matches('.'));
-    match v.lookup_ip(fqdn.as_str()).await {
-        Ok(ips)
-            if all_secure(
-                ips.as_lookup().answers(),
-                &[RecordType::A, RecordType::AAAA],
-            ) => {}
-        Ok(_) => return Dane::None,
-        Err(e) if absent(&e) => return Dane::None,
-        Err(e) => return failed("address records", &e),
-    }
     let name = format!("_25._tcp.{fqdn}");
-    let tlsa = match v.lookup(name.as_str(), RecordType::TLSA).await {
-        Ok(l) => l,
-        Err(e) if absent(&e) => return Dane::None,
-        Err(e) => return failed("TLSA records", &e),
-    };
-    if !all_secure(tlsa.answers(), &[RecordType::TLSA]) {
-        return Dane::None;
+    match v.lookup(name.as_str(), RecordType::TLSA).await {
+        Ok(l) if all_secure(l.answers(), &[RecordType::TLSA]) => {
+            let records: Vec<Tlsa> = l
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TLSA(t) => Some(Tlsa {
+                        usage: t.cert_usage.into(),
+                        selector: t.selector.into(),
+                        matching: t.matching.into(),
+                        data: t.cert_data.clone(),
+                    }),
+                    _ => None,
+                })
+                .collect();
+            (Ok(Some(records)), until.min(l.valid_until()))
+        }
+        // Records in a zone DNSSEC proves unsigned (a zone cut below the host).
+        Ok(l) => (Ok(None), until.min(l.valid_until())),
+        // Believed only with its signed proof: hickory passes an unsigned denial
+        // whose every authority record is insecure, whatever zone they are of.
+        Err(e) if no_records(&e).is_some_and(signed_denial) => (Ok(None), until),
+        Err(e) => (Err(failed("TLSA records", &e)), until),
     }
-    let records: Vec<Tlsa> = tlsa
-        .answers()
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::TLSA(t) => Some(Tlsa {
-                usage: t.cert_usage.into(),
-                selector: t.selector.into(),
-                matching: t.matching.into(),
-                data: t.cert_data.clone(),
-            }),
-            _ => None,
-        })
-        .collect();
-    if records.is_empty() {
-        return Dane::None;
-    }
-    Dane::Tlsa(Arc::new(DaneHost::new(host, records)))
 }
 
-/// Whether the answer holds records of `types` and each is DNSSEC-secure.
+/// A host's addresses, until when they hold, and whether every record was
+/// DNSSEC-secure (only a validating resolver says so).
+struct Addresses {
+    ips: Vec<IpAddr>,
+    until: Instant,
+    secure: bool,
+}
+
+/// The addresses of `host`. With `separately` (DANE), A and AAAA are asked apart,
+/// so a failure of one (bogus, say) is not hidden behind the other's denial as in
+/// one `lookup_ip`: any such failure is the host's. Errors: the lookup's (a "no
+/// records" one when there is no address at all).
+async fn addresses(r: &TokioResolver, host: &str, separately: bool) -> Result<Addresses, NetError> {
+    let fqdn = format!("{}.", host.trim_end_matches('.'));
+    if !separately {
+        let ips = r.lookup_ip(fqdn.as_str()).await?;
+        return Ok(Addresses {
+            until: ips.valid_until(),
+            ips: ips.iter().collect(),
+            secure: false,
+        });
+    }
+    let (a, aaaa) = tokio::join!(
+        r.lookup(fqdn.as_str(), RecordType::A),
+        r.lookup(fqdn.as_str(), RecordType::AAAA)
+    );
+    let mut found = Addresses {
+        ips: Vec::new(),
+        until: Instant::now() + ANSWER_HELD_MAX,
+        secure: true,
+    };
+    let mut denial = None;
+    for answer in [a, aaaa] {
+        let l = match answer {
+            Ok(l) => l,
+            Err(e) if no_records(&e).is_some() => {
+                denial.get_or_insert(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        found.until = found.until.min(l.valid_until());
+        found.secure &= all_secure(l.answers(), &[RecordType::A, RecordType::AAAA]);
+        found
+            .ips
+            .extend(l.answers().iter().filter_map(|r| match &r.data {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                _ => None,
+            }));
+    }
+    match (found.ips.is_empty(), denial) {
+        (true, Some(e)) => Err(e),
+        _ => Ok(found),
+    }
+}
+
+/// Whether a "no such records" answer carries a DNSSEC-secure NSEC or NSEC3.
+fn signed_denial(n: &NoRecords) -> bool {
+    matches!(
+        n.response_code,
+        ResponseCode::NXDomain | ResponseCode::NoError
+    ) && n.authorities.iter().flat_map(|a| a.iter()).any(|r| {
+        matches!(r.record_type(), RecordType::NSEC | RecordType::NSEC3) && r.proof.is_secure()
+    })
+}
+
+/// Whether the answer holds records of `types` and every record of it (a CNAME
+/// on the way too) is DNSSEC-secure.
 fn all_secure(answers: &[dns_rr::Record], types: &[RecordType]) -> bool {
-    let mut of_type = answers
-        .iter()
-        .filter(|r| types.contains(&r.record_type()))
-        .peekable();
-    of_type.peek().is_some() && of_type.all(|r| r.proof.is_secure())
+    answers.iter().any(|r| types.contains(&r.record_type()))
+        && answers
+            .iter()
+            .filter(|r| r.record_type() != RecordType::RRSIG)
+            .all(|r| r.proof.is_secure())
 }
 
 /// The texts of a TXT answer, one per record: a record's strings are one text
@@ -388,12 +530,18 @@ impl BlockingResolver {
     }
 }
 
-async fn resolve(r: &TokioResolver, v: Option<&TokioResolver>, domain: &str) -> Answer {
+/// `domain`'s route: its MX hosts with their addresses, or why none. With DANE
+/// (`v`), every lookup is the validating resolver's: a bogus MX or address answer
+/// is a failed lookup, never believed (RFC 7672 §2.2.1), and each host gets its
+/// DANE answer.
+async fn resolve(r: &TokioResolver, v: Option<&Validator>, domain: &str) -> Answer {
+    let r = v.map_or(r, |v| &v.resolver);
     let fqdn = format!("{}.", domain.trim_end_matches('.'));
     let now = Instant::now();
     match r.mx_lookup(fqdn.as_str()).await {
         Ok(mx) => {
             let valid_until = mx.valid_until();
+            let mx_secure = v.is_some() && all_secure(mx.answers(), &[RecordType::MX]);
             let mut recs: Vec<(u16, String)> = mx
                 .answers()
                 .iter()
@@ -413,6 +561,7 @@ async fn resolve(r: &TokioResolver, v: Option<&TokioResolver>, domain: &str) -> 
                     route: Route::NullMx,
                     valid_until,
                     sts: Sts::None,
+                    mx_secure: false,
                 };
             }
             recs.retain(|(_, h)| !h.is_empty());
@@ -422,40 +571,51 @@ async fn resolve(r: &TokioResolver, v: Option<&TokioResolver>, domain: &str) -> 
             let mut hosts = Vec::new();
             let mut valid_until = valid_until;
             let names: Vec<String> = recs.iter().map(|(_, h)| h.clone()).collect();
+            // The first host whose address lookup failed (not "none"), and why.
+            let mut failed = None;
             for (preference, name) in recs {
-                let addrs = match r.lookup_ip(format!("{name}.").as_str()).await {
-                    Ok(ips) => {
-                        valid_until = valid_until.min(ips.valid_until());
-                        ips.iter().collect()
+                let found = match addresses(r, &name, v.is_some()).await {
+                    Ok(found) => found,
+                    Err(e) => {
+                        if no_records(&e).is_none() && failed.is_none() {
+                            failed = Some(explain::dns(&name, &lookup_failed(&e)).to_string());
+                        }
+                        continue;
                     }
-                    Err(_) => Vec::new(),
                 };
-                if !addrs.is_empty() {
-                    let dane = match v {
-                        Some(v) => dane_of(v, &name).await,
-                        None => Dane::None,
-                    };
-                    hosts.push(MxHost {
-                        name,
-                        preference,
-                        addrs,
-                        dane,
-                    });
-                }
+                valid_until = valid_until.min(found.until);
+                let dane = match v {
+                    Some(v) => {
+                        let (dane, until) = v.dane_of(&name, found.secure).await;
+                        valid_until = valid_until.min(until);
+                        dane
+                    }
+                    None => Dane::None,
+                };
+                hosts.push(MxHost {
+                    name,
+                    preference,
+                    addrs: found.ips,
+                    dane,
+                });
             }
             if hosts.is_empty() {
+                let why = failed.map_or_else(
+                    || explain::dns(domain, &DnsProblem::MxWithoutAddresses(names)).to_string(),
+                    |why| format!("no MX host of {domain} could be resolved: {why}"),
+                );
                 return Answer {
-                    route: Route::TempFail(
-                        explain::dns(domain, &DnsProblem::MxWithoutAddresses(names)).to_string(),
-                    ),
+                    route: Route::TempFail(why),
                     valid_until: now + TEMPFAIL_CACHE,
                     sts: Sts::None,
+                    mx_secure: false,
                 };
             }
             Answer {
                 route: Route::Hosts(hosts),
                 valid_until,
                 sts: Sts::None,
+                mx_secure,
             }
         }
         Err(e) => match no_records(&e) {
@@ -469,6 +629,7 @@ async fn resolve(r: &TokioResolver, v: Option<&TokioResolver>, domain: &str) -> 
                 ),
                 valid_until: now + Duration::from_secs(negative_ttl.unwrap_or(300).into()),
                 sts: Sts::None,
+                mx_secure: false,
             },
             Some(NoRecords {
                 response_code: ResponseCode::NoError,
@@ -478,6 +639,7 @@ async fn resolve(r: &TokioResolver, v: Option<&TokioResolver>, domain: &str) -> 
                 route: Route::TempFail(explain::dns(domain, &lookup_failed(&e)).to_string()),
                 valid_until: now + TEMPFAIL_CACHE,
                 sts: Sts::None,
+                mx_secure: false,
             },
         },
     }
@@ -500,6 +662,7 @@ fn lookup_failed(e: &NetError) -> DnsProblem {
         NetError::Dns(DnsError::NoRecordsFound(n)) => code(&n.response_code),
         NetError::Dns(DnsError::ResponseCode(c)) => code(c),
         NetError::Timeout => DnsProblem::TimedOut,
+        NetError::Dns(DnsError::DnssecBogus) => DnsProblem::Bogus,
         NetError::NoConnections => {
             DnsProblem::ResolverDown("no nameserver could be reached".into())
         }
@@ -508,27 +671,26 @@ fn lookup_failed(e: &NetError) -> DnsProblem {
 }
 
 /// No MX records: the domain's own address is the implicit MX (RFC 5321 §5.1).
-async fn implicit_mx(
-    r: &TokioResolver,
-    v: Option<&TokioResolver>,
-    domain: &str,
-    fqdn: &str,
-) -> Answer {
+async fn implicit_mx(r: &TokioResolver, v: Option<&Validator>, domain: &str, fqdn: &str) -> Answer {
     let now = Instant::now();
-    match r.lookup_ip(fqdn).await {
-        Ok(ips) => Answer {
-            valid_until: ips.valid_until(),
-            route: Route::Hosts(vec![MxHost {
-                name: domain.to_string(),
-                preference: 0,
-                addrs: ips.iter().collect(),
-                dane: match v {
-                    Some(v) => dane_of(v, domain).await,
-                    None => Dane::None,
-                },
-            }]),
-            sts: Sts::None,
-        },
+    match addresses(r, fqdn, v.is_some()).await {
+        Ok(found) => {
+            let (dane, until) = match v {
+                Some(v) => v.dane_of(domain, found.secure).await,
+                None => (Dane::None, found.until),
+            };
+            Answer {
+                valid_until: found.until.min(until),
+                route: Route::Hosts(vec![MxHost {
+                    name: domain.to_string(),
+                    preference: 0,
+                    addrs: found.ips,
+                    dane,
+                }]),
+                sts: Sts::None,
+                mx_secure: false,
+            }
+        }
         Err(e) => match no_records(&e) {
             Some(NoRecords {
                 response_code: ResponseCode::NXDomain | ResponseCode::NoError,
@@ -539,11 +701,13 @@ async fn implicit_mx(
                 ),
                 valid_until: now + Duration::from_secs(300),
                 sts: Sts::None,
+                mx_secure: false,
             },
             _ => Answer {
                 route: Route::TempFail(explain::dns(domain, &lookup_failed(&e)).to_string()),
                 valid_until: now + TEMPFAIL_CACHE,
                 sts: Sts::None,
+                mx_secure: false,
             },
         },
     }

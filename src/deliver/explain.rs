@@ -524,6 +524,8 @@ pub enum DnsProblem {
     ServerFailed(String),
     /// No answer in time.
     TimedOut,
+    /// An answer that failed DNSSEC validation (DANE's lookups, RFC 4035 §5.5).
+    Bogus,
     /// volley's own resolver could not ask (no nameserver, socket error, thread gone).
     ResolverDown(String),
 }
@@ -559,6 +561,11 @@ pub fn dns(domain: &str, p: &DnsProblem) -> Sentence {
             format!("the nameserver failed to answer the DNS lookup for {domain}"),
             rcode.clone(),
             format!("the domain's DNS is broken (its nameservers down or its DNSSEC invalid), or the resolver volley uses is; {LATER}"),
+        ),
+        DnsProblem::Bogus => sentence(
+            format!("the DNS answer for {domain} failed DNSSEC validation"),
+            "bogus",
+            format!("the domain's DNSSEC is broken (signatures expired or wrong, a DS without its DNSKEY) or the answer was forged on the way; with DANE on volley believes no such answer; {LATER}"),
         ),
         DnsProblem::TimedOut => sentence(
             format!("the DNS lookup for {domain} timed out"),

@@ -593,7 +593,7 @@ impl Shard {
                 // A routing an MTA-STS policy decided is looked up again soon.
                 let sts_until = until.min(Instant::now() + crate::deliver::mta_sts::STS_RECHECK);
                 let all: Rc<[MxHost]> = hosts.clone().into();
-                let state = match self.sts_hosts(&domain, hosts, &answer.sts) {
+                let state = match self.sts_hosts(&domain, hosts, &answer.sts, answer.mx_secure) {
                     Ok((hosts, sts)) => DomainState::Routed {
                         hosts: hosts.into(),
                         all,
@@ -1493,6 +1493,7 @@ impl Shard {
         domain: &str,
         hosts: Vec<MxHost>,
         sts: &Sts,
+        mx_secure: bool,
     ) -> Result<(Vec<MxHost>, Option<Rc<StsSite>>), Reply> {
         use crate::policy::mta_sts::Mode;
         use crate::policy::tls_rpt::{Applied, Failure, ResultType};
@@ -1525,11 +1526,12 @@ impl Shard {
             // Sent as before; each session to a host it does not name is reported.
             return Ok((hosts, Some(site)));
         }
-        // A host with DNSSEC-signed TLSA records is DANE's, whatever the policy
-        // names (RFC 8461 §2).
+        // A host with DNSSEC-signed, usable TLSA records is DANE's, whatever the
+        // policy names (RFC 8461 §2), when the MX records that name it are signed
+        // too: a forged MX must not lead past the policy.
         let (allowed, others): (Vec<MxHost>, Vec<MxHost>) = hosts
             .into_iter()
-            .partition(|h| policy.allows(&h.name) || h.dane.applies());
+            .partition(|h| policy.allows(&h.name) || (mx_secure && h.dane.authenticates()));
         if !allowed.is_empty() {
             return Ok((allowed, Some(site)));
         }
