@@ -84,6 +84,7 @@ fn validated_lookups_tell_secure_insecure_bogus_and_failed_tlsa_apart() {
             ("unusable.test", "mx.unusable.test"),
             ("bogus-mx.test", "mx.bogus-mx.test"),
             ("bogus-a4.test", "mx.bogus-a4.test"),
+            ("forged.test", "mx.forged.test"),
         ] {
             z.set_mx(domain, vec![(10, host.into())]);
             z.set_a(host, sink_ip);
@@ -104,6 +105,8 @@ fn validated_lookups_tell_secure_insecure_bogus_and_failed_tlsa_apart() {
         // A bogus MX record set, and a bogus A beside a secure denial of AAAA.
         z.set_bogus_type("bogus-mx.test", RecordType::MX);
         z.set_bogus_type("mx.bogus-a4.test", RecordType::A);
+        // "No TLSA records", vouched for by nothing but another zone's unsigned SOA.
+        z.set_forged_denial("_25._tcp.mx.forged.test", "insecure.test");
     }
     let one = |domain: &str| {
         let mut hosts = dane_of(&env.dns, &anchor, domain);
@@ -124,6 +127,13 @@ fn validated_lookups_tell_secure_insecure_bogus_and_failed_tlsa_apart() {
             "{why}"
         ),
         other => panic!("bogus.test: {other:?}"),
+    }
+    match one("forged.test") {
+        Dane::Failed(why) => assert!(
+            why.contains("TLSA records of mx.forged.test") && why.contains("not DNSSEC-signed"),
+            "{why}"
+        ),
+        other => panic!("forged.test: {other:?}"),
     }
     match one("servfail.test") {
         Dane::Failed(why) => assert!(why.contains("SERVFAIL"), "{why}"),

@@ -17,7 +17,7 @@ use hickory_proto::dnssec::crypto::Ed25519SigningKey;
 use hickory_proto::dnssec::rdata::{DNSSECRData, DNSKEY, NSEC, RRSIG};
 use hickory_proto::dnssec::{DnssecSigner, SigningKey};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{MX, NS, TLSA, TXT};
+use hickory_proto::rr::rdata::{MX, NS, SOA, TLSA, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordSet, RecordType};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -58,6 +58,9 @@ pub struct Zone {
     bogus: HashMap<String, Option<RecordType>>,
     /// Names answered SERVFAIL, whatever the type asked.
     servfail: HashSet<String>,
+    /// Names denied as an attacker would: no data, with no NSEC but the unsigned
+    /// SOA of the unsigned zone given (which proves nothing of the name).
+    forged_denial: HashMap<String, String>,
     /// The TTL of every answer but the root's DNSKEY; None: [`TTL_S`].
     ttl: Option<u32>,
 }
@@ -152,6 +155,16 @@ impl Zone {
     /// answers stay secure, an AAAA denial beside a bogus A, say).
     pub fn set_bogus_type(&mut self, name: &str, rtype: RecordType) {
         self.bogus.insert(name.to_ascii_lowercase(), Some(rtype));
+    }
+
+    /// Denies every record at `name` with no NSEC, only the SOA of `unsigned_zone`
+    /// (one made [`Zone::set_unsigned`]): a forged denial a validator must not take
+    /// as proof.
+    pub fn set_forged_denial(&mut self, name: &str, unsigned_zone: &str) {
+        self.forged_denial.insert(
+            name.to_ascii_lowercase(),
+            unsigned_zone.to_ascii_lowercase(),
+        );
     }
 
     /// Answers every query for `name` with SERVFAIL.
@@ -443,6 +456,8 @@ impl Handler {
             let zone = self.zone.read().unwrap();
             if qname == SERVFAIL || zone.servfail.contains(&qname) {
                 response.metadata.response_code = ResponseCode::ServFail;
+            } else if let Some(apex) = zone.forged_denial.get(&qname) {
+                response.add_authorities(soa(apex));
             } else {
                 self.fill(
                     &zone,
@@ -516,6 +531,15 @@ impl Handler {
         response.add_answers(records);
         response.add_answers(sig);
     }
+}
+
+/// The SOA record of zone `apex`, unsigned.
+fn soa(apex: &str) -> Option<Record> {
+    let name = Name::from_str(&format!("{apex}.")).ok()?;
+    let mname = Name::from_str(&format!("ns.{apex}.")).ok()?;
+    let rname = Name::from_str(&format!("hostmaster.{apex}.")).ok()?;
+    let soa = SOA::new(mname, rname, 1, 3600, 600, 86_400, TTL_S);
+    Some(Record::from_rdata(name, TTL_S, RData::SOA(soa)))
 }
 
 /// The message's wire form; over UDP one longer than `max_payload` is sent

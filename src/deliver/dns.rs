@@ -249,18 +249,23 @@ fn build(config: ResolverConfig, opts: ResolverOpts) -> Result<TokioResolver, Ne
 
 /// Answers the validating resolver keeps (its own cache, by TTL).
 const VALIDATING_CACHE_ENTRIES: u64 = 4096;
-/// MX hosts whose DANE settings are kept for reuse; when full, the next new one
-/// clears them (each is made again on its next lookup).
+/// MX hosts whose DANE answers are kept; when full, the next new one clears them
+/// (each is asked again on its next lookup).
 const DANE_HOSTS_MAX: usize = 10_000;
 
+/// One MX host's DANE answer as last had: whether its addresses were secure, the
+/// answer, until when it holds.
+type Held = Option<(bool, Dane, Instant)>;
+
 /// DANE's lookups: a resolver that validates every answer from the trust anchors
-/// down (RFC 4035 §5), and the settings made for each MX host with TLSA records,
-/// reused while its records are unchanged, so every domain on the host shares its
-/// TLS session cache (settings made anew per domain lookup would make each
-/// connection a full handshake).
+/// down (RFC 4035 §5), and each MX host's last DANE answer. Domains on one host
+/// (thousands, at a hosting provider) ask once per TTL, one at a time, instead of
+/// each at once; and a host's TLS settings are reused while its records are
+/// unchanged, so every domain on it shares one session cache (settings made anew
+/// per lookup would make each connection a full handshake).
 struct Validator {
     resolver: TokioResolver,
-    hosts: std::sync::Mutex<std::collections::HashMap<String, Arc<DaneHost>>>,
+    hosts: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<Held>>>>,
 }
 
 impl Validator {
@@ -283,24 +288,38 @@ impl Validator {
     }
 
     /// What DANE asks of MX host `host` whose addresses were (or were not) all
-    /// DNSSEC-secure ([`tlsa_of`]), its settings reused while its records are the
-    /// same, and until when the answer holds.
+    /// DNSSEC-secure ([`tlsa_of`]), and until when the answer holds: the last
+    /// answer while it holds, else looked up (once for all who ask meanwhile).
     async fn dane_of(&self, host: &str, addresses_secure: bool) -> (Dane, Instant) {
-        let (records, until) = match tlsa_of(&self.resolver, host, addresses_secure).await {
-            (Ok(Some(records)), until) => (records, until),
-            (Ok(None), until) => return (Dane::None, until),
-            (Err(why), _) => return (Dane::Failed(why), Instant::now() + TEMPFAIL_CACHE),
+        let slot = {
+            let mut hosts = self.hosts.lock().expect("not poisoned");
+            if hosts.len() >= DANE_HOSTS_MAX && !hosts.contains_key(host) {
+                hosts.clear();
+            }
+            hosts.entry(host.to_string()).or_default().clone()
         };
-        let mut hosts = self.hosts.lock().expect("not poisoned");
-        if let Some(kept) = hosts.get(host).filter(|k| k.records == records) {
-            return (Dane::Tlsa(kept.clone()), until);
-        }
-        if hosts.len() >= DANE_HOSTS_MAX {
-            hosts.clear();
-        }
-        let made = Arc::new(DaneHost::new(host, records));
-        hosts.insert(host.to_string(), made.clone());
-        (Dane::Tlsa(made), until)
+        let mut held = slot.lock().await;
+        let kept = match held.take() {
+            Some((secure, dane, until)) if secure == addresses_secure && until > Instant::now() => {
+                *held = Some((secure, dane.clone(), until));
+                return (dane, until);
+            }
+            Some((_, Dane::Tlsa(kept), _)) => Some(kept),
+            _ => None,
+        };
+        let (dane, until) = match tlsa_of(&self.resolver, host, addresses_secure).await {
+            (Ok(Some(records)), until) => {
+                let settings = match kept.filter(|k| k.records == records) {
+                    Some(kept) => kept,
+                    None => Arc::new(DaneHost::new(host, records)),
+                };
+                (Dane::Tlsa(settings), until)
+            }
+            (Ok(None), until) => (Dane::None, until),
+            (Err(why), _) => (Dane::Failed(why), Instant::now() + TEMPFAIL_CACHE),
+        };
+        *held = Some((addresses_secure, dane.clone(), until));
+        (dane, until)
     }
 }
 
