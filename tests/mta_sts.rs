@@ -848,16 +848,25 @@ fn a_host_with_dane_records_is_left_to_dane_by_an_enforced_policy() {
     );
     let anchor = w.pki.join("trust-anchor.txt");
     std::fs::write(&anchor, w.env.dns.trust_anchor()).unwrap();
-    let mut cfg = w.config();
-    cfg.dns.dane = Some(volley::deliver::dns::DaneSettings {
-        trust_anchor: Some(anchor),
-    });
-    let (lines, accepted) = send_to_gmail(&w.env, cfg, "dane", 2, false);
+    let config = || {
+        let mut cfg = w.config();
+        cfg.dns.dane = Some(volley::deliver::dns::DaneSettings {
+            trust_anchor: Some(anchor.clone()),
+        });
+        cfg
+    };
+    let (lines, accepted) = send_to_gmail(&w.env, config(), "dane", 2, false);
     assert_eq!(accepted, 2, "{lines:#?}");
     for l in &lines {
         assert_eq!(l["type"], "Delivery", "{l}");
         assert!(l["tls"].as_str().is_some_and(|t| t.contains("TLS")), "{l}");
     }
+    // An unsigned MX record could be forged to name any host with TLSA records:
+    // then the policy's patterns hold.
+    w.env.dns.zone.write().unwrap().set_unsigned("gmail.com");
+    let (lines, accepted) = send_to_gmail(&w.env, config(), "unsigned-mx", 1, true);
+    assert_eq!(accepted, 2, "{lines:#?}");
+    all_deferred(&lines, &["mx.elsewhere.test"]);
     // Without DANE the same policy sends nothing.
     let (lines, accepted) = w.send("sts-only", 1, true);
     assert_eq!(accepted, 2, "{lines:#?}");
