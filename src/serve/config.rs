@@ -1879,7 +1879,14 @@ fn read_delivery(doc: &mut Doc, t: &mut Table, cfg: &mut ServeConfig) {
     t.put(doc, "mta_sts", &mut cfg.mta_sts, &boolean);
     let mut dane = false;
     t.put(doc, "dane", &mut dane, &boolean);
-    let anchor = t.get(doc, "dnssec_trust_anchor", &path_conv(doc.base.clone()));
+    let path = path_conv(doc.base.clone());
+    let anchor = t.get(doc, "dnssec_trust_anchor", &|n: &Node| match dane {
+        true => path(n),
+        false => Err(
+            "DANE is off (dane = false), so it would not be used; set dane = true, or remove it"
+                .into(),
+        ),
+    });
     cfg.dns.dane = dane.then_some(crate::deliver::dns::DaneSettings {
         trust_anchor: anchor,
     });
@@ -2691,6 +2698,26 @@ campaign_header = "X Campaign"
             ]
         );
         assert!(p[3].msg.contains("is a date"), "{}", p[3]);
+    }
+
+    #[test]
+    fn dane_keys_set_the_resolver_and_an_anchor_without_dane_is_named() {
+        let cfg = parse("dane = true\ndnssec_trust_anchor = \"/etc/volley/root.key\"\n").unwrap();
+        let dane = cfg.engine_config().dns.dane.expect("on");
+        assert_eq!(
+            dane.trust_anchor.as_deref(),
+            Some(std::path::Path::new("/etc/volley/root.key"))
+        );
+        assert!(
+            parse("").unwrap().engine_config().dns.dane.is_none(),
+            "off by default"
+        );
+        let p = problems("dnssec_trust_anchor = \"/etc/volley/root.key\"\n");
+        assert_eq!(
+            lines_keys(&p),
+            vec![(Some(1), "dnssec_trust_anchor".into())]
+        );
+        assert!(p[0].msg.contains("set dane = true"), "{}", p[0]);
     }
 
     #[test]
