@@ -487,3 +487,44 @@ fn a_tlsa_rollover_applies_once_the_records_are_looked_up_again() {
     );
     delivered_over_tls(&lines, 3);
 }
+
+#[test]
+fn tls_show_lists_each_mx_hosts_tlsa_records_and_what_they_require() {
+    let w = world("dane-show", true);
+    w.publish(vec![tlsa(3, 1, 1, sha256(&w.leaf_spki))]);
+    let dns = w.env.dns.addr.to_string();
+    let anchor = w.anchor.to_str().unwrap();
+    let show = |extra: &[&str]| {
+        let mut args = vec!["tls", "show", "gmail.com", "--dns", &dns];
+        args.extend(extra);
+        common::daemon::volley(&args)
+    };
+    let (code, out, err) = show(&["--dane", "--dnssec-trust-anchor", anchor]);
+    assert_eq!(code, 0, "{out}{err}");
+    let records = format!("TLSA 3 1 1 {} (DNSSEC secure)", hex(&sha256(&w.leaf_spki)));
+    assert!(out.contains(&format!("{MX}: {records}")), "{out}");
+    assert!(
+        out.contains(&format!(
+            "{MX}: TLS required, certificate checked against its TLSA records"
+        )),
+        "{out}"
+    );
+    // Without --dane it says it did not look.
+    let (code, out, err) = show(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("not checked (give --dane)"), "{out}");
+    // A failed lookup is shown as the sentence the log would carry.
+    w.env
+        .dns
+        .zone
+        .write()
+        .unwrap()
+        .set_bogus(&format!("_25._tcp.{MX}"));
+    let (_, out, _) = show(&["--dane", "--dnssec-trust-anchor", anchor]);
+    assert!(
+        out.contains(&format!(
+            "{MX}: DANE: the TLSA records of {MX} could not be had securely"
+        )),
+        "{out}"
+    );
+}
