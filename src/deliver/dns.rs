@@ -91,8 +91,8 @@ pub struct DaneSettings {
 }
 
 impl DaneSettings {
-    /// The trust anchors to validate with. Errors: the file is unreadable, or holds
-    /// no DNSKEY record hickory can read.
+    /// The trust anchors to validate with: the root zone's keys. Errors: the file
+    /// is unreadable, or holds no DNSKEY record of the root zone hickory can read.
     pub fn anchors(&self) -> anyhow::Result<Arc<TrustAnchors>> {
         let Some(path) = &self.trust_anchor else {
             return Ok(Arc::new(TrustAnchors::default()));
@@ -111,7 +111,7 @@ impl DaneSettings {
         })?;
         anyhow::ensure!(
             !anchors.is_empty(),
-            "dnssec_trust_anchor {}: no DNSKEY record in it; give DNSKEY records as a zone file writes them",
+            "dnssec_trust_anchor {}: no DNSKEY record of the root zone (\".\") in it; validation starts at the root, so give the root's DNSKEY records (a private tree must be signed as the root)",
             path.display()
         );
         Ok(Arc::new(anchors))
