@@ -509,6 +509,23 @@ fn tls_show_lists_each_mx_hosts_tlsa_records_and_what_they_require() {
         )),
         "{out}"
     );
+    // The record to publish for the sink's certificate is the one that matched.
+    let (code, out, err) = common::daemon::volley(&[
+        "tls",
+        "tlsa",
+        "--cert",
+        w.pki.join(format!("{MX}.pem")).to_str().unwrap(),
+        "--host",
+        MX,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        out.trim(),
+        format!(
+            "_25._tcp.{MX}. IN TLSA 3 1 1 {}",
+            hex(&sha256(&w.leaf_spki))
+        )
+    );
     // Without --dane it says it did not look.
     let (code, out, err) = show(&[]);
     assert_eq!(code, 0, "{out}{err}");

@@ -118,8 +118,8 @@ fn publish(dns: &crate::dns::DnsServer, spki: &[u8]) {
     let digest = ring::digest::digest(&ring::digest::SHA256, spki);
     let tlsa =
         hickory_proto::rr::rdata::TLSA::new(3.into(), 1.into(), 1.into(), digest.as_ref().to_vec());
-    let mut zone = dns.zone.write().expect("zone lock");
-    for host in zone.mx_hosts() {
-        zone.set_tlsa(&format!("_25._tcp.{host}"), vec![tlsa.clone()]);
-    }
+    dns.zone
+        .write()
+        .expect("zone lock")
+        .set_tlsa_at_every_mx(vec![tlsa]);
 }

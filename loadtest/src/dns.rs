@@ -119,8 +119,17 @@ impl Zone {
         self.ttl = Some(secs);
     }
 
+    /// Publishes `records` at `_25._tcp.HOST` for every MX host; how many hosts.
+    pub fn set_tlsa_at_every_mx(&mut self, records: Vec<TLSA>) -> usize {
+        let hosts = self.mx_hosts();
+        for host in &hosts {
+            self.set_tlsa(&format!("_25._tcp.{host}"), records.clone());
+        }
+        hosts.len()
+    }
+
     /// Every MX host name the zone routes to, sorted (not the null MX's).
-    pub fn mx_hosts(&self) -> Vec<String> {
+    fn mx_hosts(&self) -> Vec<String> {
         let mut hosts: Vec<String> = self
             .mx
             .values()

@@ -64,6 +64,11 @@ enum Cmd {
         /// Print live counters to stderr this often (0 = never).
         #[arg(long, default_value_t = 1)]
         stats_interval_s: u64,
+        /// Write the test DNS's trust anchor (its root DNSKEY) to FILE and publish a
+        /// DANE-EE TLSA record (3 1 1) of --tls-cert's key at every MX host, for
+        /// `volley send --dane --dnssec-trust-anchor FILE`.
+        #[arg(long, value_name = "FILE", requires_all = ["dns", "tls_cert"])]
+        dane_anchor: Option<PathBuf>,
         /// Also serve the test DNS on this address, routing the profile's domains here.
         #[arg(long)]
         dns: Option<SocketAddr>,
@@ -177,7 +182,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             summary,
             stats_interval_s,
             dns,
+            dane_anchor,
         } => {
+            let dane_record = match (&dane_anchor, &tls_cert) {
+                (Some(_), Some(cert)) => Some(dane_record(cert)?),
+                _ => None,
+            };
             let mut profile = Profile::load(&profile)?;
             for w in without {
                 profile.without(w);
@@ -209,6 +219,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let server =
                     dns::start(addr, dns::Zone::from_profile(sink.profile(), &sink.addrs))?;
                 eprintln!("sink: test DNS on {}", server.addr);
+                if let (Some(file), Some(record)) = (&dane_anchor, dane_record) {
+                    publish_dane(&server, file, record)?;
+                }
             }
             serve_until_signal(&sink, &summary, stats_interval_s)
         }
@@ -367,4 +380,41 @@ fn serve_until_signal(
             last = c.rcpts_accepted;
         }
     }
+}
+
+/// The DANE-EE record of the first certificate in the PEM file `cert`. Errors: the
+/// file is unreadable or holds no certificate that parses.
+fn dane_record(cert: &std::path::Path) -> anyhow::Result<volley::deliver::dane::Tlsa> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_file(cert)
+        .map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", cert.display()))?;
+    volley::deliver::dane::Tlsa::dane_ee(&der)
+        .map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", cert.display()))
+}
+
+/// Publishes `record` at `_25._tcp.HOST` for every MX host of the test DNS and
+/// writes its trust anchor to `file`.
+fn publish_dane(
+    server: &dns::DnsServer,
+    file: &std::path::Path,
+    record: volley::deliver::dane::Tlsa,
+) -> anyhow::Result<()> {
+    std::fs::write(file, server.trust_anchor())
+        .map_err(|e| anyhow::anyhow!("--dane-anchor {}: {e}", file.display()))?;
+    let tlsa = hickory_proto::rr::rdata::TLSA::new(
+        record.usage.into(),
+        record.selector.into(),
+        record.matching.into(),
+        record.data.clone(),
+    );
+    let hosts = server
+        .zone
+        .write()
+        .expect("zone lock")
+        .set_tlsa_at_every_mx(vec![tlsa]);
+    eprintln!(
+        "sink: TLSA {record} at {hosts} MX hosts; trust anchor in {}",
+        file.display()
+    );
+    Ok(())
 }

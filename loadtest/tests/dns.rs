@@ -137,3 +137,104 @@ fn routes_providers_and_serves_edge_cases() {
         assert_eq!(text, "v=DKIM1; p=abc");
     });
 }
+
+/// `volley-load sink`, killed when the test ends.
+struct Sink(std::process::Child);
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_sink_publishes_its_keys_tlsa_record_signed_with_the_anchor_it_writes() {
+    use std::io::BufRead;
+    let dir = std::env::temp_dir().join(format!("volley-load-dane-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["mx.sink.test".to_string()]).unwrap();
+    let (cert, key, anchor) = (dir.join("c.pem"), dir.join("k.pem"), dir.join("anchor"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // A port free now for the DNS (UDP and TCP are bound by the sink).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dns_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut sink = Sink(
+        std::process::Command::new(env!("CARGO_BIN_EXE_volley-load"))
+            .args([
+                "sink",
+                "--port",
+                "0",
+                "--threads",
+                "1",
+                "--stats-interval-s",
+                "0",
+            ])
+            .args(["--dns", &dns_addr.to_string()])
+            .args(["--tls-cert", cert.to_str().unwrap()])
+            .args(["--tls-key", key.to_str().unwrap()])
+            .args(["--dane-anchor", anchor.to_str().unwrap()])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = sink.0.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let digest = ring::digest::digest(&ring::digest::SHA256, &ck.key_pair.public_key_der());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02X}")).collect();
+    let mut seen = Vec::new();
+    let line = loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) if l.contains("TLSA") => break l,
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("no TLSA line from the sink: {seen:?}"),
+        }
+    };
+    assert!(line.contains(&format!("TLSA 3 1 1 {hex} at ")), "{line}");
+    // A validating resolver with the anchor written finds the record secure.
+    let anchors: hickory_resolver::proto::dnssec::TrustAnchors =
+        std::fs::read_to_string(&anchor).unwrap().parse().unwrap();
+    let mut server = NameServerConfig::udp_and_tcp(dns_addr.ip());
+    for c in &mut server.connections {
+        c.port = dns_addr.port();
+    }
+    let cfg = ResolverConfig::from_parts(None, vec![], vec![server]);
+    let r = TokioResolver::builder_with_config(cfg, TokioRuntimeProvider::default())
+        .with_trust_anchor(std::sync::Arc::new(anchors))
+        .build()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let name = "_25._tcp.gmail-smtp-in.l.google.sink.test.";
+    let l = rt
+        .block_on(r.lookup(name, hickory_resolver::proto::rr::RecordType::TLSA))
+        .unwrap();
+    let tlsa: Vec<_> = l
+        .answers()
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::TLSA(t) => Some((r.proof.is_secure(), t.cert_data.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tlsa, vec![(true, digest.as_ref().to_vec())]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

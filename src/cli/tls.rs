@@ -17,35 +17,58 @@ pub(crate) enum TlsCmd {
     /// The effective TLS policy for DOMAIN and its sources: shaping rules and
     /// MTA-STS (record id, mode, mx patterns, max_age, when fetched or cached), and
     /// with --dane each MX host's TLSA records (RFC 7672).
-    Show {
-        domain: String,
-        /// Your rules file, as given to `send --shaping`.
-        #[arg(long)]
-        shaping: Option<PathBuf>,
-        /// Nameserver (ADDR:PORT); default /etc/resolv.conf.
-        #[arg(long)]
-        dns: Option<std::net::SocketAddr>,
-        /// CA certificates trusted besides webpki-roots' (as `send --tls-roots`).
+    Show(ShowArgs),
+    /// The DANE TLSA record (RFC 7672) to publish for an MX host that serves the
+    /// certificate in FILE: DANE-EE, its key's SHA-256 (3 1 1), as a zone file line.
+    Tlsa {
+        /// The host's PEM certificate (the first of a chain).
         #[arg(long, value_name = "FILE")]
-        tls_roots: Option<PathBuf>,
-        /// A spool whose cached MTA-STS policy to show too (read, never written).
+        cert: PathBuf,
+        /// The MX host name the record is for.
         #[arg(long)]
-        spool: Option<PathBuf>,
-        /// The HTTPS port of the policy host (443).
-        #[arg(long, default_value_t = 443, hide = true)]
-        mta_sts_port: u16,
-        /// Look up each MX host's TLSA records with DNSSEC validation (as `send --dane`).
-        #[arg(long)]
-        dane: bool,
-        /// DNSKEY records to validate from instead of the IANA root keys (as `send
-        /// --dnssec-trust-anchor`).
-        #[arg(long, value_name = "FILE", requires = "dane")]
-        dnssec_trust_anchor: Option<PathBuf>,
+        host: String,
     },
 }
 
+/// `volley tls show`'s arguments.
+#[derive(clap::Args)]
+pub(crate) struct ShowArgs {
+    /// The recipient domain.
+    domain: String,
+    /// Your rules file, as given to `send --shaping`.
+    #[arg(long)]
+    shaping: Option<PathBuf>,
+    /// Nameserver (ADDR:PORT); default /etc/resolv.conf.
+    #[arg(long)]
+    dns: Option<std::net::SocketAddr>,
+    /// CA certificates trusted besides webpki-roots' (as `send --tls-roots`).
+    #[arg(long, value_name = "FILE")]
+    tls_roots: Option<PathBuf>,
+    /// A spool whose cached MTA-STS policy to show too (read, never written).
+    #[arg(long)]
+    spool: Option<PathBuf>,
+    /// The HTTPS port of the policy host (443).
+    #[arg(long, default_value_t = 443, hide = true)]
+    mta_sts_port: u16,
+    /// Look up each MX host's TLSA records with DNSSEC validation (as `send --dane`).
+    #[arg(long)]
+    dane: bool,
+    /// DNSKEY records to validate from instead of the IANA root keys (as `send
+    /// --dnssec-trust-anchor`).
+    #[arg(long, value_name = "FILE", requires = "dane")]
+    dnssec_trust_anchor: Option<PathBuf>,
+}
+
 pub(crate) fn run(cmd: TlsCmd) -> anyhow::Result<i32> {
-    let TlsCmd::Show {
+    match cmd {
+        TlsCmd::Show(args) => show(args),
+        TlsCmd::Tlsa { cert, host } => tlsa(&cert, &host),
+    }
+}
+
+/// What a delivery to the domain gets, printed.
+fn show(args: ShowArgs) -> anyhow::Result<i32> {
+    let ShowArgs {
         domain,
         shaping,
         dns,
@@ -54,7 +77,7 @@ pub(crate) fn run(cmd: TlsCmd) -> anyhow::Result<i32> {
         mta_sts_port,
         dane,
         dnssec_trust_anchor,
-    } = cmd;
+    } = args;
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
     let Some(rules) = super::shaping::rules_or_say(shaping.as_deref()) else {
         return Ok(1);
@@ -196,6 +219,21 @@ pub(crate) fn run(cmd: TlsCmd) -> anyhow::Result<i32> {
             if verify { "verified" } else { "not verified" }
         ),
     }
+    Ok(0)
+}
+
+/// Prints the DANE-EE record for `host` serving the certificate in `cert`.
+/// Errors: the file is unreadable or its first certificate does not parse.
+fn tlsa(cert: &std::path::Path, host: &str) -> anyhow::Result<i32> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_file(cert)
+        .map_err(|e| anyhow::anyhow!("--cert {}: {e}; give a PEM certificate", cert.display()))?;
+    let record = volley::deliver::dane::Tlsa::dane_ee(&der)
+        .map_err(|e| anyhow::anyhow!("--cert {}: {e}", cert.display()))?;
+    println!(
+        "_25._tcp.{}. IN TLSA {record}",
+        host.trim_end_matches('.').to_ascii_lowercase()
+    );
     Ok(0)
 }
 

@@ -56,8 +56,8 @@ impl Tlsa {
     pub fn matches(&self, cert: &CertificateDer<'_>) -> bool {
         let selected: Vec<u8> = match self.selector {
             0 => cert.to_vec(),
-            1 => match webpki::anchor_from_trusted_cert(cert) {
-                Ok(anchor) => webpki::spki_for_anchor(&anchor).as_ref().to_vec(),
+            1 => match spki_of(cert) {
+                Ok(spki) => spki,
                 Err(_) => return false,
             },
             _ => return false,
@@ -72,6 +72,27 @@ impl Tlsa {
         // Not secret: a plain comparison.
         compared == self.data
     }
+
+    /// The DANE-EE record naming `cert`'s key by its SHA-256 (3 1 1), the form
+    /// RFC 7671 §5.1 recommends: it still matches a certificate renewed with the
+    /// same key. Errors: the certificate does not parse, as webpki says.
+    pub fn dane_ee(cert: &CertificateDer<'_>) -> Result<Tlsa, String> {
+        let spki = spki_of(cert)?;
+        Ok(Tlsa {
+            usage: DANE_EE,
+            selector: 1,
+            matching: 1,
+            data: ring::digest::digest(&ring::digest::SHA256, &spki)
+                .as_ref()
+                .to_vec(),
+        })
+    }
+}
+
+/// The SubjectPublicKeyInfo of `cert`, DER. Errors: it does not parse.
+fn spki_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>, String> {
+    let anchor = webpki::anchor_from_trusted_cert(cert).map_err(|e| e.to_string())?;
+    Ok(webpki::spki_for_anchor(&anchor).as_ref().to_vec())
 }
 
 /// As written in a zone file: `3 1 1 0A1B…`.
@@ -341,6 +362,7 @@ mod tests {
         assert!(!rec(1, 1, sha256(&other)).matches(&der));
         assert!(!rec(2, 1, sha256(&spki)).matches(&der));
         assert!(!rec(1, 3, sha256(&spki)).matches(&der));
+        assert_eq!(Tlsa::dane_ee(&der).unwrap(), rec(1, 1, sha256(&spki)));
     }
 
     #[test]
