@@ -251,9 +251,14 @@ fn sha256(b: &[u8]) -> Vec<u8> {
 }
 
 impl World {
+    /// The test DNS's zone, to change.
+    fn zone(&self) -> std::sync::RwLockWriteGuard<'_, volley_load::dns::Zone> {
+        self.env.dns.zone.write().unwrap()
+    }
+
     /// Publishes `records` as the MX host's TLSA RRset.
     fn publish(&self, records: Vec<hickory_resolver::proto::rr::rdata::TLSA>) {
-        let mut z = self.env.dns.zone.write().unwrap();
+        let mut z = self.zone();
         z.set_tlsa(&format!("_25._tcp.{MX}"), records);
     }
 
@@ -387,21 +392,11 @@ fn a_certificate_no_tlsa_record_names_gets_nothing_in_clear_or_otherwise() {
 fn bogus_or_failed_tlsa_lookups_defer_the_host_and_proven_absence_does_not() {
     let w = world("dane-bogus", true);
     w.publish(vec![tlsa(3, 1, 1, sha256(&w.leaf_spki))]);
-    w.env
-        .dns
-        .zone
-        .write()
-        .unwrap()
-        .set_bogus(&format!("_25._tcp.{MX}"));
+    w.zone().set_bogus(&format!("_25._tcp.{MX}"));
     let (lines, accepted) = w.send("bogus", 2, true);
     assert_eq!(accepted, 0, "{lines:#?}");
     all_deferred_as(&lines, "4.7.5", &[MX, "TLSA records", "bogus"]);
-    w.env
-        .dns
-        .zone
-        .write()
-        .unwrap()
-        .set_servfail(&format!("_25._tcp.{MX}"));
+    w.zone().set_servfail(&format!("_25._tcp.{MX}"));
     let (lines, accepted) = w.send("servfail", 1, true);
     assert_eq!(accepted, 0, "{lines:#?}");
     all_deferred_as(&lines, "4.7.5", &[MX, "SERVFAIL"]);
@@ -424,7 +419,7 @@ fn a_host_without_tlsa_records_or_in_an_insecure_zone_gets_ordinary_tls() {
     delivered_over_tls(&lines, 2);
     // TLSA records that do not match, in a zone DNSSEC proves unsigned: not DANE's.
     {
-        let mut z = w.env.dns.zone.write().unwrap();
+        let mut z = w.zone();
         z.set_unsigned("sink.test");
     }
     w.publish(vec![tlsa(3, 1, 1, vec![9; 32])]);
@@ -459,7 +454,7 @@ fn a_tlsa_rollover_applies_once_the_records_are_looked_up_again() {
     // receiver publishes its own; with a 1 s TTL the next lookup brings them, and the
     // site the domain already had must use them, not the hosts it was made with.
     let w = world("dane-rollover", true);
-    w.env.dns.zone.write().unwrap().set_ttl(1);
+    w.zone().set_ttl(1);
     w.publish(vec![tlsa(3, 1, 1, vec![9; 32])]);
     let zone = w.env.dns.zone.clone();
     let right = tlsa(3, 1, 1, sha256(&w.leaf_spki));
@@ -531,12 +526,7 @@ fn tls_show_lists_each_mx_hosts_tlsa_records_and_what_they_require() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("not checked (give --dane)"), "{out}");
     // A failed lookup is shown as the sentence the log would carry.
-    w.env
-        .dns
-        .zone
-        .write()
-        .unwrap()
-        .set_bogus(&format!("_25._tcp.{MX}"));
+    w.zone().set_bogus(&format!("_25._tcp.{MX}"));
     let (_, out, _) = show(&["--dane", "--dnssec-trust-anchor", anchor]);
     assert!(
         out.contains(&format!(

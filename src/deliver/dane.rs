@@ -9,10 +9,9 @@
 //! verify (an insecure zone, no TLSA records) does the host get ordinary TLS.
 
 use crate::deliver::tls;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::ServerCertVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use std::fmt;
 use std::sync::Arc;
 
@@ -158,11 +157,18 @@ impl DaneHost {
         let config = if usable.is_empty() {
             tls::client_config(false, &[])
         } else {
-            tls::client_config_verified_by(Arc::new(DaneVerifier {
+            let provider = tls::provider();
+            let dane = DaneVerifier {
                 host: host.to_string(),
                 records: usable,
-                provider: tls::provider(),
-            }))
+                provider: provider.clone(),
+            };
+            let check = Box::new(
+                move |ee: &CertificateDer<'_>, chain: &[CertificateDer<'_>], now| {
+                    dane.check(ee, chain, now)
+                },
+            );
+            tls::client_config_verified_by(Arc::new(tls::CheckedBy::new(provider, check)))
         };
         DaneHost {
             host: host.to_string(),
@@ -214,9 +220,8 @@ impl std::error::Error for TlsaMismatch {}
 /// Checks a server's certificate against TLSA records (RFC 7672 §3.1): DANE-EE
 /// matches the end-entity certificate, with no name or date check (§3.1.1);
 /// DANE-TA matches a certificate of the chain presented, which then must be a
-/// valid chain for the MX host name (§3.1.2, §3.2.2). The handshake signatures are
-/// checked as usual.
-#[derive(Debug)]
+/// valid chain for the MX host name (§3.1.2, §3.2.2). `tls::CheckedBy` checks the
+/// handshake signatures as usual.
 struct DaneVerifier {
     host: String,
     records: Vec<Tlsa>,
@@ -224,6 +229,38 @@ struct DaneVerifier {
 }
 
 impl DaneVerifier {
+    /// The check: a DANE-EE record matching the end-entity certificate, or a
+    /// DANE-TA record matching a certificate of the chain that then leads to the
+    /// end-entity for the MX host name. Err: a [`TlsaMismatch`], with why the
+    /// chain failed when one matched.
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        let ee = self.records.iter().filter(|t| t.usage == DANE_EE);
+        if ee.clone().any(|t| t.matches(end_entity)) {
+            return Ok(());
+        }
+        let mut chain = None;
+        for t in self.records.iter().filter(|t| t.usage == DANE_TA) {
+            for anchor in intermediates.iter().filter(|c| t.matches(c)) {
+                match self.chain_to(anchor, end_entity, intermediates, now) {
+                    Ok(()) => return Ok(()),
+                    Err(why) => chain = Some(why),
+                }
+            }
+        }
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Other(rustls::OtherError(Arc::new(TlsaMismatch {
+                host: self.host.clone(),
+                usable: self.records.len(),
+                chain,
+            }))),
+        ))
+    }
+
     /// The chain from `end_entity` through `intermediates` to `anchor`, valid now
     /// for the MX host name. Errors: rustls's, as a phrase.
     fn chain_to(
@@ -247,72 +284,6 @@ impl DaneVerifier {
         .verify_server_cert(end_entity, intermediates, &name, &[], now)
         .map(|_| ())
         .map_err(|e| e.to_string())
-    }
-}
-
-impl ServerCertVerifier for DaneVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let ee = self.records.iter().filter(|t| t.usage == DANE_EE);
-        if ee.clone().any(|t| t.matches(end_entity)) {
-            return Ok(ServerCertVerified::assertion());
-        }
-        let mut chain = None;
-        for t in self.records.iter().filter(|t| t.usage == DANE_TA) {
-            for anchor in intermediates.iter().filter(|c| t.matches(c)) {
-                match self.chain_to(anchor, end_entity, intermediates, now) {
-                    Ok(()) => return Ok(ServerCertVerified::assertion()),
-                    Err(why) => chain = Some(why),
-                }
-            }
-        }
-        Err(rustls::Error::InvalidCertificate(
-            rustls::CertificateError::Other(rustls::OtherError(Arc::new(TlsaMismatch {
-                host: self.host.clone(),
-                usable: self.records.len(),
-                chain,
-            }))),
-        ))
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        msg: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            msg,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        msg: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            msg,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 

@@ -90,6 +90,31 @@ pub struct Via<'a> {
     pub provider: &'a Arc<str>,
 }
 
+/// Counts a TLS session over `via` to `domain` under `applied` in its TLS report:
+/// successful, or a failure row with the session's details (RFC 8460 §4.3).
+fn record_session(
+    r: &Recorder,
+    domain: &str,
+    applied: &crate::policy::tls_rpt::Applied,
+    via: &Via,
+    outcome: TlsOutcome,
+) {
+    use crate::policy::tls_rpt::{reason, Failure};
+    match outcome {
+        Ok(()) => r.success(domain, applied),
+        Err((result, why)) => {
+            let failure = Failure {
+                result_type: result,
+                sending_mta_ip: via.source,
+                receiving_mx_hostname: Some(via.mx.to_string()),
+                receiving_ip: Some(via.ip.ip()),
+                failure_reason_code: Some(reason(&why)),
+            };
+            r.failure(domain, applied, failure);
+        }
+    }
+}
+
 enum DomainState {
     Resolving(Vec<Job>),
     Routed {
@@ -1559,23 +1584,11 @@ impl Shard {
     /// (RFC 8460 §4.4), as `StsSite::session` judges `outcome`. Nothing when the
     /// site has no policy or TLS-RPT is off.
     pub fn count_tls_session(&self, site: &Site, via: &Via, outcome: TlsOutcome) {
-        use crate::policy::tls_rpt::{reason, Failure};
         let (Some(r), Some(sts)) = (&self.tls_rpt, &site.sts) else {
             return;
         };
-        match sts.session(via.mx, outcome) {
-            None => {}
-            Some(Ok(())) => r.success(&sts.domain, &sts.applied),
-            Some(Err((result, why))) => {
-                let failure = Failure {
-                    result_type: result,
-                    sending_mta_ip: via.source,
-                    receiving_mx_hostname: Some(via.mx.to_string()),
-                    receiving_ip: Some(via.ip.ip()),
-                    failure_reason_code: Some(reason(&why)),
-                };
-                r.failure(&sts.domain, &sts.applied, failure);
-            }
+        if let Some(outcome) = sts.session(via.mx, outcome) {
+            record_session(r, &sts.domain, &sts.applied, via, outcome);
         }
     }
 
@@ -1590,25 +1603,12 @@ impl Shard {
         records: &[crate::deliver::dane::Tlsa],
         outcome: TlsOutcome,
     ) {
-        use crate::policy::tls_rpt::{reason, Applied, Failure};
         let Some(r) = self.tls_rpt.as_ref().filter(|_| site.dane_reported) else {
             return;
         };
         let records: Vec<String> = records.iter().map(ToString::to_string).collect();
-        let applied = Applied::tlsa(via.mx, &records);
-        match outcome {
-            Ok(()) => r.success(&site.domain, &applied),
-            Err((result, why)) => {
-                let failure = Failure {
-                    result_type: result,
-                    sending_mta_ip: via.source,
-                    receiving_mx_hostname: Some(via.mx.to_string()),
-                    receiving_ip: Some(via.ip.ip()),
-                    failure_reason_code: Some(reason(&why)),
-                };
-                r.failure(&site.domain, &applied, failure);
-            }
-        }
+        let applied = crate::policy::tls_rpt::Applied::tlsa(via.mx, &records);
+        record_session(r, &site.domain, &applied, via, outcome);
     }
 
     /// Checks the certificate `conn`'s receiver presented against `host`, as an

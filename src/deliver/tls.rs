@@ -31,7 +31,7 @@ pub fn client_config(
     } else {
         builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
+            .with_custom_certificate_verifier(Arc::new(CheckedBy::any(provider)))
             .with_no_client_auth()
     };
     Arc::new(cfg)
@@ -115,21 +115,48 @@ fn is_aes128_gcm(s: rustls::CipherSuite) -> bool {
     )
 }
 
-/// Accepts any certificate but still checks the handshake signatures, so the session
-/// is encrypted to whoever holds the key the server presented.
-#[derive(Debug)]
-struct Unverified(Arc<CryptoProvider>);
+/// A certificate check of volley's own, given the end-entity certificate, the
+/// intermediates the server sent and the time; Err: why the certificate is refused.
+pub type CertificateCheck = dyn Fn(&CertificateDer<'_>, &[CertificateDer<'_>], UnixTime) -> Result<(), rustls::Error>
+    + Send
+    + Sync;
 
-impl ServerCertVerifier for Unverified {
+/// A verifier making volley's own certificate check (none under opportunistic TLS,
+/// the TLSA records' under DANE) while checking the handshake signatures as usual,
+/// so the session is encrypted to whoever holds the key the server presented.
+pub struct CheckedBy {
+    provider: Arc<CryptoProvider>,
+    check: Box<CertificateCheck>,
+}
+
+impl CheckedBy {
+    /// A verifier whose certificate check is `check`.
+    pub fn new(provider: Arc<CryptoProvider>, check: Box<CertificateCheck>) -> CheckedBy {
+        CheckedBy { provider, check }
+    }
+
+    /// A verifier that accepts any certificate.
+    fn any(provider: Arc<CryptoProvider>) -> CheckedBy {
+        CheckedBy::new(provider, Box::new(|_, _, _| Ok(())))
+    }
+}
+
+impl std::fmt::Debug for CheckedBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CheckedBy(volley's own certificate check)")
+    }
+}
+
+impl ServerCertVerifier for CheckedBy {
     fn verify_server_cert(
         &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
         _: &ServerName<'_>,
         _: &[u8],
-        _: UnixTime,
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        (self.check)(end_entity, intermediates, now).map(|()| ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -138,12 +165,8 @@ impl ServerCertVerifier for Unverified {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            msg,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(msg, cert, dss, algorithms)
     }
 
     fn verify_tls13_signature(
@@ -152,16 +175,14 @@ impl ServerCertVerifier for Unverified {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            msg,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(msg, cert, dss, algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
