@@ -257,6 +257,29 @@ impl World {
         common::daemon::volley(&args)
     }
 
+    /// As `config`, with DANE on, the test DNS's key the trust anchor.
+    fn config_with_dane(&self) -> volley::deliver::config::EngineConfig {
+        let anchor = self.pki.join("trust-anchor.txt");
+        std::fs::write(&anchor, self.env.dns.trust_anchor()).unwrap();
+        let mut cfg = self.config();
+        cfg.dns.dane = Some(volley::deliver::dns::DaneSettings {
+            trust_anchor: Some(anchor),
+        });
+        cfg
+    }
+
+    /// Publishes `records` as the MX host's TLSA RRset (DANE).
+    fn publish_tlsa(&self, records: Vec<(u8, u8, u8, Vec<u8>)>) {
+        let records = records
+            .into_iter()
+            .map(|(u, s, m, data)| {
+                hickory_resolver::proto::rr::rdata::TLSA::new(u.into(), s.into(), m.into(), data)
+            })
+            .collect();
+        let mut zone = self.env.dns.zone.write().unwrap();
+        zone.set_tlsa(&format!("_25._tcp.{MX}"), records);
+    }
+
     fn config(&self) -> volley::deliver::config::EngineConfig {
         let mut cfg = self.env.config();
         cfg.tls_roots = Some(self.ca.file.clone());
@@ -424,6 +447,12 @@ fn an_enforced_policy_refuses_a_certificate_it_cannot_verify() {
     };
     let (ok, failed, rows) = w.tally("mode: enforce");
     assert!(ok == 0 && failed >= 1 && not_trusted(&rows), "{rows:?}");
+    // TLSA records that are all unusable (PKIX-EE) authenticate nothing: with DANE
+    // on, the policy's check still holds.
+    w.publish_tlsa(vec![(1, 1, 1, vec![7; 32])]);
+    let (lines, accepted) = send_to_gmail(&w.env, w.config_with_dane(), "unusable", 1, true);
+    assert_eq!(accepted, 0, "{lines:#?}");
+    all_deferred(&lines, &[MX, "MTA-STS policy (enforce) requires TLS"]);
     // In testing mode the same receiver gets the mail (opportunistic TLS), and the
     // report says the certificate would not have done under enforce.
     w.server.serve(policy("testing", MX));
@@ -837,25 +866,8 @@ fn a_host_with_dane_records_is_left_to_dane_by_an_enforced_policy() {
     let cert =
         rustls::pki_types::CertificateDer::from_pem_file(w.pki.join(format!("{MX}.pem"))).unwrap();
     let sha256 = ring::digest::digest(&ring::digest::SHA256, &cert);
-    w.env.dns.zone.write().unwrap().set_tlsa(
-        &format!("_25._tcp.{MX}"),
-        vec![hickory_resolver::proto::rr::rdata::TLSA::new(
-            3.into(),
-            0.into(),
-            1.into(),
-            sha256.as_ref().to_vec(),
-        )],
-    );
-    let anchor = w.pki.join("trust-anchor.txt");
-    std::fs::write(&anchor, w.env.dns.trust_anchor()).unwrap();
-    let config = || {
-        let mut cfg = w.config();
-        cfg.dns.dane = Some(volley::deliver::dns::DaneSettings {
-            trust_anchor: Some(anchor.clone()),
-        });
-        cfg
-    };
-    let (lines, accepted) = send_to_gmail(&w.env, config(), "dane", 2, false);
+    w.publish_tlsa(vec![(3, 0, 1, sha256.as_ref().to_vec())]);
+    let (lines, accepted) = send_to_gmail(&w.env, w.config_with_dane(), "dane", 2, false);
     assert_eq!(accepted, 2, "{lines:#?}");
     for l in &lines {
         assert_eq!(l["type"], "Delivery", "{l}");
@@ -864,7 +876,7 @@ fn a_host_with_dane_records_is_left_to_dane_by_an_enforced_policy() {
     // An unsigned MX record could be forged to name any host with TLSA records:
     // then the policy's patterns hold.
     w.env.dns.zone.write().unwrap().set_unsigned("gmail.com");
-    let (lines, accepted) = send_to_gmail(&w.env, config(), "unsigned-mx", 1, true);
+    let (lines, accepted) = send_to_gmail(&w.env, w.config_with_dane(), "unsigned-mx", 1, true);
     assert_eq!(accepted, 2, "{lines:#?}");
     all_deferred(&lines, &["mx.elsewhere.test"]);
     // Without DANE the same policy sends nothing.
