@@ -124,12 +124,16 @@ pub async fn run(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>) {
     shard.connection_closed(&site, source);
     if delivered_any {
         site.refusals.clear();
-    } else if site.conns.get() == 0
-        // "Too many connections": the receiver may still count a connection that
-        // just closed (Exim frees its slot when it reaps the child); it is tried
-        // again shortly rather than the whole queue deferred for a minute.
-        && !(refused_for_connections(&shard, &last) && site.refusals.again(Instant::now()))
-    {
+    } else if site.conns.get() > 0 {
+        // Every host failed this connection; those still open will show whether
+        // the destination works. A replacement now would fail the same way at
+        // once, and its replacement too: under a TLS policy a refused certificate
+        // fails in a millisecond, and that was thousands of handshakes a second.
+        return;
+    } else if !(refused_for_connections(&shard, &last) && site.refusals.again(Instant::now())) {
+        // Unless "too many connections": the receiver may still count a connection
+        // that just closed (Exim frees its slot when it reaps the child); it is
+        // tried again shortly rather than the whole queue deferred for a minute.
         // Every host failed: the whole destination waits, not message by message.
         let jobs = site.take_queued();
         let text = format!(
