@@ -224,6 +224,11 @@ fn world(name: &str, starttls: bool) -> World {
 
 /// As `world`, the sink's certificate issued for `leaf_host`.
 fn world_for(name: &str, starttls: bool, leaf_host: &str) -> World {
+    world_behaving(name, starttls, leaf_host, "")
+}
+
+/// As `world_for`, the sink's providers with `behaviour` (TOML).
+fn world_behaving(name: &str, starttls: bool, leaf_host: &str, behaviour: &str) -> World {
     let pki = std::env::temp_dir().join(format!("volley-test-{name}-pki-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&pki);
     std::fs::create_dir_all(&pki).unwrap();
@@ -231,8 +236,8 @@ fn world_for(name: &str, starttls: bool, leaf_host: &str) -> World {
     let (cert_file, key_file, cert, key) = issue(&ca, &pki, leaf_host);
     std::fs::write(&cert_file, format!("{}{}", cert.pem(), ca.cert.pem())).unwrap();
     let env = match starttls {
-        true => env_with_certificate(name, cert_file, key_file, None),
-        false => env_with(name, "", false),
+        true => env_with_certificate_behaving(name, behaviour, cert_file, key_file),
+        false => env_with(name, behaviour, false),
     };
     let anchor = trust_anchor(&env.dns, &env.dir);
     World {
@@ -359,9 +364,12 @@ fn hex(b: &[u8]) -> String {
 
 #[test]
 fn a_certificate_no_tlsa_record_names_gets_nothing_in_clear_or_otherwise() {
-    let w = world("dane-mismatch", true);
+    // Greetings take 0-50 ms, so connections fail at different times, as they do
+    // at a real receiver.
+    let staggered = "[latency_ms]\ngreeting = [0, 50]";
+    let w = world_behaving("dane-mismatch", true, MX, staggered);
     w.publish(vec![tlsa(3, 1, 1, vec![9; 32]), tlsa(2, 0, 1, vec![9; 32])]);
-    let (lines, accepted) = w.send("ee", 40, true);
+    let (lines, accepted) = w.send("ee", 400, true);
     assert_eq!(accepted, 0, "{lines:#?}");
     all_deferred_as(&lines, "4.7.5", &[MX, "TLSA", "RFC 7672"]);
     // Each refused connection is not replaced at once by another that fails the

@@ -65,6 +65,16 @@ pub fn env_with_certificate(name: &str, cert: PathBuf, key: PathBuf, keep: Optio
     start_env(name, "", true, keep, Some((cert, key)))
 }
 
+/// As `env_with_certificate`, every provider with `behaviour` (TOML).
+pub fn env_with_certificate_behaving(
+    name: &str,
+    behaviour: &str,
+    cert: PathBuf,
+    key: PathBuf,
+) -> Env {
+    start_env(name, behaviour, true, None, Some((cert, key)))
+}
+
 fn start_env(
     name: &str,
     behaviour: &str,
