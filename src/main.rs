@@ -114,8 +114,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ShapingCmd,
     },
-    /// TLS towards a domain: `tls show`, the effective policy (shaping rules, MTA-STS)
-    /// and where it came from.
+    /// TLS towards a domain: `tls show`, the effective policy (shaping rules,
+    /// MTA-STS, DANE) and where it came from; `tls tlsa`, a DANE record to publish.
     Tls {
         #[command(subcommand)]
         cmd: cli::tls::TlsCmd,

@@ -318,12 +318,23 @@ impl World {
     }
 }
 
-fn delivered_over_tls(lines: &[serde_json::Value], n: usize) {
+/// `n` deliveries, all over TLS, each `tls` field ending as `how` says (the DANE
+/// check made, or "" for none).
+fn delivered_over(lines: &[serde_json::Value], n: usize, how: &str) {
     let delivered: Vec<_> = lines.iter().filter(|l| l["type"] == "Delivery").collect();
     assert_eq!(delivered.len(), n, "{lines:#?}");
     for l in delivered {
-        assert!(l["tls"].as_str().is_some_and(|t| t.contains("TLS")), "{l}");
+        let tls = l["tls"].as_str().unwrap_or("");
+        assert!(tls.contains("TLS"), "{l}");
+        match how {
+            "" => assert!(!tls.contains("DANE"), "{l}"),
+            how => assert!(tls.ends_with(how), "{l}"),
+        }
     }
+}
+
+fn delivered_over_tls(lines: &[serde_json::Value], n: usize) {
+    delivered_over(lines, n, ", DANE-verified")
 }
 
 #[test]
@@ -371,7 +382,17 @@ fn a_certificate_no_tlsa_record_names_gets_nothing_in_clear_or_otherwise() {
     w.publish(vec![tlsa(3, 1, 1, vec![9; 32]), tlsa(2, 0, 1, vec![9; 32])]);
     let (lines, accepted) = w.send("ee", 400, true);
     assert_eq!(accepted, 0, "{lines:#?}");
-    all_deferred_as(&lines, "4.7.5", &[MX, "TLSA", "RFC 7672"]);
+    let presented = format!(
+        "the key it presented is 3 1 1 {}",
+        hex(&sha256(&w.leaf_spki))
+    );
+    all_deferred_as(&lines, "4.7.5", &[MX, "TLSA", "RFC 7672", &presented]);
+    assert!(
+        lines
+            .iter()
+            .all(|l| !l["reply"].as_str().unwrap().contains("tls_verify off")),
+        "advice that does not apply under DANE: {lines:#?}"
+    );
     // Each refused connection is not replaced at once by another that fails the
     // same way: the destination waits (a storm of handshakes did not).
     let connections = w.env.sink.summary().counts.connections;
@@ -428,7 +449,7 @@ fn a_host_without_tlsa_records_or_in_an_insecure_zone_gets_ordinary_tls() {
     let w = world("dane-none", true);
     let (lines, accepted) = w.send("none", 2, false);
     assert_eq!(accepted, 2, "{lines:#?}");
-    delivered_over_tls(&lines, 2);
+    delivered_over(&lines, 2, "");
     // TLSA records that do not match, in a zone DNSSEC proves unsigned: not DANE's.
     {
         let mut z = w.zone();
@@ -437,7 +458,7 @@ fn a_host_without_tlsa_records_or_in_an_insecure_zone_gets_ordinary_tls() {
     w.publish(vec![tlsa(3, 1, 1, vec![9; 32])]);
     let (lines, accepted) = w.send("insecure", 1, false);
     assert_eq!(accepted, 3, "{lines:#?}");
-    delivered_over_tls(&lines, 1);
+    delivered_over(&lines, 1, "");
 }
 
 #[test]
@@ -447,7 +468,7 @@ fn unusable_records_still_require_tls_and_a_dane_host_without_starttls_gets_noth
     w.publish(vec![tlsa(1, 1, 1, vec![9; 32])]);
     let (lines, accepted) = w.send("unusable", 1, false);
     assert_eq!(accepted, 1, "{lines:#?}");
-    delivered_over_tls(&lines, 1);
+    delivered_over(&lines, 1, ", DANE (no usable record: unverified)");
     let plain = world("dane-plain", false);
     plain.publish(vec![tlsa(3, 1, 1, vec![9; 32])]);
     let (lines, accepted) = plain.send("plain", 2, true);
@@ -533,6 +554,18 @@ fn tls_show_lists_each_mx_hosts_tlsa_records_and_what_they_require() {
             hex(&sha256(&w.leaf_spki))
         )
     );
+    let (code, _, err) = common::daemon::volley(&[
+        "tls",
+        "tlsa",
+        "--cert",
+        w.pki.join(format!("{MX}.pem")).to_str().unwrap(),
+        "--host",
+        "bad host!",
+    ]);
+    assert!(
+        code != 0 && err.contains("--host") && err.contains("MX host's name"),
+        "{err}"
+    );
     // Without --dane it says it did not look.
     let (code, out, err) = show(&[]);
     assert_eq!(code, 0, "{out}{err}");
@@ -546,4 +579,32 @@ fn tls_show_lists_each_mx_hosts_tlsa_records_and_what_they_require() {
         )),
         "{out}"
     );
+}
+
+#[test]
+fn send_says_a_trust_anchor_it_cannot_use_before_it_queues_anything() {
+    let env = env("dane-send-anchor", "");
+    let c = campaign(&env.dir, "anchor", "", &["a@gmail.com,Ann".to_string()]);
+    let spool = env.dir.join("spool");
+    let dns = env.dns.addr.to_string();
+    let missing = env.dir.join("missing-anchor.txt");
+    let (code, out, err) = common::daemon::volley(&[
+        "send",
+        c.to_str().unwrap(),
+        "--spool",
+        spool.to_str().unwrap(),
+        "--dns",
+        &dns,
+        "--dane",
+        "--dnssec-trust-anchor",
+        missing.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("nothing queued") && err.contains(missing.to_str().unwrap()),
+        "{err}"
+    );
+    assert!(!out.contains("queued 1"), "{out}");
+    let instances = volley::spool::ingest::load_instances(&spool).unwrap_or_default();
+    assert!(instances.is_empty(), "queued despite the refusal");
 }

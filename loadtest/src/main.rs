@@ -56,6 +56,7 @@ enum Cmd {
         /// PEM certificate chain for STARTTLS (default: a self-signed one made at start).
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert (readable by its owner alone).
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
         /// Where the JSON summary goes on SIGUSR1 and at exit.

@@ -105,9 +105,10 @@ pub(crate) struct EngineArgs {
     /// root keys (a private signed zone). Only with --dane.
     #[arg(long, value_name = "FILE", requires = "dane")]
     dnssec_trust_anchor: Option<PathBuf>,
-    /// Count TLS sessions to domains with an MTA-STS policy for TLS-RPT (RFC 8460)
-    /// under SPOOL/tls-rpt, a ledger per UTC day; a `volley serve` on this spool
-    /// sends each day's reports once the day has ended.
+    /// Count TLS sessions to domains with an MTA-STS policy, and with --dane to MX
+    /// hosts with TLSA records, for TLS-RPT (RFC 8460) under SPOOL/tls-rpt, a ledger
+    /// per UTC day; a `volley serve` on this spool sends each day's reports once the
+    /// day has ended.
     #[arg(long)]
     tls_rpt: bool,
     /// The HTTPS port MTA-STS policies are fetched from (443; the tests' policy
@@ -424,6 +425,9 @@ pub(crate) fn run(
         Some(addr) => Some((addr, volley::serve::monitor::bind_metrics(addr)?)),
         None => None,
     };
+    // A trust anchor or nameserver DANE cannot work with: said before anything is
+    // queued, not after.
+    volley::deliver::dns::check_dane(&cfg.dns).map_err(|e| e.context("nothing queued"))?;
     let campaign = match Campaign::load(dir) {
         Ok(c) => c,
         Err(problems) => {

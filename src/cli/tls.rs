@@ -206,6 +206,18 @@ fn show(args: ShowArgs) -> anyhow::Result<i32> {
             );
         }
     }
+    // The lines above cover the hosts under DANE; this one the others.
+    let others: Vec<&str> = mx
+        .iter()
+        .filter(|h| !matches!(h.dane, Dane::Tlsa(_)))
+        .map(|h| h.name.as_str())
+        .collect();
+    if others.is_empty() {
+        return Ok(0);
+    }
+    if others.len() < mx.len() {
+        println!("other hosts     {}:", others.join(", "));
+    }
     match enforced.flatten() {
         Some(allowed) if allowed.is_empty() => println!(
             "in effect       nothing is sent: no MX host matches the enforced policy (deferred, class policy)"
@@ -226,14 +238,19 @@ fn show(args: ShowArgs) -> anyhow::Result<i32> {
 /// Errors: the file is unreadable or its first certificate does not parse.
 fn tlsa(cert: &std::path::Path, host: &str) -> anyhow::Result<i32> {
     use rustls::pki_types::pem::PemObject;
-    let der = rustls::pki_types::CertificateDer::from_pem_file(cert)
-        .map_err(|e| anyhow::anyhow!("--cert {}: {e}; give a PEM certificate", cert.display()))?;
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    volley::smtp::names::check_domain(&host).map_err(|e| {
+        anyhow::anyhow!("--host {host:?}: {e}; give the MX host's name, e.g. mx1.example.com")
+    })?;
+    let der = rustls::pki_types::CertificateDer::from_pem_file(cert).map_err(|e| {
+        anyhow::anyhow!(
+            "--cert {}: no PEM certificate in it ({e}); give the certificate the host serves (BEGIN CERTIFICATE), not its key",
+            cert.display()
+        )
+    })?;
     let record = volley::deliver::dane::Tlsa::dane_ee(&der)
         .map_err(|e| anyhow::anyhow!("--cert {}: {e}", cert.display()))?;
-    println!(
-        "_25._tcp.{}. IN TLSA {record}",
-        host.trim_end_matches('.').to_ascii_lowercase()
-    );
+    println!("_25._tcp.{host}. IN TLSA {record}");
     Ok(0)
 }
 

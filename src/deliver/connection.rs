@@ -579,7 +579,12 @@ async fn session(
                                 checked.map_err(|e| (result_of_certificate(&e), e.to_string()));
                             count(&via, outcome);
                             link = l;
-                            tls_info = tls_summary(&link);
+                            // The log says when DANE checked the certificate.
+                            tls_info = tls_summary(&link).map(|t| match dane {
+                                Some(d) if d.verifies() => format!("{t}, DANE-verified"),
+                                Some(_) => format!("{t}, DANE (no usable record: unverified)"),
+                                None => t,
+                            });
                             s.tls_established(Instant::now());
                         }
                         Err(e) => {

@@ -197,6 +197,9 @@ pub struct TlsaMismatch {
     pub host: String,
     /// How many usable records were tried.
     pub usable: usize,
+    /// The record that would name the key presented (`3 1 1 HEX`), to compare
+    /// with the published ones; None when the certificate does not parse.
+    pub presented: Option<String>,
     /// Why a DANE-TA record that matched a certificate in the chain still failed.
     pub chain: Option<String>,
 }
@@ -205,9 +208,12 @@ impl fmt::Display for TlsaMismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "the certificate of {} matches none of its {} usable TLSA records (RFC 7672 §3)",
-            self.host, self.usable
+            "matches none of the {} usable TLSA records of {} (RFC 7672 §3)",
+            self.usable, self.host
         )?;
+        if let Some(p) = &self.presented {
+            write!(f, "; the key it presented is {p}")?;
+        }
         if let Some(why) = &self.chain {
             write!(f, "; the chain to its DANE-TA certificate failed: {why}")?;
         }
@@ -256,6 +262,7 @@ impl DaneVerifier {
             rustls::CertificateError::Other(rustls::OtherError(Arc::new(TlsaMismatch {
                 host: self.host.clone(),
                 usable: self.records.len(),
+                presented: Tlsa::dane_ee(end_entity).ok().map(|t| t.to_string()),
                 chain,
             }))),
         ))

@@ -99,19 +99,19 @@ impl DaneSettings {
         };
         let text = std::fs::read_to_string(path).map_err(|e| {
             anyhow::anyhow!(
-                "dnssec_trust_anchor {}: cannot read it: {e}",
+                "DNSSEC trust anchor {}: cannot read it: {e}",
                 path.display()
             )
         })?;
         let anchors: TrustAnchors = text.parse().map_err(|e| {
             anyhow::anyhow!(
-                "dnssec_trust_anchor {}: {e}; give DNSKEY records as a zone file writes them (\". 3600 IN DNSKEY 257 3 15 BASE64\")",
+                "DNSSEC trust anchor {}: not DNSKEY records ({e}); give the root's DNSKEY records as a zone file writes them (\". 3600 IN DNSKEY 257 3 15 BASE64\")",
                 path.display()
             )
         })?;
         anyhow::ensure!(
             !anchors.is_empty(),
-            "dnssec_trust_anchor {}: no DNSKEY record of the root zone (\".\") in it; validation starts at the root, so give the root's DNSKEY records (a private tree must be signed as the root)",
+            "DNSSEC trust anchor {}: no DNSKEY record of the root zone (\".\") in it; validation starts at the root, so give the root's DNSKEY records (a private tree must be signed as the root)",
             path.display()
         );
         Ok(Arc::new(anchors))
@@ -129,6 +129,17 @@ impl Default for DnsConfig {
     }
 }
 
+/// With DANE on, whether it can work: the trust anchor file reads and the
+/// nameserver's answers validate (what [`Resolver::start`] checks, for a command
+/// to say before it queues anything). Errors: as `start`'s.
+pub fn check_dane(cfg: &DnsConfig) -> anyhow::Result<()> {
+    let Some(d) = &cfg.dane else {
+        return Ok(());
+    };
+    let (config, opts) = settings(cfg)?;
+    probe(&config, &opts, &d.anchors()?, d)
+}
+
 impl Resolver {
     /// Starts the resolver thread asking `cfg`'s nameserver; with `sts`, MTA-STS
     /// policies are looked up and fetched with each MX lookup. Errors: no
@@ -136,8 +147,8 @@ impl Resolver {
     pub fn start(cfg: &DnsConfig, sts: Option<StsSettings>) -> anyhow::Result<Resolver> {
         let (config, opts) = settings(cfg)?;
         let anchors = cfg.dane.as_ref().map(DaneSettings::anchors).transpose()?;
-        if let Some(a) = &anchors {
-            probe(&config, &opts, a)?;
+        if let (Some(a), Some(d)) = (&anchors, &cfg.dane) {
+            probe(&config, &opts, a, d)?;
         }
         let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
         std::thread::Builder::new()
@@ -331,6 +342,7 @@ fn probe(
     config: &ResolverConfig,
     opts: &ResolverOpts,
     anchors: &Arc<TrustAnchors>,
+    dane: &DaneSettings,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -346,8 +358,18 @@ fn probe(
         }
         Err(e) => explain::dns(".", &lookup_failed(&e)).to_string(),
     };
+    let anchor = match &dane.trust_anchor {
+        Some(p) => format!("the trust anchor in {}", p.display()),
+        None => "the IANA root keys built in".to_string(),
+    };
+    let server = config
+        .name_servers()
+        .first()
+        .map_or("the nameserver".to_string(), |s| {
+            format!("nameserver {}", s.ip)
+        });
     anyhow::bail!(
-        "DANE needs DNSSEC, and {why}: use a nameserver that returns DNSSEC records (DO bit), give the trust anchor of the zone it serves (dnssec_trust_anchor), or turn DANE off"
+        "DANE needs DNSSEC, and {why} (asked {server}, validated with {anchor}): use a nameserver that returns DNSSEC records (the DO bit), give the root keys its answers are signed with (--dnssec-trust-anchor, serve's dnssec_trust_anchor), or run without DANE (no --dane; serve: dane = false)"
     )
 }
 

@@ -353,7 +353,7 @@ pub fn tls_failed(peer: Option<Peer>, e: &rustls::Error, policy: Option<TlsPolic
         None => format!("{fix}. volley sends the messages in flight again on a new connection"),
         Some(p) => {
             let mut a = after_tls(p, &fix);
-            if p.verify && !p.mta_sts && matches!(e, E::InvalidCertificate(_)) {
+            if p.verify && !p.mta_sts && !p.dane && matches!(e, E::InvalidCertificate(_)) {
                 a.push_str(". With tls_verify off for this destination volley would deliver over unverified TLS");
             }
             a
@@ -437,8 +437,8 @@ fn certificate(c: &rustls::CertificateError) -> (String, String, &'static str) {
             "the receiver must use a certificate signed with RSA, ECDSA or Ed25519 and SHA-2",
         ),
         C::Other(o) if o.0.downcast_ref::<TlsaMismatch>().is_some() => (
-            format!("matches none of its TLSA records: {o}"),
-            "TlsaMismatch".into(),
+            o.to_string(),
+            "no TLSA match".into(),
             "the receiver's TLSA records (_25._tcp.HOST) must name the certificate or key it serves, or it must serve the one they name (RFC 7672 §3)",
         ),
         C::Other(o) => match o.0.downcast_ref::<webpki::Error>() {
