@@ -608,3 +608,52 @@ fn send_says_a_trust_anchor_it_cannot_use_before_it_queues_anything() {
     let instances = volley::spool::ingest::load_instances(&spool).unwrap_or_default();
     assert!(instances.is_empty(), "queued despite the refusal");
 }
+
+#[test]
+fn records_of_other_names_appended_to_an_answer_are_not_used() {
+    // A forger on the path appends another name's records (unsigned, from an
+    // insecure zone) to each genuine, signed answer: an MX, an address, a TLSA
+    // record. None may reroute the mail, mark the host insecure or replace its
+    // records: delivery stays DANE-verified, to the MX asked for.
+    let w = world("dane-appended", true);
+    w.publish(vec![tlsa(3, 1, 1, sha256(&w.leaf_spki))]);
+    {
+        let mut z = w.zone();
+        z.set_unsigned("insecure.test");
+        z.set_mx("d.insecure.test", vec![(0, "mx.insecure.test".into())]);
+        z.set_a("mx.insecure.test", "127.0.0.66".parse().unwrap());
+        z.set_tlsa(
+            "_25._tcp.mx.insecure.test",
+            vec![tlsa(3, 1, 1, vec![9; 32])],
+        );
+        z.set_appended("gmail.com", RecordType::MX, "d.insecure.test");
+        z.set_appended(MX, RecordType::A, "mx.insecure.test");
+        z.set_appended(
+            &format!("_25._tcp.{MX}"),
+            RecordType::TLSA,
+            "_25._tcp.mx.insecure.test",
+        );
+    }
+    let (lines, accepted) = w.send("appended", 3, false);
+    assert_eq!(accepted, 3, "{lines:#?}");
+    delivered_over_tls(&lines, 3);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["type"] != "Delivery" || l["mx"] == MX),
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn an_answer_with_a_ttl_of_zero_still_routes_the_mail_waiting_for_it() {
+    let w = world("dane-ttl0", true);
+    w.publish(vec![tlsa(3, 1, 1, sha256(&w.leaf_spki))]);
+    w.zone().set_ttl(0);
+    let (lines, accepted) = w.send("dane", 2, false);
+    assert_eq!(accepted, 2, "{lines:#?}");
+    delivered_over_tls(&lines, 2);
+    // Without DANE too.
+    let (lines, accepted) = send_to_gmail(&w.env, w.env.config(), "plain", 2, false);
+    assert_eq!(accepted, 4, "{lines:#?}");
+}

@@ -63,6 +63,9 @@ pub struct Zone {
     forged_denial: HashMap<String, String>,
     /// The TTL of every answer but the root's DNSKEY; None: [`TTL_S`].
     ttl: Option<u32>,
+    /// Answers to which a forger appends another name's records of the type asked:
+    /// (name asked, type) → the other name.
+    appended: HashMap<(String, RecordType), String>,
 }
 
 impl Zone {
@@ -173,6 +176,16 @@ impl Zone {
         self.forged_denial.insert(
             name.to_ascii_lowercase(),
             unsigned_zone.to_ascii_lowercase(),
+        );
+    }
+
+    /// Appends to the answer for `name`'s records of `rtype` the records of that
+    /// type of `other` (signed as `other`'s zone is, or not), as a forger on the
+    /// path may: a resolver must use only the records of the name it asked for.
+    pub fn set_appended(&mut self, name: &str, rtype: RecordType, other: &str) {
+        self.appended.insert(
+            (name.to_ascii_lowercase(), rtype),
+            other.to_ascii_lowercase(),
         );
     }
 
@@ -539,6 +552,18 @@ impl Handler {
         };
         response.add_answers(records);
         response.add_answers(sig);
+        if let Some(other) = zone.appended.get(&(qname.to_string(), qtype)) {
+            let Ok(other_name) = Name::from_str(&format!("{other}.")) else {
+                return;
+            };
+            let forged = answer(zone, other, qtype, &other_name);
+            let sig = match dnssec_ok && zone.unsigned_zone(other).is_none() {
+                true => self.signer.sign(&forged, false),
+                false => None,
+            };
+            response.add_answers(forged);
+            response.add_answers(sig);
+        }
     }
 }
 

@@ -25,6 +25,8 @@ use tokio::sync::{mpsc, oneshot};
 const LOOKUPS_IN_FLIGHT_MAX: usize = 256;
 /// How long a temporary failure is cached, so a dead DNS is not hammered.
 pub const TEMPFAIL_CACHE: Duration = Duration::from_secs(30);
+/// The shortest an answer is held, whatever its TTL (0 included).
+pub const ANSWER_HELD_MIN: Duration = Duration::from_secs(5);
 /// The longest a DANE answer is held when its records give no shorter TTL.
 const ANSWER_HELD_MAX: Duration = Duration::from_secs(86_400);
 
@@ -220,8 +222,14 @@ impl Resolver {
         {
             return failed("resolver thread is gone");
         }
-        rx.await
-            .unwrap_or_else(|_| failed("resolver dropped the request"))
+        let mut answer = rx
+            .await
+            .unwrap_or_else(|_| failed("resolver dropped the request"));
+        // A TTL of 0 (or one run out on the way) must still route the jobs that
+        // waited for this answer: taken as out of date, it sent them to look up
+        // again, and again, without end.
+        answer.valid_until = answer.valid_until.max(Instant::now() + ANSWER_HELD_MIN);
+        answer
     }
 }
 
@@ -350,7 +358,7 @@ fn probe(
     let v = rt.block_on(async { Validator::new(config.clone(), opts.clone(), anchors.clone()) })?;
     let answer = rt.block_on(v.resolver.lookup(".", RecordType::DNSKEY));
     let why = match answer {
-        Ok(l) if all_secure(l.answers(), &[RecordType::DNSKEY]) => return Ok(()),
+        Ok(l) if Answering::of(l.answers(), ".", &[RecordType::DNSKEY]).secure() => return Ok(()),
         Ok(_) => "the root zone's DNSKEY records came back unsigned".to_string(),
         Err(NetError::Dns(DnsError::DnssecBogus)) => {
             "the root zone's DNSKEY records did not validate against the trust anchor (bogus)"
@@ -403,10 +411,14 @@ async fn tlsa_of(
     }
     let fqdn = format!("{}.", host.trim_end_matches('.'));
     let name = format!("_25._tcp.{fqdn}");
-    match v.lookup(name.as_str(), RecordType::TLSA).await {
-        Ok(l) if all_secure(l.answers(), &[RecordType::TLSA]) => {
-            let records: Vec<Tlsa> = l
-                .answers()
+    let lookup = v.lookup(name.as_str(), RecordType::TLSA).await;
+    let answering = lookup
+        .as_ref()
+        .map(|l| Answering::of(l.answers(), &name, &[RecordType::TLSA]));
+    match answering {
+        Ok(a) if a.secure() => {
+            let records: Vec<Tlsa> = a
+                .records
                 .iter()
                 .filter_map(|r| match &r.data {
                     RData::TLSA(t) => Some(Tlsa {
@@ -418,10 +430,21 @@ async fn tlsa_of(
                     _ => None,
                 })
                 .collect();
-            (Ok(Some(records)), until.min(l.valid_until()))
+            let held = lookup.map_or(until, |l| until.min(l.valid_until()));
+            (Ok(Some(records)), held)
         }
         // Records in a zone DNSSEC proves unsigned (a zone cut below the host).
-        Ok(l) => (Ok(None), until.min(l.valid_until())),
+        Ok(a) if !a.records.is_empty() => {
+            let held = lookup.map_or(until, |l| until.min(l.valid_until()));
+            (Ok(None), held)
+        }
+        // Only records of other names: not an answer to the question.
+        Ok(_) => {
+            let why = format!(
+                "DANE: the TLSA answer for {host} holds no record of {name}, only others'; the host is not tried until it can be had (RFC 7672 §2.2)"
+            );
+            (Err(why), until)
+        }
         // Believed only with its signed proof: hickory passes an unsigned denial
         // whose every authority record is insecure, whatever zone they are of.
         Err(e) if no_records(&e).is_some_and(signed_denial) => (Ok(None), until),
@@ -447,7 +470,7 @@ async fn addresses(r: &TokioResolver, host: &str, separately: bool) -> Result<Ad
         let ips = r.lookup_ip(fqdn.as_str()).await?;
         return Ok(Addresses {
             until: ips.valid_until(),
-            ips: ips.iter().collect(),
+            ips: ips_of(ips.as_lookup(), &fqdn),
             secure: false,
         });
     }
@@ -471,14 +494,9 @@ async fn addresses(r: &TokioResolver, host: &str, separately: bool) -> Result<Ad
             Err(e) => return Err(e),
         };
         found.until = found.until.min(l.valid_until());
-        found.secure &= all_secure(l.answers(), &[RecordType::A, RecordType::AAAA]);
-        found
-            .ips
-            .extend(l.answers().iter().filter_map(|r| match &r.data {
-                RData::A(a) => Some(IpAddr::V4(a.0)),
-                RData::AAAA(a) => Some(IpAddr::V6(a.0)),
-                _ => None,
-            }));
+        let answering = Answering::of(l.answers(), &fqdn, &[RecordType::A, RecordType::AAAA]);
+        found.secure &= answering.secure();
+        found.ips.extend(answering.ips());
     }
     match (found.ips.is_empty(), denial) {
         (true, Some(e)) => Err(e),
@@ -496,21 +514,82 @@ fn signed_denial(n: &NoRecords) -> bool {
     })
 }
 
-/// Whether the answer holds records of `types` and every record of it (a CNAME
-/// on the way too) is DNSSEC-secure.
-fn all_secure(answers: &[dns_rr::Record], types: &[RecordType]) -> bool {
-    answers.iter().any(|r| types.contains(&r.record_type()))
-        && answers
-            .iter()
-            .filter(|r| r.record_type() != RecordType::RRSIG)
-            .all(|r| r.proof.is_secure())
+/// CNAMEs followed from the name asked to the records' owner at most.
+const CNAME_HOPS_MAX: usize = 8;
+
+/// The part of an answer that answers the name asked (RFC 1034 §3.6.2, §4.3.2):
+/// the CNAME chain from it and the records of the types asked owned by the chain's
+/// end. Records of other names are left out: a forger on the path can append them
+/// to a genuine, signed answer, and hickory passes them on.
+struct Answering<'a> {
+    chain: Vec<&'a dns_rr::Record>,
+    records: Vec<&'a dns_rr::Record>,
 }
 
-/// The texts of a TXT answer, one per record: a record's strings are one text
-/// (RFC 7208 §3.3's rule, RFC 8461 §3.1, RFC 8460 §3).
-fn texts(txt: &hickory_resolver::lookup::Lookup) -> Vec<String> {
-    txt.answers()
-        .iter()
+impl<'a> Answering<'a> {
+    fn of(answers: &'a [dns_rr::Record], name: &str, types: &[RecordType]) -> Answering<'a> {
+        let owned_by = |r: &dns_rr::Record, owner: &str| {
+            r.name
+                .to_ascii()
+                .trim_end_matches('.')
+                .eq_ignore_ascii_case(owner.trim_end_matches('.'))
+        };
+        let mut owner = name.to_string();
+        let mut chain = Vec::new();
+        while chain.len() < CNAME_HOPS_MAX {
+            let Some(cname) = answers
+                .iter()
+                .find(|r| owned_by(r, &owner) && r.record_type() == RecordType::CNAME)
+            else {
+                break;
+            };
+            let RData::CNAME(target) = &cname.data else {
+                break;
+            };
+            owner = target.0.to_ascii();
+            chain.push(cname);
+        }
+        let records = answers
+            .iter()
+            .filter(|r| types.contains(&r.record_type()) && owned_by(r, &owner))
+            .collect();
+        Answering { chain, records }
+    }
+
+    /// Whether there are records and every one, the chain's too, is DNSSEC-secure.
+    fn secure(&self) -> bool {
+        !self.records.is_empty()
+            && self
+                .chain
+                .iter()
+                .chain(&self.records)
+                .all(|r| r.proof.is_secure())
+    }
+
+    /// The addresses among the records.
+    fn ips(&self) -> Vec<IpAddr> {
+        self.records
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// The addresses of `host` in an address lookup's answer.
+fn ips_of(l: &hickory_resolver::lookup::Lookup, host: &str) -> Vec<IpAddr> {
+    Answering::of(l.answers(), host, &[RecordType::A, RecordType::AAAA]).ips()
+}
+
+/// The texts of `name`'s TXT records in an answer, one per record: a record's
+/// strings are one text (RFC 7208 §3.3's rule, RFC 8461 §3.1, RFC 8460 §3).
+fn texts(txt: &hickory_resolver::lookup::Lookup, name: &str) -> Vec<String> {
+    Answering::of(txt.answers(), name, &[RecordType::TXT])
+        .records
+        .into_iter()
         .filter_map(|rec| match &rec.data {
             RData::TXT(t) => Some(
                 t.txt_data
@@ -546,7 +625,7 @@ impl BlockingResolver {
     pub fn txt(&self, name: &str) -> Result<Vec<String>, String> {
         let fqdn = format!("{}.", name.trim_end_matches('.'));
         match self.rt.block_on(self.resolver.txt_lookup(fqdn.as_str())) {
-            Ok(txt) => Ok(texts(&txt)),
+            Ok(txt) => Ok(texts(&txt, &fqdn)),
             Err(e)
                 if no_records(&e).is_some_and(|n| {
                     matches!(
@@ -565,7 +644,7 @@ impl BlockingResolver {
     pub fn ips(&self, host: &str) -> Result<Vec<IpAddr>, String> {
         let fqdn = format!("{}.", host.trim_end_matches('.'));
         match self.rt.block_on(self.resolver.lookup_ip(fqdn.as_str())) {
-            Ok(ips) => Ok(ips.iter().collect()),
+            Ok(ips) => Ok(ips_of(ips.as_lookup(), &fqdn)),
             Err(e) => Err(explain::dns(host, &lookup_failed(&e)).to_string()),
         }
     }
@@ -582,9 +661,10 @@ async fn resolve(r: &TokioResolver, v: Option<&Validator>, domain: &str) -> Answ
     match r.mx_lookup(fqdn.as_str()).await {
         Ok(mx) => {
             let valid_until = mx.valid_until();
-            let mx_secure = v.is_some() && all_secure(mx.answers(), &[RecordType::MX]);
-            let mut recs: Vec<(u16, String)> = mx
-                .answers()
+            let answering = Answering::of(mx.answers(), &fqdn, &[RecordType::MX]);
+            let mx_secure = v.is_some() && answering.secure();
+            let mut recs: Vec<(u16, String)> = answering
+                .records
                 .iter()
                 .filter_map(|rec| match &rec.data {
                     RData::MX(m) => Some((
@@ -769,7 +849,7 @@ async fn sts_of(r: &TokioResolver, policies: &Arc<Policies>, domain: &str) -> St
     let record = match r.txt_lookup(format!("_mta-sts.{domain}.").as_str()).await {
         Ok(txt) => {
             absent_until = Some(txt.valid_until());
-            Record::Texts(texts(&txt))
+            Record::Texts(texts(&txt, &format!("_mta-sts.{domain}")))
         }
         Err(e) => match no_records(&e) {
             Some(
@@ -802,7 +882,7 @@ async fn sts_of(r: &TokioResolver, policies: &Arc<Policies>, domain: &str) -> St
     let host = format!("mta-sts.{domain}");
     let body = match r.lookup_ip(format!("{host}.").as_str()).await {
         Ok(ips) => {
-            let addrs: Vec<IpAddr> = ips.iter().collect();
+            let addrs = ips_of(ips.as_lookup(), &host);
             let (p, d) = (policies.clone(), domain.clone());
             tokio::task::spawn_blocking(move || mta_sts::fetch(&d, &addrs, p.settings()))
                 .await
