@@ -447,8 +447,8 @@ async fn tlsa_of(
         }
         // Believed only with its signed proof: hickory passes an unsigned denial
         // whose every authority record is insecure, whatever zone they are of.
-        Err(e) if no_records(&e).is_some_and(signed_denial) => (Ok(None), until),
-        Err(e) => (Err(failed("TLSA records", &e)), until),
+        Err(e) if no_records(e).is_some_and(signed_denial) => (Ok(None), until),
+        Err(e) => (Err(failed("TLSA records", e)), until),
     }
 }
 
