@@ -11,6 +11,7 @@
 //! The `submission` scenario (intake over SMTP, `volley serve` against Postfix's
 //! smtpd) has its own runner, submission_bench.rs.
 
+use crate::counters::{Counters, Tracepoints};
 use crate::dns::{self, Zone};
 use crate::gen::{self, GenOptions};
 use crate::profile::{Part, Profile};
@@ -50,6 +51,21 @@ pub struct BenchOptions {
     pub shaping_accept_all: bool,
     /// Times the scenario's runs are repeated, alternating; ratios are medians.
     pub rounds: usize,
+    /// Count each system's system calls and io_uring submissions (counters.rs).
+    pub syscall_count: bool,
+    /// volley's accept-all run once per STARTTLS setting (default: STARTTLS only).
+    pub tls: Vec<TlsColumn>,
+    /// volley's accept-all run once per driver (default: the engine's choice).
+    pub drivers: Vec<Driver>,
+}
+
+/// How volley's accept-all runs talk to the sink, for `--tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsColumn {
+    /// STARTTLS on every connection (the sink offers it): volley's default.
+    Starttls,
+    /// `--tls disabled`: in clear.
+    Plain,
 }
 
 struct Scenario {
@@ -98,9 +114,12 @@ fn scenario(name: &str) -> anyhow::Result<Scenario> {
     })
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Result {
     pub system: String,
+    /// volley's accept-all variant ("plain, epoll"); empty for the default run.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub variant: String,
     pub profile: String,
     pub recipients: u64,
     /// Recipients at a final state at the sink (accepted once, or refused permanently).
@@ -117,6 +136,18 @@ pub struct Result {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub first_pass_by_mx: Vec<MxPass>,
     pub cpu_s_per_1000: Option<f64>,
+    /// The same CPU split: user and system time per message, µs.
+    pub user_us_per_msg: Option<f64>,
+    pub sys_us_per_msg: Option<f64>,
+    /// System calls entered per message, all threads (counters.rs; None without tracefs).
+    pub syscalls_per_msg: Option<f64>,
+    /// io_uring requests submitted per message (the work io_uring did in those calls).
+    pub io_uring_submits_per_msg: Option<f64>,
+    /// Voluntary and involuntary context switches per message (wait4's rusage).
+    pub context_switches_per_msg: Option<f64>,
+    /// The bench process's own CPU per message while the system ran: the sink and
+    /// the test DNS, so that the rig is seen to cost less than what it measures.
+    pub sink_cpu_us_per_msg: Option<f64>,
     pub peak_rss_mb: Option<f64>,
     pub latency_ms_p50: u64,
     pub latency_ms_p90: u64,
@@ -201,14 +232,26 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
             ..GenOptions::default()
         },
     )?;
+    let runs = variants(opts, runs);
     let rounds = opts.rounds.max(1);
     // (round, result): ratios are taken within a round, then their median.
     let mut results: Vec<(usize, Result)> = Vec::new();
     let mut skipped = Vec::new();
-    for (round, &(sys, profile)) in (0..rounds).flat_map(|i| runs.iter().map(move |r| (i, r))) {
+    // Every other round runs the systems in the opposite order, so that neither
+    // always has the machine just after the other.
+    let order = |i: usize| -> Vec<(usize, &Run)> {
+        let mut r: Vec<_> = runs.iter().map(|r| (i, r)).collect();
+        if i % 2 == 1 {
+            r.reverse();
+        }
+        r
+    };
+    for (round, run) in (0..rounds).flat_map(order) {
+        let (sys, profile) = (run.system, run.profile);
         eprintln!(
-            "bench: {} sending {n} messages ({profile} profile){}",
+            "bench: {}{} sending {n} messages ({profile} profile){}",
             name(sys),
+            run.variant_label(),
             if rounds > 1 {
                 format!(", round {} of {rounds}", round + 1)
             } else {
@@ -217,12 +260,14 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
         );
         let r = match sys {
             System::Volley => {
-                let shaping: Vec<&str> = match &opts.shaping {
+                let mut shaping: Vec<&str> = match &opts.shaping {
                     Some(f) if profile != "accept-all" || opts.shaping_accept_all => {
                         vec!["--shaping", f.to_str().expect("utf-8 path")]
                     }
                     _ => vec![],
                 };
+                let with_shaping = !shaping.is_empty();
+                shaping.extend(run.extra.iter().map(String::as_str));
                 let mut p = Profile::load(profile)?;
                 let mut label = profile.to_string();
                 if profile != "accept-all" && !opts.without.is_empty() {
@@ -237,9 +282,10 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
                     label = format!("{profile} without {}", parts.join(" and "));
                 }
                 run_volley(opts, &label, p, n, &campaign, &work, &shaping).map(|(mut r, _)| {
-                    if profile == "accept-all" && !shaping.is_empty() {
+                    if profile == "accept-all" && with_shaping {
                         r.note = "with the same --shaping".into();
                     }
+                    r.variant = run.variant.clone();
                     r
                 })
             }
@@ -248,7 +294,12 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
         };
         match r {
             Ok(mut r) => {
-                eprintln!("bench: {} ({profile}) {:.0} msgs/s", r.system, r.msgs_per_s);
+                eprintln!(
+                    "bench: {}{} ({profile}) {:.0} msgs/s",
+                    r.system,
+                    run.variant_label(),
+                    r.msgs_per_s
+                );
                 if rounds > 1 {
                     r.note = format!("round {}; {}", round + 1, r.note)
                         .trim_end_matches("; ")
@@ -273,6 +324,77 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
     write_report(opts, report)
 }
 
+/// One run of a round: a system on a sink profile, volley's with the variant's
+/// arguments (`--tls`, `--driver`).
+struct Run<'a> {
+    system: System,
+    profile: &'a str,
+    /// "STARTTLS, epoll"; empty for the one default run.
+    variant: String,
+    extra: Vec<String>,
+}
+
+impl Run<'_> {
+    fn variant_label(&self) -> String {
+        if self.variant.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", self.variant)
+        }
+    }
+}
+
+/// The scenario's runs, volley's accept-all run once per `--tls` and `--driver`
+/// value given (STARTTLS and the engine's driver choice where none is).
+fn variants<'a>(opts: &BenchOptions, runs: Vec<(System, &'a str)>) -> Vec<Run<'a>> {
+    let tls = if opts.tls.is_empty() {
+        vec![TlsColumn::Starttls]
+    } else {
+        opts.tls.clone()
+    };
+    let drivers = if opts.drivers.is_empty() {
+        vec![Driver::Auto]
+    } else {
+        opts.drivers.clone()
+    };
+    let named = !opts.tls.is_empty() || !opts.drivers.is_empty();
+    let mut out = Vec::new();
+    for (system, profile) in runs {
+        if system != System::Volley || profile != "accept-all" {
+            out.push(Run {
+                system,
+                profile,
+                variant: String::new(),
+                extra: Vec::new(),
+            });
+            continue;
+        }
+        for &t in &tls {
+            for &d in &drivers {
+                let mut extra = vec!["--driver".to_string(), d.to_string()];
+                if t == TlsColumn::Plain {
+                    extra.extend(["--tls".to_string(), "disabled".to_string()]);
+                }
+                let tls_name = match t {
+                    TlsColumn::Starttls => "STARTTLS",
+                    TlsColumn::Plain => "plain",
+                };
+                out.push(Run {
+                    system,
+                    profile,
+                    variant: if named {
+                        format!("{tls_name}, {d}")
+                    } else {
+                        String::new()
+                    },
+                    extra,
+                });
+            }
+        }
+    }
+    out
+}
+
 /// The middle value (the upper middle of an even count).
 pub(crate) fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
@@ -280,10 +402,18 @@ pub(crate) fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// volley's accept-all rate over each other system's, and volley's first pass on
-/// another profile over its accept-all rate: taken within each round, then the
+/// volley's accept-all rate over each other system's, volley's first pass on
+/// another profile over its accept-all rate, and each other accept-all variant's
+/// rate and CPU per message over the first's: taken within each round, then the
 /// median over the rounds (with every round's value in the name when there are more).
 pub(crate) fn ratios(results: &[(usize, Result)], rounds: usize) -> Vec<(String, f64)> {
+    let accept_all = |r: &Result| r.system == "volley" && r.profile == "accept-all";
+    // The base is volley's first variant (the order of `--tls` and `--driver`): the
+    // first in round 1, which runs in that order.
+    let base_variant = results
+        .iter()
+        .find(|(i, r)| *i == 0 && accept_all(r))
+        .map(|(_, r)| &r.variant);
     let mut per: Vec<(String, Vec<f64>)> = Vec::new();
     for round in 0..rounds {
         let these: Vec<&Result> = results
@@ -291,19 +421,35 @@ pub(crate) fn ratios(results: &[(usize, Result)], rounds: usize) -> Vec<(String,
             .filter(|(i, _)| *i == round)
             .map(|(_, r)| r)
             .collect();
-        let Some(base) = these
+        let Some(first) = these
             .iter()
-            .find(|r| r.system == "volley" && r.profile == "accept-all")
-            .map(|r| r.msgs_per_s)
+            .find(|r| accept_all(r) && Some(&r.variant) == base_variant)
         else {
             continue;
         };
+        let base = first.msgs_per_s;
         let mut add = |name: String, v: f64| match per.iter_mut().find(|(n, _)| *n == name) {
             Some((_, vs)) => vs.push(v),
             None => per.push((name, vec![v])),
         };
         for r in these.iter().filter(|r| r.system != "volley") {
             add(format!("volley / {}", r.system), base / r.msgs_per_s);
+        }
+        for r in these
+            .iter()
+            .filter(|r| accept_all(r) && r.variant != first.variant)
+        {
+            let (this, that) = (&r.variant, &first.variant);
+            add(
+                format!("msgs/s, volley ({this}) / volley ({that})"),
+                r.msgs_per_s / base,
+            );
+            if let (Some(a), Some(b)) = (r.cpu_s_per_1000, first.cpu_s_per_1000) {
+                add(
+                    format!("CPU per message, volley ({this}) / volley ({that})"),
+                    a / b,
+                );
+            }
         }
         for r in these
             .iter()
@@ -380,18 +526,31 @@ pub(crate) fn name(s: System) -> &'static str {
 
 pub fn markdown(r: &Report) -> String {
     let mut s = format!("### bench {}\n\n", r.scenario);
-    s.push_str("| system | sink profile | messages | msgs/s | first pass msgs/s | CPU s / 1000 msgs | peak RSS MB | p50 ms | p90 ms | p99 ms | max ms | dup | corrupt | note |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| system | sink profile | messages | msgs/s | first pass msgs/s | CPU µs/msg (user + sys) | syscalls/msg | io_uring submits/msg | context switches/msg | sink CPU µs/msg | peak RSS MB | p50 ms | p90 ms | p99 ms | max ms | dup | corrupt | note |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     let opt = |v: Option<f64>, d: usize| v.map_or("n/a".to_string(), |v| format!("{v:.d$}"));
     for x in &r.results {
+        let cpu = match (x.cpu_s_per_1000, x.user_us_per_msg, x.sys_us_per_msg) {
+            (Some(c), Some(u), Some(k)) => format!("{:.1} ({u:.1} + {k:.1})", c * 1000.0),
+            (c, _, _) => opt(c.map(|c| c * 1000.0), 1),
+        };
+        let system = if x.variant.is_empty() {
+            x.system.clone()
+        } else {
+            format!("{} ({})", x.system, x.variant)
+        };
         s.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            x.system,
+            "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            system,
             x.profile,
             x.terminal,
             x.msgs_per_s,
             opt(x.first_pass_msgs_per_s, 0),
-            opt(x.cpu_s_per_1000, 3),
+            cpu,
+            opt(x.syscalls_per_msg, 1),
+            opt(x.io_uring_submits_per_msg, 1),
+            opt(x.context_switches_per_msg, 2),
+            opt(x.sink_cpu_us_per_msg, 1),
             opt(x.peak_rss_mb, 1),
             x.latency_ms_p50,
             x.latency_ms_p90,
@@ -492,9 +651,44 @@ pub(crate) fn wait_for(
     }
 }
 
-/// Waits for the sink to see `n` final recipients from the child `pid`, then reaps
-/// the child for its CPU time and peak RSS.
-fn watch(sink: &Sink, n: u64, started: Instant, pid: u32) -> (Summary, f64, Option<Usage>) {
+/// A system under test started by [`spawn_measured`].
+pub(crate) struct Measured {
+    pub(crate) child: std::process::Child,
+    counters: Option<Counters>,
+    /// This process's CPU when the child started, s.
+    self_cpu0: f64,
+}
+
+/// Starts `cmd` with its system calls and io_uring submissions counted (unless
+/// `opts.syscall_count` is off, or the kernel will not count them: said once).
+pub(crate) fn spawn_measured(opts: &BenchOptions, cmd: &mut Command) -> anyhow::Result<Measured> {
+    static TRACEPOINTS: std::sync::OnceLock<Option<Tracepoints>> = std::sync::OnceLock::new();
+    let tracepoints = opts.syscall_count.then(|| {
+        *TRACEPOINTS.get_or_init(|| {
+            Tracepoints::find()
+                .map_err(|why| eprintln!("bench: no syscall columns: {why}"))
+                .ok()
+        })
+    });
+    if let Some(tp) = tracepoints.flatten() {
+        tp.attach(cmd);
+    }
+    let self_cpu0 = self_cpu_s();
+    let child = cmd
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("{:?}: {e}", cmd.get_program()))?;
+    let counters = tracepoints.flatten().map(|_| Counters::of(child.id()));
+    Ok(Measured {
+        child,
+        counters,
+        self_cpu0,
+    })
+}
+
+/// Waits for the sink to see `n` final recipients from the child `m`, then reaps
+/// it for its CPU time, peak RSS, context switches and counts.
+fn watch(sink: &Sink, n: u64, started: Instant, m: Measured) -> (Summary, f64, Option<Usage>) {
+    let pid = m.child.id();
     let mut usage = None;
     let mut hwm = None;
     let (s, secs) = wait_for(sink, n, started, || {
@@ -502,12 +696,18 @@ fn watch(sink: &Sink, n: u64, started: Instant, pid: u32) -> (Summary, f64, Opti
         usage = reap(pid, false);
         usage.is_some()
     });
+    let sink_cpu_s = self_cpu_s() - m.self_cpu0;
     let mut usage = usage.or_else(|| reap(pid, true));
-    // wait4's ru_maxrss keeps the high-water mark from before exec, when the child
-    // was a copy of this process (whose RSS grows with each run's sink state), so
-    // the child's own VmHWM is the figure; wait4's only if the child never showed one.
-    if let (Some(u), Some(h)) = (usage.as_mut(), hwm) {
-        u.max_rss_mb = h;
+    if let Some(u) = usage.as_mut() {
+        // wait4's ru_maxrss keeps the high-water mark from before exec, when the
+        // child was a copy of this process (whose RSS grows with each run's sink
+        // state), so the child's own VmHWM is the figure; wait4's only if the child
+        // never showed one.
+        if let Some(h) = hwm {
+            u.max_rss_mb = h;
+        }
+        (u.syscalls, u.uring_submits) = m.counters.map_or((None, None), |c| c.read());
+        u.sink_cpu_s = Some(sink_cpu_s);
     }
     (s, secs, usage)
 }
@@ -526,11 +726,32 @@ pub(crate) fn peak_rss_mb(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+#[derive(Default)]
 pub(crate) struct Usage {
+    /// User and system CPU, s.
     pub(crate) cpu_s: f64,
+    /// The system part of `cpu_s` (None where only the sum is known).
+    pub(crate) sys_s: Option<f64>,
     pub(crate) max_rss_mb: f64,
     /// wait4's status (None where the figures are not one reaped child's).
     pub(crate) wait_status: Option<i32>,
+    /// Voluntary plus involuntary context switches.
+    pub(crate) context_switches: Option<u64>,
+    /// From counters.rs, where they could be had.
+    pub(crate) syscalls: Option<u64>,
+    pub(crate) uring_submits: Option<u64>,
+    /// The bench process's CPU over the run, s.
+    pub(crate) sink_cpu_s: Option<f64>,
+}
+
+impl Usage {
+    /// CPU time known only as a sum (Postfix's many processes).
+    pub(crate) fn cpu_only(cpu_s: f64) -> Usage {
+        Usage {
+            cpu_s,
+            ..Usage::default()
+        }
+    }
 }
 
 /// Reaps `pid` with wait4 to read its CPU time and peak RSS; None if it is still running.
@@ -553,8 +774,11 @@ pub(crate) fn reap(pid: u32, block: bool) -> Option<Usage> {
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     Some(Usage {
         cpu_s: tv(ru.ru_utime) + tv(ru.ru_stime),
+        sys_s: Some(tv(ru.ru_stime)),
         max_rss_mb: ru.ru_maxrss as f64 / 1024.0,
         wait_status: Some(status),
+        context_switches: Some((ru.ru_nvcsw + ru.ru_nivcsw) as u64),
+        ..Usage::default()
     })
 }
 
@@ -567,8 +791,10 @@ pub(crate) fn result(
     usage: Option<Usage>,
     note: String,
 ) -> Result {
+    let per = n.max(1) as f64;
     Result {
         system: system.into(),
+        variant: String::new(),
         profile: profile.into(),
         recipients: n,
         terminal: s.rcpts_terminal,
@@ -578,6 +804,18 @@ pub(crate) fn result(
         first_pass_msgs_per_s: None,
         first_pass_by_mx: Vec::new(),
         cpu_s_per_1000: usage.as_ref().map(|u| u.cpu_s * 1000.0 / n.max(1) as f64),
+        user_us_per_msg: usage
+            .as_ref()
+            .and_then(|u| Some((u.cpu_s - u.sys_s?) * 1e6 / per)),
+        sys_us_per_msg: usage.as_ref().and_then(|u| Some(u.sys_s? * 1e6 / per)),
+        syscalls_per_msg: usage.as_ref().and_then(|u| Some(u.syscalls? as f64 / per)),
+        io_uring_submits_per_msg: usage
+            .as_ref()
+            .and_then(|u| Some(u.uring_submits? as f64 / per)),
+        context_switches_per_msg: usage
+            .as_ref()
+            .and_then(|u| Some(u.context_switches? as f64 / per)),
+        sink_cpu_us_per_msg: usage.as_ref().and_then(|u| Some(u.sink_cpu_s? * 1e6 / per)),
         peak_rss_mb: usage.as_ref().map(|u| u.max_rss_mb),
         latency_ms_p50: s.latency_ms.p50,
         latency_ms_p90: s.latency_ms.p90,
@@ -677,10 +915,8 @@ pub(crate) fn run_volley_on(
     t.sink.reset_latency_origin();
     let started = Instant::now();
     let started_sys = std::time::SystemTime::now();
-    let child = cmd
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", bin.display()))?;
-    let (s, secs, usage) = watch(&t.sink, n, started, child.id());
+    let child = spawn_measured(opts, &mut cmd)?;
+    let (s, secs, usage) = watch(&t.sink, n, started, child);
     let note = if profile == "accept-all" {
         String::new()
     } else {
@@ -794,11 +1030,10 @@ fn run_smtp_source(
         .ok_or_else(|| anyhow::anyhow!("profile has no google provider"))?;
     t.sink.reset_latency_origin();
     let started = Instant::now();
-    let child = smtp_source(&bin, n, body_bytes, "rcpt@gmail.com", &addr.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let (s, secs, usage) = watch(&t.sink, n, started, child.id());
+    let mut cmd = smtp_source(&bin, n, body_bytes, "rcpt@gmail.com", &addr.to_string());
+    cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+    let child = spawn_measured(opts, &mut cmd)?;
+    let (s, secs, usage) = watch(&t.sink, n, started, child);
     Ok(result(
         "smtp-source",
         profile,
@@ -876,11 +1111,7 @@ fn run_postfix(
         n,
         &s,
         secs,
-        Some(Usage {
-            cpu_s: cpu,
-            max_rss_mb: 0.0,
-            wait_status: None,
-        }),
+        Some(Usage::cpu_only(cpu)),
         note,
     );
     r.peak_rss_mb = None;
@@ -1145,18 +1376,8 @@ mod tests {
             terminal: 100,
             seconds: 1.0,
             msgs_per_s: rate,
-            delivered_s: None,
             first_pass_msgs_per_s: first_pass,
-            first_pass_by_mx: Vec::new(),
-            cpu_s_per_1000: None,
-            peak_rss_mb: None,
-            latency_ms_p50: 0,
-            latency_ms_p90: 0,
-            latency_ms_p99: 0,
-            latency_ms_max: 0,
-            duplicates: 0,
-            corrupt: 0,
-            note: String::new(),
+            ..Result::default()
         }
     }
 
@@ -1184,5 +1405,36 @@ mod tests {
             one[0].0,
             "volley first pass (realistic) / volley (accept-all)"
         );
+    }
+
+    #[test]
+    fn variants_are_taken_over_the_first_whichever_order_the_round_ran() {
+        let run = |variant: &str, rate: f64, cpu: f64| Result {
+            variant: variant.into(),
+            cpu_s_per_1000: Some(cpu),
+            ..volley("accept-all", rate, None)
+        };
+        let (uring, epoll) = ("STARTTLS, io-uring", "STARTTLS, epoll");
+        // Round 2 ran backwards: epoll first. The base stays io_uring.
+        let results = vec![
+            (0, run(uring, 100.0, 0.020)),
+            (0, run(epoll, 120.0, 0.018)),
+            (1, run(epoll, 90.0, 0.030)),
+            (1, run(uring, 100.0, 0.025)),
+            (2, run(uring, 50.0, 0.020)),
+            (2, run(epoll, 55.0, 0.021)),
+        ];
+        let r = ratios(&results, 3);
+        let find = |what: &str| {
+            r.iter()
+                .find(|(name, _)| name.starts_with(what))
+                .unwrap_or_else(|| panic!("no {what:?} in {r:?}"))
+                .1
+        };
+        let rate = find("msgs/s, volley (STARTTLS, epoll) / volley (STARTTLS, io-uring)");
+        assert!((rate - 1.1).abs() < 1e-9, "{r:?}");
+        let cpu = find("CPU per message, volley (STARTTLS, epoll) / volley (STARTTLS, io-uring)");
+        assert!((cpu - 1.05).abs() < 1e-9, "{r:?}");
+        assert_eq!(r.len(), 2, "{r:?}");
     }
 }

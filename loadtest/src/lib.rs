@@ -3,6 +3,7 @@
 //! a library so the engine's tests and `volley-load demo` start them in-process.
 
 pub mod bench;
+pub mod counters;
 pub mod dane_bench;
 pub mod demo;
 pub mod dkim_bench;

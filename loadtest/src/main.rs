@@ -152,6 +152,19 @@ enum Cmd {
         /// machine is noisy).
         #[arg(long, default_value_t = 1)]
         rounds: usize,
+        /// Do not count system calls and io_uring submissions: counting them puts
+        /// every system call on the machine on the kernel's traced path, a few tens of
+        /// ns each, which the CPU columns then include.
+        #[arg(long)]
+        no_syscall_count: bool,
+        /// volley's accept-all run once per value, comma-separated: starttls, plain
+        /// (`--tls disabled`). Ratios are to the first.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        tls: Vec<bench::TlsColumn>,
+        /// volley's accept-all run once per driver, comma-separated: io-uring, epoll,
+        /// auto (each with every --tls value). Ratios are to the first.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        driver: Vec<volley::deliver::runtime::Driver>,
     },
     /// Serve the test DNS for a profile's domains (and the edge-case domains) until interrupted.
     Dns {
@@ -297,6 +310,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             without,
             shaping_accept_all,
             rounds,
+            no_syscall_count,
+            tls,
+            driver,
         } => {
             if scenario == "sink" {
                 let md =
@@ -319,6 +335,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 without,
                 shaping_accept_all,
                 rounds,
+                syscall_count: !no_syscall_count,
+                tls,
+                drivers: driver,
             })?;
             Ok(())
         }

@@ -360,11 +360,7 @@ fn run_postfix(opts: &BenchOptions, source: &Path, n: u64, work: &Path) -> anyho
         "intake {intake_s:.2} s; {}{left} queue files not yet removed then; CPU = machine less the sink",
         delivered_note(&s, n, all_s)
     );
-    let usage = Usage {
-        cpu_s: cpu,
-        max_rss_mb: 0.0,
-        wait_status: None,
-    };
+    let usage = Usage::cpu_only(cpu);
     let mut result = row("postfix", n, &s, intake_s, all_s, Some(usage), note);
     result.peak_rss_mb = None;
     Ok(Run {
@@ -450,17 +446,7 @@ mod tests {
             seconds: 1.0,
             msgs_per_s: rate,
             delivered_s: Some(delivered_s),
-            first_pass_msgs_per_s: None,
-            first_pass_by_mx: Vec::new(),
-            cpu_s_per_1000: None,
-            peak_rss_mb: None,
-            latency_ms_p50: 0,
-            latency_ms_p90: 0,
-            latency_ms_p99: 0,
-            latency_ms_max: 0,
-            duplicates: 0,
-            corrupt: 0,
-            note: String::new(),
+            ..Result::default()
         };
         Run {
             intake_s: 1.0,
