@@ -7,8 +7,8 @@
 //! - RSA-2048 signatures, in clear (target: at least 0.9x of the lower of the
 //!   reference and the raw RSA-2048 signing rate of one core × the shard count).
 //!
-//! Keys come from `volley dkim keygen`; the raw RSA rate is ring's (what mail-auth
-//! signs with) on this thread, for two seconds.
+//! Keys come from `volley dkim keygen`; the raw RSA rate is aws-lc-rs's (what volley
+//! signs RSA with) on this thread, for two seconds.
 
 use crate::bench::{median, run_volley, volley_binary, write_checks, BenchOptions, Check, Report};
 use crate::gen::{self, GenOptions};
@@ -144,20 +144,20 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
     write_checks(opts, results, checks)
 }
 
-/// RSA-2048 PKCS#1 SHA-256 signatures per second on this thread (ring).
+/// RSA-2048 PKCS#1 SHA-256 signatures per second on this thread (aws-lc-rs).
 fn raw_rsa_per_s(pem: &std::path::Path) -> anyhow::Result<f64> {
     use rustls::pki_types::pem::PemObject;
     let der = rustls::pki_types::PrivatePkcs8KeyDer::from_pem_file(pem)
         .map_err(|e| anyhow::anyhow!("{}: {e}", pem.display()))?;
-    let key = ring::signature::RsaKeyPair::from_pkcs8(der.secret_pkcs8_der())
+    let key = aws_lc_rs::signature::RsaKeyPair::from_pkcs8(der.secret_pkcs8_der())
         .map_err(|e| anyhow::anyhow!("{}: {e}", pem.display()))?;
-    let rng = ring::rand::SystemRandom::new();
-    let mut sig = vec![0; key.public().modulus_len()];
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let mut sig = vec![0; key.public_modulus_len()];
     let started = Instant::now();
     let mut n = 0u64;
     while started.elapsed() < Duration::from_secs(2) {
         key.sign(
-            &ring::signature::RSA_PKCS1_SHA256,
+            &aws_lc_rs::signature::RSA_PKCS1_SHA256,
             &rng,
             b"a DKIM header block",
             &mut sig,
