@@ -57,6 +57,9 @@ pub struct BenchOptions {
     pub tls: Vec<TlsColumn>,
     /// volley's accept-all run once per driver (default: the engine's choice).
     pub drivers: Vec<Driver>,
+    /// An earlier volley build whose accept-all runs come first, with every
+    /// `tls` and `drivers` value: before and after in one run.
+    pub baseline: Option<PathBuf>,
 }
 
 /// How volley's accept-all runs talk to the sink, for `--tls`.
@@ -281,7 +284,11 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
                         .collect();
                     label = format!("{profile} without {}", parts.join(" and "));
                 }
-                run_volley(opts, &label, p, n, &campaign, &work, &shaping).map(|(mut r, _)| {
+                let build = BenchOptions {
+                    volley: run.binary.clone().or_else(|| opts.volley.clone()),
+                    ..opts.clone()
+                };
+                run_volley(&build, &label, p, n, &campaign, &work, &shaping).map(|(mut r, _)| {
                     if profile == "accept-all" && with_shaping {
                         r.note = "with the same --shaping".into();
                     }
@@ -332,6 +339,8 @@ struct Run<'a> {
     /// "STARTTLS, epoll"; empty for the one default run.
     variant: String,
     extra: Vec<String>,
+    /// `--baseline`'s binary instead of the one under test.
+    binary: Option<PathBuf>,
 }
 
 impl Run<'_> {
@@ -345,7 +354,8 @@ impl Run<'_> {
 }
 
 /// The scenario's runs, volley's accept-all run once per `--tls` and `--driver`
-/// value given (STARTTLS and the engine's driver choice where none is).
+/// value given (STARTTLS and the engine's driver choice where none is), and per
+/// build when `--baseline` gives a second one.
 fn variants<'a>(opts: &BenchOptions, runs: Vec<(System, &'a str)>) -> Vec<Run<'a>> {
     let tls = if opts.tls.is_empty() {
         vec![TlsColumn::Starttls]
@@ -358,6 +368,11 @@ fn variants<'a>(opts: &BenchOptions, runs: Vec<(System, &'a str)>) -> Vec<Run<'a
         opts.drivers.clone()
     };
     let named = !opts.tls.is_empty() || !opts.drivers.is_empty();
+    // The baseline build first, so that every ratio reads "this build / baseline".
+    let mut builds: Vec<Option<&PathBuf>> = vec![None];
+    if let Some(b) = &opts.baseline {
+        builds.insert(0, Some(b));
+    }
     let mut out = Vec::new();
     for (system, profile) in runs {
         if system != System::Volley || profile != "accept-all" {
@@ -366,30 +381,44 @@ fn variants<'a>(opts: &BenchOptions, runs: Vec<(System, &'a str)>) -> Vec<Run<'a
                 profile,
                 variant: String::new(),
                 extra: Vec::new(),
+                binary: None,
             });
             continue;
         }
-        for &t in &tls {
-            for &d in &drivers {
-                let mut extra = vec!["--driver".to_string(), d.to_string()];
-                if t == TlsColumn::Plain {
-                    extra.extend(["--tls".to_string(), "disabled".to_string()]);
-                }
+        for (&build, &t, &d) in builds
+            .iter()
+            .flat_map(|b| tls.iter().map(move |t| (b, t)))
+            .flat_map(|(b, t)| drivers.iter().map(move |d| (b, t, d)))
+        {
+            let mut extra = vec!["--driver".to_string(), d.to_string()];
+            if t == TlsColumn::Plain {
+                extra.extend(["--tls".to_string(), "disabled".to_string()]);
+            }
+            let mut variant: Vec<String> = Vec::new();
+            if opts.baseline.is_some() {
+                variant.push(
+                    if build.is_some() {
+                        "baseline"
+                    } else {
+                        "this build"
+                    }
+                    .into(),
+                );
+            }
+            if named {
                 let tls_name = match t {
                     TlsColumn::Starttls => "STARTTLS",
                     TlsColumn::Plain => "plain",
                 };
-                out.push(Run {
-                    system,
-                    profile,
-                    variant: if named {
-                        format!("{tls_name}, {d}")
-                    } else {
-                        String::new()
-                    },
-                    extra,
-                });
+                variant.push(format!("{tls_name}, {d}"));
             }
+            out.push(Run {
+                system,
+                profile,
+                variant: variant.join(", "),
+                extra,
+                binary: build.cloned(),
+            });
         }
     }
     out

@@ -165,6 +165,10 @@ enum Cmd {
         /// auto (each with every --tls value). Ratios are to the first.
         #[arg(long, value_enum, value_delimiter = ',')]
         driver: Vec<volley::deliver::runtime::Driver>,
+        /// An earlier volley binary to run too, first, with every --tls and --driver
+        /// value: each ratio is then this build's over the baseline's.
+        #[arg(long, value_name = "PATH")]
+        baseline: Option<PathBuf>,
     },
     /// Serve the test DNS for a profile's domains (and the edge-case domains) until interrupted.
     Dns {
@@ -313,6 +317,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_syscall_count,
             tls,
             driver,
+            baseline,
         } => {
             if scenario == "sink" {
                 let md =
@@ -338,6 +343,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 syscall_count: !no_syscall_count,
                 tls,
                 drivers: driver,
+                baseline,
             })?;
             Ok(())
         }
