@@ -33,19 +33,20 @@ pub fn block_on_reporting<F: Future>(driver: Driver, f: F) -> std::io::Result<(F
             Driver::Epoll,
         ))
     };
+    let uring = || {
+        // COOP_TASKRUN: completions wait for the thread's next entry into the kernel
+        // rather than interrupting it; SINGLE_ISSUER: only this thread submits (a
+        // shard's ring is its own), which spares the kernel its locking.
+        let mut b = io_uring::IoUring::builder();
+        b.setup_coop_taskrun().setup_single_issuer();
+        RuntimeBuilder::<IoUringDriver>::new()
+            .enable_timer()
+            .uring_builder(b)
+    };
     match driver {
         Driver::Epoll => epoll(f),
-        Driver::IoUring => Ok((
-            RuntimeBuilder::<IoUringDriver>::new()
-                .enable_timer()
-                .build()?
-                .block_on(f),
-            Driver::IoUring,
-        )),
-        Driver::Auto => match RuntimeBuilder::<IoUringDriver>::new()
-            .enable_timer()
-            .build()
-        {
+        Driver::IoUring => Ok((uring().build()?.block_on(f), Driver::IoUring)),
+        Driver::Auto => match uring().build() {
             Ok(mut rt) => Ok((rt.block_on(f), Driver::IoUring)),
             Err(_) => epoll(f),
         },
