@@ -369,10 +369,7 @@ fn variants<'a>(opts: &BenchOptions, runs: Vec<(System, &'a str)>) -> Vec<Run<'a
     };
     let named = !opts.tls.is_empty() || !opts.drivers.is_empty();
     // The baseline build first, so that every ratio reads "this build / baseline".
-    let mut builds: Vec<Option<&PathBuf>> = vec![None];
-    if let Some(b) = &opts.baseline {
-        builds.insert(0, Some(b));
-    }
+    let builds: Vec<Option<&PathBuf>> = opts.baseline.iter().map(Some).chain([None]).collect();
     let mut out = Vec::new();
     for (system, profile) in runs {
         if system != System::Volley || profile != "accept-all" {
@@ -681,8 +678,8 @@ pub(crate) fn wait_for(
 }
 
 /// A system under test started by [`spawn_measured`].
-pub(crate) struct Measured {
-    pub(crate) child: std::process::Child,
+struct Measured {
+    child: std::process::Child,
     counters: Option<Counters>,
     /// This process's CPU when the child started, s.
     self_cpu0: f64,
@@ -690,7 +687,7 @@ pub(crate) struct Measured {
 
 /// Starts `cmd` with its system calls and io_uring submissions counted (unless
 /// `opts.syscall_count` is off, or the kernel will not count them: said once).
-pub(crate) fn spawn_measured(opts: &BenchOptions, cmd: &mut Command) -> anyhow::Result<Measured> {
+fn spawn_measured(opts: &BenchOptions, cmd: &mut Command) -> anyhow::Result<Measured> {
     static TRACEPOINTS: std::sync::OnceLock<Option<Tracepoints>> = std::sync::OnceLock::new();
     let tracepoints = opts.syscall_count.then(|| {
         *TRACEPOINTS.get_or_init(|| {
@@ -832,7 +829,7 @@ pub(crate) fn result(
         delivered_s: None,
         first_pass_msgs_per_s: None,
         first_pass_by_mx: Vec::new(),
-        cpu_s_per_1000: usage.as_ref().map(|u| u.cpu_s * 1000.0 / n.max(1) as f64),
+        cpu_s_per_1000: usage.as_ref().map(|u| u.cpu_s * 1000.0 / per),
         user_us_per_msg: usage
             .as_ref()
             .and_then(|u| Some((u.cpu_s - u.sys_s?) * 1e6 / per)),

@@ -82,7 +82,6 @@ impl Tracepoints {
                 kind: PERF_TYPE_TRACEPOINT,
                 size: std::mem::size_of::<PerfEventAttr>() as u32,
                 config,
-                sample_period: 0,
                 flags: FLAG_DISABLED | FLAG_INHERIT | FLAG_ENABLE_ON_EXEC,
                 ..PerfEventAttr::default()
             })

@@ -38,17 +38,13 @@ pub fn block_on_reporting<F: Future>(driver: Driver, f: F) -> std::io::Result<(F
     // shard's ring is its own), which spares the kernel its locking. Together 0.86x
     // the CPU per message (issue 15). Kernels before 6.0 refuse them: a plain ring then.
     let uring = || {
+        let builder = || RuntimeBuilder::<IoUringDriver>::new().enable_timer();
         let mut b = io_uring::IoUring::builder();
         b.setup_coop_taskrun().setup_single_issuer();
-        RuntimeBuilder::<IoUringDriver>::new()
-            .enable_timer()
+        builder()
             .uring_builder(b)
             .build()
-            .or_else(|_| {
-                RuntimeBuilder::<IoUringDriver>::new()
-                    .enable_timer()
-                    .build()
-            })
+            .or_else(|_| builder().build())
     };
     match driver {
         Driver::Epoll => epoll(f),
