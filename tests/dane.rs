@@ -11,6 +11,7 @@ mod common;
 
 use common::pki::{ca, issue};
 use common::*;
+use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::RecordType;
 use std::path::{Path, PathBuf};
 use volley::deliver::dane::Dane;
@@ -106,7 +107,11 @@ fn validated_lookups_tell_secure_insecure_bogus_and_failed_tlsa_apart() {
         z.set_bogus_type("bogus-mx.test", RecordType::MX);
         z.set_bogus_type("mx.bogus-a4.test", RecordType::A);
         // "No TLSA records", vouched for by nothing but another zone's unsigned SOA.
-        z.set_forged_denial("_25._tcp.mx.forged.test", "insecure.test");
+        z.set_forged_denial(
+            "_25._tcp.mx.forged.test",
+            "insecure.test",
+            ResponseCode::NoError,
+        );
     }
     let one = |domain: &str| {
         let mut hosts = dane_of(&env.dns, &anchor, domain);
@@ -154,6 +159,57 @@ fn validated_lookups_tell_secure_insecure_bogus_and_failed_tlsa_apart() {
             ),
             other => panic!("{domain}: {other:?}"),
         }
+    }
+}
+
+#[test]
+fn denials_of_mx_and_addresses_are_believed_only_with_their_proof() {
+    let env = env("dane-denials", "");
+    let anchor = trust_anchor(&env.dns, &env.dir);
+    let sink_ip = env.sink.addrs[0][0].ip();
+    {
+        let mut z = env.dns.zone.write().unwrap();
+        z.set_unsigned("insecure.test");
+        // Forged: no NSEC, only the SOA of another (unsigned) zone, or of the name
+        // itself, claiming a zone cut there.
+        z.set_forged_denial("nodata.test", "insecure.test", ResponseCode::NoError);
+        z.set_forged_denial("nxdomain.test", "insecure.test", ResponseCode::NXDomain);
+        z.set_forged_denial("selfsoa.test", "selfsoa.test", ResponseCode::NXDomain);
+        z.set_mx("forged-a.test", vec![(10, "mx.forged-a.test".into())]);
+        z.set_forged_denial("mx.forged-a.test", "insecure.test", ResponseCode::NoError);
+        // Genuine: an unsigned zone's own denials, and a signed one's with its NSEC.
+        z.set_a("implicit.insecure.test", sink_ip);
+    }
+    // A forged "no MX" would lead to the implicit MX, a forged NXDOMAIN would
+    // bounce, a forged address denial would drop the host: each is a failed
+    // lookup instead, and the domain waits (RFC 7672 §2.2.1).
+    for domain in [
+        "nodata.test",
+        "nxdomain.test",
+        "selfsoa.test",
+        "forged-a.test",
+    ] {
+        match route_of(&env.dns, &anchor, domain) {
+            Route::TempFail(why) => {
+                assert!(why.contains("failed DNSSEC validation"), "{domain}: {why}")
+            }
+            other => panic!("{domain}: {other:?}"),
+        }
+    }
+    for domain in ["nothing.test", "nothing.insecure.test"] {
+        match route_of(&env.dns, &anchor, domain) {
+            Route::NoSuchDomain(why) => assert!(why.contains(domain), "{why}"),
+            other => panic!("{domain}: {other:?}"),
+        }
+    }
+    match route_of(&env.dns, &anchor, "implicit.insecure.test") {
+        Route::Hosts(h) => {
+            assert_eq!(h.len(), 1);
+            assert_eq!(h[0].name, "implicit.insecure.test");
+            assert_eq!(h[0].addrs, vec![sink_ip]);
+            assert!(matches!(h[0].dane, Dane::None), "{:?}", h[0].dane);
+        }
+        other => panic!("implicit.insecure.test: {other:?}"),
     }
 }
 

@@ -58,9 +58,9 @@ pub struct Zone {
     bogus: HashMap<String, Option<RecordType>>,
     /// Names answered SERVFAIL, whatever the type asked.
     servfail: HashSet<String>,
-    /// Names denied as an attacker would: no data, with no NSEC but the unsigned
-    /// SOA of the unsigned zone given (which proves nothing of the name).
-    forged_denial: HashMap<String, String>,
+    /// Names denied as an attacker would: no data (NOERROR) or NXDOMAIN, with no
+    /// NSEC but the unsigned SOA of the zone given (which proves nothing of the name).
+    forged_denial: HashMap<String, (String, ResponseCode)>,
     /// The TTL of every answer but the root's DNSKEY; None: [`TTL_S`].
     ttl: Option<u32>,
     /// Answers to which a forger appends another name's records of the type asked:
@@ -169,13 +169,14 @@ impl Zone {
         self.bogus.insert(name.to_ascii_lowercase(), Some(rtype));
     }
 
-    /// Denies every record at `name` with no NSEC, only the SOA of `unsigned_zone`
-    /// (one made [`Zone::set_unsigned`]): a forged denial a validator must not take
-    /// as proof.
-    pub fn set_forged_denial(&mut self, name: &str, unsigned_zone: &str) {
+    /// Denies every record at `name` with `rcode` (NOERROR: no data; NXDOMAIN: no
+    /// such name) and no NSEC, only an unsigned SOA of `zone`: one made
+    /// [`Zone::set_unsigned`], or any other name (`name` itself, claiming a zone cut
+    /// there). A forged denial a validator must not take as proof.
+    pub fn set_forged_denial(&mut self, name: &str, zone: &str, rcode: ResponseCode) {
         self.forged_denial.insert(
             name.to_ascii_lowercase(),
-            unsigned_zone.to_ascii_lowercase(),
+            (zone.to_ascii_lowercase(), rcode),
         );
     }
 
@@ -478,7 +479,8 @@ impl Handler {
             let zone = self.zone.read().unwrap();
             if qname == SERVFAIL || zone.servfail.contains(&qname) {
                 response.metadata.response_code = ResponseCode::ServFail;
-            } else if let Some(apex) = zone.forged_denial.get(&qname) {
+            } else if let Some((apex, rcode)) = zone.forged_denial.get(&qname) {
+                response.metadata.response_code = *rcode;
                 response.add_authorities(soa(apex));
             } else {
                 self.fill(
@@ -515,9 +517,15 @@ impl Handler {
             RecordType::DNSKEY if qname.is_empty() => vec![self.signer.dnskey_record()],
             _ => answer(zone, qname, qtype, name),
         };
-        if records.is_empty() && !signed && !qname.is_empty() && !zone.exists(qname) {
-            response.metadata.response_code = ResponseCode::NXDomain;
-            return;
+        if records.is_empty() && !signed && !qname.is_empty() {
+            // An unsigned negative answer carries its zone's SOA (RFC 2308 §3).
+            if let Some(apex) = zone.unsigned_zone(qname) {
+                response.add_authorities(soa(apex));
+            }
+            if !zone.exists(qname) {
+                response.metadata.response_code = ResponseCode::NXDomain;
+                return;
+            }
         }
         let broken = zone
             .bogus

@@ -447,7 +447,7 @@ async fn tlsa_of(
         }
         // Believed only with its signed proof: hickory passes an unsigned denial
         // whose every authority record is insecure, whatever zone they are of.
-        Err(e) if no_records(e).is_some_and(signed_denial) => (Ok(None), until),
+        Err(e) if no_records(e).is_some_and(proven_denial) => (Ok(None), until),
         Err(e) => (Err(failed("TLSA records", e)), until),
     }
 }
@@ -462,8 +462,9 @@ struct Addresses {
 
 /// The addresses of `host`. With `separately` (DANE), A and AAAA are asked apart,
 /// so a failure of one (bogus, say) is not hidden behind the other's denial as in
-/// one `lookup_ip`: any such failure is the host's. Errors: the lookup's (a "no
-/// records" one when there is no address at all).
+/// one `lookup_ip`: any such failure is the host's, and a denial is believed only
+/// with its proof ([`proven_denial`]). Errors: the lookup's (a "no records" one
+/// when there is no address at all).
 async fn addresses(r: &TokioResolver, host: &str, separately: bool) -> Result<Addresses, NetError> {
     let fqdn = format!("{}.", host.trim_end_matches('.'));
     if !separately {
@@ -485,7 +486,7 @@ async fn addresses(r: &TokioResolver, host: &str, separately: bool) -> Result<Ad
     };
     let mut denial = None;
     for answer in [a, aaaa] {
-        let l = match answer {
+        let l = match answer.map_err(unproven_as_bogus) {
             Ok(l) => l,
             Err(e) if no_records(&e).is_some() => {
                 denial.get_or_insert(e);
@@ -504,14 +505,30 @@ async fn addresses(r: &TokioResolver, host: &str, separately: bool) -> Result<Ad
     }
 }
 
-/// Whether a "no such records" answer carries a DNSSEC-secure NSEC or NSEC3.
-fn signed_denial(n: &NoRecords) -> bool {
+/// Whether the validating resolver's "no such records" answer may be believed: it
+/// carries a DNSSEC-secure NSEC or NSEC3 (RFC 4035 §5.4), or it is from a zone
+/// proved unsigned that holds the name asked. hickory passes an unsigned denial
+/// whose every authority record is insecure, whatever zone they are of: a forger's
+/// denial with the SOA of some unsigned zone. So every authority record must be of
+/// a zone that encloses the name (none at all: hickory proved the name's own zone
+/// unsigned).
+fn proven_denial(n: &NoRecords) -> bool {
+    let authorities = n.authorities.iter().flat_map(|a| a.iter());
     matches!(
         n.response_code,
         ResponseCode::NXDomain | ResponseCode::NoError
-    ) && n.authorities.iter().flat_map(|a| a.iter()).any(|r| {
+    ) && (authorities.clone().any(|r| {
         matches!(r.record_type(), RecordType::NSEC | RecordType::NSEC3) && r.proof.is_secure()
-    })
+    }) || authorities.clone().all(|r| r.name.zone_of(n.query.name())))
+}
+
+/// `e` as DANE's lookups must take it: a denial nothing proves is a bogus answer
+/// (RFC 4033 §5: signatures missing where the zone is signed), never "no records".
+fn unproven_as_bogus(e: NetError) -> NetError {
+    match no_records(&e) {
+        Some(n) if !proven_denial(n) => NetError::Dns(DnsError::DnssecBogus),
+        _ => e,
+    }
 }
 
 /// CNAMEs followed from the name asked to the records' owner at most.
@@ -651,14 +668,20 @@ impl BlockingResolver {
 }
 
 /// `domain`'s route: its MX hosts with their addresses, or why none. With DANE
-/// (`v`), every lookup is the validating resolver's: a bogus MX or address answer
-/// is a failed lookup, never believed (RFC 7672 §2.2.1), and each host gets its
-/// DANE answer.
+/// (`v`), every lookup is the validating resolver's: a bogus MX or address answer,
+/// or a denial of them nothing proves, is a failed lookup, never believed (RFC 7672
+/// §2.2.1): a forged "no MX" would otherwise lead to the implicit MX, and a forged
+/// NXDOMAIN bounce the mail. Each host gets its DANE answer.
 async fn resolve(r: &TokioResolver, v: Option<&Validator>, domain: &str) -> Answer {
     let r = v.map_or(r, |v| &v.resolver);
     let fqdn = format!("{}.", domain.trim_end_matches('.'));
     let now = Instant::now();
-    match r.mx_lookup(fqdn.as_str()).await {
+    let mx = r.mx_lookup(fqdn.as_str()).await;
+    match if v.is_some() {
+        mx.map_err(unproven_as_bogus)
+    } else {
+        mx
+    } {
         Ok(mx) => {
             let valid_until = mx.valid_until();
             let answering = Answering::of(mx.answers(), &fqdn, &[RecordType::MX]);
