@@ -10,6 +10,7 @@ use crate::deliver::dane::{Dane, DaneHost, Tlsa};
 use crate::deliver::explain::{self, DnsProblem};
 use crate::deliver::mta_sts::{self, NoPolicy, Policies, Record, Step, Sts, StsSettings};
 use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::lookup::Lookup;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError, NoRecords};
 use hickory_resolver::proto::dnssec::TrustAnchors;
@@ -20,6 +21,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot};
+
+mod stub;
+use stub::Stub;
 
 /// Lookups in progress at once on the resolver thread.
 const LOOKUPS_IN_FLIGHT_MAX: usize = 256;
@@ -161,20 +165,16 @@ impl Resolver {
                     .build()
                     .expect("tokio runtime");
                 rt.block_on(async move {
-                    let built = build(config.clone(), opts.clone()).and_then(|r| {
-                        let v = anchors
-                            .map(|a| Validator::new(config, opts, a))
-                            .transpose()?;
-                        Ok((Arc::new(r), v.map(Arc::new)))
-                    });
-                    let (resolver, validator) = match built {
-                        Ok(r) => r,
-                        Err(e) => {
-                            // Every request is answered with the reason (lookup's `failed`).
-                            eprintln!("volley: the resolver could not start: {e}");
-                            return;
-                        }
-                    };
+                    let resolver = Arc::new(Stub::new(&config, &opts));
+                    let validator =
+                        match anchors.map(|a| Validator::new(config, opts, a)).transpose() {
+                            Ok(v) => v.map(Arc::new),
+                            Err(e) => {
+                                // Every request is answered with the reason (lookup's `failed`).
+                                eprintln!("volley: the resolver could not start: {e}");
+                                return;
+                            }
+                        };
                     let policies = sts.map(|s| Arc::new(Policies::new(s)));
                     let permits = Arc::new(tokio::sync::Semaphore::new(LOOKUPS_IN_FLIGHT_MAX));
                     while let Some(req) = rx.recv().await {
@@ -460,46 +460,71 @@ struct Addresses {
     secure: bool,
 }
 
-/// The addresses of `host`. With `separately` (DANE), A and AAAA are asked apart,
-/// so a failure of one (bogus, say) is not hidden behind the other's denial as in
-/// one `lookup_ip`: any such failure is the host's, and a denial is believed only
-/// with its proof ([`proven_denial`]). Errors: the lookup's (a "no records" one
-/// when there is no address at all).
-async fn addresses(r: &TokioResolver, host: &str, separately: bool) -> Result<Addresses, NetError> {
-    let fqdn = format!("{}.", host.trim_end_matches('.'));
-    if !separately {
-        let ips = r.lookup_ip(fqdn.as_str()).await?;
-        return Ok(Addresses {
-            until: ips.valid_until(),
-            ips: ips_of(ips.as_lookup(), &fqdn),
-            secure: false,
-        });
+/// Who asks the nameserver: the stub resolver, or under DANE hickory's
+/// validating resolver.
+#[derive(Clone, Copy)]
+enum Asker<'a> {
+    Stub(&'a Stub),
+    Validating(&'a TokioResolver),
+}
+
+impl Asker<'_> {
+    /// `fqdn`'s records of `rtype`. Errors: the lookup's, as [`Stub::lookup`].
+    async fn lookup(self, fqdn: &str, rtype: RecordType) -> Result<Lookup, NetError> {
+        match self {
+            Asker::Stub(s) => s.lookup(fqdn, rtype).await,
+            Asker::Validating(r) => r.lookup(fqdn, rtype).await,
+        }
     }
+
+    fn validating(self) -> bool {
+        matches!(self, Asker::Validating(_))
+    }
+}
+
+/// The addresses of `host`, A and AAAA asked at once. Under DANE (a validating
+/// `asker`) a failure of either is the host's, so a bogus A is not hidden behind
+/// an AAAA denial, and a denial is believed only with its proof
+/// ([`proven_denial`]); without DANE, one that fails is passed over when the
+/// other has addresses. Errors: when there is no address at all, a failed lookup
+/// before a "no records" one.
+async fn addresses(asker: Asker<'_>, host: &str) -> Result<Addresses, NetError> {
+    let fqdn = format!("{}.", host.trim_end_matches('.'));
+    let dane = asker.validating();
     let (a, aaaa) = tokio::join!(
-        r.lookup(fqdn.as_str(), RecordType::A),
-        r.lookup(fqdn.as_str(), RecordType::AAAA)
+        asker.lookup(&fqdn, RecordType::A),
+        asker.lookup(&fqdn, RecordType::AAAA)
     );
     let mut found = Addresses {
         ips: Vec::new(),
         until: Instant::now() + ANSWER_HELD_MAX,
-        secure: true,
+        secure: dane,
     };
-    let mut denial = None;
+    let (mut failed, mut denial) = (None, None);
     for answer in [a, aaaa] {
-        let l = match answer.map_err(unproven_as_bogus) {
+        let answer = if dane {
+            answer.map_err(unproven_as_bogus)
+        } else {
+            answer
+        };
+        let l = match answer {
             Ok(l) => l,
             Err(e) if no_records(&e).is_some() => {
                 denial.get_or_insert(e);
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(e) if dane => return Err(e),
+            Err(e) => {
+                failed.get_or_insert(e);
+                continue;
+            }
         };
         found.until = found.until.min(l.valid_until());
         let answering = Answering::of(l.answers(), &fqdn, &[RecordType::A, RecordType::AAAA]);
         found.secure &= answering.secure();
         found.ips.extend(answering.ips());
     }
-    match (found.ips.is_empty(), denial) {
+    match (found.ips.is_empty(), failed.or(denial)) {
         (true, Some(e)) => Err(e),
         _ => Ok(found),
     }
@@ -672,11 +697,11 @@ impl BlockingResolver {
 /// or a denial of them nothing proves, is a failed lookup, never believed (RFC 7672
 /// §2.2.1): a forged "no MX" would otherwise lead to the implicit MX, and a forged
 /// NXDOMAIN bounce the mail. Each host gets its DANE answer.
-async fn resolve(r: &TokioResolver, v: Option<&Validator>, domain: &str) -> Answer {
-    let r = v.map_or(r, |v| &v.resolver);
+async fn resolve(stub: &Stub, v: Option<&Validator>, domain: &str) -> Answer {
+    let asker = v.map_or(Asker::Stub(stub), |v| Asker::Validating(&v.resolver));
     let fqdn = format!("{}.", domain.trim_end_matches('.'));
     let now = Instant::now();
-    let mx = r.mx_lookup(fqdn.as_str()).await;
+    let mx = asker.lookup(&fqdn, RecordType::MX).await;
     match if v.is_some() {
         mx.map_err(unproven_as_bogus)
     } else {
@@ -718,7 +743,7 @@ async fn resolve(r: &TokioResolver, v: Option<&Validator>, domain: &str) -> Answ
             // The first host whose address lookup failed (not "none"), and why.
             let mut failed = None;
             for (preference, name) in recs {
-                let found = match addresses(r, &name, v.is_some()).await {
+                let found = match addresses(asker, &name).await {
                     Ok(found) => found,
                     Err(e) => {
                         if no_records(&e).is_none() && failed.is_none() {
@@ -778,7 +803,7 @@ async fn resolve(r: &TokioResolver, v: Option<&Validator>, domain: &str) -> Answ
             Some(NoRecords {
                 response_code: ResponseCode::NoError,
                 ..
-            }) => implicit_mx(r, v, domain, &fqdn).await,
+            }) => implicit_mx(asker, v, domain, &fqdn).await,
             _ => Answer {
                 route: Route::TempFail(explain::dns(domain, &lookup_failed(&e)).to_string()),
                 valid_until: now + TEMPFAIL_CACHE,
@@ -815,9 +840,9 @@ fn lookup_failed(e: &NetError) -> DnsProblem {
 }
 
 /// No MX records: the domain's own address is the implicit MX (RFC 5321 §5.1).
-async fn implicit_mx(r: &TokioResolver, v: Option<&Validator>, domain: &str, fqdn: &str) -> Answer {
+async fn implicit_mx(asker: Asker<'_>, v: Option<&Validator>, domain: &str, fqdn: &str) -> Answer {
     let now = Instant::now();
-    match addresses(r, fqdn, v.is_some()).await {
+    match addresses(asker, fqdn).await {
         Ok(found) => {
             let (dane, until) = match v {
                 Some(v) => v.dane_of(domain, found.secure).await,
@@ -860,7 +885,7 @@ async fn implicit_mx(r: &TokioResolver, v: Option<&Validator>, domain: &str, fqd
 /// The MTA-STS policy in force for `domain`: its `_mta-sts` TXT record, and when
 /// its id is new, the policy fetched (mta-sts.DOMAIN resolved here, the HTTPS
 /// request on a blocking thread).
-async fn sts_of(r: &TokioResolver, policies: &Arc<Policies>, domain: &str) -> Sts {
+async fn sts_of(stub: &Stub, policies: &Arc<Policies>, domain: &str) -> Sts {
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
     let gate = policies.gate(&domain);
     let _one_at_a_time = gate.lock().await;
@@ -869,7 +894,8 @@ async fn sts_of(r: &TokioResolver, policies: &Arc<Policies>, domain: &str) -> St
     }
     // Until when "no record" may be believed: the answer's TTL, or the negative one.
     let mut absent_until = None;
-    let record = match r.txt_lookup(format!("_mta-sts.{domain}.").as_str()).await {
+    let name = format!("_mta-sts.{domain}.");
+    let record = match stub.lookup(&name, RecordType::TXT).await {
         Ok(txt) => {
             absent_until = Some(txt.valid_until());
             Record::Texts(texts(&txt, &format!("_mta-sts.{domain}")))
@@ -903,9 +929,9 @@ async fn sts_of(r: &TokioResolver, policies: &Arc<Policies>, domain: &str) -> St
         Step::Fetch(id) => id,
     };
     let host = format!("mta-sts.{domain}");
-    let body = match r.lookup_ip(format!("{host}.").as_str()).await {
-        Ok(ips) => {
-            let addrs = ips_of(ips.as_lookup(), &host);
+    let body = match addresses(Asker::Stub(stub), &host).await {
+        Ok(found) => {
+            let addrs = found.ips;
             let (p, d) = (policies.clone(), domain.clone());
             tokio::task::spawn_blocking(move || mta_sts::fetch(&d, &addrs, p.settings()))
                 .await
