@@ -650,7 +650,7 @@ impl<'c> Sim<'c> {
             c.idle_since = None;
         }
         // Client → server, split at random points; the answer comes after a latency.
-        let out = c.client.take_output();
+        let out = c.client.take_output().concat();
         if !out.is_empty() {
             let mut rest = &out[..];
             while !rest.is_empty() && !c.server_closed {

@@ -223,35 +223,65 @@ fn peer_spoke(stream: &TcpStream) -> bool {
         .is_ok()
 }
 
-/// The bytes on the wire: in clear, or through a rustls client connection.
+/// The largest buffer of TLS records kept for a connection's next write: one
+/// pipelined batch of a few messages. A larger one (a window of big messages) is
+/// let go after its write rather than held for the connection's life.
+const WIRE_KEPT_MAX: usize = 256 * 1024;
+
+/// The bytes on the wire: in clear, or through a rustls client connection with
+/// the buffer its records are written to, kept from one write to the next.
 enum Link {
     Plain,
-    Tls(Box<rustls::ClientConnection>),
+    Tls(Box<rustls::ClientConnection>, Vec<u8>),
 }
 
 impl Link {
-    async fn send(&mut self, stream: &mut TcpStream, plain: Vec<u8>) -> std::io::Result<()> {
-        let wire = match self {
-            Link::Plain => plain,
-            Link::Tls(c) => {
-                c.writer().write_all(&plain)?;
-                let mut wire = Vec::with_capacity(plain.len() + 64);
-                while c.wants_write() {
-                    c.write_tls(&mut wire)?;
-                }
-                wire
+    /// Writes the session's output pieces `plain`, in order: in clear as they are
+    /// (one vectored write), or as TLS records made across them (rustls's
+    /// vectored write fills each record from several pieces). Errors: the write's,
+    /// or rustls's (an earlier fatal TLS error).
+    async fn send(&mut self, stream: &mut TcpStream, plain: Vec<Vec<u8>>) -> std::io::Result<()> {
+        let (c, kept) = match self {
+            Link::Plain if plain.len() <= 1 => {
+                return match plain.into_iter().next() {
+                    Some(one) => stream.write_all(one).await.0.map(|_| ()),
+                    None => Ok(()),
+                };
             }
+            Link::Plain => {
+                let pieces = monoio::buf::VecBuf::from(plain);
+                return stream.write_vectored_all(pieces).await.0.map(|_| ());
+            }
+            Link::Tls(c, kept) => (c, kept),
         };
+        let mut slices: Vec<std::io::IoSlice> =
+            plain.iter().map(|p| std::io::IoSlice::new(p)).collect();
+        let mut left = &mut slices[..];
+        while !left.is_empty() {
+            match c.writer().write_vectored(left)? {
+                0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                n => std::io::IoSlice::advance_slices(&mut left, n),
+            }
+        }
+        let mut wire = std::mem::take(kept);
+        while c.wants_write() {
+            c.write_tls(&mut wire)?;
+        }
         if wire.is_empty() {
             return Ok(());
         }
-        stream.write_all(wire).await.0.map(|_| ())
+        let (written, mut wire) = stream.write_all(wire).await;
+        if wire.capacity() <= WIRE_KEPT_MAX {
+            wire.clear();
+            *kept = wire;
+        }
+        written.map(|_| ())
     }
 
     /// Bytes read from the wire → plaintext for the session (possibly none yet).
     /// Also writes what TLS itself needs to send (alerts, key updates).
     async fn open(&mut self, stream: &mut TcpStream, wire: &[u8]) -> std::io::Result<Vec<u8>> {
-        let Link::Tls(c) = self else {
+        let Link::Tls(c, _) = self else {
             return Ok(wire.to_vec());
         };
         let mut rd = wire;
@@ -342,11 +372,11 @@ async fn handshake(
             }
         }
     }
-    Ok(Link::Tls(Box::new(conn)))
+    Ok(Link::Tls(Box::new(conn), Vec::new()))
 }
 
 fn tls_summary(link: &Link) -> Option<String> {
-    let Link::Tls(c) = link else { return None };
+    let Link::Tls(c, _) = link else { return None };
     let version = c
         .protocol_version()
         .map_or("?".into(), |v| format!("{v:?}"));
@@ -570,7 +600,7 @@ async fn session(
                             // Verified already under enforce and DANE; checked here
                             // under testing.
                             let checked = match (site.enforced() || dane.is_some(), &l) {
-                                (false, Link::Tls(c)) if site.sts.is_some() => {
+                                (false, Link::Tls(c, _)) if site.sts.is_some() => {
                                     shard.check_certificate(c, host)
                                 }
                                 _ => Ok(()),

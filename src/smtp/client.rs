@@ -179,7 +179,8 @@ pub struct ClientSession {
     phase: Phase,
     caps: Caps,
     parser: ReplyParser,
-    out: Vec<u8>,
+    /// What to write, in order, in the pieces it was made in (none empty).
+    out: Vec<Vec<u8>>,
     /// Replies awaited, in the order the commands went out.
     expect: VecDeque<Expect>,
     /// Commands not yet written (without PIPELINING they go one at a time).
@@ -314,8 +315,11 @@ impl ClientSession {
         self.events.pop_front()
     }
 
-    /// Bytes to write now (empty when there is nothing).
-    pub fn take_output(&mut self) -> Vec<u8> {
+    /// Bytes to write now, in order, as the pieces they were made in (a
+    /// transaction's commands and its content apart, so the content is never
+    /// copied to join them); none is empty, and there are none when there is
+    /// nothing to write.
+    pub fn take_output(&mut self) -> Vec<Vec<u8>> {
         std::mem::take(&mut self.out)
     }
 
@@ -375,22 +379,20 @@ impl ClientSession {
             ("DATA\r\n".to_string(), Vec::new(), Expect::Data(id))
         };
         if self.caps.pipelining {
-            // One buffer for the whole batch, built once at its final size: the
-            // commands go out together anyway, and the content is copied only here.
+            // The commands in one buffer built at its final size; the content after
+            // them as it is (BDAT's, or nothing for DATA), not copied to join them.
             let rcpt_bytes: usize = tx.rcpts.iter().map(|r| r.len() + RCPT_FRAME).sum();
-            let mut batch =
-                Vec::with_capacity(mail.len() + rcpt_bytes + last_cmd.len() + content.len());
+            let mut batch = Vec::with_capacity(mail.len() + rcpt_bytes + last_cmd.len());
             batch.extend_from_slice(mail.as_bytes());
             for r in &tx.rcpts {
                 push_rcpt(&mut batch, r);
             }
             batch.extend_from_slice(last_cmd.as_bytes());
-            batch.extend_from_slice(&content);
             self.queue(batch, Expect::Mail(id));
             for i in 0..tx.rcpts.len() {
                 self.queue(Vec::new(), Expect::Rcpt(id, i));
             }
-            self.queue(Vec::new(), last);
+            self.queue(content, last);
         } else {
             self.queue(mail.into_bytes(), Expect::Mail(id));
             for (i, r) in tx.rcpts.iter().enumerate() {
@@ -546,10 +548,8 @@ impl ClientSession {
                 break;
             }
             let (bytes, e) = self.queued.pop_front().expect("front exists");
-            if self.out.is_empty() {
-                self.out = bytes;
-            } else {
-                self.out.extend_from_slice(&bytes);
+            if !bytes.is_empty() {
+                self.out.push(bytes);
             }
             self.expect.push_back(e);
         }
@@ -773,7 +773,7 @@ impl ClientSession {
                     }
                     // With no recipient accepted (a server that 354s anyway), send an empty message.
                     body.extend_from_slice(b".\r\n");
-                    self.out.extend_from_slice(&body);
+                    self.out.push(body);
                     self.expect.push_front(Expect::DataEnd(id));
                     self.arm(now);
                 } else {
@@ -948,7 +948,7 @@ mod tests {
     }
 
     fn out(s: &mut ClientSession) -> String {
-        String::from_utf8(s.take_output()).unwrap()
+        String::from_utf8(s.take_output().concat()).unwrap()
     }
 
     fn events(s: &mut ClientSession) -> Vec<Event> {
