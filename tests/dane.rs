@@ -135,7 +135,7 @@ fn validated_lookups_tell_secure_insecure_bogus_and_failed_tlsa_apart() {
     }
     match one("forged.test") {
         Dane::Failed(why) => assert!(
-            why.contains("TLSA records of mx.forged.test") && why.contains("not DNSSEC-signed"),
+            why.contains("TLSA records of mx.forged.test") && why.contains("bogus"),
             "{why}"
         ),
         other => panic!("forged.test: {other:?}"),
@@ -175,6 +175,11 @@ fn denials_of_mx_and_addresses_are_believed_only_with_their_proof() {
         z.set_forged_denial("nodata.test", "insecure.test", ResponseCode::NoError);
         z.set_forged_denial("nxdomain.test", "insecure.test", ResponseCode::NXDomain);
         z.set_forged_denial("selfsoa.test", "selfsoa.test", ResponseCode::NXDomain);
+        // With an unsigned record of another name in the answer, which leaves the
+        // denial with no authority records at all.
+        z.set_forged_denial("appended.test", "insecure.test", ResponseCode::NoError);
+        z.set_mx("x.insecure.test", vec![(10, "mx.x.insecure.test".into())]);
+        z.set_appended("appended.test", RecordType::MX, "x.insecure.test");
         z.set_mx("forged-a.test", vec![(10, "mx.forged-a.test".into())]);
         z.set_forged_denial("mx.forged-a.test", "insecure.test", ResponseCode::NoError);
         // Genuine: an unsigned zone's own denials, and a signed one's with its NSEC.
@@ -187,6 +192,7 @@ fn denials_of_mx_and_addresses_are_believed_only_with_their_proof() {
         "nodata.test",
         "nxdomain.test",
         "selfsoa.test",
+        "appended.test",
         "forged-a.test",
     ] {
         match route_of(&env.dns, &anchor, domain) {

@@ -183,6 +183,7 @@ impl Zone {
     /// Appends to the answer for `name`'s records of `rtype` the records of that
     /// type of `other` (signed as `other`'s zone is, or not), as a forger on the
     /// path may: a resolver must use only the records of the name it asked for.
+    /// A forged denial of `name` ([`Zone::set_forged_denial`]) carries them unsigned.
     pub fn set_appended(&mut self, name: &str, rtype: RecordType, other: &str) {
         self.appended.insert(
             (name.to_ascii_lowercase(), rtype),
@@ -415,7 +416,6 @@ fn bind_pair(addr: SocketAddr) -> anyhow::Result<(std::net::UdpSocket, std::net:
     for _ in 0..TRIES {
         let udp = std::net::UdpSocket::bind(addr)
             .map_err(|e| anyhow::anyhow!("dns: cannot bind UDP {addr}: {e}"))?;
-        enlarge_recv_buffer(&udp);
         let bound = udp.local_addr()?;
         match std::net::TcpListener::bind(bound) {
             Ok(tcp) => return Ok((udp, tcp)),
@@ -427,33 +427,6 @@ fn bind_pair(addr: SocketAddr) -> anyhow::Result<(std::net::UdpSocket, std::net:
         "dns: no port free for both UDP and TCP on {} after {TRIES} tries",
         addr.ip()
     )
-}
-
-/// The UDP receive buffer asked for, as on a resolver tuned for mail (unbound's
-/// `so-rcvbuf`): a burst of queries from an MTA starting a campaign to thousands
-/// of domains queues rather than being dropped into the client's timeout.
-const UDP_RECV_BUFFER_BYTES: libc::c_int = 4 << 20;
-
-/// Asks for [`UDP_RECV_BUFFER_BYTES`]: beyond `net.core.rmem_max` as root
-/// (SO_RCVBUFFORCE), else up to it. Best effort: a smaller buffer still serves.
-fn enlarge_recv_buffer(udp: &std::net::UdpSocket) {
-    use std::os::fd::AsRawFd;
-    let size = UDP_RECV_BUFFER_BYTES;
-    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
-        // SAFETY: a valid socket, and an int option of the size given.
-        let rc = unsafe {
-            libc::setsockopt(
-                udp.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            return;
-        }
-    }
 }
 
 struct Handler {
@@ -510,6 +483,12 @@ impl Handler {
             } else if let Some((apex, rcode)) = zone.forged_denial.get(&qname) {
                 response.metadata.response_code = *rcode;
                 response.add_authorities(soa(apex));
+                // With the unsigned records of another name appended, if asked.
+                if let Some(other) = zone.appended.get(&(qname.clone(), query.query_type())) {
+                    if let Ok(other_name) = Name::from_str(&format!("{other}.")) {
+                        response.add_answers(answer(&zone, other, query.query_type(), &other_name));
+                    }
+                }
             } else {
                 self.fill(
                     &zone,

@@ -234,8 +234,9 @@ impl Resolver {
 }
 
 /// The nameserver and options of `cfg`: its server, or /etc/resolv.conf's; names
-/// are absolute and nothing is cached here (the shards cache by TTL). Errors: no
-/// server given and /etc/resolv.conf unreadable.
+/// are absolute, and hickory's own cache is off (the stub keeps answers, and the
+/// validating resolver sets its own). Errors: no server given and
+/// /etc/resolv.conf unreadable.
 fn settings(cfg: &DnsConfig) -> anyhow::Result<(ResolverConfig, ResolverOpts)> {
     let (config, mut opts) = match cfg.server {
         Some(addr) => {
@@ -394,10 +395,8 @@ async fn tlsa_of(
 ) -> (Result<Option<Vec<Tlsa>>, String>, Instant) {
     let failed = |what: &str, e: &NetError| {
         let why = match e {
+            // An unproven denial among them (Asker::lookup).
             NetError::Dns(DnsError::DnssecBogus) => "failed DNSSEC validation (bogus)".to_string(),
-            e if no_records(e).is_some() => {
-                "a denial that is not DNSSEC-signed (NSEC or NSEC3)".to_string()
-            }
             e => explain::dns(host, &lookup_failed(e)).to_string(),
         };
         format!(
@@ -411,7 +410,7 @@ async fn tlsa_of(
     }
     let fqdn = format!("{}.", host.trim_end_matches('.'));
     let name = format!("_25._tcp.{fqdn}");
-    let lookup = v.lookup(name.as_str(), RecordType::TLSA).await;
+    let lookup = Asker::Validating(v).lookup(&name, RecordType::TLSA).await;
     let answering = lookup
         .as_ref()
         .map(|l| Answering::of(l.answers(), &name, &[RecordType::TLSA]));
@@ -445,9 +444,8 @@ async fn tlsa_of(
             );
             (Err(why), until)
         }
-        // Believed only with its signed proof: hickory passes an unsigned denial
-        // whose every authority record is insecure, whatever zone they are of.
-        Err(e) if no_records(e).is_some_and(proven_denial) => (Ok(None), until),
+        // Proven (Asker::lookup made an unproven one bogus): no TLSA records.
+        Err(e) if no_records(e).is_some() => (Ok(None), until),
         Err(e) => (Err(failed("TLSA records", e)), until),
     }
 }
@@ -469,14 +467,17 @@ enum Asker<'a> {
 }
 
 impl Asker<'_> {
-    /// `fqdn`'s records of `rtype`. Errors: the lookup's, as [`Stub::lookup`].
+    /// `fqdn`'s records of `rtype`. Errors: the lookup's, as [`Stub::lookup`];
+    /// under DANE a denial nothing proves is a bogus answer
+    /// ([`unproven_as_bogus`]), for every lookup DANE makes.
     async fn lookup(self, fqdn: &str, rtype: RecordType) -> Result<Lookup, NetError> {
         match self {
             Asker::Stub(s) => s.lookup(fqdn, rtype).await,
-            Asker::Validating(r) => r.lookup(fqdn, rtype).await,
+            Asker::Validating(r) => r.lookup(fqdn, rtype).await.map_err(unproven_as_bogus),
         }
     }
 
+    /// Whether this is DANE's validating resolver (answers may be secure).
     fn validating(self) -> bool {
         matches!(self, Asker::Validating(_))
     }
@@ -502,11 +503,6 @@ async fn addresses(asker: Asker<'_>, host: &str) -> Result<Addresses, NetError> 
     };
     let (mut failed, mut denial) = (None, None);
     for answer in [a, aaaa] {
-        let answer = if dane {
-            answer.map_err(unproven_as_bogus)
-        } else {
-            answer
-        };
         let l = match answer {
             Ok(l) => l,
             Err(e) if no_records(&e).is_some() => {
@@ -532,19 +528,25 @@ async fn addresses(asker: Asker<'_>, host: &str) -> Result<Addresses, NetError> 
 
 /// Whether the validating resolver's "no such records" answer may be believed: it
 /// carries a DNSSEC-secure NSEC or NSEC3 (RFC 4035 §5.4), or it is from a zone
-/// proved unsigned that holds the name asked. hickory passes an unsigned denial
-/// whose every authority record is insecure, whatever zone they are of: a forger's
-/// denial with the SOA of some unsigned zone. So every authority record must be of
-/// a zone that encloses the name (none at all: hickory proved the name's own zone
-/// unsigned).
+/// proved unsigned that holds the name asked: an SOA whose owner encloses the name
+/// (RFC 2308 §3), and no authority record of a zone that does not. hickory passes
+/// an unsigned denial whose every authority record is insecure, whatever zone they
+/// are of (a forger's, with the SOA of some unsigned zone), and one whose answer
+/// section holds only records of other names arrives with no authority records.
 fn proven_denial(n: &NoRecords) -> bool {
+    let name = n.query.name();
     let authorities = n.authorities.iter().flat_map(|a| a.iter());
+    let signed = authorities.clone().any(|r| {
+        matches!(r.record_type(), RecordType::NSEC | RecordType::NSEC3) && r.proof.is_secure()
+    });
+    let enclosing_soa = n.soa.as_ref().is_some_and(|soa| soa.name.zone_of(name))
+        || authorities
+            .clone()
+            .any(|r| r.record_type() == RecordType::SOA && r.name.zone_of(name));
     matches!(
         n.response_code,
         ResponseCode::NXDomain | ResponseCode::NoError
-    ) && (authorities.clone().any(|r| {
-        matches!(r.record_type(), RecordType::NSEC | RecordType::NSEC3) && r.proof.is_secure()
-    }) || authorities.clone().all(|r| r.name.zone_of(n.query.name())))
+    ) && (signed || (enclosing_soa && authorities.clone().all(|r| r.name.zone_of(name))))
 }
 
 /// `e` as DANE's lookups must take it: a denial nothing proves is a bogus answer
@@ -576,7 +578,9 @@ impl<'a> Answering<'a> {
                 .trim_end_matches('.')
                 .eq_ignore_ascii_case(owner.trim_end_matches('.'))
         };
-        let mut owner = name.to_string();
+        // Records' owners read in A-labels: a UTF-8 name asked is compared so too.
+        let mut owner =
+            dns_rr::Name::from_utf8(name).map_or_else(|_| name.to_string(), |n| n.to_ascii());
         let mut chain = Vec::new();
         while chain.len() < CNAME_HOPS_MAX {
             let Some(cname) = answers
@@ -701,12 +705,7 @@ async fn resolve(stub: &Stub, v: Option<&Validator>, domain: &str) -> Answer {
     let asker = v.map_or(Asker::Stub(stub), |v| Asker::Validating(&v.resolver));
     let fqdn = format!("{}.", domain.trim_end_matches('.'));
     let now = Instant::now();
-    let mx = asker.lookup(&fqdn, RecordType::MX).await;
-    match if v.is_some() {
-        mx.map_err(unproven_as_bogus)
-    } else {
-        mx
-    } {
+    match asker.lookup(&fqdn, RecordType::MX).await {
         Ok(mx) => {
             let valid_until = mx.valid_until();
             let answering = Answering::of(mx.answers(), &fqdn, &[RecordType::MX]);

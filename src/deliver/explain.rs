@@ -565,7 +565,7 @@ pub fn dns(domain: &str, p: &DnsProblem) -> Sentence {
         DnsProblem::Bogus => sentence(
             format!("the DNS answer for {domain} failed DNSSEC validation"),
             "bogus",
-            format!("the domain's DNSSEC is broken (signatures expired or wrong, a DS without its DNSKEY) or the answer was forged on the way; with DANE on volley believes no such answer; {LATER}"),
+            format!("the domain's DNSSEC is broken (signatures expired, wrong or missing, a denial without its signed NSEC, a DS without its DNSKEY) or the answer was forged on the way; with DANE on volley believes no such answer; {LATER}"),
         ),
         DnsProblem::TimedOut => sentence(
             format!("the DNS lookup for {domain} timed out"),

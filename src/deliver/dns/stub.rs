@@ -10,6 +10,7 @@
 //! them: thousands of domains name the same few MX hosts, whose addresses are
 //! then asked once. DANE's lookups stay with hickory's validating resolver.
 
+use super::{Answering, ANSWER_HELD_MAX};
 use hickory_resolver::config::{ResolverConfig, ResolverOpts};
 use hickory_resolver::lookup::Lookup;
 use hickory_resolver::net::{DnsError, NetError, NoRecords};
@@ -24,19 +25,18 @@ use tokio::net::{TcpStream, UdpSocket};
 
 /// The UDP payload size offered with EDNS(0) (RFC 6891 §6.2.5), DNS Flag Day
 /// 2020's 1,232 octets: a longer answer comes truncated and is asked over TCP.
-const UDP_PAYLOAD_MAX: u16 = 1232;
-/// The longest an answer is held, whatever its TTL (a day, as hickory's MAX_TTL).
-const TTL_MAX: u32 = 86_400;
+const UDP_PAYLOAD_BYTES_MAX: u16 = 1232;
 /// Queries out at once: a campaign's first seconds ask for thousands of domains,
 /// and a burst beyond what the nameserver's socket buffer holds is dropped
 /// there, each drop costing a timeout.
 const QUERIES_IN_FLIGHT_MAX: usize = 128;
-/// Answers kept (by name and type); when full, those run out go, and if none
-/// has, all.
+/// Answers kept (by name and type); when full, those run out go, and if that
+/// leaves more than three quarters, all.
 const ANSWERS_KEPT_MAX: usize = 10_000;
-/// The receive buffer: above [`UDP_PAYLOAD_MAX`], so a server that sends more
-/// than it was offered is read whole rather than cut.
-const DATAGRAM_MAX: usize = 4096;
+/// The receive buffer: above [`UDP_PAYLOAD_BYTES_MAX`], so a server that sends
+/// more than it was offered is mostly read whole; a datagram that fills it may
+/// have been cut, and is asked again over TCP.
+const DATAGRAM_BYTES_MAX: usize = 4096;
 
 /// One answer, asked once for all who want it meanwhile, and until when it holds.
 type Slot = Arc<tokio::sync::OnceCell<(Result<Lookup, NetError>, Instant)>>;
@@ -44,6 +44,9 @@ type Slot = Arc<tokio::sync::OnceCell<(Result<Lookup, NetError>, Instant)>>;
 /// The nameservers to ask, in order, how long and how often; the answers kept.
 pub(super) struct Stub {
     servers: Vec<SocketAddr>,
+    /// The server that answered last, asked first: a dead first server costs
+    /// one timeout, not one per query.
+    answering: std::sync::atomic::AtomicUsize,
     timeout: Duration,
     attempts: usize,
     in_flight: tokio::sync::Semaphore,
@@ -67,6 +70,7 @@ impl Stub {
         }
         Stub {
             servers: deduped,
+            answering: Default::default(),
             timeout: opts.timeout,
             attempts: opts.attempts.max(1),
             in_flight: tokio::sync::Semaphore::new(QUERIES_IN_FLIGHT_MAX),
@@ -79,14 +83,17 @@ impl Stub {
     /// "no records" one by its negative TTL; a failure only for the lookups that
     /// waited for it), else asked ([`Stub::ask`]). Errors: as `ask`'s.
     pub(super) async fn lookup(&self, name: &str, rtype: RecordType) -> Result<Lookup, NetError> {
-        let key = (name.to_ascii_lowercase(), rtype);
+        let name = Name::from_utf8(name)
+            .map_err(|e| NetError::from(format!("{name}: not a domain name: {e}")))?;
+        // By the A-label form, so a name's spellings share one answer.
+        let key = (name.to_ascii().to_ascii_lowercase(), rtype);
         loop {
             let slot = {
                 let mut kept = self.answers.lock().expect("not poisoned");
                 if kept.len() >= ANSWERS_KEPT_MAX && !kept.contains_key(&key) {
                     let now = Instant::now();
                     kept.retain(|_, s| s.get().is_none_or(|(_, until)| *until > now));
-                    if kept.len() >= ANSWERS_KEPT_MAX {
+                    if kept.len() >= ANSWERS_KEPT_MAX / 4 * 3 {
                         kept.clear();
                     }
                 }
@@ -95,13 +102,17 @@ impl Stub {
             let asked_before = slot.initialized();
             let (answer, until) = slot
                 .get_or_init(|| async {
-                    let answer = self.ask(name, rtype).await;
+                    let answer = self.ask(&name, rtype).await;
                     let until = held_until(&answer);
                     (answer, until)
                 })
                 .await;
-            if !asked_before || *until > Instant::now() {
+            let now = Instant::now();
+            if !asked_before {
                 return answer.clone();
+            }
+            if *until > now {
+                return counted_down(answer, *until, now);
             }
             // Run out: asked again, in a slot of its own.
             let mut kept = self.answers.lock().expect("not poisoned");
@@ -111,36 +122,41 @@ impl Stub {
         }
     }
 
-    /// `name`'s records of `rtype`, asked of the nameservers. A server that answers with an error
-    /// code is passed over for the next; one that does not answer is asked again
-    /// in the next round. Errors, worded as hickory's resolver words them so that
-    /// both read alike: `NoRecordsFound` for NXDOMAIN or no records of the type
-    /// (the negative TTL from the SOA in the authority section, RFC 2308 §5);
-    /// `ResponseCode` when every server answered with an error code; `Timeout`
-    /// when none answered in time; `NoConnections` with no server; `Io`.
-    async fn ask(&self, name: &str, rtype: RecordType) -> Result<Lookup, NetError> {
-        let name = Name::from_utf8(name)
-            .map_err(|e| NetError::from(format!("{name}: not a domain name: {e}")))?;
-        let query = Query::query(name, rtype);
-        let mut last = NetError::NoConnections;
+    /// `name`'s records of `rtype`, asked of the nameservers, the one that
+    /// answered last first. A server that answers with an error code (SERVFAIL,
+    /// REFUSED) is passed over for the next, as a stub resolver does (RFC 1034
+    /// §5.3.3); while one of them did not answer at all, another round is made, up
+    /// to `attempts`. At most attempts × servers × 2 timeouts (UDP, then TCP).
+    /// Errors, worded as hickory's resolver words them so that both read alike:
+    /// `NoRecordsFound` for NXDOMAIN or no records of the type (the negative TTL
+    /// from the SOA in the authority section, RFC 2308 §5); `ResponseCode` when a
+    /// server answered with an error code and none with an answer; `Timeout` or
+    /// `Io` when none answered; `NoConnections` with no server.
+    async fn ask(&self, name: &Name, rtype: RecordType) -> Result<Lookup, NetError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let query = Query::query(name.clone(), rtype);
+        let (mut failed, mut silent) = (None, None);
+        let first = self.answering.load(Relaxed);
         for _ in 0..self.attempts {
-            for &server in &self.servers {
-                match self.exchange(server, &query).await {
+            silent = None;
+            for i in (0..self.servers.len()).map(|i| (first + i) % self.servers.len()) {
+                match self.exchange(self.servers[i], &query).await {
                     Ok(reply) => match reply.metadata.response_code {
                         ResponseCode::NoError | ResponseCode::NXDomain => {
-                            return answer(query, reply)
+                            self.answering.store(i, Relaxed);
+                            return answer(query, reply);
                         }
-                        code => last = NetError::Dns(DnsError::ResponseCode(code)),
+                        code => failed = Some(NetError::Dns(DnsError::ResponseCode(code))),
                     },
-                    Err(e) => last = e,
+                    Err(e) => silent = Some(e),
                 }
             }
             // Only silence (or a socket error) is worth another round.
-            if !matches!(last, NetError::Timeout | NetError::Io(_)) {
+            if silent.is_none() {
                 break;
             }
         }
-        Err(last)
+        Err(failed.or(silent).unwrap_or(NetError::NoConnections))
     }
 
     /// One query to `server`: over UDP, and again over TCP when the answer came
@@ -150,7 +166,7 @@ impl Stub {
         msg.metadata.recursion_desired = true;
         msg.add_query(query.clone());
         let mut edns = Edns::new();
-        edns.set_max_payload(UDP_PAYLOAD_MAX);
+        edns.set_max_payload(UDP_PAYLOAD_BYTES_MAX);
         msg.set_edns(edns);
         let bytes = msg
             .to_vec()
@@ -184,9 +200,15 @@ async fn udp(
     let socket = UdpSocket::bind(local).await?;
     socket.connect(server).await?;
     socket.send(bytes).await?;
-    let mut buf = vec![0; DATAGRAM_MAX];
+    let mut buf = vec![0; DATAGRAM_BYTES_MAX];
     loop {
         let n = socket.recv(&mut buf).await?;
+        if n == buf.len() {
+            // Perhaps cut: taken as truncated, so asked again over TCP.
+            let mut cut = Message::response(id, OpCode::Query);
+            cut.metadata.truncation = true;
+            return Ok(cut);
+        }
         if let Some(reply) = reply_to(&buf[..n], id, query) {
             return Ok(reply);
         }
@@ -239,24 +261,44 @@ fn held_until(answer: &Result<Lookup, NetError>) -> Instant {
     match answer {
         Ok(l) => l.valid_until(),
         Err(NetError::Dns(DnsError::NoRecordsFound(n))) => {
-            now + Duration::from_secs(n.negative_ttl.unwrap_or(0).min(TTL_MAX).into())
+            now + Duration::from_secs(n.negative_ttl.unwrap_or(0).into()).min(ANSWER_HELD_MAX)
         }
         Err(_) => now,
     }
 }
 
-/// The lookup a NOERROR or NXDOMAIN reply makes: its answer records when any is
-/// of the type asked (a CNAME chain to them included), else "no records".
+/// A kept `answer` as given out at `now`: a "no records" one with the negative
+/// TTL left until `until`, so its holders do not hold it for the whole TTL again.
+fn counted_down(
+    answer: &Result<Lookup, NetError>,
+    until: Instant,
+    now: Instant,
+) -> Result<Lookup, NetError> {
+    match answer {
+        Err(NetError::Dns(DnsError::NoRecordsFound(n))) => {
+            let mut n = n.clone();
+            let left = until.saturating_duration_since(now).as_secs();
+            n.negative_ttl = Some(u32::try_from(left).unwrap_or(u32::MAX));
+            Err(NetError::Dns(DnsError::NoRecordsFound(n)))
+        }
+        other => other.clone(),
+    }
+}
+
+/// The lookup a NOERROR or NXDOMAIN reply makes: its answer records when any of
+/// the type asked is the name's (through its CNAME chain), else "no records": a
+/// chain that ends in nothing of the type (the recursive resolver followed it) or
+/// records of other names only.
 fn answer(query: Query, reply: Message) -> Result<Lookup, NetError> {
     let code = reply.metadata.response_code;
+    let name = query.name().to_ascii();
     if code == ResponseCode::NoError
-        && reply
-            .answers
-            .iter()
-            .any(|r| r.record_type() == query.query_type())
+        && !Answering::of(&reply.answers, &name, &[query.query_type()])
+            .records
+            .is_empty()
     {
         let ttl = reply.answers.iter().map(|r| r.ttl).min().unwrap_or(0);
-        let until = Instant::now() + Duration::from_secs(ttl.min(TTL_MAX).into());
+        let until = Instant::now() + Duration::from_secs(ttl.into()).min(ANSWER_HELD_MAX);
         return Ok(Lookup::new_with_deadline(query, reply.answers, until));
     }
     let negative_ttl = reply.authorities.iter().find_map(|r| match &r.data {
@@ -478,6 +520,91 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_is_the_names_own_records_through_its_cname_chain() {
+        let server = fake(Arc::new(|q: &Message| {
+            let name = q.queries[0].name().clone();
+            let target = Name::from_str("target.example.test.").unwrap();
+            let cname = Record::from_rdata(
+                name.clone(),
+                300,
+                RData::CNAME(hickory_resolver::proto::rr::rdata::CNAME(target.clone())),
+            );
+            let of_target = Record::from_rdata(target, 300, RData::A(A::new(192, 0, 2, 7)));
+            let answers = match name.to_ascii().as_str() {
+                "alias.example.test." => vec![cname, of_target],
+                "dangling.example.test." => vec![cname],
+                // Only another name's records: no answer to the question.
+                _ => vec![of_target],
+            };
+            (vec![reply(q, ResponseCode::NoError, answers)], None)
+        }));
+        let s = stub(&[server.addr], Duration::from_secs(5));
+        let l = run(s.lookup("alias.example.test.", RecordType::A)).unwrap();
+        assert_eq!(
+            super::super::Answering::of(l.answers(), "alias.example.test.", &[RecordType::A]).ips(),
+            ["192.0.2.7".parse::<std::net::IpAddr>().unwrap()]
+        );
+        for name in ["dangling.example.test.", "other.example.test."] {
+            match run(s.lookup(name, RecordType::A)) {
+                Err(NetError::Dns(DnsError::NoRecordsFound(n))) => {
+                    assert_eq!(n.response_code, ResponseCode::NoError, "{name}")
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_datagram_that_fills_the_buffer_is_asked_again_over_tcp() {
+        let server = fake(Arc::new(|q: &Message| {
+            // Over the buffer: TXT strings past what the stub reads from a datagram.
+            let long = Record::from_rdata(
+                q.queries[0].name().clone(),
+                300,
+                RData::TXT(hickory_resolver::proto::rr::rdata::TXT::new(vec![
+                    "x".repeat(250);
+                    20
+                ])),
+            );
+            let over = reply(q, ResponseCode::NoError, vec![long.clone()]);
+            let short = Record::from_rdata(
+                q.queries[0].name().clone(),
+                300,
+                RData::TXT(hickory_resolver::proto::rr::rdata::TXT::new(vec![
+                    "whole".into()
+                ])),
+            );
+            (
+                vec![over],
+                Some(reply(q, ResponseCode::NoError, vec![short])),
+            )
+        }));
+        let s = stub(&[server.addr], Duration::from_secs(5));
+        let l = run(s.lookup("txt.example.test.", RecordType::TXT)).unwrap();
+        assert_eq!(ips(&l), ["whole"]);
+    }
+
+    #[test]
+    fn the_server_that_answered_last_is_asked_first() {
+        let silent = fake(Arc::new(|_: &Message| (vec![], None)));
+        let good = fake(Arc::new(|q: &Message| {
+            (vec![reply(q, ResponseCode::NoError, vec![a(q, 3)])], None)
+        }));
+        let s = stub(&[silent.addr, good.addr], Duration::from_millis(300));
+        run(async {
+            for i in 0..3 {
+                let name = format!("host{i}.example.test.");
+                assert_eq!(
+                    ips(&s.lookup(&name, RecordType::A).await.unwrap()),
+                    ["192.0.2.3"]
+                );
+            }
+        });
+        assert_eq!(silent.queries.load(Ordering::Relaxed), 1);
+        assert_eq!(good.queries.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
     fn answers_and_denials_are_kept_by_their_ttl_and_shared_by_those_waiting() {
         let server = fake(Arc::new(|q: &Message| {
             let name = q.queries[0].name().to_ascii();
@@ -505,8 +632,10 @@ mod tests {
                 for _ in 0..3 {
                     match s.lookup(name, RecordType::A).await {
                         Err(NetError::Dns(DnsError::NoRecordsFound(n))) => {
-                            // The SOA's TTL 600 and minimum 60: the least (RFC 2308 §5).
-                            assert_eq!(n.negative_ttl, Some(60), "{name}");
+                            // The SOA's TTL 600 and minimum 60: the least (RFC 2308 §5),
+                            // counted down when given out again (to 59 within a second).
+                            let ttl = n.negative_ttl.unwrap_or(0);
+                            assert!((59..=60).contains(&ttl), "{name}: {ttl}");
                             let code = match name {
                                 "nx.example.test." => ResponseCode::NXDomain,
                                 _ => ResponseCode::NoError,
@@ -519,6 +648,14 @@ mod tests {
             }
             // The name in another case is the same name.
             s.lookup("MX.Example.TEST.", RecordType::A).await.unwrap();
+            // A denial given out later has less of its negative TTL left.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            match s.lookup("nx.example.test.", RecordType::A).await {
+                Err(NetError::Dns(DnsError::NoRecordsFound(n))) => {
+                    assert!(n.negative_ttl.is_some_and(|t| t <= 58), "{n:?}")
+                }
+                other => panic!("{other:?}"),
+            }
         });
         assert_eq!(server.queries.load(Ordering::Relaxed), 3);
     }
