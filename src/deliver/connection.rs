@@ -17,7 +17,7 @@ use crate::smtp::reply::Reply;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller};
 use monoio::net::TcpStream;
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -237,9 +237,10 @@ enum Link {
 
 impl Link {
     /// Writes the session's output pieces `plain`, in order: in clear as they are
-    /// (one vectored write), or as TLS records made across them (rustls's
-    /// vectored write fills each record from several pieces). Errors: the write's,
-    /// or rustls's (an earlier fatal TLS error).
+    /// (one vectored write), or as TLS records made across them ([`seal`]).
+    /// Errors: the write's, or rustls's (an earlier fatal TLS error).
+    ///
+    /// [`seal`]: crate::deliver::tls::seal
     async fn send(&mut self, stream: &mut TcpStream, plain: Vec<Vec<u8>>) -> std::io::Result<()> {
         let (c, kept) = match self {
             Link::Plain if plain.len() <= 1 => {
@@ -254,19 +255,8 @@ impl Link {
             }
             Link::Tls(c, kept) => (c, kept),
         };
-        let mut slices: Vec<std::io::IoSlice> =
-            plain.iter().map(|p| std::io::IoSlice::new(p)).collect();
-        let mut left = &mut slices[..];
-        while !left.is_empty() {
-            match c.writer().write_vectored(left)? {
-                0 => return Err(std::io::ErrorKind::WriteZero.into()),
-                n => std::io::IoSlice::advance_slices(&mut left, n),
-            }
-        }
         let mut wire = std::mem::take(kept);
-        while c.wants_write() {
-            c.write_tls(&mut wire)?;
-        }
+        crate::deliver::tls::seal(c, &plain, &mut wire)?;
         if wire.is_empty() {
             return Ok(());
         }

@@ -50,6 +50,31 @@ pub fn client_config_verified_by(
     Arc::new(cfg)
 }
 
+/// Seals `plain` (pieces of the session's output, in order) into TLS records
+/// appended to `wire`. rustls's vectored write fills each record (up to 16 KiB,
+/// RFC 8446 §5.1) from several pieces, so they are never joined first: the
+/// encryption is the one copy. Errors: rustls's (an earlier fatal TLS error), or
+/// `WriteZero` when it takes nothing.
+pub fn seal(
+    conn: &mut rustls::ClientConnection,
+    plain: &[Vec<u8>],
+    wire: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    use std::io::{IoSlice, Write};
+    let mut slices: Vec<IoSlice> = plain.iter().map(|p| IoSlice::new(p)).collect();
+    let mut left = &mut slices[..];
+    while !left.is_empty() {
+        match conn.writer().write_vectored(left)? {
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            n => IoSlice::advance_slices(&mut left, n),
+        }
+    }
+    while conn.wants_write() {
+        conn.write_tls(wire)?;
+    }
+    Ok(())
+}
+
 /// ring, its AES-128-GCM suites first.
 pub fn provider() -> Arc<CryptoProvider> {
     let mut provider = rustls::crypto::ring::default_provider();
