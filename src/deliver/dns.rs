@@ -165,7 +165,8 @@ impl Resolver {
                     .build()
                     .expect("tokio runtime");
                 rt.block_on(async move {
-                    let resolver = Arc::new(Stub::new(&config, &opts));
+                    let hosts = hickory_resolver::Hosts::from_system().unwrap_or_default();
+                    let resolver = Arc::new(Stub::new(&config, &opts, hosts));
                     let validator =
                         match anchors.map(|a| Validator::new(config, opts, a)).transpose() {
                             Ok(v) => v.map(Arc::new),

@@ -8,7 +8,9 @@
 //! datagrams from that address alone), and reads the answer with hickory-proto's
 //! wire format. Answers are kept by TTL and shared by the lookups waiting for
 //! them: thousands of domains name the same few MX hosts, whose addresses are
-//! then asked once. DANE's lookups stay with hickory's validating resolver.
+//! then asked once. Addresses in /etc/hosts come first, as with hickory's
+//! resolver (an operator may pin an MX host there). DANE's lookups stay with
+//! hickory's validating resolver.
 
 use super::{Answering, ANSWER_HELD_MAX};
 use hickory_resolver::config::{ResolverConfig, ResolverOpts};
@@ -16,6 +18,7 @@ use hickory_resolver::lookup::Lookup;
 use hickory_resolver::net::{DnsError, NetError, NoRecords};
 use hickory_resolver::proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
+use hickory_resolver::Hosts;
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -51,12 +54,15 @@ pub(super) struct Stub {
     attempts: usize,
     in_flight: tokio::sync::Semaphore,
     answers: Mutex<HashMap<(String, RecordType), Slot>>,
+    /// The hosts file's addresses, answered before the nameservers are asked.
+    hosts: Hosts,
 }
 
 impl Stub {
     /// Asks `config`'s nameservers (their UDP port; TCP on the same port) with
-    /// `opts`' timeout per query and attempts (rounds over the servers).
-    pub(super) fn new(config: &ResolverConfig, opts: &ResolverOpts) -> Stub {
+    /// `opts`' timeout per query and attempts (rounds over the servers), after
+    /// `hosts` (the system's: [`Hosts::from_system`]) for addresses.
+    pub(super) fn new(config: &ResolverConfig, opts: &ResolverOpts, hosts: Hosts) -> Stub {
         let servers = config
             .name_servers()
             .iter()
@@ -75,6 +81,7 @@ impl Stub {
             attempts: opts.attempts.max(1),
             in_flight: tokio::sync::Semaphore::new(QUERIES_IN_FLIGHT_MAX),
             answers: Mutex::default(),
+            hosts,
         }
     }
 
@@ -85,6 +92,12 @@ impl Stub {
     pub(super) async fn lookup(&self, name: &str, rtype: RecordType) -> Result<Lookup, NetError> {
         let name = Name::from_utf8(name)
             .map_err(|e| NetError::from(format!("{name}: not a domain name: {e}")))?;
+        if let Some(pinned) = self
+            .hosts
+            .lookup_static_host(&Query::query(name.clone(), rtype))
+        {
+            return Ok(pinned);
+        }
         // By the A-label form, so a name's spellings share one answer.
         let key = (name.to_ascii().to_ascii_lowercase(), rtype);
         loop {
@@ -408,7 +421,7 @@ mod tests {
         let mut opts = ResolverOpts::default();
         opts.timeout = timeout;
         opts.attempts = 2;
-        Stub::new(&config, &opts)
+        Stub::new(&config, &opts, Hosts::default())
     }
 
     /// The reply to `q` with `answers`, code `code`, and an SOA (TTL 600,
@@ -582,6 +595,26 @@ mod tests {
         let s = stub(&[server.addr], Duration::from_secs(5));
         let l = run(s.lookup("txt.example.test.", RecordType::TXT)).unwrap();
         assert_eq!(ips(&l), ["whole"]);
+    }
+
+    #[test]
+    fn the_hosts_files_addresses_come_before_the_nameservers() {
+        let server = fake(Arc::new(|q: &Message| {
+            (vec![reply(q, ResponseCode::NoError, vec![a(q, 4)])], None)
+        }));
+        let mut s = stub(&[server.addr], Duration::from_secs(5));
+        let mut hosts = Hosts::default();
+        hosts
+            .read_hosts_conf("192.0.2.99 mx.pinned.test\n".as_bytes())
+            .unwrap();
+        s.hosts = hosts;
+        let l = run(s.lookup("mx.pinned.test.", RecordType::A)).unwrap();
+        assert_eq!(ips(&l), ["192.0.2.99"]);
+        assert_eq!(server.queries.load(Ordering::Relaxed), 0);
+        // Not in it: the nameserver is asked.
+        let l = run(s.lookup("mx.other.test.", RecordType::A)).unwrap();
+        assert_eq!(ips(&l), ["192.0.2.4"]);
+        assert_eq!(server.queries.load(Ordering::Relaxed), 1);
     }
 
     #[test]
