@@ -66,10 +66,11 @@ fn spool_append(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn template_render(c: &mut Criterion) {
-    let dir = std::env::temp_dir().join(format!("volley-bench-tpl-{}", std::process::id()));
+/// The generator's 10 KB template, its text, and one recipient's values; made in
+/// `dir` (the caller removes it).
+fn generated_template(dir: &std::path::Path) -> (Template, Vec<u8>, [&'static str; 4]) {
     volley_load::gen::write_campaign(
-        &dir,
+        dir,
         &volley_load::gen::GenOptions {
             recipients: 1,
             ..Default::default()
@@ -83,6 +84,29 @@ fn template_render(c: &mut Criterion) {
         .collect();
     let t = Template::parse(&text, &cols).unwrap();
     let values = ["user1@gmail.com", "Ann", "1", "crc32c=0badf00d len=10240"];
+    (t, text, values)
+}
+
+/// A new DKIM key of `kind` in `dir` as selector `name`, private to its owner (a
+/// key others may read is refused at load, host/secrets.rs).
+fn dkim_key(
+    dir: &std::path::Path,
+    name: &str,
+    kind: volley::message::dkim::KeyType,
+) -> volley::message::dkim::KeyFile {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(format!("{name}.pem"));
+    std::fs::write(&path, volley::message::dkim::generate(kind).unwrap().pem).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    volley::message::dkim::KeyFile {
+        selector: name.to_string(),
+        path,
+    }
+}
+
+fn template_render(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join(format!("volley-bench-tpl-{}", std::process::id()));
+    let (t, text, values) = generated_template(&dir);
     let mut out = Vec::with_capacity(16 * 1024);
     let mut g = c.benchmark_group("template");
     g.throughput(Throughput::Bytes(text.len() as u64));
@@ -162,7 +186,7 @@ fn shaping_admit(c: &mut Criterion) {
 /// spaces, trailing whitespace); and the raw RSA-2048 signature alone, the bound for
 /// RSA-signed delivery.
 fn dkim_sign(c: &mut Criterion) {
-    use volley::message::dkim::{generate, KeyFile, KeyType, Signer, DEFAULT_HEADERS};
+    use volley::message::dkim::{KeyType, Signer, DEFAULT_HEADERS};
     let mut g = c.benchmark_group("dkim");
     g.throughput(Throughput::Elements(1));
     let dir = std::env::temp_dir().join(format!("volley-bench-dkim-{}", std::process::id()));
@@ -177,19 +201,8 @@ fn dkim_sign(c: &mut Criterion) {
     };
     let msg = body(b"A line of a marketing message body, as long as most of them are.\r\n");
     let ragged = body(b"A line\tof a  marketing message body,   as long as most of them are. \r\n");
-    let key = |name: &str, kind: KeyType| {
-        let path = dir.join(format!("{name}.pem"));
-        std::fs::write(&path, generate(kind).unwrap().pem).unwrap();
-        // A key others may read is refused at load (host/secrets.rs).
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        KeyFile {
-            selector: name.to_string(),
-            path,
-        }
-    };
-    let rsa = key("rsa2048", KeyType::Rsa);
-    let ed = key("ed25519", KeyType::Ed25519);
+    let rsa = dkim_key(&dir, "rsa2048", KeyType::Rsa);
+    let ed = dkim_key(&dir, "ed25519", KeyType::Ed25519);
     for (name, keys, m) in [
         ("sign_10k_rsa2048", vec![rsa.clone()], &msg),
         ("sign_10k_ed25519", vec![ed.clone()], &msg),
@@ -387,31 +400,10 @@ fn metrics_tally(c: &mut Criterion) {
 /// the engine's own `seal`, into a buffer kept from one message to the next. The
 /// records are not decrypted: only the sending side is measured.
 fn outbound_path(c: &mut Criterion) {
-    use volley::message::dkim::{generate, Body, KeyFile, KeyType, Signer, DEFAULT_HEADERS};
+    use volley::message::dkim::{Body, KeyType, Signer, DEFAULT_HEADERS};
     let dir = std::env::temp_dir().join(format!("volley-bench-out-{}", std::process::id()));
-    volley_load::gen::write_campaign(
-        &dir,
-        &volley_load::gen::GenOptions {
-            recipients: 1,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let text = std::fs::read(dir.join("message.eml")).unwrap();
-    let cols: Vec<String> = volley_load::gen::COLUMNS
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let template = Template::parse(&text, &cols).unwrap();
-    let values = ["user1@gmail.com", "Ann", "1", "crc32c=0badf00d len=10240"];
-    let path = dir.join("ed25519.pem");
-    std::fs::write(&path, generate(KeyType::Ed25519).unwrap().pem).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let key = KeyFile {
-        selector: "ed25519".into(),
-        path,
-    };
+    let (template, _, values) = generated_template(&dir);
+    let key = dkim_key(&dir, "ed25519", KeyType::Ed25519);
     let signer = Signer::load("news.test", &[key], DEFAULT_HEADERS).unwrap();
 
     let mut g = c.benchmark_group("outbound");

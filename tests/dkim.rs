@@ -1418,3 +1418,74 @@ fn random_messages_signed_by_volley_verify_at_mail_auth_and_dkimpy() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An Ed25519 key as `openssl genpkey` writes it (PKCS#8 v1, no public key in it),
+/// mode 0600: `volley dns-records` prints its public half, and a campaign signs
+/// with it and the signatures verify at mail-auth and at dkimpy.
+#[test]
+fn an_openssl_ed25519_key_signs_a_campaign_and_its_record_is_printed() {
+    let (env, keep) = env_keeping("dkim-openssl-ed25519");
+    let keys = env.dir.join("dkim");
+    let path = key_path(&keys, "news.test", "ed");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let made = std::process::Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519"])
+        .output();
+    let pem = match made {
+        Ok(o) if o.status.success() => String::from_utf8(o.stdout).unwrap(),
+        other => {
+            eprintln!("SKIPPED: openssl genpkey is not available here: {other:?}");
+            return;
+        }
+    };
+    assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{pem}");
+    write_0600(&path, &pem);
+    let c = campaign(
+        &env.dir,
+        "openssl-ed",
+        "dkim_selector = \"ed\"",
+        &["ann@gmail.com,Ann".into()],
+    );
+    let (code, out, err) = volley(
+        &[
+            "dns-records",
+            c.to_str().unwrap(),
+            "--dkim-dir",
+            keys.to_str().unwrap(),
+            "--ip",
+            "192.0.2.7",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let out = String::from_utf8(out).unwrap();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("ed._domainkey.news.test. 3600 IN TXT ("))
+        .unwrap_or_else(|| panic!("no DKIM record in\n{out}"));
+    let txt: String = line.split('"').skip(1).step_by(2).collect();
+    assert!(txt.starts_with("v=DKIM1; k=ed25519; p="), "{txt}");
+    publish_txt(&env, "ed", &txt);
+
+    let mut cfg = env.config();
+    cfg.dkim_dir = keys;
+    assert_eq!(env.send(&c, cfg).delivered, 1);
+    let messages = kept(&keep);
+    assert_eq!(messages.len(), 1);
+    assert!(
+        messages[0]
+            .1
+            .starts_with(b"DKIM-Signature: v=1; a=ed25519-sha256; s=ed;"),
+        "{}",
+        String::from_utf8_lossy(&messages[0].1)
+    );
+    assert_eq!(
+        verify_with_mail_auth(&env, &messages),
+        vec![DkimResult::Pass]
+    );
+    let files: Vec<PathBuf> = messages.iter().map(|m| m.0.clone()).collect();
+    if let Some(v) = verify_with_dkimpy(&[("ed._domainkey.news.test".into(), txt)], &files) {
+        assert_eq!(v, vec![true], "dkimpy");
+    }
+    let _ = std::fs::remove_dir_all(&keep);
+}

@@ -14,7 +14,9 @@ use crate::message::dkim::Body;
 use crate::policy::tls_rpt::ResultType;
 use crate::smtp::client::{Caps, ClientConfig, ClientSession, Event, Stage, TlsMode, Transaction};
 use crate::smtp::reply::Reply;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller,
+};
 use monoio::net::TcpStream;
 use std::collections::HashMap;
 use std::io::Read;
@@ -249,15 +251,13 @@ impl Link {
                     None => Ok(()),
                 };
             }
-            Link::Plain => {
-                let pieces = monoio::buf::VecBuf::from(plain);
-                return stream.write_vectored_all(pieces).await.0.map(|_| ());
-            }
+            Link::Plain => return write_pieces(stream, plain).await,
             Link::Tls(c, kept) => (c, kept),
         };
         let mut wire = std::mem::take(kept);
         crate::deliver::tls::seal(c, &plain, &mut wire)?;
         if wire.is_empty() {
+            *kept = wire;
             return Ok(());
         }
         let (written, mut wire) = stream.write_all(wire).await;
@@ -289,6 +289,32 @@ impl Link {
         self.send(stream, Vec::new()).await?;
         Ok(plain)
     }
+}
+
+/// Writes `pieces` in order, a `writev` at a time, each of what is left after the
+/// last: monoio's `write_vectored_all` (0.2.4) mishandles a short write, sending
+/// a piece's start again and reading past the pieces. Errors: the write's, or
+/// `WriteZero` when the socket takes nothing.
+async fn write_pieces(stream: &mut TcpStream, mut pieces: Vec<Vec<u8>>) -> std::io::Result<()> {
+    while !pieces.is_empty() {
+        let (written, back) = stream.writev(monoio::buf::VecBuf::from(pieces)).await;
+        pieces = back.into();
+        let mut n = match written? {
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            n => n,
+        };
+        let mut whole = 0;
+        while whole < pieces.len() && n >= pieces[whole].len() {
+            n -= pieces[whole].len();
+            whole += 1;
+        }
+        pieces.drain(..whole);
+        if let Some(first) = pieces.first_mut() {
+            // A short write ends inside this piece: the rest of it goes next.
+            first.drain(..n);
+        }
+    }
+    Ok(())
 }
 
 /// Reads what arrives within `wait`; None when nothing did. Waking for pacing makes
@@ -841,4 +867,63 @@ fn build_tx(shard: &Shard, jobs: &[Job], caps: Caps) -> Result<Transaction, Repl
         rcpts,
         content,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deliver::runtime::{block_on, Driver};
+    use std::io::Read;
+
+    /// Pieces written in clear over a socket whose send buffer is small and whose
+    /// reader is slow, so that writes come back short: the reader gets every byte
+    /// once, in order, on both drivers.
+    #[test]
+    fn pieces_written_in_clear_arrive_whole_in_order_through_short_writes() {
+        let pieces: Vec<Vec<u8>> = (0..400u32)
+            .map(|i| {
+                let len = 100 + (i as usize * 37) % 3000;
+                (0..len).map(|j| (i as usize * 7 + j) as u8).collect()
+            })
+            .collect();
+        let expected: Vec<u8> = pieces.concat();
+        for driver in [Driver::IoUring, Driver::Epoll] {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let total = expected.len();
+            let reader = std::thread::spawn(move || {
+                let (mut conn, _) = listener.accept().unwrap();
+                let mut got = Vec::with_capacity(total);
+                let mut buf = [0u8; 1024];
+                // Bounded: the whole, or the writer's end of the connection.
+                while got.len() < total {
+                    std::thread::sleep(Duration::from_micros(200));
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                got
+            });
+            let sent = pieces.clone();
+            let result = block_on(driver, async move {
+                let mut stream = TcpStream::connect(addr).await?;
+                socket2::SockRef::from(&borrowed_fd(&stream)).set_send_buffer_size(4096)?;
+                Link::Plain.send(&mut stream, sent).await
+            });
+            let result = match result {
+                Err(e) if driver == Driver::IoUring => {
+                    eprintln!("SKIPPED io_uring: {e}");
+                    let _ = std::net::TcpStream::connect(addr);
+                    let _ = reader.join();
+                    continue;
+                }
+                other => other.unwrap(),
+            };
+            result.unwrap();
+            let got = reader.join().unwrap();
+            assert_eq!(got.len(), expected.len(), "{driver:?}");
+            assert!(got == expected, "{driver:?}: the bytes differ");
+        }
+    }
 }

@@ -53,8 +53,10 @@ pub fn client_config_verified_by(
 /// Seals `plain` (pieces of the session's output, in order) into TLS records
 /// appended to `wire`. rustls's vectored write fills each record (up to 16 KiB,
 /// RFC 8446 §5.1) from several pieces, so they are never joined first: the
-/// encryption is the one copy. Errors: rustls's (an earlier fatal TLS error), or
-/// `WriteZero` when it takes nothing.
+/// encryption is the one copy. `conn` must have no buffer limit
+/// (`set_buffer_limit(None)`, as the engine's connections have): with one, rustls
+/// would take part and this would fail. Errors: rustls's (an earlier fatal TLS
+/// error), or `WriteZero` when it takes nothing.
 pub fn seal(
     conn: &mut rustls::ClientConnection,
     plain: &[Vec<u8>],

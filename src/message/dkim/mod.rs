@@ -13,10 +13,8 @@
 
 pub mod canon;
 
-use aws_lc_rs::signature::{Ed25519KeyPair, RsaKeyPair};
-use mail_auth::common::crypto::{
-    Algorithm, CryptoError, Ed25519Key, HashContext, HashImpl, Sha256,
-};
+use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair, RsaKeyPair};
+use mail_auth::common::crypto::{Algorithm, CryptoError, HashContext, HashImpl, Sha256};
 use mail_auth::common::headers::{HeaderWriter, Writable, Writer};
 use mail_auth::dkim::{Canonicalization, Signature};
 use rustls::pki_types::pem::PemObject;
@@ -318,6 +316,7 @@ pub fn key_for(
 enum Key {
     /// 2048 to 8192 bits (aws-lc-rs refuses others, as ring did).
     Rsa(RsaKeyPair),
+    /// PKCS#8 v1 or v2 (its public key then checked against the private).
     Ed25519(Ed25519KeyPair),
 }
 
@@ -338,7 +337,12 @@ impl Key {
             PrivateKeyDer::Pkcs8(p8) => {
                 match Ed25519KeyPair::from_pkcs8_maybe_unchecked(p8.secret_pkcs8_der()) {
                     Ok(k) => Ok(Key::Ed25519(k)),
-                    Err(_) => rsa(RsaKeyPair::from_pkcs8(p8.secret_pkcs8_der())),
+                    Err(ed) => RsaKeyPair::from_pkcs8(p8.secret_pkcs8_der())
+                        .map(Key::Rsa)
+                        .map_err(|e| KeyError::NotAKey {
+                            path: path.to_path_buf(),
+                            reason: format!("as Ed25519: {ed}; as RSA of 2048 to 8192 bits: {e}"),
+                        }),
                 }
             }
             PrivateKeyDer::Pkcs1(p1) => rsa(RsaKeyPair::from_der(p1.secret_pkcs1_der())),
@@ -635,11 +639,16 @@ pub fn generate(kind: KeyType) -> Result<NewKey, String> {
             })
         }
         KeyType::Ed25519 => {
-            let der = Ed25519Key::generate_pkcs8().map_err(|e| e.to_string())?;
-            let key = Ed25519Key::from_pkcs8_der(&der).map_err(|e| e.to_string())?;
+            let der = Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new())
+                .map_err(|e| e.to_string())?;
+            let der = der.as_ref();
+            let key = Ed25519KeyPair::from_pkcs8(der).map_err(|e| e.to_string())?;
             Ok(NewKey {
-                pem: pem_encode("PRIVATE KEY", &der),
-                txt: format!("v=DKIM1; k=ed25519; p={}", base64(&key.public_key())),
+                pem: pem_encode("PRIVATE KEY", der),
+                txt: format!(
+                    "v=DKIM1; k=ed25519; p={}",
+                    base64(key.public_key().as_ref())
+                ),
             })
         }
     }
@@ -661,8 +670,9 @@ pub fn public_txt(path: &Path) -> Result<String, String> {
         .map_err(|e| format!("{}: not a PEM private key ({e})", path.display()))?;
     let rsa = match &der {
         PrivateKeyDer::Pkcs8(p8) => {
-            if let Ok(k) = Ed25519Key::from_pkcs8_maybe_unchecked_der(p8.secret_pkcs8_der()) {
-                return Ok(format!("v=DKIM1; k=ed25519; p={}", base64(&k.public_key())));
+            if let Ok(k) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(p8.secret_pkcs8_der()) {
+                let public = k.public_key().as_ref().to_vec();
+                return Ok(format!("v=DKIM1; k=ed25519; p={}", base64(&public)));
             }
             rsa::RsaPrivateKey::from_pkcs8_der(p8.secret_pkcs8_der()).map_err(|e| e.to_string())
         }
