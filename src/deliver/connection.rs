@@ -291,14 +291,19 @@ impl Link {
     }
 }
 
+/// The pieces one `writev` takes at most (Linux's IOV_MAX); more go in the next.
+const PIECES_PER_WRITE_MAX: usize = 1024;
+
 /// Writes `pieces` in order, a `writev` at a time, each of what is left after the
 /// last: monoio's `write_vectored_all` (0.2.4) mishandles a short write, sending
 /// a piece's start again and reading past the pieces. Errors: the write's, or
 /// `WriteZero` when the socket takes nothing.
 async fn write_pieces(stream: &mut TcpStream, mut pieces: Vec<Vec<u8>>) -> std::io::Result<()> {
     while !pieces.is_empty() {
+        let later = pieces.split_off(pieces.len().min(PIECES_PER_WRITE_MAX));
         let (written, back) = stream.writev(monoio::buf::VecBuf::from(pieces)).await;
         pieces = back.into();
+        pieces.extend(later);
         let mut n = match written? {
             0 => return Err(std::io::ErrorKind::WriteZero.into()),
             n => n,
@@ -876,13 +881,14 @@ mod tests {
     use std::io::Read;
 
     /// Pieces written in clear over a socket whose send buffer is small and whose
-    /// reader is slow, so that writes come back short: the reader gets every byte
-    /// once, in order, on both drivers.
+    /// reader is slow, so that writes come back short, and more of them than one
+    /// writev takes: the reader gets every byte once, in order, on both drivers.
     #[test]
     fn pieces_written_in_clear_arrive_whole_in_order_through_short_writes() {
-        let pieces: Vec<Vec<u8>> = (0..400u32)
+        // More pieces than one writev takes (PIECES_PER_WRITE_MAX).
+        let pieces: Vec<Vec<u8>> = (0..1500u32)
             .map(|i| {
-                let len = 100 + (i as usize * 37) % 3000;
+                let len = 100 + (i as usize * 37) % 900;
                 (0..len).map(|j| (i as usize * 7 + j) as u8).collect()
             })
             .collect();
