@@ -787,6 +787,30 @@ fn header_names(wire: &[u8]) -> std::collections::HashSet<String> {
         .collect()
 }
 
+/// The DKIM TXT text `volley dns-records` prints for campaign `c`'s selector
+/// `selector` of news.test, its quoted strings joined.
+fn printed_record(c: &Path, keys: &Path, selector: &str) -> String {
+    let (code, out, err) = volley(
+        &[
+            "dns-records",
+            c.to_str().unwrap(),
+            "--dkim-dir",
+            keys.to_str().unwrap(),
+            "--ip",
+            "192.0.2.7",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let out = String::from_utf8(out).unwrap();
+    let start = format!("{selector}._domainkey.news.test. 3600 IN TXT (");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&start))
+        .unwrap_or_else(|| panic!("no DKIM record in\n{out}"));
+    line.split('"').skip(1).step_by(2).collect()
+}
+
 /// README, DKIM: "PKCS#8 or PKCS#1 PEM accepted". An RSA key written as PKCS#1
 /// ("BEGIN RSA PRIVATE KEY", what `openssl genrsa` and older tools write), mode
 /// 0600: `volley dns-records` prints its public half, and a campaign signs with it
@@ -817,25 +841,7 @@ fn a_pkcs1_rsa_key_signs_a_campaign_and_its_record_is_printed() {
         &["ann@gmail.com,Ann".into(), "bob@gmail.com,Bob".into()],
     );
 
-    let (code, out, err) = volley(
-        &[
-            "dns-records",
-            c.to_str().unwrap(),
-            "--dkim-dir",
-            keys.to_str().unwrap(),
-            "--ip",
-            "192.0.2.7",
-        ],
-        None,
-    );
-    assert_eq!(code, 0, "{err}");
-    let out = String::from_utf8(out).unwrap();
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("p1._domainkey.news.test. 3600 IN TXT ("))
-        .unwrap_or_else(|| panic!("no DKIM record in\n{out}"));
-    let printed: String = line.split('"').skip(1).step_by(2).collect();
-    assert_eq!(printed, txt, "{line}");
+    assert_eq!(printed_record(&c, &keys, "p1"), txt);
 
     let mut cfg = env.config();
     cfg.dkim_dir = keys;
@@ -1446,24 +1452,7 @@ fn an_openssl_ed25519_key_signs_a_campaign_and_its_record_is_printed() {
         "dkim_selector = \"ed\"",
         &["ann@gmail.com,Ann".into()],
     );
-    let (code, out, err) = volley(
-        &[
-            "dns-records",
-            c.to_str().unwrap(),
-            "--dkim-dir",
-            keys.to_str().unwrap(),
-            "--ip",
-            "192.0.2.7",
-        ],
-        None,
-    );
-    assert_eq!(code, 0, "{err}");
-    let out = String::from_utf8(out).unwrap();
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("ed._domainkey.news.test. 3600 IN TXT ("))
-        .unwrap_or_else(|| panic!("no DKIM record in\n{out}"));
-    let txt: String = line.split('"').skip(1).step_by(2).collect();
+    let txt = printed_record(&c, &keys, "ed");
     assert!(txt.starts_with("v=DKIM1; k=ed25519; p="), "{txt}");
     publish_txt(&env, "ed", &txt);
 
