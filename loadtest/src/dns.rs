@@ -214,6 +214,14 @@ impl Zone {
             || self.unsigned.iter().any(|z| z == name)
     }
 
+    /// The other name whose records of `qtype` a forger appends to `qname`'s answer
+    /// ([`Zone::set_appended`]), and those records; None when nothing is appended.
+    fn appended_to(&self, qname: &str, qtype: RecordType) -> Option<(&str, Vec<Record>)> {
+        let other = self.appended.get(&(qname.to_string(), qtype))?;
+        let other_name = Name::from_str(&format!("{other}.")).ok()?;
+        Some((other, answer(self, other, qtype, &other_name)))
+    }
+
     /// The unsigned zone `name` is in, if any.
     fn unsigned_zone(&self, name: &str) -> Option<&str> {
         self.unsigned
@@ -484,10 +492,8 @@ impl Handler {
                 response.metadata.response_code = *rcode;
                 response.add_authorities(soa(apex));
                 // With the unsigned records of another name appended, if asked.
-                if let Some(other) = zone.appended.get(&(qname.clone(), query.query_type())) {
-                    if let Ok(other_name) = Name::from_str(&format!("{other}.")) {
-                        response.add_answers(answer(&zone, other, query.query_type(), &other_name));
-                    }
+                if let Some((_, forged)) = zone.appended_to(&qname, query.query_type()) {
+                    response.add_answers(forged);
                 }
             } else {
                 self.fill(
@@ -567,11 +573,7 @@ impl Handler {
         };
         response.add_answers(records);
         response.add_answers(sig);
-        if let Some(other) = zone.appended.get(&(qname.to_string(), qtype)) {
-            let Ok(other_name) = Name::from_str(&format!("{other}.")) else {
-                return;
-            };
-            let forged = answer(zone, other, qtype, &other_name);
+        if let Some((other, forged)) = zone.appended_to(qname, qtype) {
             let sig = match dnssec_ok && zone.unsigned_zone(other).is_none() {
                 true => self.signer.sign(&forged, false),
                 false => None,

@@ -239,33 +239,27 @@ enum Link {
 
 impl Link {
     /// Writes the session's output pieces `plain`, in order: in clear as they are
-    /// (one vectored write), or as TLS records made across them ([`seal`]).
+    /// ([`write_pieces`]), or as TLS records made across them ([`seal`]).
     /// Errors: the write's, or rustls's (an earlier fatal TLS error).
     ///
     /// [`seal`]: crate::deliver::tls::seal
     async fn send(&mut self, stream: &mut TcpStream, plain: Vec<Vec<u8>>) -> std::io::Result<()> {
         let (c, kept) = match self {
-            Link::Plain if plain.len() <= 1 => {
-                return match plain.into_iter().next() {
-                    Some(one) => stream.write_all(one).await.0.map(|_| ()),
-                    None => Ok(()),
-                };
-            }
             Link::Plain => return write_pieces(stream, plain).await,
             Link::Tls(c, kept) => (c, kept),
         };
         let mut wire = std::mem::take(kept);
         crate::deliver::tls::seal(c, &plain, &mut wire)?;
-        if wire.is_empty() {
-            *kept = wire;
-            return Ok(());
+        let mut written = Ok(());
+        if !wire.is_empty() {
+            let (w, back) = stream.write_all(wire).await;
+            (written, wire) = (w.map(|_| ()), back);
         }
-        let (written, mut wire) = stream.write_all(wire).await;
         if wire.capacity() <= WIRE_KEPT_MAX {
             wire.clear();
             *kept = wire;
         }
-        written.map(|_| ())
+        written
     }
 
     /// Bytes read from the wire → plaintext for the session (possibly none yet).

@@ -63,19 +63,15 @@ impl Stub {
     /// `opts`' timeout per query and attempts (rounds over the servers), after
     /// `hosts` (the system's: [`Hosts::from_system`]) for addresses.
     pub(super) fn new(config: &ResolverConfig, opts: &ResolverOpts, hosts: Hosts) -> Stub {
-        let servers = config
-            .name_servers()
-            .iter()
-            .map(|s| SocketAddr::new(s.ip, s.connections.first().map_or(53, |c| c.port)))
-            .collect::<Vec<_>>();
-        let mut deduped = Vec::with_capacity(servers.len());
-        for s in servers {
-            if !deduped.contains(&s) {
-                deduped.push(s);
+        let mut servers = Vec::new();
+        for s in config.name_servers() {
+            let addr = SocketAddr::new(s.ip, s.connections.first().map_or(53, |c| c.port));
+            if !servers.contains(&addr) {
+                servers.push(addr);
             }
         }
         Stub {
-            servers: deduped,
+            servers,
             answering: Default::default(),
             timeout: opts.timeout,
             attempts: opts.attempts.max(1),

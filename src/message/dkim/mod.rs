@@ -671,8 +671,8 @@ pub fn public_txt(path: &Path) -> Result<String, String> {
     let rsa = match &der {
         PrivateKeyDer::Pkcs8(p8) => {
             if let Ok(k) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(p8.secret_pkcs8_der()) {
-                let public = k.public_key().as_ref().to_vec();
-                return Ok(format!("v=DKIM1; k=ed25519; p={}", base64(&public)));
+                let public = base64(k.public_key().as_ref());
+                return Ok(format!("v=DKIM1; k=ed25519; p={public}"));
             }
             rsa::RsaPrivateKey::from_pkcs8_der(p8.secret_pkcs8_der()).map_err(|e| e.to_string())
         }
