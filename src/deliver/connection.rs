@@ -478,6 +478,7 @@ async fn session(
                 Next::Batch(jobs) => jobs,
                 Next::Empty => break,
                 Next::Paced(at) => {
+                    site.demand.paced(source, Instant::now());
                     paced = Some(at);
                     break;
                 }

@@ -9,6 +9,7 @@ pub mod dane;
 pub mod dns;
 pub mod engine;
 pub mod explain;
+pub mod load;
 pub mod mta_sts;
 pub mod pipeline;
 pub mod runtime;

@@ -119,7 +119,80 @@ pub struct Site {
     /// count for the domain's TLS report (TLS-RPT on, a host with TLSA records or a
     /// failed DANE lookup).
     pub dane_reported: bool,
+    /// What the site's connections showed of a need for more (`connections_to_open`).
+    pub demand: Demand,
 }
+
+/// A shard this busy, as the share of wall time its thread ran or waited to run
+/// (`Scheduler::set_busy`), opens no second or later connection to a site: the
+/// same CPU split over more connections carries no more mail, and costs more per
+/// message (handshakes, fewer transactions per read and write).
+pub const BUSY_FOR_NO_MORE_CONNECTIONS: f64 = 0.85;
+
+/// How long a limiter's holding back a connection's next message keeps more
+/// connections from that source to the site from opening: the rate, not the
+/// connections, is what the queue waits for.
+pub const PACED_HOLDS_CONNECTIONS: Duration = Duration::from_secs(1);
+
+/// A site's connections on demand: a site with mail gets one connection at once,
+/// and more only while they can add throughput: while the open ones' windows are
+/// full, the shard has CPU to spare (`BUSY_FOR_NO_MORE_CONNECTIONS`) and no
+/// limiter paced that source's connections lately (`PACED_HOLDS_CONNECTIONS`).
+/// They open in steps of a `TICK`, each at most doubling the count, so that the
+/// shard's load shows each step before the next. A receiver that answers slowly
+/// keeps the shard waiting and gets connections up to its cap; a site whose rate
+/// is the limit gets what carries that rate.
+pub struct Demand {
+    /// The current growth step: when it began and the connections open then.
+    step: Cell<Option<(Instant, usize)>>,
+    /// Connections opened in this step.
+    opened: Cell<usize>,
+    /// When a limiter last held back a connection's next message, by source: index
+    /// 0 for the host's default address, i + 1 for pool source i.
+    paced_at: Vec<Cell<Option<Instant>>>,
+}
+
+impl Demand {
+    fn new(sources: usize) -> Demand {
+        Demand {
+            step: Cell::new(None),
+            opened: Cell::new(0),
+            paced_at: (0..=sources).map(|_| Cell::new(None)).collect(),
+        }
+    }
+
+    /// A limiter held back the next message of a connection from `source` at `now`.
+    pub fn paced(&self, source: Option<usize>, now: Instant) {
+        self.paced_at[source.map_or(0, |i| i + 1)].set(Some(now));
+    }
+
+    fn paced_lately(&self, source: Option<usize>, now: Instant) -> bool {
+        self.paced_at[source.map_or(0, |i| i + 1)]
+            .get()
+            .is_some_and(|at| now.saturating_duration_since(at) < PACED_HOLDS_CONNECTIONS)
+    }
+
+    /// Whether one more connection may open at `now`, with `conns` open: the
+    /// first always (a site with mail is never starved), the rest at most
+    /// doubling the count per step.
+    fn may_grow(&self, conns: usize, now: Instant) -> bool {
+        let base = match self.step.get() {
+            Some((began, base)) if now.saturating_duration_since(began) < TICK => base,
+            _ => {
+                self.step.set(Some((now, conns)));
+                self.opened.set(0);
+                conns
+            }
+        };
+        conns == 0 || self.opened.get() < base.max(1)
+    }
+
+    fn grew(&self) {
+        self.opened.set(self.opened.get() + 1);
+    }
+}
+
+
 
 /// The MTA-STS policy a site's sessions are held to (RFC 8461 §5) and reported
 /// under (RFC 8460 §4.3).
@@ -211,6 +284,7 @@ impl Site {
         window: usize,
     ) -> Site {
         assert!(!limits.is_empty(), "a site has its destination's limiter");
+        let sources_len = sources.len();
         Site {
             key,
             provider: Arc::from(crate::observe::metrics::OTHER_PROVIDER),
@@ -228,6 +302,7 @@ impl Site {
             refusals: Refusals::default(),
             sts: None,
             dane_reported: false,
+            demand: Demand::new(sources_len),
         }
     }
 
@@ -548,6 +623,8 @@ pub struct Scheduler {
     window: usize,
     /// Breaks before a reply a recipient is put back for, before one is an attempt.
     requeues_max: u32,
+    /// The shard's load (`set_busy`).
+    busy: Cell<f64>,
 }
 
 impl Scheduler {
@@ -567,7 +644,20 @@ impl Scheduler {
             job_limits: RefCell::new(job_limits),
             window,
             requeues_max,
+            busy: Cell::new(0.0),
         }
+    }
+
+    /// The shard's load: the share of wall time (0 to 1) its thread ran or waited
+    /// to run, lately. At `BUSY_FOR_NO_MORE_CONNECTIONS` or over, sites get no
+    /// further connections.
+    pub fn set_busy(&self, share: f64) {
+        self.busy.set(share);
+    }
+
+    /// The load last set (`set_busy`).
+    pub fn busy(&self) -> f64 {
+        self.busy.get()
     }
 
     /// Puts `job` at the back of `site`'s queue.
@@ -767,10 +857,10 @@ impl Scheduler {
 
     /// The connections to open for `site` at `now`, each from the pool source it
     /// names (None: the host's default address): while its queue holds more than its
-    /// open connections' windows take, as far as its limiters allow, and not while
-    /// a refusal for the receiver's connection limit is waited out. Each is counted
-    /// in the site and its limiters (`connection_closed` undoes it); `rng` picks
-    /// among weighted sources.
+    /// open connections' windows take and more add throughput (`Demand`), as far as
+    /// its limiters allow, and not while a refusal for the receiver's connection
+    /// limit is waited out. Each is counted in the site and its limiters
+    /// (`connection_closed` undoes it); `rng` picks among weighted sources.
     pub fn connections_to_open(
         &self,
         site: &Site,
@@ -788,6 +878,10 @@ impl Scheduler {
             if queued == 0 || (conns > 0 && queued <= conns * self.window) {
                 return open;
             }
+            let busy = conns > 0 && self.busy.get() >= BUSY_FOR_NO_MORE_CONNECTIONS;
+            if busy || !site.demand.may_grow(conns, now) {
+                return open;
+            }
             if site
                 .limits
                 .iter()
@@ -795,10 +889,15 @@ impl Scheduler {
             {
                 return open;
             }
+            // A source whose connections a limiter paced lately needs no more.
+            let paced = |source| conns > 0 && site.demand.paced_lately(source, now);
             let source = if site.sources.is_empty() {
+                if paced(None) {
+                    return open;
+                }
                 None
             } else {
-                match pick_source(&site.sources, now, rng) {
+                match pick_source(&site.sources, now, rng, |i| !paced(Some(i))) {
                     Some(i) => Some(i),
                     None => return open,
                 }
@@ -812,6 +911,7 @@ impl Scheduler {
                 return open;
             }
             site.conns.set(conns + 1);
+            site.demand.grew();
             open.push(source);
         }
     }
@@ -947,12 +1047,18 @@ fn batch(q: &mut VecDeque<Job>, site: &Site, campaigns: &impl Campaigns) -> Vec<
     jobs
 }
 
-/// Weighted random choice among the sources that may open a connection at `now`.
-fn pick_source(sources: &[Source], now: Instant, rng: &mut fastrand::Rng) -> Option<usize> {
+/// Weighted random choice among the `wanted` sources that may open a connection at
+/// `now`.
+fn pick_source(
+    sources: &[Source],
+    now: Instant,
+    rng: &mut fastrand::Rng,
+    wanted: impl Fn(usize) -> bool,
+) -> Option<usize> {
     let open: Vec<(usize, u32)> = sources
         .iter()
         .enumerate()
-        .filter(|(_, s)| s.limit.connect_gate(now) == Gate::Open)
+        .filter(|(i, s)| wanted(*i) && s.limit.connect_gate(now) == Gate::Open)
         .map(|(i, s)| (i, s.addr.weight))
         .collect();
     let total: u32 = open.iter().map(|(_, w)| w).sum();
@@ -1011,6 +1117,70 @@ mod tests {
             assert!(still.is_err());
         })
         .unwrap();
+    }
+
+    /// A site with `queued` recipients waiting and no rule of its own.
+    fn deep_site(queued: usize, now: Instant) -> Site {
+        let limiter = Rc::new(Limiter::new("site:mx".into(), &Rule::default(), 1, 0, now));
+        let site = Site::new(
+            "|mx".into(),
+            Rc::from("example.test"),
+            Rc::from(Vec::new()),
+            Rule::default(),
+            vec![limiter],
+            Vec::new(),
+            8,
+        );
+        site.queue.borrow_mut().extend((0..queued).map(|_| job()));
+        site
+    }
+
+    #[test]
+    fn connections_grow_in_steps_while_the_windows_are_full() {
+        let t0 = Instant::now();
+        let sched = Scheduler::new(t0, 8, 3, HashMap::new());
+        let site = deep_site(10_000, t0);
+        let mut rng = fastrand::Rng::with_seed(1);
+        let mut open_at = |ms: u64| {
+            let at = t0 + Duration::from_millis(ms);
+            sched.connections_to_open(&site, at, &mut rng).len()
+        };
+        assert_eq!(open_at(0), 1, "a site with mail gets its first at once");
+        assert_eq!(open_at(50), 0, "and no more within the step");
+        // Each step doubles, however deep the queue.
+        assert_eq!(open_at(100), 1);
+        assert_eq!(open_at(150), 0);
+        assert_eq!(open_at(200), 2);
+        assert_eq!(open_at(300), 4);
+        assert_eq!(open_at(400), 8);
+        assert_eq!(site.conns.get(), 16);
+        // Until the open windows take what is queued: 16 × 8 = 128.
+        site.queue.borrow_mut().truncate(130);
+        assert_eq!(open_at(500), 1);
+        assert_eq!(open_at(600), 0);
+    }
+
+    #[test]
+    fn a_busy_shard_or_a_paced_site_opens_no_more_than_one() {
+        let t0 = Instant::now();
+        let sched = Scheduler::new(t0, 8, 3, HashMap::new());
+        let site = deep_site(10_000, t0);
+        let mut rng = fastrand::Rng::with_seed(1);
+        let mut open_at = |ms: u64| {
+            let at = t0 + Duration::from_millis(ms);
+            sched.connections_to_open(&site, at, &mut rng).len()
+        };
+        sched.set_busy(BUSY_FOR_NO_MORE_CONNECTIONS);
+        assert_eq!(open_at(0), 1, "a busy shard still opens a site's first");
+        assert_eq!(open_at(200), 0, "but no second");
+        sched.set_busy(0.5);
+        assert_eq!(open_at(300), 1, "CPU to spare: the next step");
+        // A limiter holding the connections' next message back: the rate, not
+        // the connections, is what the queue waits for.
+        site.demand.paced(None, t0 + Duration::from_millis(350));
+        assert_eq!(open_at(500), 0);
+        assert_eq!(open_at(1_300), 0);
+        assert_eq!(open_at(1_400), 2, "paced no more for a second: it grows again");
     }
 
     #[test]

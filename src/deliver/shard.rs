@@ -17,6 +17,7 @@ use crate::deliver::control::{Action, Command, Purged, Status, Target};
 use crate::deliver::dane::Dane;
 use crate::deliver::dns::MxHost;
 use crate::deliver::dns::{Resolver, Route};
+use crate::deliver::load::ThreadLoad;
 use crate::deliver::mta_sts::Sts;
 use crate::deliver::runtime::Driver;
 use crate::deliver::schedule::{
@@ -1062,6 +1063,7 @@ impl Shard {
                 other,
                 spool_segments: spool.segment_count() as u64,
                 spool_bytes: spool.bytes(),
+                busy: self.sched.busy(),
             },
         );
     }
@@ -1864,9 +1866,11 @@ fn new_job(rref: RecordRef, instance: u32, email: &[u8]) -> Job {
 /// The live status is published once a second.
 async fn tick_loop(sh: Rc<Shard>) {
     let mut ticks = 0u64;
+    let mut load = ThreadLoad::of_this_thread();
     while !sh.finished() {
         monoio::time::sleep(TICK).await;
         ticks += 1;
+        sh.sched.set_busy(load.sample(Instant::now()));
         if sh.stop_requested() {
             for site in sh.sites.borrow().values() {
                 site.idle.wake_all();

@@ -291,6 +291,10 @@ pub struct ShardView {
     pub spool_segments: u64,
     /// Octets of those segments on disk.
     pub spool_bytes: u64,
+    /// The share of wall time (0 to 1) the shard's thread ran or waited to run,
+    /// lately (`deliver::load`); at `BUSY_FOR_NO_MORE_CONNECTIONS` it opens no
+    /// further connections to a site.
+    pub busy: f64,
 }
 
 /// The long tail of shaping keys (`site:MX,...` and sources towards them) on one
@@ -657,6 +661,16 @@ impl Collector for Exposition {
                     ConstGauge::new(s.spool_bytes as i64),
                 )
             }),
+        )?;
+        family(
+            &mut e,
+            "volley_shard_busy_ratio",
+            "The share of wall time the shard's thread ran or waited to run, lately; at 0.85 it opens no further connections to a destination.",
+            MetricType::Gauge,
+            shards
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (vec![("shard", i.to_string())], ConstGauge::new(s.busy))),
         )?;
         family(
             &mut e,
