@@ -192,8 +192,6 @@ impl Demand {
     }
 }
 
-
-
 /// The MTA-STS policy a site's sessions are held to (RFC 8461 §5) and reported
 /// under (RFC 8460 §4.3).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1180,7 +1178,11 @@ mod tests {
         site.demand.paced(None, t0 + Duration::from_millis(350));
         assert_eq!(open_at(500), 0);
         assert_eq!(open_at(1_300), 0);
-        assert_eq!(open_at(1_400), 2, "paced no more for a second: it grows again");
+        assert_eq!(
+            open_at(1_400),
+            2,
+            "paced no more for a second: it grows again"
+        );
     }
 
     #[test]
