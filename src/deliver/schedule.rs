@@ -1117,72 +1117,116 @@ mod tests {
         .unwrap();
     }
 
-    /// A site with `queued` recipients waiting and no rule of its own.
-    fn deep_site(queued: usize, now: Instant) -> Site {
-        let limiter = Rc::new(Limiter::new("site:mx".into(), &Rule::default(), 1, 0, now));
-        let site = Site::new(
-            "|mx".into(),
-            Rc::from("example.test"),
-            Rc::from(Vec::new()),
-            Rule::default(),
-            vec![limiter],
-            Vec::new(),
-            8,
-        );
-        site.queue.borrow_mut().extend((0..queued).map(|_| job()));
-        site
+    /// A shard's schedule and one site with 10,000 recipients queued, no rule of
+    /// its own, and `sources` pool addresses.
+    struct Deep {
+        t0: Instant,
+        sched: Scheduler,
+        site: Site,
+        rng: fastrand::Rng,
+    }
+
+    impl Deep {
+        fn new(sources: usize) -> Deep {
+            let t0 = Instant::now();
+            let limiter = |key: &str| Rc::new(Limiter::new(key.into(), &Rule::default(), 1, 0, t0));
+            let sources = (0..sources)
+                .map(|i| Source {
+                    addr: PoolSource {
+                        ip: std::net::IpAddr::from([127, 0, 0, 2 + i as u8]),
+                        ehlo: None,
+                        weight: 1,
+                    },
+                    limit: limiter(&format!("source:{i}")),
+                })
+                .collect();
+            let site = Site::new(
+                "|mx".into(),
+                Rc::from("example.test"),
+                Rc::from(Vec::new()),
+                Rule::default(),
+                vec![limiter("site:mx")],
+                sources,
+                8,
+            );
+            site.queue.borrow_mut().extend((0..10_000).map(|_| job()));
+            Deep {
+                t0,
+                sched: Scheduler::new(t0, 8, 3, HashMap::new()),
+                site,
+                rng: fastrand::Rng::with_seed(1),
+            }
+        }
+
+        /// The connections opened `ms` after the start, by source.
+        fn open_at(&mut self, ms: u64) -> Vec<Option<usize>> {
+            let at = self.t0 + Duration::from_millis(ms);
+            self.sched
+                .connections_to_open(&self.site, at, &mut self.rng)
+        }
     }
 
     #[test]
     fn connections_grow_in_steps_while_the_windows_are_full() {
-        let t0 = Instant::now();
-        let sched = Scheduler::new(t0, 8, 3, HashMap::new());
-        let site = deep_site(10_000, t0);
-        let mut rng = fastrand::Rng::with_seed(1);
-        let mut open_at = |ms: u64| {
-            let at = t0 + Duration::from_millis(ms);
-            sched.connections_to_open(&site, at, &mut rng).len()
-        };
-        assert_eq!(open_at(0), 1, "a site with mail gets its first at once");
-        assert_eq!(open_at(50), 0, "and no more within the step");
+        let mut d = Deep::new(0);
+        assert_eq!(
+            d.open_at(0).len(),
+            1,
+            "a site with mail gets its first at once"
+        );
+        assert_eq!(d.open_at(50).len(), 0, "and no more within the step");
         // Each step doubles, however deep the queue.
-        assert_eq!(open_at(100), 1);
-        assert_eq!(open_at(150), 0);
-        assert_eq!(open_at(200), 2);
-        assert_eq!(open_at(300), 4);
-        assert_eq!(open_at(400), 8);
-        assert_eq!(site.conns.get(), 16);
+        assert_eq!(d.open_at(100).len(), 1);
+        assert_eq!(d.open_at(150).len(), 0);
+        assert_eq!(d.open_at(200).len(), 2);
+        assert_eq!(d.open_at(300).len(), 4);
+        assert_eq!(d.open_at(400).len(), 8);
+        assert_eq!(d.site.conns.get(), 16);
         // Until the open windows take what is queued: 16 × 8 = 128.
-        site.queue.borrow_mut().truncate(130);
-        assert_eq!(open_at(500), 1);
-        assert_eq!(open_at(600), 0);
+        d.site.queue.borrow_mut().truncate(130);
+        assert_eq!(d.open_at(500).len(), 1);
+        assert_eq!(d.open_at(600).len(), 0);
     }
 
     #[test]
     fn a_busy_shard_or_a_paced_site_opens_no_more_than_one() {
-        let t0 = Instant::now();
-        let sched = Scheduler::new(t0, 8, 3, HashMap::new());
-        let site = deep_site(10_000, t0);
-        let mut rng = fastrand::Rng::with_seed(1);
-        let mut open_at = |ms: u64| {
-            let at = t0 + Duration::from_millis(ms);
-            sched.connections_to_open(&site, at, &mut rng).len()
-        };
-        sched.set_busy(BUSY_FOR_NO_MORE_CONNECTIONS);
-        assert_eq!(open_at(0), 1, "a busy shard still opens a site's first");
-        assert_eq!(open_at(200), 0, "but no second");
-        sched.set_busy(0.5);
-        assert_eq!(open_at(300), 1, "CPU to spare: the next step");
+        let mut d = Deep::new(0);
+        d.sched.set_busy(BUSY_FOR_NO_MORE_CONNECTIONS);
+        assert_eq!(
+            d.open_at(0).len(),
+            1,
+            "a busy shard still opens a site's first"
+        );
+        assert_eq!(d.open_at(200).len(), 0, "but no second");
+        d.sched.set_busy(0.5);
+        assert_eq!(d.open_at(300).len(), 1, "CPU to spare: the next step");
         // A limiter holding the connections' next message back: the rate, not
         // the connections, is what the queue waits for.
-        site.demand.paced(None, t0 + Duration::from_millis(350));
-        assert_eq!(open_at(500), 0);
-        assert_eq!(open_at(1_300), 0);
+        d.site.demand.paced(None, d.t0 + Duration::from_millis(350));
+        assert_eq!(d.open_at(500).len(), 0);
+        assert_eq!(d.open_at(1_300).len(), 0);
         assert_eq!(
-            open_at(1_400),
+            d.open_at(1_400).len(),
             2,
             "paced no more for a second: it grows again"
         );
+    }
+
+    #[test]
+    fn a_paced_source_holds_its_own_connections_not_the_pools() {
+        let mut d = Deep::new(2);
+        let first = d.open_at(0);
+        assert_eq!(first.len(), 1);
+        let paced = first[0].expect("a pool source");
+        d.site
+            .demand
+            .paced(Some(paced), d.t0 + Duration::from_millis(50));
+        let other = Some(1 - paced);
+        for ms in [100, 200, 300] {
+            let opened = d.open_at(ms);
+            assert!(!opened.is_empty(), "the other source grows at {ms} ms");
+            assert!(opened.iter().all(|s| *s == other), "{opened:?} at {ms} ms");
+        }
     }
 
     #[test]
