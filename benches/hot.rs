@@ -1,4 +1,5 @@
-//! Criterion benches for the per-message hot paths: reply parsing, spool append,
+//! Criterion benches for the per-message hot paths: reply parsing and
+//! classification, spool append,
 //! template rendering, the client session's transaction round, the shaping
 //! admission every message passes, DKIM signing, gzip of a rotated log, and one
 //! message's whole send path (render, sign, submit, seal into TLS records).
@@ -27,6 +28,29 @@ fn reply_parsing(c: &mut Criterion) {
             })
         });
     }
+    g.finish();
+}
+
+/// A provider's throttle reply classified by the rules' regex set, and by a
+/// shard's remembering classifier that has seen it before.
+fn reply_classification(c: &mut Criterion) {
+    use std::sync::Arc;
+    use volley::policy::classify::{Classifier, Remembering};
+    let mut g = c.benchmark_group("classify");
+    let reply = volley::smtp::reply::Reply::new(
+        421,
+        Some("4.7.28"),
+        "Gmail has detected an unusual rate of unsolicited mail originating from your IP address. To protect our users from spam, mail sent from your IP address has been rate limited. https://support.google.com/mail/?p=UnsolicitedRateLimitError",
+    );
+    let rules = Arc::new(Classifier::shipped());
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("gmail_421_rules", |b| {
+        b.iter(|| black_box(rules.classify(black_box(&reply))))
+    });
+    let remembering = Remembering::new(rules.clone());
+    g.bench_function("gmail_421_remembered", |b| {
+        b.iter(|| black_box(remembering.classify(black_box(&reply))))
+    });
     g.finish();
 }
 
@@ -499,6 +523,7 @@ criterion_group!(
     log_rotation,
     metrics_tally,
     reply_parsing,
+    reply_classification,
     spool_append,
     template_render,
     client_transaction,

@@ -28,7 +28,7 @@ use crate::deliver::tls_rpt::Recorder;
 use crate::message::dkim::Signer;
 use crate::observe::log::{self, Kind, LogWriter};
 use crate::observe::metrics::{self, Board, Outcome, OutcomeKey, RecentBounce, ShardView, Tally};
-use crate::policy::classify::{Class, Classifier};
+use crate::policy::classify::{Class, Classifier, Remembering};
 use crate::policy::retry::{self, Decision};
 use crate::policy::shaping::rules::{Rule, Rules, Set};
 use crate::policy::shaping::{self, Change, Limiter};
@@ -166,7 +166,7 @@ pub struct Shard {
     /// shard ends when every recipient it recovered is done (`send`).
     serving: bool,
     /// Replaced when `reloads` has a new generation (SIGHUP).
-    classifier: RefCell<Arc<Classifier>>,
+    classifier: RefCell<Remembering>,
     tls: Arc<rustls::ClientConfig>,
     tls_verified: Arc<rustls::ClientConfig>,
     /// Checks the certificates of sessions under a testing MTA-STS policy, which
@@ -334,7 +334,7 @@ pub fn run(
         submission: instances.values().find(|i| i.submission).map(|i| i.no),
         fresh: RefCell::new(Vec::new()),
         serving: inbox.is_some(),
-        classifier: RefCell::new(classifier),
+        classifier: RefCell::new(Remembering::new(classifier)),
         tls: crate::deliver::tls::client_config(false, &[]),
         tls_verified: crate::deliver::tls::client_config(true, &tls_roots),
         tls_check: crate::deliver::tls::verifier(&tls_roots),
@@ -1071,7 +1071,7 @@ impl Shard {
     /// New shaping and bounce rules (see `Reloads`).
     fn reload(self: &Rc<Self>, rules: Arc<Rules>, classifier: Arc<Classifier>) {
         *self.rules.borrow_mut() = rules.clone();
-        *self.classifier.borrow_mut() = classifier;
+        *self.classifier.borrow_mut() = Remembering::new(classifier);
         let now = Instant::now();
         let sites: Vec<Rc<Site>> = self.sites.borrow().values().cloned().collect();
         for site in &sites {

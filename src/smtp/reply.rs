@@ -8,7 +8,7 @@ pub const REPLY_LINE_MAX: usize = 4096;
 /// Lines in one multi-line reply (EHLO replies are the longest legitimate ones).
 pub const REPLY_LINES_MAX: usize = 128;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Reply {
     pub code: u16,
     /// `class.subject.detail`, when the first line carries one of the same class.

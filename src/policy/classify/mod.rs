@@ -11,7 +11,10 @@ mod accuracy;
 mod input;
 pub use input::{parse_logged, InputError};
 use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 pub const SHIPPED_RULES: &str = include_str!("rules.toml");
 /// Rules per file; a longer file is almost certainly a mistake.
@@ -189,6 +192,42 @@ impl Classifier {
     }
 }
 
+/// Verdicts a `Remembering` classifier keeps, at most; when full, all are let go.
+pub const VERDICTS_KEPT_MAX: usize = 4_096;
+
+/// A classifier that keeps its verdicts by reply: receivers repeat their failure
+/// replies word for word, and matching a long reply against every rule's pattern
+/// costs tens of µs. One per shard, so no lock; a reload makes a new one. Replies
+/// that differ per message (a recipient's address, a queue id) each take a place,
+/// bounded by `VERDICTS_KEPT_MAX`.
+pub struct Remembering {
+    classifier: Arc<Classifier>,
+    kept: RefCell<HashMap<Reply, Verdict>>,
+}
+
+impl Remembering {
+    pub fn new(classifier: Arc<Classifier>) -> Remembering {
+        Remembering {
+            classifier,
+            kept: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// As `Classifier::classify`, from what was kept when the reply was seen before.
+    pub fn classify(&self, reply: &Reply) -> Verdict {
+        if let Some(v) = self.kept.borrow().get(reply) {
+            return *v;
+        }
+        let v = self.classifier.classify(reply);
+        let mut kept = self.kept.borrow_mut();
+        if kept.len() >= VERDICTS_KEPT_MAX {
+            kept.clear();
+        }
+        kept.insert(reply.clone(), v);
+        v
+    }
+}
+
 /// RFC 3463 subjects and details, for replies no rule names.
 fn by_enhanced(reply: &Reply) -> Option<Class> {
     let e = reply.enhanced.as_deref()?;
@@ -228,6 +267,34 @@ mod tests {
         let mut p = crate::smtp::reply::ReplyParser::default();
         p.push(format!("{line}\r\n").as_bytes());
         p.next_reply().unwrap().unwrap()
+    }
+
+    #[test]
+    fn remembered_verdicts_are_the_classifiers_and_bounded() {
+        let c = Arc::new(Classifier::shipped());
+        let r = Remembering::new(c.clone());
+        let replies = [
+            "421 4.7.28 Gmail has detected an unusual rate of mail originating from your IP address",
+            "550 5.1.1 The email account that you tried to reach does not exist",
+            "451 4.7.500 Server busy. Please try again later from [127.0.0.1]. (S77719)",
+            "452 4.5.3 Too many recipients",
+            "554 no reason given",
+            // The same text with and without its enhanced code is two replies.
+            "451 Please try again later",
+            "451 4.3.2 Please try again later",
+        ];
+        for _ in 0..2 {
+            for line in replies {
+                let reply = parse(line);
+                assert_eq!(r.classify(&reply), c.classify(&reply), "{line}");
+            }
+        }
+        assert_eq!(r.kept.borrow().len(), replies.len(), "each kept once");
+        for i in 0..=VERDICTS_KEPT_MAX {
+            let reply = parse(&format!("550 5.1.1 <user{i}@example.test>: unknown"));
+            assert_eq!(r.classify(&reply).class, Class::InvalidRecipient);
+        }
+        assert!(r.kept.borrow().len() <= VERDICTS_KEPT_MAX);
     }
 
     #[test]
