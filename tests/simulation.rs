@@ -559,7 +559,6 @@ impl<'c> Sim<'c> {
                 Next::Batch(jobs) => jobs,
                 Next::Paced(at) => {
                     self.paced_only_when_nothing_may_go();
-                    self.site.demand.paced(None, self.t());
                     paced = Some(at);
                     break;
                 }

@@ -478,7 +478,6 @@ async fn session(
                 Next::Batch(jobs) => jobs,
                 Next::Empty => break,
                 Next::Paced(at) => {
-                    site.demand.paced(source, Instant::now());
                     paced = Some(at);
                     break;
                 }

@@ -1,23 +1,28 @@
-//! How busy a shard's thread is: the share of wall time it ran on a CPU
-//! (getrusage RUSAGE_THREAD) or was ready to run and waited for one (the run
-//! delay in /proc/thread-self/schedstat, where the kernel keeps it), smoothed over
-//! the shard's ticks. A thread with work every moment reads near 1 whether it had
-//! a core to itself or shared one with other processes; a thread waiting on its
-//! receivers reads low. Connections on demand (`schedule::Demand`) go by it.
+//! How busy a shard's thread is: the share of wall time it ran on a CPU or was
+//! ready to run and waited for one, from the two first fields of
+//! /proc/thread-self/schedstat (the CPU time getrusage RUSAGE_THREAD reports, in
+//! ns, and the run delay), smoothed over the shard's ticks. A thread with work
+//! every moment reads near 1 whether it had a core to itself or shared one with
+//! other processes; a thread waiting on its receivers reads low. Connections on
+//! demand (`schedule::Demand`) go by it.
 
 use std::fs::File;
+use std::marker::PhantomData;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-/// One thread's load, sampled by that thread.
+/// One thread's load, sampled by that thread (not `Send`: the file it reads is
+/// the thread's own).
 pub struct ThreadLoad {
-    /// /proc/thread-self/schedstat, opened on the measured thread (None: the
-    /// kernel keeps no schedstat, or it could not be read; then CPU time alone).
+    /// /proc/thread-self/schedstat, opened on the measured thread. None: the
+    /// kernel keeps no schedstat (CONFIG_SCHED_INFO), or it could not be read;
+    /// the load then reads 0, and holds no connection back.
     schedstat: Option<File>,
     /// When the last sample was taken, and the thread's CPU time and run delay then.
     last: Option<(Instant, Duration)>,
     /// The smoothed share, 0 to 1.
     share: f64,
+    not_send: PhantomData<*const ()>,
 }
 
 impl ThreadLoad {
@@ -27,6 +32,7 @@ impl ThreadLoad {
             schedstat: File::open("/proc/thread-self/schedstat").ok(),
             last: None,
             share: 0.0,
+            not_send: PhantomData,
         }
     }
 
@@ -34,7 +40,9 @@ impl ThreadLoad {
     /// sample weighing half: the first sample reads 0, and a step change shows
     /// within two or three ticks.
     pub fn sample(&mut self, now: Instant) -> f64 {
-        let used = thread_cpu_time() + self.run_delay();
+        let Some(used) = self.ran_or_waited() else {
+            return 0.0;
+        };
         if let Some((at, before)) = self.last {
             let wall = now.saturating_duration_since(at).as_secs_f64();
             if wall > 0.0 {
@@ -46,35 +54,22 @@ impl ThreadLoad {
         self.share
     }
 
-    /// The thread's time waiting on a run queue: schedstat's second field, in ns.
-    fn run_delay(&mut self) -> Duration {
+    /// The thread's time on a CPU plus its time waiting on a run queue: the sum of
+    /// schedstat's first two fields, in ns. None (and never asked again) when the
+    /// file cannot be read or parsed.
+    fn ran_or_waited(&mut self) -> Option<Duration> {
         let mut buf = [0u8; 96];
-        let read = self.schedstat.as_ref().map(|f| f.read_at(&mut buf, 0));
-        let ns = match read {
-            Some(Ok(n)) => std::str::from_utf8(&buf[..n])
-                .ok()
-                .and_then(|s| s.split_ascii_whitespace().nth(1))
-                .and_then(|f| f.parse::<u64>().ok()),
-            _ => None,
-        };
+        let n = self.schedstat.as_ref()?.read_at(&mut buf, 0).ok();
+        let ns = n.and_then(|n| {
+            let text = std::str::from_utf8(&buf[..n]).ok()?;
+            let mut fields = text.split_ascii_whitespace().map(str::parse::<u64>);
+            Some(fields.next()?.ok()? + fields.next()?.ok()?)
+        });
         if ns.is_none() {
-            // Without a reading, each sample would mix CPU with and without delay.
             self.schedstat = None;
         }
-        Duration::from_nanos(ns.unwrap_or(0))
+        ns.map(Duration::from_nanos)
     }
-}
-
-/// The calling thread's user and system CPU time (getrusage RUSAGE_THREAD).
-fn thread_cpu_time() -> Duration {
-    // SAFETY: rusage is plain data, which getrusage fills for the calling thread.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
-        ru
-    };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 #[cfg(test)]

@@ -127,51 +127,28 @@ pub struct Site {
 /// (`Scheduler::set_busy`), opens no second or later connection to a site: the
 /// same CPU split over more connections carries no more mail, and costs more per
 /// message (handshakes, fewer transactions per read and write).
-pub const BUSY_FOR_NO_MORE_CONNECTIONS: f64 = 0.85;
+pub const BUSY_RATIO_MAX_FOR_GROWTH: f64 = 0.85;
 
-/// How long a limiter's holding back a connection's next message keeps more
-/// connections from that source to the site from opening: the rate, not the
-/// connections, is what the queue waits for.
-pub const PACED_HOLDS_CONNECTIONS: Duration = Duration::from_secs(1);
-
-/// A site's connections on demand: a site with mail gets one connection at once,
-/// and more only while they can add throughput: while the open ones' windows are
-/// full, the shard has CPU to spare (`BUSY_FOR_NO_MORE_CONNECTIONS`) and no
-/// limiter paced that source's connections lately (`PACED_HOLDS_CONNECTIONS`).
-/// They open in steps of a `TICK`, each at most doubling the count, so that the
-/// shard's load shows each step before the next. A receiver that answers slowly
-/// keeps the shard waiting and gets connections up to its cap; a site whose rate
-/// is the limit gets what carries that rate.
+/// A site's connections on demand, a slow start: on each shard a site with mail
+/// gets one connection at once, and more only while they can add throughput:
+/// while the open ones' windows are full, the shard has CPU to spare
+/// (`BUSY_RATIO_MAX_FOR_GROWTH`) and no rate is the limit (the destination's, or
+/// the source's for a connection from it: `Limiter::rate_bound`). They open in
+/// steps of a `TICK`, each at most doubling the count, so that the shard's load
+/// shows each step before the next. A connection that closes (its
+/// `max_msgs_per_conn`, a 421) is replaced under the same checks, so a busy
+/// shard's sites shrink towards one connection each. A receiver that answers
+/// slowly keeps the shard waiting and gets connections up to its cap; a site
+/// whose rate is the limit gets those that carry the rate.
+#[derive(Default)]
 pub struct Demand {
     /// The current growth step: when it began and the connections open then.
     step: Cell<Option<(Instant, usize)>>,
     /// Connections opened in this step.
     opened: Cell<usize>,
-    /// When a limiter last held back a connection's next message, by source: index
-    /// 0 for the host's default address, i + 1 for pool source i.
-    paced_at: Vec<Cell<Option<Instant>>>,
 }
 
 impl Demand {
-    fn new(sources: usize) -> Demand {
-        Demand {
-            step: Cell::new(None),
-            opened: Cell::new(0),
-            paced_at: (0..=sources).map(|_| Cell::new(None)).collect(),
-        }
-    }
-
-    /// A limiter held back the next message of a connection from `source` at `now`.
-    pub fn paced(&self, source: Option<usize>, now: Instant) {
-        self.paced_at[source.map_or(0, |i| i + 1)].set(Some(now));
-    }
-
-    fn paced_lately(&self, source: Option<usize>, now: Instant) -> bool {
-        self.paced_at[source.map_or(0, |i| i + 1)]
-            .get()
-            .is_some_and(|at| now.saturating_duration_since(at) < PACED_HOLDS_CONNECTIONS)
-    }
-
     /// Whether one more connection may open at `now`, with `conns` open: the
     /// first always (a site with mail is never starved), the rest at most
     /// doubling the count per step.
@@ -282,7 +259,6 @@ impl Site {
         window: usize,
     ) -> Site {
         assert!(!limits.is_empty(), "a site has its destination's limiter");
-        let sources_len = sources.len();
         Site {
             key,
             provider: Arc::from(crate::observe::metrics::OTHER_PROVIDER),
@@ -300,7 +276,7 @@ impl Site {
             refusals: Refusals::default(),
             sts: None,
             dane_reported: false,
-            demand: Demand::new(sources_len),
+            demand: Demand::default(),
         }
     }
 
@@ -647,7 +623,7 @@ impl Scheduler {
     }
 
     /// The shard's load: the share of wall time (0 to 1) its thread ran or waited
-    /// to run, lately. At `BUSY_FOR_NO_MORE_CONNECTIONS` or over, sites get no
+    /// to run, lately. At `BUSY_RATIO_MAX_FOR_GROWTH` or over, sites get no
     /// further connections.
     pub fn set_busy(&self, share: f64) {
         self.busy.set(share);
@@ -876,7 +852,7 @@ impl Scheduler {
             if queued == 0 || (conns > 0 && queued <= conns * self.window) {
                 return open;
             }
-            let busy = conns > 0 && self.busy.get() >= BUSY_FOR_NO_MORE_CONNECTIONS;
+            let busy = conns > 0 && self.busy.get() >= BUSY_RATIO_MAX_FOR_GROWTH;
             if busy || !site.demand.may_grow(conns, now) {
                 return open;
             }
@@ -887,15 +863,15 @@ impl Scheduler {
             {
                 return open;
             }
-            // A source whose connections a limiter paced lately needs no more.
-            let paced = |source| conns > 0 && site.demand.paced_lately(source, now);
+            // The connections open carry the rate: more would only wait on it.
+            if conns > 0 && site.limits.iter().any(|l| l.rate_bound(now)) {
+                return open;
+            }
+            let rate_bound = |i: usize| conns > 0 && site.sources[i].limit.rate_bound(now);
             let source = if site.sources.is_empty() {
-                if paced(None) {
-                    return open;
-                }
                 None
             } else {
-                match pick_source(&site.sources, now, rng, |i| !paced(Some(i))) {
+                match pick_source(&site.sources, now, rng, |i| !rate_bound(i)) {
                     Some(i) => Some(i),
                     None => return open,
                 }
@@ -1117,8 +1093,8 @@ mod tests {
         .unwrap();
     }
 
-    /// A shard's schedule and one site with 10,000 recipients queued, no rule of
-    /// its own, and `sources` pool addresses.
+    /// A shard's schedule and one site with 10,000 recipients queued, `sources` pool
+    /// addresses, and each limiter (the destination's, the sources') at `rate`.
     struct Deep {
         t0: Instant,
         sched: Scheduler,
@@ -1127,9 +1103,14 @@ mod tests {
     }
 
     impl Deep {
-        fn new(sources: usize) -> Deep {
+        fn new(sources: usize, rate: Option<&str>) -> Deep {
+            use crate::policy::shaping::rules::{parse_per, Set};
             let t0 = Instant::now();
-            let limiter = |key: &str| Rc::new(Limiter::new(key.into(), &Rule::default(), 1, 0, t0));
+            let rule = Rule {
+                max_msg_rate: rate.map(|r| Set::cli(parse_per(r).unwrap())),
+                ..Rule::default()
+            };
+            let limiter = |key: &str| Rc::new(Limiter::new(key.into(), &rule, 1, 0, t0));
             let sources = (0..sources)
                 .map(|i| Source {
                     addr: PoolSource {
@@ -1158,9 +1139,13 @@ mod tests {
             }
         }
 
+        fn at(&self, ms: u64) -> Instant {
+            self.t0 + Duration::from_millis(ms)
+        }
+
         /// The connections opened `ms` after the start, by source.
         fn open_at(&mut self, ms: u64) -> Vec<Option<usize>> {
-            let at = self.t0 + Duration::from_millis(ms);
+            let at = self.at(ms);
             self.sched
                 .connections_to_open(&self.site, at, &mut self.rng)
         }
@@ -1168,7 +1153,7 @@ mod tests {
 
     #[test]
     fn connections_grow_in_steps_while_the_windows_are_full() {
-        let mut d = Deep::new(0);
+        let mut d = Deep::new(0, None);
         assert_eq!(
             d.open_at(0).len(),
             1,
@@ -1189,9 +1174,9 @@ mod tests {
     }
 
     #[test]
-    fn a_busy_shard_or_a_paced_site_opens_no_more_than_one() {
-        let mut d = Deep::new(0);
-        d.sched.set_busy(BUSY_FOR_NO_MORE_CONNECTIONS);
+    fn a_busy_shard_opens_no_second_nor_a_replacement() {
+        let mut d = Deep::new(0, None);
+        d.sched.set_busy(BUSY_RATIO_MAX_FOR_GROWTH);
         assert_eq!(
             d.open_at(0).len(),
             1,
@@ -1200,29 +1185,52 @@ mod tests {
         assert_eq!(d.open_at(200).len(), 0, "but no second");
         d.sched.set_busy(0.5);
         assert_eq!(d.open_at(300).len(), 1, "CPU to spare: the next step");
-        // A limiter holding the connections' next message back: the rate, not
-        // the connections, is what the queue waits for.
-        d.site.demand.paced(None, d.t0 + Duration::from_millis(350));
-        assert_eq!(d.open_at(500).len(), 0);
-        assert_eq!(d.open_at(1_300).len(), 0);
-        assert_eq!(
-            d.open_at(1_400).len(),
-            2,
-            "paced no more for a second: it grows again"
-        );
+        assert_eq!(d.open_at(400).len(), 2);
+        d.sched.set_busy(0.9);
+        d.sched.connection_closed(&d.site, None);
+        assert_eq!(d.open_at(500).len(), 0, "one that closed is not replaced");
+        d.sched.connection_closed(&d.site, None);
+        d.sched.connection_closed(&d.site, None);
+        d.sched.connection_closed(&d.site, None);
+        assert_eq!(d.open_at(600).len(), 1, "save the site's only one");
     }
 
     #[test]
-    fn a_paced_source_holds_its_own_connections_not_the_pools() {
-        let mut d = Deep::new(2);
+    fn a_site_whose_rate_is_the_limit_opens_no_more() {
+        let mut d = Deep::new(0, Some("100/s"));
+        assert_eq!(d.open_at(0).len(), 1);
+        // The one connection carried 50/s over the last second: the rate is not
+        // the limit.
+        let limiter = d.site.limits[0].clone();
+        for ms in (0..1_000).step_by(20) {
+            limiter.take_msg(d.at(ms));
+        }
+        limiter.take_msg(d.at(1_000));
+        assert_eq!(d.open_at(1_010).len(), 1);
+        // Two carried 100/s: it is.
+        for ms in (1_010..2_000).step_by(10) {
+            limiter.take_msg(d.at(ms));
+        }
+        limiter.take_msg(d.at(2_000));
+        assert_eq!(d.open_at(2_010).len(), 0);
+        assert_eq!(d.open_at(2_500).len(), 0);
+        // Nothing passed for a second: no longer.
+        assert_eq!(d.open_at(3_100).len(), 2);
+    }
+
+    #[test]
+    fn a_rate_bound_source_holds_its_own_connections_not_the_pools() {
+        let mut d = Deep::new(2, Some("100/s"));
         let first = d.open_at(0);
         assert_eq!(first.len(), 1);
-        let paced = first[0].expect("a pool source");
-        d.site
-            .demand
-            .paced(Some(paced), d.t0 + Duration::from_millis(50));
-        let other = Some(1 - paced);
+        let bound = first[0].expect("a pool source");
+        let limiter = d.site.sources[bound].limit.clone();
+        let other = Some(1 - bound);
         for ms in [100, 200, 300] {
+            // The first source's connection carries its whole rate.
+            for sent in (ms - 100..ms).step_by(10) {
+                limiter.take_msg(d.at(sent));
+            }
             let opened = d.open_at(ms);
             assert!(!opened.is_empty(), "the other source grows at {ms} ms");
             assert!(opened.iter().all(|s| *s == other), "{opened:?} at {ms} ms");

@@ -292,7 +292,7 @@ pub struct ShardView {
     /// Octets of those segments on disk.
     pub spool_bytes: u64,
     /// The share of wall time (0 to 1) the shard's thread ran or waited to run,
-    /// lately (`deliver::load`); at `BUSY_FOR_NO_MORE_CONNECTIONS` it opens no
+    /// lately (`deliver::load`); at `BUSY_RATIO_MAX_FOR_GROWTH` it opens no
     /// further connections to a site.
     pub busy: f64,
 }
@@ -665,7 +665,10 @@ impl Collector for Exposition {
         family(
             &mut e,
             "volley_shard_busy_ratio",
-            "The share of wall time the shard's thread ran or waited to run, lately; at 0.85 it opens no further connections to a destination.",
+            &format!(
+                "The share of wall time the shard's thread ran or waited to run, lately; at {} it opens no further connections to a destination.",
+                crate::deliver::schedule::BUSY_RATIO_MAX_FOR_GROWTH
+            ),
             MetricType::Gauge,
             shards
                 .iter()

@@ -195,11 +195,16 @@ impl Classifier {
 /// Verdicts a `Remembering` classifier keeps, at most; when full, all are let go.
 pub const VERDICTS_KEPT_MAX: usize = 4_096;
 
+/// Replies with more text than this (octets) are classified each time, never
+/// kept: so what is kept stays under `VERDICTS_KEPT_MAX` × this (4 MiB) per shard,
+/// whatever a receiver answers.
+pub const VERDICT_REPLY_KEPT_BYTES_MAX: usize = 1_024;
+
 /// A classifier that keeps its verdicts by reply: receivers repeat their failure
 /// replies word for word, and matching a long reply against every rule's pattern
 /// costs tens of µs. One per shard, so no lock; a reload makes a new one. Replies
 /// that differ per message (a recipient's address, a queue id) each take a place,
-/// bounded by `VERDICTS_KEPT_MAX`.
+/// bounded by `VERDICTS_KEPT_MAX` and `VERDICT_REPLY_KEPT_BYTES_MAX`.
 pub struct Remembering {
     classifier: Arc<Classifier>,
     kept: RefCell<HashMap<Reply, Verdict>>,
@@ -219,6 +224,9 @@ impl Remembering {
             return *v;
         }
         let v = self.classifier.classify(reply);
+        if reply.text.len() > VERDICT_REPLY_KEPT_BYTES_MAX {
+            return v;
+        }
         let mut kept = self.kept.borrow_mut();
         if kept.len() >= VERDICTS_KEPT_MAX {
             kept.clear();
@@ -295,6 +303,13 @@ mod tests {
             assert_eq!(r.classify(&reply).class, Class::InvalidRecipient);
         }
         assert!(r.kept.borrow().len() <= VERDICTS_KEPT_MAX);
+        let long = parse(&format!(
+            "550 5.1.1 {}",
+            "x".repeat(VERDICT_REPLY_KEPT_BYTES_MAX + 1)
+        ));
+        let before = r.kept.borrow().len();
+        assert_eq!(r.classify(&long), c.classify(&long));
+        assert_eq!(r.kept.borrow().len(), before, "a long reply is not kept");
     }
 
     #[test]

@@ -33,6 +33,10 @@ const PROBE_QUIET: u32 = 5;
 /// The window over which the sending rate is measured, for backing off an
 /// unconfigured destination from the rate it was actually sent at.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// A limiter whose last `RATE_WINDOW` passed at least this share of its message
+/// rate is the limit (`Limiter::rate_bound`): more connections would not carry
+/// more.
+pub const RATE_BOUND_SHARE: f64 = 0.9;
 /// A backed-off rate is never set below this many messages per second per shard.
 const MIN_RATE: f64 = 0.01;
 
@@ -451,6 +455,19 @@ impl Limiter {
         }
         s.win_count += 1;
         s.last_msg = Some(now);
+    }
+
+    /// Whether the message rate is what holds traffic back at `now`: a rate is set
+    /// and the last `RATE_WINDOW` passed at least `RATE_BOUND_SHARE` of it.
+    pub fn rate_bound(&self, now: Instant) -> bool {
+        let s = self.state.borrow();
+        let Some(rate) = s.msg.as_ref().map(Gcra::per_sec) else {
+            return false;
+        };
+        let idle = s
+            .last_msg
+            .is_none_or(|t| now.duration_since(t) > RATE_WINDOW);
+        !idle && Self::measured(&s, now).is_some_and(|m| m >= RATE_BOUND_SHARE * rate)
     }
 
     /// Messages per second over the last full window, or the current one so far
