@@ -1219,6 +1219,19 @@ mod tests {
     }
 
     #[test]
+    fn a_rate_is_measured_from_its_first_message() {
+        let mut d = Deep::new(0, Some("100/s"));
+        assert_eq!(d.open_at(0).len(), 1);
+        // The first connection took 400 ms to carry its first message; then it
+        // carried the whole rate.
+        let limiter = d.site.limits[0].clone();
+        for ms in (400..500).step_by(10) {
+            limiter.take_msg(d.at(ms));
+        }
+        assert_eq!(d.open_at(500).len(), 0, "the rate is the limit");
+    }
+
+    #[test]
     fn a_rate_bound_source_holds_its_own_connections_not_the_pools() {
         let mut d = Deep::new(2, Some("100/s"));
         let first = d.open_at(0);

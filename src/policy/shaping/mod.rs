@@ -447,6 +447,12 @@ impl Limiter {
                 l.add(&self.key, w.day);
             }
         }
+        if s.last_msg.is_none() {
+            // The first window begins with the first message, not with the limiter:
+            // a destination whose first connection took a while is not measured
+            // as slow.
+            s.win_start = now;
+        }
         if now.duration_since(s.win_start) >= RATE_WINDOW {
             let secs = now.duration_since(s.win_start).as_secs_f64();
             s.observed = s.win_count as f64 / secs;
