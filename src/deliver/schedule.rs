@@ -134,8 +134,10 @@ pub const BUSY_RATIO_MAX_FOR_GROWTH: f64 = 0.85;
 /// while the open ones' windows are full, the shard has CPU to spare
 /// (`BUSY_RATIO_MAX_FOR_GROWTH`) and no rate is the limit (the destination's, or
 /// the source's for a connection from it: `Limiter::rate_bound`). They open in
-/// steps of a `TICK`, each at most doubling the count, so that the shard's load
-/// shows each step before the next. A connection that closes (its
+/// steps of a `TICK`, each at most doubling the count; the load is smoothed over
+/// two or three ticks, so growth may run a step or two past where it would stop,
+/// and a rate counts as the limit at 0.9 of it, so a slow receiver may settle up
+/// to a tenth under its rate. A connection that closes (its
 /// `max_msgs_per_conn`, a 421) is replaced under the same checks, so a busy
 /// shard's sites shrink towards one connection each. A receiver that answers
 /// slowly keeps the shard waiting and gets connections up to its cap; a site
@@ -1216,6 +1218,20 @@ mod tests {
         assert_eq!(d.open_at(2_500).len(), 0);
         // Nothing passed for a second: no longer.
         assert_eq!(d.open_at(3_100).len(), 2);
+    }
+
+    #[test]
+    fn a_slow_rate_is_the_limit_between_its_messages() {
+        let mut d = Deep::new(0, Some("30/min"));
+        assert_eq!(d.open_at(0).len(), 1);
+        let limiter = d.site.limits[0].clone();
+        for ms in [0, 2_000, 4_000] {
+            limiter.take_msg(d.at(ms));
+        }
+        // 1.5 s since the last message, of the 2 s between two.
+        assert_eq!(d.open_at(5_500).len(), 0);
+        // Twice the interval without one: no longer.
+        assert_eq!(d.open_at(8_100).len(), 1);
     }
 
     #[test]

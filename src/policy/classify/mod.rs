@@ -196,7 +196,7 @@ impl Classifier {
 pub const VERDICTS_KEPT_MAX: usize = 4_096;
 
 /// Replies with more text than this (octets) are classified each time, never
-/// kept: so what is kept stays under `VERDICTS_KEPT_MAX` × this (4 MiB) per shard,
+/// kept: so what is kept stays about `VERDICTS_KEPT_MAX` × this (4 MiB) per shard,
 /// whatever a receiver answers.
 pub const VERDICT_REPLY_KEPT_BYTES_MAX: usize = 1_024;
 

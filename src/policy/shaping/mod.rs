@@ -464,15 +464,16 @@ impl Limiter {
     }
 
     /// Whether the message rate is what holds traffic back at `now`: a rate is set
-    /// and the last `RATE_WINDOW` passed at least `RATE_BOUND_SHARE` of it.
+    /// and the last `RATE_WINDOW` passed at least `RATE_BOUND_SHARE` of it. A rate
+    /// slower than one message a second counts as passing until twice its interval
+    /// has gone by without a message.
     pub fn rate_bound(&self, now: Instant) -> bool {
         let s = self.state.borrow();
         let Some(rate) = s.msg.as_ref().map(Gcra::per_sec) else {
             return false;
         };
-        let idle = s
-            .last_msg
-            .is_none_or(|t| now.duration_since(t) > RATE_WINDOW);
+        let quiet = RATE_WINDOW.max(Duration::from_secs_f64(2.0 / rate));
+        let idle = s.last_msg.is_none_or(|t| now.duration_since(t) > quiet);
         !idle && Self::measured(&s, now).is_some_and(|m| m >= RATE_BOUND_SHARE * rate)
     }
 
