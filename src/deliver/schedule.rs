@@ -1145,6 +1145,13 @@ mod tests {
             self.t0 + Duration::from_millis(ms)
         }
 
+        /// The destination's limiter passed a message at each of `times` (ms).
+        fn sent(&self, times: impl IntoIterator<Item = u64>) {
+            for ms in times {
+                self.site.limits[0].take_msg(self.at(ms));
+            }
+        }
+
         /// The connections opened `ms` after the start, by source.
         fn open_at(&mut self, ms: u64) -> Vec<Option<usize>> {
             let at = self.at(ms);
@@ -1203,17 +1210,10 @@ mod tests {
         assert_eq!(d.open_at(0).len(), 1);
         // The one connection carried 50/s over the last second: the rate is not
         // the limit.
-        let limiter = d.site.limits[0].clone();
-        for ms in (0..1_000).step_by(20) {
-            limiter.take_msg(d.at(ms));
-        }
-        limiter.take_msg(d.at(1_000));
+        d.sent((0..=1_000).step_by(20));
         assert_eq!(d.open_at(1_010).len(), 1);
         // Two carried 100/s: it is.
-        for ms in (1_010..2_000).step_by(10) {
-            limiter.take_msg(d.at(ms));
-        }
-        limiter.take_msg(d.at(2_000));
+        d.sent((1_010..2_000).step_by(10).chain([2_000]));
         assert_eq!(d.open_at(2_010).len(), 0);
         assert_eq!(d.open_at(2_500).len(), 0);
         // Nothing passed for a second: no longer.
@@ -1224,10 +1224,7 @@ mod tests {
     fn a_slow_rate_is_the_limit_between_its_messages() {
         let mut d = Deep::new(0, Some("30/min"));
         assert_eq!(d.open_at(0).len(), 1);
-        let limiter = d.site.limits[0].clone();
-        for ms in [0, 2_000, 4_000] {
-            limiter.take_msg(d.at(ms));
-        }
+        d.sent([0, 2_000, 4_000]);
         // 1.5 s since the last message, of the 2 s between two.
         assert_eq!(d.open_at(5_500).len(), 0);
         // Twice the interval without one: no longer.
@@ -1240,10 +1237,7 @@ mod tests {
         assert_eq!(d.open_at(0).len(), 1);
         // The first connection took 400 ms to carry its first message; then it
         // carried the whole rate.
-        let limiter = d.site.limits[0].clone();
-        for ms in (400..500).step_by(10) {
-            limiter.take_msg(d.at(ms));
-        }
+        d.sent((400..500).step_by(10));
         assert_eq!(d.open_at(500).len(), 0, "the rate is the limit");
     }
 

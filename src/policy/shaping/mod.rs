@@ -469,12 +469,12 @@ impl Limiter {
     /// has gone by without a message.
     pub fn rate_bound(&self, now: Instant) -> bool {
         let s = self.state.borrow();
-        let Some(rate) = s.msg.as_ref().map(Gcra::per_sec) else {
+        let Some(g) = s.msg.as_ref() else {
             return false;
         };
-        let quiet = RATE_WINDOW.max(Duration::from_secs_f64(2.0 / rate));
+        let quiet = RATE_WINDOW.max(g.interval * 2);
         let idle = s.last_msg.is_none_or(|t| now.duration_since(t) > quiet);
-        !idle && Self::measured(&s, now).is_some_and(|m| m >= RATE_BOUND_SHARE * rate)
+        !idle && Self::measured(&s, now).is_some_and(|m| m >= RATE_BOUND_SHARE * g.per_sec())
     }
 
     /// Messages per second over the last full window, or the current one so far
