@@ -483,6 +483,27 @@ fn a_campaign_rate_cap_holds_across_its_domains() {
     );
 }
 
+/// A rate slower than a connection's idle timeout: each message gets a connection
+/// opened shortly before it may go, not one every idle timeout while it waits.
+#[test]
+fn a_slow_rate_opens_a_connection_per_message_not_per_idle_timeout() {
+    let env = env("shaping-slow-rate", "");
+    let c = campaign(
+        &env.dir,
+        "slow",
+        "max_msg_rate = \"30/min\"",
+        &rows(3, "gmail.com"),
+    );
+    let mut cfg = env.config();
+    // One shard: the campaign's rate is not split, so its messages go at 0, 2 and 4 s.
+    cfg.shards = 1;
+    cfg.shaping_file = Some(shaping_file(&env, "[default]\nidle_timeout = \"400ms\"\n"));
+    assert_eq!(env.send(&c, cfg).delivered, 3);
+    let conns: u64 = env.sink.summary().connections_per_client_ip.values().sum();
+    // A connection every idle timeout would be ten or so.
+    assert!(conns <= 4, "{conns} connections for 3 messages 2 s apart");
+}
+
 /// A campaign held back by its own rate holds back no other to the same domain:
 /// the slow one's recipients, queued first, go behind the fast one's while they wait.
 #[test]
@@ -537,7 +558,7 @@ fn a_warm_up_cap_holds_over_the_day_across_runs() {
     cfg.shaping_file = Some(shaping_file(
         &env,
         &format!(
-            "[pool.new]\nsources = [{{ ip = \"127.0.0.2\" }}]\n\n[source.\"127.0.0.2\"]\nwarmup_start = \"{}\"\nwarmup = [30]\n",
+            "[default]\nidle_timeout = \"200ms\"\n\n[pool.new]\nsources = [{{ ip = \"127.0.0.2\" }}]\n\n[source.\"127.0.0.2\"]\nwarmup_start = \"{}\"\nwarmup = [30]\n",
             &today[..10]
         ),
     ));
@@ -570,7 +591,15 @@ fn a_warm_up_cap_holds_over_the_day_across_runs() {
     wait_until("the 10 left of the day's cap", || {
         accepted(&env, "google") >= 30
     });
+    let connections = || env.sink.summary().connections_per_client_ip["127.0.0.2"];
+    let at_cap = connections();
     std::thread::sleep(Duration::from_secs(1));
+    // The day's share is spent: no connection opens to wait on it and idle out.
+    assert_eq!(
+        connections(),
+        at_cap,
+        "connections opened with nothing to send"
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let r = engine.join().unwrap();
     drop(lock);

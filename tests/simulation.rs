@@ -317,9 +317,9 @@ impl<'c> Sim<'c> {
         if self.all_terminal() {
             return;
         }
-        let opened = self
-            .sched
-            .connections_to_open(&self.site, self.t(), &mut self.rng);
+        let opened =
+            self.sched
+                .connections_to_open(&self.site, &self.campaign, self.t(), &mut self.rng);
         for source in opened {
             assert_eq!(source, None, "the simulated site has no pool");
             let cfg = ClientConfig {

@@ -711,20 +711,8 @@ impl Scheduler {
     ) -> Next {
         let paused = self.paused.borrow();
         let limits = self.job_limits.borrow();
-        // The limiters of a run's own domain and campaign, and whether a pause holds it.
-        let own = |domain: &str, instance: u32| {
-            let keys = [
-                format!("domain:{domain}"),
-                campaigns.with_id(instance, |id| format!("campaign:{id}")),
-            ];
-            let held = keys.iter().any(|k| paused.contains(k));
-            let own: Vec<&Limiter> = keys
-                .iter()
-                .filter_map(|k| limits.get(k))
-                .map(|l| &**l)
-                .collect();
-            (held, own)
-        };
+        let own =
+            |domain: &str, instance: u32| own_limits(&paused, &limits, domain, instance, campaigns);
         // The soonest a rate lets a held-back run go.
         let mut earliest: Option<Instant> = None;
         // Parked runs first, in turn: the first its rates let go.
@@ -835,11 +823,15 @@ impl Scheduler {
     /// names (None: the host's default address): while its queue holds more than its
     /// open connections' windows take and more add throughput (`Demand`), as far as
     /// its limiters allow, and not while a refusal for the receiver's connection
-    /// limit is waited out. Each is counted in the site and its limiters
+    /// limit is waited out. None while no message may go within half the site's
+    /// `idle_timeout` (a slow or spent rate of the destination, the source, or the
+    /// queued runs' own domain and campaign): such a connection would only idle
+    /// out, and its replacement too. Each is counted in the site and its limiters
     /// (`connection_closed` undoes it); `rng` picks among weighted sources.
     pub fn connections_to_open(
         &self,
         site: &Site,
+        campaigns: &impl Campaigns,
         now: Instant,
         rng: &mut fastrand::Rng,
     ) -> Vec<Option<usize>> {
@@ -847,6 +839,7 @@ impl Scheduler {
         if site.refusals.waiting(now) {
             return open;
         }
+        let soon = now + site.idle_timeout() / 2;
         loop {
             let conns = site.conns.get();
             // Parked runs wait on their own rate: they need a connection, not more.
@@ -869,11 +862,19 @@ impl Scheduler {
             if conns > 0 && site.limits.iter().any(|l| l.rate_bound(now)) {
                 return open;
             }
-            let rate_bound = |i: usize| conns > 0 && site.sources[i].limit.rate_bound(now);
+            if !may_send_by(site.limits.iter().map(|l| &**l), now, soon)
+                || !self.runs_ready_by(site, campaigns, now, soon)
+            {
+                return open;
+            }
+            let wanted = |i: usize| {
+                let limit = &site.sources[i].limit;
+                !(conns > 0 && limit.rate_bound(now)) && may_send_by([&**limit], now, soon)
+            };
             let source = if site.sources.is_empty() {
                 None
             } else {
-                match pick_source(&site.sources, now, rng, |i| !rate_bound(i)) {
+                match pick_source(&site.sources, now, rng, wanted) {
                     Some(i) => Some(i),
                     None => return open,
                 }
@@ -890,6 +891,27 @@ impl Scheduler {
             site.demand.grew();
             open.push(source);
         }
+    }
+
+    /// Whether a recipient of `site` may go by `soon` as far as its own domain's
+    /// and campaign's rates go: one is queued, or a parked run's rates allow it (a
+    /// run a pause holds counts: a connection moves it aside).
+    fn runs_ready_by(
+        &self,
+        site: &Site,
+        campaigns: &impl Campaigns,
+        now: Instant,
+        soon: Instant,
+    ) -> bool {
+        if !site.queue.borrow().is_empty() {
+            return true;
+        }
+        let paused = self.paused.borrow();
+        let limits = self.job_limits.borrow();
+        site.parked.borrow().iter().any(|run| {
+            let (held, own) = own_limits(&paused, &limits, &run.domain, run.instance, campaigns);
+            held || may_send_by(own, now, soon)
+        })
     }
 
     /// A connection from `source` to `site` ended.
@@ -1021,6 +1043,39 @@ fn batch(q: &mut VecDeque<Job>, site: &Site, campaigns: &impl Campaigns) -> Vec<
         }
     }
     jobs
+}
+
+/// Whether every one of `limits` lets a message go by `soon`.
+fn may_send_by<'l>(
+    limits: impl IntoIterator<Item = &'l Limiter>,
+    now: Instant,
+    soon: Instant,
+) -> bool {
+    limits
+        .into_iter()
+        .all(|l| l.msg_wait(now).is_none_or(|at| at <= soon))
+}
+
+/// The limiters of a run's own domain and campaign (`domain:x`, `campaign:x`), and
+/// whether a pause holds it.
+fn own_limits<'l>(
+    paused: &HashSet<String>,
+    limits: &'l HashMap<String, Rc<Limiter>>,
+    domain: &str,
+    instance: u32,
+    campaigns: &impl Campaigns,
+) -> (bool, Vec<&'l Limiter>) {
+    let keys = [
+        format!("domain:{domain}"),
+        campaigns.with_id(instance, |id| format!("campaign:{id}")),
+    ];
+    let held = keys.iter().any(|k| paused.contains(k));
+    let own = keys
+        .iter()
+        .filter_map(|k| limits.get(k))
+        .map(|l| &**l)
+        .collect();
+    (held, own)
 }
 
 /// Weighted random choice among the `wanted` sources that may open a connection at
@@ -1156,8 +1211,92 @@ mod tests {
         fn open_at(&mut self, ms: u64) -> Vec<Option<usize>> {
             let at = self.at(ms);
             self.sched
-                .connections_to_open(&self.site, at, &mut self.rng)
+                .connections_to_open(&self.site, &OneCampaign, at, &mut self.rng)
         }
+
+        /// Closes every connection the site has open.
+        fn close_all(&self) {
+            for _ in 0..self.site.conns.get() {
+                self.sched.connection_closed(&self.site, None);
+            }
+        }
+    }
+
+    /// Every recipient is of campaign `c`, which never expires.
+    struct OneCampaign;
+
+    impl Campaigns for OneCampaign {
+        fn expire_at(&self, _: &Job) -> SystemTime {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(u32::MAX as u64)
+        }
+        fn with_id<R>(&self, _: u32, f: impl FnOnce(&str) -> R) -> R {
+            f("c")
+        }
+        fn rcpts_per_msg(&self, _: u32) -> usize {
+            1
+        }
+    }
+
+    #[test]
+    fn no_connection_opens_for_mail_that_cannot_go_before_it_would_idle_out() {
+        // One message per 10 s; a connection idles out after 5 s, so it opens at
+        // most 2.5 s before the next may go.
+        let mut d = Deep::new(0, Some("6/min"));
+        assert_eq!(d.open_at(0).len(), 1);
+        d.sent([0]);
+        d.close_all();
+        assert_eq!(d.open_at(100).len(), 0, "the next may go at 10 s");
+        assert_eq!(d.open_at(7_400).len(), 0);
+        assert_eq!(d.open_at(7_600).len(), 1);
+    }
+
+    #[test]
+    fn a_source_whose_next_message_is_far_off_gets_no_connection() {
+        let mut d = Deep::new(2, Some("6/min"));
+        let first = d.open_at(0);
+        let spent = first[0].expect("a pool source");
+        d.site.sources[spent].limit.take_msg(d.at(0));
+        d.close_all();
+        for ms in [100, 200, 300] {
+            assert_eq!(d.open_at(ms), [Some(1 - spent)], "at {ms} ms");
+            d.close_all();
+        }
+    }
+
+    #[test]
+    fn parked_runs_get_a_connection_only_when_their_own_rate_lets_one_go() {
+        use crate::policy::shaping::rules::{parse_per, Set};
+        let mut d = Deep::new(0, None);
+        let rule = Rule {
+            max_msg_rate: Some(Set::cli(parse_per("6/min").unwrap())),
+            ..Rule::default()
+        };
+        let campaign = Limiter::new("campaign:c".into(), &rule, 1, 0, d.t0);
+        campaign.take_msg(d.t0);
+        d.sched.set_job_limit("campaign:c".into(), campaign);
+        let jobs = d.site.queue.borrow_mut().drain(..).collect();
+        d.site.parked.borrow_mut().push_back(Parked {
+            domain: Rc::from("example.test"),
+            instance: 0,
+            jobs,
+        });
+        assert_eq!(
+            d.open_at(100).len(),
+            0,
+            "the campaign's next may go at 10 s"
+        );
+        // One queued recipient of another run may go now.
+        d.site.queue.borrow_mut().push_back(job());
+        assert_eq!(d.open_at(200).len(), 1);
+        d.site.queue.borrow_mut().clear();
+        d.close_all();
+        assert_eq!(d.open_at(7_400).len(), 0);
+        assert_eq!(d.open_at(7_600).len(), 1);
+        d.close_all();
+        // Paused, however far off its rate's next: a connection sets it aside.
+        d.sched.job_limits.borrow()["campaign:c"].take_msg(d.at(7_700));
+        d.sched.pause("campaign:c".into());
+        assert_eq!(d.open_at(7_800).len(), 1);
     }
 
     #[test]

@@ -825,7 +825,7 @@ impl Shard {
         let mut rng = fastrand::Rng::new();
         for source in self
             .sched
-            .connections_to_open(site, Instant::now(), &mut rng)
+            .connections_to_open(site, &**self, Instant::now(), &mut rng)
         {
             monoio::spawn(connection::run(self.clone(), site.clone(), source));
         }
