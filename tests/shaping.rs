@@ -504,6 +504,38 @@ fn a_slow_rate_opens_a_connection_per_message_not_per_idle_timeout() {
     assert!(conns <= 4, "{conns} connections for 3 messages 2 s apart");
 }
 
+/// A campaign's rate over many destinations (a domain and its own MX host each):
+/// once their runs wait on it, connections open for the messages it lets go, each
+/// claiming one, not one per destination every idle timeout.
+#[test]
+fn destinations_sharing_a_campaigns_rate_open_a_connection_per_message() {
+    const DOMAINS: usize = 20;
+    let env = env("shaping-shared-rate", "");
+    let mut rows = Vec::new();
+    {
+        let mut z = env.dns.zone.write().unwrap();
+        for i in 0..DOMAINS {
+            let (domain, host) = (format!("d{i}.shared.test"), format!("mx.d{i}.shared.test"));
+            z.set_mx(&domain, vec![(10, host.clone())]);
+            // The accept-all profile's catch-all provider listens there.
+            z.set_a(&host, "127.0.0.13".parse().unwrap());
+            rows.push(format!("a@{domain},Ann"));
+        }
+    }
+    let c = campaign(&env.dir, "shared", "max_msg_rate = \"5/s\"", &rows);
+    let mut cfg = env.config();
+    cfg.shards = 1;
+    cfg.shaping_file = Some(shaping_file(&env, "[default]\nidle_timeout = \"1s\"\n"));
+    assert_eq!(env.send(&c, cfg).delivered, DOMAINS as u64);
+    let conns: u64 = env.sink.summary().connections_per_client_ip.values().sum();
+    // One each at the start, then one per message the rate had not let go by then;
+    // every destination reconnecting each idle timeout would be three times that.
+    assert!(
+        conns <= 2 * DOMAINS as u64,
+        "{conns} connections for {DOMAINS} messages"
+    );
+}
+
 /// A campaign held back by its own rate holds back no other to the same domain:
 /// the slow one's recipients, queued first, go behind the fast one's while they wait.
 #[test]

@@ -733,7 +733,11 @@ impl Scheduler {
                 parked.push_back(run);
                 continue;
             }
-            let admitting: Vec<&Limiter> = chain.iter().copied().chain(own).collect();
+            let admitting: Vec<&Limiter> = chain
+                .iter()
+                .copied()
+                .chain(own.into_iter().map(|l| &**l))
+                .collect();
             if let Some(at) = shaping::admit(&admitting, now.at) {
                 parked.push_front(run);
                 return Next::Paced(at);
@@ -782,7 +786,11 @@ impl Scheduler {
                 }
                 continue;
             }
-            let admitting: Vec<&Limiter> = chain.iter().copied().chain(own).collect();
+            let admitting: Vec<&Limiter> = chain
+                .iter()
+                .copied()
+                .chain(own.into_iter().map(|l| &**l))
+                .collect();
             if let Some(at) = shaping::admit(&admitting, now.at) {
                 return Next::Paced(at);
             }
@@ -826,8 +834,11 @@ impl Scheduler {
     /// limit is waited out. None while no message may go within half the site's
     /// `idle_timeout` (a slow or spent rate of the destination, the source, or the
     /// queued runs' own domain and campaign): such a connection would only idle
-    /// out, and its replacement too. Each is counted in the site and its limiters
-    /// (`connection_closed` undoes it); `rng` picks among weighted sources.
+    /// out, and its replacement too. Each claims the next message of every rate it
+    /// waits on (`Limiter::claim`), so destinations sharing a rate open as many as
+    /// it lets messages go in that time, not one each. Each is counted in the site
+    /// and its limiters (`connection_closed` undoes it); `rng` picks among weighted
+    /// sources.
     pub fn connections_to_open(
         &self,
         site: &Site,
@@ -862,14 +873,15 @@ impl Scheduler {
             if conns > 0 && site.limits.iter().any(|l| l.rate_bound(now)) {
                 return open;
             }
-            if !may_send_by(site.limits.iter().map(|l| &**l), now, soon)
-                || !self.runs_ready_by(site, campaigns, now, soon)
-            {
+            if !may_send_by(&site.limits, now, soon) {
                 return open;
             }
+            let Some(own) = self.run_ready_by(site, campaigns, now, soon) else {
+                return open;
+            };
             let wanted = |i: usize| {
                 let limit = &site.sources[i].limit;
-                !(conns > 0 && limit.rate_bound(now)) && may_send_by([&**limit], now, soon)
+                !(conns > 0 && limit.rate_bound(now)) && may_send_by([limit], now, soon)
             };
             let source = if site.sources.is_empty() {
                 None
@@ -887,30 +899,35 @@ impl Scheduler {
                 }
                 return open;
             }
+            for l in chain.iter().copied().chain(own.iter().map(|l| &**l)) {
+                l.claim(now);
+            }
             site.conns.set(conns + 1);
             site.demand.grew();
             open.push(source);
         }
     }
 
-    /// Whether a recipient of `site` may go by `soon` as far as its own domain's
-    /// and campaign's rates go: one is queued, or a parked run's rates allow it (a
-    /// run a pause holds counts: a connection moves it aside).
-    fn runs_ready_by(
+    /// The own limiters (domain, campaign) of a run of `site`'s recipients that
+    /// may go by `soon`, for a new connection to claim (`Limiter::claim`): none for
+    /// a queued one, the first such parked run's otherwise. None when no run may
+    /// (a run a pause holds may: a connection moves it aside).
+    fn run_ready_by(
         &self,
         site: &Site,
         campaigns: &impl Campaigns,
         now: Instant,
         soon: Instant,
-    ) -> bool {
+    ) -> Option<Vec<Rc<Limiter>>> {
         if !site.queue.borrow().is_empty() {
-            return true;
+            return Some(Vec::new());
         }
         let paused = self.paused.borrow();
         let limits = self.job_limits.borrow();
-        site.parked.borrow().iter().any(|run| {
+        site.parked.borrow().iter().find_map(|run| {
             let (held, own) = own_limits(&paused, &limits, &run.domain, run.instance, campaigns);
-            held || may_send_by(own, now, soon)
+            (held || may_send_by(own.iter().copied(), now, soon))
+                .then(|| own.into_iter().cloned().collect())
         })
     }
 
@@ -1045,15 +1062,16 @@ fn batch(q: &mut VecDeque<Job>, site: &Site, campaigns: &impl Campaigns) -> Vec<
     jobs
 }
 
-/// Whether every one of `limits` lets a message go by `soon`.
+/// Whether every one of `limits` lets a message no connection was opened for go
+/// by `soon` (`Limiter::next_unclaimed`).
 fn may_send_by<'l>(
-    limits: impl IntoIterator<Item = &'l Limiter>,
+    limits: impl IntoIterator<Item = &'l Rc<Limiter>>,
     now: Instant,
     soon: Instant,
 ) -> bool {
     limits
         .into_iter()
-        .all(|l| l.msg_wait(now).is_none_or(|at| at <= soon))
+        .all(|l| l.next_unclaimed(now).is_none_or(|at| at <= soon))
 }
 
 /// The limiters of a run's own domain and campaign (`domain:x`, `campaign:x`), and
@@ -1064,17 +1082,13 @@ fn own_limits<'l>(
     domain: &str,
     instance: u32,
     campaigns: &impl Campaigns,
-) -> (bool, Vec<&'l Limiter>) {
+) -> (bool, Vec<&'l Rc<Limiter>>) {
     let keys = [
         format!("domain:{domain}"),
         campaigns.with_id(instance, |id| format!("campaign:{id}")),
     ];
     let held = keys.iter().any(|k| paused.contains(k));
-    let own = keys
-        .iter()
-        .filter_map(|k| limits.get(k))
-        .map(|l| &**l)
-        .collect();
+    let own = keys.iter().filter_map(|k| limits.get(k)).collect();
     (held, own)
 }
 
@@ -1160,6 +1174,8 @@ mod tests {
     }
 
     impl Deep {
+        /// A site with a deep queue; `rate` is its destination's, or with
+        /// `sources` pool sources each source's.
         fn new(sources: usize, rate: Option<&str>) -> Deep {
             use crate::policy::shaping::rules::{parse_per, Set};
             let t0 = Instant::now();
@@ -1168,6 +1184,11 @@ mod tests {
                 ..Rule::default()
             };
             let limiter = |key: &str| Rc::new(Limiter::new(key.into(), &rule, 1, 0, t0));
+            let destination = if sources == 0 {
+                limiter("site:mx")
+            } else {
+                Rc::new(Limiter::new("site:mx".into(), &Rule::default(), 1, 0, t0))
+            };
             let sources = (0..sources)
                 .map(|i| Source {
                     addr: PoolSource {
@@ -1183,7 +1204,7 @@ mod tests {
                 Rc::from("example.test"),
                 Rc::from(Vec::new()),
                 Rule::default(),
-                vec![limiter("site:mx")],
+                vec![destination],
                 sources,
                 8,
             );
@@ -1250,6 +1271,81 @@ mod tests {
         assert_eq!(d.open_at(7_600).len(), 1);
     }
 
+    /// 100 destinations, each with a recipient queued, or parked behind its
+    /// campaign's rate when `parked`; `shared` is in every one's chain.
+    fn destinations(shared: &Rc<Limiter>, parked: bool, t0: Instant) -> Vec<Site> {
+        (0..100)
+            .map(|i| {
+                let limits = if parked {
+                    vec![Rc::new(Limiter::new(
+                        format!("site:{i}"),
+                        &Rule::default(),
+                        1,
+                        0,
+                        t0,
+                    ))]
+                } else {
+                    vec![shared.clone()]
+                };
+                let site = Site::new(
+                    format!("|mx{i}"),
+                    Rc::from("example.test"),
+                    Rc::from(Vec::new()),
+                    Rule::default(),
+                    limits,
+                    Vec::new(),
+                    8,
+                );
+                if parked {
+                    site.parked.borrow_mut().push_back(Parked {
+                        domain: Rc::from(format!("d{i}.test")),
+                        instance: 0,
+                        jobs: [job()].into(),
+                    });
+                } else {
+                    site.queue.borrow_mut().push_back(job());
+                }
+                site
+            })
+            .collect()
+    }
+
+    #[test]
+    fn destinations_sharing_a_slow_rate_open_connections_for_the_messages_it_passes() {
+        use crate::policy::shaping::rules::{parse_per, Set};
+        let t0 = Instant::now();
+        let rule = Rule {
+            max_msg_rate: Some(Set::cli(parse_per("1/s").unwrap())),
+            ..Rule::default()
+        };
+        let mut rng = fastrand::Rng::with_seed(1);
+        for parked in [false, true] {
+            // A provider's rate in every site's chain, or the campaign's own rate
+            // of a run parked at each.
+            let shared = Rc::new(Limiter::new("provider:p".into(), &rule, 1, 0, t0));
+            let sched = Scheduler::new(t0, 8, 3, HashMap::new());
+            if parked {
+                sched
+                    .job_limits
+                    .borrow_mut()
+                    .insert("campaign:c".into(), shared.clone());
+            }
+            let sites = destinations(&shared, parked, t0);
+            let opened = |ms: u64, rng: &mut fastrand::Rng| -> usize {
+                let at = t0 + Duration::from_millis(ms);
+                sites
+                    .iter()
+                    .map(|s| sched.connections_to_open(s, &OneCampaign, at, rng).len())
+                    .sum()
+            };
+            // A connection idles out after 5 s: those opened now are for the messages
+            // due within 2.5 s, at 0, 1 and 2 s; not one each.
+            assert_eq!(opened(0, &mut rng), 3, "parked: {parked}");
+            assert_eq!(opened(100, &mut rng), 0, "parked: {parked}");
+            assert_eq!(opened(600, &mut rng), 1, "the one at 3 s; parked: {parked}");
+        }
+    }
+
     #[test]
     fn a_source_whose_next_message_is_far_off_gets_no_connection() {
         let mut d = Deep::new(2, Some("6/min"));
@@ -1257,10 +1353,11 @@ mod tests {
         let spent = first[0].expect("a pool source");
         d.site.sources[spent].limit.take_msg(d.at(0));
         d.close_all();
-        for ms in [100, 200, 300] {
-            assert_eq!(d.open_at(ms), [Some(1 - spent)], "at {ms} ms");
-            d.close_all();
-        }
+        assert_eq!(d.open_at(100), [Some(1 - spent)]);
+        // That connection claimed the other source's next message; the one after
+        // is 10 s off.
+        d.close_all();
+        assert_eq!(d.open_at(200), []);
     }
 
     #[test]

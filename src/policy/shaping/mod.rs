@@ -149,6 +149,8 @@ struct State {
     win_count: u32,
     /// When the last message passed (None: none yet), for the rate shown.
     last_msg: Option<Instant>,
+    /// The first message no connection was opened for (`Limiter::claim`).
+    unclaimed_from: Option<Instant>,
     observed: f64,
     warm: Option<Warm>,
     /// (shards, this shard's id): each day's cap is shared like every limit.
@@ -309,6 +311,7 @@ impl Limiter {
                 win_start: now,
                 win_count: 0,
                 last_msg: None,
+                unclaimed_from: None,
                 observed: 0.0,
                 warm: rule.warmup.as_ref().map(|w| Warm {
                     schedule: w.value.clone(),
@@ -434,6 +437,27 @@ impl Limiter {
             }
         }
         s.msg.as_ref().and_then(|g| g.wait(now))
+    }
+
+    /// When a connection opened at `now` could send its first message: the first
+    /// that this limiter lets go and that no connection opened earlier was opened
+    /// for (`claim`). None: at once. Many destinations sharing a slow rate (a
+    /// provider's, a campaign's) open connections for the messages it will pass,
+    /// not one each to wait on it.
+    pub fn next_unclaimed(&self, now: Instant) -> Option<Instant> {
+        let wait = self.msg_wait(now);
+        let claimed = self.state.borrow().unclaimed_from.filter(|at| *at > now);
+        wait.max(claimed)
+    }
+
+    /// Claims the message `next_unclaimed` names for a connection opening at `now`;
+    /// the next connection's is one interval later. Nothing without a message rate.
+    pub fn claim(&self, now: Instant) {
+        let first = self.next_unclaimed(now).unwrap_or(now);
+        let mut s = self.state.borrow_mut();
+        if let Some(g) = s.msg.as_ref() {
+            s.unclaimed_from = Some(first + g.interval);
+        }
     }
 
     pub fn take_msg(&self, now: Instant) {
