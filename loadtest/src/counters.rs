@@ -176,9 +176,12 @@ mod tests {
             }
         };
         // dd with 1-byte blocks: a read and a write per byte, so 20,000 calls
-        // beyond its start-up and exit (a few dozen more).
+        // beyond its start-up and exit (a few dozen more). It reads a pipe, so it
+        // waits for this test to take its counters: an exited child's descriptors
+        // cannot be had.
         let mut cmd = Command::new("dd");
-        cmd.args(["if=/dev/zero", "of=/dev/null", "bs=1", "count=10000"])
+        cmd.args(["of=/dev/null", "bs=1", "count=10000"])
+            .stdin(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null());
         tp.attach(&mut cmd);
         let mut child = cmd.spawn().expect("dd");
@@ -187,6 +190,9 @@ mod tests {
         for _ in 0..5_000 {
             let _ = std::fs::metadata("/");
         }
+        let mut stdin = child.stdin.take().expect("piped");
+        std::io::Write::write_all(&mut stdin, &[0; 10_000]).expect("dd reads");
+        drop(stdin);
         assert!(child.wait().expect("wait").success());
         let (syscalls, submits) = counters.read();
         let syscalls = syscalls.expect("the syscall counter opened as root");
