@@ -35,7 +35,7 @@ use volley::policy::classify::Class;
 use volley::policy::classify::Classifier;
 use volley::policy::retry::{decide, Decision, RetryPolicy};
 use volley::policy::shaping::rules::{parse_per, Rule, Set, Threshold};
-use volley::policy::shaping::Limiter;
+use volley::policy::shaping::{Claim, Limiter};
 use volley::smtp::client::{ClientConfig, ClientSession, Event, Timeouts, Transaction};
 use volley::smtp::reply::Reply;
 use volley::smtp::server::{Behaviour, Command, Message, ServerConfig, ServerSession, Verdict};
@@ -195,6 +195,9 @@ struct Conn<'c> {
     wake_at: Duration,
     /// Transactions lost to the connection breaking, for the site's window.
     cut_off: usize,
+    /// Its claim on the next messages of the site's rates, until it sends one
+    /// (as `connection::run` holds it).
+    claim: Option<Claim>,
 }
 
 struct Sim<'c> {
@@ -320,7 +323,7 @@ impl<'c> Sim<'c> {
         let opened =
             self.sched
                 .connections_to_open(&self.site, &self.campaign, self.t(), &mut self.rng);
-        for source in opened {
+        for (source, claim) in opened {
             assert_eq!(source, None, "the simulated site has no pool");
             let cfg = ClientConfig {
                 ehlo_name: "sim.test".into(),
@@ -345,6 +348,7 @@ impl<'c> Sim<'c> {
                 awaiting: None,
                 wake_at: self.now + latency,
                 cut_off: 0,
+                claim: Some(claim),
             });
         }
         self.most_conns = self.most_conns.max(self.conns.len());
@@ -556,7 +560,10 @@ impl<'c> Sim<'c> {
                 );
             }
             let jobs = match next {
-                Next::Batch(jobs) => jobs,
+                Next::Batch(jobs) => {
+                    c.claim = None;
+                    jobs
+                }
                 Next::Paced(at) => {
                     self.paced_only_when_nothing_may_go();
                     paced = Some(at);

@@ -11,6 +11,7 @@ use crate::deliver::schedule::{when_idle, IdleConn, IdleStep, Job, Next, Site, T
 use crate::deliver::shard::{stage_name, Attempt, Shard, Via};
 use crate::deliver::tls_rpt::result_of_certificate;
 use crate::message::dkim::Body;
+use crate::policy::shaping::Claim;
 use crate::policy::tls_rpt::ResultType;
 use crate::smtp::client::{Caps, ClientConfig, ClientSession, Event, Stage, TlsMode, Transaction};
 use crate::smtp::reply::Reply;
@@ -43,7 +44,9 @@ fn failure(code: u16, enhanced: &str, why: String) -> Failure {
 
 /// A connection task for `site` from pool source `source` (None: the host's default
 /// address); the shard spawned it and counted it in the site's limiters.
-pub async fn run(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>) {
+pub async fn run(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>, claim: Claim) {
+    // Held until the first message goes (`session`), or given back below.
+    let mut claim = Some(claim);
     let port = shard.cfg.smtp_port;
     let hosts = site.hosts();
     let targets: Vec<(&MxHost, SocketAddr)> = hosts
@@ -101,7 +104,7 @@ pub async fn run(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>) {
                 }
             };
             let _ = stream.set_nodelay(true);
-            match session(&shard, &site, source, stream, mx, addr, tls).await {
+            match session(&shard, &site, source, &mut claim, stream, (mx, addr), tls).await {
                 Ok(()) => {
                     delivered_any = true;
                     break 'targets;
@@ -123,6 +126,7 @@ pub async fn run(shard: Rc<Shard>, site: Rc<Site>, source: Option<usize>) {
             }
         }
     }
+    drop(claim);
     shard.connection_closed(&site, source);
     if delivered_any {
         site.refusals.clear();
@@ -416,9 +420,9 @@ async fn session(
     shard: &Rc<Shard>,
     site: &Rc<Site>,
     source: Option<usize>,
+    claim: &mut Option<Claim>,
     mut stream: TcpStream,
-    mx: &MxHost,
-    addr: SocketAddr,
+    (mx, addr): (&MxHost, SocketAddr),
     tls: TlsMode,
 ) -> Result<(), Failure> {
     let cfg = &shard.cfg;
@@ -475,7 +479,11 @@ async fn session(
             && sent < max_msgs
         {
             let jobs = match shard.take(site, &chain) {
-                Next::Batch(jobs) => jobs,
+                Next::Batch(jobs) => {
+                    // The message this connection was opened for goes now.
+                    claim.take();
+                    jobs
+                }
                 Next::Empty => break,
                 Next::Paced(at) => {
                     paced = Some(at);

@@ -12,7 +12,7 @@ use crate::deliver::wheel::Wheel;
 use crate::policy::classify::Class;
 use crate::policy::retry;
 use crate::policy::shaping::rules::{BlockScope, PoolSource, Rule};
-use crate::policy::shaping::{self, Change, Gate, Limiter};
+use crate::policy::shaping::{self, Change, Claim, Gate, Limiter};
 use crate::smtp::client::TlsMode;
 use crate::smtp::reply::Reply;
 use crate::spool::{Deferral, LastReply, RecordRef};
@@ -130,7 +130,9 @@ pub struct Site {
 pub const BUSY_RATIO_MAX_FOR_GROWTH: f64 = 0.85;
 
 /// A site's connections on demand, a slow start: on each shard a site with mail
-/// gets one connection at once, and more only while they can add throughput:
+/// gets one connection at once (once some of it may go within half the idle
+/// timeout, `Scheduler::connections_to_open`), and more only while they can add
+/// throughput:
 /// while the open ones' windows are full, the shard has CPU to spare
 /// (`BUSY_RATIO_MAX_FOR_GROWTH`) and no rate is the limit (the destination's, or
 /// the source's for a connection from it: `Limiter::rate_bound`). They open in
@@ -152,8 +154,8 @@ pub struct Demand {
 
 impl Demand {
     /// Whether one more connection may open at `now`, with `conns` open: the
-    /// first always (a site with mail is never starved), the rest at most
-    /// doubling the count per step.
+    /// first always (as far as growth goes: a site with mail is never starved),
+    /// the rest at most doubling the count per step.
     fn may_grow(&self, conns: usize, now: Instant) -> bool {
         let base = match self.step.get() {
             Some((began, base)) if now.saturating_duration_since(began) < TICK => base,
@@ -636,8 +638,19 @@ impl Scheduler {
         self.busy.get()
     }
 
-    /// Puts `job` at the back of `site`'s queue.
+    /// Puts `job` at the back of `site`'s queue, or of its run if that is parked
+    /// (`Site::parked`): it would wait on the same rate there, and in the queue it
+    /// would have a connection opened only to set it aside (`connections_to_open`).
     pub fn enqueue(&self, site: &Site, job: Job) {
+        if let Some(run) = site
+            .parked
+            .borrow_mut()
+            .iter_mut()
+            .find(|p| p.domain == job.domain && p.instance == job.instance)
+        {
+            run.jobs.push_back(job);
+            return;
+        }
         site.idle.push(&site.queue, job, false);
     }
 
@@ -834,18 +847,18 @@ impl Scheduler {
     /// limit is waited out. None while no message may go within half the site's
     /// `idle_timeout` (a slow or spent rate of the destination, the source, or the
     /// queued runs' own domain and campaign): such a connection would only idle
-    /// out, and its replacement too. Each claims the next message of every rate it
-    /// waits on (`Limiter::claim`), so destinations sharing a rate open as many as
-    /// it lets messages go in that time, not one each. Each is counted in the site
-    /// and its limiters (`connection_closed` undoes it); `rng` picks among weighted
-    /// sources.
+    /// out, and its replacement too. Each comes with a `Claim` on the next message
+    /// of every rate it waits on, to hold until it sends one, so destinations
+    /// sharing a rate open as many as it lets messages go in that time, not one
+    /// each. Each is counted in the site and its limiters (`connection_closed`
+    /// undoes it); `rng` picks among weighted sources.
     pub fn connections_to_open(
         &self,
         site: &Site,
         campaigns: &impl Campaigns,
         now: Instant,
         rng: &mut fastrand::Rng,
-    ) -> Vec<Option<usize>> {
+    ) -> Vec<(Option<usize>, Claim)> {
         let mut open = Vec::new();
         if site.refusals.waiting(now) {
             return open;
@@ -899,19 +912,19 @@ impl Scheduler {
                 }
                 return open;
             }
-            for l in chain.iter().copied().chain(own.iter().map(|l| &**l)) {
-                l.claim(now);
-            }
+            let mut claimed = own;
+            claimed.extend(site.limits.iter().cloned());
+            claimed.extend(source.map(|i| site.sources[i].limit.clone()));
             site.conns.set(conns + 1);
             site.demand.grew();
-            open.push(source);
+            open.push((source, Claim::on(claimed)));
         }
     }
 
     /// The own limiters (domain, campaign) of a run of `site`'s recipients that
-    /// may go by `soon`, for a new connection to claim (`Limiter::claim`): none for
-    /// a queued one, the first such parked run's otherwise. None when no run may
-    /// (a run a pause holds may: a connection moves it aside).
+    /// may go by `soon`, for a new connection to claim: none for a queued one, the
+    /// first such parked run's otherwise. None when no run may. A run a pause holds
+    /// may, claiming nothing: a connection moves it aside.
     fn run_ready_by(
         &self,
         site: &Site,
@@ -926,8 +939,12 @@ impl Scheduler {
         let limits = self.job_limits.borrow();
         site.parked.borrow().iter().find_map(|run| {
             let (held, own) = own_limits(&paused, &limits, &run.domain, run.instance, campaigns);
-            (held || may_send_by(own.iter().copied(), now, soon))
-                .then(|| own.into_iter().cloned().collect())
+            if held {
+                Some(Vec::new())
+            } else {
+                may_send_by(own.iter().copied(), now, soon)
+                    .then(|| own.into_iter().cloned().collect())
+            }
         })
     }
 
@@ -1164,18 +1181,18 @@ mod tests {
         .unwrap();
     }
 
-    /// A shard's schedule and one site with 10,000 recipients queued, `sources` pool
-    /// addresses, and each limiter (the destination's, the sources') at `rate`.
+    /// A shard's schedule and one site with 10,000 recipients queued and `sources`
+    /// pool addresses; `rate` is the destination's, or with a pool each source's.
     struct Deep {
         t0: Instant,
         sched: Scheduler,
         site: Site,
         rng: fastrand::Rng,
+        /// The connections opened, as `connection::run` holds them.
+        open: Vec<(Option<usize>, Claim)>,
     }
 
     impl Deep {
-        /// A site with a deep queue; `rate` is its destination's, or with
-        /// `sources` pool sources each source's.
         fn new(sources: usize, rate: Option<&str>) -> Deep {
             use crate::policy::shaping::rules::{parse_per, Set};
             let t0 = Instant::now();
@@ -1214,6 +1231,7 @@ mod tests {
                 sched: Scheduler::new(t0, 8, 3, HashMap::new()),
                 site,
                 rng: fastrand::Rng::with_seed(1),
+                open: Vec::new(),
             }
         }
 
@@ -1231,14 +1249,24 @@ mod tests {
         /// The connections opened `ms` after the start, by source.
         fn open_at(&mut self, ms: u64) -> Vec<Option<usize>> {
             let at = self.at(ms);
-            self.sched
-                .connections_to_open(&self.site, &OneCampaign, at, &mut self.rng)
+            let opened =
+                self.sched
+                    .connections_to_open(&self.site, &OneCampaign, at, &mut self.rng);
+            let sources = opened.iter().map(|(source, _)| *source).collect();
+            self.open.extend(opened);
+            sources
+        }
+
+        /// Closes the connection opened last, unused: its claims go back.
+        fn close_one(&mut self) {
+            let (source, _claim) = self.open.pop().expect("a connection open");
+            self.sched.connection_closed(&self.site, source);
         }
 
         /// Closes every connection the site has open.
-        fn close_all(&self) {
-            for _ in 0..self.site.conns.get() {
-                self.sched.connection_closed(&self.site, None);
+        fn close_all(&mut self) {
+            while !self.open.is_empty() {
+                self.close_one();
             }
         }
     }
@@ -1331,18 +1359,29 @@ mod tests {
                     .insert("campaign:c".into(), shared.clone());
             }
             let sites = destinations(&shared, parked, t0);
-            let opened = |ms: u64, rng: &mut fastrand::Rng| -> usize {
+            // The connections opened, each holding its claims.
+            let mut open: Vec<Claim> = Vec::new();
+            let opened = |open: &mut Vec<Claim>, ms: u64, rng: &mut fastrand::Rng| -> usize {
                 let at = t0 + Duration::from_millis(ms);
-                sites
-                    .iter()
-                    .map(|s| sched.connections_to_open(s, &OneCampaign, at, rng).len())
-                    .sum()
+                let before = open.len();
+                for s in &sites {
+                    let new = sched.connections_to_open(s, &OneCampaign, at, rng);
+                    open.extend(new.into_iter().map(|(_, claim)| claim));
+                }
+                open.len() - before
             };
             // A connection idles out after 5 s: those opened now are for the messages
             // due within 2.5 s, at 0, 1 and 2 s; not one each.
-            assert_eq!(opened(0, &mut rng), 3, "parked: {parked}");
-            assert_eq!(opened(100, &mut rng), 0, "parked: {parked}");
-            assert_eq!(opened(600, &mut rng), 1, "the one at 3 s; parked: {parked}");
+            assert_eq!(opened(&mut open, 0, &mut rng), 3, "parked: {parked}");
+            assert_eq!(opened(&mut open, 100, &mut rng), 0, "parked: {parked}");
+            // The first sends its message, and its claim goes: the one at 3 s is
+            // within 2.5 s of 600 ms.
+            shared.take_msg(t0);
+            drop(open.remove(0));
+            assert_eq!(opened(&mut open, 600, &mut rng), 1, "parked: {parked}");
+            // One closes unused: its message is free for another.
+            drop(open.pop());
+            assert_eq!(opened(&mut open, 700, &mut rng), 1, "parked: {parked}");
         }
     }
 
@@ -1354,10 +1393,12 @@ mod tests {
         d.site.sources[spent].limit.take_msg(d.at(0));
         d.close_all();
         assert_eq!(d.open_at(100), [Some(1 - spent)]);
-        // That connection claimed the other source's next message; the one after
+        // While it is open it holds the other source's next message; the one after
         // is 10 s off.
-        d.close_all();
         assert_eq!(d.open_at(200), []);
+        // Closed unused, it gives the message back.
+        d.close_all();
+        assert_eq!(d.open_at(300), [Some(1 - spent)]);
     }
 
     #[test]
@@ -1382,8 +1423,16 @@ mod tests {
             0,
             "the campaign's next may go at 10 s"
         );
-        // One queued recipient of another run may go now.
-        d.site.queue.borrow_mut().push_back(job());
+        // A recipient of that run (back from a retry, say) joins it.
+        d.sched.enqueue(&d.site, job());
+        assert!(d.site.queue.borrow().is_empty());
+        assert_eq!(d.open_at(150).len(), 0);
+        // One of another run may go now.
+        let other = Job {
+            instance: 1,
+            ..job()
+        };
+        d.sched.enqueue(&d.site, other);
         assert_eq!(d.open_at(200).len(), 1);
         d.site.queue.borrow_mut().clear();
         d.close_all();
@@ -1394,6 +1443,14 @@ mod tests {
         d.sched.job_limits.borrow()["campaign:c"].take_msg(d.at(7_700));
         d.sched.pause("campaign:c".into());
         assert_eq!(d.open_at(7_800).len(), 1);
+        // Claiming nothing of the campaign's: that connection sends none of its
+        // messages, and other destinations' runs may have them.
+        let limits = d.sched.job_limits.borrow();
+        let at = d.at(7_800);
+        assert_eq!(
+            limits["campaign:c"].next_unclaimed(at),
+            limits["campaign:c"].msg_wait(at)
+        );
     }
 
     #[test]
@@ -1432,11 +1489,11 @@ mod tests {
         assert_eq!(d.open_at(300).len(), 1, "CPU to spare: the next step");
         assert_eq!(d.open_at(400).len(), 2);
         d.sched.set_busy(0.9);
-        d.sched.connection_closed(&d.site, None);
+        d.close_one();
         assert_eq!(d.open_at(500).len(), 0, "one that closed is not replaced");
-        d.sched.connection_closed(&d.site, None);
-        d.sched.connection_closed(&d.site, None);
-        d.sched.connection_closed(&d.site, None);
+        d.close_one();
+        d.close_one();
+        d.close_one();
         assert_eq!(d.open_at(600).len(), 1, "save the site's only one");
     }
 

@@ -823,11 +823,11 @@ impl Shard {
             return;
         }
         let mut rng = fastrand::Rng::new();
-        for source in self
-            .sched
-            .connections_to_open(site, &**self, Instant::now(), &mut rng)
+        for (source, claim) in
+            self.sched
+                .connections_to_open(site, &**self, Instant::now(), &mut rng)
         {
-            monoio::spawn(connection::run(self.clone(), site.clone(), source));
+            monoio::spawn(connection::run(self.clone(), site.clone(), source, claim));
         }
     }
 

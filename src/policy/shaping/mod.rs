@@ -14,6 +14,7 @@ use crate::observe::metrics::{ceil_secs, KeyView, WarmupView};
 use rules::{Per, Rule, Threshold, SHARE_MIN_REPLIES, SHARE_WINDOW_S};
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -149,8 +150,9 @@ struct State {
     win_count: u32,
     /// When the last message passed (None: none yet), for the rate shown.
     last_msg: Option<Instant>,
-    /// The first message no connection was opened for (`Limiter::claim`).
-    unclaimed_from: Option<Instant>,
+    /// Connections opened for a message of this limiter's that have not sent it
+    /// yet (`Claim`).
+    claims: u32,
     observed: f64,
     warm: Option<Warm>,
     /// (shards, this shard's id): each day's cap is shared like every limit.
@@ -179,6 +181,32 @@ pub struct Limiter {
     ledger: Option<Arc<warmup::Ledger>>,
     /// A connection cap smaller than the shard count, held over all shards.
     lease: Option<Arc<Lease>>,
+}
+
+/// A connection's claim on the next message of each of its limiters
+/// (`Limiter::next_unclaimed`), from its opening until it sends its first message
+/// or closes without one, whichever is first: dropping it gives the claims back,
+/// so a connection that failed holds no message from another.
+pub struct Claim(Vec<Rc<Limiter>>);
+
+impl Claim {
+    /// Claims the next message of each of `limiters` (those without a rate too:
+    /// a rate set later counts the claim).
+    pub fn on(limiters: Vec<Rc<Limiter>>) -> Claim {
+        for l in &limiters {
+            l.state.borrow_mut().claims += 1;
+        }
+        Claim(limiters)
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        for l in &self.0 {
+            let mut s = l.state.borrow_mut();
+            s.claims = s.claims.saturating_sub(1);
+        }
+    }
 }
 
 /// Connections to one key open over every shard, for a cap smaller than the shard
@@ -311,7 +339,7 @@ impl Limiter {
                 win_start: now,
                 win_count: 0,
                 last_msg: None,
-                unclaimed_from: None,
+                claims: 0,
                 observed: 0.0,
                 warm: rule.warmup.as_ref().map(|w| Warm {
                     schedule: w.value.clone(),
@@ -439,24 +467,17 @@ impl Limiter {
         s.msg.as_ref().and_then(|g| g.wait(now))
     }
 
-    /// When a connection opened at `now` could send its first message: the first
-    /// that this limiter lets go and that no connection opened earlier was opened
-    /// for (`claim`). None: at once. Many destinations sharing a slow rate (a
-    /// provider's, a campaign's) open connections for the messages it will pass,
-    /// not one each to wait on it.
+    /// When a connection opened at `now` could send its first message: the
+    /// message this limiter lets go after one for each connection that holds a
+    /// `Claim` on it, at the current rate. None: at once. Many destinations sharing
+    /// a slow rate (a provider's, a campaign's) open connections for the messages
+    /// it will pass, not one each to wait on it.
     pub fn next_unclaimed(&self, now: Instant) -> Option<Instant> {
         let wait = self.msg_wait(now);
-        let claimed = self.state.borrow().unclaimed_from.filter(|at| *at > now);
-        wait.max(claimed)
-    }
-
-    /// Claims the message `next_unclaimed` names for a connection opening at `now`;
-    /// the next connection's is one interval later. Nothing without a message rate.
-    pub fn claim(&self, now: Instant) {
-        let first = self.next_unclaimed(now).unwrap_or(now);
-        let mut s = self.state.borrow_mut();
-        if let Some(g) = s.msg.as_ref() {
-            s.unclaimed_from = Some(first + g.interval);
+        let s = self.state.borrow();
+        match (s.msg.as_ref(), s.claims) {
+            (Some(g), n @ 1..) => Some(wait.unwrap_or(now) + g.interval * n),
+            _ => wait,
         }
     }
 
@@ -1130,6 +1151,39 @@ mod tests {
         assert_eq!(l.connect_gate(t0 + Duration::from_secs(31)), Gate::Open);
         let v = l.view(t0 + Duration::from_secs(31));
         assert_eq!((v.suspended_s, v.cause), (0, None));
+    }
+
+    #[test]
+    fn each_claim_puts_a_new_connections_message_an_interval_later() {
+        let t0 = Instant::now();
+        let l = Rc::new(Limiter::new(
+            "provider:p".into(),
+            &rule("1/min", 100),
+            1,
+            0,
+            t0,
+        ));
+        assert_eq!(l.next_unclaimed(t0), None);
+        let first = Claim::on(vec![l.clone()]);
+        let _second = Claim::on(vec![l.clone()]);
+        assert_eq!(l.next_unclaimed(t0), Some(t0 + Duration::from_secs(120)));
+        // The first sends its message: the second's is the rate's next, and a new
+        // connection's the one after.
+        l.take_msg(t0);
+        drop(first);
+        let next = l.msg_wait(t0).expect("paced");
+        assert_eq!(l.next_unclaimed(t0), Some(next + Duration::from_secs(60)));
+        // Claims count intervals of the current rate: an operator's faster one
+        // frees their messages sooner.
+        let later = t0 + Duration::from_secs(1);
+        l.set_rate(Some(1.0), later);
+        let next = l.msg_wait(later).expect("paced");
+        assert!(next <= later + Duration::from_secs(1));
+        assert_eq!(l.next_unclaimed(later), Some(next + Duration::from_secs(1)));
+        // A limiter without a rate: no wait, claims or not.
+        let free = Rc::new(Limiter::new("site:mx".into(), &Rule::default(), 1, 0, t0));
+        let _claim = Claim::on(vec![free.clone()]);
+        assert_eq!(free.next_unclaimed(t0), None);
     }
 
     #[test]
