@@ -492,11 +492,19 @@ impl Limiter {
                 l.add(&self.key, w.day);
             }
         }
-        if s.last_msg.is_none() {
+        match s.last_msg {
             // The first window begins with the first message, not with the limiter:
             // a destination whose first connection took a while is not measured
             // as slow.
-            s.win_start = now;
+            None => s.win_start = now,
+            // So does the first after a quiet spell, and the window the spell cut
+            // short goes unmeasured: a pause is not sending slowly, and the last
+            // full window's rate stands until this one closes.
+            Some(last) if now.duration_since(last) > RATE_WINDOW => {
+                s.win_start = now;
+                s.win_count = 0;
+            }
+            Some(_) => {}
         }
         if now.duration_since(s.win_start) >= RATE_WINDOW {
             let secs = now.duration_since(s.win_start).as_secs_f64();
@@ -1184,6 +1192,20 @@ mod tests {
         let free = Rc::new(Limiter::new("site:mx".into(), &Rule::default(), 1, 0, t0));
         let _claim = Claim::on(vec![free.clone()]);
         assert_eq!(free.next_unclaimed(t0), None);
+    }
+
+    #[test]
+    fn a_quiet_spell_is_not_measured_as_sending_slowly() {
+        let t0 = Instant::now();
+        let l = Limiter::new("site:mx".into(), &Rule::default(), 1, 0, t0);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        for ms in (0..=1_000).step_by(10) {
+            l.take_msg(at(ms));
+        }
+        // Five quiet seconds, then one message: what it was sending at stands.
+        l.take_msg(at(6_000));
+        let rate = l.view(at(6_010)).measured_rate.expect("measured");
+        assert!((99.0..=101.0).contains(&rate), "{rate}/s");
     }
 
     #[test]
