@@ -647,6 +647,32 @@ fn a_warm_up_cap_holds_over_the_day_across_runs() {
     );
 }
 
+/// Recipients waiting on a spent warm-up day have no connection to expire them
+/// (none opens for mail that cannot go): they expire on time all the same.
+#[test]
+fn recipients_behind_a_spent_warm_up_day_expire_on_time() {
+    let env = env("shaping-warmup-expire", "");
+    let today = humantime::format_rfc3339(std::time::SystemTime::now()).to_string();
+    let mut cfg = env.config();
+    cfg.shards = 1;
+    cfg.shaping_file = Some(shaping_file(
+        &env,
+        &format!(
+            "[default]\nidle_timeout = \"300ms\"\n\n[pool.new]\nsources = [{{ ip = \"127.0.0.2\" }}]\n\n[source.\"127.0.0.2\"]\nwarmup_start = \"{}\"\nwarmup = [3]\n",
+            &today[..10]
+        ),
+    ));
+    // The last connection closes 300 ms after the third message, before they expire.
+    let c = campaign(
+        &env.dir,
+        "spent",
+        "pool = \"new\"\nexpire_after = \"2s\"",
+        &rows(8, "gmail.com"),
+    );
+    let r = env.send_for(Some(&c), cfg, Some(Duration::from_secs(20)));
+    assert_eq!((r.delivered, r.expired, r.remaining), (3, 5, 0), "{r:?}");
+}
+
 #[test]
 fn queue_status_shows_a_window_cut_down_by_closing_receivers() {
     let env = env(

@@ -195,8 +195,8 @@ struct Conn<'c> {
     wake_at: Duration,
     /// Transactions lost to the connection breaking, for the site's window.
     cut_off: usize,
-    /// Its claim on the next messages of the site's rates, until it sends one
-    /// (as `connection::run` holds it).
+    /// Its claim on the next messages of the site's rates, until it sends one or
+    /// finds nothing to send (as `connection::run` holds it).
     claim: Option<Claim>,
 }
 
@@ -569,7 +569,10 @@ impl<'c> Sim<'c> {
                     paced = Some(at);
                     break;
                 }
-                Next::Empty => break,
+                Next::Empty => {
+                    c.claim = None;
+                    break;
+                }
             };
             self.admitted.push(self.now);
             if jobs[0].instance == 0 {

@@ -484,7 +484,11 @@ async fn session(
                     claim.take();
                     jobs
                 }
-                Next::Empty => break,
+                // Nothing for it: the message it claimed went on another.
+                Next::Empty => {
+                    claim.take();
+                    break;
+                }
                 Next::Paced(at) => {
                     paced = Some(at);
                     break;

@@ -917,7 +917,11 @@ impl Scheduler {
             claimed.extend(source.map(|i| site.sources[i].limit.clone()));
             site.conns.set(conns + 1);
             site.demand.grew();
-            open.push((source, Claim::on(claimed)));
+            // The message it claims is due within half the idle timeout; a connection
+            // not sending it by the whole (a dead host's connect timeout, a tarpit)
+            // lets others have it.
+            let claim = Claim::on(claimed, now + site.idle_timeout());
+            open.push((source, claim));
         }
     }
 
@@ -946,6 +950,25 @@ impl Scheduler {
                     .then(|| own.into_iter().cloned().collect())
             }
         })
+    }
+
+    /// Recipients of `site` past their maximum age at the fronts of its queue and
+    /// of its parked runs, taken out: those a connection's `take` would expire, for
+    /// a site that has none (its mail waits on a rate: `connections_to_open`).
+    pub fn take_expired_waiting(
+        &self,
+        site: &Site,
+        campaigns: &impl Campaigns,
+        now: SystemTime,
+    ) -> Vec<Job> {
+        let mut expired = Vec::new();
+        take_expired(&mut site.queue.borrow_mut(), campaigns, now, &mut expired);
+        let mut parked = site.parked.borrow_mut();
+        for run in parked.iter_mut() {
+            take_expired(&mut run.jobs, campaigns, now, &mut expired);
+        }
+        parked.retain(|run| !run.jobs.is_empty());
+        expired
     }
 
     /// A connection from `source` to `site` ended.
@@ -1249,9 +1272,9 @@ mod tests {
         /// The connections opened `ms` after the start, by source.
         fn open_at(&mut self, ms: u64) -> Vec<Option<usize>> {
             let at = self.at(ms);
-            let opened =
-                self.sched
-                    .connections_to_open(&self.site, &OneCampaign, at, &mut self.rng);
+            let opened = self
+                .sched
+                .connections_to_open(&self.site, &ByInstance, at, &mut self.rng);
             let sources = opened.iter().map(|(source, _)| *source).collect();
             self.open.extend(opened);
             sources
@@ -1271,15 +1294,15 @@ mod tests {
         }
     }
 
-    /// Every recipient is of campaign `c`, which never expires.
-    struct OneCampaign;
+    /// Instance N is campaign `cN`, which never expires.
+    struct ByInstance;
 
-    impl Campaigns for OneCampaign {
+    impl Campaigns for ByInstance {
         fn expire_at(&self, _: &Job) -> SystemTime {
             SystemTime::UNIX_EPOCH + Duration::from_secs(u32::MAX as u64)
         }
-        fn with_id<R>(&self, _: u32, f: impl FnOnce(&str) -> R) -> R {
-            f("c")
+        fn with_id<R>(&self, instance: u32, f: impl FnOnce(&str) -> R) -> R {
+            f(&format!("c{instance}"))
         }
         fn rcpts_per_msg(&self, _: u32) -> usize {
             1
@@ -1356,7 +1379,7 @@ mod tests {
                 sched
                     .job_limits
                     .borrow_mut()
-                    .insert("campaign:c".into(), shared.clone());
+                    .insert("campaign:c0".into(), shared.clone());
             }
             let sites = destinations(&shared, parked, t0);
             // The connections opened, each holding its claims.
@@ -1365,7 +1388,7 @@ mod tests {
                 let at = t0 + Duration::from_millis(ms);
                 let before = open.len();
                 for s in &sites {
-                    let new = sched.connections_to_open(s, &OneCampaign, at, rng);
+                    let new = sched.connections_to_open(s, &ByInstance, at, rng);
                     open.extend(new.into_iter().map(|(_, claim)| claim));
                 }
                 open.len() - before
@@ -1409,9 +1432,9 @@ mod tests {
             max_msg_rate: Some(Set::cli(parse_per("6/min").unwrap())),
             ..Rule::default()
         };
-        let campaign = Limiter::new("campaign:c".into(), &rule, 1, 0, d.t0);
+        let campaign = Limiter::new("campaign:c0".into(), &rule, 1, 0, d.t0);
         campaign.take_msg(d.t0);
-        d.sched.set_job_limit("campaign:c".into(), campaign);
+        d.sched.set_job_limit("campaign:c0".into(), campaign);
         let jobs = d.site.queue.borrow_mut().drain(..).collect();
         d.site.parked.borrow_mut().push_back(Parked {
             domain: Rc::from("example.test"),
@@ -1440,16 +1463,16 @@ mod tests {
         assert_eq!(d.open_at(7_600).len(), 1);
         d.close_all();
         // Paused, however far off its rate's next: a connection sets it aside.
-        d.sched.job_limits.borrow()["campaign:c"].take_msg(d.at(7_700));
-        d.sched.pause("campaign:c".into());
+        d.sched.job_limits.borrow()["campaign:c0"].take_msg(d.at(7_700));
+        d.sched.pause("campaign:c0".into());
         assert_eq!(d.open_at(7_800).len(), 1);
         // Claiming nothing of the campaign's: that connection sends none of its
         // messages, and other destinations' runs may have them.
         let limits = d.sched.job_limits.borrow();
         let at = d.at(7_800);
         assert_eq!(
-            limits["campaign:c"].next_unclaimed(at),
-            limits["campaign:c"].msg_wait(at)
+            limits["campaign:c0"].next_unclaimed(at),
+            limits["campaign:c0"].msg_wait(at)
         );
     }
 

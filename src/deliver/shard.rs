@@ -1004,6 +1004,16 @@ impl Shard {
             .cloned()
             .collect();
         for site in &sites {
+            if site.conns.get() == 0 {
+                // Mail waiting on a rate with no connection (`connections_to_open`)
+                // still expires on time.
+                for job in self
+                    .sched
+                    .take_expired_waiting(site, &**self, SystemTime::now())
+                {
+                    self.expire(job);
+                }
+            }
             self.ensure_connections(site);
         }
         if publish {

@@ -150,9 +150,9 @@ struct State {
     win_count: u32,
     /// When the last message passed (None: none yet), for the rate shown.
     last_msg: Option<Instant>,
-    /// Connections opened for a message of this limiter's that have not sent it
-    /// yet (`Claim`).
-    claims: u32,
+    /// Until when each connection opened for a message of this limiter's, that
+    /// has not sent it yet, holds its claim (`Claim`).
+    claims: Vec<Instant>,
     observed: f64,
     warm: Option<Warm>,
     /// (shards, this shard's id): each day's cap is shared like every limit.
@@ -184,27 +184,33 @@ pub struct Limiter {
 }
 
 /// A connection's claim on the next message of each of its limiters
-/// (`Limiter::next_unclaimed`), from its opening until it sends its first message
-/// or closes without one, whichever is first: dropping it gives the claims back,
-/// so a connection that failed holds no message from another.
-pub struct Claim(Vec<Rc<Limiter>>);
+/// (`Limiter::next_unclaimed`), from its opening until it sends its first message,
+/// finds nothing to send, or closes, and at most until a deadline: dropping it
+/// gives the claims back, and one past its deadline counts no more, so a
+/// connection that failed, or is slow to connect, holds no message from another.
+pub struct Claim {
+    limiters: Vec<Rc<Limiter>>,
+    until: Instant,
+}
 
 impl Claim {
-    /// Claims the next message of each of `limiters` (those without a rate too:
-    /// a rate set later counts the claim).
-    pub fn on(limiters: Vec<Rc<Limiter>>) -> Claim {
+    /// Claims the next message of each of `limiters` until `until` (those without
+    /// a rate too: a rate set later counts the claim).
+    pub fn on(limiters: Vec<Rc<Limiter>>, until: Instant) -> Claim {
         for l in &limiters {
-            l.state.borrow_mut().claims += 1;
+            l.state.borrow_mut().claims.push(until);
         }
-        Claim(limiters)
+        Claim { limiters, until }
     }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        for l in &self.0 {
-            let mut s = l.state.borrow_mut();
-            s.claims = s.claims.saturating_sub(1);
+        for l in &self.limiters {
+            let claims = &mut l.state.borrow_mut().claims;
+            if let Some(i) = claims.iter().position(|u| *u == self.until) {
+                claims.swap_remove(i);
+            }
         }
     }
 }
@@ -339,7 +345,7 @@ impl Limiter {
                 win_start: now,
                 win_count: 0,
                 last_msg: None,
-                claims: 0,
+                claims: Vec::new(),
                 observed: 0.0,
                 warm: rule.warmup.as_ref().map(|w| Warm {
                     schedule: w.value.clone(),
@@ -475,7 +481,8 @@ impl Limiter {
     pub fn next_unclaimed(&self, now: Instant) -> Option<Instant> {
         let wait = self.msg_wait(now);
         let s = self.state.borrow();
-        match (s.msg.as_ref(), s.claims) {
+        let held = s.claims.iter().filter(|until| **until > now).count() as u32;
+        match (s.msg.as_ref(), held) {
             (Some(g), n @ 1..) => Some(wait.unwrap_or(now) + g.interval * n),
             _ => wait,
         }
@@ -1172,8 +1179,8 @@ mod tests {
             t0,
         ));
         assert_eq!(l.next_unclaimed(t0), None);
-        let first = Claim::on(vec![l.clone()]);
-        let _second = Claim::on(vec![l.clone()]);
+        let first = Claim::on(vec![l.clone()], t0 + Duration::from_secs(300));
+        let _second = Claim::on(vec![l.clone()], t0 + Duration::from_secs(300));
         assert_eq!(l.next_unclaimed(t0), Some(t0 + Duration::from_secs(120)));
         // The first sends its message: the second's is the rate's next, and a new
         // connection's the one after.
@@ -1188,9 +1195,17 @@ mod tests {
         let next = l.msg_wait(later).expect("paced");
         assert!(next <= later + Duration::from_secs(1));
         assert_eq!(l.next_unclaimed(later), Some(next + Duration::from_secs(1)));
+        // A claim past its deadline counts no more.
+        let _slow = Claim::on(vec![l.clone()], later + Duration::from_secs(1));
+        let much_later = later + Duration::from_secs(2);
+        let next = l.msg_wait(much_later);
+        assert_eq!(
+            l.next_unclaimed(much_later),
+            Some(next.unwrap_or(much_later) + Duration::from_secs(1))
+        );
         // A limiter without a rate: no wait, claims or not.
         let free = Rc::new(Limiter::new("site:mx".into(), &Rule::default(), 1, 0, t0));
-        let _claim = Claim::on(vec![free.clone()]);
+        let _claim = Claim::on(vec![free.clone()], t0 + Duration::from_secs(300));
         assert_eq!(free.next_unclaimed(t0), None);
     }
 
