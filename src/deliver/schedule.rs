@@ -846,12 +846,13 @@ impl Scheduler {
     /// its limiters allow, and not while a refusal for the receiver's connection
     /// limit is waited out. None while no message may go within half the site's
     /// `idle_timeout` (a slow or spent rate of the destination, the source, or the
-    /// queued runs' own domain and campaign): such a connection would only idle
+    /// parked runs' own domain and campaign): such a connection would only idle
     /// out, and its replacement too. Each comes with a `Claim` on the next message
-    /// of every rate it waits on, to hold until it sends one, so destinations
-    /// sharing a rate open as many as it lets messages go in that time, not one
-    /// each. Each is counted in the site and its limiters (`connection_closed`
-    /// undoes it); `rng` picks among weighted sources.
+    /// of the destination's and the source's rates (and of the parked run it is
+    /// for), to hold until it sends one, so destinations sharing a rate open as
+    /// many as it lets messages go in that time, not one each. Each is counted in
+    /// the site and its limiters (`connection_closed` undoes it); `rng` picks
+    /// among weighted sources.
     pub fn connections_to_open(
         &self,
         site: &Site,
