@@ -642,12 +642,7 @@ impl Scheduler {
     /// (`Site::parked`): it would wait on the same rate there, and in the queue it
     /// would have a connection opened only to set it aside (`connections_to_open`).
     pub fn enqueue(&self, site: &Site, job: Job) {
-        if let Some(run) = site
-            .parked
-            .borrow_mut()
-            .iter_mut()
-            .find(|p| p.domain == job.domain && p.instance == job.instance)
-        {
+        if let Some(run) = run_of(&mut site.parked.borrow_mut(), &job) {
             run.jobs.push_back(job);
             return;
         }
@@ -823,7 +818,7 @@ impl Scheduler {
                 job.requeues = 0;
                 over.push(job);
             } else {
-                site.idle.push(&site.queue, job, true);
+                put_back(site, job);
             }
         }
         over
@@ -836,7 +831,7 @@ impl Scheduler {
     /// closes; a fresh connection's refusal counts an attempt instead.
     pub fn send_again(&self, site: &Site, jobs: Vec<Job>) {
         for job in jobs.into_iter().rev() {
-            site.idle.push(&site.queue, job, true);
+            put_back(site, job);
         }
     }
 
@@ -1101,6 +1096,24 @@ fn batch(q: &mut VecDeque<Job>, site: &Site, campaigns: &impl Campaigns) -> Vec<
         }
     }
     jobs
+}
+
+/// Puts `job` back at the front of `site`'s queue, or of its run if that is parked
+/// (as `Scheduler::enqueue` does at the back): its place kept, and no connection
+/// opened only to set it aside again.
+fn put_back(site: &Site, job: Job) {
+    if let Some(run) = run_of(&mut site.parked.borrow_mut(), &job) {
+        run.jobs.push_front(job);
+        return;
+    }
+    site.idle.push(&site.queue, job, true);
+}
+
+/// The parked run `job` belongs to (its domain and instance), if any.
+fn run_of<'p>(parked: &'p mut VecDeque<Parked>, job: &Job) -> Option<&'p mut Parked> {
+    parked
+        .iter_mut()
+        .find(|p| p.domain == job.domain && p.instance == job.instance)
 }
 
 /// Whether every one of `limits` lets a message no connection was opened for go
@@ -1447,9 +1460,16 @@ mod tests {
             0,
             "the campaign's next may go at 10 s"
         );
-        // A recipient of that run (back from a retry, say) joins it.
+        // A recipient of that run (back from a retry, say) joins it, and one cut
+        // off by a lost connection goes back to its front.
         d.sched.enqueue(&d.site, job());
+        let cut_off = Job {
+            attempts: 7,
+            ..job()
+        };
+        assert!(d.sched.requeue(&d.site, vec![cut_off]).is_empty());
         assert!(d.site.queue.borrow().is_empty());
+        assert_eq!(d.site.parked.borrow()[0].jobs[0].attempts, 7);
         assert_eq!(d.open_at(150).len(), 0);
         // One of another run may go now.
         let other = Job {
