@@ -34,6 +34,8 @@ const PROBE_QUIET: u32 = 5;
 /// The window over which the sending rate is measured, for backing off an
 /// unconfigured destination from the rate it was actually sent at.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// How often a limiter whose warm-up day is spent looks again for the next day.
+const WARMUP_SPENT_RECHECK: Duration = Duration::from_secs(60);
 /// A limiter whose last `RATE_WINDOW` passed at least this share of its message
 /// rate is the limit (`Limiter::rate_bound`): more connections would not carry
 /// more.
@@ -467,7 +469,7 @@ impl Limiter {
                 });
             }
             if w.left == 0 {
-                return Some(now + Duration::from_secs(60));
+                return Some(now + WARMUP_SPENT_RECHECK);
             }
         }
         s.msg.as_ref().and_then(|g| g.wait(now))
@@ -482,6 +484,10 @@ impl Limiter {
         let wait = self.msg_wait(now);
         let s = self.state.borrow();
         let held = s.claims.iter().filter(|until| **until > now).count() as u32;
+        // A warm-up day whose messages left are all claimed is as good as spent.
+        if s.warm.as_ref().is_some_and(|w| held > 0 && w.left <= held) {
+            return Some(now + WARMUP_SPENT_RECHECK);
+        }
         match (s.msg.as_ref(), held) {
             (Some(g), n @ 1..) => Some(wait.unwrap_or(now) + g.interval * n),
             _ => wait,
@@ -1221,6 +1227,30 @@ mod tests {
         l.take_msg(at(6_000));
         let rate = l.view(at(6_010)).measured_rate.expect("measured");
         assert!((99.0..=101.0).contains(&rate), "{rate}/s");
+    }
+
+    #[test]
+    fn a_warm_up_days_last_messages_once_claimed_open_no_more_connections() {
+        let t0 = Instant::now();
+        let r = Rule {
+            warmup: Some(Set::cli(rules::Warmup {
+                start_day: today(),
+                per_day: vec![2],
+            })),
+            ..Rule::default()
+        };
+        let l = Rc::new(Limiter::new("source:a>provider:x".into(), &r, 1, 0, t0));
+        let until = t0 + Duration::from_secs(5);
+        let first = Claim::on(vec![l.clone()], until);
+        assert_eq!(
+            l.next_unclaimed(t0),
+            None,
+            "one of the day's two is unclaimed"
+        );
+        let _second = Claim::on(vec![l.clone()], until);
+        assert!(l.next_unclaimed(t0).is_some(), "both are claimed");
+        drop(first);
+        assert_eq!(l.next_unclaimed(t0), None);
     }
 
     #[test]
