@@ -510,7 +510,7 @@ impl<'c> Sim<'c> {
                     }
                 }
                 Event::TxAborted { id, .. } => {
-                    // Back to the queue's front without an attempt, as the shard
+                    // Back to the queue's (or parked run's) front without an attempt, as the shard
                     // does; one put back too often is a deferral.
                     let jobs = c.inflight.remove(&id).expect("known transaction");
                     c.cut_off += 1;

@@ -807,7 +807,7 @@ impl Scheduler {
     }
 
     /// Puts `jobs`, which a broken connection cut off before any reply, back at the
-    /// front of `site`'s queue without counting an attempt. Those put back more than
+    /// front of `site`'s queue, or of their parked run, without counting an attempt. Those put back more than
     /// `requeues_max` times are returned (their count reset), to be recorded as a
     /// deferral: a receiver that always breaks the connection cannot loop them.
     pub fn requeue(&self, site: &Site, jobs: Vec<Job>) -> Vec<Job> {
@@ -825,8 +825,8 @@ impl Scheduler {
     }
 
     /// Puts `jobs` the receiver had no room for (its cap on recipients per
-    /// transaction or per session) back at the front of `site`'s queue, with no
-    /// attempt counted. The caller makes sure this cannot loop: it is called after a
+    /// transaction or per session) back at the front of `site`'s queue, or of their
+    /// parked run, with no attempt counted. The caller makes sure this cannot loop: it is called after a
     /// transaction that delivered, or from a connection that had delivered and now
     /// closes; a fresh connection's refusal counts an attempt instead.
     pub fn send_again(&self, site: &Site, jobs: Vec<Job>) {

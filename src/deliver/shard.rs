@@ -1117,7 +1117,7 @@ impl Shard {
     }
 
     /// Puts jobs whose connection broke before a reply back at the front of their
-    /// queue, or defers them once they have been requeued too often.
+    /// queue (or parked run), or defers them once they have been requeued too often.
     pub fn requeue(self: &Rc<Self>, site: &Rc<Site>, jobs: Vec<Job>, why: &str, via: Option<&Via>) {
         let jobs: Vec<Job> = jobs
             .into_iter()
@@ -1133,7 +1133,8 @@ impl Shard {
     }
 
     /// Puts jobs the receiver had no room for (its cap on recipients per transaction
-    /// or per session) back at the front of the queue, with no attempt counted. The
+    /// or per session) back at the front of the queue (or parked run), with no
+    /// attempt counted. The
     /// caller makes sure this cannot loop: it is called after a transaction that
     /// delivered, or from a connection that had delivered and now closes; a fresh
     /// connection's refusal counts an attempt instead.

@@ -484,14 +484,17 @@ impl Limiter {
         let wait = self.msg_wait(now);
         let s = self.state.borrow();
         let held = s.claims.iter().filter(|until| **until > now).count() as u32;
-        // A warm-up day whose messages left are all claimed is as good as spent.
-        if s.warm.as_ref().is_some_and(|w| held > 0 && w.left <= held) {
-            return Some(now + WARMUP_SPENT_RECHECK);
-        }
-        match (s.msg.as_ref(), held) {
+        let by_rate = match (s.msg.as_ref(), held) {
             (Some(g), n @ 1..) => Some(wait.unwrap_or(now) + g.interval * n),
             _ => wait,
+        };
+        // A warm-up day whose messages left are all claimed is as good as spent
+        // (and the rate may say later still).
+        if s.warm.as_ref().is_some_and(|w| held > 0 && w.left <= held) {
+            let spent = now + WARMUP_SPENT_RECHECK;
+            return Some(by_rate.map_or(spent, |at| at.max(spent)));
         }
+        by_rate
     }
 
     pub fn take_msg(&self, now: Instant) {
@@ -1251,6 +1254,18 @@ mod tests {
         assert!(l.next_unclaimed(t0).is_some(), "both are claimed");
         drop(first);
         assert_eq!(l.next_unclaimed(t0), None);
+        // With a rate slower than the day's recheck, the rate's answer stands.
+        let slow = Rule {
+            max_msg_rate: Some(Set::cli(rules::parse_per("50/h").unwrap())),
+            ..r
+        };
+        let l = Rc::new(Limiter::new("source:b>provider:x".into(), &slow, 1, 0, t0));
+        let _both = [
+            Claim::on(vec![l.clone()], until),
+            Claim::on(vec![l.clone()], until),
+        ];
+        // 72 s apart: the two claims put a third connection's message 144 s off.
+        assert!(l.next_unclaimed(t0) >= Some(t0 + Duration::from_secs(140)));
     }
 
     #[test]
