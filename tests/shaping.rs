@@ -29,6 +29,19 @@ fn shaping_file(env: &Env, text: &str) -> std::path::PathBuf {
     p
 }
 
+/// Shaping rules with `idle_timeout` for every destination and pool `new` of one
+/// source, 127.0.0.2, warming up from today at `per_day` messages a day.
+fn warm_up_pool(env: &Env, idle_timeout: &str, per_day: u32) -> std::path::PathBuf {
+    let today = humantime::format_rfc3339(std::time::SystemTime::now()).to_string();
+    shaping_file(
+        env,
+        &format!(
+            "[default]\nidle_timeout = \"{idle_timeout}\"\n\n[pool.new]\nsources = [{{ ip = \"127.0.0.2\" }}]\n\n[source.\"127.0.0.2\"]\nwarmup_start = \"{}\"\nwarmup = [{per_day}]\n",
+            &today[..10]
+        ),
+    )
+}
+
 fn shaping_records(lines: &[serde_json::Value]) -> Vec<&serde_json::Value> {
     lines.iter().filter(|l| l["type"] == "Shaping").collect()
 }
@@ -589,13 +602,7 @@ fn a_warm_up_cap_holds_over_the_day_across_runs() {
     let mut cfg = env.config();
     // One shard: the day's 30 are not split, so each run's count is exact.
     cfg.shards = 1;
-    cfg.shaping_file = Some(shaping_file(
-        &env,
-        &format!(
-            "[default]\nidle_timeout = \"200ms\"\n\n[pool.new]\nsources = [{{ ip = \"127.0.0.2\" }}]\n\n[source.\"127.0.0.2\"]\nwarmup_start = \"{}\"\nwarmup = [30]\n",
-            &today[..10]
-        ),
-    ));
+    cfg.shaping_file = Some(warm_up_pool(&env, "200ms", 30));
     let first = campaign(&env.dir, "day1a", "pool = \"new\"", &rows(20, "gmail.com"));
     assert_eq!(env.send(&first, cfg.clone()).delivered, 20);
 
@@ -652,16 +659,9 @@ fn a_warm_up_cap_holds_over_the_day_across_runs() {
 #[test]
 fn recipients_behind_a_spent_warm_up_day_expire_on_time() {
     let env = env("shaping-warmup-expire", "");
-    let today = humantime::format_rfc3339(std::time::SystemTime::now()).to_string();
     let mut cfg = env.config();
     cfg.shards = 1;
-    cfg.shaping_file = Some(shaping_file(
-        &env,
-        &format!(
-            "[default]\nidle_timeout = \"300ms\"\n\n[pool.new]\nsources = [{{ ip = \"127.0.0.2\" }}]\n\n[source.\"127.0.0.2\"]\nwarmup_start = \"{}\"\nwarmup = [3]\n",
-            &today[..10]
-        ),
-    ));
+    cfg.shaping_file = Some(warm_up_pool(&env, "300ms", 3));
     // The last connection closes 300 ms after the third message, before they expire.
     let c = campaign(
         &env.dir,

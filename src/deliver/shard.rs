@@ -1134,10 +1134,9 @@ impl Shard {
 
     /// Puts jobs the receiver had no room for (its cap on recipients per transaction
     /// or per session) back at the front of the queue (or parked run), with no
-    /// attempt counted. The
-    /// caller makes sure this cannot loop: it is called after a transaction that
-    /// delivered, or from a connection that had delivered and now closes; a fresh
-    /// connection's refusal counts an attempt instead.
+    /// attempt counted. The caller makes sure this cannot loop: it is called after a
+    /// transaction that delivered, or from a connection that had delivered and now
+    /// closes; a fresh connection's refusal counts an attempt instead.
     pub fn send_again(&self, site: &Site, jobs: Vec<Job>) {
         let jobs = jobs
             .into_iter()
